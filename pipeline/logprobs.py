@@ -1,0 +1,34 @@
+"""Per-token and per-sequence log-likelihoods: the one function reflogp, train and eval all use.
+
+CCA's ratio log p_theta(x|c) - log p_phi(x|c) (paper Eq. 10/12) is a difference of two sums over
+hundreds of tokens, each in the thousands of nats. The cache (reflogp) and the policy (train) must
+compute it identically, so both call `sequence_logp`: float32 log-softmax even under bf16 autocast
+(shared/reference/ecosystem.md: a bf16 sum over 256 tokens is off by ~4 nats), summed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .models.llamagen import GPT
+
+
+def token_logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[targets] in float32 without materialising the full log-softmax.
+
+    logits (B, T, V), targets (B, T) -> (B, T).
+    """
+    logits = logits.float()
+    picked = logits.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_token_logp(model: GPT, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced log p(z_t | z_<t, c) for every token: labels (B,), tokens (B, N) -> (B, N) float32."""
+    logits = model(labels, tokens[:, :-1])  # (B, N, V): position p predicts tokens[:, p]
+    return token_logp(logits, tokens)
+
+
+def sequence_logp(model: GPT, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(x | c) = sum over the N image tokens: labels (B,), tokens (B, N) -> (B,) float32."""
+    return sequence_token_logp(model, labels, tokens).sum(-1)

@@ -1,0 +1,276 @@
+"""LlamaGen class-conditional GPT (c2i), checkpoint-compatible with the public release.
+
+References:
+- LlamaGen, "Autoregressive Model Beats Diffusion" (Sun et al., 2024), `autoregressive/models/gpt.py`;
+  facts used here are collected in `shared/reference/llamagen.md`.
+- Llama: RMSNorm, SwiGLU feed-forward, rotary position embedding (here the 2D variant).
+
+State-dict keys match upstream exactly (`cls_embedding.embedding_table.weight`, `tok_embeddings.weight`,
+`layers.N.attention.wqkv.weight`, ...), so `load_state_dict(strict=True)` accepts upstream files once the
+wrapper (`{"model": ...}`) and any `freqs_cis` entry are removed (see `pipeline.checkpoint`).
+
+Sequence layout: input = [class embedding] + tok_embeddings(z[:, :-1]); the logit at position p predicts
+z[p]. Class dropout is *not* done inside the module (upstream does it in its LabelEmbedder): the training
+loop replaces labels by `null_class` itself, so computing a likelihood never drops a label by accident.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - (n % k)
+
+
+@dataclass
+class GPTConfig:
+    dim: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    vocab_size: int = 16384
+    num_classes: int = 1000
+    # Number of image tokens N (a square grid): 256 at 256px, 576 at 384px with VQ-16.
+    block_size: int = 256
+    cls_token_num: int = 1
+    # FFN hidden = find_multiple(int(2 * 4 * dim / 3), multiple_of): 2048 for GPT-B.
+    multiple_of: int = 256
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    # True when trained with class dropout: the embedding table then has a null row at index num_classes.
+    has_null_class: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_head:
+            raise ValueError(f"dim {self.dim} is not divisible by n_head {self.n_head}")
+        if (self.dim // self.n_head) % 4:
+            raise ValueError("head size must be a multiple of 4 for the 2D rotary embedding")
+        grid = math.isqrt(self.block_size)
+        if grid * grid != self.block_size:
+            raise ValueError(f"block_size {self.block_size} is not a square grid of tokens")
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    @property
+    def ffn_hidden(self) -> int:
+        return find_multiple(int(2 * 4 * self.dim / 3), self.multiple_of)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Named upstream configurations (shared/reference/llamagen.md, table "GPT configs").
+GPT_CONFIGS: dict[str, dict] = {
+    "GPT-B": dict(n_layer=12, n_head=12, dim=768),
+    "GPT-L": dict(n_layer=24, n_head=16, dim=1024),
+    "GPT-XL": dict(n_layer=36, n_head=20, dim=1280),
+    "GPT-XXL": dict(n_layer=48, n_head=24, dim=1536),
+    "GPT-3B": dict(n_layer=24, n_head=32, dim=3200),
+}
+
+
+def gpt_config(name: str, **overrides) -> GPTConfig:
+    """A named upstream config (e.g. "GPT-B") with overrides such as block_size=576."""
+    if name not in GPT_CONFIGS:
+        raise KeyError(f"unknown GPT config {name!r}; known: {sorted(GPT_CONFIGS)}")
+    return GPTConfig(**{**GPT_CONFIGS[name], **overrides})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_2d_table(cfg: GPTConfig) -> torch.Tensor:
+    """(cls_token_num + block_size, head_dim/2, 2) table of (cos, sin), LlamaGen's 2D RoPE.
+
+    Half of each head rotates with the token's row, the other half with its column. The class
+    positions get (0, 0), which zeroes their q/k exactly as upstream does.
+    """
+    head_dim = cfg.dim // cfg.n_head
+    half = head_dim // 2
+    freqs = 1.0 / (cfg.rope_base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+    grid = math.isqrt(cfg.block_size)
+    t = torch.arange(grid, dtype=torch.float32)
+    f = torch.outer(t, freqs)  # (grid, half/2)
+    angles = torch.cat(
+        [f[:, None, :].expand(-1, grid, -1), f[None, :, :].expand(grid, -1, -1)], dim=-1
+    )  # (grid, grid, half): row angles first, column angles second
+    table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1).flatten(0, 1)
+    return torch.cat([torch.zeros(cfg.cls_token_num, half, 2), table])
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs of x (B, T, H, hd) by table (T, hd/2, 2), in float32."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
+    out = torch.stack([xs[..., 0] * cos - xs[..., 1] * sin, xs[..., 1] * cos + xs[..., 0] * sin], -1)
+    return out.flatten(3).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Static per-layer cache for incremental decoding: (B, H, max_len, hd)."""
+
+    def __init__(self, batch: int, max_len: int, n_head: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.head_dim = cfg.dim // cfg.n_head
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)  # q | k | v, upstream order
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start: int) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.wqkv(x).split(C, dim=-1)
+        q = apply_rope(q.view(B, T, self.n_head, self.head_dim), rope)
+        k = apply_rope(k.view(B, T, self.n_head, self.head_dim), rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v.view(B, T, self.n_head, self.head_dim)))  # (B, H, T, hd)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start, k, v)
+        # Causal within the new block; with a cache, every new query also sees all earlier keys.
+        if T == 1:
+            y = F.scaled_dot_product_attention(q, k, v)
+        elif k.shape[2] == T:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(y.transpose(1, 2).reshape(B, T, C))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start: int) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, start)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class ClassEmbedding(nn.Module):
+    """Holds `embedding_table` so the key is `cls_embedding.embedding_table.weight` as upstream."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.embedding_table = nn.Embedding(cfg.num_classes + int(cfg.has_null_class), cfg.dim)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(labels)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.cls_embedding = ClassEmbedding(cfg)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # Not persistent: upstream files may carry `freqs_cis`; we always recompute it.
+        self.register_buffer("rope", rope_2d_table(cfg), persistent=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # Upstream uses normal(0, 0.02) everywhere and a zero `output`; we keep `output` random so that
+        # freshly built test models have non-trivial logits. Pretrained weights overwrite all of it.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, labels: torch.Tensor, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Logits (B, T, vocab) in float32.
+
+        Teacher forcing (start=0): labels (B,), tokens (B, N-1) = z[:, :-1] -> logits for z[:, :N].
+        Incremental decoding (after `setup_kv_cache`): start=0 feeds the class token only (tokens of
+        length 0); start=p feeds tokens (B, T) at positions p..p+T-1.
+        """
+        x = self.tok_embeddings(tokens)  # (B, T, C)
+        if start == 0:
+            cls = self.cls_embedding(labels)[:, None, :].to(x.dtype)  # (B, 1, C)
+            x = torch.cat([cls.expand(-1, self.cfg.cls_token_num, -1), x], dim=1)
+        rope = self.rope[start : start + x.shape[1]]
+        for layer in self.layers:
+            x = layer(x, rope, start)
+        return self.output(self.norm(x)).float()
+
+    def setup_kv_cache(self, batch: int, dtype: torch.dtype | None = None) -> None:
+        max_len = self.cfg.cls_token_num + self.cfg.block_size
+        dtype = dtype or self.output.weight.dtype
+        device = self.output.weight.device
+        for layer in self.layers:
+            attn = layer.attention
+            attn.kv_cache = KVCache(batch, max_len, attn.n_head, attn.head_dim, dtype, device)
+
+    def clear_kv_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+
+def load_gpt(path: str | os.PathLike, cfg: GPTConfig | None = None) -> GPT:
+    """Load a GPT from an upstream or cca-pipe checkpoint, strictly.
+
+    cfg: required for upstream files (they carry no config: use `gpt_config("GPT-B", block_size=...)`);
+    our own files carry their config, which must then agree with cfg if both are given.
+    """
+    obj = load_file(path)
+    saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
+    if cfg is None:
+        if saved is None:
+            raise CheckpointError(
+                f"checkpoint {path} carries no model config: pass one, e.g. gpt_config('GPT-B', block_size=256)"
+            )
+        cfg = GPTConfig(**saved)
+    elif saved is not None and GPTConfig(**saved) != cfg:
+        raise CheckpointError(f"checkpoint {path} was saved with config {saved}, but {cfg.to_dict()} was requested")
+    model = GPT(cfg)
+    load_strict(model, extract_state_dict(obj, path), path)
+    return model

@@ -1,0 +1,84 @@
+"""Autoregressive sampling for class-conditional GPTs, with a static KV cache.
+
+Guidance follows the paper's convention: logits = l_c + s * (l_c - l_u) with s = `cfg_scale`
+(s = 0: no guidance, and the unconditional half is never computed). LlamaGen's `--cfg-scale` is 1 + s.
+Filtering follows LlamaGen's generate.py: logits / max(temperature, 1e-5), then top-k (0 = off) and
+top-p (1.0 = off), softmax, multinomial.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .logprobs import token_logp
+from .models.llamagen import GPT
+
+
+@dataclass
+class Samples:
+    tokens: torch.Tensor  # (B, N) sampled codes
+    token_logp: torch.Tensor  # (B, N) log p(z_t | z_<t, c) of the sampled codes under the unguided
+    #                           conditional model (float32): equals teacher forcing of the same tokens
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    logits = logits / max(temperature, 1e-5)
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        remove = cum > top_p
+        remove[..., 1:] = remove[..., :-1].clone()  # keep the token that crosses top_p
+        remove[..., 0] = False
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(
+    model: GPT,
+    labels: torch.Tensor,
+    *,
+    cfg_scale: float = 0.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Samples:
+    """Sample N = model.cfg.block_size codes per label. labels (B,) on the model's device."""
+    cfg = model.cfg
+    B, N = labels.shape[0], cfg.block_size
+    guided = cfg_scale != 0.0
+    if guided and not cfg.has_null_class:
+        raise ValueError("CFG needs a model trained with class dropout (has_null_class=True)")
+    batch_labels = torch.cat([labels, torch.full_like(labels, cfg.null_class)]) if guided else labels
+    tokens = torch.zeros(B, N, dtype=torch.long, device=labels.device)
+    logps = torch.zeros(B, N, dtype=torch.float32, device=labels.device)
+    if use_cache:
+        model.setup_kv_cache(batch_labels.shape[0])
+    try:
+        empty = tokens[:, :0].repeat(2 if guided else 1, 1)
+        logits = model(batch_labels, empty, start=0)[:, -1]  # (B or 2B, V): predicts z_0
+        for t in range(N):
+            cond = logits[:B]
+            mixed = cond + cfg_scale * (cond - logits[B:]) if guided else cond
+            probs = torch.softmax(filter_logits(mixed, temperature, top_k, top_p), dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
+            tokens[:, t] = nxt
+            logps[:, t] = token_logp(cond[:, None], nxt[:, None])[:, 0]
+            if t == N - 1:
+                break
+            feed = nxt.repeat(2 if guided else 1)
+            if use_cache:
+                logits = model(batch_labels, feed[:, None], start=cfg.cls_token_num + t)[:, -1]
+            else:
+                prefix = torch.cat([tokens[:, : t + 1]] * (2 if guided else 1))
+                logits = model(batch_labels, prefix)[:, -1]
+    finally:
+        model.clear_kv_cache()
+    return Samples(tokens, logps)

@@ -1,0 +1,1 @@
+"""Image tokenizers (frozen VQ models)."""
