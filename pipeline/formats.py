@@ -9,6 +9,7 @@ Token store (stage `tokenize`), a Zarr v3 group, e.g. `data/tokens/train.zarr`:
 Chunked along N (chunk_rows rows), Blosc zstd + bitshuffle.
 
 Reference log-prob cache (stage `reflogp`), a Parquet file, e.g. `data/reflogp/ref_logp.parquet`:
+    One cache row per image (reflogp.views = "one") or per (image, view) ("all").
     row            int64    index into the token store
     label          int32    c
     neg_label      int32    c_neg != c, fixed at cache time (seeded)
@@ -17,7 +18,7 @@ Reference log-prob cache (stage `reflogp`), a Parquet file, e.g. `data/reflogp/r
     ref_logp_neg   float64  log p_phi(x_view | c_neg)
     ref_logp_null  float64  log p_phi(x_view | null)   (used by unconditional rows, CCA+CFG)
     schema metadata (provenance, checked by `train`): format, format_version, tokens_fingerprint,
-             ref_ckpt_sha256, seed, num_classes, null_class, seq_len, code_version
+             ref_ckpt_sha256, seed, views, num_classes, null_class, seq_len, code_version
 """
 
 from __future__ import annotations

@@ -82,3 +82,32 @@ def sample(
     finally:
         model.clear_kv_cache()
     return Samples(tokens, logps)
+
+
+def generate_images(
+    model: GPT,
+    decoder,
+    labels: torch.Tensor,
+    *,
+    seed: int,
+    batch_size: int,
+    cfg_scale: float = 0.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample codes for every label (in batches) and decode them: -> (images (B, 3, H, W) float in
+    [-1, 1] on CPU, codes (B, N)). `decoder` is a VQModel; one generator seeded with `seed` drives all."""
+    from .device import autocast
+
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    images, codes = [], []
+    for start in range(0, len(labels), batch_size):
+        part = labels[start : start + batch_size].to(device)
+        with autocast(device):
+            out = sample(model, part, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            with torch.no_grad():
+                images.append(decoder.decode_codes(out.tokens).float().cpu())
+        codes.append(out.tokens.cpu())
+    return torch.cat(images), torch.cat(codes)

@@ -1,0 +1,30 @@
+# Two commands for a fresh machine (README.md):
+#   make demo   installs the project into .venv, runs `dvc repro` on the embedded default, prints the results table
+#   make test   installs the project with test extras into .venv, runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: demo test install lint clean
+
+$(BIN)/cca-pipe: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/cca-pipe
+
+demo: install
+	@start=$$(date +%s); dvc repro && cca-pipe results data/eval/metrics.json; \
+	echo "dvc repro + results: $$(( $$(date +%s) - start )) s"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check pipeline stages tests bench
+
+clean:
+	rm -rf $(VENV)

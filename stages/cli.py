@@ -1,0 +1,168 @@
+"""The `cca-pipe` command line: one subcommand per stage, hyperparameters from params.yaml.
+
+Paths are options (defaults: the embedded default's layout under data/); hyperparameters come from the
+stage's params.yaml section, with `--set section.key=value` overrides. Every subcommand is also a DVC
+stage in dvc.yaml.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .params import ParamsError, build, load_params
+
+PathType = click.Path(path_type=Path)
+
+
+def _setup(ctx: click.Context):
+    from pipeline.device import pick_device
+
+    params = load_params(ctx.obj["params"], ctx.obj["overrides"])
+    return params, pick_device(ctx.obj["device"])
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--params", default="params.yaml", show_default=True, type=PathType, help="params file")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a parameter")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+@click.pass_context
+def main(ctx: click.Context, params: Path, overrides: tuple[str, ...], device: str, verbose: bool) -> None:
+    """cca-pipe: Condition Contrastive Alignment for autoregressive image generators, offline."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    ctx.obj = {"params": params, "overrides": list(overrides), "device": device}
+
+
+@main.command()
+@click.option("--out", default="data/images", type=PathType, show_default=True)
+@click.pass_context
+def prepare(ctx, out):
+    """Write scikit-learn's digits as class folders (embedded default)."""
+    from . import prepare as stage
+
+    params, _ = _setup(ctx)
+    stage.run(build(stage.PrepareConfig, params, "prepare"), out)
+
+
+@main.command("pretrain-vq")
+@click.option("--images", default="data/images/train", type=PathType, show_default=True)
+@click.option("--out", default="data/vq/vq.pt", type=PathType, show_default=True)
+@click.pass_context
+def pretrain_vq(ctx, images, out):
+    """Train a small LlamaGen-design VQ tokenizer (embedded default)."""
+    from . import pretrain_vq as stage
+
+    params, device = _setup(ctx)
+    stage.run(build(stage.PretrainVQConfig, params, "pretrain_vq"), images, out, device)
+
+
+@main.command("pretrain-classifier")
+@click.option("--train", "train_dir", default="data/images/train", type=PathType, show_default=True)
+@click.option("--test", "test_dir", default="data/images/test", type=PathType, show_default=True)
+@click.option("--out", default="data/classifier/classifier.pt", type=PathType, show_default=True)
+@click.pass_context
+def pretrain_classifier(ctx, train_dir, test_dir, out):
+    """Train the evaluator's classifier (embedded default)."""
+    from . import pretrain_classifier as stage
+
+    params, device = _setup(ctx)
+    stage.run(build(stage.PretrainClassifierConfig, params, "pretrain_classifier"), train_dir, test_dir, out, device)
+
+
+@main.command()
+@click.option("--images", default="data/images/train", type=PathType, show_default=True)
+@click.option("--vq", "vq_path", default="data/vq/vq.pt", type=PathType, show_default=True)
+@click.option("--out", default="data/tokens/train.zarr", type=PathType, show_default=True)
+@click.pass_context
+def tokenize(ctx, images, vq_path, out):
+    """Images -> frozen VQ tokenizer -> Zarr token store."""
+    from . import tokenize as stage
+
+    params, device = _setup(ctx)
+    stage.run(build(stage.TokenizeConfig, params, "tokenize"), images, vq_path, out, device)
+
+
+@main.command("pretrain-ar")
+@click.option("--tokens", "tokens_path", default="data/tokens/train.zarr", type=PathType, show_default=True)
+@click.option("--out", default="data/ar/gpt.pt", type=PathType, show_default=True)
+@click.pass_context
+def pretrain_ar(ctx, tokens_path, out):
+    """Train a small class-conditional GPT with class dropout (embedded default)."""
+    from . import pretrain_ar as stage
+
+    params, device = _setup(ctx)
+    stage.run(build(stage.PretrainARConfig, params, "pretrain_ar"), tokens_path, out, device)
+
+
+@main.command()
+@click.option("--tokens", "tokens_path", default="data/tokens/train.zarr", type=PathType, show_default=True)
+@click.option("--ref", "ref_path", default="data/ar/gpt.pt", type=PathType, show_default=True)
+@click.option("--out", default="data/reflogp/ref_logp.parquet", type=PathType, show_default=True)
+@click.pass_context
+def reflogp(ctx, tokens_path, ref_path, out):
+    """Cache the frozen reference model's log-likelihoods (Parquet)."""
+    from . import reflogp as stage
+
+    params, device = _setup(ctx)
+    stage.run(build(stage.RefLogpConfig, params, "reflogp"), tokens_path, ref_path, out, device)
+
+
+@main.command()
+@click.option("--tokens", "tokens_path", default="data/tokens/train.zarr", type=PathType, show_default=True)
+@click.option("--cache", "cache_path", default="data/reflogp/ref_logp.parquet", type=PathType, show_default=True)
+@click.option("--init", "init", default="data/ar/gpt.pt", type=PathType, show_default=True, help="reference checkpoint the policy starts from")
+@click.option("--out", default="data/train", type=PathType, show_default=True)
+@click.pass_context
+def train(ctx, tokens_path, cache_path, init, out):
+    """Fine-tune the policy with CCA over the cached reference log-probs."""
+    from . import train as stage
+
+    params, device = _setup(ctx)
+    stage.run(build(stage.TrainConfig, params, "train"), tokens_path, cache_path, init, out, device)
+
+
+@main.command("eval")
+@click.option("--vq", "vq_path", default="data/vq/vq.pt", type=PathType, show_default=True)
+@click.option("--base", "base_path", default="data/ar/gpt.pt", type=PathType, show_default=True)
+@click.option("--policy", "policy_path", default="data/train/policy.pt", type=PathType, show_default=True)
+@click.option("--reference", default="data/images/test", type=PathType, show_default=True, help="held-out real images")
+@click.option("--classifier", "classifier_path", default="data/classifier/classifier.pt", type=PathType, show_default=True)
+@click.option("--out", default="data/eval", type=PathType, show_default=True)
+@click.pass_context
+def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, out):
+    """Sample base (with/without CFG) and CCA policy, score with torch-fidelity, print the table."""
+    from . import eval as stage
+
+    params, device = _setup(ctx)
+    metrics = stage.run(build(stage.EvalConfig, params, "eval"), vq_path, base_path, policy_path, reference,
+                        classifier_path, out, device)
+    click.echo(stage.format_results(metrics))
+
+
+@main.command()
+@click.argument("metrics_path", default="data/eval/metrics.json", type=PathType)
+def results(metrics_path):
+    """Print the results table of an eval run."""
+    import json
+
+    from .eval import format_results
+
+    if not metrics_path.is_file():
+        raise click.ClickException(f"{metrics_path} not found: run `dvc repro` (or `cca-pipe eval`) first")
+    click.echo(format_results(json.loads(metrics_path.read_text())))
+
+
+def run() -> None:
+    """Console-script entry: known input errors become one clear message and exit status 2."""
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.formats import FormatError
+
+    try:
+        main(standalone_mode=True)
+    except (ParamsError, CheckpointError, FormatError, FileNotFoundError, ValueError) as e:
+        click.echo(f"cca-pipe: error: {e}", err=True)
+        sys.exit(2)

@@ -1,0 +1,53 @@
+"""Stage `pretrain-ar` (embedded default only): a small LlamaGen-style class-conditional GPT.
+
+    cca-pipe pretrain-ar --tokens data/tokens/train.zarr --out data/ar/gpt.pt
+Trained with class dropout to the null class (so CFG works); saved in LlamaGen's c2i layout.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.checkpoint import save_checkpoint
+from pipeline.formats import read_token_store
+from pipeline.models.llamagen import GPTConfig
+from pipeline.pretraining import train_gpt
+
+from .common import StepLog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainARConfig:
+    dim: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    multiple_of: int = 32
+    class_dropout: float = 0.1
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+
+
+def run(cfg: PretrainARConfig, tokens_path: Path, out: Path, device: torch.device) -> None:
+    store = read_token_store(tokens_path)
+    gpt_cfg = GPTConfig(
+        dim=cfg.dim, n_layer=cfg.n_layer, n_head=cfg.n_head, multiple_of=cfg.multiple_of,
+        vocab_size=int(store.attrs["codebook_size"]), num_classes=store.num_classes,
+        block_size=store.tokens.shape[2], has_null_class=cfg.class_dropout > 0,
+    )
+    steps = StepLog(out.parent, "pretrain_log")
+    model = train_gpt(
+        store.tokens, store.labels, gpt_cfg, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        weight_decay=cfg.weight_decay, class_dropout=cfg.class_dropout, seed=cfg.seed, device=device, on_step=steps,
+    )
+    steps.save()
+    save_checkpoint(out, model.state_dict(), gpt_cfg.to_dict(), family="llamagen-gpt", tokens_fingerprint=store.fingerprint)
+    log.info("GPT with %.2fM parameters, final loss %.3f -> %s", model.num_params() / 1e6, steps.rows[-1]["loss"], out)
