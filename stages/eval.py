@@ -47,14 +47,15 @@ class EvalConfig:
     grid_per_class: int = 8
 
 
-def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, per_class: int, scale: int = 4) -> None:
-    """One row per class, `per_class` samples each, upscaled `scale`x (nearest) for viewing."""
-    rows = []
-    for c in np.unique(labels):
-        chosen = images[labels == c][:per_class]
-        rows.append(np.concatenate(list(chosen), axis=1))
-    grid = np.concatenate(rows, axis=0)
-    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, per_class: int, scale: int = 4, gap: int = 2) -> None:
+    """One row per class, `per_class` samples each, upscaled `scale`x (nearest), grey gaps between tiles."""
+    h, w = images.shape[1] * scale, images.shape[2] * scale
+    classes = np.unique(labels)
+    grid = np.full((len(classes) * (h + gap) + gap, per_class * (w + gap) + gap, 3), 128, np.uint8)
+    for r, c in enumerate(classes):
+        for k, image in enumerate(images[labels == c][:per_class]):
+            y, x = gap + r * (h + gap), gap + k * (w + gap)
+            grid[y : y + h, x : x + w] = image.repeat(scale, axis=0).repeat(scale, axis=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)
 
