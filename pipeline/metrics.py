@@ -14,14 +14,15 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, extract_state_dict, load_file, load_strict, save_checkpoint
+from .progress import progress as tqdm
 
 CLASSIFIER_EXTRACTOR = "cca-pipe-classifier"
 
@@ -85,7 +86,7 @@ def train_classifier(
     steps = epochs * math.ceil(len(x_all) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     model.train()
-    for _ in tqdm(range(epochs), desc="pretrain-classifier", mininterval=2):
+    for _ in tqdm(range(epochs), desc="pretrain-classifier"):
         order = torch.randperm(len(x_all), generator=gen)
         for start in range(0, len(x_all), batch_size):
             idx = order[start : start + batch_size]
@@ -205,6 +206,9 @@ def fidelity_metrics(
     from .checkpoint import file_sha256
 
     key = f"ref-{content_hash(reference)}-{feature_extractor}-{file_sha256(weights_path)[:16]}"
+    cache_root = Path(cache_root)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    (cache_root / ".gitignore").write_text("# statistics cache, regenerated on demand\n*\n")  # as .pytest_cache does
     result = torch_fidelity.calculate_metrics(
         input1=UInt8Images(generated),
         input2=UInt8Images(reference),
@@ -214,6 +218,7 @@ def fidelity_metrics(
         input2_cache_name=key,
         cache_root=str(cache_root),
         cuda=cuda, batch_size=batch_size, verbose=False,
+        save_cpu_ram=True,  # no DataLoader worker processes: the images are already in memory
     )
     return {
         "fid": float(result["frechet_inception_distance"]),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .progress import progress as tqdm
 
 from .device import autocast
 from .logprobs import sequence_logp

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
+from pipeline.progress import progress as tqdm
 
 from pipeline.images import list_image_folder, load_images, to_uint8
 from pipeline.metrics import CLASSIFIER_EXTRACTOR, classify, fidelity_metrics, load_classifier, register_classifier_extractor

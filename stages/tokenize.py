@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from pipeline.progress import progress as tqdm
 
 from pipeline.checkpoint import file_sha256
 from pipeline.device import autocast

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from pipeline.progress import progress as tqdm
 
 from pipeline.alignment import AlignConfig, train_policy
 from pipeline.checkpoint import file_sha256, save_checkpoint

@@ -1,0 +1,14 @@
+"""Progress bars that stay readable in logs: frequent on a terminal, every 30 s when piped (DVC, CI)."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm.auto import tqdm
+
+
+def progress(iterable=None, **kwargs) -> tqdm:
+    interactive = sys.stderr.isatty()
+    kwargs.setdefault("mininterval", 0.5 if interactive else 30.0)
+    kwargs.setdefault("dynamic_ncols", interactive)
+    return tqdm(iterable, **kwargs)
