@@ -85,7 +85,7 @@ def train_policy(
     cfg: AlignConfig,
     device: torch.device,
     on_step: Callable[[int, dict], None] | None = None,
-    progress: Callable[[int], object] | None = None,
+    progress: Callable[[int], object] | None = None,  # total steps -> a bar with update()/close()
 ) -> GPT:
     """Fine-tune `policy` in place for cfg.epochs passes over the cache rows; returns it.
 
@@ -123,6 +123,8 @@ def train_policy(
             on_step(step, _step_metrics(outs, masks, grad_norm.item(), cfg.lr))
         if bar is not None:
             bar.update(1)
+    if bar is not None:
+        bar.close()
     policy.eval()
     return policy
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError, extract_state_dict, load_file, load_strict, save_checkpoint
-from .progress import progress as tqdm
+from .progress import progress
 
 CLASSIFIER_EXTRACTOR = "cca-pipe-classifier"
 
@@ -86,7 +86,7 @@ def train_classifier(
     steps = epochs * math.ceil(len(x_all) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     model.train()
-    for _ in tqdm(range(epochs), desc="pretrain-classifier"):
+    for _ in progress(range(epochs), desc="pretrain-classifier"):
         order = torch.randperm(len(x_all), generator=gen)
         for start in range(0, len(x_all), batch_size):
             idx = order[start : start + batch_size]

@@ -14,11 +14,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .progress import progress as tqdm
 
 from .images import SHIFT_VIEWS, shift, to_unit_range
 from .logprobs import sequence_token_logp
 from .models.llamagen import GPT, GPTConfig
+from .progress import progress
 from .tokenizers.vq import VQConfig, VQModel
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def train_vq(
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9))
     usage = torch.zeros(cfg.codebook_size)
     restart_every = 200
-    for step in tqdm(range(steps), desc="pretrain-vq"):
+    for step in progress(range(steps), desc="pretrain-vq"):
         idx = torch.randint(len(data), (batch_size,), generator=gen)
         x = random_shift(data[idx], gen).to(device)
         for group in opt.param_groups:
@@ -116,7 +116,7 @@ def train_gpt(
     total = epochs * steps_per_epoch
     step = 0
     model.train()
-    with tqdm(total=total, desc="pretrain-ar") as bar:
+    with progress(total=total, desc="pretrain-ar") as bar:
         for _ in range(epochs):
             order = torch.randperm(N, generator=gen)
             for start in range(0, N, batch_size):

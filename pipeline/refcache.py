@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from .progress import progress as tqdm
 
 from .device import autocast
 from .logprobs import sequence_logp
 from .models.llamagen import GPT
+from .progress import progress
 
 
 def draw_pairs(labels: np.ndarray, num_views: int, num_classes: int, seed: int, views: str = "one") -> dict[str, np.ndarray]:
@@ -52,7 +52,7 @@ def reference_logps(
     model.eval()
     n = len(pairs["row"])
     out = {k: np.zeros(n, dtype=np.float64) for k in ("ref_logp_pos", "ref_logp_neg", "ref_logp_null")}
-    for start in tqdm(range(0, n, batch_size), desc="reflogp", unit="batch"):
+    for start in progress(range(0, n, batch_size), desc="reflogp", unit="batch"):
         part = slice(start, min(start + batch_size, n))
         b = part.stop - part.start
         x = torch.from_numpy(tokens[pairs["row"][part], pairs["view"][part]].astype(np.int64)).to(device)

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from pipeline.progress import progress as tqdm
 
 from pipeline.images import list_image_folder, load_images, to_uint8
-from pipeline.metrics import CLASSIFIER_EXTRACTOR, classify, fidelity_metrics, load_classifier, register_classifier_extractor
+from pipeline.metrics import classify, fidelity_metrics, load_classifier, register_classifier_extractor
 from pipeline.models.llamagen import load_gpt
+from pipeline.progress import progress
 from pipeline.sampling import generate_images
 from pipeline.tokenizers.vq import load_vq
 
@@ -85,7 +85,7 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path, policy_path: Path, refe
 
     per_seed: dict[str, list[dict]] = {name: [] for name, _, _ in methods}
     for seed in cfg.seeds:
-        for name, model_key, scale in tqdm(methods, desc=f"eval seed {seed}", unit="method"):
+        for name, model_key, scale in progress(methods, desc=f"eval seed {seed}", unit="method"):
             started = time.perf_counter()
             images, _ = generate_images(
                 models[model_key], vq, labels, seed=seed, batch_size=cfg.batch_size, cfg_scale=scale,

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pipeline.progress import progress as tqdm
 
 from pipeline.checkpoint import file_sha256
 from pipeline.device import autocast
 from pipeline.formats import write_token_store
 from pipeline.images import list_image_folder, load_images, make_views, to_unit_range, view_names
+from pipeline.progress import progress
 from pipeline.tokenizers.vq import load_vq
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def run(cfg: TokenizeConfig, images: Path, vq_path: Path, out: Path, device: tor
     vq = load_vq(vq_path).to(device).eval()
     grid = cfg.image_size // vq.cfg.downsample
     tokens = np.zeros((len(paths), len(names), grid * grid), dtype=np.uint16)
-    for start in tqdm(range(0, len(paths), cfg.batch_size), desc="tokenize", unit="batch"):
+    for start in progress(range(0, len(paths), cfg.batch_size), desc="tokenize", unit="batch"):
         batch = to_unit_range(load_images(paths[start : start + cfg.batch_size], cfg.image_size))
         views = make_views(batch, cfg.augment).flatten(0, 1).to(device)  # (B*A, 3, H, W)
         with torch.inference_mode(), autocast(device):

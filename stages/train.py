@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pipeline.progress import progress as tqdm
 
 from pipeline.alignment import AlignConfig, train_policy
 from pipeline.checkpoint import file_sha256, save_checkpoint
 from pipeline.formats import read_ref_cache, read_token_store
 from pipeline.models.llamagen import load_gpt
+from pipeline.progress import progress
 
 from .common import StepLog, write_json
 
@@ -53,12 +53,8 @@ def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: 
     policy = load_gpt(init).to(device)
     steps = StepLog(out, "log")
     started = time.perf_counter()
-    with tqdm(desc="train", unit="step") as bar:
-        def progress(total: int):
-            bar.reset(total=total)
-            return bar
-
-        train_policy(policy, store.tokens, cache, cfg.align_config(), device, on_step=steps, progress=progress)
+    train_policy(policy, store.tokens, cache, cfg.align_config(), device, on_step=steps,
+                 progress=lambda total: progress(total=total, desc="train", unit="step"))
     seconds = time.perf_counter() - started
     steps.save()
     save_checkpoint(
