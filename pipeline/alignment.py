@@ -86,6 +86,8 @@ def train_policy(
     device: torch.device,
     on_step: Callable[[int, dict], None] | None = None,
     progress: Callable[[int], object] | None = None,  # total steps -> a bar with update()/close()
+    on_checkpoint: Callable[[int, GPT, torch.optim.Optimizer], None] | None = None,
+    checkpoint_every: int = 0,
 ) -> GPT:
     """Fine-tune `policy` in place for cfg.epochs passes over the cache rows; returns it.
 
@@ -123,6 +125,8 @@ def train_policy(
             on_step(step, _step_metrics(outs, masks, grad_norm.item(), cfg.lr))
         if bar is not None:
             bar.update(1)
+        if on_checkpoint and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
+            on_checkpoint(step + 1, policy, opt)
     if bar is not None:
         bar.close()
     policy.eval()

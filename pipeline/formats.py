@@ -5,8 +5,10 @@ Token store (stage `tokenize`), a Zarr v3 group, e.g. `data/tokens/train.zarr`:
     labels   (N,)      int32    class index in [0, num_classes), ImageFolder order (sorted folder names)
     attrs:   format ("cca-pipe/tokens"), format_version, tokenizer_sha256, codebook_size, image_size,
              grid, augmentations (list of view names, length A), class_names (list, length num_classes),
-             num_classes, fingerprint (sha256 of shapes + tokens + labels bytes)
-Chunked along N (chunk_rows rows), Blosc zstd + bitshuffle.
+             num_classes, build_key (digest of the inputs and settings), fingerprint (sha256 of shapes +
+             tokens + labels bytes; present only once the store is complete)
+Chunked along N (chunk_rows rows), Blosc zstd + bitshuffle. While being written, `progress.json` in the
+store lists finished chunks, so an interrupted tokenize resumes (TokenStoreWriter).
 
 Reference log-prob cache (stage `reflogp`), a Parquet file, e.g. `data/reflogp/ref_logp.parquet`:
     One cache row per image (reflogp.views = "one") or per (image, view) ("all").
@@ -75,30 +77,106 @@ def tokens_fingerprint(tokens: np.ndarray, labels: np.ndarray) -> str:
 _TOKEN_ATTRS = ("tokenizer_sha256", "codebook_size", "image_size", "grid", "augmentations", "class_names")
 
 
-def write_token_store(path: str | os.PathLike, tokens: np.ndarray, labels: np.ndarray, attrs: dict, chunk_rows: int = 1024) -> str:
-    """Write the whole store atomically (to `<path>.tmp`, then rename). Returns the fingerprint."""
-    import zarr
-    from zarr.codecs import BloscCodec
+class TokenStoreWriter:
+    """Resumable writer of a token store.
 
+    The arrays are created with their full shape; rows are written one chunk (`chunk_rows` rows) at a
+    time, and each finished chunk is recorded atomically in `<path>/progress.json`. A rerun with the same
+    `build_key` (a digest of everything that determines the tokens: inputs, tokenizer, settings) resumes
+    with the chunks still missing; a store left by other settings is replaced. `finish()` computes the
+    fingerprint and marks the store complete; until then `read_token_store` refuses it.
+    """
+
+    def __init__(self, path: str | os.PathLike, labels: np.ndarray, views: int, seq_len: int, attrs: dict,
+                 build_key: str, chunk_rows: int = 1024):
+        import zarr
+        from zarr.codecs import BloscCodec
+
+        missing = [k for k in _TOKEN_ATTRS if k not in attrs]
+        if missing:
+            raise ValueError(f"token store attributes missing: {missing}")
+        self.path, self.chunk_rows = Path(path), max(1, chunk_rows)
+        self.num_rows = len(labels)
+        self.progress_file = self.path / "progress.json"
+        self.done: set[int] = set()
+        self.complete = False
+        existing = self._existing_attrs()
+        if existing.get("build_key") == build_key and "fingerprint" in existing:
+            self.complete = True
+            return
+        if existing.get("build_key") == build_key and self.progress_file.is_file():
+            self.done = set(json.loads(self.progress_file.read_text())["done_chunks"])
+            self.group = zarr.open_group(str(self.path), mode="r+")
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        attrs = {**attrs, "format": TOKENS_FORMAT, "format_version": TOKENS_FORMAT_VERSION,
+                 "num_classes": len(attrs["class_names"]), "build_key": build_key}
+        self.group = zarr.open_group(str(self.path), mode="w", attributes=attrs)
+        compressor = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+        rows = min(self.chunk_rows, max(1, self.num_rows))
+        self.group.create_array("tokens", shape=(self.num_rows, views, seq_len), dtype=np.uint16,
+                                chunks=(rows, views, seq_len), compressors=compressor, fill_value=0)
+        self.group.create_array("labels", data=labels.astype(np.int32), chunks=(rows,), compressors=compressor)
+        self._save_progress()
+
+    def _existing_attrs(self) -> dict:
+        meta = self.path / "zarr.json"
+        if not meta.is_file():
+            return {}
+        try:
+            return json.loads(meta.read_text()).get("attributes", {})
+        except (json.JSONDecodeError, OSError):
+            return {}
+
+    def _save_progress(self) -> None:
+        tmp = self.progress_file.with_name("progress.json.tmp")
+        tmp.write_text(json.dumps({"done_chunks": sorted(self.done)}))
+        os.replace(tmp, self.progress_file)
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_rows // self.chunk_rows)
+
+    def chunk_range(self, chunk: int) -> tuple[int, int]:
+        return chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.num_rows)
+
+    def pending_chunks(self) -> list[int]:
+        return [] if self.complete else [k for k in range(self.num_chunks) if k not in self.done]
+
+    def write_chunk(self, chunk: int, tokens: np.ndarray) -> None:
+        start, stop = self.chunk_range(chunk)
+        if tokens.shape[0] != stop - start:
+            raise ValueError(f"chunk {chunk} needs {stop - start} rows, got {tokens.shape[0]}")
+        self.group["tokens"][start:stop] = tokens.astype(np.uint16)
+        self.done.add(chunk)
+        self._save_progress()
+
+    def finish(self) -> str:
+        if self.complete:
+            return self._existing_attrs()["fingerprint"]
+        if self.pending_chunks():
+            raise RuntimeError(f"{self.path}: chunks {self.pending_chunks()[:5]}... were never written")
+        fingerprint = tokens_fingerprint(self.group["tokens"][...], self.group["labels"][...])
+        self.group.attrs["fingerprint"] = fingerprint
+        self.progress_file.unlink(missing_ok=True)
+        self.complete = True
+        return fingerprint
+
+
+def write_token_store(path: str | os.PathLike, tokens: np.ndarray, labels: np.ndarray, attrs: dict, chunk_rows: int = 1024) -> str:
+    """Write a whole in-memory store atomically (to `<path>.tmp`, then rename). Returns the fingerprint."""
     path = Path(path)
-    missing = [k for k in _TOKEN_ATTRS if k not in attrs]
-    if missing:
-        raise ValueError(f"token store attributes missing: {missing}")
     if tokens.ndim != 3 or tokens.dtype != np.uint16:
         raise ValueError(f"tokens must be (N, A, L) uint16, got {tokens.shape} {tokens.dtype}")
     if labels.shape != (tokens.shape[0],):
         raise ValueError(f"labels must be ({tokens.shape[0]},), got {labels.shape}")
-    labels = labels.astype(np.int32)
-    fingerprint = tokens_fingerprint(tokens, labels)
-    attrs = {**attrs, "format": TOKENS_FORMAT, "format_version": TOKENS_FORMAT_VERSION,
-             "num_classes": len(attrs["class_names"]), "fingerprint": fingerprint}
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    compressor = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
-    group = zarr.open_group(str(tmp), mode="w", attributes=attrs)
-    rows = max(1, min(chunk_rows, tokens.shape[0]))
-    group.create_array("tokens", data=tokens, chunks=(rows, *tokens.shape[1:]), compressors=compressor)
-    group.create_array("labels", data=labels, chunks=(rows,), compressors=compressor)
+    writer = TokenStoreWriter(tmp, labels, tokens.shape[1], tokens.shape[2], attrs, build_key="in-memory", chunk_rows=chunk_rows)
+    for chunk in writer.pending_chunks():
+        start, stop = writer.chunk_range(chunk)
+        writer.write_chunk(chunk, tokens[start:stop])
+    fingerprint = writer.finish()
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return fingerprint
@@ -121,6 +199,8 @@ def read_token_store(path: str | os.PathLike) -> TokenStore:
     for name in ("tokens", "labels"):
         if name not in group:
             raise FormatError(f"{path}: array {name!r} is missing; re-run `cca-pipe tokenize`")
+    if "fingerprint" not in attrs:
+        raise FormatError(f"{path} is incomplete (tokenize was interrupted): rerun `cca-pipe tokenize` to resume it")
     tokens, labels = group["tokens"][...], group["labels"][...]
     if tokens.ndim != 3 or tokens.dtype != np.uint16:
         raise FormatError(f"{path}/tokens: expected (N, A, L) uint16, found {tokens.shape} {tokens.dtype}")

@@ -69,19 +69,84 @@ def shift(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return padded[:, :, y0 : y0 + H, x0 : x0 + W]
 
 
+def center_crop_arr(image: Image.Image, size: int) -> Image.Image:
+    """ADM/LlamaGen preprocessing: halve with BOX while the short side >= 2*size, BICUBIC-resize the
+    short side to size, center crop to size x size."""
+    while min(*image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(*image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return Image.fromarray(arr[top : top + size, left : left + size])
+
+
+def _shift_np(arr: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Translate (H, W, 3) by (dy, dx), replicating the border (background for digits)."""
+    H, W = arr.shape[:2]
+    padded = np.pad(arr, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    return padded[1 - dy : 1 - dy + H, 1 - dx : 1 - dx + W]
+
+
+def _ten_crop(arr: np.ndarray, size: int) -> list[np.ndarray]:
+    """torchvision TenCrop order: top-left, top-right, bottom-left, bottom-right, center, then mirrored."""
+    H, W = arr.shape[:2]
+    ct, cl = int(round((H - size) / 2.0)), int(round((W - size) / 2.0))
+    crops = [arr[:size, :size], arr[:size, W - size :], arr[H - size :, :size], arr[H - size :, W - size :],
+             arr[ct : ct + size, cl : cl + size]]
+    mirrored = arr[:, ::-1]
+    crops += [c for c in [mirrored[:size, :size], mirrored[:size, W - size :], mirrored[H - size :, :size],
+                          mirrored[H - size :, W - size :], mirrored[ct : ct + size, cl : cl + size]]]
+    return crops
+
+
+AUGMENTATIONS = {
+    # mode: view names (their order is the A axis of the token store)
+    "none": ["center"],
+    "flip": ["center", "center_flip"],  # LlamaGen extract_codes_c2i.py without --ten-crop
+    "tencrop": [f"{p}{s}" for s in ("", "_flip") for p in ("tl", "tr", "bl", "br", "center")],  # --ten-crop (1.1x)
+    "shift1": [f"shift({dy},{dx})" for dy, dx in SHIFT_VIEWS],  # embedded default: every +-1 pixel shift
+}
+
+
 def view_names(mode: str) -> list[str]:
     """Names of the A augmentation views a mode produces (recorded in the token store)."""
-    if mode == "none":
-        return ["identity"]
-    if mode == "shift1":
-        return [f"shift({dy},{dx})" for dy, dx in SHIFT_VIEWS]
-    raise ValueError(f"unknown augmentation mode {mode!r}; valid: 'none', 'shift1'")
+    if mode not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation mode {mode!r}; valid: {sorted(AUGMENTATIONS)}")
+    return AUGMENTATIONS[mode]
 
 
-def make_views(images: torch.Tensor, mode: str) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, A, 3, H, W) views in the order of `view_names(mode)`."""
+def image_views(image: Image.Image, size: int, mode: str) -> np.ndarray:
+    """All views of one image: uint8 (A, size, size, 3), in the order of `view_names(mode)`."""
+    view_names(mode)
+    image = image.convert("RGB")
+    if mode == "tencrop":
+        # LlamaGen: center-crop to int(size * 1.1) first, then TenCrop(size)
+        return np.stack(_ten_crop(np.asarray(center_crop_arr(image, int(size * 1.1))), size))
+    arr = np.asarray(center_crop_arr(image, size))
     if mode == "none":
-        return images[:, None]
-    if mode == "shift1":
-        return torch.stack([shift(images, dy, dx) for dy, dx in SHIFT_VIEWS], dim=1)
-    raise ValueError(f"unknown augmentation mode {mode!r}; valid: 'none', 'shift1'")
+        return arr[None]
+    if mode == "flip":
+        return np.stack([arr, arr[:, ::-1]])
+    return np.stack([_shift_np(arr, dy, dx) for dy, dx in SHIFT_VIEWS])
+
+
+class ImageViews(torch.utils.data.Dataset):
+    """(views uint8 (A, size, size, 3), row index) per image file; for a DataLoader in tokenize."""
+
+    def __init__(self, paths: list[Path], size: int, mode: str, rows: list[int] | None = None):
+        self.paths, self.size, self.mode = paths, size, mode
+        self.rows = list(range(len(paths))) if rows is None else rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        row = self.rows[i]
+        path = self.paths[row]
+        try:
+            with Image.open(path) as im:
+                views = image_views(im, self.size, self.mode)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read image {path}: {e}. Remove or replace the file and rerun.") from e
+        return torch.from_numpy(np.ascontiguousarray(views)), row

@@ -16,6 +16,7 @@ import click
 from .params import ParamsError, build, load_params
 
 PathType = click.Path(path_type=Path)
+GPT_MODEL_HELP = "GPT config for upstream checkpoints (they carry none): a name (GPT-B ... GPT-3B) or a JSON file"
 
 
 def _setup(ctx: click.Context):
@@ -76,14 +77,15 @@ def pretrain_classifier(ctx, train_dir, test_dir, out):
 @main.command()
 @click.option("--images", default="data/images/train", type=PathType, show_default=True)
 @click.option("--vq", "vq_path", default="data/vq/vq.pt", type=PathType, show_default=True)
+@click.option("--vq-model", default=None, help="VQ config for upstream files: a name (VQ-16) or a JSON file")
 @click.option("--out", default="data/tokens/train.zarr", type=PathType, show_default=True)
 @click.pass_context
-def tokenize(ctx, images, vq_path, out):
-    """Images -> frozen VQ tokenizer -> Zarr token store."""
+def tokenize(ctx, images, vq_path, vq_model, out):
+    """Images -> frozen VQ tokenizer -> Zarr token store (resumable)."""
     from . import tokenize as stage
 
     params, device = _setup(ctx)
-    stage.run(build(stage.TokenizeConfig, params, "tokenize"), images, vq_path, out, device)
+    stage.run(build(stage.TokenizeConfig, params, "tokenize"), images, vq_path, out, device, vq_model)
 
 
 @main.command("pretrain-ar")
@@ -101,28 +103,30 @@ def pretrain_ar(ctx, tokens_path, out):
 @main.command()
 @click.option("--tokens", "tokens_path", default="data/tokens/train.zarr", type=PathType, show_default=True)
 @click.option("--ref", "ref_path", default="data/ar/gpt.pt", type=PathType, show_default=True)
+@click.option("--gpt-model", default=None, help=GPT_MODEL_HELP)
 @click.option("--out", default="data/reflogp/ref_logp.parquet", type=PathType, show_default=True)
 @click.pass_context
-def reflogp(ctx, tokens_path, ref_path, out):
+def reflogp(ctx, tokens_path, ref_path, gpt_model, out):
     """Cache the frozen reference model's log-likelihoods (Parquet)."""
     from . import reflogp as stage
 
     params, device = _setup(ctx)
-    stage.run(build(stage.RefLogpConfig, params, "reflogp"), tokens_path, ref_path, out, device)
+    stage.run(build(stage.RefLogpConfig, params, "reflogp"), tokens_path, ref_path, out, device, gpt_model)
 
 
 @main.command()
 @click.option("--tokens", "tokens_path", default="data/tokens/train.zarr", type=PathType, show_default=True)
 @click.option("--cache", "cache_path", default="data/reflogp/ref_logp.parquet", type=PathType, show_default=True)
 @click.option("--init", "init", default="data/ar/gpt.pt", type=PathType, show_default=True, help="reference checkpoint the policy starts from")
+@click.option("--gpt-model", default=None, help=GPT_MODEL_HELP)
 @click.option("--out", default="data/train", type=PathType, show_default=True)
 @click.pass_context
-def train(ctx, tokens_path, cache_path, init, out):
+def train(ctx, tokens_path, cache_path, init, gpt_model, out):
     """Fine-tune the policy with CCA over the cached reference log-probs."""
     from . import train as stage
 
     params, device = _setup(ctx)
-    stage.run(build(stage.TrainConfig, params, "train"), tokens_path, cache_path, init, out, device)
+    stage.run(build(stage.TrainConfig, params, "train"), tokens_path, cache_path, init, out, device, gpt_model)
 
 
 @main.command("eval")
@@ -130,16 +134,19 @@ def train(ctx, tokens_path, cache_path, init, out):
 @click.option("--base", "base_path", default="data/ar/gpt.pt", type=PathType, show_default=True)
 @click.option("--policy", "policy_path", default="data/train/policy.pt", type=PathType, show_default=True)
 @click.option("--reference", default="data/images/test", type=PathType, show_default=True, help="held-out real images")
-@click.option("--classifier", "classifier_path", default="data/classifier/classifier.pt", type=PathType, show_default=True)
+@click.option("--classifier", "classifier_path", default=None, type=PathType,
+              help="classifier checkpoint: the feature extractor (eval.feature_extractor: classifier) and class accuracy")
+@click.option("--gpt-model", default=None, help=GPT_MODEL_HELP)
+@click.option("--vq-model", default=None, help="VQ config for upstream files: a name (VQ-16) or a JSON file")
 @click.option("--out", default="data/eval", type=PathType, show_default=True)
 @click.pass_context
-def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, out):
+def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_model, vq_model, out):
     """Sample base (with/without CFG) and CCA policy, score with torch-fidelity, print the table."""
     from . import eval as stage
 
     params, device = _setup(ctx)
     metrics = stage.run(build(stage.EvalConfig, params, "eval"), vq_path, base_path, policy_path, reference,
-                        classifier_path, out, device)
+                        classifier_path, out, device, gpt_model, vq_model)
     click.echo(stage.format_results(metrics))
 
 

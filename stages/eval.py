@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.images import list_image_folder, load_images, to_uint8
+from pipeline.images import IMAGE_EXTENSIONS, center_crop_arr, to_uint8
 from pipeline.metrics import classify, fidelity_metrics, load_classifier, register_classifier_extractor
-from pipeline.models.llamagen import load_gpt
+from pipeline.models.llamagen import config_from_spec, load_gpt
 from pipeline.progress import progress
 from pipeline.sampling import generate_images
-from pipeline.tokenizers.vq import load_vq
+from pipeline.tokenizers.vq import load_vq, vq_config_from_spec
 
 from .common import write_json
 
@@ -45,6 +45,11 @@ class EvalConfig:
     top_p: float = 1.0
     batch_size: int = 500
     grid_per_class: int = 8
+    num_classes: int = 0  # 0: every class of the model
+    image_size: int = 0  # 0: the checkpoint's own; with a named gpt model, its resolution (256 or 384)
+    resize_to: int = 0  # resize samples before scoring/export (LlamaGen: 384 -> 256); 0: keep
+    feature_extractor: str = "classifier"  # or "inception-v3-compat" (needs inception_weights)
+    inception_weights: str = ""  # path of weights-inception-2015-12-05-6726825d.pth
 
 
 def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, per_class: int, scale: int = 4, gap: int = 2) -> None:
@@ -64,22 +69,73 @@ def results_table(summary: dict[str, dict]) -> str:
     head = "| method | FID | IS | precision | recall | class acc. | images/s |\n|---|---|---|---|---|---|---|\n"
     lines = []
     for name, m in summary.items():
-        cells = [f"{m[k]:.3f} ± {m[k + '_std']:.3f}" if k != "images_per_s" else f"{m[k]:.0f}" for k in METRIC_KEYS]
+        cells = ["n/a" if k not in m else f"{m[k]:.0f}" if k == "images_per_s" else f"{m[k]:.3f} ± {m[k + '_std']:.3f}"
+                 for k in METRIC_KEYS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
 
+def load_reference(path: Path, size: int) -> np.ndarray:
+    """Real images to score against: a class-folder tree / folder of images (ADM center crop to size), or an
+    ADM reference batch `.npz` (arr_0 uint8 NHWC, e.g. VIRTUAL_imagenet256_labeled.npz)."""
+    if path.suffix == ".npz":
+        with np.load(path) as f:
+            if "arr_0" not in f:
+                raise ValueError(f"reference batch {path} has no arr_0 (expected uint8 N x H x W x 3 images)")
+            images = f["arr_0"]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"reference batch {path}: arr_0 is {images.dtype} {images.shape}, expected uint8 N x H x W x 3")
+        return images
+    if not path.is_dir():
+        raise FileNotFoundError(f"reference images {path} not found (a folder of images or an ADM .npz batch)")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"reference folder {path} holds no images")
+    out = np.zeros((len(files), size, size, 3), np.uint8)
+    for i, f in enumerate(files):
+        with Image.open(f) as im:
+            out[i] = np.asarray(center_crop_arr(im.convert("RGB"), size))
+    return out
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """LlamaGen's evaluation resize (e.g. 384 -> 256): bicubic on [-1, 1] floats."""
+    if size <= 0 or images.shape[-1] == size:
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
+
+
+def scorer(cfg: EvalConfig, classifier_path: Path | None) -> tuple[str, str]:
+    """(torch-fidelity feature extractor name, its weights file), with a clear error when the file is missing."""
+    if cfg.feature_extractor == "classifier":
+        if classifier_path is None or not classifier_path.is_file():
+            raise FileNotFoundError(f"eval.feature_extractor is 'classifier' but the classifier checkpoint {classifier_path} "
+                                    "does not exist: run `cca-pipe pretrain-classifier` or pass --classifier")
+        return register_classifier_extractor(), str(classifier_path)
+    if cfg.feature_extractor == "inception-v3-compat":
+        weights = Path(cfg.inception_weights) if cfg.inception_weights else None
+        if weights is None or not weights.is_file():
+            raise FileNotFoundError(
+                f"eval.inception_weights {cfg.inception_weights!r} is not a file. Inception weights cannot be downloaded "
+                "here: copy torch-fidelity's weights-inception-2015-12-05-6726825d.pth to this machine and set "
+                "eval.inception_weights to its path")
+        return "inception-v3-compat", str(weights)
+    raise ValueError(f"eval.feature_extractor {cfg.feature_extractor!r}: valid are 'classifier', 'inception-v3-compat'")
+
+
 def run(cfg: EvalConfig, vq_path: Path, base_path: Path, policy_path: Path, reference: Path,
-        classifier_path: Path, out: Path, device: torch.device) -> dict:
+        classifier_path: Path | None, out: Path, device: torch.device,
+        gpt_model: str | None = None, vq_model: str | None = None) -> dict:
+    extractor, weights = scorer(cfg, classifier_path)
     (out / "samples").mkdir(parents=True, exist_ok=True)
-    vq = load_vq(vq_path).to(device).eval()
-    models = {"base": load_gpt(base_path).to(device).eval(), "cca": load_gpt(policy_path).to(device).eval()}
-    classifier = load_classifier(classifier_path).to(device)
-    extractor = register_classifier_extractor()
-    ref_paths, _, _ = list_image_folder(reference)
+    vq = load_vq(vq_path, vq_config_from_spec(vq_model)).to(device).eval()
+    grid = cfg.image_size // vq.cfg.downsample if cfg.image_size else None
+    models = {"base": load_gpt(base_path, config_from_spec(gpt_model, grid * grid if grid else None)).to(device).eval(),
+              "cca": load_gpt(policy_path).to(device).eval()}
+    classifier = load_classifier(classifier_path).to(device) if classifier_path and classifier_path.is_file() else None
     image_size = vq.cfg.downsample * int(round(models["base"].cfg.block_size ** 0.5))
-    ref_images = load_images(ref_paths, image_size)
-    num_classes = models["base"].cfg.num_classes
+    ref_images = load_reference(reference, cfg.resize_to or image_size)
+    num_classes = cfg.num_classes or models["base"].cfg.num_classes
     labels = torch.arange(num_classes).repeat_interleave(cfg.samples_per_class)
     methods = [("base", "base", 0.0)] + [(f"cfg_{s:g}", "base", s) for s in cfg.cfg_scales] + [("cca", "cca", 0.0)]
 
@@ -92,24 +148,23 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path, policy_path: Path, refe
                 temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
             )
             seconds = time.perf_counter() - started
-            images = to_uint8(images)
+            images = to_uint8(resize_images(images, cfg.resize_to))
             np.savez(out / "samples" / f"{name}_seed{seed}.npz", arr_0=images, arr_1=labels.numpy())
             if seed == cfg.seeds[0]:
                 save_grid(out / "grids" / f"{name}.png", images, labels.numpy(), cfg.grid_per_class)
-            scores = fidelity_metrics(
-                images, ref_images, feature_extractor=extractor, weights_path=str(classifier_path),
-                cache_root=out / "fidelity_cache", cuda=device.type == "cuda",
-            )
-            scores["class_accuracy"] = float((classify(classifier, images) == labels.numpy()).mean())
+            scores = fidelity_metrics(images, ref_images, feature_extractor=extractor, weights_path=weights,
+                                      cache_root=out / "fidelity_cache", cuda=device.type == "cuda")
+            if classifier is not None:
+                scores["class_accuracy"] = float((classify(classifier, images) == labels.numpy()).mean())
             scores["images_per_s"] = len(images) / seconds
             per_seed[name].append(scores)
             log.info("seed %d %-8s FID %.3f IS %.3f acc %.3f (%.0f images/s)", seed, name, scores["fid"], scores["is"],
-                     scores["class_accuracy"], scores["images_per_s"])
+                     scores.get("class_accuracy", float("nan")), scores["images_per_s"])
 
     summary = {
         name: {
-            **{k: float(np.mean([r[k] for r in runs])) for k in METRIC_KEYS},
-            **{f"{k}_std": float(np.std([r[k] for r in runs])) for k in METRIC_KEYS},
+            **{k: float(np.mean([r[k] for r in runs])) for k in METRIC_KEYS if k in runs[0]},
+            **{f"{k}_std": float(np.std([r[k] for r in runs])) for k in METRIC_KEYS if k in runs[0]},
         }
         for name, runs in per_seed.items()
     }

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.checkpoint import file_sha256
 from pipeline.formats import read_token_store, write_ref_cache
-from pipeline.models.llamagen import load_gpt
+from pipeline.models.llamagen import config_from_spec, load_gpt
 from pipeline.refcache import draw_pairs, reference_logps
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,9 @@ def check_vocabulary(store_attrs: dict, model_cfg, tokens_path: Path, ckpt: Path
         raise ValueError(f"token store {tokens_path} has {store_attrs['num_classes']} classes, model {ckpt} only {model_cfg.num_classes}")
 
 
-def run(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, out: Path, device: torch.device) -> None:
+def run(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, out: Path, device: torch.device, gpt_model: str | None = None) -> None:
     store = read_token_store(tokens_path)
-    model = load_gpt(ref_path).to(device)
+    model = load_gpt(ref_path, config_from_spec(gpt_model, store.tokens.shape[2])).to(device)
     check_vocabulary(store.attrs, model.cfg, tokens_path, ref_path)
     if store.tokens.shape[2] != model.cfg.block_size:
         raise ValueError(f"{tokens_path} has sequences of {store.tokens.shape[2]} tokens, model {ref_path} expects {model.cfg.block_size}")

@@ -1,24 +1,33 @@
 """Stage `tokenize`: class-folder images -> frozen VQ tokenizer -> Zarr token store.
 
     cca-pipe tokenize --images data/images/train --vq data/vq/vq.pt --out data/tokens/train.zarr
-Format: pipeline/formats.py (tokens (N, A, L) uint16, labels (N,) int32, provenance attributes).
+    cca-pipe tokenize --images /data/imagenet/train --vq vq_ds16_c2i.pt --vq-model VQ-16 --out tokens.zarr
+
+Preprocessing is LlamaGen's (ADM center crop, [-1, 1]); `tokenize.augment` picks the views: none (A=1),
+flip (A=2), tencrop (A=10, of a 1.1x center crop), shift1 (A=9, the embedded default). Class index =
+sorted folder order (torchvision ImageFolder). Resumable: finished chunks are kept, so rerunning after
+an interruption continues and gives the same arrays as an uninterrupted run (encode batches never
+straddle chunks). Runs on CUDA when present (float32, as LlamaGen's extract_codes_c2i.py).
+Format: pipeline/formats.py.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline import __version__
 from pipeline.checkpoint import file_sha256
-from pipeline.device import autocast
-from pipeline.formats import write_token_store
-from pipeline.images import list_image_folder, load_images, make_views, to_unit_range, view_names
+from pipeline.formats import TokenStoreWriter
+from pipeline.images import ImageViews, list_image_folder, view_names
 from pipeline.progress import progress
-from pipeline.tokenizers.vq import load_vq
+from pipeline.tokenizers.vq import load_vq, vq_config_from_spec
 
 log = logging.getLogger(__name__)
 
@@ -26,30 +35,57 @@ log = logging.getLogger(__name__)
 @dataclass
 class TokenizeConfig:
     image_size: int = 16
-    augment: str = "shift1"  # "none" (A=1) or "shift1" (A=9: every +-1 pixel shift)
-    batch_size: int = 256
+    augment: str = "shift1"  # none | flip | tencrop | shift1
+    batch_size: int = 256  # images per encoder forward
+    chunk_rows: int = 1024  # rows per Zarr chunk = resume unit; a multiple of batch_size
+    num_workers: int = 0  # DataLoader processes decoding images (spawned: safe next to zarr's threads)
+
+    def __post_init__(self) -> None:
+        view_names(self.augment)
+        if self.chunk_rows % self.batch_size:
+            raise ValueError(f"tokenize.chunk_rows ({self.chunk_rows}) must be a multiple of tokenize.batch_size ({self.batch_size})")
 
 
-def run(cfg: TokenizeConfig, images: Path, vq_path: Path, out: Path, device: torch.device) -> None:
+def build_key(cfg: TokenizeConfig, paths: list[Path], labels: np.ndarray, tokenizer_sha256: str) -> str:
+    """Everything that determines the tokens; a store with another key is not resumed but rebuilt."""
+    h = hashlib.sha256()
+    h.update(json.dumps([asdict(cfg), tokenizer_sha256, __version__, [str(p) for p in paths]]).encode())
+    h.update(labels.tobytes())
+    return h.hexdigest()
+
+
+def run(cfg: TokenizeConfig, images: Path, vq_path: Path, out: Path, device: torch.device, vq_model: str | None = None) -> str:
     names = view_names(cfg.augment)
     paths, labels, class_names = list_image_folder(images)
-    vq = load_vq(vq_path).to(device).eval()
+    vq = load_vq(vq_path, vq_config_from_spec(vq_model)).to(device).eval()
+    if cfg.image_size % vq.cfg.downsample:
+        raise ValueError(f"tokenize.image_size {cfg.image_size} is not a multiple of the tokenizer's downsampling {vq.cfg.downsample}")
     grid = cfg.image_size // vq.cfg.downsample
-    tokens = np.zeros((len(paths), len(names), grid * grid), dtype=np.uint16)
-    for start in progress(range(0, len(paths), cfg.batch_size), desc="tokenize", unit="batch"):
-        batch = to_unit_range(load_images(paths[start : start + cfg.batch_size], cfg.image_size))
-        views = make_views(batch, cfg.augment).flatten(0, 1).to(device)  # (B*A, 3, H, W)
-        with torch.inference_mode(), autocast(device):
-            codes = vq.encode(views)
-        tokens[start : start + len(batch)] = codes.view(len(batch), len(names), -1).cpu().numpy().astype(np.uint16)
-    attrs = {
-        "tokenizer_sha256": file_sha256(vq_path),
-        "codebook_size": vq.cfg.codebook_size,
-        "image_size": cfg.image_size,
-        "grid": grid,
-        "augmentations": names,
-        "class_names": class_names,
-        "source": str(images),
-    }
-    fingerprint = write_token_store(out, tokens, labels, attrs)
-    log.info("tokenized %d images x %d views x %d tokens -> %s (fingerprint %s)", *tokens.shape, out, fingerprint[:12])
+    sha = file_sha256(vq_path)
+    attrs = {"tokenizer_sha256": sha, "codebook_size": vq.cfg.codebook_size, "image_size": cfg.image_size,
+             "grid": grid, "augmentations": names, "class_names": class_names, "source": str(images)}
+    writer = TokenStoreWriter(out, labels, len(names), grid * grid, attrs, build_key(cfg, paths, labels, sha), cfg.chunk_rows)
+    pending = writer.pending_chunks()
+    if len(pending) < writer.num_chunks:
+        log.info("resuming %s: %d of %d chunks already done", out, writer.num_chunks - len(pending), writer.num_chunks)
+    rows = [r for k in pending for r in range(*writer.chunk_range(k))]
+    loader = torch.utils.data.DataLoader(
+        ImageViews(paths, cfg.image_size, cfg.augment, rows), batch_size=cfg.batch_size, shuffle=False,
+        num_workers=cfg.num_workers, multiprocessing_context="spawn" if cfg.num_workers else None,
+    )
+    chunk_tokens: list[np.ndarray] = []
+    with progress(total=len(rows), desc="tokenize", unit="img") as bar:
+        for views, row_index in loader:
+            x = views.flatten(0, 1).permute(0, 3, 1, 2).to(device).float() / 127.5 - 1.0  # (B*A, 3, H, W)
+            with torch.inference_mode():
+                codes = vq.encode(x).view(len(views), len(names), -1)
+            chunk_tokens.append(codes.cpu().numpy().astype(np.uint16))
+            bar.update(len(views))
+            chunk = int(row_index[0]) // cfg.chunk_rows
+            start, stop = writer.chunk_range(chunk)
+            if int(row_index[-1]) + 1 == stop:  # chunk complete: write it and record it as done
+                writer.write_chunk(chunk, np.concatenate(chunk_tokens))
+                chunk_tokens = []
+    fingerprint = writer.finish()
+    log.info("tokenized %d images x %d views x %d tokens -> %s (fingerprint %s)", len(paths), len(names), grid * grid, out, fingerprint[:12])
+    return fingerprint

@@ -19,7 +19,7 @@ import torch
 from pipeline.alignment import AlignConfig, train_policy
 from pipeline.checkpoint import file_sha256, save_checkpoint
 from pipeline.formats import read_ref_cache, read_token_store
-from pipeline.models.llamagen import load_gpt
+from pipeline.models.llamagen import config_from_spec, load_gpt
 from pipeline.progress import progress
 
 from .common import StepLog, write_json
@@ -40,27 +40,37 @@ class TrainConfig:
     uncond_ratio: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
+    save_every: int = 0  # steps between intermediate checkpoints out/checkpoints/<step>.pt (0: only the final one)
 
     def align_config(self) -> AlignConfig:
         return AlignConfig(**{k: getattr(self, k) for k in AlignConfig.__dataclass_fields__})
 
 
-def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: Path, device: torch.device) -> None:
+def save_policy(path: Path, policy, cfg: TrainConfig, init_sha256: str, step: int) -> None:
+    """LlamaGen c2i layout ({"model": state_dict, ...}), plus our config and provenance."""
+    save_checkpoint(path, policy.state_dict(), policy.cfg.to_dict(), family="llamagen-gpt",
+                    init_sha256=init_sha256, train_params={**cfg.__dict__}, steps=step)
+
+
+def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: Path, device: torch.device,
+        gpt_model: str | None = None) -> None:
     store = read_token_store(tokens_path)
     cache, provenance = read_ref_cache(
         cache_path, expect={"tokens_fingerprint": store.fingerprint, "ref_ckpt_sha256": file_sha256(init)}
     )
-    policy = load_gpt(init).to(device)
+    policy = load_gpt(init, config_from_spec(gpt_model, store.tokens.shape[2])).to(device)
     steps = StepLog(out, "log")
     started = time.perf_counter()
-    train_policy(policy, store.tokens, cache, cfg.align_config(), device, on_step=steps,
-                 progress=lambda total: progress(total=total, desc="train", unit="step"))
+    init_sha = provenance["ref_ckpt_sha256"]
+    train_policy(
+        policy, store.tokens, cache, cfg.align_config(), device, on_step=steps,
+        progress=lambda total: progress(total=total, desc="train", unit="step"),
+        on_checkpoint=lambda step, model, _opt: save_policy(out / "checkpoints" / f"{step:07d}.pt", model, cfg, init_sha, step),
+        checkpoint_every=cfg.save_every,
+    )
     seconds = time.perf_counter() - started
     steps.save()
-    save_checkpoint(
-        out / "policy.pt", policy.state_dict(), policy.cfg.to_dict(), family="llamagen-gpt",
-        init_sha256=provenance["ref_ckpt_sha256"], train_params={**cfg.__dict__},
-    )
+    save_policy(out / "policy.pt", policy, cfg, init_sha, len(steps.rows))
     last = steps.rows[-1]
     summary = {"steps": len(steps.rows), "seconds": seconds, "final": last}
     write_json(out / "summary.json", summary)

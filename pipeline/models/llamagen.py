@@ -86,6 +86,22 @@ def gpt_config(name: str, **overrides) -> GPTConfig:
     return GPTConfig(**{**GPT_CONFIGS[name], **overrides})
 
 
+def config_from_spec(spec: str | None, block_size: int | None = None) -> GPTConfig | None:
+    """Resolve a user's model spec: None (the checkpoint carries its config), a named upstream config
+    ("GPT-L", with block_size from the token grid), or a JSON file of GPTConfig fields."""
+    if spec is None:
+        return None
+    if spec.endswith(".json"):
+        import json
+
+        with open(spec) as f:
+            cfg = GPTConfig(**json.load(f))
+        if block_size is not None and cfg.block_size != block_size:
+            raise ValueError(f"model config {spec} has block_size {cfg.block_size}, but the data has {block_size} tokens")
+        return cfg
+    return gpt_config(spec, **({"block_size": block_size} if block_size else {}))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

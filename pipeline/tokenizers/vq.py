@@ -58,6 +58,18 @@ def vq_config(name: str, **overrides) -> VQConfig:
     return VQConfig(**{**VQ_CONFIGS[name], **overrides})
 
 
+def vq_config_from_spec(spec: str | None) -> VQConfig | None:
+    """None (the checkpoint carries its config), a named config ("VQ-16"), or a JSON file of VQConfig fields."""
+    if spec is None:
+        return None
+    if spec.endswith(".json"):
+        import json
+
+        with open(spec) as f:
+            return VQConfig(**json.load(f))
+    return vq_config(spec)
+
+
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
