@@ -60,6 +60,7 @@ def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: 
     )
     policy = load_gpt(init, config_from_spec(gpt_model, store.tokens.shape[2])).to(device)
     steps = StepLog(out, "log")
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     init_sha = provenance["ref_ckpt_sha256"]
     train_policy(
