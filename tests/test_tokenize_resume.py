@@ -1,0 +1,93 @@
+"""tokenize killed with SIGKILL mid-run and rerun gives exactly the arrays of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from pipeline.formats import FormatError, read_token_store
+from pipeline.tokenizers.vq import VQConfig, VQModel
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+VQ = dict(codebook_size=64, codebook_embed_dim=8, ch=32, ch_mult=[1, 2, 2], num_res_blocks=2, z_channels=32, norm_groups=8,
+          codebook_used_size=64)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume")
+    rng = np.random.default_rng(1)
+    for c in range(3):
+        (root / "images" / f"class{c}").mkdir(parents=True)
+        for i in range(16):
+            Image.fromarray(rng.integers(0, 255, (80, 72, 3), dtype=np.uint8)).save(root / "images" / f"class{c}" / f"{i}.jpg")
+    torch.manual_seed(0)
+    (root / "vq.json").write_text(json.dumps(VQ))
+    torch.save({"model": VQModel(VQConfig(**VQ)).state_dict()}, root / "vq.pt")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["tokenize"].update(image_size=64, augment="flip", batch_size=2, chunk_rows=4, num_workers=0)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def _tokenize_cmd(root: Path, out: Path) -> list[str]:
+    return [str(BIN / "cca-pipe"), "--params", str(root / "params.yaml"), "tokenize", "--images", str(root / "images"),
+            "--vq", str(root / "vq.pt"), "--vq-model", str(root / "vq.json"), "--out", str(out)]
+
+
+def test_killed_tokenize_resumes_to_identical_arrays(setup: Path):
+    reference = setup / "uninterrupted.zarr"
+    subprocess.run(_tokenize_cmd(setup, reference), check=True, capture_output=True)
+
+    out = setup / "killed.zarr"
+    proc = subprocess.Popen(_tokenize_cmd(setup, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress_file = out / "progress.json"
+    deadline = time.time() + 120
+    done: list[int] = []
+    while time.time() < deadline and proc.poll() is None:
+        if progress_file.is_file():
+            try:
+                done = json.loads(progress_file.read_text())["done_chunks"]
+            except (json.JSONDecodeError, KeyError):
+                done = []
+            if done:
+                break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 0 < len(done) < 12, f"could not kill mid-run (done chunks: {done})"
+    with pytest.raises(FormatError, match="incomplete"):
+        read_token_store(out)
+
+    result = subprocess.run(_tokenize_cmd(setup, out), check=True, capture_output=True, text=True)
+    assert "resuming" in result.stderr
+    a, b = read_token_store(reference), read_token_store(out)
+    assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.labels, b.labels)
+    assert a.fingerprint == b.fingerprint
+    assert not (out / "progress.json").exists()
+
+
+def test_changed_settings_rebuild_instead_of_resuming(setup: Path):
+    """A partial store made with other settings must not be mixed into the new one."""
+    out = setup / "changed.zarr"
+    subprocess.run(_tokenize_cmd(setup, out), check=True, capture_output=True)
+    params = yaml.safe_load((setup / "params.yaml").read_text())
+    params["tokenize"]["augment"] = "none"
+    (setup / "params_none.yaml").write_text(yaml.safe_dump(params))
+    cmd = _tokenize_cmd(setup, out)
+    cmd[2] = str(setup / "params_none.yaml")
+    result = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    assert "resuming" not in result.stderr
+    assert read_token_store(out).tokens.shape == (48, 1, 256)  # 64 px, 4x downsampling
