@@ -71,9 +71,8 @@ def extract_state_dict(obj: dict, path: str | os.PathLike = "<memory>") -> dict[
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
             raise CheckpointError(f"checkpoint {path}: entry {k!r} is a {type(v).__name__}, not a tensor")
-        for prefix in _PREFIXES:
-            while k.startswith(prefix):
-                k = k[len(prefix) :]
+        while k.startswith(_PREFIXES):  # any mix, e.g. "_orig_mod.module." from compile over DDP
+            k = k[len(next(p for p in _PREFIXES if k.startswith(p))) :]
         if k in _DROPPED_KEYS:
             continue
         out[k] = v
