@@ -156,15 +156,23 @@ def train(ctx, tokens_path, cache_path, init, gpt_model, out):
               help="classifier checkpoint: the feature extractor (eval.feature_extractor: classifier) and class accuracy")
 @click.option("--gpt-model", default=None, help=GPT_MODEL_HELP)
 @click.option("--vq-model", default=None, help="VQ config for upstream files: a name (VQ-16) or a JSON file")
+@click.option("--methods", default="base,cfg,cca", show_default=True, help="comma-separated subset of base, cfg, cca")
+@click.option("--cfg-scale", "cfg_scales", multiple=True, type=float, help="guidance scale s (repeatable); overrides eval.cfg_scales")
+@click.option("--fidelity-cache", default=None, type=PathType,
+              help="torch-fidelity statistics cache shared by evaluations (default: <out>/fidelity_cache)")
 @click.option("--out", default="data/eval", type=PathType, show_default=True)
 @click.pass_context
-def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_model, vq_model, out):
+def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_model, vq_model, methods, cfg_scales,
+          fidelity_cache, out):
     """Sample base (with/without CFG) and CCA policy, score with torch-fidelity, print the table."""
     from . import eval as stage
 
     params, device = _setup(ctx)
-    metrics = stage.run(build(stage.EvalConfig, params, "eval"), vq_path, base_path, policy_path, reference,
-                        classifier_path, out, device, gpt_model, vq_model)
+    cfg = build(stage.EvalConfig, params, "eval")
+    if cfg_scales:
+        cfg.cfg_scales = list(cfg_scales)
+    metrics = stage.run(cfg, vq_path, base_path, policy_path, reference, classifier_path, out, device, gpt_model, vq_model,
+                        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), fidelity_cache=fidelity_cache)
     click.echo(stage.format_results(metrics))
 
 

@@ -123,25 +123,40 @@ def scorer(cfg: EvalConfig, classifier_path: Path | None) -> tuple[str, str]:
     raise ValueError(f"eval.feature_extractor {cfg.feature_extractor!r}: valid are 'classifier', 'inception-v3-compat'")
 
 
-def run(cfg: EvalConfig, vq_path: Path, base_path: Path, policy_path: Path, reference: Path,
+METHODS = ("base", "cfg", "cca")
+
+
+def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Path | None, reference: Path,
         classifier_path: Path | None, out: Path, device: torch.device,
-        gpt_model: str | None = None, vq_model: str | None = None) -> dict:
+        gpt_model: str | None = None, vq_model: str | None = None,
+        methods: tuple[str, ...] = METHODS, fidelity_cache: Path | None = None) -> dict:
+    """Evaluate `methods`: base (no guidance), cfg (base at each eval.cfg_scales), cca (the policy)."""
+    unknown = set(methods) - set(METHODS)
+    if unknown or not methods:
+        raise ValueError(f"unknown eval methods {sorted(unknown)}; valid: {', '.join(METHODS)}")
     extractor, weights = scorer(cfg, classifier_path)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     vq = load_vq(vq_path, vq_config_from_spec(vq_model)).to(device).eval()
     grid = cfg.image_size // vq.cfg.downsample if cfg.image_size else None
-    models = {"base": load_gpt(base_path, config_from_spec(gpt_model, grid * grid if grid else None)).to(device).eval(),
-              "cca": load_gpt(policy_path).to(device).eval()}
+    models = {}
+    if {"base", "cfg"} & set(methods):
+        models["base"] = load_gpt(base_path, config_from_spec(gpt_model, grid * grid if grid else None)).to(device).eval()
+    if "cca" in methods:
+        models["cca"] = load_gpt(policy_path).to(device).eval()
+    some_model = next(iter(models.values()))
     classifier = load_classifier(classifier_path).to(device) if classifier_path and classifier_path.is_file() else None
-    image_size = vq.cfg.downsample * int(round(models["base"].cfg.block_size ** 0.5))
+    image_size = vq.cfg.downsample * int(round(some_model.cfg.block_size ** 0.5))
     ref_images = load_reference(reference, cfg.resize_to or image_size)
-    num_classes = cfg.num_classes or models["base"].cfg.num_classes
+    num_classes = cfg.num_classes or some_model.cfg.num_classes
     labels = torch.arange(num_classes).repeat_interleave(cfg.samples_per_class)
-    methods = [("base", "base", 0.0)] + [(f"cfg_{s:g}", "base", s) for s in cfg.cfg_scales] + [("cca", "cca", 0.0)]
+    plan = ([("base", "base", 0.0)] if "base" in methods else []) \
+        + ([(f"cfg_{s:g}", "base", s) for s in cfg.cfg_scales] if "cfg" in methods else []) \
+        + ([("cca", "cca", 0.0)] if "cca" in methods else [])
+    cache_root = fidelity_cache or out / "fidelity_cache"
 
-    per_seed: dict[str, list[dict]] = {name: [] for name, _, _ in methods}
+    per_seed: dict[str, list[dict]] = {name: [] for name, _, _ in plan}
     for seed in cfg.seeds:
-        for name, model_key, scale in progress(methods, desc=f"eval seed {seed}", unit="method"):
+        for name, model_key, scale in progress(plan, desc=f"eval seed {seed}", unit="method"):
             started = time.perf_counter()
             images, _ = generate_images(
                 models[model_key], vq, labels, seed=seed, batch_size=cfg.batch_size, cfg_scale=scale,
@@ -153,7 +168,7 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path, policy_path: Path, refe
             if seed == cfg.seeds[0]:
                 save_grid(out / "grids" / f"{name}.png", images, labels.numpy(), cfg.grid_per_class)
             scores = fidelity_metrics(images, ref_images, feature_extractor=extractor, weights_path=weights,
-                                      cache_root=out / "fidelity_cache", cuda=device.type == "cuda")
+                                      cache_root=cache_root, cuda=device.type == "cuda")
             if classifier is not None:
                 scores["class_accuracy"] = float((classify(classifier, images) == labels.numpy()).mean())
             scores["images_per_s"] = len(images) / seconds
@@ -170,8 +185,10 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path, policy_path: Path, refe
     }
     cfg_names = [n for n in summary if n.startswith("cfg_")]
     best_cfg = min(cfg_names, key=lambda n: summary[n]["fid"]) if cfg_names else None
-    checks = {"cca_fid_over_base_fid": summary["cca"]["fid"] / summary["base"]["fid"]}
-    if best_cfg:
+    checks = {}
+    if "cca" in summary and "base" in summary:
+        checks["cca_fid_over_base_fid"] = summary["cca"]["fid"] / summary["base"]["fid"]
+    if "cca" in summary and best_cfg:
         checks["best_cfg"] = best_cfg
         checks["cca_fid_over_best_cfg_fid"] = summary["cca"]["fid"] / summary[best_cfg]["fid"]
     metrics = {"methods": summary, "checks": checks, "seeds": list(cfg.seeds), "samples_per_method": len(labels),
@@ -184,8 +201,9 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path, policy_path: Path, refe
 def format_results(metrics: dict) -> str:
     checks = metrics["checks"]
     text = (f"Mean ± std over seeds {metrics['seeds']}, {metrics['samples_per_method']} samples per method and seed.\n\n"
-            + results_table(metrics["methods"])
-            + f"\nCCA FID / base FID: {checks['cca_fid_over_base_fid']:.3f}")
+            + results_table(metrics["methods"]))
+    if "cca_fid_over_base_fid" in checks:
+        text += f"\nCCA FID / base FID: {checks['cca_fid_over_base_fid']:.3f}"
     if "best_cfg" in checks:
         text += f"; CCA FID / best CFG FID ({checks['best_cfg']}): {checks['cca_fid_over_best_cfg_fid']:.3f}"
     return text + "\n"
