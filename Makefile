@@ -17,7 +17,7 @@ $(BIN)/cca-pipe: pyproject.toml
 install: $(BIN)/cca-pipe
 
 demo: install
-	@start=$$(date +%s); dvc repro && cca-pipe results data/eval/metrics.json; \
+	@start=$$(date +%s); dvc repro && cca-pipe results data/report/results.md; \
 	echo "dvc repro + results: $$(( $$(date +%s) - start )) s"
 
 test: install

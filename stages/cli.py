@@ -177,16 +177,28 @@ def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_
 
 
 @main.command()
-@click.argument("metrics_path", default="data/eval/metrics.json", type=PathType)
-def results(metrics_path):
-    """Print the results table of an eval run."""
+@click.option("--eval", "eval_dir", default="data/eval", type=PathType, show_default=True)
+@click.option("--train", "train_dir", default="data/train", type=PathType, show_default=True)
+@click.option("--sweep", "sweep_dir", default="data/sweep", type=PathType, show_default=True)
+@click.option("--out", default="data/report", type=PathType, show_default=True)
+def report(eval_dir, train_dir, sweep_dir, out):
+    """Figures (FID-IS trade-off, training curves, sample comparison) and a table of every evaluated point."""
+    from . import report as stage
+
+    click.echo(stage.run(eval_dir, train_dir, sweep_dir, out))
+
+
+@main.command()
+@click.argument("path", default="data/report/results.md", type=PathType)
+def results(path):
+    """Print a results table: a report's results.md, or an eval's metrics.json."""
     import json
 
     from .eval import format_results
 
-    if not metrics_path.is_file():
-        raise click.ClickException(f"{metrics_path} not found: run `dvc repro` (or `cca-pipe eval`) first")
-    click.echo(format_results(json.loads(metrics_path.read_text())))
+    if not path.is_file():
+        raise click.ClickException(f"{path} not found: run `dvc repro` first")
+    click.echo(format_results(json.loads(path.read_text())) if path.suffix == ".json" else path.read_text())
 
 
 def run() -> None:

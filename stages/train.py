@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -73,7 +73,7 @@ def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: 
     steps.save()
     save_policy(out / "policy.pt", policy, cfg, init_sha, len(steps.rows))
     last = steps.rows[-1]
-    summary = {"steps": len(steps.rows), "seconds": seconds, "final": last}
+    summary = {"steps": len(steps.rows), "seconds": seconds, "final": last, "params": asdict(cfg)}
     write_json(out / "summary.json", summary)
     log.info("trained %d steps in %.1fs: loss %.4f, rewards/pos %.3f, rewards/neg %.3f, accuracy %.3f -> %s",
              len(steps.rows), seconds, last["loss"], last["rewards/pos"], last["rewards/neg"], last["rewards/accuracy"], out)

@@ -1,0 +1,144 @@
+"""Figures and tables of a sweep: the paper's Figures 3, 4 and 10 from our own runs.
+
+Pure functions of collected points (dicts) and sample arrays; they draw with matplotlib's Agg backend
+to PNG, so they run headless and offline (DVC's own plots need a CDN).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+TABLE_KEYS = ("fid", "is", "precision", "recall", "class_accuracy", "images_per_s")
+
+
+@dataclass
+class Point:
+    """One evaluated setting: the base model, CFG at scale s, or a CCA policy at (lambda, beta)."""
+
+    kind: str  # "base" | "cfg" | "cca"
+    metrics: dict[str, float]
+    cfg_scale: float | None = None
+    lam: float | None = None
+    beta: float | None = None
+    train_log: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if self.kind == "cfg":
+            return f"CFG s={self.cfg_scale:g}"
+        if self.kind == "cca":
+            return f"CCA λ={self.lam:g} β={self.beta:g}"
+        return "base (no guidance)"
+
+
+def _agg():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_fid_is(points: list[Point], path: str | os.PathLike) -> None:
+    """Paper Fig. 4: FID against IS; CCA over lambda (one line per beta) vs CFG over the guidance scale."""
+    plt = _agg()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    cfg = sorted((p for p in points if p.kind == "cfg"), key=lambda p: p.cfg_scale)
+    if cfg:
+        ax.plot([p.metrics["is"] for p in cfg], [p.metrics["fid"] for p in cfg], "s--", color="tab:orange", label="base + CFG (scale s)")
+        for p in cfg:
+            ax.annotate(f"s={p.cfg_scale:g}", (p.metrics["is"], p.metrics["fid"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    for beta in sorted({p.beta for p in points if p.kind == "cca"}):
+        cca = sorted((p for p in points if p.kind == "cca" and p.beta == beta), key=lambda p: p.lam)
+        ax.plot([p.metrics["is"] for p in cca], [p.metrics["fid"] for p in cca], "o-", label=f"CCA, no guidance (β={beta:g}, λ)")
+        for p in cca:
+            ax.annotate(f"λ={p.lam:g}", (p.metrics["is"], p.metrics["fid"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for p in points:
+        if p.kind == "base":
+            ax.plot([p.metrics["is"]], [p.metrics["fid"]], "k*", markersize=14, label="base, no guidance")
+    ax.set_xlabel("IS (higher: more class-distinct)")
+    ax.set_ylabel("FID (lower: closer to real data)")
+    ax.set_title("Fidelity-diversity trade-off: CCA's λ vs CFG's scale")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def read_log(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return {k: np.array([float(r[k]) for r in rows]) for k in rows[0]} if rows else {}
+
+
+def plot_training_curves(points: list[Point], path: str | os.PathLike) -> None:
+    """Paper Fig. 10: CCA loss, and log p_theta/p_phi of positive and negative pairs, over steps."""
+    plt = _agg()
+    fig, (ax_loss, ax_ratio) = plt.subplots(1, 2, figsize=(11, 4))
+    runs = sorted((p for p in points if p.kind == "cca" and p.train_log and Path(p.train_log).is_file()),
+                  key=lambda p: (p.beta, p.lam))
+    for i, p in enumerate(runs):
+        log = read_log(p.train_log)
+        color = plt.cm.viridis(i / max(1, len(runs) - 1))
+        ax_loss.plot(log["step"], log["loss"], color=color, label=p.label)
+        ax_ratio.plot(log["step"], log["rewards/pos"], color=color, label=f"{p.label}: positive")
+        ax_ratio.plot(log["step"], log["rewards/neg"], color=color, linestyle="--", label=f"{p.label}: negative")
+    ax_loss.set(xlabel="step", ylabel="CCA loss", title="CCA loss")
+    ax_ratio.set(xlabel="step", ylabel="log p_θ(x|c) - log p_φ(x|c)", title="Relative likelihood: positive (solid), negative (dashed)")
+    ax_ratio.axhline(0, color="grey", linewidth=0.5)
+    for ax in (ax_loss, ax_ratio):
+        ax.grid(alpha=0.3)
+    ax_loss.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def comparison_grid(panels: list[tuple[str, np.ndarray, np.ndarray]], path: str | os.PathLike, per_class: int = 6,
+                    classes: list[int] | None = None) -> None:
+    """Paper Fig. 3: side-by-side sample grids (same classes, same seed), one panel per method.
+
+    panels: (title, images uint8 (N, H, W, 3), labels (N,)).
+    """
+    plt = _agg()
+    classes = classes if classes is not None else sorted(set(panels[0][2].tolist()))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 0.35 * len(classes) + 1.2))
+    for ax, (title, images, labels) in zip(np.atleast_1d(axes), panels):
+        H, W = images.shape[1:3]
+        canvas = np.full((len(classes) * (H + 1), per_class * (W + 1), 3), 255, np.uint8)
+        for r, c in enumerate(classes):
+            for k, image in enumerate(images[labels == c][:per_class]):
+                canvas[r * (H + 1) : r * (H + 1) + H, k * (W + 1) : k * (W + 1) + W] = image
+        ax.imshow(canvas, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def markdown_table(points: list[Point]) -> str:
+    """All points, one row each; mean ± std over seeds where the std is known."""
+    head = "| point | FID | IS | precision | recall | class acc. | images/s |\n|---|---|---|---|---|---|---|\n"
+    rows = []
+    for p in points:
+        cells = []
+        for k in TABLE_KEYS:
+            if k not in p.metrics:
+                cells.append("n/a")
+            elif k == "images_per_s":
+                cells.append(f"{p.metrics[k]:.0f}")
+            elif f"{k}_std" in p.metrics:
+                cells.append(f"{p.metrics[k]:.3f} ± {p.metrics[k + '_std']:.3f}")
+            else:
+                cells.append(f"{p.metrics[k]:.3f}")
+        rows.append(f"| {p.label} | " + " | ".join(cells) + " |")
+    return head + "\n".join(rows) + "\n"

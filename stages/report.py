@@ -1,0 +1,81 @@
+"""Stage `report`: every evaluated point of the pipeline and its sweep, as figures and one table.
+
+    cca-pipe report --eval data/eval --train data/train --sweep data/sweep --out data/report
+
+Reads data/eval/metrics.json (base, CFG, main CCA policy), data/sweep/cfg/*/metrics.json (CFG points) and
+data/sweep/cca/*/{eval/metrics.json,train/summary.json,train/log.csv} (CCA points), and writes
+fid_is.png (paper Fig. 4), training_curves.png (Fig. 10), comparison.png (Fig. 3: base | CCA | CFG, same
+classes and seed) and results.md (all points: FID, IS, precision, recall, class accuracy, images/s).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.report import Point, comparison_grid, markdown_table, plot_fid_is, plot_training_curves
+
+log = logging.getLogger(__name__)
+
+
+def _points_from_eval(eval_dir: Path, train_dir: Path | None) -> list[Point]:
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    points = []
+    for name, m in metrics["methods"].items():
+        extra = {"samples": eval_dir / "samples" / f"{name}_seed{metrics['seeds'][0]}.npz"}
+        if name == "base":
+            points.append(Point("base", m, extra=extra))
+        elif name.startswith("cfg_"):
+            points.append(Point("cfg", m, cfg_scale=float(name[4:]), extra=extra))
+        elif name == "cca" and train_dir is not None and (train_dir / "summary.json").is_file():
+            params = json.loads((train_dir / "summary.json").read_text())["params"]
+            points.append(Point("cca", m, lam=params["lam"], beta=params["beta"], train_log=train_dir / "log.csv", extra=extra))
+    return points
+
+
+def collect(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None) -> list[Point]:
+    """All points; a setting evaluated twice (main run and sweep) is kept once, main run first."""
+    points = _points_from_eval(eval_dir, train_dir)
+    if sweep_dir is not None and sweep_dir.is_dir():
+        for cfg_dir in sorted((sweep_dir / "cfg").glob("*/")):
+            if (cfg_dir / "metrics.json").is_file():
+                points += [p for p in _points_from_eval(cfg_dir, None) if p.kind == "cfg"]
+        for point_dir in sorted((sweep_dir / "cca").glob("*/")):
+            if (point_dir / "eval/metrics.json").is_file():
+                points += [p for p in _points_from_eval(point_dir / "eval", point_dir / "train") if p.kind == "cca"]
+    unique: dict[tuple, Point] = {}
+    for p in points:
+        unique.setdefault((p.kind, p.cfg_scale, p.lam, p.beta), p)
+    order = {"base": 0, "cfg": 1, "cca": 2}
+    return sorted(unique.values(), key=lambda p: (order[p.kind], p.cfg_scale or 0, p.beta or 0, p.lam or 0))
+
+
+def run(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None, out: Path, main_lambda: float | None = None) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    points = collect(eval_dir, train_dir, sweep_dir)
+    plot_fid_is(points, out / "fid_is.png")
+    plot_training_curves(points, out / "training_curves.png")
+    base = next(p for p in points if p.kind == "base")
+    cfg_points = [p for p in points if p.kind == "cfg"]
+    cca_points = [p for p in points if p.kind == "cca"]
+    best_cfg = min(cfg_points, key=lambda p: p.metrics["fid"]) if cfg_points else None
+    main_cca = next((p for p in cca_points if p.train_log and p.train_log.parent == train_dir), cca_points[0] if cca_points else None)
+    panels = [("base, no guidance", base)] + ([(f"CCA, no guidance (λ={main_cca.lam:g})", main_cca)] if main_cca else []) \
+        + ([(f"base + CFG (s={best_cfg.cfg_scale:g}, best FID)", best_cfg)] if best_cfg else [])
+    arrays = []
+    for title, p in panels:
+        with np.load(p.extra["samples"]) as f:
+            arrays.append((title, f["arr_0"], f["arr_1"]))
+    comparison_grid(arrays, out / "comparison.png")
+    text = "All evaluated points (mean ± std over sampling seeds).\n\n" + markdown_table(points)
+    if main_cca is not None:
+        text += f"\nCCA ({main_cca.label}) FID / base FID: {main_cca.metrics['fid'] / base.metrics['fid']:.3f}"
+        if best_cfg is not None:
+            text += f"; / best CFG FID ({best_cfg.label}): {main_cca.metrics['fid'] / best_cfg.metrics['fid']:.3f}"
+        text += "\n"
+    (out / "results.md").write_text(text)
+    log.info("report of %d points -> %s", len(points), out)
+    return text

@@ -1,0 +1,84 @@
+"""The report stage on a small fixture of metric files, and the sweep's expansion into DVC stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from stages import report
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _metrics(fid: float, is_: float) -> dict:
+    return {"fid": fid, "fid_std": 0.1, "is": is_, "is_std": 0.01, "precision": 0.5, "precision_std": 0.0,
+            "recall": 0.9, "recall_std": 0.0, "class_accuracy": 0.8, "class_accuracy_std": 0.0, "images_per_s": 1000.0}
+
+
+def _eval_dir(path: Path, methods: dict[str, dict]) -> None:
+    (path / "samples").mkdir(parents=True)
+    labels = np.repeat(np.arange(3), 4)
+    for name in methods:
+        images = np.random.default_rng(len(name)).integers(0, 255, (12, 8, 8, 3), dtype=np.uint8)
+        np.savez(path / "samples" / f"{name}_seed0.npz", arr_0=images, arr_1=labels)
+    (path / "metrics.json").write_text(json.dumps({"methods": methods, "seeds": [0], "checks": {}}))
+
+
+def _train_dir(path: Path, lam: float, beta: float) -> None:
+    path.mkdir(parents=True)
+    (path / "summary.json").write_text(json.dumps({"params": {"lam": lam, "beta": beta}}))
+    rows = ["step,loss,rewards/pos,rewards/neg"] + [f"{s},{1 / (s + 1)},{0.1 * s},{-s}" for s in range(5)]
+    (path / "log.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_report_draws_figures_and_tabulates_every_point(tmp_path: Path):
+    _eval_dir(tmp_path / "eval", {"base": _metrics(12.0, 6.0), "cfg_1": _metrics(6.0, 7.7), "cca": _metrics(4.5, 7.9)})
+    _train_dir(tmp_path / "train", 10, 0.5)
+    for s, fid in ((0.5, 7.0), (1.0, 6.1), (3.0, 9.0)):
+        _eval_dir(tmp_path / f"sweep/cfg/s{s}", {f"cfg_{s:g}": _metrics(fid, 7 + s)})
+    for lam, fid in ((1, 8.0), (30, 5.0)):
+        _eval_dir(tmp_path / f"sweep/cca/lam{lam}-beta0.5/eval", {"cca": _metrics(fid, 7 + lam / 100)})
+        _train_dir(tmp_path / f"sweep/cca/lam{lam}-beta0.5/train", lam, 0.5)
+
+    text = report.run(tmp_path / "eval", tmp_path / "train", tmp_path / "sweep", tmp_path / "report")
+
+    for name in ("fid_is.png", "training_curves.png", "comparison.png"):
+        with Image.open(tmp_path / "report" / name) as im:
+            assert im.size[0] > 300 and im.size[1] > 200
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| point")]
+    labels = [r.split("|")[1].strip() for r in rows]
+    # cfg s=1 appears in the main eval and in the sweep: kept once; sorted base, CFG by s, CCA by lambda
+    assert labels == ["base (no guidance)", "CFG s=0.5", "CFG s=1", "CFG s=3", "CCA λ=1 β=0.5", "CCA λ=10 β=0.5", "CCA λ=30 β=0.5"]
+    assert rows[0].split("|")[2].strip() == "12.000 ± 0.100"
+    # main CCA (4.5) against base (12.0) and the best CFG (6.0, from the main eval's s=1)
+    assert "FID / base FID: 0.375" in text and "best CFG FID (CFG s=1): 0.750" in text
+    assert (tmp_path / "report/results.md").read_text() == text
+
+
+def test_sweep_expands_into_named_stages(tmp_path: Path):
+    """`dvc stage list` on the real dvc.yaml with a 2 x 2 sweep and two CFG scales."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["sweep"] = {"lambdas": [3, 30], "betas": [0.5, 1.0], "cfg_scales": [0.5, 2.0]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=tmp_path, check=True, env=env)
+    out = subprocess.run([str(BIN / "dvc"), "stage", "list", "--name-only"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    expected = {f"sweep-{kind}@{lam}-{beta}" for kind in ("train", "eval") for lam in (3, 30) for beta in (0.5, 1.0)}
+    expected |= {"sweep-cfg@0.5", "sweep-cfg@2.0", "report"}
+    assert expected <= set(out)
+    assert len([s for s in out if s.startswith("sweep-")]) == 10
+    # stages 1-2 depend on no train.* / sweep.* parameter: a sweep never recomputes them
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name in ("tokenize", "reflogp"):
+        assert not [p for p in stages[name].get("params", []) if str(p).startswith(("train", "sweep"))]
