@@ -189,6 +189,15 @@ def report(eval_dir, train_dir, sweep_dir, out):
 
 
 @main.command()
+@click.argument("path", type=PathType)
+def info(path):
+    """Print what a token store, reference cache or checkpoint holds."""
+    from .info import describe
+
+    click.echo(describe(path))
+
+
+@main.command()
 @click.argument("path", default="data/report/results.md", type=PathType)
 def results(path):
     """Print a results table: a report's results.md, or an eval's metrics.json."""
