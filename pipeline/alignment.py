@@ -86,13 +86,18 @@ def train_policy(
     device: torch.device,
     on_step: Callable[[int, dict], None] | None = None,
     progress: Callable[[int], object] | None = None,  # total steps -> a bar with update()/close()
-    on_checkpoint: Callable[[int, GPT, torch.optim.Optimizer], None] | None = None,
+    on_checkpoint: Callable[[dict], None] | None = None,
     checkpoint_every: int = 0,
+    resume: dict | None = None,
 ) -> GPT:
     """Fine-tune `policy` in place for cfg.epochs passes over the cache rows; returns it.
 
     Row order and unconditional rows are drawn from a generator seeded with cfg.seed, so a run is
-    reproducible on CPU.
+    reproducible on CPU. Every `checkpoint_every` steps `on_checkpoint` receives the training state
+    ({"step", "model", "optimizer", "rng"}); passing such a state as `resume` (with the policy's weights
+    already loaded from it) continues exactly where it stopped: same data order, same unconditional rows,
+    same optimizer moments, hence the same final weights as an uninterrupted run.
+    A non-finite loss or gradient raises FloatingPointError naming the step, before the update is applied.
     """
     if cfg.batch_size % cfg.micro_batch_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro_batch_size}")
@@ -103,9 +108,16 @@ def train_policy(
     total_steps = max(1, math.ceil(cfg.epochs * n_rows / cfg.batch_size))
     order = np.concatenate([rng.permutation(n_rows) for _ in range(math.ceil(cfg.epochs) + 1)])
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    first_step = 0
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        rng.bit_generator.state = resume["rng"]
+        first_step = int(resume["step"])
     policy.train()
     bar = progress(total_steps) if progress else None
-    for step in range(total_steps):
+    if bar is not None and first_step:
+        bar.update(first_step)
+    for step in range(first_step, total_steps):
         rows = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         uncond = rng.random(len(rows)) < cfg.uncond_ratio
         opt.zero_grad(set_to_none=True)
@@ -114,6 +126,8 @@ def train_policy(
             part = slice(start, start + cfg.micro_batch_size)
             batch = make_batch(rows[part], tokens, cache, uncond[part], policy.cfg.null_class)
             out = loss_for_batch(policy, batch, cfg.loss, cfg.beta, cfg.lam, device)
+            if not torch.isfinite(out.loss):
+                raise FloatingPointError(f"non-finite loss at step {step}; lower train.lr or train.beta")
             (out.loss * len(batch.uncond) / len(rows)).backward()
             outs.append(out)
             masks.append(batch.uncond)
@@ -126,7 +140,8 @@ def train_policy(
         if bar is not None:
             bar.update(1)
         if on_checkpoint and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
-            on_checkpoint(step + 1, policy, opt)
+            on_checkpoint({"step": step + 1, "model": policy.state_dict(), "optimizer": opt.state_dict(),
+                           "rng": rng.bit_generator.state})
     if bar is not None:
         bar.close()
     policy.eval()

@@ -248,6 +248,54 @@ def write_ref_cache(path: str | os.PathLike, columns: dict[str, np.ndarray], pro
     os.replace(tmp, path)
 
 
+class RefCacheParts:
+    """Resumable computation of a cache: rows are computed in parts of `part_rows`, each written atomically
+    to `<path>.parts/part-<k>.parquet` with the provenance; a rerun keeps the parts whose provenance matches
+    and computes the rest; `merge()` writes the single cache file and removes the parts."""
+
+    def __init__(self, path: str | os.PathLike, num_rows: int, part_rows: int, provenance: dict):
+        self.path, self.num_rows, self.part_rows = Path(path), num_rows, max(1, part_rows)
+        self.provenance = provenance
+        self.dir = self.path.with_name(self.path.name + ".parts")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / ".gitignore").write_text("# partial reference cache, merged and removed when complete\n*\n")
+
+    @property
+    def num_parts(self) -> int:
+        return -(-self.num_rows // self.part_rows)
+
+    def part_path(self, k: int) -> Path:
+        return self.dir / f"part-{k:05d}.parquet"
+
+    def part_range(self, k: int) -> tuple[int, int]:
+        return k * self.part_rows, min((k + 1) * self.part_rows, self.num_rows)
+
+    def pending(self) -> list[int]:
+        done = []
+        for k in range(self.num_parts):
+            p = self.part_path(k)
+            if p.is_file():
+                try:
+                    meta = read_cache_provenance(p)
+                except Exception:  # a damaged part is recomputed
+                    meta = {}
+                if all(meta.get(key) == value for key, value in self.provenance.items()) and \
+                        pq.ParquetFile(p).metadata.num_rows == self.part_range(k)[1] - self.part_range(k)[0]:
+                    done.append(k)
+        return [k for k in range(self.num_parts) if k not in done]
+
+    def write_part(self, k: int, columns: dict[str, np.ndarray]) -> None:
+        write_ref_cache(self.part_path(k), columns, self.provenance)
+
+    def merge(self) -> None:
+        tables = [pq.read_table(self.part_path(k)) for k in range(self.num_parts)]
+        table = pa.concat_tables(tables)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, self.path)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def read_cache_provenance(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():

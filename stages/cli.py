@@ -217,6 +217,6 @@ def run() -> None:
 
     try:
         main(standalone_mode=True)
-    except (ParamsError, CheckpointError, FormatError, FileNotFoundError, ValueError) as e:
+    except (ParamsError, CheckpointError, FormatError, FileNotFoundError, ValueError, FloatingPointError) as e:
         click.echo(f"cca-pipe: error: {e}", err=True)
         sys.exit(2)

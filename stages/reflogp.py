@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint import file_sha256
-from pipeline.formats import read_token_store, write_ref_cache
+from pipeline.formats import RefCacheParts, read_ref_cache, read_token_store
 from pipeline.models.llamagen import config_from_spec, load_gpt
+from pipeline.progress import progress
 from pipeline.refcache import draw_pairs, reference_logps
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,11 @@ class RefLogpConfig:
     seed: int = 0  # fixes each row's view and negative label
     views: str = "all"  # "all": a cache row per (image, view); "one": a row per image, random view
     batch_size: int = 512
+    part_rows: int = 65536  # resume unit: rows per part file; a multiple of batch_size
+
+    def __post_init__(self) -> None:
+        if self.part_rows % self.batch_size:
+            raise ValueError(f"reflogp.part_rows ({self.part_rows}) must be a multiple of reflogp.batch_size ({self.batch_size})")
 
 
 def check_vocabulary(store_attrs: dict, model_cfg, tokens_path: Path, ckpt: Path) -> None:
@@ -45,8 +51,6 @@ def run(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, out: Path, device
     if store.tokens.shape[2] != model.cfg.block_size:
         raise ValueError(f"{tokens_path} has sequences of {store.tokens.shape[2]} tokens, model {ref_path} expects {model.cfg.block_size}")
     pairs = draw_pairs(store.labels, store.tokens.shape[1], store.num_classes, cfg.seed, cfg.views)
-    logps = reference_logps(model, store.tokens, pairs, cfg.batch_size, device)
-    columns = {**pairs, **logps}
     provenance = {
         "tokens_fingerprint": store.fingerprint,
         "ref_ckpt_sha256": file_sha256(ref_path),
@@ -55,8 +59,18 @@ def run(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, out: Path, device
         "num_classes": store.num_classes,
         "null_class": model.cfg.null_class,
         "seq_len": int(store.tokens.shape[2]),
+        "batch_size": cfg.batch_size,  # batch composition fixes the float32 sums bit for bit
     }
-    write_ref_cache(out, columns, provenance)
+    parts = RefCacheParts(out, len(pairs["row"]), cfg.part_rows, provenance)
+    pending = parts.pending()
+    if len(pending) < parts.num_parts:
+        log.info("resuming %s: %d of %d parts already computed", out, parts.num_parts - len(pending), parts.num_parts)
+    for k in progress(pending, desc="reflogp parts", unit="part"):
+        start, stop = parts.part_range(k)
+        part = {name: column[start:stop] for name, column in pairs.items()}
+        parts.write_part(k, {**part, **reference_logps(model, store.tokens, part, cfg.batch_size, device)})
+    parts.merge()
+    logps, _ = read_ref_cache(out)
     ratio = logps["ref_logp_pos"] - logps["ref_logp_null"]
     log.info("cached %d rows -> %s; mean log p(x|c) %.2f, mean log p(x|c)-log p(x|null) %.2f nats",
              len(ratio), out, logps["ref_logp_pos"].mean(), ratio.mean())

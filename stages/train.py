@@ -9,7 +9,10 @@ Writes policy.pt (LlamaGen c2i layout), log.csv + log.jsonl (per step), summary.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +43,7 @@ class TrainConfig:
     uncond_ratio: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
-    save_every: int = 0  # steps between intermediate checkpoints out/checkpoints/<step>.pt (0: only the final one)
+    save_every: int = 0  # steps between checkpoints out/checkpoints/<step>.pt + resume.pt (0: final only, no resume)
 
     def align_config(self) -> AlignConfig:
         return AlignConfig(**{k: getattr(self, k) for k in AlignConfig.__dataclass_fields__})
@@ -52,26 +55,54 @@ def save_policy(path: Path, policy, cfg: TrainConfig, init_sha256: str, step: in
                     init_sha256=init_sha256, train_params={**cfg.__dict__}, steps=step)
 
 
+def run_key(cfg: TrainConfig, provenance: dict, init_sha: str) -> str:
+    """What a resumable state must match to be continued: hyperparameters, cache and initial weights."""
+    return hashlib.sha256(json.dumps([asdict(cfg), provenance, init_sha], sort_keys=True, default=str).encode()).hexdigest()
+
+
 def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: Path, device: torch.device,
         gpt_model: str | None = None) -> None:
     store = read_token_store(tokens_path)
-    cache, provenance = read_ref_cache(
-        cache_path, expect={"tokens_fingerprint": store.fingerprint, "ref_ckpt_sha256": file_sha256(init)}
-    )
+    init_sha = file_sha256(init)
+    cache, provenance = read_ref_cache(cache_path, expect={"tokens_fingerprint": store.fingerprint, "ref_ckpt_sha256": init_sha})
     policy = load_gpt(init, config_from_spec(gpt_model, store.tokens.shape[2])).to(device)
     steps = StepLog(out, "log")
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    resume_path, key = ckpt_dir / "resume.pt", run_key(cfg, provenance, init_sha)
+    resume = None
+    if resume_path.is_file():
+        saved = torch.load(resume_path, map_location="cpu", weights_only=True)
+        if saved.get("key") == key:
+            resume = saved["state"]
+            policy.load_state_dict(resume["model"])
+            steps.rows = saved["log_rows"]
+            log.info("resuming %s from step %d", out, resume["step"])
+        else:
+            log.info("ignoring %s: it belongs to other settings or inputs", resume_path)
+
+    def checkpoint(state: dict) -> None:
+        save_policy(ckpt_dir / f"{state['step']:07d}.pt", policy, cfg, init_sha, state["step"])
+        tmp = resume_path.with_name(resume_path.name + ".tmp")
+        torch.save({"key": key, "state": state, "log_rows": steps.rows}, tmp)
+        os.replace(tmp, resume_path)  # atomic: a kill leaves the previous resume point intact
+
     started = time.perf_counter()
-    init_sha = provenance["ref_ckpt_sha256"]
-    train_policy(
-        policy, store.tokens, cache, cfg.align_config(), device, on_step=steps,
-        progress=lambda total: progress(total=total, desc="train", unit="step"),
-        on_checkpoint=lambda step, model, _opt: save_policy(out / "checkpoints" / f"{step:07d}.pt", model, cfg, init_sha, step),
-        checkpoint_every=cfg.save_every,
-    )
+    try:
+        train_policy(
+            policy, store.tokens, cache, cfg.align_config(), device, on_step=steps,
+            progress=lambda total: progress(total=total, desc="train", unit="step"),
+            on_checkpoint=checkpoint, checkpoint_every=cfg.save_every, resume=resume,
+        )
+    except FloatingPointError as e:
+        steps.save()
+        good = sorted(ckpt_dir.glob("[0-9]*.pt"))
+        raise FloatingPointError(f"training stopped: {e}. Last good checkpoint: {good[-1] if good else init} "
+                                 f"(the step log is in {out / 'log.csv'}).") from e
     seconds = time.perf_counter() - started
     steps.save()
     save_policy(out / "policy.pt", policy, cfg, init_sha, len(steps.rows))
+    resume_path.unlink(missing_ok=True)
     last = steps.rows[-1]
     summary = {"steps": len(steps.rows), "seconds": seconds, "final": last, "params": asdict(cfg)}
     write_json(out / "summary.json", summary)

@@ -1,0 +1,110 @@
+"""reflogp and train killed with SIGKILL mid-run, then rerun, finish with the result of an uninterrupted
+run: bitwise-equal cached log-probs, and on CPU the same final weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.checkpoint import save_checkpoint
+from pipeline.formats import read_ref_cache, write_token_store
+from pipeline.models.llamagen import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+GPT_CFG = GPTConfig(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=5, block_size=64, multiple_of=32)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume")
+    rng = np.random.default_rng(0)
+    n = 300
+    tokens = rng.integers(0, 64, size=(n, 2, 64), dtype=np.uint16)
+    labels = rng.integers(0, 5, size=n).astype(np.int32)
+    attrs = {"tokenizer_sha256": "0" * 64, "codebook_size": 64, "image_size": 128, "grid": 8,
+             "augmentations": ["center", "center_flip"], "class_names": [str(i) for i in range(5)]}
+    write_token_store(root / "tokens.zarr", tokens, labels, attrs)
+    torch.manual_seed(0)
+    save_checkpoint(root / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), family="llamagen-gpt")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["reflogp"].update(views="all", batch_size=20, part_rows=40)
+    params["train"].update(epochs=1, batch_size=16, micro_batch_size=8, save_every=3, lr=1e-3)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def _cli(world: Path, *args: str) -> list[str]:
+    return [str(BIN / "cca-pipe"), "--params", str(world / "params.yaml"), *args]
+
+
+def _reflogp(world: Path, out: Path) -> list[str]:
+    return _cli(world, "reflogp", "--tokens", str(world / "tokens.zarr"), "--ref", str(world / "gpt.pt"), "--out", str(out))
+
+
+def _train(world: Path, cache: Path, out: Path) -> list[str]:
+    return _cli(world, "train", "--tokens", str(world / "tokens.zarr"), "--cache", str(cache), "--init", str(world / "gpt.pt"),
+                "--out", str(out))
+
+
+def _kill_when(cmd: list[str], ready, timeout: float = 120) -> None:
+    """Start cmd, SIGKILL it as soon as ready() holds (some resumable work is on disk), before it finishes."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.005)
+    finished_early = proc.poll() is not None
+    os.kill(proc.pid, signal.SIGKILL) if not finished_early else None
+    proc.wait()
+    assert not finished_early, "the process finished before it could be killed"
+
+
+def test_reflogp_resumes_bitwise(world: Path):
+    subprocess.run(_reflogp(world, world / "ref_full.parquet"), check=True, capture_output=True)
+    out = world / "ref_killed.parquet"
+    parts = world / "ref_killed.parquet.parts"
+    _kill_when(_reflogp(world, out), lambda: len(list(parts.glob("part-*.parquet"))) >= 2)
+    assert not out.exists()
+    done_before = len(list(parts.glob("part-*.parquet")))
+    result = subprocess.run(_reflogp(world, out), check=True, capture_output=True, text=True)
+    assert f"{done_before} of 15 parts already computed" in result.stderr
+    full, meta_full = read_ref_cache(world / "ref_full.parquet")
+    resumed, meta_resumed = read_ref_cache(out)
+    for name in full:
+        assert np.array_equal(full[name], resumed[name]), name
+    assert meta_full == meta_resumed and not parts.exists()
+
+
+def test_train_resumes_to_identical_weights(world: Path):
+    cache = world / "ref_full.parquet"
+    if not cache.exists():
+        subprocess.run(_reflogp(world, cache), check=True, capture_output=True)
+    subprocess.run(_train(world, cache, world / "train_full"), check=True, capture_output=True)
+    out = world / "train_killed"
+    resume = out / "checkpoints" / "resume.pt"
+
+    def has_resume_point() -> bool:
+        return resume.is_file() and (out / "checkpoints" / "0000006.pt").is_file()
+
+    _kill_when(_train(world, cache, out), has_resume_point)
+    result = subprocess.run(_train(world, cache, out), check=True, capture_output=True, text=True)
+    assert "resuming" in result.stderr
+    full = torch.load(world / "train_full/policy.pt", weights_only=True)["model"]
+    resumed = torch.load(out / "policy.pt", weights_only=True)["model"]
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    log_full = [json.loads(line) for line in (world / "train_full/log.jsonl").read_text().splitlines()]
+    log_resumed = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_resumed] == [r["step"] for r in log_full]
+    assert [r["loss"] for r in log_resumed] == [r["loss"] for r in log_full]
+    assert not resume.exists()
