@@ -1,0 +1,70 @@
+"""Strict params: unknown keys and wrong types refused with the valid keys listed; the library never
+imports the stages, prints, or configures logging."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from stages import eval as eval_stage
+from stages import prepare, pretrain_ar, pretrain_classifier, pretrain_vq, reflogp, tokenize, train
+from stages.params import ParamsError, build, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ParamsError, match=r"\[train\]: unknown keys \['lamda'\]; valid keys: .*'lambda'"):
+        build(train.TrainConfig, {"train": {"lamda": 3}}, "train")
+
+
+@pytest.mark.parametrize("value", ["0.1", [1], True])
+def test_wrong_types_name_the_key(value):
+    with pytest.raises(ParamsError, match=r"\[train\]\.beta: expected float"):
+        build(train.TrainConfig, {"train": {"beta": value}}, "train")
+
+
+def test_int_for_float_and_lambda_alias():
+    cfg = build(train.TrainConfig, {"train": {"beta": 1, "lambda": 30}}, "train")
+    assert cfg.beta == 1.0 and isinstance(cfg.beta, float) and cfg.lam == 30.0
+    with pytest.raises(ParamsError, match="expected int"):
+        build(train.TrainConfig, {"train": {"batch_size": 64.0}}, "train")
+    with pytest.raises(ParamsError, match="expected int"):
+        build(train.TrainConfig, {"train": {"seed": False}}, "train")
+
+
+def test_overrides_parse_as_yaml(tmp_path):
+    (tmp_path / "p.yaml").write_text("train:\n  lambda: 10\n")
+    params = load_params(tmp_path / "p.yaml", ["train.lambda=30", "eval.seeds=[0, 1]"])
+    assert params["train"]["lambda"] == 30 and params["eval"]["seeds"] == [0, 1]
+    with pytest.raises(ParamsError, match="section.key=value"):
+        load_params(tmp_path / "p.yaml", ["train.lambda"])
+
+
+def test_project_params_build_every_stage():
+    params = load_params(ROOT / "params.yaml")
+    for cls, section in ((prepare.PrepareConfig, "prepare"), (pretrain_vq.PretrainVQConfig, "pretrain_vq"),
+                         (pretrain_classifier.PretrainClassifierConfig, "pretrain_classifier"),
+                         (tokenize.TokenizeConfig, "tokenize"), (pretrain_ar.PretrainARConfig, "pretrain_ar"),
+                         (reflogp.RefLogpConfig, "reflogp"), (train.TrainConfig, "train"), (eval_stage.EvalConfig, "eval")):
+        build(cls, params, section)
+    imagenet = load_params(ROOT / "pipelines/imagenet-llamagen/params.yaml")
+    for cls, section in ((tokenize.TokenizeConfig, "tokenize"), (reflogp.RefLogpConfig, "reflogp"),
+                         (train.TrainConfig, "train"), (eval_stage.EvalConfig, "eval")):
+        build(cls, imagenet, section)
+
+
+def test_library_never_imports_stages_nor_prints():
+    for path in (ROOT / "pipeline").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert not any(a.name.split(".")[0] == "stages" for a in node.names), path
+            if isinstance(node, ast.ImportFrom):
+                assert (node.module or "").split(".")[0] != "stages", path
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                assert node.func.id != "print", f"print() in {path}:{node.lineno}"
+            if isinstance(node, ast.Attribute) and node.attr == "basicConfig":
+                pytest.fail(f"logging configured in library module {path}")
