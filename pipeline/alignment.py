@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .device import autocast
+from .device import OutOfMemory, autocast, is_out_of_memory
 from .logprobs import sequence_logp
 from .losses import LOSSES
 from .models.llamagen import GPT
@@ -125,10 +125,18 @@ def train_policy(
         for start in range(0, len(rows), cfg.micro_batch_size):
             part = slice(start, start + cfg.micro_batch_size)
             batch = make_batch(rows[part], tokens, cache, uncond[part], policy.cfg.null_class)
-            out = loss_for_batch(policy, batch, cfg.loss, cfg.beta, cfg.lam, device)
-            if not torch.isfinite(out.loss):
-                raise FloatingPointError(f"non-finite loss at step {step}; lower train.lr or train.beta")
-            (out.loss * len(batch.uncond) / len(rows)).backward()
+            try:
+                out = loss_for_batch(policy, batch, cfg.loss, cfg.beta, cfg.lam, device)
+                if not torch.isfinite(out.loss):
+                    raise FloatingPointError(f"non-finite loss at step {step}; lower train.lr or train.beta")
+                (out.loss * len(batch.uncond) / len(rows)).backward()
+            except (RuntimeError, MemoryError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                raise OutOfMemory(
+                    f"out of memory at step {step} with train.micro_batch_size = {cfg.micro_batch_size} rows per forward "
+                    f"({2 * cfg.micro_batch_size} sequences): lower train.micro_batch_size, e.g. to {max(1, cfg.micro_batch_size // 2)}; "
+                    f"the global train.batch_size ({cfg.batch_size}) is kept by gradient accumulation") from e
             outs.append(out)
             masks.append(batch.uncond)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)

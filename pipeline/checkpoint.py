@@ -85,8 +85,12 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict, config: dict, fam
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    torch.save({"model": state, "config": config, "family": family, **extra}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"model": state, "config": config, "family": family, **extra}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a kill must not leave half a file behind
+        raise
 
 
 def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | os.PathLike = "<memory>") -> None:

@@ -244,8 +244,12 @@ def write_ref_cache(path: str | os.PathLike, columns: dict[str, np.ndarray], pro
     table = pa.Table.from_pydict({f.name: np.asarray(columns[f.name]) for f in CACHE_SCHEMA}, schema=schema)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class RefCacheParts:

@@ -12,31 +12,61 @@ from PIL import Image
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
+class ImageFolderError(ValueError):
+    """A problem with the user's image folder; the message names the files and the fix."""
+
+
 def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, list[str]]:
-    """Files and labels like torchvision's ImageFolder: classes are the sorted sub-folder names."""
+    """Files and labels like torchvision's ImageFolder: classes are the sorted sub-folder names.
+
+    Policy: hidden files (".DS_Store", ...) are ignored; any other file without an image extension
+    (IMAGE_EXTENSIONS) in a class folder is an error listing them, as is a class folder without images,
+    so that a mislabelled or half-copied data set is never tokenized silently.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
-    class_names = sorted(d.name for d in root.iterdir() if d.is_dir())
+    class_names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_names:
-        raise ValueError(f"{root} has no class sub-folders; expected <root>/<class>/<image files>")
-    paths, labels = [], []
+        raise ImageFolderError(f"{root} has no class sub-folders; expected <root>/<class>/<image files>")
+    paths, labels, strays = [], [], []
     for index, name in enumerate(class_names):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        entries = sorted(p for p in (root / name).iterdir() if not p.name.startswith("."))
+        files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        strays += [p for p in entries if p not in files]
         if not files:
-            raise ValueError(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise ImageFolderError(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                                   "add its images or remove the folder (it would shift every later class index)")
         paths += files
         labels += [index] * len(files)
+    if strays:
+        raise ImageFolderError(f"{len(strays)} non-image entries in class folders of {root}, e.g. "
+                               f"{[str(p) for p in strays[:5]]}: move them out (accepted: {', '.join(IMAGE_EXTENSIONS)})")
     return paths, np.asarray(labels, dtype=np.int32), class_names
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode fully and convert any mode to 8-bit RGB: grayscale, palette, RGBA (alpha dropped), CMYK, and
+    16-bit grayscale (scaled to 8 bits rather than clipped). Corrupt or truncated files raise ImageFolderError."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float64)
+                scale = 65535.0 if arr.max() > 255 or im.mode.startswith("I;16") else 255.0
+                return Image.fromarray(np.round(arr / scale * 255).clip(0, 255).astype(np.uint8)).convert("RGB")
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageFolderError(f"cannot decode image {path} ({type(e).__name__}: {e}): it is corrupt or truncated; "
+                               "replace or remove it, or set tokenize.bad_images: skip") from e
 
 
 def load_rgb(path: str | os.PathLike, size: int) -> np.ndarray:
     """(size, size, 3) uint8; any mode converted to RGB, resized with BICUBIC if needed."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BICUBIC)
-        return np.asarray(im, dtype=np.uint8)
+    im = open_rgb(path)
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BICUBIC)
+    return np.asarray(im, dtype=np.uint8)
 
 
 def load_images(paths: list[Path], size: int) -> np.ndarray:
@@ -143,10 +173,5 @@ class ImageViews(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         row = self.rows[i]
-        path = self.paths[row]
-        try:
-            with Image.open(path) as im:
-                views = image_views(im, self.size, self.mode)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read image {path}: {e}. Remove or replace the file and rerun.") from e
-        return torch.from_numpy(np.ascontiguousarray(views)), row
+        views = image_views(open_rgb(self.paths[row]), self.size, self.mode)
+        return torch.from_numpy(np.array(views)), row  # a writable copy

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .device import autocast
+from .device import OutOfMemory, autocast, is_out_of_memory
 from .logprobs import sequence_logp
 from .models.llamagen import GPT
 from .progress import progress
@@ -57,8 +57,14 @@ def reference_logps(
         b = part.stop - part.start
         x = torch.from_numpy(tokens[pairs["row"][part], pairs["view"][part]].astype(np.int64)).to(device)
         conds = np.concatenate([pairs["label"][part], pairs["neg_label"][part], np.full(b, model.cfg.null_class)])
-        with autocast(device):
-            logp = sequence_logp(model, torch.from_numpy(conds.astype(np.int64)).to(device), x.repeat(3, 1))
+        try:
+            with autocast(device):
+                logp = sequence_logp(model, torch.from_numpy(conds.astype(np.int64)).to(device), x.repeat(3, 1))
+        except (RuntimeError, MemoryError) as e:
+            if not is_out_of_memory(e):
+                raise
+            raise OutOfMemory(f"out of memory computing {3 * b} sequences per forward: lower reflogp.batch_size "
+                              f"(now {batch_size}; part_rows must stay a multiple of it)") from e
         logp = logp.double().cpu().numpy()
         for i, key in enumerate(out):
             out[key][part] = logp[i * b : (i + 1) * b]

@@ -212,11 +212,20 @@ def results(path):
 
 def run() -> None:
     """Console-script entry: known input errors become one clear message and exit status 2."""
+    import errno
+
     from pipeline.checkpoint import CheckpointError
+    from pipeline.device import OutOfMemory
     from pipeline.formats import FormatError
 
     try:
         main(standalone_mode=True)
-    except (ParamsError, CheckpointError, FormatError, FileNotFoundError, ValueError, FloatingPointError) as e:
+    except (ParamsError, CheckpointError, FormatError, FileNotFoundError, ValueError, FloatingPointError, OutOfMemory) as e:
         click.echo(f"cca-pipe: error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise
+        click.echo(f"cca-pipe: error: cannot write {e.filename or 'an output file'}: {e.strerror}. "
+                   "Choose a writable output location (--out) or free disk space, then rerun.", err=True)
         sys.exit(2)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 from pipeline import __version__
 from pipeline.checkpoint import file_sha256
 from pipeline.formats import TokenStoreWriter
-from pipeline.images import ImageViews, list_image_folder, view_names
+from pipeline.images import ImageFolderError, ImageViews, list_image_folder, open_rgb, view_names
 from pipeline.progress import progress
 from pipeline.tokenizers.vq import load_vq, vq_config_from_spec
 
@@ -39,9 +40,16 @@ class TokenizeConfig:
     batch_size: int = 256  # images per encoder forward
     chunk_rows: int = 1024  # rows per Zarr chunk = resume unit; a multiple of batch_size
     num_workers: int = 0  # DataLoader processes decoding images (spawned: safe next to zarr's threads)
+    # Corrupt/truncated images: "error" stops at the first one (naming it, leaving no store behind);
+    # "skip" decodes every image once up front, drops the bad ones (listed in the store's attribute
+    # skipped_files) and still fails if more than max_bad_fraction of the images are bad.
+    bad_images: str = "error"
+    max_bad_fraction: float = 0.001
 
     def __post_init__(self) -> None:
         view_names(self.augment)
+        if self.bad_images not in ("error", "skip"):
+            raise ValueError(f"tokenize.bad_images must be 'error' or 'skip', not {self.bad_images!r}")
         if self.chunk_rows % self.batch_size:
             raise ValueError(f"tokenize.chunk_rows ({self.chunk_rows}) must be a multiple of tokenize.batch_size ({self.batch_size})")
 
@@ -54,16 +62,53 @@ def build_key(cfg: TokenizeConfig, paths: list[Path], labels: np.ndarray, tokeni
     return h.hexdigest()
 
 
+def drop_bad_images(paths: list[Path], labels: np.ndarray, max_fraction: float) -> tuple[list[Path], np.ndarray, list[str]]:
+    """The "skip" policy: decode every image once; keep the readable ones."""
+    bad = []
+    for i, path in enumerate(progress(paths, desc="checking images", unit="img")):
+        try:
+            open_rgb(path)
+        except ImageFolderError:
+            bad.append(i)
+    if len(bad) > max_fraction * len(paths):
+        raise ImageFolderError(f"{len(bad)} of {len(paths)} images cannot be decoded (more than tokenize.max_bad_fraction = "
+                               f"{max_fraction}), e.g. {[str(paths[i]) for i in bad[:5]]}: repair the data set")
+    keep = np.setdiff1d(np.arange(len(paths)), bad)
+    if bad:
+        log.warning("skipping %d undecodable images, e.g. %s", len(bad), [str(paths[i]) for i in bad[:3]])
+    return [paths[i] for i in keep], labels[keep], [str(paths[i]) for i in bad]
+
+
+def encode_chunks(loader, vq, writer: TokenStoreWriter, views: int, chunk_rows: int, total: int, device: torch.device) -> None:
+    """Encode batches in row order and write each chunk as soon as its last row is encoded."""
+    chunk_tokens: list[np.ndarray] = []
+    with progress(total=total, desc="tokenize", unit="img") as bar:
+        for batch, row_index in loader:
+            x = batch.flatten(0, 1).permute(0, 3, 1, 2).to(device).float() / 127.5 - 1.0  # (B*A, 3, H, W)
+            with torch.inference_mode():
+                codes = vq.encode(x).view(len(batch), views, -1)
+            chunk_tokens.append(codes.cpu().numpy().astype(np.uint16))
+            bar.update(len(batch))
+            chunk = int(row_index[0]) // chunk_rows
+            if int(row_index[-1]) + 1 == writer.chunk_range(chunk)[1]:  # chunk complete: write it, record it done
+                writer.write_chunk(chunk, np.concatenate(chunk_tokens))
+                chunk_tokens = []
+
+
 def run(cfg: TokenizeConfig, images: Path, vq_path: Path, out: Path, device: torch.device, vq_model: str | None = None) -> str:
     names = view_names(cfg.augment)
     paths, labels, class_names = list_image_folder(images)
+    skipped: list[str] = []
+    if cfg.bad_images == "skip":
+        paths, labels, skipped = drop_bad_images(paths, labels, cfg.max_bad_fraction)
     vq = load_vq(vq_path, vq_config_from_spec(vq_model)).to(device).eval()
     if cfg.image_size % vq.cfg.downsample:
         raise ValueError(f"tokenize.image_size {cfg.image_size} is not a multiple of the tokenizer's downsampling {vq.cfg.downsample}")
     grid = cfg.image_size // vq.cfg.downsample
     sha = file_sha256(vq_path)
     attrs = {"tokenizer_sha256": sha, "codebook_size": vq.cfg.codebook_size, "image_size": cfg.image_size,
-             "grid": grid, "augmentations": names, "class_names": class_names, "source": str(images)}
+             "grid": grid, "augmentations": names, "class_names": class_names, "source": str(images),
+             "skipped_files": skipped}
     writer = TokenStoreWriter(out, labels, len(names), grid * grid, attrs, build_key(cfg, paths, labels, sha), cfg.chunk_rows)
     pending = writer.pending_chunks()
     if len(pending) < writer.num_chunks:
@@ -73,19 +118,11 @@ def run(cfg: TokenizeConfig, images: Path, vq_path: Path, out: Path, device: tor
         ImageViews(paths, cfg.image_size, cfg.augment, rows), batch_size=cfg.batch_size, shuffle=False,
         num_workers=cfg.num_workers, multiprocessing_context="spawn" if cfg.num_workers else None,
     )
-    chunk_tokens: list[np.ndarray] = []
-    with progress(total=len(rows), desc="tokenize", unit="img") as bar:
-        for views, row_index in loader:
-            x = views.flatten(0, 1).permute(0, 3, 1, 2).to(device).float() / 127.5 - 1.0  # (B*A, 3, H, W)
-            with torch.inference_mode():
-                codes = vq.encode(x).view(len(views), len(names), -1)
-            chunk_tokens.append(codes.cpu().numpy().astype(np.uint16))
-            bar.update(len(views))
-            chunk = int(row_index[0]) // cfg.chunk_rows
-            start, stop = writer.chunk_range(chunk)
-            if int(row_index[-1]) + 1 == stop:  # chunk complete: write it and record it as done
-                writer.write_chunk(chunk, np.concatenate(chunk_tokens))
-                chunk_tokens = []
+    try:
+        encode_chunks(loader, vq, writer, len(names), cfg.chunk_rows, len(rows), device)
+    except ImageFolderError:
+        shutil.rmtree(out, ignore_errors=True)  # the input must change, so nothing here could be resumed
+        raise
     fingerprint = writer.finish()
     log.info("tokenized %d images x %d views x %d tokens -> %s (fingerprint %s)", len(paths), len(names), grid * grid, out, fingerprint[:12])
     return fingerprint
