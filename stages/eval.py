@@ -12,17 +12,21 @@ Writes metrics.json (mean and std over seeds), results.md, grids/<method>.png, s
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.checkpoint import file_sha256
 from pipeline.images import IMAGE_EXTENSIONS, center_crop_arr, to_uint8
-from pipeline.metrics import classify, fidelity_metrics, load_classifier, register_classifier_extractor
+from pipeline.metrics import classify, content_hash, fidelity_metrics, load_classifier, register_classifier_extractor
 from pipeline.models.llamagen import config_from_spec, load_gpt
 from pipeline.progress import progress
 from pipeline.sampling import generate_images
@@ -50,6 +54,17 @@ class EvalConfig:
     resize_to: int = 0  # resize samples before scoring/export (LlamaGen: 384 -> 256); 0: keep
     feature_extractor: str = "classifier"  # or "inception-v3-compat" (needs inception_weights)
     inception_weights: str = ""  # path of weights-inception-2015-12-05-6726825d.pth
+
+
+def save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """ADM-evaluator layout (arr_0 uint8 NHWC images, arr_1 labels), written atomically."""
+    tmp = path.with_name(path.name + ".tmp.npz")
+    try:
+        np.savez(tmp, arr_0=images, arr_1=labels)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, per_class: int, scale: int = 4, gap: int = 2) -> None:
@@ -154,9 +169,22 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Pat
         + ([("cca", "cca", 0.0)] if "cca" in methods else [])
     cache_root = fidelity_cache or out / "fidelity_cache"
 
+    # Resume unit: one (method, seed). Its samples (.npz) and scores (.json) are written atomically, keyed
+    # by everything that determines them, so a rerun after an interruption skips finished units.
+    paths = {"vq": vq_path, "base": base_path, "cca": policy_path, "extractor": Path(weights)}
+    digests = {k: file_sha256(v) if v is not None and Path(v).is_file() else str(v) for k, v in paths.items()}
+    digests["reference"] = content_hash(ref_images)
     per_seed: dict[str, list[dict]] = {name: [] for name, _, _ in plan}
     for seed in cfg.seeds:
         for name, model_key, scale in progress(plan, desc=f"eval seed {seed}", unit="method"):
+            unit = out / "samples" / f"{name}_seed{seed}"
+            key = hashlib.sha256(json.dumps([asdict(cfg), digests["vq"], digests[model_key], digests["reference"],
+                                             digests["extractor"], scale, seed]).encode()).hexdigest()
+            done = unit.with_suffix(".json")
+            if done.is_file() and unit.with_suffix(".npz").is_file() and json.loads(done.read_text()).get("key") == key:
+                per_seed[name].append(json.loads(done.read_text())["scores"])
+                log.info("seed %d %-8s already evaluated (%s), reusing it", seed, name, done)
+                continue
             started = time.perf_counter()
             images, _ = generate_images(
                 models[model_key], vq, labels, seed=seed, batch_size=cfg.batch_size, cfg_scale=scale,
@@ -164,7 +192,7 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Pat
             )
             seconds = time.perf_counter() - started
             images = to_uint8(resize_images(images, cfg.resize_to))
-            np.savez(out / "samples" / f"{name}_seed{seed}.npz", arr_0=images, arr_1=labels.numpy())
+            save_npz(unit.with_suffix(".npz"), images, labels.numpy())
             if seed == cfg.seeds[0]:
                 save_grid(out / "grids" / f"{name}.png", images, labels.numpy(), cfg.grid_per_class)
             scores = fidelity_metrics(images, ref_images, feature_extractor=extractor, weights_path=weights,
@@ -173,6 +201,7 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Pat
                 scores["class_accuracy"] = float((classify(classifier, images) == labels.numpy()).mean())
             scores["images_per_s"] = len(images) / seconds
             per_seed[name].append(scores)
+            write_json(done, {"key": key, "scores": scores})
             log.info("seed %d %-8s FID %.3f IS %.3f acc %.3f (%.0f images/s)", seed, name, scores["fid"], scores["is"],
                      scores.get("class_accuracy", float("nan")), scores["images_per_s"])
 

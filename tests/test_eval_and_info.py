@@ -1,0 +1,70 @@
+"""eval resumes by (method, seed) unit; `cca-pipe info` describes stores, caches and checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.checkpoint import save_checkpoint
+from pipeline.formats import write_ref_cache, write_token_store
+from pipeline.metrics import ClassifierConfig, ImageClassifier, save_classifier
+from pipeline.models.llamagen import GPT, GPTConfig
+from pipeline.tokenizers.vq import VQConfig, VQModel
+from stages import eval as eval_stage
+from stages.cli import main
+
+CPU = torch.device("cpu")
+GPT_CFG = GPTConfig(dim=32, n_layer=1, n_head=2, vocab_size=32, num_classes=3, block_size=16, multiple_of=16)
+VQ_CFG = VQConfig(codebook_size=32, codebook_embed_dim=4, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16,
+                  norm_groups=8, codebook_used_size=32)
+
+
+def _world(tmp_path):
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "vq.pt", VQModel(VQ_CFG).state_dict(), VQ_CFG.to_dict(), family="llamagen-vq")
+    save_checkpoint(tmp_path / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), family="llamagen-gpt")
+    save_classifier(tmp_path / "clf.pt", ImageClassifier(ClassifierConfig(num_classes=3)).eval())
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (tmp_path / "ref" / str(c)).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "ref" / str(c) / f"{i}.png")
+
+
+def _eval(tmp_path, caplog=None):
+    cfg = eval_stage.EvalConfig(samples_per_class=4, seeds=[0, 1], cfg_scales=[1.0], batch_size=12, grid_per_class=2)
+    return eval_stage.run(cfg, tmp_path / "vq.pt", tmp_path / "gpt.pt", tmp_path / "gpt.pt", tmp_path / "ref",
+                          tmp_path / "clf.pt", tmp_path / "eval", CPU)
+
+
+def test_eval_reuses_finished_units(tmp_path, caplog):
+    _world(tmp_path)
+    first = _eval(tmp_path)
+    (tmp_path / "eval/samples/cfg_1_seed1.json").unlink()  # as if killed while that unit was running
+    caplog.set_level("INFO")
+    second = _eval(tmp_path)
+    reused = [r.message for r in caplog.records if "already evaluated" in r.message]
+    assert len(reused) == 5  # 3 methods x 2 seeds, all but the removed unit
+    for name in ("base", "cca"):
+        assert second["per_seed"][name] == first["per_seed"][name]
+    assert second["per_seed"]["cfg_1"][1]["fid"] == first["per_seed"]["cfg_1"][1]["fid"]  # recomputed identically
+
+
+def test_info_describes_each_kind(tmp_path):
+    _world(tmp_path)
+    attrs = {"tokenizer_sha256": "ab" * 32, "codebook_size": 32, "image_size": 16, "grid": 4,
+             "augmentations": ["center"], "class_names": ["a", "b", "c"]}
+    fp = write_token_store(tmp_path / "t.zarr", np.zeros((5, 1, 16), np.uint16), np.arange(5).astype(np.int32) % 3, attrs)
+    cols = {"row": np.arange(2), "label": np.zeros(2, np.int32), "neg_label": np.ones(2, np.int32), "view": np.zeros(2, np.int16),
+            "ref_logp_pos": np.zeros(2), "ref_logp_neg": np.zeros(2), "ref_logp_null": np.zeros(2)}
+    write_ref_cache(tmp_path / "c.parquet", cols, {"tokens_fingerprint": fp, "ref_ckpt_sha256": "cd" * 32, "seed": 0,
+                                                   "num_classes": 3, "null_class": 3, "seq_len": 16})
+    runner = CliRunner()
+    store = runner.invoke(main, ["info", str(tmp_path / "t.zarr")]).output
+    assert "(5, 1, 16) uint16" in store and fp in store and "complete" in store
+    cache = runner.invoke(main, ["info", str(tmp_path / "c.parquet")]).output
+    assert "rows    2" in cache and "cd" * 32 in cache
+    ckpt = runner.invoke(main, ["info", str(tmp_path / "gpt.pt")]).output
+    assert "llamagen-gpt" in ckpt and '"dim": 32' in ckpt and "tensors" in ckpt
