@@ -55,6 +55,18 @@ def policy_logps(policy: GPT, batch: AlignBatch, device: torch.device) -> tuple[
     return logp.split(len(x))
 
 
+@torch.no_grad()
+def with_online_reference(reference: GPT, batch: AlignBatch, device: torch.device) -> AlignBatch:
+    """The official CCA design, for comparison: a second, frozen model forwarded every step fills in the
+    reference log-probs that the cache would otherwise provide (same function, same layout)."""
+    x = batch.tokens.to(device)
+    labels = torch.cat([batch.labels_pos, batch.labels_neg]).to(device)
+    with autocast(device):
+        ref = sequence_logp(reference, labels, torch.cat([x, x])).double()
+    pos, neg = ref.split(len(x))
+    return AlignBatch(batch.tokens, batch.labels_pos, batch.labels_neg, pos.cpu(), neg.cpu(), batch.uncond)
+
+
 def loss_for_batch(policy: GPT, batch: AlignBatch, loss_name: str, beta: float, lam: float, device: torch.device):
     logp_pos, logp_neg = policy_logps(policy, batch, device)
     return LOSSES[loss_name](

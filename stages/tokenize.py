@@ -45,6 +45,11 @@ class TokenizeConfig:
     # skipped_files) and still fails if more than max_bad_fraction of the images are bad.
     bad_images: str = "error"
     max_bad_fraction: float = 0.001
+    # Scale-out: dask_workers > 0 encodes chunks on a dask cluster (a LocalCluster of that many worker
+    # processes, or the cluster at dask_scheduler, e.g. "tcp://host:8786"); each worker loads the
+    # tokenizer once. Chunks are encoded with the same batches, so the tokens are identical either way.
+    dask_workers: int = 0
+    dask_scheduler: str = ""
 
     def __post_init__(self) -> None:
         view_names(self.augment)
@@ -95,6 +100,51 @@ def encode_chunks(loader, vq, writer: TokenStoreWriter, views: int, chunk_rows: 
                 chunk_tokens = []
 
 
+_WORKER_TOKENIZERS: dict = {}
+
+
+def encode_rows(paths: list[Path], rows: list[int], cfg: TokenizeConfig, vq_path: str, vq_model: str | None, device: str) -> np.ndarray:
+    """One chunk on a dask worker: decode the images, encode them in cfg.batch_size batches (as the
+    in-process path does), return uint16 (rows, A, L). The tokenizer is loaded once per worker process."""
+    key = (vq_path, vq_model, device)
+    if key not in _WORKER_TOKENIZERS:
+        torch.set_num_threads(1)  # one thread per worker process: the cluster provides the parallelism
+        _WORKER_TOKENIZERS[key] = load_vq(vq_path, vq_config_from_spec(vq_model)).to(device).eval()
+    vq = _WORKER_TOKENIZERS[key]
+    dataset = ImageViews(paths, cfg.image_size, cfg.augment, rows)
+    out = []
+    for start in range(0, len(rows), cfg.batch_size):
+        batch = torch.stack([dataset[i][0] for i in range(start, min(start + cfg.batch_size, len(rows)))])
+        x = batch.flatten(0, 1).permute(0, 3, 1, 2).to(device).float() / 127.5 - 1.0
+        with torch.inference_mode():
+            out.append(vq.encode(x).view(len(batch), batch.shape[1], -1).cpu().numpy().astype(np.uint16))
+    return np.concatenate(out)
+
+
+def encode_chunks_dask(cfg: TokenizeConfig, paths: list[Path], vq_path: Path, vq_model: str | None,
+                       writer: TokenStoreWriter, pending: list[int], device: torch.device) -> None:
+    from distributed import Client, LocalCluster, as_completed
+
+    if cfg.dask_scheduler:
+        client, cluster = Client(cfg.dask_scheduler), None
+    else:
+        cluster = LocalCluster(n_workers=cfg.dask_workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+    try:
+        remote_paths = client.scatter(paths, broadcast=True)
+        futures = {client.submit(encode_rows, remote_paths, list(range(*writer.chunk_range(k))), cfg, str(vq_path),
+                                 vq_model, device.type, pure=False): k for k in pending}
+        with progress(total=len(futures), desc=f"tokenize (dask, {len(client.scheduler_info()['workers'])} workers)",
+                      unit="chunk") as bar:
+            for future in as_completed(futures):
+                writer.write_chunk(futures[future], future.result())  # errors in a task re-raise here
+                bar.update(1)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
 def run(cfg: TokenizeConfig, images: Path, vq_path: Path, out: Path, device: torch.device, vq_model: str | None = None) -> str:
     names = view_names(cfg.augment)
     paths, labels, class_names = list_image_folder(images)
@@ -119,7 +169,10 @@ def run(cfg: TokenizeConfig, images: Path, vq_path: Path, out: Path, device: tor
         num_workers=cfg.num_workers, multiprocessing_context="spawn" if cfg.num_workers else None,
     )
     try:
-        encode_chunks(loader, vq, writer, len(names), cfg.chunk_rows, len(rows), device)
+        if cfg.dask_workers or cfg.dask_scheduler:
+            encode_chunks_dask(cfg, paths, vq_path, vq_model, writer, pending, device)
+        else:
+            encode_chunks(loader, vq, writer, len(names), cfg.chunk_rows, len(rows), device)
     except ImageFolderError:
         shutil.rmtree(out, ignore_errors=True)  # the input must change, so nothing here could be resumed
         raise

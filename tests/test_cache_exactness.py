@@ -76,3 +76,21 @@ def test_first_step_loss_is_the_ratio_zero_value_and_training_moves_weights(tiny
     assert math.isclose(logged[0]["loss"], 11 * math.log(2) / 10, rel_tol=1e-4)
     assert logged[-1]["rewards/margin"] > 0  # positives now above negatives
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+
+
+def test_online_reference_path_gives_the_cached_loss(tiny_gpt, tmp_path):
+    """The benchmark's online path (a frozen second model every step) computes the same loss as the cache."""
+    from pipeline.alignment import with_online_reference
+
+    tokens, cache = _world(tiny_gpt, tmp_path)
+    policy, reference = load_gpt(tmp_path / "ref.pt"), load_gpt(tmp_path / "ref.pt")
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rows = np.arange(len(cache["row"]))
+    batch = make_batch(rows, tokens, cache, rows % 5 == 0, policy.cfg.null_class)
+    online = with_online_reference(reference, batch, CPU)
+    torch.testing.assert_close(online.ref_logp_pos, batch.ref_logp_pos, atol=1e-3, rtol=0)
+    a = loss_for_batch(policy, batch, "cca", beta=0.5, lam=10.0, device=CPU)
+    b = loss_for_batch(policy, online, "cca", beta=0.5, lam=10.0, device=CPU)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)

@@ -91,3 +91,14 @@ def test_changed_settings_rebuild_instead_of_resuming(setup: Path):
     result = subprocess.run(cmd, check=True, capture_output=True, text=True)
     assert "resuming" not in result.stderr
     assert read_token_store(out).tokens.shape == (48, 1, 256)  # 64 px, 4x downsampling
+
+
+def test_dask_cluster_gives_the_same_tokens(setup: Path):
+    reference = setup / "uninterrupted.zarr"
+    if not reference.exists():
+        subprocess.run(_tokenize_cmd(setup, reference), check=True, capture_output=True)
+    cmd = _tokenize_cmd(setup, setup / "dask.zarr")
+    cmd[3:3] = ["--set", "tokenize.dask_workers=2"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    a, b = read_token_store(reference), read_token_store(setup / "dask.zarr")
+    assert np.array_equal(a.tokens, b.tokens) and a.fingerprint == b.fingerprint
