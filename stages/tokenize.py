@@ -84,15 +84,19 @@ def drop_bad_images(paths: list[Path], labels: np.ndarray, max_fraction: float) 
     return [paths[i] for i in keep], labels[keep], [str(paths[i]) for i in bad]
 
 
-def encode_chunks(loader, vq, writer: TokenStoreWriter, views: int, chunk_rows: int, total: int, device: torch.device) -> None:
+def encode_views(vq, views: torch.Tensor, device: torch.device) -> np.ndarray:
+    """uint8 (B, A, H, W, 3) views -> uint16 codes (B, A, L), in float32 as LlamaGen's extract_codes_c2i.py."""
+    x = views.flatten(0, 1).permute(0, 3, 1, 2).to(device).float() / 127.5 - 1.0  # (B*A, 3, H, W) in [-1, 1]
+    with torch.inference_mode():
+        return vq.encode(x).view(views.shape[0], views.shape[1], -1).cpu().numpy().astype(np.uint16)
+
+
+def encode_chunks(loader, vq, writer: TokenStoreWriter, chunk_rows: int, total: int, device: torch.device) -> None:
     """Encode batches in row order and write each chunk as soon as its last row is encoded."""
     chunk_tokens: list[np.ndarray] = []
     with progress(total=total, desc="tokenize", unit="img") as bar:
         for batch, row_index in loader:
-            x = batch.flatten(0, 1).permute(0, 3, 1, 2).to(device).float() / 127.5 - 1.0  # (B*A, 3, H, W)
-            with torch.inference_mode():
-                codes = vq.encode(x).view(len(batch), views, -1)
-            chunk_tokens.append(codes.cpu().numpy().astype(np.uint16))
+            chunk_tokens.append(encode_views(vq, batch, device))
             bar.update(len(batch))
             chunk = int(row_index[0]) // chunk_rows
             if int(row_index[-1]) + 1 == writer.chunk_range(chunk)[1]:  # chunk complete: write it, record it done
@@ -115,9 +119,7 @@ def encode_rows(paths: list[Path], rows: list[int], cfg: TokenizeConfig, vq_path
     out = []
     for start in range(0, len(rows), cfg.batch_size):
         batch = torch.stack([dataset[i][0] for i in range(start, min(start + cfg.batch_size, len(rows)))])
-        x = batch.flatten(0, 1).permute(0, 3, 1, 2).to(device).float() / 127.5 - 1.0
-        with torch.inference_mode():
-            out.append(vq.encode(x).view(len(batch), batch.shape[1], -1).cpu().numpy().astype(np.uint16))
+        out.append(encode_views(vq, batch, torch.device(device)))
     return np.concatenate(out)
 
 
@@ -172,7 +174,7 @@ def run(cfg: TokenizeConfig, images: Path, vq_path: Path, out: Path, device: tor
         if cfg.dask_workers or cfg.dask_scheduler:
             encode_chunks_dask(cfg, paths, vq_path, vq_model, writer, pending, device)
         else:
-            encode_chunks(loader, vq, writer, len(names), cfg.chunk_rows, len(rows), device)
+            encode_chunks(loader, vq, writer, cfg.chunk_rows, len(rows), device)
     except ImageFolderError:
         shutil.rmtree(out, ignore_errors=True)  # the input must change, so nothing here could be resumed
         raise
