@@ -19,8 +19,8 @@ import torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from bench.common import MID, peak_rss_mb, summary, table, timed, write_results  # noqa: E402
 
-ROWS_PER_STEP = 2  # 2 rows = 4 sequences of 256 tokens per step (a positive and a negative per row)
-REPEATS = 5
+ROWS_PER_STEP = 8  # 8 rows = 16 sequences of 256 tokens per step (a positive and a negative per row)
+REPEATS = 7
 
 
 def one_path(mode: str) -> dict:
@@ -32,22 +32,24 @@ def one_path(mode: str) -> dict:
     policy = GPT(MID)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, MID.vocab_size, (ROWS_PER_STEP, 1, MID.block_size)).astype(np.uint16)
-    pairs = {"row": np.arange(ROWS_PER_STEP), "view": np.zeros(ROWS_PER_STEP, np.int16),
-             "label": np.array([1, 2], np.int32), "neg_label": np.array([3, 4], np.int32)}
+    labels, neg_labels = np.arange(ROWS_PER_STEP, dtype=np.int32), np.arange(ROWS_PER_STEP, dtype=np.int32) + 100
+    pairs = {"row": np.arange(ROWS_PER_STEP), "view": np.zeros(ROWS_PER_STEP, np.int16), "label": labels, "neg_label": neg_labels}
+    lab, neg = torch.from_numpy(labels).long(), torch.from_numpy(neg_labels).long()
+    no_uncond = torch.zeros(ROWS_PER_STEP, dtype=torch.bool)
     cpu = torch.device("cpu")
     reflogp_s = None
     if mode == "cached":  # the cache was made beforehand by reflogp; here from the same initial weights
         ref = reference_logps(policy, tokens, pairs, ROWS_PER_STEP, cpu)
         reflogp_s = summary(timed(lambda: reference_logps(policy, tokens, pairs, ROWS_PER_STEP, cpu), 3, warmup=0))["median_s"]
-        batch = AlignBatch(torch.from_numpy(tokens[:, 0].astype(np.int64)), torch.tensor([1, 2]), torch.tensor([3, 4]),
-                           torch.from_numpy(ref["ref_logp_pos"]), torch.from_numpy(ref["ref_logp_neg"]), torch.zeros(2, dtype=torch.bool))
+        batch = AlignBatch(torch.from_numpy(tokens[:, 0].astype(np.int64)), lab, neg,
+                           torch.from_numpy(ref["ref_logp_pos"]), torch.from_numpy(ref["ref_logp_neg"]), no_uncond)
         reference = None
     else:
         reference = GPT(MID)
         reference.load_state_dict(policy.state_dict())
         reference.requires_grad_(False).eval()
-        batch = AlignBatch(torch.from_numpy(tokens[:, 0].astype(np.int64)), torch.tensor([1, 2]), torch.tensor([3, 4]),
-                           torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.bool))
+        batch = AlignBatch(torch.from_numpy(tokens[:, 0].astype(np.int64)), lab, neg, torch.zeros(ROWS_PER_STEP, dtype=torch.float64),
+                           torch.zeros(ROWS_PER_STEP, dtype=torch.float64), no_uncond)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
     losses = []
 

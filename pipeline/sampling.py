@@ -38,6 +38,14 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row by inverting the CDF with a single uniform per row. Exact like torch.multinomial,
+    which instead draws an exponential per vocabulary entry (a quarter of CPU sampling time at 16384 codes)."""
+    cdf = probs.float().cumsum(-1)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)[:, 0]
+
+
 @torch.no_grad()
 def sample(
     model: GPT,
@@ -68,7 +76,7 @@ def sample(
             cond = logits[:B]
             mixed = cond + cfg_scale * (cond - logits[B:]) if guided else cond
             probs = torch.softmax(filter_logits(mixed, temperature, top_k, top_p), dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
+            nxt = draw(probs, generator)  # (B,)
             tokens[:, t] = nxt
             logps[:, t] = token_logp(cond[:, None], nxt[:, None])[:, 0]
             if t == N - 1:
