@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -104,7 +105,9 @@ def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: 
     save_policy(out / "policy.pt", policy, cfg, init_sha, len(steps.rows))
     resume_path.unlink(missing_ok=True)
     last = steps.rows[-1]
-    summary = {"steps": len(steps.rows), "seconds": seconds, "final": last, "params": asdict(cfg)}
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    summary = {"steps": len(steps.rows), "seconds": seconds, "peak_rss_mb": peak_rss_mb, "final": last, "params": asdict(cfg)}
     write_json(out / "summary.json", summary)
+    log.info("peak RSS %.0f MB", peak_rss_mb)
     log.info("trained %d steps in %.1fs: loss %.4f, rewards/pos %.3f, rewards/neg %.3f, accuracy %.3f -> %s",
              len(steps.rows), seconds, last["loss"], last["rewards/pos"], last["rewards/neg"], last["rewards/accuracy"], out)
