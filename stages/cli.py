@@ -181,11 +181,14 @@ def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_
 @click.option("--train", "train_dir", default="data/train", type=PathType, show_default=True)
 @click.option("--sweep", "sweep_dir", default="data/sweep", type=PathType, show_default=True)
 @click.option("--out", default="data/report", type=PathType, show_default=True)
-def report(eval_dir, train_dir, sweep_dir, out):
-    """Figures (FID-IS trade-off, training curves, sample comparison) and a table of every evaluated point."""
+@click.pass_context
+def report(ctx, eval_dir, train_dir, sweep_dir, out):
+    """Figures (FID-IS trade-off, training curves, sample comparison) and a table of every evaluated point
+    (the main run, and the sweep points listed in params.yaml's `sweep` section)."""
     from . import report as stage
 
-    click.echo(stage.run(eval_dir, train_dir, sweep_dir, out))
+    params, _ = _setup(ctx)
+    click.echo(stage.run(eval_dir, train_dir, sweep_dir, out, params.get("sweep")))
 
 
 @main.command()

@@ -36,14 +36,29 @@ def _points_from_eval(eval_dir: Path, train_dir: Path | None) -> list[Point]:
     return points
 
 
-def collect(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None) -> list[Point]:
+def sweep_dirs(sweep_dir: Path, sweep: dict | None) -> tuple[list[Path], list[Path]]:
+    """The CFG and CCA point folders: those of the `sweep` params when given (stale folders of points no
+    longer in params.yaml are ignored, a missing one is an error), else every folder present."""
+    if sweep is None:
+        return sorted((sweep_dir / "cfg").glob("*/")), sorted((sweep_dir / "cca").glob("*/"))
+    cfg_dirs = [sweep_dir / "cfg" / f"s{s}" for s in sweep.get("cfg_scales", [])]
+    cca_dirs = [sweep_dir / "cca" / f"lam{lam}-beta{beta}" for lam in sweep.get("lambdas", []) for beta in sweep.get("betas", [])]
+    missing = [d for d in cfg_dirs if not (d / "metrics.json").is_file()] + \
+        [d for d in cca_dirs if not (d / "eval/metrics.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"sweep points in params.yaml have no results yet: {[str(d) for d in missing]}; run `dvc repro`")
+    return cfg_dirs, cca_dirs
+
+
+def collect(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None, sweep: dict | None = None) -> list[Point]:
     """All points; a setting evaluated twice (main run and sweep) is kept once, main run first."""
     points = _points_from_eval(eval_dir, train_dir)
     if sweep_dir is not None and sweep_dir.is_dir():
-        for cfg_dir in sorted((sweep_dir / "cfg").glob("*/")):
+        cfg_dirs, cca_dirs = sweep_dirs(sweep_dir, sweep)
+        for cfg_dir in cfg_dirs:
             if (cfg_dir / "metrics.json").is_file():
                 points += [p for p in _points_from_eval(cfg_dir, None) if p.kind == "cfg"]
-        for point_dir in sorted((sweep_dir / "cca").glob("*/")):
+        for point_dir in cca_dirs:
             if (point_dir / "eval/metrics.json").is_file():
                 points += [p for p in _points_from_eval(point_dir / "eval", point_dir / "train") if p.kind == "cca"]
     unique: dict[tuple, Point] = {}
@@ -53,9 +68,9 @@ def collect(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None) -> l
     return sorted(unique.values(), key=lambda p: (order[p.kind], p.cfg_scale or 0, p.beta or 0, p.lam or 0))
 
 
-def run(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None, out: Path, main_lambda: float | None = None) -> str:
+def run(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None, out: Path, sweep: dict | None = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    points = collect(eval_dir, train_dir, sweep_dir)
+    points = collect(eval_dir, train_dir, sweep_dir, sweep)
     plot_fid_is(points, out / "fid_is.png")
     plot_training_curves(points, out / "training_curves.png")
     base = next(p for p in points if p.kind == "base")

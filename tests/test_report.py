@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 
@@ -48,7 +49,12 @@ def test_report_draws_figures_and_tabulates_every_point(tmp_path: Path):
         _eval_dir(tmp_path / f"sweep/cca/lam{lam}-beta0.5/eval", {"cca": _metrics(fid, 7 + lam / 100)})
         _train_dir(tmp_path / f"sweep/cca/lam{lam}-beta0.5/train", lam, 0.5)
 
-    text = report.run(tmp_path / "eval", tmp_path / "train", tmp_path / "sweep", tmp_path / "report")
+    _eval_dir(tmp_path / "sweep/cca/lam5-beta0.5/eval", {"cca": _metrics(99.0, 1.0)})  # stale: not in params
+    _train_dir(tmp_path / "sweep/cca/lam5-beta0.5/train", 5, 0.5)
+    sweep = {"lambdas": [1, 30], "betas": [0.5], "cfg_scales": [0.5, 1.0, 3.0]}
+    text = report.run(tmp_path / "eval", tmp_path / "train", tmp_path / "sweep", tmp_path / "report", sweep)
+    with pytest.raises(FileNotFoundError, match="lam300-beta0.5"):
+        report.run(tmp_path / "eval", tmp_path / "train", tmp_path / "sweep", tmp_path / "r2", {**sweep, "lambdas": [1, 300]})
 
     for name in ("fid_is.png", "training_curves.png", "comparison.png"):
         with Image.open(tmp_path / "report" / name) as im:
