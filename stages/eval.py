@@ -177,11 +177,11 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Pat
     per_seed: dict[str, list[dict]] = {name: [] for name, _, _ in plan}
     for seed in cfg.seeds:
         for name, model_key, scale in progress(plan, desc=f"eval seed {seed}", unit="method"):
-            unit = out / "samples" / f"{name}_seed{seed}"
+            # names like cfg_1.5_seed0 contain dots: build the file names, never Path.with_suffix
+            samples_file, done = out / "samples" / f"{name}_seed{seed}.npz", out / "samples" / f"{name}_seed{seed}.json"
             key = hashlib.sha256(json.dumps([asdict(cfg), digests["vq"], digests[model_key], digests["reference"],
                                              digests["extractor"], scale, seed]).encode()).hexdigest()
-            done = unit.with_suffix(".json")
-            if done.is_file() and unit.with_suffix(".npz").is_file() and json.loads(done.read_text()).get("key") == key:
+            if done.is_file() and samples_file.is_file() and json.loads(done.read_text()).get("key") == key:
                 per_seed[name].append(json.loads(done.read_text())["scores"])
                 log.info("seed %d %-8s already evaluated (%s), reusing it", seed, name, done)
                 continue
@@ -192,7 +192,7 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Pat
             )
             seconds = time.perf_counter() - started
             images = to_uint8(resize_images(images, cfg.resize_to))
-            save_npz(unit.with_suffix(".npz"), images, labels.numpy())
+            save_npz(samples_file, images, labels.numpy())
             if seed == cfg.seeds[0]:
                 save_grid(out / "grids" / f"{name}.png", images, labels.numpy(), cfg.grid_per_class)
             scores = fidelity_metrics(images, ref_images, feature_extractor=extractor, weights_path=weights,

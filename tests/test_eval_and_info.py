@@ -34,7 +34,7 @@ def _world(tmp_path):
 
 
 def _eval(tmp_path, caplog=None):
-    cfg = eval_stage.EvalConfig(samples_per_class=4, seeds=[0, 1], cfg_scales=[1.0], batch_size=12, grid_per_class=2)
+    cfg = eval_stage.EvalConfig(samples_per_class=4, seeds=[0, 1], cfg_scales=[1.0, 1.5], batch_size=12, grid_per_class=2)
     return eval_stage.run(cfg, tmp_path / "vq.pt", tmp_path / "gpt.pt", tmp_path / "gpt.pt", tmp_path / "ref",
                           tmp_path / "clf.pt", tmp_path / "eval", CPU)
 
@@ -42,11 +42,13 @@ def _eval(tmp_path, caplog=None):
 def test_eval_reuses_finished_units(tmp_path, caplog):
     _world(tmp_path)
     first = _eval(tmp_path)
+    names = sorted(p.name for p in (tmp_path / "eval/samples").iterdir())
+    assert names == sorted(f"{m}_seed{s}.{ext}" for m in ("base", "cfg_1", "cfg_1.5", "cca") for s in (0, 1) for ext in ("npz", "json"))
     (tmp_path / "eval/samples/cfg_1_seed1.json").unlink()  # as if killed while that unit was running
     caplog.set_level("INFO")
     second = _eval(tmp_path)
     reused = [r.message for r in caplog.records if "already evaluated" in r.message]
-    assert len(reused) == 5  # 3 methods x 2 seeds, all but the removed unit
+    assert len(reused) == 7  # 4 methods x 2 seeds, all but the removed unit
     for name in ("base", "cca"):
         assert second["per_seed"][name] == first["per_seed"][name]
     assert second["per_seed"]["cfg_1"][1]["fid"] == first["per_seed"]["cfg_1"][1]["fid"]  # recomputed identically
