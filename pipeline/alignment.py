@@ -115,6 +115,8 @@ def train_policy(
         raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro_batch_size}")
     if cfg.loss not in LOSSES:
         raise ValueError(f"unknown loss {cfg.loss!r}; known: {sorted(LOSSES)}")
+    if cfg.uncond_ratio > 0 and not policy.cfg.has_null_class:
+        raise ValueError("train.uncond_ratio > 0 needs a model with a null class (trained with class dropout); set it to 0")
     rng = np.random.default_rng(cfg.seed)
     n_rows = len(cache["row"])
     total_steps = max(1, math.ceil(cfg.epochs * n_rows / cfg.batch_size))
