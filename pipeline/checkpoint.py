@@ -116,3 +116,32 @@ def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], pat
             + ". Check that the model config (size, vocabulary, classes, sequence length) matches the checkpoint."
         )
     model.load_state_dict(state_dict, strict=True)
+
+
+def peek(path: str | os.PathLike) -> tuple[str | None, set[str]]:
+    """(the file's "family" entry if it is one of ours, its state-dict keys) without reading the tensors'
+    data where the format allows (memory-mapped zip checkpoints, safetensors headers): a multi-GB
+    checkpoint's family is known before it is loaded once, for real."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return None, set(f.keys())
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError):
+        obj = load_file(path)  # legacy (non-zip) files cannot be memory-mapped; also gives the clear errors
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict (state dict)")
+    family = obj.get("family") if isinstance(obj.get("family"), str) else None
+    keys: set[str] = set()
+    stack = [obj]
+    while stack:  # any nesting ({"model": ...}, {"trainer": {"var_wo_ddp": ...}}): collect tensor keys
+        cur = stack.pop()
+        for k, v in cur.items():
+            if isinstance(v, torch.Tensor):
+                keys.add(k)
+            elif isinstance(v, dict):
+                stack.append(v)
+    return family, keys

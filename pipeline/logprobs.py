@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from .models.llamagen import GPT
-
 
 def token_logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[targets] in float32 without materialising the full log-softmax.
@@ -23,12 +21,12 @@ def token_logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def sequence_token_logp(model: GPT, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced log p(z_t | z_<t, c) for every token: labels (B,), tokens (B, N) -> (B, N) float32."""
-    logits = model(labels, tokens[:, :-1])  # (B, N, V): position p predicts tokens[:, p]
-    return token_logp(logits, tokens)
+def sequence_token_logp(model, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced log p(token_t | earlier tokens, c) for every token: labels (B,), tokens (B, N) -> (B, N)
+    float32. `model` is any family's model (pipeline.families): it implements sequence_token_logp(tokens, labels)."""
+    return model.sequence_token_logp(tokens, labels)
 
 
-def sequence_logp(model: GPT, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def sequence_logp(model, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(x | c) = sum over the N image tokens: labels (B,), tokens (B, N) -> (B,) float32."""
     return sequence_token_logp(model, labels, tokens).sum(-1)

@@ -93,20 +93,19 @@ def sample(
 
 
 def generate_images(
-    model: GPT,
+    model,
     decoder,
     labels: torch.Tensor,
     *,
     seed: int,
     batch_size: int,
-    cfg_scale: float = 0.0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    **sampler_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample codes for every label (in batches) and decode them: -> (images (B, 3, H, W) float in
-    [-1, 1] on CPU, codes (B, N)). `decoder` is a VQModel; one generator seeded with `seed` drives all."""
+    [-1, 1] on CPU, codes (B, N)). `model` is any family's model (pipeline.families.sample picks the
+    sampler), `decoder` its tokenizer; one generator seeded with `seed` drives all."""
     from .device import autocast
+    from .families import sample as family_sample
 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -114,8 +113,77 @@ def generate_images(
     for start in range(0, len(labels), batch_size):
         part = labels[start : start + batch_size].to(device)
         with autocast(device):
-            out = sample(model, part, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            out = family_sample(model, part, generator=generator, **sampler_kwargs)
             with torch.no_grad():
                 images.append(decoder.decode_codes(out.tokens).float().cpu())
         codes.append(out.tokens.cpu())
     return torch.cat(images), torch.cat(codes)
+
+
+def filter_logits_var(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """VAR's `sample_with_top_k_top_p_`: top-k (0 = off), then top-p over the ascending sort removing the
+    tokens whose cumulative probability is <= 1 - top_p, always keeping the most likely (0.0 = off)."""
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values.amin(dim=-1, keepdim=True)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p > 0:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample_var(
+    model,
+    labels: torch.Tensor,
+    *,
+    cfg_scale: float = 0.0,
+    cfg_schedule: str = "linear",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    generator: torch.Generator | None = None,
+    upstream_null_half: bool = False,
+) -> Samples:
+    """Next-scale sampling for a VARModel with a KV cache per scale: -> Samples (B, L).
+
+    Guidance l_c + t (l_c - l_u) (VAR writes (1 + t) l_c - t l_u: the same), t = cfg_scale * si / (S - 1)
+    with cfg_schedule "linear" (VAR's sampler; the CCA paper's CFGv2) or t = cfg_scale ("constant").
+    Without guidance the unconditional half is not computed at all; upstream_null_half=True computes it
+    anyway, as VAR's `autoregressive_infer_cfg` does at cfg 0 (for the benchmark; same samples).
+    """
+    if cfg_schedule not in ("linear", "constant"):
+        raise ValueError(f"cfg_schedule {cfg_schedule!r}: valid are 'linear' (VAR, CFGv2) and 'constant'")
+    var, quantizer, cfg = model.var, model.quantizer, model.cfg
+    B, S, device = labels.shape[0], len(cfg.patch_nums), labels.device
+    doubled = cfg_scale != 0.0 or upstream_null_half
+    batch_labels = torch.cat([labels, torch.full_like(labels, cfg.null_class)]) if doubled else labels
+    tokens = torch.zeros(B, cfg.seq_len, dtype=torch.long, device=device)
+    logps = torch.zeros(B, cfg.seq_len, dtype=torch.float32, device=device)
+    full = cfg.patch_nums[-1]
+    f_hat = torch.zeros(B, cfg.cvae, full, full, dtype=torch.float32, device=device)
+    cond = var.class_emb(batch_labels)
+    x = var.start_tokens(cond)
+    var.set_caching(True)
+    try:
+        begin = 0
+        for si, pn in enumerate(cfg.patch_nums):
+            logits = var.logits(x, cond, None)  # (B or 2B, pn^2, V); the cache holds every coarser scale
+            cond_logits = logits[:B]
+            t = cfg_scale * (si / (S - 1) if cfg_schedule == "linear" else 1.0)
+            mixed = cond_logits + t * (cond_logits - logits[B:]) if cfg_scale != 0.0 else cond_logits
+            probs = torch.softmax(filter_logits_var(mixed / max(temperature, 1e-5), top_k, top_p), dim=-1)
+            codes = draw(probs.reshape(-1, probs.shape[-1]), generator).view(B, pn * pn)
+            tokens[:, begin : begin + pn * pn] = codes
+            logps[:, begin : begin + pn * pn] = token_logp(cond_logits, codes)
+            begin += pn * pn
+            f_hat, nxt = quantizer.next_input(si, f_hat, codes)
+            if nxt is not None:
+                x = var.scale_tokens(si + 1, nxt)
+                if doubled:
+                    x = x.repeat(2, 1, 1)
+    finally:
+        var.set_caching(False)
+    return Samples(tokens, logps)

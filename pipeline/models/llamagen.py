@@ -62,6 +62,10 @@ class GPTConfig:
         return self.num_classes
 
     @property
+    def seq_len(self) -> int:  # tokens per image, the name every model family shares
+        return self.block_size
+
+    @property
     def ffn_hidden(self) -> int:
         return find_multiple(int(2 * 4 * self.dim / 3), self.multiple_of)
 
@@ -257,6 +261,15 @@ class GPT(nn.Module):
         for layer in self.layers:
             x = layer(x, rope, start)
         return self.output(self.norm(x)).float()
+
+    def sequence_token_logp(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced log p(z_t | z_<t, c) for every token: (B, N) float32 (pipeline.families interface)."""
+        from ..logprobs import token_logp
+
+        return token_logp(self(labels, tokens[:, :-1]), tokens)  # position p predicts tokens[:, p]
+
+    def upstream_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.state_dict()
 
     def setup_kv_cache(self, batch: int, dtype: torch.dtype | None = None) -> None:
         max_len = self.cfg.cls_token_num + self.cfg.block_size

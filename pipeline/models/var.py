@@ -1,0 +1,312 @@
+"""VAR class-conditional next-scale transformer (`var_d{16,20,24,30}.pth`), checkpoint-compatible.
+
+References: VAR, "Visual Autoregressive Modeling" (Tian et al., 2024), `models/var.py`, `basic_var.py`;
+facts in `shared/reference/var.md`.
+
+Sequence layout (L = 680 for patch_nums 1..16): position 0 is the start slot (class embedding +
+`pos_start`) and predicts the 1x1 scale; the positions of scale k > 0 hold the running reconstruction
+f_hat area-downsampled to scale k (the quantiser's teacher-forcing input, `word_embed` maps its 32
+channels to C) and predict scale k's codes. The logit at position p predicts token p (no shift).
+Attention is block-causal over scales (a position sees its own scale and the coarser ones).
+Conditioning: the class embedding drives every block's AdaLN (6 modulations) and the head's (2).
+
+Unlike upstream `forward`, the module never drops labels: the training loop substitutes the null class
+(row `num_classes`) itself, so a likelihood is never computed with a randomly dropped label.
+Drop-path is off unless `drop_path_rate > 0` and the module is in train mode; reflogp and the policy
+at step 0 then compute identical, deterministic log-probs.
+
+`VARModel` pairs the transformer with the frozen quantiser it reads its input from; it is what the
+pipeline trains and samples (pipeline.families). Its checkpoint keeps only the transformer's upstream keys.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict
+from ..tokenizers.msvq import VAR_PATCH_NUMS, MultiScaleQuantizer
+
+# log(100) as upstream computes it (a float32 tensor's log), the cap of the attention temperature
+_MAX_SCALE_MUL = float(torch.log(torch.tensor(100)))
+
+
+@dataclass
+class VARConfig:
+    depth: int = 16
+    width: int = 0  # C; 0: 64 * depth (upstream: head dim 64)
+    heads: int = 0  # 0: depth
+    num_classes: int = 1000  # class_emb has num_classes + 1 rows; the last is the null class
+    vocab_size: int = 4096
+    cvae: int = 32
+    patch_nums: tuple[int, ...] = VAR_PATCH_NUMS
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    drop_path_rate: float = 0.0  # upstream pretraining used 0.1 * depth / 24
+
+    def __post_init__(self) -> None:
+        self.patch_nums = tuple(self.patch_nums)
+        self.width = self.width or 64 * self.depth
+        self.heads = self.heads or self.depth
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+
+    has_null_class = True  # VAR is always trained with class dropout
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    @property
+    def seq_len(self) -> int:
+        return sum(pn * pn for pn in self.patch_nums)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def var_config(depth: int, **overrides) -> VARConfig:
+    """The release's config for a depth (16, 20, 24, 30): C = 64 depth, heads = depth."""
+    return VARConfig(depth=depth, **overrides)
+
+
+def config_from_state_dict(sd: dict[str, torch.Tensor], patch_nums: tuple[int, ...] = VAR_PATCH_NUMS) -> VARConfig:
+    """Everything but patch_nums is readable from the weights' shapes (upstream files carry no config)."""
+    try:
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+        classes, width = sd["class_emb.weight"].shape
+        heads = sd["blocks.0.attn.scale_mul_1H11"].shape[1]
+        vocab, cvae = sd["head.weight"].shape[0], sd["word_embed.weight"].shape[1]
+        mlp = sd["blocks.0.ffn.fc1.weight"].shape[0] / width
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"not a VAR state dict (missing {e}); note that attn_l2_norm=False models "
+                              "(no scale_mul_1H11) are not supported") from e
+    return VARConfig(depth=depth, width=width, heads=heads, num_classes=classes - 1, vocab_size=vocab, cvae=cvae,
+                     patch_nums=patch_nums, mlp_ratio=mlp)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm), active only in train mode with rate > 0."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.rate)
+        return x * keep / (1 - self.rate)
+
+
+class SelfAttention(nn.Module):
+    """l2-normalised q/k with a learned per-head temperature exp(min(scale_mul, log 100)); softmax scale 1."""
+
+    def __init__(self, cfg: VARConfig):
+        super().__init__()
+        C, self.heads = cfg.width, cfg.heads
+        self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(C))
+        self.v_bias = nn.Parameter(torch.zeros(C))
+        self.register_buffer("zero_k_bias", torch.zeros(C))  # k has no bias; upstream stores zeros
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, self.heads, 1, 1), 4.0).log())
+        self.proj = nn.Linear(C, C)
+        self.cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.caching = False
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        B, L, C = x.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
+        q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(_MAX_SCALE_MUL).exp()
+        k = F.normalize(k, dim=-1)
+        if self.caching:  # sampling: queries of the current scale see every earlier scale's keys
+            if self.cache is not None:
+                k, v = torch.cat((self.cache[0], k), 2), torch.cat((self.cache[1], v), 2)
+            self.cache = (k, v)
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(q.dtype)
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask, scale=1.0)
+        return self.proj(y.transpose(1, 2).reshape(B, L, C))
+
+
+class FFN(nn.Module):
+    def __init__(self, cfg: VARConfig):
+        super().__init__()
+        hidden = round(cfg.width * cfg.mlp_ratio)
+        self.fc1 = nn.Linear(cfg.width, hidden)
+        self.fc2 = nn.Linear(hidden, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class AdaLNSelfAttn(nn.Module):
+    """x += gamma1 attn(LN(x)(1 + scale1) + shift1); x += gamma2 ffn(LN(x)(1 + scale2) + shift2), the six
+    modulations from SiLU -> Linear(C, 6C) of the class embedding (`ada_lin.1`)."""
+
+    def __init__(self, cfg: VARConfig, drop_path: float):
+        super().__init__()
+        self.C = cfg.width
+        self.attn = SelfAttention(cfg)
+        self.ffn = FFN(cfg)
+        self.ln_wo_grad = nn.LayerNorm(cfg.width, eps=cfg.norm_eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond).view(-1, 1, 6, self.C).unbind(2)
+        x = x + self.drop_path(self.attn(self.ln_wo_grad(x) * (scale1 + 1) + shift1, attn_mask) * gamma1)
+        return x + self.drop_path(self.ffn(self.ln_wo_grad(x) * (scale2 + 1) + shift2) * gamma2)
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, cfg: VARConfig):
+        super().__init__()
+        self.C = cfg.width
+        self.ln_wo_grad = nn.LayerNorm(cfg.width, eps=cfg.norm_eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 2 * cfg.width))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.C).unbind(2)
+        return self.ln_wo_grad(x) * (scale + 1) + shift
+
+
+class VAR(nn.Module):
+    """The transformer alone: exactly upstream's state-dict keys (`var_d16.pth` loads strictly)."""
+
+    def __init__(self, cfg: VARConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, L = cfg.width, cfg.seq_len
+        self.first_l = cfg.patch_nums[0] ** 2
+        init_std = math.sqrt(1 / C / 3)
+        self.word_embed = nn.Linear(cfg.cvae, C)
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, C)
+        self.pos_start = nn.Parameter(torch.empty(1, self.first_l, C))
+        self.pos_1LC = nn.Parameter(torch.empty(1, L, C))
+        self.lvl_embed = nn.Embedding(len(cfg.patch_nums), C)
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # rising linearly from 0
+        self.blocks = nn.ModuleList(AdaLNSelfAttn(cfg, rates[i]) for i in range(cfg.depth))
+        self.head_nm = AdaLNBeforeHead(cfg)
+        self.head = nn.Linear(C, cfg.vocab_size)
+        # scale index of every position, and the block-causal additive mask (0 where scale(j) <= scale(i))
+        level = torch.cat([torch.full((pn * pn,), i, device="cpu") for i, pn in enumerate(cfg.patch_nums)])
+        self.register_buffer("lvl_1L", level[None].contiguous())
+        mask = torch.where(level[:, None] >= level[None, :], 0.0, -torch.inf)
+        self.register_buffer("attn_bias_for_masking", mask.reshape(1, 1, L, L).contiguous())
+        for p in (self.class_emb.weight, self.pos_start, self.pos_1LC, self.lvl_embed.weight):
+            nn.init.trunc_normal_(p.data, std=init_std)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight.data, std=init_std)
+                nn.init.zeros_(m.bias) if m.bias is not None else None
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def start_tokens(self, cond: torch.Tensor) -> torch.Tensor:
+        """Embedded first scale (B, first_l, C): class embedding + pos_start + level/position embeddings."""
+        lvl_pos = self.lvl_embed(self.lvl_1L[:, : self.first_l]) + self.pos_1LC[:, : self.first_l]
+        return cond[:, None, :].expand(-1, self.first_l, -1) + self.pos_start + lvl_pos
+
+    def scale_tokens(self, si: int, features: torch.Tensor) -> torch.Tensor:
+        """Embedded input of scale si > 0 from its (B, pn^2, Cvae) teacher-forcing features."""
+        a = sum(pn * pn for pn in self.cfg.patch_nums[:si])
+        b = a + self.cfg.patch_nums[si] ** 2
+        return self.word_embed(features.float()) + self.lvl_embed(self.lvl_1L[:, a:b]) + self.pos_1LC[:, a:b]
+
+    def logits(self, x: torch.Tensor, cond: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, cond, attn_mask)
+        return self.head(self.head_nm(x.float(), cond)).float()
+
+    def forward(self, labels: torch.Tensor, teacher_input: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: labels (B,), teacher_input (B, L - first_l, Cvae) -> logits (B, L, V) float32."""
+        with torch.autocast(teacher_input.device.type, enabled=False):  # embeddings in float32, as upstream
+            cond = self.class_emb(labels)
+            first = cond[:, None, :].expand(-1, self.first_l, -1) + self.pos_start
+            x = torch.cat((first, self.word_embed(teacher_input.float())), 1)
+            x = x + self.lvl_embed(self.lvl_1L.expand(len(labels), -1)) + self.pos_1LC
+        return self.logits(x, cond, self.attn_bias_for_masking)
+
+    def set_caching(self, enabled: bool) -> None:
+        for block in self.blocks:
+            block.attn.caching, block.attn.cache = enabled, None
+
+
+class VARModel(nn.Module):
+    """VAR + the frozen quantiser that turns codes into its input: the family interface
+    (pipeline.families) over next-scale prediction. Only `var` is trained; `quantizer` never changes."""
+
+    def __init__(self, var: VAR, quantizer: MultiScaleQuantizer):
+        super().__init__()
+        if quantizer.cfg.patch_nums != var.cfg.patch_nums or quantizer.cfg.z_channels != var.cfg.cvae:
+            raise ValueError(f"VAR (patch_nums {var.cfg.patch_nums}, Cvae {var.cfg.cvae}) and its VQVAE quantiser "
+                             f"(patch_nums {quantizer.cfg.patch_nums}, Cvae {quantizer.cfg.z_channels}) do not fit")
+        if quantizer.cfg.vocab_size != var.cfg.vocab_size:
+            raise ValueError(f"VAR predicts {var.cfg.vocab_size} codes but the VQVAE has {quantizer.cfg.vocab_size}")
+        self.var = var
+        self.quantizer = quantizer.requires_grad_(False)
+        self.cfg = var.cfg
+
+    def sequence_token_logp(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced log p(token_p | coarser scales, c) for all L positions: (B, L) float32."""
+        from ..logprobs import token_logp
+
+        with torch.no_grad():
+            teacher_input = self.quantizer.teacher_forcing_input(tokens)
+        return token_logp(self.var(labels, teacher_input), tokens)
+
+    def upstream_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.var.state_dict()
+
+    def train(self, mode: bool = True) -> VARModel:
+        super().train(mode)
+        self.quantizer.eval()
+        return self
+
+
+_NESTINGS = (("trainer", "var_wo_ddp"), ("trainer",))  # VAR's own / CCA's trainer checkpoints
+
+
+def load_var_state_dict(path: str | os.PathLike) -> tuple[dict, dict | None]:
+    obj = load_file(path)
+    saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
+    if saved is not None and obj.get("family") != "var":
+        raise CheckpointError(f"checkpoint {path} is a {obj.get('family')!r} checkpoint, not a VAR transformer")
+    for nesting in _NESTINGS:
+        cur = obj
+        for key in nesting:
+            cur = cur.get(key) if isinstance(cur, dict) else None
+        if isinstance(cur, dict) and cur and all(isinstance(v, torch.Tensor) for v in cur.values()):
+            obj = cur
+            break
+    return extract_state_dict(obj, path), saved
+
+
+def load_var(path: str | os.PathLike, depth: int | None = None, patch_nums: tuple[int, ...] | None = None) -> VAR:
+    """Load a VAR transformer strictly from `var_d<depth>.pth`, a VAR/CCA training checkpoint
+    (["trainer"]["var_wo_ddp"] / ["trainer"]) or a cca-pipe policy. `depth`, when given, must match."""
+    sd, saved = load_var_state_dict(path)
+    if saved is not None:
+        cfg = VARConfig(**saved)
+    else:
+        cfg = config_from_state_dict(sd, tuple(patch_nums) if patch_nums else VAR_PATCH_NUMS)
+        if sd.get("pos_1LC") is not None and sd["pos_1LC"].shape[1] != cfg.seq_len:
+            raise CheckpointError(f"checkpoint {path} has {sd['pos_1LC'].shape[1]} positions but patch_nums "
+                                  f"{cfg.patch_nums} make {cfg.seq_len}: tokenize with the scales the model was trained on")
+    if patch_nums is not None and tuple(patch_nums) != cfg.patch_nums:
+        raise CheckpointError(f"checkpoint {path} uses patch_nums {cfg.patch_nums}, the tokens {tuple(patch_nums)}")
+    if depth is not None and depth != cfg.depth:
+        raise CheckpointError(f"checkpoint {path} is VAR-d{cfg.depth} ({cfg.depth} blocks, width {cfg.width}), "
+                              f"but depth {depth} was requested: set depth: {cfg.depth} or use var_d{depth}.pth")
+    model = VAR(cfg)
+    load_strict(model, sd, path)
+    return model
