@@ -1,6 +1,6 @@
 """Fine-tuning a policy with an alignment loss over cached reference log-probs (CCA, paper Sec. 3.2).
 
-Only the policy is resident: the reference model's log-probs come from the `reflogp` cache, whose rows
+`policy` is any family's model (pipeline.families: LlamaGen GPT or VAR). Only the policy is resident: the reference model's log-probs come from the `reflogp` cache, whose rows
 fix each image's augmentation view and negative label. The loss function is pure (pipeline.losses), so
 an online reference model would feed it the same tensors (tested).
 """
@@ -17,7 +17,6 @@ import torch
 from .device import OutOfMemory, autocast, is_out_of_memory
 from .logprobs import sequence_logp
 from .losses import LOSSES
-from .models.llamagen import GPT
 
 
 @dataclass
@@ -46,7 +45,7 @@ def make_batch(rows: np.ndarray, tokens: np.ndarray, cache: dict[str, np.ndarray
     )
 
 
-def policy_logps(policy: GPT, batch: AlignBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_logps(policy, batch: AlignBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """log p_theta(x|c) and log p_theta(x|c_neg) in one forward over the concatenated batch."""
     x = batch.tokens.to(device)
     labels = torch.cat([batch.labels_pos, batch.labels_neg]).to(device)
@@ -56,7 +55,7 @@ def policy_logps(policy: GPT, batch: AlignBatch, device: torch.device) -> tuple[
 
 
 @torch.no_grad()
-def with_online_reference(reference: GPT, batch: AlignBatch, device: torch.device) -> AlignBatch:
+def with_online_reference(reference, batch: AlignBatch, device: torch.device) -> AlignBatch:
     """The official CCA design, for comparison: a second, frozen model forwarded every step fills in the
     reference log-probs that the cache would otherwise provide (same function, same layout)."""
     x = batch.tokens.to(device)
@@ -67,7 +66,7 @@ def with_online_reference(reference: GPT, batch: AlignBatch, device: torch.devic
     return AlignBatch(batch.tokens, batch.labels_pos, batch.labels_neg, pos.cpu(), neg.cpu(), batch.uncond)
 
 
-def loss_for_batch(policy: GPT, batch: AlignBatch, loss_name: str, beta: float, lam: float, device: torch.device):
+def loss_for_batch(policy, batch: AlignBatch, loss_name: str, beta: float, lam: float, device: torch.device):
     logp_pos, logp_neg = policy_logps(policy, batch, device)
     return LOSSES[loss_name](
         logp_pos, logp_neg, batch.ref_logp_pos.to(device), batch.ref_logp_neg.to(device),
@@ -91,7 +90,7 @@ class AlignConfig:
 
 
 def train_policy(
-    policy: GPT,
+    policy,
     tokens: np.ndarray,
     cache: dict[str, np.ndarray],
     cfg: AlignConfig,
@@ -101,7 +100,7 @@ def train_policy(
     on_checkpoint: Callable[[dict], None] | None = None,
     checkpoint_every: int = 0,
     resume: dict | None = None,
-) -> GPT:
+) -> torch.nn.Module:
     """Fine-tune `policy` in place for cfg.epochs passes over the cache rows; returns it.
 
     Row order and unconditional rows are drawn from a generator seeded with cfg.seed, so a run is
@@ -121,7 +120,8 @@ def train_policy(
     n_rows = len(cache["row"])
     total_steps = max(1, math.ceil(cfg.epochs * n_rows / cfg.batch_size))
     order = np.concatenate([rng.permutation(n_rows) for _ in range(math.ceil(cfg.epochs) + 1)])
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    trainable = [p for p in policy.parameters() if p.requires_grad]  # VAR: not its frozen quantiser
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     first_step = 0
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
@@ -153,7 +153,7 @@ def train_policy(
                     f"the global train.batch_size ({cfg.batch_size}) is kept by gradient accumulation") from e
             outs.append(out)
             masks.append(batch.uncond)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at step {step}; lower train.lr or train.beta")
         opt.step()

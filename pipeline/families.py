@@ -43,18 +43,18 @@ def family_of(path: str | os.PathLike) -> str:
 
 
 def load_model(path: str | os.PathLike, *, gpt_model: str | None = None, seq_len: int | None = None,
-               vae: str | os.PathLike | None = None, depth: int | None = None,
+               vae: str | os.PathLike | None = None, vae_model: str | None = None, depth: int | None = None,
                patch_nums: tuple[int, ...] | None = None) -> GPT | VARModel:
     """A family model from its checkpoint. LlamaGen: `gpt_model` names the config of upstream files.
-    VAR: the quantiser comes from the VQVAE file `vae` (needed to build the model's input); `depth`,
-    when given, is checked against the checkpoint."""
+    VAR: the quantiser comes from the VQVAE file `vae` (config `vae_model`: default the release's), needed
+    to build the model's input; `depth`, when given, is checked against the checkpoint."""
     family = family_of(path)
     if family == "llamagen":
         return load_gpt(path, config_from_spec(gpt_model, seq_len))
     if vae is None:
         raise ValueError(f"{path} is a VAR checkpoint: its input is built by the VQVAE's quantiser, so pass the "
                          "VQVAE checkpoint too (--vae / vae_ckpt, e.g. vae_ch160v4096z32.pth)")
-    quantizer = load_quantizer(vae)
+    quantizer = load_quantizer(vae, msvq_config_from_spec(vae_model))
     var = load_var(path, depth=depth, patch_nums=patch_nums or quantizer.cfg.patch_nums)
     return VARModel(var, quantizer)
 

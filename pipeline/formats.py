@@ -1,9 +1,13 @@
 """On-disk data formats, documented and validated in one place.
 
 Token store (stage `tokenize`), a Zarr v3 group, e.g. `data/tokens/train.zarr`:
-    tokens   (N, A, L) uint16   VQ codes; A augmented views per image, L = grid*grid tokens, row-major
+    tokens   (N, A, L) uint16   VQ codes; A augmented views per image. Layout by `family`:
+                                  "llamagen": L = grid*grid tokens, row-major;
+                                  "var": L = sum(pn^2) (680), the pn x pn maps of `patch_nums`, each
+                                  row-major, concatenated coarse to fine (scale k = tokens[..., b_k:e_k])
     labels   (N,)      int32    class index in [0, num_classes), ImageFolder order (sorted folder names)
-    attrs:   format ("cca-pipe/tokens"), format_version, tokenizer_sha256, codebook_size, image_size,
+    attrs:   format ("cca-pipe/tokens"), format_version, family ("llamagen" | "var"; absent = llamagen),
+             seq_len (L), patch_nums (var only), tokenizer_sha256, codebook_size, image_size,
              grid, augmentations (list of view names, length A), class_names (list, length num_classes),
              num_classes, build_key (digest of the inputs and settings), fingerprint (sha256 of shapes +
              tokens + labels bytes; present only once the store is complete)
@@ -208,6 +212,11 @@ def read_token_store(path: str | os.PathLike) -> TokenStore:
         raise FormatError(f"{path}/labels: expected ({tokens.shape[0]},) int32, found {labels.shape} {labels.dtype}")
     if len(attrs.get("augmentations", [])) != tokens.shape[1]:
         raise FormatError(f"{path}: {tokens.shape[1]} views stored but attribute augmentations lists {attrs.get('augmentations')}")
+    if attrs.get("family", "llamagen") == "var":
+        patch_nums = attrs.get("patch_nums")
+        if not patch_nums or sum(pn * pn for pn in patch_nums) != tokens.shape[2]:
+            raise FormatError(f"{path}: VAR tokens of length {tokens.shape[2]} but attribute patch_nums {patch_nums} "
+                              f"gives {sum(pn * pn for pn in patch_nums or [])}; re-run `cca-pipe tokenize`")
     if labels.size and (labels.min() < 0 or labels.max() >= attrs["num_classes"]):
         raise FormatError(f"{path}/labels: values outside [0, {attrs['num_classes']})")
     if tokens.size and int(tokens.max()) >= attrs["codebook_size"]:

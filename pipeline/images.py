@@ -139,17 +139,54 @@ AUGMENTATIONS = {
 }
 
 
+# VAR's training augmentation (utils/data.py): resize the short side to 1.125x with LANCZOS, random crop.
+# "randcrop:A" makes A such crops per image, seeded by (image row, view): the same on every run and rank.
+RANDCROP_PREFIX = "randcrop:"
+VAR_MID_RESO = 1.125
+
+
+def _randcrop_count(mode: str) -> int | None:
+    if not mode.startswith(RANDCROP_PREFIX):
+        return None
+    count = mode[len(RANDCROP_PREFIX) :]
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"augmentation {mode!r}: write randcrop:<number of views>, e.g. randcrop:4")
+    return int(count)
+
+
 def view_names(mode: str) -> list[str]:
     """Names of the A augmentation views a mode produces (recorded in the token store)."""
+    count = _randcrop_count(mode)
+    if count is not None:
+        return [f"randcrop{k}" for k in range(count)]
     if mode not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation mode {mode!r}; valid: {sorted(AUGMENTATIONS)}")
+        raise ValueError(f"unknown augmentation mode {mode!r}; valid: {sorted(AUGMENTATIONS)} or randcrop:<A> (VAR's)")
     return AUGMENTATIONS[mode]
 
 
-def image_views(image: Image.Image, size: int, mode: str) -> np.ndarray:
-    """All views of one image: uint8 (A, size, size, 3), in the order of `view_names(mode)`."""
-    view_names(mode)
+def random_crops(image: Image.Image, size: int, count: int, row: int) -> np.ndarray:
+    """VAR's train transform as `count` seeded views: torchvision Resize(round(1.125 size), LANCZOS) of the
+    short side, then crops at uniformly drawn offsets (as RandomCrop draws them), no flip."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    arr = np.asarray(TF.resize(image, round(VAR_MID_RESO * size), interpolation=InterpolationMode.LANCZOS))
+    h, w = arr.shape[:2]
+    rng = np.random.default_rng([row, 0x5A])
+    crops = []
+    for _ in range(count):
+        top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+        crops.append(arr[top : top + size, left : left + size])
+    return np.stack(crops)
+
+
+def image_views(image: Image.Image, size: int, mode: str, row: int = 0) -> np.ndarray:
+    """All views of one image: uint8 (A, size, size, 3), in the order of `view_names(mode)`.
+    `row` (the image's index in the folder listing) seeds the random modes."""
+    names = view_names(mode)
     image = image.convert("RGB")
+    if mode.startswith(RANDCROP_PREFIX):
+        return random_crops(image, size, len(names), row)
     if mode == "tencrop":
         # LlamaGen: center-crop to int(size * 1.1) first, then TenCrop(size)
         return np.stack(_ten_crop(np.asarray(center_crop_arr(image, int(size * 1.1))), size))
@@ -173,5 +210,5 @@ class ImageViews(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         row = self.rows[i]
-        views = image_views(open_rgb(self.paths[row]), self.size, self.mode)
+        views = image_views(open_rgb(self.paths[row]), self.size, self.mode, row)
         return torch.from_numpy(np.array(views)), row  # a writable copy

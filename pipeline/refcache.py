@@ -11,7 +11,6 @@ import torch
 
 from .device import OutOfMemory, autocast, is_out_of_memory
 from .logprobs import sequence_logp
-from .models.llamagen import GPT
 from .progress import progress
 
 
@@ -43,7 +42,7 @@ def draw_pairs(labels: np.ndarray, num_views: int, num_classes: int, seed: int, 
 
 @torch.inference_mode()
 def reference_logps(
-    model: GPT, tokens: np.ndarray, pairs: dict[str, np.ndarray], batch_size: int, device: torch.device,
+    model, tokens: np.ndarray, pairs: dict[str, np.ndarray], batch_size: int, device: torch.device,
 ) -> dict[str, np.ndarray]:
     """log p(x|c), log p(x|c_neg), log p(x|null) per cache row (float64 from float32 sums).
 

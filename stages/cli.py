@@ -17,6 +17,9 @@ from .params import ParamsError, build, load_params
 
 PathType = click.Path(path_type=Path)
 GPT_MODEL_HELP = "GPT config for upstream checkpoints (they carry none): a name (GPT-B ... GPT-3B) or a JSON file"
+VAE_HELP = "VAR only: the VQVAE checkpoint (vae_ch160v4096z32.pth) whose quantiser builds VAR's input"
+VAE_MODEL_HELP = "VAR only: the VQVAE's config, a name (vae_ch160v4096z32, the default) or a JSON file"
+DEPTH_HELP = "VAR only: expected depth (16, 20, 24, 30); checked against the checkpoint"
 
 
 def _setup(ctx: click.Context):
@@ -76,7 +79,8 @@ def pretrain_classifier(ctx, train_dir, test_dir, out):
 
 @main.command()
 @click.option("--images", default="data/images/train", type=PathType, show_default=True)
-@click.option("--vq", "vq_path", default="data/vq/vq.pt", type=PathType, show_default=True)
+@click.option("--vq", "vq_path", default="data/vq/vq.pt", type=PathType, show_default=True,
+              help="the tokenizer: LlamaGen's VQ or VAR's VQVAE (told apart by its keys)")
 @click.option("--vq-model", default=None, help="VQ config for upstream files: a name (VQ-16) or a JSON file")
 @click.option("--out", default="data/tokens/train.zarr", type=PathType, show_default=True)
 @click.pass_context
@@ -122,14 +126,17 @@ def pretrain_ar(ctx, tokens_path, out):
 @click.option("--tokens", "tokens_path", default="data/tokens/train.zarr", type=PathType, show_default=True)
 @click.option("--ref", "ref_path", default="data/ar/gpt.pt", type=PathType, show_default=True)
 @click.option("--gpt-model", default=None, help=GPT_MODEL_HELP)
+@click.option("--vae", default=None, type=PathType, help=VAE_HELP)
+@click.option("--vae-model", default=None, help=VAE_MODEL_HELP)
+@click.option("--depth", default=None, type=int, help=DEPTH_HELP)
 @click.option("--out", default="data/reflogp/ref_logp.parquet", type=PathType, show_default=True)
 @click.pass_context
-def reflogp(ctx, tokens_path, ref_path, gpt_model, out):
+def reflogp(ctx, tokens_path, ref_path, gpt_model, vae, vae_model, depth, out):
     """Cache the frozen reference model's log-likelihoods (Parquet)."""
     from . import reflogp as stage
 
     params, device = _setup(ctx)
-    stage.run(build(stage.RefLogpConfig, params, "reflogp"), tokens_path, ref_path, out, device, gpt_model)
+    stage.run(build(stage.RefLogpConfig, params, "reflogp"), tokens_path, ref_path, out, device, gpt_model, vae=vae, vae_model=vae_model, depth=depth)
 
 
 @main.command()
@@ -137,18 +144,24 @@ def reflogp(ctx, tokens_path, ref_path, gpt_model, out):
 @click.option("--cache", "cache_path", default="data/reflogp/ref_logp.parquet", type=PathType, show_default=True)
 @click.option("--init", "init", default="data/ar/gpt.pt", type=PathType, show_default=True, help="reference checkpoint the policy starts from")
 @click.option("--gpt-model", default=None, help=GPT_MODEL_HELP)
+@click.option("--vae", default=None, type=PathType, help=VAE_HELP)
+@click.option("--vae-model", default=None, help=VAE_MODEL_HELP)
+@click.option("--depth", default=None, type=int, help=DEPTH_HELP)
 @click.option("--out", default="data/train", type=PathType, show_default=True)
 @click.pass_context
-def train(ctx, tokens_path, cache_path, init, gpt_model, out):
+def train(ctx, tokens_path, cache_path, init, gpt_model, vae, vae_model, depth, out):
     """Fine-tune the policy with CCA over the cached reference log-probs."""
     from . import train as stage
 
     params, device = _setup(ctx)
-    stage.run(build(stage.TrainConfig, params, "train"), tokens_path, cache_path, init, out, device, gpt_model)
+    section = params.get("train")
+    cfg = build(stage.TrainConfig, {"train": stage.apply_preset(section) if isinstance(section, dict) else section}, "train")
+    stage.run(cfg, tokens_path, cache_path, init, out, device, gpt_model, vae=vae, vae_model=vae_model, depth=depth)
 
 
 @main.command("eval")
-@click.option("--vq", "vq_path", default="data/vq/vq.pt", type=PathType, show_default=True)
+@click.option("--vq", "vq_path", default="data/vq/vq.pt", type=PathType, show_default=True,
+              help="the tokenizer that decodes samples: LlamaGen's VQ or VAR's VQVAE")
 @click.option("--base", "base_path", default="data/ar/gpt.pt", type=PathType, show_default=True)
 @click.option("--policy", "policy_path", default="data/train/policy.pt", type=PathType, show_default=True)
 @click.option("--reference", default="data/images/test", type=PathType, show_default=True, help="held-out real images")
@@ -156,13 +169,14 @@ def train(ctx, tokens_path, cache_path, init, gpt_model, out):
               help="classifier checkpoint: the feature extractor (eval.feature_extractor: classifier) and class accuracy")
 @click.option("--gpt-model", default=None, help=GPT_MODEL_HELP)
 @click.option("--vq-model", default=None, help="VQ config for upstream files: a name (VQ-16) or a JSON file")
+@click.option("--depth", default=None, type=int, help=DEPTH_HELP)
 @click.option("--methods", default="base,cfg,cca", show_default=True, help="comma-separated subset of base, cfg, cca")
 @click.option("--cfg-scale", "cfg_scales", multiple=True, type=float, help="guidance scale s (repeatable); overrides eval.cfg_scales")
 @click.option("--fidelity-cache", default=None, type=PathType,
               help="torch-fidelity statistics cache shared by evaluations (default: <out>/fidelity_cache)")
 @click.option("--out", default="data/eval", type=PathType, show_default=True)
 @click.pass_context
-def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_model, vq_model, methods, cfg_scales,
+def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_model, vq_model, depth, methods, cfg_scales,
           fidelity_cache, out):
     """Sample base (with/without CFG) and CCA policy, score with torch-fidelity, print the table."""
     from . import eval as stage
@@ -172,7 +186,8 @@ def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_
     if cfg_scales:
         cfg.cfg_scales = list(cfg_scales)
     metrics = stage.run(cfg, vq_path, base_path, policy_path, reference, classifier_path, out, device, gpt_model, vq_model,
-                        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), fidelity_cache=fidelity_cache)
+                        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), fidelity_cache=fidelity_cache,
+                        depth=depth)
     click.echo(stage.format_results(metrics))
 
 

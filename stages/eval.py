@@ -25,12 +25,12 @@ import torch
 from PIL import Image
 
 from pipeline.checkpoint import file_sha256
+from pipeline.families import image_size as family_image_size
+from pipeline.families import load_model, load_tokenizer
 from pipeline.images import IMAGE_EXTENSIONS, center_crop_arr, to_uint8
 from pipeline.metrics import classify, content_hash, fidelity_metrics, load_classifier, register_classifier_extractor
-from pipeline.models.llamagen import config_from_spec, load_gpt
 from pipeline.progress import progress
 from pipeline.sampling import generate_images
-from pipeline.tokenizers.vq import load_vq, vq_config_from_spec
 
 from .common import write_json
 
@@ -46,7 +46,8 @@ class EvalConfig:
     cfg_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
     temperature: float = 1.0
     top_k: int = 0
-    top_p: float = 1.0
+    top_p: float = 1.0  # 1.0 (LlamaGen) or 0.0 (VAR): off
+    cfg_schedule: str = "constant"  # guidance t per step: "constant" s, or "linear" s * si/(S-1) (VAR's, CFGv2; VAR only)
     batch_size: int = 500
     grid_per_class: int = 8
     num_classes: int = 0  # 0: every class of the model
@@ -144,23 +145,25 @@ METHODS = ("base", "cfg", "cca")
 def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Path | None, reference: Path,
         classifier_path: Path | None, out: Path, device: torch.device,
         gpt_model: str | None = None, vq_model: str | None = None,
-        methods: tuple[str, ...] = METHODS, fidelity_cache: Path | None = None) -> dict:
-    """Evaluate `methods`: base (no guidance), cfg (base at each eval.cfg_scales), cca (the policy)."""
+        methods: tuple[str, ...] = METHODS, fidelity_cache: Path | None = None, depth: int | None = None) -> dict:
+    """Evaluate `methods`: base (no guidance), cfg (base at each eval.cfg_scales), cca (the policy).
+    Either family: with VAR, `vq_path` is the VQVAE (it decodes, and its quantiser builds VAR's input)."""
     unknown = set(methods) - set(METHODS)
     if unknown or not methods:
         raise ValueError(f"unknown eval methods {sorted(unknown)}; valid: {', '.join(METHODS)}")
     extractor, weights = scorer(cfg, classifier_path)
     (out / "samples").mkdir(parents=True, exist_ok=True)
-    vq = load_vq(vq_path, vq_config_from_spec(vq_model)).to(device).eval()
+    vq = load_tokenizer(vq_path, vq_model).to(device).eval()
     grid = cfg.image_size // vq.cfg.downsample if cfg.image_size else None
     models = {}
     if {"base", "cfg"} & set(methods):
-        models["base"] = load_gpt(base_path, config_from_spec(gpt_model, grid * grid if grid else None)).to(device).eval()
+        models["base"] = load_model(base_path, gpt_model=gpt_model, seq_len=grid * grid if grid else None, vae=vq_path,
+                                    vae_model=vq_model, depth=depth).to(device).eval()
     if "cca" in methods:
-        models["cca"] = load_gpt(policy_path).to(device).eval()
+        models["cca"] = load_model(policy_path, vae=vq_path, vae_model=vq_model, depth=depth).to(device).eval()
     some_model = next(iter(models.values()))
     classifier = load_classifier(classifier_path).to(device) if classifier_path and classifier_path.is_file() else None
-    image_size = vq.cfg.downsample * int(round(some_model.cfg.block_size ** 0.5))
+    image_size = family_image_size(some_model, vq)
     ref_images = load_reference(reference, cfg.resize_to or image_size)
     num_classes = cfg.num_classes or some_model.cfg.num_classes
     labels = torch.arange(num_classes).repeat_interleave(cfg.samples_per_class)
@@ -188,7 +191,7 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Pat
             started = time.perf_counter()
             images, _ = generate_images(
                 models[model_key], vq, labels, seed=seed, batch_size=cfg.batch_size, cfg_scale=scale,
-                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, cfg_schedule=cfg.cfg_schedule,
             )
             seconds = time.perf_counter() - started
             images = to_uint8(resize_images(images, cfg.resize_to))

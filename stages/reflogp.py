@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint import file_sha256
+from pipeline.families import check_model_fits_tokens, load_model
 from pipeline.formats import RefCacheParts, read_ref_cache, read_token_store
-from pipeline.models.llamagen import config_from_spec, load_gpt
 from pipeline.progress import progress
 from pipeline.refcache import draw_pairs, reference_logps
 
@@ -34,22 +34,12 @@ class RefLogpConfig:
             raise ValueError(f"reflogp.part_rows ({self.part_rows}) must be a multiple of reflogp.batch_size ({self.batch_size})")
 
 
-def check_vocabulary(store_attrs: dict, model_cfg, tokens_path: Path, ckpt: Path) -> None:
-    if int(store_attrs["codebook_size"]) > model_cfg.vocab_size:
-        raise ValueError(
-            f"token store {tokens_path} uses a codebook of {store_attrs['codebook_size']} codes but the model "
-            f"{ckpt} has a vocabulary of {model_cfg.vocab_size}: tokenize with the tokenizer the model was trained on"
-        )
-    if store_attrs["num_classes"] > model_cfg.num_classes:
-        raise ValueError(f"token store {tokens_path} has {store_attrs['num_classes']} classes, model {ckpt} only {model_cfg.num_classes}")
-
-
-def run(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, out: Path, device: torch.device, gpt_model: str | None = None) -> None:
+def run(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, out: Path, device: torch.device, gpt_model: str | None = None,
+        vae: Path | None = None, vae_model: str | None = None, depth: int | None = None) -> None:
     store = read_token_store(tokens_path)
-    model = load_gpt(ref_path, config_from_spec(gpt_model, store.tokens.shape[2])).to(device)
-    check_vocabulary(store.attrs, model.cfg, tokens_path, ref_path)
-    if store.tokens.shape[2] != model.cfg.block_size:
-        raise ValueError(f"{tokens_path} has sequences of {store.tokens.shape[2]} tokens, model {ref_path} expects {model.cfg.block_size}")
+    model = load_model(ref_path, gpt_model=gpt_model, seq_len=store.tokens.shape[2], vae=vae, vae_model=vae_model, depth=depth,
+                       patch_nums=store.attrs.get("patch_nums")).to(device)
+    check_model_fits_tokens(model, store.attrs, store.tokens.shape[2], tokens_path, ref_path)
     pairs = draw_pairs(store.labels, store.tokens.shape[1], store.num_classes, cfg.seed, cfg.views)
     provenance = {
         "tokens_fingerprint": store.fingerprint,

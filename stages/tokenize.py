@@ -1,4 +1,4 @@
-"""Stage `tokenize`: class-folder images -> frozen VQ tokenizer -> Zarr token store.
+"""Stage `tokenize`: class-folder images -> frozen VQ tokenizer (LlamaGen's VQ or VAR's multi-scale VQVAE) -> Zarr token store.
 
     cca-pipe tokenize --images data/images/train --vq data/vq/vq.pt --out data/tokens/train.zarr
     cca-pipe tokenize --images /data/imagenet/train --vq vq_ds16_c2i.pt --vq-model VQ-16 --out tokens.zarr
@@ -25,10 +25,10 @@ import torch
 
 from pipeline import __version__
 from pipeline.checkpoint import file_sha256
+from pipeline.families import load_tokenizer, tokenizer_attrs
 from pipeline.formats import TokenStoreWriter
 from pipeline.images import ImageFolderError, ImageViews, list_image_folder, open_rgb, view_names
 from pipeline.progress import progress
-from pipeline.tokenizers.vq import load_vq, vq_config_from_spec
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TokenizeConfig:
     image_size: int = 16
-    augment: str = "shift1"  # none | flip | tencrop | shift1
+    augment: str = "shift1"  # none | flip | tencrop | shift1 | randcrop:<A> (VAR's resize 1.125x + random crop, A views)
     batch_size: int = 256  # images per encoder forward
     chunk_rows: int = 1024  # rows per Zarr chunk = resume unit; a multiple of batch_size
     num_workers: int = 0  # DataLoader processes decoding images (spawned: safe next to zarr's threads)
@@ -47,7 +47,9 @@ class TokenizeConfig:
     max_bad_fraction: float = 0.001
     # Scale-out: dask_workers > 0 encodes chunks on a dask cluster (a LocalCluster of that many worker
     # processes, or the cluster at dask_scheduler, e.g. "tcp://host:8786"); each worker loads the
-    # tokenizer once. Chunks are encoded with the same batches, so the tokens are identical either way.
+    # tokenizer once and encodes with one thread. Chunks are encoded with the same batches, so the tokens
+    # are identical to an in-process run with one thread (OMP_NUM_THREADS=1); with another thread count,
+    # float summation order differs and an exact near-tie between two codes may flip (seen: 1 code in 24,576).
     dask_workers: int = 0
     dask_scheduler: str = ""
 
@@ -113,7 +115,7 @@ def encode_rows(paths: list[Path], rows: list[int], cfg: TokenizeConfig, vq_path
     key = (vq_path, vq_model, device)
     if key not in _WORKER_TOKENIZERS:
         torch.set_num_threads(1)  # one thread per worker process: the cluster provides the parallelism
-        _WORKER_TOKENIZERS[key] = load_vq(vq_path, vq_config_from_spec(vq_model)).to(device).eval()
+        _WORKER_TOKENIZERS[key] = load_tokenizer(vq_path, vq_model).to(device).eval()
     vq = _WORKER_TOKENIZERS[key]
     dataset = ImageViews(paths, cfg.image_size, cfg.augment, rows)
     out = []
@@ -153,15 +155,14 @@ def run(cfg: TokenizeConfig, images: Path, vq_path: Path, out: Path, device: tor
     skipped: list[str] = []
     if cfg.bad_images == "skip":
         paths, labels, skipped = drop_bad_images(paths, labels, cfg.max_bad_fraction)
-    vq = load_vq(vq_path, vq_config_from_spec(vq_model)).to(device).eval()
-    if cfg.image_size % vq.cfg.downsample:
-        raise ValueError(f"tokenize.image_size {cfg.image_size} is not a multiple of the tokenizer's downsampling {vq.cfg.downsample}")
-    grid = cfg.image_size // vq.cfg.downsample
+    vq = load_tokenizer(vq_path, vq_model).to(device).eval()
+    layout = tokenizer_attrs(vq, cfg.image_size)  # family, seq_len, grid (+ patch_nums for VAR)
+    seq_len = layout["seq_len"]
     sha = file_sha256(vq_path)
     attrs = {"tokenizer_sha256": sha, "codebook_size": vq.cfg.codebook_size, "image_size": cfg.image_size,
-             "grid": grid, "augmentations": names, "class_names": class_names, "source": str(images),
+             **layout, "augmentations": names, "class_names": class_names, "source": str(images),
              "skipped_files": skipped}
-    writer = TokenStoreWriter(out, labels, len(names), grid * grid, attrs, build_key(cfg, paths, labels, sha), cfg.chunk_rows)
+    writer = TokenStoreWriter(out, labels, len(names), seq_len, attrs, build_key(cfg, paths, labels, sha), cfg.chunk_rows)
     pending = writer.pending_chunks()
     if len(pending) < writer.num_chunks:
         log.info("resuming %s: %d of %d chunks already done", out, writer.num_chunks - len(pending), writer.num_chunks)
@@ -179,5 +180,5 @@ def run(cfg: TokenizeConfig, images: Path, vq_path: Path, out: Path, device: tor
         shutil.rmtree(out, ignore_errors=True)  # the input must change, so nothing here could be resumed
         raise
     fingerprint = writer.finish()
-    log.info("tokenized %d images x %d views x %d tokens -> %s (fingerprint %s)", len(paths), len(names), grid * grid, out, fingerprint[:12])
+    log.info("tokenized %d images x %d views x %d tokens -> %s (fingerprint %s)", len(paths), len(names), seq_len, out, fingerprint[:12])
     return fingerprint

@@ -4,7 +4,8 @@
                    --init data/ar/gpt.pt --out data/train
 Only the policy is resident (initialised from the reference checkpoint `--init`); the reference model
 is never constructed. The cache must have been made from these tokens and this checkpoint (checked).
-Writes policy.pt (LlamaGen c2i layout), log.csv + log.jsonl (per step), summary.json.
+Either family (LlamaGen GPT, or VAR with --vae giving the quantiser that builds its input).
+Writes policy.pt (the peer's layout: LlamaGen c2i / a VAR state dict under "model"), log.csv + log.jsonl (per step), summary.json.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from pathlib import Path
 import torch
 
 from pipeline.alignment import AlignConfig, train_policy
-from pipeline.checkpoint import file_sha256, save_checkpoint
+from pipeline.checkpoint import file_sha256
+from pipeline.families import check_model_fits_tokens, load_model, save_model
 from pipeline.formats import read_ref_cache, read_token_store
-from pipeline.models.llamagen import config_from_spec, load_gpt
 from pipeline.progress import progress
 
 from .common import StepLog, write_json
@@ -31,8 +32,19 @@ from .common import StepLog, write_json
 log = logging.getLogger(__name__)
 
 
+# The official CCA recipes (paper Appendix E, the released training scripts), by name. A params.yaml
+# `train.preset` starts from one of these; keys written in the train section override it.
+TRAIN_PRESETS: dict[str, dict] = {
+    **{f"var-d{depth}": dict(loss="cca", beta=0.02, lam=lam, lr=2e-5, epochs=1.0, batch_size=256, uncond_ratio=0.1)
+       for depth, lam in ((16, 50.0), (20, 50.0), (24, 100.0), (30, 1000.0))},
+    **{f"llamagen-{size}": dict(loss="cca", beta=0.02, lam=lam, lr=1e-5, epochs=1.0, batch_size=256, uncond_ratio=0.1)
+       for size, lam in (("B", 1000.0), ("L", 300.0), ("XL", 1000.0), ("XXL", 1000.0), ("3B", 500.0))},
+}
+
+
 @dataclass
 class TrainConfig:
+    preset: str = ""  # a TRAIN_PRESETS name: its values are the defaults of this section (see apply_preset)
     loss: str = "cca"
     beta: float = 0.5
     lam: float = field(default=10.0, metadata={"key": "lambda"})
@@ -46,14 +58,26 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 0  # steps between checkpoints out/checkpoints/<step>.pt + resume.pt (0: final only, no resume)
 
+    def __post_init__(self) -> None:
+        if self.preset and self.preset not in TRAIN_PRESETS:
+            raise ValueError(f"train.preset {self.preset!r} is unknown; known: {', '.join(TRAIN_PRESETS)}")
+
     def align_config(self) -> AlignConfig:
         return AlignConfig(**{k: getattr(self, k) for k in AlignConfig.__dataclass_fields__})
 
 
+def apply_preset(section: dict) -> dict:
+    """The train section with its preset's values filled in: keys written in params.yaml win."""
+    name = section.get("preset") or ""
+    if name and name not in TRAIN_PRESETS:
+        raise ValueError(f"train.preset {name!r} is unknown; known: {', '.join(TRAIN_PRESETS)}")
+    preset = {("lambda" if k == "lam" else k): v for k, v in TRAIN_PRESETS.get(name, {}).items()}
+    return {**preset, **section}
+
+
 def save_policy(path: Path, policy, cfg: TrainConfig, init_sha256: str, step: int) -> None:
-    """LlamaGen c2i layout ({"model": state_dict, ...}), plus our config and provenance."""
-    save_checkpoint(path, policy.state_dict(), policy.cfg.to_dict(), family="llamagen-gpt",
-                    init_sha256=init_sha256, train_params={**cfg.__dict__}, steps=step)
+    """The peer's layout ({"model": upstream state dict, ...}: LlamaGen c2i / VAR), plus our config and provenance."""
+    save_model(path, policy, init_sha256=init_sha256, train_params={**cfg.__dict__}, steps=step)
 
 
 def run_key(cfg: TrainConfig, provenance: dict, init_sha: str) -> str:
@@ -62,11 +86,16 @@ def run_key(cfg: TrainConfig, provenance: dict, init_sha: str) -> str:
 
 
 def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: Path, device: torch.device,
-        gpt_model: str | None = None) -> None:
+        gpt_model: str | None = None, vae: Path | None = None, vae_model: str | None = None, depth: int | None = None) -> None:
     store = read_token_store(tokens_path)
     init_sha = file_sha256(init)
     cache, provenance = read_ref_cache(cache_path, expect={"tokens_fingerprint": store.fingerprint, "ref_ckpt_sha256": init_sha})
-    policy = load_gpt(init, config_from_spec(gpt_model, store.tokens.shape[2])).to(device)
+    policy = load_model(init, gpt_model=gpt_model, seq_len=store.tokens.shape[2], vae=vae, vae_model=vae_model, depth=depth,
+                        patch_nums=store.attrs.get("patch_nums")).to(device)
+    check_model_fits_tokens(policy, store.attrs, store.tokens.shape[2], tokens_path, init)
+    depth = getattr(policy.cfg, "depth", None)
+    if cfg.preset.startswith("var-d") and depth is not None and cfg.preset != f"var-d{depth}":
+        log.warning("train.preset %s is the recipe for another depth than this VAR-d%d checkpoint", cfg.preset, depth)
     steps = StepLog(out, "log")
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
