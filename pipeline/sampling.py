@@ -179,7 +179,8 @@ def sample_var(
             tokens[:, begin : begin + pn * pn] = codes
             logps[:, begin : begin + pn * pn] = token_logp(cond_logits, codes)
             begin += pn * pn
-            f_hat, nxt = quantizer.next_input(si, f_hat, codes)
+            with torch.autocast(device.type, enabled=False):  # the running f_hat stays float32, as upstream
+                f_hat, nxt = quantizer.next_input(si, f_hat, codes)
             if nxt is not None:
                 x = var.scale_tokens(si + 1, nxt)
                 if doubled:

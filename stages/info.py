@@ -26,7 +26,8 @@ def _token_store(path: Path) -> str:
              f"  tokens  {tokens.shape} {tokens.dtype}  (images, views, tokens per view), chunks {tokens.chunks}",
              f"  labels  {labels.shape} {labels.dtype}",
              f"  status  {'complete' if 'fingerprint' in attrs else 'INCOMPLETE (interrupted tokenize: rerun to resume)'}"]
-    for key in ("fingerprint", "tokenizer_sha256", "codebook_size", "image_size", "grid", "augmentations", "num_classes", "source"):
+    for key in ("fingerprint", "family", "seq_len", "patch_nums", "tokenizer_sha256", "codebook_size", "image_size", "grid",
+                "augmentations", "num_classes", "source"):
         if key in attrs:
             lines.append(f"  {key:<17}{attrs[key]}")
     names = attrs.get("class_names", [])
@@ -47,20 +48,43 @@ def _cache(path: Path) -> str:
     return "\n".join(lines)
 
 
-def _checkpoint(path: Path) -> str:
-    from pipeline.checkpoint import extract_state_dict, file_sha256, load_file
+def _layout(obj: dict) -> str:
+    if "trainer" in obj and isinstance(obj["trainer"], dict):
+        inner = [k for k, v in obj["trainer"].items() if isinstance(v, dict)]
+        return f"training checkpoint: ['trainer'] holding {inner or 'the state dict'}"
+    if "model" in obj:
+        return "wrapped: " + ", ".join(sorted(k for k in obj if not hasattr(obj[k], "shape")))
+    return "bare state dict"
 
+
+def _checkpoint(path: Path) -> str:
+    from pipeline.checkpoint import CheckpointError, extract_state_dict, file_sha256, load_file
+    from pipeline.families import family_of
+    from pipeline.models.var import config_from_state_dict, load_var_state_dict
+
+    try:
+        family = family_of(path)
+    except CheckpointError:
+        family = None
     obj = load_file(path)
-    state = extract_state_dict(obj, path)
+    if family == "var" and any(k.startswith(("blocks.", "trainer")) for k in obj) or "trainer" in obj:
+        state, _ = load_var_state_dict(path)  # also unnests VAR's ["trainer"]["var_wo_ddp"]
+    else:
+        state = extract_state_dict(obj, path)
     n_params = sum(v.numel() for v in state.values())
     lines = [f"checkpoint {path}", f"  sha256             {file_sha256(path)}",
-             f"  layout             {'wrapped: ' + ', '.join(sorted(k for k in obj if not hasattr(obj[k], 'shape'))) if 'model' in obj else 'bare state dict'}",
-             f"  tensors            {len(state)}, {n_params / 1e6:.2f}M values"]
+             f"  layout             {_layout(obj)}",
+             f"  tensors            {len(state)}, {n_params / 1e6:.2f}M values",
+             f"  model family       {family or 'unknown'}"]
     for key in ("family", "steps", "init_sha256", "tokens_fingerprint"):
         if key in obj:
             lines.append(f"  {key:<19}{obj[key]}")
     if isinstance(obj.get("config"), dict):
         lines.append(f"  config             {json.dumps(obj['config'])}")
+    elif family == "var" and any(k.startswith("blocks.") for k in state):
+        cfg = config_from_state_dict(state)
+        lines.append(f"  config             none stored (upstream VAR file); from the weights: depth {cfg.depth}, width {cfg.width}, "
+                     f"heads {cfg.heads}, {cfg.num_classes} classes + null, vocabulary {cfg.vocab_size}")
     else:
         lines.append("  config             none stored (upstream file): pass --gpt-model / --vq-model")
     return "\n".join(lines)

@@ -124,15 +124,16 @@ class SelfAttention(nn.Module):
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, C // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, hd)
-        q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(_MAX_SCALE_MUL).exp()
-        k = F.normalize(k, dim=-1)
+        # the temperature is a float32 parameter: cast back so SDPA runs in the autocast dtype (bf16 on CUDA)
+        q = (F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(_MAX_SCALE_MUL).exp()).to(v.dtype)
+        k = F.normalize(k, dim=-1).to(v.dtype)
         if self.caching:  # sampling: queries of the current scale see every earlier scale's keys
             if self.cache is not None:
                 k, v = torch.cat((self.cache[0], k), 2), torch.cat((self.cache[1], v), 2)
             self.cache = (k, v)
         if attn_mask is not None:
             attn_mask = attn_mask.to(q.dtype)
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask, scale=1.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
         return self.proj(y.transpose(1, 2).reshape(B, L, C))
 
 
@@ -260,7 +261,7 @@ class VARModel(nn.Module):
         """Teacher-forced log p(token_p | coarser scales, c) for all L positions: (B, L) float32."""
         from ..logprobs import token_logp
 
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):  # float32, as upstream
             teacher_input = self.quantizer.teacher_forcing_input(tokens)
         return token_logp(self.var(labels, teacher_input), tokens)
 
