@@ -322,3 +322,60 @@ def test_saved_policy_is_an_upstream_state_dict(world, tmp_path):
     save_checkpoint(tmp_path / "other.pt", {}, {}, family="classifier")
     with pytest.raises(CheckpointError, match="classifier"):
         family_of(tmp_path / "other.pt")
+
+
+def test_var_policy_trains_with_a_frozen_quantiser(world):
+    """train_policy runs VAR unchanged: step 0 is the ratio-zero loss (1 + lambda) ln 2 / lambda, only the
+    transformer moves, and the positives end above the negatives."""
+    from pipeline.alignment import AlignConfig, train_policy
+
+    vae, model = world
+    tokens = vae.encode(torch.rand(16, 3, 64, 64) * 2 - 1).numpy().astype(np.uint16).reshape(8, 2, 30)
+    labels = (np.arange(8) % 5).astype(np.int32)
+    pairs = draw_pairs(labels, 2, 5, seed=0, views="all")
+    cache = {**pairs, **reference_logps(model, tokens, pairs, batch_size=16, device=CPU)}
+    policy = VARModel(VAR(model.cfg), model.quantizer)
+    policy.var.load_state_dict(model.var.state_dict())
+    quantizer_before = {k: v.clone() for k, v in policy.quantizer.state_dict().items()}
+    logged = []
+    cfg = AlignConfig(beta=0.5, lam=10.0, lr=1e-3, epochs=6.0, batch_size=8, micro_batch_size=4, uncond_ratio=0.0)
+    train_policy(policy, tokens, cache, cfg, CPU, on_step=lambda step, m: logged.append(m))
+    assert math.isclose(logged[0]["loss"], 11 * math.log(2) / 10, rel_tol=1e-4)
+    assert logged[-1]["rewards/margin"] > logged[0]["rewards/margin"] + 1.0
+    assert all(torch.equal(quantizer_before[k], v) for k, v in policy.quantizer.state_dict().items())
+    assert not torch.equal(policy.var.head.weight, model.var.head.weight)
+
+
+def test_tokens_of_the_other_family_are_refused(world, tmp_path):
+    from pipeline.families import check_model_fits_tokens
+
+    _, model = world
+    llamagen_store = {"codebook_size": 64, "num_classes": 5}  # no family attribute: LlamaGen tokens
+    with pytest.raises(ValueError, match="llamagen tokens but .* is a var model"):
+        check_model_fits_tokens(model, llamagen_store, 30, tmp_path / "t.zarr", tmp_path / "var.pth")
+    var_store = {"family": "var", "patch_nums": [1, 2, 4], "codebook_size": 64, "num_classes": 5}
+    with pytest.raises(ValueError, match="scales"):
+        check_model_fits_tokens(model, var_store, 21, tmp_path / "t.zarr", tmp_path / "var.pth")
+    check_model_fits_tokens(model, {**var_store, "patch_nums": list(PN)}, 30, tmp_path / "t.zarr", tmp_path / "var.pth")
+
+
+def test_randcrop_views_are_vars_train_transform_seeded_per_image():
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from pipeline.images import image_views, view_names
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8))
+    views = image_views(image, 64, "randcrop:3", row=7)
+    assert views.shape == (3, 64, 64, 3) and view_names("randcrop:3") == ["randcrop0", "randcrop1", "randcrop2"]
+    resized = np.asarray(TF.resize(image, 72, interpolation=InterpolationMode.LANCZOS))  # round(1.125 * 64)
+    assert resized.shape[:2] == (72, 96)
+    for view in views:  # each view is a 64 x 64 window of the resized image
+        hits = [(t, s) for t in range(72 - 63) for s in range(96 - 63) if np.array_equal(resized[t : t + 64, s : s + 64], view)]
+        assert hits
+    assert np.array_equal(views, image_views(image, 64, "randcrop:3", row=7))  # seeded: same on every run
+    assert not np.array_equal(views, image_views(image, 64, "randcrop:3", row=8))  # differs between images
+    with pytest.raises(ValueError, match="randcrop:<number of views>"):
+        view_names("randcrop:x")
