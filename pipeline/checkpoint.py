@@ -1,12 +1,17 @@
 """Reading and writing model checkpoints in the peers' formats, safely.
 
 Format we write (LlamaGen's c2i layout, so upstream scripts load it with `checkpoint["model"]`):
-    {"model": state_dict, "config": {...model config fields...}, "family": "llamagen-gpt" | "llamagen-vq", ...}
+    {"model": state_dict, "config": {...model config fields...},
+     "family": "llamagen-gpt" | "llamagen-vq" | "var" | "var-vqvae" | "classifier", ...}
+For "var" the state dict is exactly the VAR transformer's (what `var_d16.pth` holds); the quantiser it
+reads its input from stays in the VQVAE file.
 Extra keys hold only plain Python values, so `torch.load(..., weights_only=True)` reads the file.
 
 Upstream files we read: `{"model": sd}` (c2i_B/L/XL, vq_ds16_c2i.pt), a bare state dict (XXL/3B saved from
 FSDP), `{"module": sd}` (DeepSpeed), `{"state_dict": sd}`; keys may carry `module.`/`_orig_mod.` prefixes
 (DDP, torch.compile) and a `freqs_cis` buffer that we recompute. `.safetensors` files hold a bare state dict.
+VAR: plain state dicts (`var_d16.pth`, `vae_ch160v4096z32.pth`); its training checkpoints nest them under
+["trainer"]["var_wo_ddp"] / ["trainer"] (unnested in pipeline.models.var / pipeline.tokenizers.msvq).
 Nothing is ever unpickled beyond tensors and plain containers.
 """
 

@@ -6,6 +6,7 @@ configs are checked on the meta device against shared/reference/var.md (keys, sh
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -379,3 +380,30 @@ def test_randcrop_views_are_vars_train_transform_seeded_per_image():
     assert not np.array_equal(views, image_views(image, 64, "randcrop:3", row=8))  # differs between images
     with pytest.raises(ValueError, match="randcrop:<number of views>"):
         view_names("randcrop:x")
+
+
+def test_var_training_resumes_to_identical_weights(world):
+    """The resume state of a VAR policy (transformer + frozen quantiser) restarts training exactly."""
+    from pipeline.alignment import AlignConfig, train_policy
+
+    vae, model = world
+    tokens = vae.encode(torch.rand(8, 3, 64, 64) * 2 - 1).numpy().astype(np.uint16).reshape(8, 1, 30)
+    labels = (np.arange(8) % 5).astype(np.int32)
+    pairs = draw_pairs(labels, 1, 5, seed=0, views="all")
+    cache = {**pairs, **reference_logps(model, tokens, pairs, batch_size=8, device=CPU)}
+    cfg = AlignConfig(beta=0.5, lam=10.0, lr=1e-3, epochs=2.0, batch_size=4, micro_batch_size=2, uncond_ratio=0.25)
+
+    def fresh() -> VARModel:
+        policy = VARModel(VAR(model.cfg), model.quantizer)
+        policy.var.load_state_dict(model.var.state_dict())
+        return policy
+
+    full = train_policy(fresh(), tokens, cache, cfg, CPU)
+    states = []
+    train_policy(fresh(), tokens, cache, cfg, CPU, checkpoint_every=2,
+                 on_checkpoint=lambda s: states.append(copy.deepcopy(s)))  # as torch.save would freeze it
+    resumed = fresh()
+    resumed.load_state_dict(states[0]["model"])  # what stages/train.py does with resume.pt
+    train_policy(resumed, tokens, cache, cfg, CPU, resume=states[0])
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
