@@ -84,6 +84,18 @@ def extract_state_dict(obj: dict, path: str | os.PathLike = "<memory>") -> dict[
     return out
 
 
+def unnest(obj: dict, nestings: tuple[tuple[str, ...], ...]) -> dict:
+    """The first of `nestings` (key paths, e.g. ("trainer", "var_wo_ddp")) that leads to a dict of
+    tensors (a state dict), else `obj` itself: VAR's and CCA's trainer checkpoints nest their weights."""
+    for nesting in nestings:
+        cur = obj
+        for key in nesting:
+            cur = cur.get(key) if isinstance(cur, dict) else None
+        if isinstance(cur, dict) and cur and all(isinstance(v, torch.Tensor) for v in cur.values()):
+            return cur
+    return obj
+
+
 def save_checkpoint(path: str | os.PathLike, state_dict: dict, config: dict, family: str, **extra) -> None:
     """Write atomically (temporary name, then rename) so an interrupted save never leaves half a file."""
     path = Path(path)

@@ -101,8 +101,9 @@ def test_upstream_layouts_load_strictly_with_identical_outputs(world, tmp_path):
         assert family_of(tmp_path / name) == "var"
         loaded = VARModel(load_var(tmp_path / name, depth=2, patch_nums=PN), load_quantizer(tmp_path / "vae.pth", MSVQConfig(**TINY_VAE)))
         torch.testing.assert_close(loaded.eval().sequence_token_logp(tokens, labels), expected, rtol=0, atol=0)
-    full = load_msvq(tmp_path / "vae.pth", MSVQConfig(**TINY_VAE))
-    assert torch.equal(full.encode(torch.zeros(1, 3, 64, 64)), vae.encode(torch.zeros(1, 3, 64, 64)))
+    for name in ("vae.pth", "ar-ckpt-last.pth"):  # the release's VQVAE file, and the copy in VAR's trainer state
+        full = load_msvq(tmp_path / name, MSVQConfig(**TINY_VAE))
+        assert torch.equal(full.encode(torch.zeros(1, 3, 64, 64)), vae.encode(torch.zeros(1, 3, 64, 64)))
     assert family_of(tmp_path / "vae.pth") == "var"
 
 

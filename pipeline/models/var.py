@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict
+from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict, unnest
 from ..tokenizers.msvq import VAR_PATCH_NUMS, MultiScaleQuantizer
 
 # log(100) as upstream computes it (a float32 tensor's log), the cap of the attention temperature
@@ -282,14 +282,7 @@ def load_var_state_dict(path: str | os.PathLike) -> tuple[dict, dict | None]:
     saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
     if saved is not None and obj.get("family") != "var":
         raise CheckpointError(f"checkpoint {path} is a {obj.get('family')!r} checkpoint, not a VAR transformer")
-    for nesting in _NESTINGS:
-        cur = obj
-        for key in nesting:
-            cur = cur.get(key) if isinstance(cur, dict) else None
-        if isinstance(cur, dict) and cur and all(isinstance(v, torch.Tensor) for v in cur.values()):
-            obj = cur
-            break
-    return extract_state_dict(obj, path), saved
+    return extract_state_dict(unnest(obj, _NESTINGS), path), saved
 
 
 def load_var(path: str | os.PathLike, depth: int | None = None, patch_nums: tuple[int, ...] | None = None) -> VAR:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict
+from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict, unnest
 
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -366,19 +366,6 @@ class MSVQModel(nn.Module):
 _NESTINGS = (("trainer", "vae_wo_ddp"), ("trainer", "vae_local"), ("trainer",))
 
 
-def _unnest(obj: dict, nestings) -> dict:
-    for path in nestings:
-        cur = obj
-        for key in path:
-            if not isinstance(cur, dict) or key not in cur:
-                break
-            cur = cur[key]
-        else:
-            if isinstance(cur, dict):
-                return cur
-    return obj
-
-
 def _load_msvq_sd(path, cfg: MSVQConfig | None) -> tuple[dict, MSVQConfig]:
     obj = load_file(path)
     saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
@@ -388,7 +375,7 @@ def _load_msvq_sd(path, cfg: MSVQConfig | None) -> tuple[dict, MSVQConfig]:
         cfg = MSVQConfig(**saved) if saved is not None else MSVQConfig()
     elif saved is not None and MSVQConfig(**saved) != cfg:
         raise CheckpointError(f"checkpoint {path} was saved with config {saved}, but {cfg.to_dict()} was requested")
-    sd = extract_state_dict(_unnest(obj, _NESTINGS), path)
+    sd = extract_state_dict(unnest(obj, _NESTINGS), path)
     # a training statistic sized by the number of scales; upstream replaces it too when that differs
     hits = sd.get("quantize.ema_vocab_hit_SV")
     if hits is not None and hits.shape[0] != len(cfg.patch_nums):
