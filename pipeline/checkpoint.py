@@ -11,7 +11,7 @@ Upstream files we read: `{"model": sd}` (c2i_B/L/XL, vq_ds16_c2i.pt), a bare sta
 FSDP), `{"module": sd}` (DeepSpeed), `{"state_dict": sd}`; keys may carry `module.`/`_orig_mod.` prefixes
 (DDP, torch.compile) and a `freqs_cis` buffer that we recompute. `.safetensors` files hold a bare state dict.
 VAR: plain state dicts (`var_d16.pth`, `vae_ch160v4096z32.pth`); its training checkpoints nest them under
-["trainer"]["var_wo_ddp"] / ["trainer"] (unnested in pipeline.models.var / pipeline.tokenizers.msvq).
+["trainer"]["var_wo_ddp"] / ["trainer"] (`extract_state_dict(..., nestings=...)` unwraps them).
 Nothing is ever unpickled beyond tensors and plain containers.
 """
 
@@ -65,13 +65,26 @@ def load_file(path: str | os.PathLike) -> dict:
     return obj
 
 
-def extract_state_dict(obj: dict, path: str | os.PathLike = "<memory>") -> dict[str, torch.Tensor]:
-    """Unwrap the upstream layouts, strip DDP/compile prefixes, drop buffers we recompute."""
+def extract_state_dict(obj: dict, path: str | os.PathLike = "<memory>",
+                       nestings: tuple[tuple[str, ...], ...] = ()) -> dict[str, torch.Tensor]:
+    """Unwrap the upstream layouts, strip DDP/compile prefixes, drop buffers we recompute.
+
+    `nestings`: key paths a model family's training checkpoints nest their weights under, tried first,
+    e.g. (("trainer", "var_wo_ddp"), ("trainer",)) for VAR; the first that leads to a dict of tensors wins.
+    Then one level of the common wrappers ({"model": ...}, {"module": ...}, ...)."""
     sd = obj
-    for key in _WRAPPER_KEYS:
-        if key in obj and isinstance(obj[key], dict):
-            sd = obj[key]
+    for nesting in nestings:
+        cur = obj
+        for key in nesting:
+            cur = cur.get(key) if isinstance(cur, dict) else None
+        if isinstance(cur, dict) and cur and all(isinstance(v, torch.Tensor) for v in cur.values()):
+            sd = cur
             break
+    else:
+        for key in _WRAPPER_KEYS:
+            if key in obj and isinstance(obj[key], dict):
+                sd = obj[key]
+                break
     out = {}
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
@@ -82,18 +95,6 @@ def extract_state_dict(obj: dict, path: str | os.PathLike = "<memory>") -> dict[
             continue
         out[k] = v
     return out
-
-
-def unnest(obj: dict, nestings: tuple[tuple[str, ...], ...]) -> dict:
-    """The first of `nestings` (key paths, e.g. ("trainer", "var_wo_ddp")) that leads to a dict of
-    tensors (a state dict), else `obj` itself: VAR's and CCA's trainer checkpoints nest their weights."""
-    for nesting in nestings:
-        cur = obj
-        for key in nesting:
-            cur = cur.get(key) if isinstance(cur, dict) else None
-        if isinstance(cur, dict) and cur and all(isinstance(v, torch.Tensor) for v in cur.values()):
-            return cur
-    return obj
 
 
 def save_checkpoint(path: str | os.PathLike, state_dict: dict, config: dict, family: str, **extra) -> None:

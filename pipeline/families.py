@@ -19,11 +19,10 @@ import torch
 
 from .checkpoint import CheckpointError, peek, save_checkpoint
 from .models.llamagen import GPT, config_from_spec, load_gpt
-from .models.var import VAR, VARModel, load_var
-from .tokenizers.msvq import MSVQModel, load_msvq, load_quantizer, msvq_config_from_spec
+from .models.var import VARModel, load_var
+from .tokenizers.msvq import MSVQModel, MultiScaleQuantizer, load_msvq, load_quantizer, msvq_config_from_spec
 from .tokenizers.vq import VQModel, load_vq, vq_config_from_spec
 
-FAMILIES = ("llamagen", "var")
 _OUR_FAMILIES = {"llamagen-gpt": "llamagen", "llamagen-vq": "llamagen", "var": "var", "var-vqvae": "var"}
 
 
@@ -43,18 +42,19 @@ def family_of(path: str | os.PathLike) -> str:
 
 
 def load_model(path: str | os.PathLike, *, gpt_model: str | None = None, seq_len: int | None = None,
-               vae: str | os.PathLike | None = None, vae_model: str | None = None, depth: int | None = None,
-               patch_nums: tuple[int, ...] | None = None) -> GPT | VARModel:
+               vae: str | os.PathLike | MultiScaleQuantizer | None = None, vae_model: str | None = None,
+               depth: int | None = None, patch_nums: tuple[int, ...] | None = None) -> GPT | VARModel:
     """A family model from its checkpoint. LlamaGen: `gpt_model` names the config of upstream files.
-    VAR: the quantiser comes from the VQVAE file `vae` (config `vae_model`: default the release's), needed
-    to build the model's input; `depth`, when given, is checked against the checkpoint."""
+    VAR: the quantiser that builds the model's input comes from the VQVAE file `vae` (config `vae_model`:
+    default the release's), or is passed already loaded (eval holds the whole VQVAE anyway); `depth`,
+    when given, is checked against the checkpoint."""
     family = family_of(path)
     if family == "llamagen":
         return load_gpt(path, config_from_spec(gpt_model, seq_len))
     if vae is None:
         raise ValueError(f"{path} is a VAR checkpoint: its input is built by the VQVAE's quantiser, so pass the "
                          "VQVAE checkpoint too (--vae / vae_ckpt, e.g. vae_ch160v4096z32.pth)")
-    quantizer = load_quantizer(vae, msvq_config_from_spec(vae_model))
+    quantizer = vae if isinstance(vae, MultiScaleQuantizer) else load_quantizer(vae, msvq_config_from_spec(vae_model))
     var = load_var(path, depth=depth, patch_nums=patch_nums or quantizer.cfg.patch_nums)
     return VARModel(var, quantizer)
 
@@ -118,9 +118,5 @@ def sample(model: GPT | VARModel, labels: torch.Tensor, **kwargs):
         return sampling.sample_var(model, labels, **kwargs)
     if kwargs.pop("cfg_schedule", "constant") != "constant":
         raise ValueError("LlamaGen samples with constant guidance: set eval.cfg_schedule to 'constant'")
-    kwargs.pop("upstream_null_half", None)
     return sampling.sample(model, labels, **kwargs)
 
-
-__all__ = ["FAMILIES", "VAR", "family_of", "load_model", "save_model", "load_tokenizer", "tokenizer_attrs",
-           "image_size", "check_model_fits_tokens", "sample"]

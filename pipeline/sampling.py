@@ -14,6 +14,7 @@ import torch
 
 from .logprobs import token_logp
 from .models.llamagen import GPT
+from .tokenizers.msvq import scale_bounds
 
 
 @dataclass
@@ -23,11 +24,16 @@ class Samples:
     #                           conditional model (float32): equals teacher forcing of the same tokens
 
 
+def keep_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """-inf everywhere but the top_k largest logits of each row (0 = off); LlamaGen's and VAR's alike."""
+    if top_k <= 0:
+        return logits
+    kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    logits = logits / max(temperature, 1e-5)
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    logits = keep_top_k(logits / max(temperature, 1e-5), top_k)
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
@@ -123,9 +129,7 @@ def generate_images(
 def filter_logits_var(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """VAR's `sample_with_top_k_top_p_`: top-k (0 = off), then top-p over the ascending sort removing the
     tokens whose cumulative probability is <= 1 - top_p, always keeping the most likely (0.0 = off)."""
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values.amin(dim=-1, keepdim=True)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    logits = keep_top_k(logits, top_k)
     if top_p > 0:
         sorted_logits, order = logits.sort(dim=-1, descending=False)
         remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
@@ -168,17 +172,15 @@ def sample_var(
     x = var.start_tokens(cond)
     var.set_caching(True)
     try:
-        begin = 0
-        for si, pn in enumerate(cfg.patch_nums):
+        for si, (begin, end) in enumerate(scale_bounds(cfg.patch_nums)):
             logits = var.logits(x, cond, None)  # (B or 2B, pn^2, V); the cache holds every coarser scale
             cond_logits = logits[:B]
             t = cfg_scale * (si / (S - 1) if cfg_schedule == "linear" else 1.0)
             mixed = cond_logits + t * (cond_logits - logits[B:]) if cfg_scale != 0.0 else cond_logits
             probs = torch.softmax(filter_logits_var(mixed / max(temperature, 1e-5), top_k, top_p), dim=-1)
-            codes = draw(probs.reshape(-1, probs.shape[-1]), generator).view(B, pn * pn)
-            tokens[:, begin : begin + pn * pn] = codes
-            logps[:, begin : begin + pn * pn] = token_logp(cond_logits, codes)
-            begin += pn * pn
+            codes = draw(probs.reshape(-1, probs.shape[-1]), generator).view(B, end - begin)
+            tokens[:, begin:end] = codes
+            logps[:, begin:end] = token_logp(cond_logits, codes)
             with torch.autocast(device.type, enabled=False):  # the running f_hat stays float32, as upstream
                 f_hat, nxt = quantizer.next_input(si, f_hat, codes)
             if nxt is not None:

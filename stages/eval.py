@@ -31,6 +31,7 @@ from pipeline.images import IMAGE_EXTENSIONS, center_crop_arr, to_uint8
 from pipeline.metrics import classify, content_hash, fidelity_metrics, load_classifier, register_classifier_extractor
 from pipeline.progress import progress
 from pipeline.sampling import generate_images
+from pipeline.tokenizers.msvq import MSVQModel
 
 from .common import write_json
 
@@ -155,12 +156,13 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Pat
     (out / "samples").mkdir(parents=True, exist_ok=True)
     vq = load_tokenizer(vq_path, vq_model).to(device).eval()
     grid = cfg.image_size // vq.cfg.downsample if cfg.image_size else None
+    quantizer = vq.quantize if isinstance(vq, MSVQModel) else None  # VAR: reuse the loaded VQVAE's, no re-read
     models = {}
     if {"base", "cfg"} & set(methods):
-        models["base"] = load_model(base_path, gpt_model=gpt_model, seq_len=grid * grid if grid else None, vae=vq_path,
-                                    vae_model=vq_model, depth=depth).to(device).eval()
+        models["base"] = load_model(base_path, gpt_model=gpt_model, seq_len=grid * grid if grid else None, vae=quantizer,
+                                    depth=depth).to(device).eval()
     if "cca" in methods:
-        models["cca"] = load_model(policy_path, vae=vq_path, vae_model=vq_model, depth=depth).to(device).eval()
+        models["cca"] = load_model(policy_path, vae=quantizer, depth=depth).to(device).eval()
     some_model = next(iter(models.values()))
     classifier = load_classifier(classifier_path).to(device) if classifier_path and classifier_path.is_file() else None
     image_size = family_image_size(some_model, vq)

@@ -60,17 +60,15 @@ def _layout(obj: dict) -> str:
 def _checkpoint(path: Path) -> str:
     from pipeline.checkpoint import CheckpointError, extract_state_dict, file_sha256, load_file
     from pipeline.families import family_of
-    from pipeline.models.var import config_from_state_dict, load_var_state_dict
+    from pipeline.models.var import NESTINGS, config_from_state_dict
 
     try:
         family = family_of(path)
     except CheckpointError:
         family = None
     obj = load_file(path)
-    if family == "var" and any(k.startswith(("blocks.", "trainer")) for k in obj) or "trainer" in obj:
-        state, _ = load_var_state_dict(path)  # also unnests VAR's ["trainer"]["var_wo_ddp"]
-    else:
-        state = extract_state_dict(obj, path)
+    # a VAR transformer's training checkpoint nests it (["trainer"]["var_wo_ddp"]); other files are unwrapped as usual
+    state = extract_state_dict(obj, path, NESTINGS if family == "var" else ())
     n_params = sum(v.numel() for v in state.values())
     lines = [f"checkpoint {path}", f"  sha256             {file_sha256(path)}",
              f"  layout             {_layout(obj)}",

@@ -7,6 +7,7 @@ configs are checked on the meta device against shared/reference/var.md (keys, sh
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -284,7 +285,7 @@ def test_fresh_var_policy_reproduces_cached_reference_and_online_loss(world, tmp
     labels = rng.integers(0, 5, size=6).astype(np.int32)
     torch.save(model.var.state_dict(), tmp_path / "var.pth")
     torch.save(vae.state_dict(), tmp_path / "vae.pth")
-    (tmp_path / "vae.json").write_text(__import__("json").dumps(TINY_VAE))
+    (tmp_path / "vae.json").write_text(json.dumps(TINY_VAE))
     load = lambda: load_model(tmp_path / "var.pth", vae=tmp_path / "vae.pth", vae_model=str(tmp_path / "vae.json"),  # noqa: E731
                               patch_nums=PN).eval()
     pairs = draw_pairs(labels, 2, 5, seed=3, views="all")
@@ -320,7 +321,6 @@ def test_saved_policy_is_an_upstream_state_dict(world, tmp_path):
     assert state["family"] == "var" and set(state["model"]) == set(VAR(VARConfig(**TINY_VAR)).state_dict())
     VAR(VARConfig(**TINY_VAR)).load_state_dict(state["model"], strict=True)
     assert load_var(tmp_path / "policy.pt").cfg == model.cfg
-    torch.save(model.var.state_dict(), tmp_path / "x.pth")
     save_checkpoint(tmp_path / "other.pt", {}, {}, family="classifier")
     with pytest.raises(CheckpointError, match="classifier"):
         family_of(tmp_path / "other.pt")

@@ -5,14 +5,21 @@ dicts; the VAR one nested like VAR's own training checkpoints), and torch-fideli
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from test_imagenet_pipeline import BIN, ROOT, _run, make_imagenet_folder, save_random_inception
+from test_imagenet_pipeline import (
+    BIN,
+    ROOT,
+    _run,
+    assert_dry_run_lists_the_four_stages,
+    init_pipeline_repo,
+    make_imagenet_folder,
+    save_random_inception,
+)
 from test_var import TINY_VAE, TINY_VAR, _randomize
 
 from pipeline.models.var import VAR, VARConfig
@@ -34,9 +41,6 @@ def repo(tmp_path_factory) -> Path:
     torch.save({"trainer": {"var_wo_ddp": var.state_dict()}, "epoch": 3}, ckpts / "ar-ckpt-d2.pth")
     save_random_inception(ckpts / "inception.pth")
 
-    repo = root / "repo"
-    repo.mkdir()
-    shutil.copy(ROOT / "pipelines/imagenet-var/dvc.yaml", repo / "dvc.yaml")
     params = yaml.safe_load((ROOT / "pipelines/imagenet-var/params.yaml").read_text())
     params.update(data_dir=str(root / "imagenet/train"), vae_ckpt=str(ckpts / "vae_tiny.pth"),
                   vae_model=str(ckpts / "vae_tiny.json"), var_ckpt=str(ckpts / "ar-ckpt-d2.pth"), depth=2,
@@ -45,16 +49,11 @@ def repo(tmp_path_factory) -> Path:
     params["train"].update(batch_size=4, micro_batch_size=2, save_every=2, beta=0.5, lr=1e-3)
     params["eval"].update(samples_per_class=2, num_classes=3, top_k=0, top_p=0.0, batch_size=8, resize_to=32,
                           inception_weights=str(ckpts / "inception.pth"))
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], repo)
-    _run([BIN / "dvc", "init", "-q"], repo)
-    return repo
+    return init_pipeline_repo(root / "repo", "imagenet-var", params)
 
 
 def test_var_pipeline_lists_the_four_stages(repo: Path):
-    log = _run([BIN / "dvc", "repro", "--dry", "--force"], repo)
-    for stage in ("tokenize", "reflogp", "train", "eval"):
-        assert f"Running stage '{stage}'" in log
+    assert_dry_run_lists_the_four_stages(repo)
 
 
 @pytest.mark.slow

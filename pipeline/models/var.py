@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict, unnest
-from ..tokenizers.msvq import VAR_PATCH_NUMS, MultiScaleQuantizer
+from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict
+from ..tokenizers.msvq import VAR_PATCH_NUMS, MultiScaleQuantizer, scale_bounds
 
 # log(100) as upstream computes it (a float32 tensor's log), the cap of the attention temperature
 _MAX_SCALE_MUL = float(torch.log(torch.tensor(100)))
@@ -219,8 +219,7 @@ class VAR(nn.Module):
 
     def scale_tokens(self, si: int, features: torch.Tensor) -> torch.Tensor:
         """Embedded input of scale si > 0 from its (B, pn^2, Cvae) teacher-forcing features."""
-        a = sum(pn * pn for pn in self.cfg.patch_nums[:si])
-        b = a + self.cfg.patch_nums[si] ** 2
+        a, b = scale_bounds(self.cfg.patch_nums)[si]
         return self.word_embed(features.float()) + self.lvl_embed(self.lvl_1L[:, a:b]) + self.pos_1LC[:, a:b]
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
@@ -274,7 +273,7 @@ class VARModel(nn.Module):
         return self
 
 
-_NESTINGS = (("trainer", "var_wo_ddp"), ("trainer",))  # VAR's own / CCA's trainer checkpoints
+NESTINGS = (("trainer", "var_wo_ddp"), ("trainer",))  # VAR's own / CCA's trainer checkpoints
 
 
 def load_var_state_dict(path: str | os.PathLike) -> tuple[dict, dict | None]:
@@ -282,7 +281,7 @@ def load_var_state_dict(path: str | os.PathLike) -> tuple[dict, dict | None]:
     saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
     if saved is not None and obj.get("family") != "var":
         raise CheckpointError(f"checkpoint {path} is a {obj.get('family')!r} checkpoint, not a VAR transformer")
-    return extract_state_dict(unnest(obj, _NESTINGS), path), saved
+    return extract_state_dict(obj, path, NESTINGS), saved
 
 
 def load_var(path: str | os.PathLike, depth: int | None = None, patch_nums: tuple[int, ...] | None = None) -> VAR:

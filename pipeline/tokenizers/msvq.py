@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict, unnest
+from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict
 
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -363,7 +363,7 @@ class MSVQModel(nn.Module):
 
 
 # VAR's training checkpoints nest the weights: ["trainer"]["vae_local"] (VQVAE training) or a plain dict.
-_NESTINGS = (("trainer", "vae_wo_ddp"), ("trainer", "vae_local"), ("trainer",))
+NESTINGS = (("trainer", "vae_wo_ddp"), ("trainer", "vae_local"), ("trainer",))
 
 
 def _load_msvq_sd(path, cfg: MSVQConfig | None) -> tuple[dict, MSVQConfig]:
@@ -375,7 +375,7 @@ def _load_msvq_sd(path, cfg: MSVQConfig | None) -> tuple[dict, MSVQConfig]:
         cfg = MSVQConfig(**saved) if saved is not None else MSVQConfig()
     elif saved is not None and MSVQConfig(**saved) != cfg:
         raise CheckpointError(f"checkpoint {path} was saved with config {saved}, but {cfg.to_dict()} was requested")
-    sd = extract_state_dict(unnest(obj, _NESTINGS), path)
+    sd = extract_state_dict(obj, path, NESTINGS)
     # a training statistic sized by the number of scales; upstream replaces it too when that differs
     hits = sd.get("quantize.ema_vocab_hit_SV")
     if hits is not None and hits.shape[0] != len(cfg.patch_nums):
