@@ -34,10 +34,13 @@ log = logging.getLogger(__name__)
 
 # The official CCA recipes (paper Appendix E, the released training scripts), by name. A params.yaml
 # `train.preset` starts from one of these; keys written in the train section override it.
+# Keys are spelled as in params.yaml (`lambda`).
 TRAIN_PRESETS: dict[str, dict] = {
-    **{f"var-d{depth}": dict(loss="cca", beta=0.02, lam=lam, lr=2e-5, epochs=1.0, batch_size=256, uncond_ratio=0.1)
+    **{f"var-d{depth}": {"loss": "cca", "beta": 0.02, "lambda": lam, "lr": 2e-5, "epochs": 1.0, "batch_size": 256,
+                         "uncond_ratio": 0.1}
        for depth, lam in ((16, 50.0), (20, 50.0), (24, 100.0), (30, 1000.0))},
-    **{f"llamagen-{size}": dict(loss="cca", beta=0.02, lam=lam, lr=1e-5, epochs=1.0, batch_size=256, uncond_ratio=0.1)
+    **{f"llamagen-{size}": {"loss": "cca", "beta": 0.02, "lambda": lam, "lr": 1e-5, "epochs": 1.0, "batch_size": 256,
+                            "uncond_ratio": 0.1}
        for size, lam in (("B", 1000.0), ("L", 300.0), ("XL", 1000.0), ("XXL", 1000.0), ("3B", 500.0))},
 }
 
@@ -67,12 +70,9 @@ class TrainConfig:
 
 
 def apply_preset(section: dict) -> dict:
-    """The train section with its preset's values filled in: keys written in params.yaml win."""
-    name = section.get("preset") or ""
-    if name and name not in TRAIN_PRESETS:
-        raise ValueError(f"train.preset {name!r} is unknown; known: {', '.join(TRAIN_PRESETS)}")
-    preset = {("lambda" if k == "lam" else k): v for k, v in TRAIN_PRESETS.get(name, {}).items()}
-    return {**preset, **section}
+    """The train section with its preset's values filled in: keys written in params.yaml win.
+    (An unknown preset name fills nothing; TrainConfig refuses it, listing the known ones.)"""
+    return {**TRAIN_PRESETS.get(section.get("preset") or "", {}), **section}
 
 
 def save_policy(path: Path, policy, cfg: TrainConfig, init_sha256: str, step: int) -> None:
