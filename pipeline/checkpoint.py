@@ -20,9 +20,12 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
+
+from .outputs import atomic_file
 
 _WRAPPER_KEYS = ("model", "module", "state_dict", "ema")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -41,25 +44,45 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive; legacy files are a pickle stream starting with the PROTO opcode."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def load_file(path: str | os.PathLike) -> dict:
-    """Load a .pt/.pth/.safetensors file into a dict without executing pickled code."""
+    """Load a .pt/.pth/.safetensors file into a dict without executing pickled code
+    (`torch.load(weights_only=True)`: tensors and plain containers only)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file as load_safetensors
 
-        return load_safetensors(str(path))
+        try:
+            return load_safetensors(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {path}: not a valid .safetensors file ({_first_line(e)})") from e
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); "
+                              "pass the .pt/.pth/.safetensors file of the model")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refused to load {path}: it contains objects other than tensors and plain containers "
-            f"({str(e).splitlines()[0]}). Re-save only the state dict, e.g. "
+            f"({_first_line(e)}). Re-save only the state dict, e.g. "
             f"torch.save({{'model': model.state_dict()}}, path), or convert it to .safetensors."
         ) from e
-    except (RuntimeError, EOFError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}. The file may be truncated or not a torch file.") from e
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(e)}. The file is truncated or damaged.") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict (state dict)")
     return obj
@@ -97,18 +120,15 @@ def extract_state_dict(obj: dict, path: str | os.PathLike = "<memory>",
     return out
 
 
+def save_torch(path: str | os.PathLike, obj) -> None:
+    """torch.save atomically (temporary name, then rename): a kill or a full disk never leaves half a file."""
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
+
+
 def save_checkpoint(path: str | os.PathLike, state_dict: dict, config: dict, family: str, **extra) -> None:
-    """Write atomically (temporary name, then rename) so an interrupted save never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    try:
-        torch.save({"model": state, "config": config, "family": family, **extra}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk or a kill must not leave half a file behind
-        raise
+    save_torch(path, {"model": state, "config": config, "family": family, **extra})
 
 
 def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | os.PathLike = "<memory>") -> None:
@@ -121,6 +141,11 @@ def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], pat
         for k, v in expected.items()
         if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
     ]
+    params = {name for name, _ in model.named_parameters()}
+    damaged = [k for k in sorted(params & set(state_dict)) if state_dict[k].is_floating_point() and not torch.isfinite(state_dict[k]).all()]
+    if damaged:
+        raise CheckpointError(f"checkpoint {path} is damaged: {len(damaged)} weight tensors hold NaN or inf values, e.g. "
+                              f"{damaged[:4]}; use an intact copy of the checkpoint")
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -141,14 +166,19 @@ def peek(path: str | os.PathLike) -> tuple[str | None, set[str]]:
     data where the format allows (memory-mapped zip checkpoints, safetensors headers): a multi-GB
     checkpoint's family is known before it is loaded once, for real."""
     path = Path(path)
+    if not path.is_file() or (path.suffix != ".safetensors" and not _looks_like_torch_file(path)):
+        load_file(path)  # raises its clear error
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            return None, set(f.keys())
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return None, set(f.keys())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {path}: not a valid .safetensors file ({_first_line(e)})") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError):
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, zipfile.BadZipFile):
         obj = load_file(path)  # legacy (non-zip) files cannot be memory-mapped; also gives the clear errors
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict (state dict)")
@@ -163,3 +193,64 @@ def peek(path: str | os.PathLike) -> tuple[str | None, set[str]]:
             elif isinstance(v, dict):
                 stack.append(v)
     return family, keys
+
+
+# ----------------------------------------------------------------------------- what a checkpoint is
+
+KINDS = {
+    "llamagen-gpt": "a LlamaGen GPT (image generator)",
+    "llamagen-vq": "a LlamaGen VQ tokenizer",
+    "var": "a VAR transformer (image generator)",
+    "var-vqvae": "VAR's multi-scale VQVAE tokenizer",
+    "classifier": "a cca-pipe image classifier (evaluator)",
+    "inception": "an Inception-v3 feature extractor (torch-fidelity's)",
+}
+
+
+def kind_from(saved_family: str | None, keys: set[str]) -> str | None:
+    """Which KINDS entry a checkpoint is: our files name it; upstream files are told apart by their keys."""
+    if saved_family in KINDS:
+        return saved_family
+    if any(k.endswith("attn.scale_mul_1H11") for k in keys):
+        return "var"
+    if any("quant_resi.qresi_ls" in k for k in keys):
+        return "var-vqvae"
+    if any(".attention.wqkv." in k for k in keys) or "tok_embeddings.weight" in keys:
+        return "llamagen-gpt"
+    if any("conv_blocks" in k for k in keys):
+        return "llamagen-vq"
+    if any(k.startswith("Mixed_5b.") for k in keys):
+        return "inception"
+    return None
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str | None:
+    saved, keys = peek(path)
+    return kind_from(saved, keys)
+
+
+def expect_kind(path: str | os.PathLike, allowed: tuple[str, ...], role: str) -> str:
+    """The checkpoint's kind if it is one of `allowed`, else one clear error before any model is built:
+    "--ref expects a LlamaGen GPT or a VAR transformer, but data/vq/vq.pt is a LlamaGen VQ tokenizer"."""
+    saved, keys = peek(path)
+    kind = kind_from(saved, keys)
+    if kind in allowed:
+        return kind
+    wanted = " or ".join(KINDS[k] for k in allowed)
+    if kind is None:
+        what = (f"its 'family' entry {saved!r} is unknown" if saved is not None
+                else f"its keys (e.g. {sorted(keys)[:4]}) belong to no model cca-pipe knows")
+        raise CheckpointError(f"{role} expects {wanted}, but {path} is not one: {what}")
+    raise CheckpointError(f"{role} expects {wanted}, but {path} is {KINDS[kind]} checkpoint")
+
+
+def owned_checkpoint(kind: str):
+    """Test for an existing file that is a checkpoint of ours of this kind (which a stage may replace)."""
+
+    def owned(path: Path) -> bool:
+        try:
+            return path.is_file() and peek(path)[0] == kind
+        except CheckpointError:
+            return False
+
+    return owned

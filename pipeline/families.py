@@ -17,43 +17,36 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, peek, save_checkpoint
+from .checkpoint import expect_kind, save_checkpoint
 from .models.llamagen import GPT, config_from_spec, load_gpt
 from .models.var import VARModel, load_var
 from .tokenizers.msvq import MSVQModel, MultiScaleQuantizer, load_msvq, load_quantizer, msvq_config_from_spec
 from .tokenizers.vq import VQModel, load_vq, vq_config_from_spec
 
-_OUR_FAMILIES = {"llamagen-gpt": "llamagen", "llamagen-vq": "llamagen", "var": "var", "var-vqvae": "var"}
+_FAMILY = {"llamagen-gpt": "llamagen", "llamagen-vq": "llamagen", "var": "var", "var-vqvae": "var"}
+MODELS, TOKENIZERS = ("llamagen-gpt", "var"), ("llamagen-vq", "var-vqvae")
 
 
-def family_of(path: str | os.PathLike) -> str:
+def family_of(path: str | os.PathLike, role: str = "this command") -> str:
     """"llamagen" or "var" for a model or tokenizer checkpoint (ours or upstream), or a clear error."""
-    saved, keys = peek(path)
-    if saved in _OUR_FAMILIES:
-        return _OUR_FAMILIES[saved]
-    if saved is not None:
-        raise CheckpointError(f"checkpoint {path} is a {saved!r} checkpoint, not an image generator or tokenizer")
-    if any(k.endswith("attn.scale_mul_1H11") for k in keys) or any("quant_resi.qresi_ls" in k for k in keys):
-        return "var"
-    if any(".attention.wqkv." in k for k in keys) or any("conv_blocks" in k for k in keys):
-        return "llamagen"
-    raise CheckpointError(f"checkpoint {path}: cannot tell which model family its keys belong to "
-                          f"(e.g. {sorted(keys)[:5]}); expected LlamaGen (GPT, VQ-16) or VAR (var_d*.pth, vae_ch160v4096z32.pth)")
+    return _FAMILY[expect_kind(path, MODELS + TOKENIZERS, role)]
 
 
 def load_model(path: str | os.PathLike, *, gpt_model: str | None = None, seq_len: int | None = None,
                vae: str | os.PathLike | MultiScaleQuantizer | None = None, vae_model: str | None = None,
-               depth: int | None = None, patch_nums: tuple[int, ...] | None = None) -> GPT | VARModel:
+               depth: int | None = None, patch_nums: tuple[int, ...] | None = None, role: str = "the model checkpoint") -> GPT | VARModel:
     """A family model from its checkpoint. LlamaGen: `gpt_model` names the config of upstream files.
     VAR: the quantiser that builds the model's input comes from the VQVAE file `vae` (config `vae_model`:
     default the release's), or is passed already loaded (eval holds the whole VQVAE anyway); `depth`,
     when given, is checked against the checkpoint."""
-    family = family_of(path)
+    family = _FAMILY[expect_kind(path, MODELS, role)]
     if family == "llamagen":
         return load_gpt(path, config_from_spec(gpt_model, seq_len))
     if vae is None:
         raise ValueError(f"{path} is a VAR checkpoint: its input is built by the VQVAE's quantiser, so pass the "
                          "VQVAE checkpoint too (--vae / vae_ckpt, e.g. vae_ch160v4096z32.pth)")
+    if not isinstance(vae, MultiScaleQuantizer):
+        expect_kind(vae, ("var-vqvae",), "--vae")
     quantizer = vae if isinstance(vae, MultiScaleQuantizer) else load_quantizer(vae, msvq_config_from_spec(vae_model))
     var = load_var(path, depth=depth, patch_nums=patch_nums or quantizer.cfg.patch_nums)
     return VARModel(var, quantizer)
@@ -65,9 +58,9 @@ def save_model(path: str | os.PathLike, model: GPT | VARModel, **extra) -> None:
     save_checkpoint(path, model.upstream_state_dict(), model.cfg.to_dict(), family=family, **extra)
 
 
-def load_tokenizer(path: str | os.PathLike, spec: str | None = None) -> VQModel | MSVQModel:
+def load_tokenizer(path: str | os.PathLike, spec: str | None = None, role: str = "--vq") -> VQModel | MSVQModel:
     """LlamaGen's VQ (encode -> (B, h*w)) or VAR's multi-scale VQVAE (encode -> (B, 680))."""
-    if family_of(path) == "var":
+    if _FAMILY[expect_kind(path, TOKENIZERS, role)] == "var":
         return load_msvq(path, msvq_config_from_spec(spec))
     return load_vq(path, vq_config_from_spec(spec))
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import __version__
+from .outputs import Claim, atomic_file, write_text
+
+log = logging.getLogger(__name__)
 
 TOKENS_FORMAT = "cca-pipe/tokens"
 TOKENS_FORMAT_VERSION = 1
@@ -79,16 +83,69 @@ def tokens_fingerprint(tokens: np.ndarray, labels: np.ndarray) -> str:
 
 
 _TOKEN_ATTRS = ("tokenizer_sha256", "codebook_size", "image_size", "grid", "augmentations", "class_names")
+# Attribute types a readable store must have (a hand-edited zarr.json is caught here, not deep in a stage).
+_ATTR_TYPES = {"codebook_size": int, "image_size": int, "grid": int, "num_classes": int, "augmentations": list,
+               "class_names": list, "tokenizer_sha256": str, "build_key": str}
+REBUILD_STORE = "rebuild it with `cca-pipe tokenize` (or `dvc repro tokenize`)"
+
+
+def store_attrs(path: str | os.PathLike) -> dict | None:
+    """The zarr attributes of a directory if it is a cca-pipe token store (complete or not), else None."""
+    meta = Path(path) / "zarr.json"
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    return attrs if isinstance(attrs, dict) and attrs.get("format") == TOKENS_FORMAT else None
+
+
+def is_token_store(path: Path) -> bool:
+    return path.is_dir() and store_attrs(path) is not None
+
+
+def _check_attrs(path: Path, attrs: dict) -> None:
+    for key, kind in _ATTR_TYPES.items():
+        if key not in attrs:
+            raise FormatError(f"{path}: attribute {key!r} is missing from zarr.json; {REBUILD_STORE}")
+        if not isinstance(attrs[key], kind) or (kind is int and isinstance(attrs[key], bool)):
+            raise FormatError(f"{path}: attribute {key!r} is {attrs[key]!r}, expected a {kind.__name__}; {REBUILD_STORE}")
+    if attrs["num_classes"] < 1 or attrs["codebook_size"] < 1 or attrs["codebook_size"] > 65536:
+        raise FormatError(f"{path}: num_classes {attrs['num_classes']} / codebook_size {attrs['codebook_size']} out of range; "
+                          f"{REBUILD_STORE}")
+    if len(attrs["class_names"]) != attrs["num_classes"]:
+        raise FormatError(f"{path}: {len(attrs['class_names'])} class_names for num_classes {attrs['num_classes']}; {REBUILD_STORE}")
+
+
+def _chunk_file(array, chunk: int) -> Path:
+    """The file of row-chunk `chunk` of a (N, ...) zarr array stored in a local directory."""
+    key = array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+    return Path(str(array.store_path.store.root)) / array.path / key
+
+
+def _read_rows(path: Path, array, start: int, stop: int, chunk: int) -> np.ndarray:
+    """Rows of one chunk, or a FormatError naming the store and the chunk file (missing, truncated,
+    undecodable): zarr would silently return the fill value for a missing chunk."""
+    file = _chunk_file(array, chunk)
+    if not file.is_file():
+        raise FormatError(f"{path}: chunk file {file.relative_to(path)} (rows {start}..{stop - 1}) is missing; {REBUILD_STORE}")
+    try:
+        return array[start:stop]
+    except Exception as e:  # blosc/zstd errors come as RuntimeError, ValueError, TypeError... depending on codec
+        raise FormatError(f"{path}: chunk file {file.relative_to(path)} (rows {start}..{stop - 1}) cannot be decoded "
+                          f"({type(e).__name__}: {e}); the store is damaged: {REBUILD_STORE}") from e
 
 
 class TokenStoreWriter:
-    """Resumable writer of a token store.
+    """Resumable writer of a token store at `path` (a stage writes it at its Claim's `.partial` path and
+    swaps it into place once `finish()`ed; pipeline/outputs.py).
 
     The arrays are created with their full shape; rows are written one chunk (`chunk_rows` rows) at a
     time, and each finished chunk is recorded atomically in `<path>/progress.json`. A rerun with the same
     `build_key` (a digest of everything that determines the tokens: inputs, tokenizer, settings) resumes
-    with the chunks still missing; a store left by other settings is replaced. `finish()` computes the
-    fingerprint and marks the store complete; until then `read_token_store` refuses it.
+    with the chunks still missing, after checking that every chunk the progress file lists exists and
+    decodes (a deleted or damaged one is encoded again); a store of ours left by other settings is
+    replaced. `finish()` computes the fingerprint and marks the store complete; until then
+    `read_token_store` refuses it.
     """
 
     def __init__(self, path: str | os.PathLike, labels: np.ndarray, views: int, seq_len: int, attrs: dict,
@@ -104,38 +161,42 @@ class TokenStoreWriter:
         self.progress_file = self.path / "progress.json"
         self.done: set[int] = set()
         self.complete = False
-        existing = self._existing_attrs()
+        existing = store_attrs(self.path) or {}
         if existing.get("build_key") == build_key and "fingerprint" in existing:
             self.complete = True
             return
         if existing.get("build_key") == build_key and self.progress_file.is_file():
-            self.done = set(json.loads(self.progress_file.read_text())["done_chunks"])
             self.group = zarr.open_group(str(self.path), mode="r+")
+            self.done = self._verified(set(json.loads(self.progress_file.read_text())["done_chunks"]))
             return
-        shutil.rmtree(self.path, ignore_errors=True)
+        if self.path.exists():
+            shutil.rmtree(self.path)  # ours (a Claim checked the format marker), from other settings
         attrs = {**attrs, "format": TOKENS_FORMAT, "format_version": TOKENS_FORMAT_VERSION,
                  "num_classes": len(attrs["class_names"]), "build_key": build_key}
         self.group = zarr.open_group(str(self.path), mode="w", attributes=attrs)
         compressor = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
         rows = min(self.chunk_rows, max(1, self.num_rows))
+        # every chunk is written, even one equal to the fill value (zarr skips those by default), so that a
+        # missing chunk file always means damage
+        config = {"write_empty_chunks": True}
         self.group.create_array("tokens", shape=(self.num_rows, views, seq_len), dtype=np.uint16,
-                                chunks=(rows, views, seq_len), compressors=compressor, fill_value=0)
-        self.group.create_array("labels", data=labels.astype(np.int32), chunks=(rows,), compressors=compressor)
+                                chunks=(rows, views, seq_len), compressors=compressor, fill_value=0, config=config)
+        self.group.create_array("labels", data=labels.astype(np.int32), chunks=(rows,), compressors=compressor, config=config)
         self._save_progress()
 
-    def _existing_attrs(self) -> dict:
-        meta = self.path / "zarr.json"
-        if not meta.is_file():
-            return {}
-        try:
-            return json.loads(meta.read_text()).get("attributes", {})
-        except (json.JSONDecodeError, OSError):
-            return {}
+    def _verified(self, done: set[int]) -> set[int]:
+        """The chunks of the progress file whose files exist and decode; the others are redone."""
+        bad = []
+        for chunk in sorted(done):
+            try:
+                _read_rows(self.path, self.group["tokens"], *self.chunk_range(chunk), chunk)
+            except FormatError as e:
+                bad.append(chunk)
+                log.warning("%s; encoding chunk %d again", e, chunk)
+        return done - set(bad)
 
     def _save_progress(self) -> None:
-        tmp = self.progress_file.with_name("progress.json.tmp")
-        tmp.write_text(json.dumps({"done_chunks": sorted(self.done)}))
-        os.replace(tmp, self.progress_file)
+        write_text(self.progress_file, json.dumps({"done_chunks": sorted(self.done)}))
 
     @property
     def num_chunks(self) -> int:
@@ -157,7 +218,7 @@ class TokenStoreWriter:
 
     def finish(self) -> str:
         if self.complete:
-            return self._existing_attrs()["fingerprint"]
+            return store_attrs(self.path)["fingerprint"]
         if self.pending_chunks():
             raise RuntimeError(f"{self.path}: chunks {self.pending_chunks()[:5]}... were never written")
         fingerprint = tokens_fingerprint(self.group["tokens"][...], self.group["labels"][...])
@@ -167,22 +228,26 @@ class TokenStoreWriter:
         return fingerprint
 
 
+def claim_token_store(path: str | os.PathLike, what: str = "cca-pipe tokenize") -> Claim:
+    """The right to (re)write a token store: the path and its `.partial` must be absent or stores of ours."""
+    return Claim(path, what=what, owned=is_token_store)
+
+
 def write_token_store(path: str | os.PathLike, tokens: np.ndarray, labels: np.ndarray, attrs: dict, chunk_rows: int = 1024) -> str:
-    """Write a whole in-memory store atomically (to `<path>.tmp`, then rename). Returns the fingerprint."""
-    path = Path(path)
+    """Write a whole in-memory store (built beside, swapped in). Returns the fingerprint."""
     if tokens.ndim != 3 or tokens.dtype != np.uint16:
         raise ValueError(f"tokens must be (N, A, L) uint16, got {tokens.shape} {tokens.dtype}")
     if labels.shape != (tokens.shape[0],):
         raise ValueError(f"labels must be ({tokens.shape[0]},), got {labels.shape}")
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    writer = TokenStoreWriter(tmp, labels, tokens.shape[1], tokens.shape[2], attrs, build_key="in-memory", chunk_rows=chunk_rows)
-    for chunk in writer.pending_chunks():
-        start, stop = writer.chunk_range(chunk)
-        writer.write_chunk(chunk, tokens[start:stop])
-    fingerprint = writer.finish()
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    with claim_token_store(path, "write_token_store") as claim:
+        claim.discard_partial()
+        writer = TokenStoreWriter(claim.partial, labels, tokens.shape[1], tokens.shape[2], attrs, build_key="in-memory",
+                                  chunk_rows=chunk_rows)
+        for chunk in writer.pending_chunks():
+            start, stop = writer.chunk_range(chunk)
+            writer.write_chunk(chunk, tokens[start:stop])
+        fingerprint = writer.finish()
+        claim.commit_path()
     return fingerprint
 
 
@@ -193,36 +258,46 @@ def read_token_store(path: str | os.PathLike) -> TokenStore:
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise FormatError(f"{path} is not a token store (no zarr.json): run `cca-pipe tokenize` to create it")
-    group = zarr.open_group(str(path), mode="r")
-    attrs = dict(group.attrs)
-    if attrs.get("format") != TOKENS_FORMAT or attrs.get("format_version") != TOKENS_FORMAT_VERSION:
-        raise FormatError(
-            f"{path}: format {attrs.get('format')!r} v{attrs.get('format_version')}, expected "
-            f"{TOKENS_FORMAT!r} v{TOKENS_FORMAT_VERSION}; re-run `cca-pipe tokenize`"
-        )
-    for name in ("tokens", "labels"):
-        if name not in group:
-            raise FormatError(f"{path}: array {name!r} is missing; re-run `cca-pipe tokenize`")
+    attrs = store_attrs(path)
+    if attrs is None:
+        raise FormatError(f"{path}: zarr.json is not a cca-pipe token store's ({TOKENS_FORMAT!r} v{TOKENS_FORMAT_VERSION}); "
+                          f"{REBUILD_STORE}")
+    if attrs.get("format_version") != TOKENS_FORMAT_VERSION:
+        raise FormatError(f"{path}: format version {attrs.get('format_version')}, expected {TOKENS_FORMAT_VERSION}; {REBUILD_STORE}")
     if "fingerprint" not in attrs:
         raise FormatError(f"{path} is incomplete (tokenize was interrupted): rerun `cca-pipe tokenize` to resume it")
-    tokens, labels = group["tokens"][...], group["labels"][...]
-    if tokens.ndim != 3 or tokens.dtype != np.uint16:
-        raise FormatError(f"{path}/tokens: expected (N, A, L) uint16, found {tokens.shape} {tokens.dtype}")
-    if labels.dtype != np.int32 or labels.shape != (tokens.shape[0],):
-        raise FormatError(f"{path}/labels: expected ({tokens.shape[0]},) int32, found {labels.shape} {labels.dtype}")
-    if len(attrs.get("augmentations", [])) != tokens.shape[1]:
+    _check_attrs(path, attrs)
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        arrays = {name: group[name] for name in ("tokens", "labels")}
+    except KeyError as e:
+        raise FormatError(f"{path}: array {e} is missing; {REBUILD_STORE}") from e
+    except Exception as e:  # an unknown dtype or codec, broken array metadata
+        raise FormatError(f"{path}: cannot open its arrays ({type(e).__name__}: {e}); {REBUILD_STORE}") from e
+    if arrays["tokens"].ndim != 3 or arrays["tokens"].dtype != np.uint16:
+        raise FormatError(f"{path}/tokens: expected (N, A, L) uint16, found {arrays['tokens'].shape} {arrays['tokens'].dtype}")
+    n = arrays["tokens"].shape[0]
+    if arrays["labels"].dtype != np.int32 or arrays["labels"].shape != (n,):
+        raise FormatError(f"{path}/labels: expected ({n},) int32, found {arrays['labels'].shape} {arrays['labels'].dtype}")
+    data = {}
+    for name, array in arrays.items():
+        rows = array.chunks[0]
+        data[name] = np.concatenate([_read_rows(path, array, s, min(s + rows, n), s // rows) for s in range(0, n, rows)]) \
+            if n else array[...]
+    tokens, labels = data["tokens"], data["labels"]
+    if len(attrs["augmentations"]) != tokens.shape[1]:
         raise FormatError(f"{path}: {tokens.shape[1]} views stored but attribute augmentations lists {attrs.get('augmentations')}")
     if attrs.get("family", "llamagen") == "var":
         patch_nums = attrs.get("patch_nums")
         if not patch_nums or sum(pn * pn for pn in patch_nums) != tokens.shape[2]:
             raise FormatError(f"{path}: VAR tokens of length {tokens.shape[2]} but attribute patch_nums {patch_nums} "
-                              f"gives {sum(pn * pn for pn in patch_nums or [])}; re-run `cca-pipe tokenize`")
+                              f"gives {sum(pn * pn for pn in patch_nums or [])}; {REBUILD_STORE}")
     if labels.size and (labels.min() < 0 or labels.max() >= attrs["num_classes"]):
         raise FormatError(f"{path}/labels: values outside [0, {attrs['num_classes']})")
     if tokens.size and int(tokens.max()) >= attrs["codebook_size"]:
         raise FormatError(f"{path}/tokens: code {int(tokens.max())} >= codebook_size {attrs['codebook_size']}")
     if tokens_fingerprint(tokens, labels) != attrs["fingerprint"]:
-        raise FormatError(f"{path}: contents do not match the stored fingerprint (modified after writing?); re-run `cca-pipe tokenize`")
+        raise FormatError(f"{path}: contents do not match the stored fingerprint (modified after writing?); {REBUILD_STORE}")
     return TokenStore(tokens, labels, attrs)
 
 
@@ -239,37 +314,54 @@ CACHE_SCHEMA = pa.schema(
         ("ref_logp_null", pa.float64()),
     ]
 )
+LOGP_COLUMNS = ("ref_logp_pos", "ref_logp_neg", "ref_logp_null")
 _CACHE_META = ("tokens_fingerprint", "ref_ckpt_sha256", "seed", "num_classes", "null_class", "seq_len")
+REBUILD_CACHE = "rebuild it with `cca-pipe reflogp` (or `dvc repro reflogp`)"
 
 
-def write_ref_cache(path: str | os.PathLike, columns: dict[str, np.ndarray], provenance: dict) -> None:
-    """Write the cache atomically with its provenance in the Parquet schema metadata."""
-    path = Path(path)
+def _cache_table(columns: dict[str, np.ndarray], provenance: dict) -> pa.Table:
     missing = [k for k in _CACHE_META if k not in provenance]
     if missing:
         raise ValueError(f"cache provenance missing: {missing}")
     meta = {**provenance, "format": CACHE_FORMAT, "format_version": CACHE_FORMAT_VERSION, "code_version": __version__}
     schema = CACHE_SCHEMA.with_metadata({k.encode(): json.dumps(v).encode() for k, v in meta.items()})
-    table = pa.Table.from_pydict({f.name: np.asarray(columns[f.name]) for f in CACHE_SCHEMA}, schema=schema)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    return pa.Table.from_pydict({f.name: np.asarray(columns[f.name]) for f in CACHE_SCHEMA}, schema=schema)
+
+
+def write_ref_cache(path: str | os.PathLike, columns: dict[str, np.ndarray], provenance: dict) -> None:
+    """Write the cache atomically with its provenance in the Parquet schema metadata."""
+    table = _cache_table(columns, provenance)
+    with atomic_file(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+
+def is_ref_cache(path: Path) -> bool:
+    try:
+        return path.is_file() and read_cache_provenance(path).get("format") == CACHE_FORMAT
+    except FormatError:
+        return False
+
+
+def _is_parts_dir(path: Path) -> bool:
+    """An unfinished cache of ours: a directory of nothing but part files (and their .gitignore)."""
+    return path.is_dir() and all(p.name == ".gitignore" or (p.name.startswith("part-") and p.suffix == ".parquet")
+                                 for p in path.iterdir())
+
+
+def claim_ref_cache(path: str | os.PathLike) -> Claim:
+    return Claim(path, what="cca-pipe reflogp", owned=is_ref_cache, owned_partial=_is_parts_dir)
 
 
 class RefCacheParts:
     """Resumable computation of a cache: rows are computed in parts of `part_rows`, each written atomically
-    to `<path>.parts/part-<k>.parquet` with the provenance; a rerun keeps the parts whose provenance matches
-    and computes the rest; `merge()` writes the single cache file and removes the parts."""
+    to `<dir>/part-<k>.parquet` with the provenance (`dir`: the Claim's `.partial` directory); a rerun keeps
+    the parts whose provenance matches and computes the rest; `merge()` writes the single cache file and
+    removes the parts."""
 
-    def __init__(self, path: str | os.PathLike, num_rows: int, part_rows: int, provenance: dict):
+    def __init__(self, path: str | os.PathLike, num_rows: int, part_rows: int, provenance: dict, parts_dir: Path):
         self.path, self.num_rows, self.part_rows = Path(path), num_rows, max(1, part_rows)
         self.provenance = provenance
-        self.dir = self.path.with_name(self.path.name + ".parts")
+        self.dir = parts_dir
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / ".gitignore").write_text("# partial reference cache, merged and removed when complete\n*\n")
 
@@ -290,10 +382,11 @@ class RefCacheParts:
             if p.is_file():
                 try:
                     meta = read_cache_provenance(p)
+                    rows = pq.ParquetFile(p).metadata.num_rows
                 except Exception:  # a damaged part is recomputed
-                    meta = {}
+                    meta, rows = {}, -1
                 if all(meta.get(key) == value for key, value in self.provenance.items()) and \
-                        pq.ParquetFile(p).metadata.num_rows == self.part_range(k)[1] - self.part_range(k)[0]:
+                        rows == self.part_range(k)[1] - self.part_range(k)[0]:
                     done.append(k)
         return [k for k in range(self.num_parts) if k not in done]
 
@@ -301,37 +394,97 @@ class RefCacheParts:
         write_ref_cache(self.part_path(k), columns, self.provenance)
 
     def merge(self) -> None:
-        tables = [pq.read_table(self.part_path(k)) for k in range(self.num_parts)]
-        table = pa.concat_tables(tables)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, self.path)
+        table = pa.concat_tables([pq.read_table(self.part_path(k)) for k in range(self.num_parts)])
+        with atomic_file(self.path) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def read_cache_provenance(path: str | os.PathLike) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FormatError(f"reference cache {path} does not exist: run `cca-pipe reflogp` to create it")
-    raw = pq.read_schema(path).metadata or {}
-    return {k.decode(): json.loads(v) for k, v in raw.items() if k != b"ARROW:schema"}
+    if not path.is_file():
+        raise FormatError(f"reference cache {path} is not a file (a directory?): pass the .parquet file that `cca-pipe reflogp` wrote")
+    try:
+        raw = pq.read_schema(path).metadata or {}
+        return {k.decode(): json.loads(v) for k, v in raw.items() if k != b"ARROW:schema"}
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise FormatError(f"{path} is not a readable Parquet file ({e}): it is truncated or not a reference cache; "
+                          f"{REBUILD_CACHE}") from e
 
 
-def read_ref_cache(path: str | os.PathLike, expect: dict | None = None) -> tuple[dict[str, np.ndarray], dict]:
-    """Read the cache, check its schema and that its provenance matches `expect` (e.g. the tokens'
-    fingerprint and the reference checkpoint's sha256). Returns (columns, provenance)."""
+def read_ref_cache(path: str | os.PathLike, expect: dict | None = None, store: TokenStore | None = None
+                   ) -> tuple[dict[str, np.ndarray], dict]:
+    """Read the cache, check its schema, that its provenance matches `expect` (e.g. the tokens'
+    fingerprint and the reference checkpoint's sha256) and its contents (validate_ref_cache; against the
+    token store when given). Returns (columns, provenance)."""
     path = Path(path)
     meta = read_cache_provenance(path)
     if meta.get("format") != CACHE_FORMAT or meta.get("format_version") != CACHE_FORMAT_VERSION:
-        raise FormatError(f"{path}: not a cca-pipe reference cache v{CACHE_FORMAT_VERSION}; re-run `cca-pipe reflogp`")
+        raise FormatError(f"{path}: not a cca-pipe reference cache v{CACHE_FORMAT_VERSION}; {REBUILD_CACHE}")
     for key, value in (expect or {}).items():
         if meta.get(key) != value:
             raise FormatError(
                 f"{path} is stale: its {key} is {meta.get(key)!r} but the current input has {value!r}. "
                 f"Rebuild it with `cca-pipe reflogp` (or `dvc repro reflogp`)."
             )
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise FormatError(f"{path}: cannot read its rows ({e}); {REBUILD_CACHE}") from e
     schema = table.schema.remove_metadata()
     if not schema.equals(CACHE_SCHEMA):
-        raise FormatError(f"{path}: schema {schema} differs from the documented one {CACHE_SCHEMA}")
-    return {name: table.column(name).to_numpy() for name in table.column_names}, meta
+        raise FormatError(f"{path}: columns {schema.names} ({', '.join(map(str, schema.types))}) differ from the documented "
+                          f"schema ({', '.join(f'{f.name}: {f.type}' for f in CACHE_SCHEMA)}); {REBUILD_CACHE}")
+    columns = {name: table.column(name).to_numpy() for name in table.column_names}
+    validate_ref_cache(path, columns, meta, store)
+    return columns, meta
+
+
+def validate_ref_cache(path: Path, columns: dict[str, np.ndarray], meta: dict, store: TokenStore | None = None) -> None:
+    """The cache's contents, checked once at read time (one clear error instead of a NaN loss steps later,
+    an IndexError, or training on garbage): finite log-probs; rows, views and labels in range; with the
+    token store: labels equal the store's and every expected (row, view) present exactly once; negatives
+    differ from their positives."""
+
+    def fail(what: str, bad: np.ndarray) -> None:
+        first = int(np.flatnonzero(bad)[0])
+        raise FormatError(f"{path}: {int(bad.sum())} cache rows {what} (first: cache row {first}); {REBUILD_CACHE}")
+
+    for name in LOGP_COLUMNS:
+        bad = ~np.isfinite(columns[name])
+        if bad.any():
+            fail(f"have a non-finite {name}", bad)
+    num_classes = meta.get("num_classes")
+    if not isinstance(num_classes, int):
+        raise FormatError(f"{path}: provenance num_classes is {num_classes!r}; {REBUILD_CACHE}")
+    for name in ("label", "neg_label"):
+        bad = (columns[name] < 0) | (columns[name] >= num_classes)
+        if bad.any():
+            fail(f"have a {name} outside [0, {num_classes})", bad)
+    bad = columns["neg_label"] == columns["label"]
+    if bad.any():
+        fail("have a negative label equal to the positive one", bad)
+    rows, views = columns["row"], columns["view"]
+    if store is None:
+        for name, column in (("row", rows), ("view", views)):
+            if (column < 0).any():
+                fail(f"have a negative {name}", column < 0)
+        return
+    n, a = store.tokens.shape[:2]
+    for name, column, size in (("row", rows, n), ("view", views, a)):
+        bad = (column < 0) | (column >= size)
+        if bad.any():
+            fail(f"have a {name} outside the token store's [0, {size})", bad)
+    bad = columns["label"] != store.labels[rows]
+    if bad.any():
+        fail("have a label different from the token store's", bad)
+    keys = rows.astype(np.int64) * a + views if meta.get("views") == "all" else rows.astype(np.int64)
+    expected = n * a if meta.get("views") == "all" else n
+    counts = np.bincount(keys, minlength=expected)
+    if len(keys) != expected or (counts != 1).any():
+        missing, repeated = int((counts == 0).sum()), int((counts > 1).sum())
+        unit = "(row, view) pairs" if meta.get("views") == "all" else "rows"
+        raise FormatError(f"{path}: {len(keys)} cache rows for {expected} token-store {unit}: {missing} missing, {repeated} "
+                          f"present more than once; {REBUILD_CACHE}")

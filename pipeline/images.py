@@ -45,17 +45,29 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, 
     return paths, np.asarray(labels, dtype=np.int32), class_names
 
 
-def open_rgb(path: str | os.PathLike) -> Image.Image:
+# PIL's own decompression-bomb threshold (it only warns up to twice this): larger images are refused.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+def open_rgb(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode fully and convert any mode to 8-bit RGB: grayscale, palette, RGBA (alpha dropped), CMYK, and
-    16-bit grayscale (scaled to 8 bits rather than clipped). Corrupt or truncated files raise ImageFolderError."""
+    16-bit grayscale (scaled to 8 bits rather than clipped). Corrupt or truncated files, and images of more
+    than `max_pixels` pixels (checked from the header, before decoding), raise ImageFolderError."""
     try:
         with Image.open(path) as im:
+            if im.size[0] * im.size[1] > max_pixels:
+                raise ImageFolderError(
+                    f"image {path} is {im.size[0]}x{im.size[1]} = {im.size[0] * im.size[1] / 1e6:.0f} megapixels, more than the "
+                    f"limit of {max_pixels / 1e6:.0f} (a decompression bomb?): shrink or remove it, or raise "
+                    "tokenize.max_image_pixels")
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, dtype=np.float64)
                 scale = 65535.0 if arr.max() > 255 or im.mode.startswith("I;16") else 255.0
                 return Image.fromarray(np.round(arr / scale * 255).clip(0, 255).astype(np.uint8)).convert("RGB")
             return im.convert("RGB")
+    except ImageFolderError:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageFolderError(f"cannot decode image {path} ({type(e).__name__}: {e}): it is corrupt or truncated; "
                                "replace or remove it, or set tokenize.bad_images: skip") from e
@@ -201,8 +213,9 @@ def image_views(image: Image.Image, size: int, mode: str, row: int = 0) -> np.nd
 class ImageViews(torch.utils.data.Dataset):
     """(views uint8 (A, size, size, 3), row index) per image file; for a DataLoader in tokenize."""
 
-    def __init__(self, paths: list[Path], size: int, mode: str, rows: list[int] | None = None):
-        self.paths, self.size, self.mode = paths, size, mode
+    def __init__(self, paths: list[Path], size: int, mode: str, rows: list[int] | None = None,
+                 max_pixels: int = MAX_IMAGE_PIXELS):
+        self.paths, self.size, self.mode, self.max_pixels = paths, size, mode, max_pixels
         self.rows = list(range(len(paths))) if rows is None else rows
 
     def __len__(self) -> int:
@@ -210,5 +223,5 @@ class ImageViews(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         row = self.rows[i]
-        views = image_views(open_rgb(self.paths[row]), self.size, self.mode, row)
+        views = image_views(open_rgb(self.paths[row], self.max_pixels), self.size, self.mode, row)
         return torch.from_numpy(np.array(views)), row  # a writable copy

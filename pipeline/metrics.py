@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError, extract_state_dict, load_file, load_strict, save_checkpoint
+from .config import build_dataclass
 from .progress import progress
 
 CLASSIFIER_EXTRACTOR = "cca-pipe-classifier"
@@ -119,7 +120,7 @@ def load_classifier(path: str | os.PathLike) -> ImageClassifier:
     obj = load_file(path)
     if obj.get("family") != "classifier":
         raise CheckpointError(f"{path} is not a cca-pipe classifier checkpoint (family {obj.get('family')!r})")
-    model = ImageClassifier(ClassifierConfig(**obj["config"]))
+    model = ImageClassifier(build_dataclass(ClassifierConfig, obj.get("config"), f"checkpoint {path}: its config", CheckpointError))
     load_strict(model, extract_state_dict(obj, path), path)
     return model.eval()
 
@@ -128,13 +129,11 @@ def _classifier_extractor_class():
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
     class ClassifierFeatureExtractor(FeatureExtractorBase):
-        """torch-fidelity adapter: uint8 (B, 3, H, W) -> ("features", "logits")."""
+        """torch-fidelity adapter of our classifier: uint8 (B, 3, H, W) -> ("features", "logits")."""
 
-        def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        def __init__(self, name, features_list, model: ImageClassifier):
             super().__init__(name, features_list)
-            if not feature_extractor_weights_path:
-                raise ValueError(f"feature extractor {name!r} needs feature_extractor_weights_path (the classifier checkpoint)")
-            self.model = load_classifier(feature_extractor_weights_path)
+            self.model = model.eval()
 
         @staticmethod
         def get_provided_features_list():
@@ -160,15 +159,6 @@ def _classifier_extractor_class():
     return ClassifierFeatureExtractor
 
 
-def register_classifier_extractor() -> str:
-    """Register the classifier with torch-fidelity once per process; returns its name."""
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
-
-    if CLASSIFIER_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor(CLASSIFIER_EXTRACTOR, _classifier_extractor_class())
-    return CLASSIFIER_EXTRACTOR
-
-
 class UInt8Images(torch.utils.data.Dataset):
     """torch-fidelity input: uint8 (N, H, W, 3) numpy -> uint8 (3, H, W) tensors."""
 
@@ -186,43 +176,110 @@ def content_hash(images: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(images).data).hexdigest()[:16]
 
 
-def fidelity_metrics(
-    generated: np.ndarray,
-    reference: np.ndarray,
-    *,
-    feature_extractor: str,
-    weights_path: str,
-    cache_root: str | os.PathLike,
-    cuda: bool = False,
-    batch_size: int = 256,
-) -> dict[str, float]:
-    """FID, IS, precision, recall of uint8 (N, H, W, 3) generated images against reference images.
+# ----------------------------------------------------------------------------------------------------
+# Scoring with torch-fidelity's extractors and metric functions, but never its loaders or its cache:
+# both unpickle with torch.load(weights_only=False) (its Inception weights, its statistics cache), so a
+# planted file would run code. We load the weights ourselves (weights_only=True), hand torch-fidelity the
+# module, and cache reference features as .npz read with allow_pickle=False.
 
-    The reference statistics are cached by torch-fidelity under a name that includes a content hash of
-    the reference images and of the extractor weights, so a changed set never reuses stale statistics.
-    """
-    import torch_fidelity
+EXTRACTORS = ("classifier", "inception-v3-compat")
 
+
+@dataclass
+class FeatureExtractor:
+    module: torch.nn.Module  # a torch_fidelity FeatureExtractorBase
+    layers: dict[str, str]  # metric (isc, fid, prc) -> feature layer
+    name: str
+    weights_sha256: str
+
+
+def _inception_module(path: Path, features: list[str]):
+    """torch-fidelity's InceptionV3 with weights read safely. Its constructor only takes a file path, which it
+    unpickles; we give it a private copy that we wrote from the tensors we loaded with weights_only=True."""
+    import tempfile
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from .checkpoint import expect_kind
+
+    expect_kind(path, ("inception",), "eval.inception_weights")
+    state = extract_state_dict(load_file(path), path)
+    with tempfile.TemporaryDirectory() as tmp:
+        safe = Path(tmp) / "inception.pt"
+        torch.save(state, safe)  # only tensors, written by us
+        try:
+            return FeatureExtractorInceptionV3("inception-v3-compat", features, feature_extractor_weights_path=str(safe))
+        except RuntimeError as e:
+            raise CheckpointError(f"eval.inception_weights {path} does not fit torch-fidelity's InceptionV3: "
+                                  f"{' '.join(str(e).split())[:300]}") from e
+
+
+def load_feature_extractor(kind: str, weights: str | os.PathLike, device: torch.device) -> FeatureExtractor:
+    """The evaluator: our digit classifier ("classifier", its checkpoint) or torch-fidelity's Inception-v3
+    port of the TF graph the ADM evaluator uses ("inception-v3-compat", its weights file)."""
     from .checkpoint import file_sha256
 
-    key = f"ref-{content_hash(reference)}-{feature_extractor}-{file_sha256(weights_path)[:16]}"
-    cache_root = Path(cache_root)
-    cache_root.mkdir(parents=True, exist_ok=True)
-    (cache_root / ".gitignore").write_text("# statistics cache, regenerated on demand\n*\n")  # as .pytest_cache does
-    result = torch_fidelity.calculate_metrics(
-        input1=UInt8Images(generated),
-        input2=UInt8Images(reference),
-        isc=True, fid=True, prc=True,
-        feature_extractor=feature_extractor,
-        feature_extractor_weights_path=weights_path,
-        input2_cache_name=key,
-        cache_root=str(cache_root),
-        cuda=cuda, batch_size=batch_size, verbose=False,
-        save_cpu_ram=True,  # no DataLoader worker processes: the images are already in memory
-    )
-    return {
-        "fid": float(result["frechet_inception_distance"]),
-        "is": float(result["inception_score_mean"]),
-        "precision": float(result["precision"]),
-        "recall": float(result["recall"]),
-    }
+    weights = Path(weights)
+    if kind == "classifier":
+        cls = _classifier_extractor_class()
+        layers = {m: cls.get_default_feature_layer_for_metric(m) for m in ("isc", "fid", "prc")}
+        module = cls(CLASSIFIER_EXTRACTOR, sorted(set(layers.values())), load_classifier(weights))
+    elif kind == "inception-v3-compat":
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        layers = {m: FeatureExtractorInceptionV3.get_default_feature_layer_for_metric(m) for m in ("isc", "fid", "prc")}
+        module = _inception_module(weights, sorted(set(layers.values())))
+    else:
+        raise ValueError(f"feature extractor {kind!r}: valid are {', '.join(EXTRACTORS)}")
+    return FeatureExtractor(module.to(device).eval(), layers, kind, file_sha256(weights))
+
+
+def extract_features(extractor: FeatureExtractor, images: np.ndarray, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Features of uint8 (N, H, W, 3) images per layer, by torch-fidelity's own loop."""
+    from torch_fidelity.utils import get_featuresdict_from_dataset
+
+    cuda = next(extractor.module.parameters()).device.type == "cuda"
+    return get_featuresdict_from_dataset(UInt8Images(images), extractor.module, batch_size, cuda, True, False)
+
+
+def reference_features(extractor: FeatureExtractor, images: np.ndarray, cache_dir: str | os.PathLike,
+                       batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Features of the real images, computed once per (image set, extractor) and cached as
+    `<cache_dir>/ref-<images hash>-<extractor>-<weights hash>.npz` (plain arrays, never unpickled)."""
+    from .formats import FormatError
+    from .outputs import atomic_file
+
+    cache = Path(cache_dir) / f"ref-{content_hash(images)}-{extractor.name}-{extractor.weights_sha256[:16]}.npz"
+    layers = sorted(set(extractor.layers.values()))
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as f:
+                return {layer: torch.from_numpy(f[layer]) for layer in layers}
+        except (ValueError, OSError, KeyError, EOFError) as e:
+            raise FormatError(f"fidelity statistics cache {cache} is not a file cca-pipe wrote ({e}); "
+                              "delete it and it will be recomputed") from e
+    features = extract_features(extractor, images, batch_size)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    (cache.parent / ".gitignore").write_text("# statistics cache, regenerated on demand\n*\n")  # as .pytest_cache does
+    with atomic_file(cache) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{layer: features[layer].numpy() for layer in layers})
+    return {layer: features[layer] for layer in layers}
+
+
+def fidelity_scores(extractor: FeatureExtractor, generated: dict[str, torch.Tensor],
+                    reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    """FID, IS, precision, recall of generated against reference features, by torch-fidelity's functions
+    with its default settings (10 IS splits, shuffled with seed 2020; 3-NN precision/recall)."""
+    from torch_fidelity.defaults import DEFAULTS
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_prc import calculate_precision_recall_part
+
+    layer = extractor.layers
+    isc = isc_features_to_metric(generated[layer["isc"]], DEFAULTS["isc_splits"], DEFAULTS["samples_shuffle"], DEFAULTS["rng_seed"])
+    fid = fid_statistics_to_metric(fid_features_to_statistics(generated[layer["fid"]]),
+                                   fid_features_to_statistics(reference[layer["fid"]]), False)
+    precision, recall = calculate_precision_recall_part(generated[layer["prc"]], reference[layer["prc"]],
+                                                        DEFAULTS["prc_neighborhood"], DEFAULTS["prc_batch_size"])
+    return {"fid": float(fid["frechet_inception_distance"]), "is": float(isc["inception_score_mean"]),
+            "precision": float(precision), "recall": float(recall)}

@@ -102,6 +102,20 @@ def plot_training_curves(points: list[Point], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+def grid_canvas(images: np.ndarray, labels: np.ndarray, per_class: int, classes: list[int] | None = None,
+                scale: int = 1, gap: int = 1, fill: int = 255) -> np.ndarray:
+    """One row per class, `per_class` samples each (uint8 (N, H, W, 3) images), upscaled `scale`x (nearest),
+    `gap` pixels of `fill` between tiles: the sample grids of eval and the report's comparison figure."""
+    classes = classes if classes is not None else sorted(set(labels.tolist()))
+    h, w = images.shape[1] * scale, images.shape[2] * scale
+    canvas = np.full((len(classes) * (h + gap) + gap, per_class * (w + gap) + gap, 3), fill, np.uint8)
+    for r, c in enumerate(classes):
+        for k, image in enumerate(images[labels == c][:per_class]):
+            y, x = gap + r * (h + gap), gap + k * (w + gap)
+            canvas[y : y + h, x : x + w] = image.repeat(scale, axis=0).repeat(scale, axis=1)
+    return canvas
+
+
 def comparison_grid(panels: list[tuple[str, np.ndarray, np.ndarray]], path: str | os.PathLike, per_class: int = 6,
                     classes: list[int] | None = None) -> None:
     """Paper Fig. 3: side-by-side sample grids (same classes, same seed), one panel per method.
@@ -112,12 +126,7 @@ def comparison_grid(panels: list[tuple[str, np.ndarray, np.ndarray]], path: str 
     classes = classes if classes is not None else sorted(set(panels[0][2].tolist()))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 0.35 * len(classes) + 1.2))
     for ax, (title, images, labels) in zip(np.atleast_1d(axes), panels):
-        H, W = images.shape[1:3]
-        canvas = np.full((len(classes) * (H + 1), per_class * (W + 1), 3), 255, np.uint8)
-        for r, c in enumerate(classes):
-            for k, image in enumerate(images[labels == c][:per_class]):
-                canvas[r * (H + 1) : r * (H + 1) + H, k * (W + 1) : k * (W + 1) + W] = image
-        ax.imshow(canvas, interpolation="nearest")
+        ax.imshow(grid_canvas(images, labels, per_class, classes), interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
@@ -125,20 +134,25 @@ def comparison_grid(panels: list[tuple[str, np.ndarray, np.ndarray]], path: str 
     plt.close(fig)
 
 
-def markdown_table(points: list[Point]) -> str:
-    """All points, one row each; mean ± std over seeds where the std is known."""
-    head = "| point | FID | IS | precision | recall | class acc. | images/s |\n|---|---|---|---|---|---|---|\n"
-    rows = []
-    for p in points:
+def results_table(rows: list[tuple[str, dict[str, float]]], first: str = "point") -> str:
+    """Markdown table, one row per (name, metrics); mean ± std where the std is known."""
+    head = f"| {first} | FID | IS | precision | recall | class acc. | images/s |\n|---|---|---|---|---|---|---|\n"
+    lines = []
+    for name, metrics in rows:
         cells = []
         for k in TABLE_KEYS:
-            if k not in p.metrics:
+            if k not in metrics:
                 cells.append("n/a")
             elif k == "images_per_s":
-                cells.append(f"{p.metrics[k]:.0f}")
-            elif f"{k}_std" in p.metrics:
-                cells.append(f"{p.metrics[k]:.3f} ± {p.metrics[k + '_std']:.3f}")
+                cells.append(f"{metrics[k]:.0f}")
+            elif f"{k}_std" in metrics:
+                cells.append(f"{metrics[k]:.3f} ± {metrics[k + '_std']:.3f}")
             else:
-                cells.append(f"{p.metrics[k]:.3f}")
-        rows.append(f"| {p.label} | " + " | ".join(cells) + " |")
-    return head + "\n".join(rows) + "\n"
+                cells.append(f"{metrics[k]:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def markdown_table(points: list[Point]) -> str:
+    """All points, one row each."""
+    return results_table([(p.label, p.metrics) for p in points])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .params import ParamsError, build, load_params
+from .params import build, load_params
 
 PathType = click.Path(path_type=Path)
 GPT_MODEL_HELP = "GPT config for upstream checkpoints (they carry none): a name (GPT-B ... GPT-3B) or a JSON file"
@@ -228,22 +228,33 @@ def results(path):
     click.echo(format_results(json.loads(path.read_text())) if path.suffix == ".json" else path.read_text())
 
 
+def _fail(message: str) -> None:
+    """One line on stderr (whatever the message's own line breaks), exit status 2."""
+    click.echo("cca-pipe: error: " + " ".join(str(message).split()), err=True)
+    sys.exit(2)
+
+
 def run() -> None:
-    """Console-script entry: known input errors become one clear message and exit status 2."""
+    """Console-script entry: known input errors become one clear message and exit status 2 (with -v, the
+    traceback too)."""
     import errno
 
     from pipeline.checkpoint import CheckpointError
+    from pipeline.config import ConfigError
     from pipeline.device import OutOfMemory
     from pipeline.formats import FormatError
+    from pipeline.outputs import OutputError
 
+    verbose = "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:]
     try:
         main(standalone_mode=True)
-    except (ParamsError, CheckpointError, FormatError, FileNotFoundError, ValueError, FloatingPointError, OutOfMemory) as e:
-        click.echo(f"cca-pipe: error: {e}", err=True)
-        sys.exit(2)
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+    except (ConfigError, CheckpointError, FormatError, OutputError, FileNotFoundError, ValueError, FloatingPointError,
+            OutOfMemory) as e:
+        if verbose:
             raise
-        click.echo(f"cca-pipe: error: cannot write {e.filename or 'an output file'}: {e.strerror}. "
-                   "Choose a writable output location (--out) or free disk space, then rerun.", err=True)
-        sys.exit(2)
+        _fail(str(e))
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT) or verbose:
+            raise
+        _fail(f"cannot write {e.filename or 'an output file'}: {e.strerror}. "
+              "Choose a writable output location (--out) or free disk space, then rerun.")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.checkpoint import file_sha256
-from pipeline.formats import TokenStoreWriter
+from pipeline.formats import TokenStoreWriter, claim_token_store
 from pipeline.images import view_names
 from pipeline.progress import progress
 from pipeline.tokenizers.vq import load_vq, vq_config_from_spec
@@ -40,6 +40,11 @@ def _numbered_files(folder: Path) -> list[Path]:
 def run(codes_dir: Path, labels_dir: Path, vq_path: Path, augment: str, image_size: int, out: Path,
         class_names: list[str] | None = None, vq_model: str | None = "VQ-16", chunk_rows: int = 4096,
         num_classes: int = 1000) -> str:
+    with claim_token_store(out, "cca-pipe import-codes") as claim:
+        return _import(codes_dir, labels_dir, vq_path, augment, image_size, claim, class_names, vq_model, chunk_rows, num_classes)
+
+
+def _import(codes_dir, labels_dir, vq_path, augment, image_size, claim, class_names, vq_model, chunk_rows, num_classes) -> str:
     code_files, label_files = _numbered_files(codes_dir), _numbered_files(labels_dir)
     if len(code_files) != len(label_files):
         raise ValueError(f"{codes_dir} has {len(code_files)} files but {labels_dir} has {len(label_files)}")
@@ -56,7 +61,7 @@ def run(codes_dir: Path, labels_dir: Path, vq_path: Path, augment: str, image_si
              "grid": int(round(first.shape[2] ** 0.5)), "augmentations": names, "class_names": class_names,
              "source": f"llamagen-codes:{codes_dir}"}
     key = hashlib.sha256(repr((str(codes_dir), len(code_files), attrs, labels.tobytes())).encode()).hexdigest()
-    writer = TokenStoreWriter(out, labels, len(names), first.shape[2], attrs, key, chunk_rows)
+    writer = TokenStoreWriter(claim.partial, labels, len(names), first.shape[2], attrs, key, chunk_rows)
     for chunk in progress(writer.pending_chunks(), desc="import-codes", unit="chunk"):
         start, stop = writer.chunk_range(chunk)
         block = np.stack([np.load(code_files[i])[0] for i in range(start, stop)])
@@ -64,5 +69,6 @@ def run(codes_dir: Path, labels_dir: Path, vq_path: Path, augment: str, image_si
             raise ValueError(f"codes in {codes_dir} rows {start}..{stop} fall outside [0, {vq_cfg.codebook_size})")
         writer.write_chunk(chunk, block.astype(np.uint16))
     fingerprint = writer.finish()
-    log.info("imported %d images x %d views x %d tokens -> %s", len(labels), len(names), first.shape[2], out)
+    claim.commit_path()
+    log.info("imported %d images x %d views x %d tokens -> %s", len(labels), len(names), first.shape[2], claim.target)
     return fingerprint

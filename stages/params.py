@@ -1,20 +1,53 @@
-"""Strict params.yaml sections -> typed config dataclasses (unknown keys and wrong types fail)."""
+"""params.yaml -> typed stage configs: strict YAML (duplicate keys and syntax errors named with their
+line), `--set section.key=value` overrides, and pipeline.config's strict dataclass building (unknown keys,
+wrong types and out-of-range values refused, naming the key)."""
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import yaml
+
+from pipeline.config import ConfigError, build_dataclass
 
 T = TypeVar("T")
 
 
-class ParamsError(ValueError):
+class ParamsError(ConfigError):
     pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping (PyYAML silently keeps the last)."""
+
+
+def _mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is written twice (first on line {seen[key] + 1}); the last would silently win",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def parse_yaml(text: str, where: str):
+    """YAML -> Python with duplicate keys refused; errors name `where` and the line."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        hint = " (YAML indents with spaces, never tabs)" if "\t" in text and "tab" in str(problem).lower() or \
+            "found character '\\t'" in str(e) else ""
+        raise ParamsError(f"{where}{at}: invalid YAML: {' '.join(str(problem).split())}{hint}") from None
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> dict:
@@ -22,7 +55,13 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file {path} not found (run from the project root, or pass --params)")
-    params = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParamsError(f"params file {path} cannot be read: {e}") from e
+    params = parse_yaml(text, str(path)) or {}
+    if not isinstance(params, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections (prepare:, train:, ...), found {type(params).__name__}")
     for item in overrides or []:
         if "=" not in item:
             raise ParamsError(f"override {item!r} is not of the form section.key=value")
@@ -31,54 +70,15 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
-        node[leaf] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise ParamsError(f"override {item!r}: {key!r} is a value in {path}, not a section")
+        node[leaf] = parse_yaml(value, f"override --set {item}")
     return params
 
 
-def _check_type(value: Any, annotation: Any, where: str) -> Any:
-    origin = typing.get_origin(annotation)
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation in (int, float, str, bool):
-        if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
-            raise ParamsError(f"{where}: expected {annotation.__name__}, got {value!r} ({type(value).__name__})")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ParamsError(f"{where}: expected a list, got {value!r}")
-        (item_type, *_) = typing.get_args(annotation) or (Any,)
-        items = [_check_type(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(value, arg, where)
-            except ParamsError:
-                pass
-        raise ParamsError(f"{where}: {value!r} is not a {annotation}")
-    return value
-
-
 def build(cls: type[T], params: dict, section: str) -> T:
-    """cls(**params[section]) with unknown keys refused (listing the valid ones) and types checked."""
+    """cls(**params[section]) with unknown keys refused (listing the valid ones), types and ranges checked."""
     values = params.get(section)
     if values is None:
         raise ParamsError(f"params.yaml has no section {section!r}")
-    if not isinstance(values, dict):
-        raise ParamsError(f"params.yaml section {section!r} must be a mapping")
-    hints = typing.get_type_hints(cls)
-    # A field may be spelled differently in params.yaml (metadata "key"), e.g. `lambda`, a Python keyword.
-    fields = {f.metadata.get("key", f.name): f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ParamsError(f"params.yaml [{section}]: unknown keys {unknown}; valid keys: {sorted(fields)}")
-    kwargs = {fields[k]: _check_type(v, hints[fields[k]], f"params.yaml [{section}].{k}") for k, v in values.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as e:
-        raise ParamsError(f"params.yaml [{section}]: {e}") from e
+    return build_dataclass(cls, values, f"params.yaml [{section}]", error=ParamsError)

@@ -8,26 +8,30 @@ held out for evaluation.
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config import check_ranges, setting
 from pipeline.digits import write_digits
+from pipeline.outputs import StageDir
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class PrepareConfig:
-    image_size: int = 16
-    test_fraction: float = 0.2
-    seed: int = 0
+    image_size: int = setting(16, ge=8)
+    test_fraction: float = setting(0.2, gt=0.0, lt=1.0)
+    seed: int = setting(0, ge=0)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "prepare")
 
 
 def run(cfg: PrepareConfig, out: Path) -> None:
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    counts = write_digits(tmp, cfg.image_size, cfg.test_fraction, cfg.seed)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    """`out` must be absent, empty or a prepare output of ours; written beside it and moved in at the end."""
+    with StageDir(out, "prepare") as claim:
+        claim.discard_partial()  # cheap to redo: never resumed
+        counts = write_digits(claim.open_partial(), cfg.image_size, cfg.test_fraction, cfg.seed)
+        claim.commit()
     log.info("wrote %d train and %d test images to %s", counts["train"], counts["test"], out)

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import save_checkpoint
+from pipeline.checkpoint import owned_checkpoint, save_checkpoint
+from pipeline.config import check_ranges, setting
 from pipeline.formats import read_token_store
 from pipeline.models.llamagen import GPTConfig
+from pipeline.outputs import Claim
 from pipeline.pretraining import train_gpt
 
 from .common import StepLog
@@ -24,19 +26,30 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PretrainARConfig:
-    dim: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    multiple_of: int = 32
-    class_dropout: float = 0.1
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    seed: int = 0
+    dim: int = setting(128, ge=4)
+    n_layer: int = setting(4, ge=1)
+    n_head: int = setting(4, ge=1)
+    multiple_of: int = setting(32, ge=1)
+    class_dropout: float = setting(0.1, ge=0.0, lt=1.0)
+    epochs: int = setting(20, ge=1)
+    batch_size: int = setting(64, ge=1)
+    lr: float = setting(1e-3, gt=0.0)
+    weight_decay: float = setting(0.05, ge=0.0)
+    seed: int = setting(0, ge=0)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "pretrain_ar")
 
 
 def run(cfg: PretrainARConfig, tokens_path: Path, out: Path, device: torch.device) -> None:
+    """Writes `out` and its step log (pretrain_log.jsonl/.csv) beside it; all must be absent or ours."""
+    logs = {out.with_name(f"pretrain_log.{ext}"): StepLog.owns for ext in ("jsonl", "csv")}
+    with Claim(out, what="cca-pipe pretrain-ar", owned=owned_checkpoint("llamagen-gpt"), sidecars=logs) as claim:
+        _pretrain(cfg, tokens_path, out, device)
+        claim.committed = True
+
+
+def _pretrain(cfg: PretrainARConfig, tokens_path: Path, out: Path, device: torch.device) -> None:
     store = read_token_store(tokens_path)
     gpt_cfg = GPTConfig(
         dim=cfg.dim, n_layer=cfg.n_layer, n_head=cfg.n_head, multiple_of=cfg.multiple_of,

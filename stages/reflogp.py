@@ -11,11 +11,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.checkpoint import file_sha256
+from pipeline.config import check_ranges, setting
 from pipeline.families import check_model_fits_tokens, load_model
-from pipeline.formats import RefCacheParts, read_ref_cache, read_token_store
+from pipeline.formats import RefCacheParts, claim_ref_cache, read_ref_cache, read_token_store
 from pipeline.progress import progress
 from pipeline.refcache import draw_pairs, reference_logps
 
@@ -24,18 +26,25 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RefLogpConfig:
-    seed: int = 0  # fixes each row's view and negative label
-    views: str = "all"  # "all": a cache row per (image, view); "one": a row per image, random view
-    batch_size: int = 512
-    part_rows: int = 65536  # resume unit: rows per part file; a multiple of batch_size
+    seed: int = setting(0, ge=0)  # fixes each row's view and negative label
+    views: str = setting("all", choices=("all", "one"))  # "all": a cache row per (image, view); "one": a row per image, random view
+    batch_size: int = setting(512, ge=1)
+    part_rows: int = setting(65536, ge=1, multiple_of="batch_size")  # resume unit: rows per part file
 
     def __post_init__(self) -> None:
-        if self.part_rows % self.batch_size:
-            raise ValueError(f"reflogp.part_rows ({self.part_rows}) must be a multiple of reflogp.batch_size ({self.batch_size})")
+        check_ranges(self, "reflogp")
 
 
 def run(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, out: Path, device: torch.device, gpt_model: str | None = None,
         vae: Path | None = None, vae_model: str | None = None, depth: int | None = None) -> None:
+    """`out` and its parts directory `<out>.partial` must be absent or caches of ours (checked first)."""
+    with claim_ref_cache(out) as claim:
+        _reflogp(cfg, tokens_path, ref_path, claim, device, gpt_model, vae, vae_model, depth)
+
+
+def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, device: torch.device, gpt_model, vae, vae_model,
+             depth) -> None:
+    out = claim.target
     store = read_token_store(tokens_path)
     model = load_model(ref_path, gpt_model=gpt_model, seq_len=store.tokens.shape[2], vae=vae, vae_model=vae_model, depth=depth,
                        patch_nums=store.attrs.get("patch_nums")).to(device)
@@ -51,16 +60,24 @@ def run(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, out: Path, device
         "seq_len": int(store.tokens.shape[2]),
         "batch_size": cfg.batch_size,  # batch composition fixes the float32 sums bit for bit
     }
-    parts = RefCacheParts(out, len(pairs["row"]), cfg.part_rows, provenance)
+    parts = RefCacheParts(out, len(pairs["row"]), cfg.part_rows, provenance, claim.partial)
     pending = parts.pending()
     if len(pending) < parts.num_parts:
         log.info("resuming %s: %d of %d parts already computed", out, parts.num_parts - len(pending), parts.num_parts)
     for k in progress(pending, desc="reflogp parts", unit="part"):
         start, stop = parts.part_range(k)
         part = {name: column[start:stop] for name, column in pairs.items()}
-        parts.write_part(k, {**part, **reference_logps(model, store.tokens, part, cfg.batch_size, device)})
+        logps = reference_logps(model, store.tokens, part, cfg.batch_size, device)
+        bad = ~np.isfinite(np.stack(list(logps.values()))).all(0)
+        if bad.any():
+            raise FloatingPointError(
+                f"the reference model {ref_path} gives non-finite log-probs for {int(bad.sum())} of {stop - start} rows "
+                f"(first: token store row {int(part['row'][bad][0])}); its weights are damaged or it does not fit these "
+                f"tokens. Nothing was written to {out}")
+        parts.write_part(k, {**part, **logps})
     parts.merge()
-    logps, _ = read_ref_cache(out)
+    claim.committed = True
+    logps, _ = read_ref_cache(out, store=store)
     ratio = logps["ref_logp_pos"] - logps["ref_logp_null"]
     log.info("cached %d rows -> %s; mean log p(x|c) %.2f, mean log p(x|c)-log p(x|null) %.2f nats",
              len(ratio), out, logps["ref_logp_pos"].mean(), ratio.mean())

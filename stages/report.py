@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.outputs import StageDir, write_text
 from pipeline.report import Point, comparison_grid, markdown_table, plot_fid_is, plot_training_curves
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,15 @@ def collect(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None, swee
 
 
 def run(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None, out: Path, sweep: dict | None = None) -> str:
-    out.mkdir(parents=True, exist_ok=True)
+    """`out` must be absent, empty or a report directory of ours; built beside it and moved in at the end."""
+    with StageDir(out, "report") as claim:
+        text = _report(eval_dir, train_dir, sweep_dir, claim.open_partial(), sweep)
+        claim.commit()
+    log.info("report -> %s", out)
+    return text
+
+
+def _report(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None, out: Path, sweep: dict | None) -> str:
     points = collect(eval_dir, train_dir, sweep_dir, sweep)
     plot_fid_is(points, out / "fid_is.png")
     plot_training_curves(points, out / "training_curves.png")
@@ -82,7 +91,7 @@ def run(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None, out: Pat
         + ([(f"base + CFG (s={best_cfg.cfg_scale:g}, best FID)", best_cfg)] if best_cfg else [])
     arrays = []
     for title, p in panels:
-        with np.load(p.extra["samples"]) as f:
+        with np.load(p.extra["samples"], allow_pickle=False) as f:
             arrays.append((title, f["arr_0"], f["arr_1"]))
     comparison_grid(arrays, out / "comparison.png")
     text = "All evaluated points (mean ± std over sampling seeds).\n\n" + markdown_table(points)
@@ -91,6 +100,6 @@ def run(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None, out: Pat
         if best_cfg is not None:
             text += f"; / best CFG FID ({best_cfg.label}): {main_cca.metrics['fid'] / best_cfg.metrics['fid']:.3f}"
         text += "\n"
-    (out / "results.md").write_text(text)
-    log.info("report of %d points -> %s", len(points), out)
+    write_text(out / "results.md", text)
+    log.info("report of %d points", len(points))
     return text

@@ -14,19 +14,17 @@ Format: pipeline/formats.py.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline import __version__
 from pipeline.checkpoint import file_sha256
+from pipeline.config import ConfigError, check_ranges, setting, settings_digest
 from pipeline.families import load_tokenizer, tokenizer_attrs
-from pipeline.formats import TokenStoreWriter
+from pipeline.formats import TokenStoreWriter, claim_token_store, store_attrs
 from pipeline.images import ImageFolderError, ImageViews, list_image_folder, open_rgb, view_names
 from pipeline.progress import progress
 
@@ -35,46 +33,47 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TokenizeConfig:
-    image_size: int = 16
+    image_size: int = setting(16, ge=1)
     augment: str = "shift1"  # none | flip | tencrop | shift1 | randcrop:<A> (VAR's resize 1.125x + random crop, A views)
-    batch_size: int = 256  # images per encoder forward
-    chunk_rows: int = 1024  # rows per Zarr chunk = resume unit; a multiple of batch_size
-    num_workers: int = 0  # DataLoader processes decoding images (spawned: safe next to zarr's threads)
+    batch_size: int = setting(256, ge=1)  # images per encoder forward
+    chunk_rows: int = setting(1024, ge=1, multiple_of="batch_size")  # rows per Zarr chunk = resume unit
+    num_workers: int = setting(0, ge=0)  # DataLoader processes decoding images (spawned: safe next to zarr's threads)
     # Corrupt/truncated images: "error" stops at the first one (naming it, leaving no store behind);
     # "skip" decodes every image once up front, drops the bad ones (listed in the store's attribute
     # skipped_files) and still fails if more than max_bad_fraction of the images are bad.
-    bad_images: str = "error"
-    max_bad_fraction: float = 0.001
+    bad_images: str = setting("error", choices=("error", "skip"))
+    max_bad_fraction: float = setting(0.001, ge=0.0, le=1.0)
     # Scale-out: dask_workers > 0 encodes chunks on a dask cluster (a LocalCluster of that many worker
     # processes, or the cluster at dask_scheduler, e.g. "tcp://host:8786"); each worker loads the
     # tokenizer once and encodes with one thread. Chunks are encoded with the same batches, so the tokens
     # are identical to an in-process run with one thread (OMP_NUM_THREADS=1); with another thread count,
     # float summation order differs and an exact near-tie between two codes may flip (seen: 1 code in 24,576).
-    dask_workers: int = 0
+    dask_workers: int = setting(0, ge=0)
     dask_scheduler: str = ""
+    # Images above this many pixels are refused (a decompression bomb: a 144-megapixel PNG takes 1.7 GB to
+    # decode); PIL's own default limit. ImageNet's largest images have about 12 million.
+    max_image_pixels: int = setting(89_478_485, ge=1)
 
     def __post_init__(self) -> None:
-        view_names(self.augment)
-        if self.bad_images not in ("error", "skip"):
-            raise ValueError(f"tokenize.bad_images must be 'error' or 'skip', not {self.bad_images!r}")
-        if self.chunk_rows % self.batch_size:
-            raise ValueError(f"tokenize.chunk_rows ({self.chunk_rows}) must be a multiple of tokenize.batch_size ({self.batch_size})")
+        check_ranges(self, "tokenize")
+        try:
+            view_names(self.augment)
+        except ValueError as e:
+            raise ConfigError(f"tokenize.augment: {e}") from None
 
 
 def build_key(cfg: TokenizeConfig, paths: list[Path], labels: np.ndarray, tokenizer_sha256: str) -> str:
     """Everything that determines the tokens; a store with another key is not resumed but rebuilt."""
-    h = hashlib.sha256()
-    h.update(json.dumps([asdict(cfg), tokenizer_sha256, __version__, [str(p) for p in paths]]).encode())
-    h.update(labels.tobytes())
-    return h.hexdigest()
+    return settings_digest([cfg, tokenizer_sha256, [str(p) for p in paths], hashlib.sha256(labels.tobytes()).hexdigest()])
 
 
-def drop_bad_images(paths: list[Path], labels: np.ndarray, max_fraction: float) -> tuple[list[Path], np.ndarray, list[str]]:
+def drop_bad_images(paths: list[Path], labels: np.ndarray, max_fraction: float,
+                    max_pixels: int) -> tuple[list[Path], np.ndarray, list[str]]:
     """The "skip" policy: decode every image once; keep the readable ones."""
     bad = []
     for i, path in enumerate(progress(paths, desc="checking images", unit="img")):
         try:
-            open_rgb(path)
+            open_rgb(path, max_pixels)
         except ImageFolderError:
             bad.append(i)
     if len(bad) > max_fraction * len(paths):
@@ -117,7 +116,7 @@ def encode_rows(paths: list[Path], rows: list[int], cfg: TokenizeConfig, vq_path
         torch.set_num_threads(1)  # one thread per worker process: the cluster provides the parallelism
         _WORKER_TOKENIZERS[key] = load_tokenizer(vq_path, vq_model).to(device).eval()
     vq = _WORKER_TOKENIZERS[key]
-    dataset = ImageViews(paths, cfg.image_size, cfg.augment, rows)
+    dataset = ImageViews(paths, cfg.image_size, cfg.augment, rows, cfg.max_image_pixels)
     out = []
     for start in range(0, len(rows), cfg.batch_size):
         batch = torch.stack([dataset[i][0] for i in range(start, min(start + cfg.batch_size, len(rows)))])
@@ -150,11 +149,18 @@ def encode_chunks_dask(cfg: TokenizeConfig, paths: list[Path], vq_path: Path, vq
 
 
 def run(cfg: TokenizeConfig, images: Path, vq_path: Path, out: Path, device: torch.device, vq_model: str | None = None) -> str:
+    """Build the store at `<out>.partial` (resumable) and swap it into `out` when complete; `out` and the
+    partial store must be absent or token stores of ours (pipeline/outputs.py), checked before any work."""
+    with claim_token_store(out) as claim:
+        return _tokenize(cfg, images, vq_path, claim, device, vq_model)
+
+
+def _tokenize(cfg: TokenizeConfig, images: Path, vq_path: Path, claim, device: torch.device, vq_model: str | None) -> str:
     names = view_names(cfg.augment)
     paths, labels, class_names = list_image_folder(images)
     skipped: list[str] = []
     if cfg.bad_images == "skip":
-        paths, labels, skipped = drop_bad_images(paths, labels, cfg.max_bad_fraction)
+        paths, labels, skipped = drop_bad_images(paths, labels, cfg.max_bad_fraction, cfg.max_image_pixels)
     vq = load_tokenizer(vq_path, vq_model).to(device).eval()
     layout = tokenizer_attrs(vq, cfg.image_size)  # family, seq_len, grid (+ patch_nums for VAR)
     seq_len = layout["seq_len"]
@@ -162,13 +168,19 @@ def run(cfg: TokenizeConfig, images: Path, vq_path: Path, out: Path, device: tor
     attrs = {"tokenizer_sha256": sha, "codebook_size": vq.cfg.codebook_size, "image_size": cfg.image_size,
              **layout, "augmentations": names, "class_names": class_names, "source": str(images),
              "skipped_files": skipped}
-    writer = TokenStoreWriter(out, labels, len(names), seq_len, attrs, build_key(cfg, paths, labels, sha), cfg.chunk_rows)
+    key = build_key(cfg, paths, labels, sha)
+    existing = store_attrs(claim.target) or {}
+    if existing.get("build_key") == key and "fingerprint" in existing:
+        log.info("%s is up to date (same images, tokenizer and settings)", claim.target)
+        return existing["fingerprint"]
+    out = claim.partial
+    writer = TokenStoreWriter(out, labels, len(names), seq_len, attrs, key, cfg.chunk_rows)
     pending = writer.pending_chunks()
     if len(pending) < writer.num_chunks:
         log.info("resuming %s: %d of %d chunks already done", out, writer.num_chunks - len(pending), writer.num_chunks)
     rows = [r for k in pending for r in range(*writer.chunk_range(k))]
     loader = torch.utils.data.DataLoader(
-        ImageViews(paths, cfg.image_size, cfg.augment, rows), batch_size=cfg.batch_size, shuffle=False,
+        ImageViews(paths, cfg.image_size, cfg.augment, rows, cfg.max_image_pixels), batch_size=cfg.batch_size, shuffle=False,
         num_workers=cfg.num_workers, multiprocessing_context="spawn" if cfg.num_workers else None,
     )
     try:
@@ -177,8 +189,10 @@ def run(cfg: TokenizeConfig, images: Path, vq_path: Path, out: Path, device: tor
         else:
             encode_chunks(loader, vq, writer, cfg.chunk_rows, len(rows), device)
     except ImageFolderError:
-        shutil.rmtree(out, ignore_errors=True)  # the input must change, so nothing here could be resumed
+        claim.discard_partial()  # the input must change, so nothing here could be resumed
         raise
     fingerprint = writer.finish()
-    log.info("tokenized %d images x %d views x %d tokens -> %s (fingerprint %s)", len(paths), len(names), seq_len, out, fingerprint[:12])
+    claim.commit_path()
+    log.info("tokenized %d images x %d views x %d tokens -> %s (fingerprint %s)", len(paths), len(names), seq_len,
+             claim.target, fingerprint[:12])
     return fingerprint

@@ -10,24 +10,24 @@ Writes policy.pt (the peer's layout: LlamaGen c2i / a VAR state dict under "mode
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.alignment import AlignConfig, train_policy
-from pipeline.checkpoint import file_sha256
+from pipeline.checkpoint import CheckpointError, file_sha256, save_torch
+from pipeline.config import check_ranges, setting, settings_digest
 from pipeline.families import check_model_fits_tokens, load_model, save_model
 from pipeline.formats import read_ref_cache, read_token_store
+from pipeline.losses import LOSSES
+from pipeline.outputs import StageDir, write_json
 from pipeline.progress import progress
 
-from .common import StepLog, write_json
+from .common import StepLog
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +47,22 @@ TRAIN_PRESETS: dict[str, dict] = {
 
 @dataclass
 class TrainConfig:
-    preset: str = ""  # a TRAIN_PRESETS name: its values are the defaults of this section (see apply_preset)
-    loss: str = "cca"
-    beta: float = 0.5
-    lam: float = field(default=10.0, metadata={"key": "lambda"})
-    lr: float = 3e-5
-    weight_decay: float = 0.0
-    epochs: float = 1.0
-    batch_size: int = 64
-    micro_batch_size: int = 64
-    uncond_ratio: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    save_every: int = 0  # steps between checkpoints out/checkpoints/<step>.pt + resume.pt (0: final only, no resume)
+    preset: str = setting("", choices=("", *TRAIN_PRESETS))  # its values are the defaults of this section (apply_preset)
+    loss: str = setting("cca", choices=tuple(LOSSES))
+    beta: float = setting(0.5, gt=0.0)  # > 0: a negative beta would push the policy the wrong way
+    lam: float = setting(10.0, key="lambda", ge=0.0)
+    lr: float = setting(3e-5, gt=0.0)
+    weight_decay: float = setting(0.0, ge=0.0)
+    epochs: float = setting(1.0, gt=0.0)
+    batch_size: int = setting(64, ge=1, multiple_of="micro_batch_size")
+    micro_batch_size: int = setting(64, ge=1)
+    uncond_ratio: float = setting(0.1, ge=0.0, lt=1.0)
+    grad_clip: float = setting(1.0, gt=0.0)
+    seed: int = setting(0, ge=0)
+    save_every: int = setting(0, ge=0)  # steps between checkpoints <out>/checkpoints/<step>.pt + resume.pt (0: final only, no resume)
 
     def __post_init__(self) -> None:
-        if self.preset and self.preset not in TRAIN_PRESETS:
-            raise ValueError(f"train.preset {self.preset!r} is unknown; known: {', '.join(TRAIN_PRESETS)}")
+        check_ranges(self, "train")
 
     def align_config(self) -> AlignConfig:
         return AlignConfig(**{k: getattr(self, k) for k in AlignConfig.__dataclass_fields__})
@@ -82,40 +81,63 @@ def save_policy(path: Path, policy, cfg: TrainConfig, init_sha256: str, step: in
 
 def run_key(cfg: TrainConfig, provenance: dict, init_sha: str) -> str:
     """What a resumable state must match to be continued: hyperparameters, cache and initial weights."""
-    return hashlib.sha256(json.dumps([asdict(cfg), provenance, init_sha], sort_keys=True, default=str).encode()).hexdigest()
+    return settings_digest([cfg, provenance, init_sha])
+
+
+def load_resume_state(path: Path, key: str) -> dict | None:
+    """The saved training state if `path` holds one for these settings and inputs, else None."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(saved, dict) or not {"key", "state", "log_rows"} <= set(saved):
+            raise ValueError("not a train resume state")
+    except Exception as e:  # truncated zip, wrong content
+        raise CheckpointError(f"resume state {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+                              f"delete it to restart this run from step 0") from e
+    if saved["key"] != key:
+        log.info("ignoring %s: it belongs to other settings or inputs", path)
+        return None
+    return saved
 
 
 def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: Path, device: torch.device,
         gpt_model: str | None = None, vae: Path | None = None, vae_model: str | None = None, depth: int | None = None) -> None:
+    """`out` must be absent, empty or a train directory of ours; the run is built in `<out>.partial`
+    (checkpoints, resume state, logs) and moved into `out` when it finishes (pipeline/outputs.py)."""
+    with StageDir(out, "train") as claim:
+        _train(cfg, tokens_path, cache_path, init, claim, device, gpt_model, vae, vae_model, depth)
+
+
+def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, claim: StageDir, device: torch.device,
+           gpt_model, vae, vae_model, depth) -> None:
     store = read_token_store(tokens_path)
     init_sha = file_sha256(init)
-    cache, provenance = read_ref_cache(cache_path, expect={"tokens_fingerprint": store.fingerprint, "ref_ckpt_sha256": init_sha})
+    cache, provenance = read_ref_cache(cache_path, expect={"tokens_fingerprint": store.fingerprint, "ref_ckpt_sha256": init_sha},
+                                       store=store)
     policy = load_model(init, gpt_model=gpt_model, seq_len=store.tokens.shape[2], vae=vae, vae_model=vae_model, depth=depth,
                         patch_nums=store.attrs.get("patch_nums")).to(device)
     check_model_fits_tokens(policy, store.attrs, store.tokens.shape[2], tokens_path, init)
     depth = getattr(policy.cfg, "depth", None)
     if cfg.preset.startswith("var-d") and depth is not None and cfg.preset != f"var-d{depth}":
         log.warning("train.preset %s is the recipe for another depth than this VAR-d%d checkpoint", cfg.preset, depth)
-    steps = StepLog(out, "log")
-    ckpt_dir = out / "checkpoints"
+    claim.key = key = run_key(cfg, provenance, init_sha)
+    work = claim.open_partial()
+    steps = StepLog(work, "log")
+    ckpt_dir = work / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    resume_path, key = ckpt_dir / "resume.pt", run_key(cfg, provenance, init_sha)
+    resume_path = ckpt_dir / "resume.pt"
+    saved = load_resume_state(resume_path, key)
     resume = None
-    if resume_path.is_file():
-        saved = torch.load(resume_path, map_location="cpu", weights_only=True)
-        if saved.get("key") == key:
-            resume = saved["state"]
-            policy.load_state_dict(resume["model"])
-            steps.rows = saved["log_rows"]
-            log.info("resuming %s from step %d", out, resume["step"])
-        else:
-            log.info("ignoring %s: it belongs to other settings or inputs", resume_path)
+    if saved is not None:
+        resume = saved["state"]
+        policy.load_state_dict(resume["model"])
+        steps.rows = saved["log_rows"]
+        log.info("resuming %s from step %d", claim.target, resume["step"])
 
     def checkpoint(state: dict) -> None:
         save_policy(ckpt_dir / f"{state['step']:07d}.pt", policy, cfg, init_sha, state["step"])
-        tmp = resume_path.with_name(resume_path.name + ".tmp")
-        torch.save({"key": key, "state": state, "log_rows": steps.rows}, tmp)
-        os.replace(tmp, resume_path)  # atomic: a kill leaves the previous resume point intact
+        save_torch(resume_path, {"key": key, "state": state, "log_rows": steps.rows})  # a kill leaves the previous one
 
     started = time.perf_counter()
     try:
@@ -128,15 +150,16 @@ def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: 
         steps.save()
         good = sorted(ckpt_dir.glob("[0-9]*.pt"))
         raise FloatingPointError(f"training stopped: {e}. Last good checkpoint: {good[-1] if good else init} "
-                                 f"(the step log is in {out / 'log.csv'}).") from e
+                                 f"(the step log is in {work / 'log.csv'}).") from e
     seconds = time.perf_counter() - started
     steps.save()
-    save_policy(out / "policy.pt", policy, cfg, init_sha, len(steps.rows))
+    save_policy(work / "policy.pt", policy, cfg, init_sha, len(steps.rows))
     resume_path.unlink(missing_ok=True)
     last = steps.rows[-1]
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     summary = {"steps": len(steps.rows), "seconds": seconds, "peak_rss_mb": peak_rss_mb, "final": last, "params": asdict(cfg)}
-    write_json(out / "summary.json", summary)
+    write_json(work / "summary.json", summary)
+    claim.commit()
     log.info("peak RSS %.0f MB", peak_rss_mb)
     log.info("trained %d steps in %.1fs: loss %.4f, rewards/pos %.3f, rewards/neg %.3f, accuracy %.3f -> %s",
-             len(steps.rows), seconds, last["loss"], last["rewards/pos"], last["rewards/neg"], last["rewards/accuracy"], out)
+             len(steps.rows), seconds, last["loss"], last["rewards/pos"], last["rewards/neg"], last["rewards/accuracy"], claim.target)

@@ -50,8 +50,8 @@ def test_bad_inputs_rejected_at_write(tmp_path):
 
 def _cache_columns(n=20):
     rng = np.random.default_rng(1)
-    return {"row": np.arange(n), "label": rng.integers(0, 3, n).astype(np.int32),
-            "neg_label": rng.integers(0, 3, n).astype(np.int32), "view": rng.integers(0, 2, n).astype(np.int16),
+    label = rng.integers(0, 3, n).astype(np.int32)
+    return {"row": np.arange(n), "label": label, "neg_label": ((label + rng.integers(1, 3, n)) % 3).astype(np.int32), "view": rng.integers(0, 2, n).astype(np.int16),
             "ref_logp_pos": rng.normal(-50, 5, n), "ref_logp_neg": rng.normal(-55, 5, n), "ref_logp_null": rng.normal(-52, 5, n)}
 
 

@@ -72,7 +72,7 @@ def _kill_when(cmd: list[str], ready, timeout: float = 120) -> None:
 def test_reflogp_resumes_bitwise(world: Path):
     subprocess.run(_reflogp(world, world / "ref_full.parquet"), check=True, capture_output=True)
     out = world / "ref_killed.parquet"
-    parts = world / "ref_killed.parquet.parts"
+    parts = world / "ref_killed.parquet.partial"
     _kill_when(_reflogp(world, out), lambda: len(list(parts.glob("part-*.parquet"))) >= 2)
     assert not out.exists()
     done_before = len(list(parts.glob("part-*.parquet")))
@@ -91,10 +91,10 @@ def test_train_resumes_to_identical_weights(world: Path):
         subprocess.run(_reflogp(world, cache), check=True, capture_output=True)
     subprocess.run(_train(world, cache, world / "train_full"), check=True, capture_output=True)
     out = world / "train_killed"
-    resume = out / "checkpoints" / "resume.pt"
+    resume = out.with_name(out.name + ".partial") / "checkpoints" / "resume.pt"
 
     def has_resume_point() -> bool:
-        return resume.is_file() and (out / "checkpoints" / "0000006.pt").is_file()
+        return resume.is_file() and (resume.parent / "0000006.pt").is_file()
 
     _kill_when(_train(world, cache, out), has_resume_point)
     result = subprocess.run(_train(world, cache, out), check=True, capture_output=True, text=True)

@@ -53,7 +53,8 @@ def test_killed_tokenize_resumes_to_identical_arrays(setup: Path):
 
     out = setup / "killed.zarr"
     proc = subprocess.Popen(_tokenize_cmd(setup, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress_file = out / "progress.json"
+    partial = out.with_name(out.name + ".partial")  # built beside the output, swapped in when complete
+    progress_file = partial / "progress.json"
     deadline = time.time() + 120
     done: list[int] = []
     while time.time() < deadline and proc.poll() is None:
@@ -68,15 +69,16 @@ def test_killed_tokenize_resumes_to_identical_arrays(setup: Path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 0 < len(done) < 12, f"could not kill mid-run (done chunks: {done})"
+    assert not out.exists()
     with pytest.raises(FormatError, match="incomplete"):
-        read_token_store(out)
+        read_token_store(partial)
 
     result = subprocess.run(_tokenize_cmd(setup, out), check=True, capture_output=True, text=True)
     assert "resuming" in result.stderr
     a, b = read_token_store(reference), read_token_store(out)
     assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.labels, b.labels)
     assert a.fingerprint == b.fingerprint
-    assert not (out / "progress.json").exists()
+    assert not (out / "progress.json").exists() and not partial.exists()
 
 
 def test_changed_settings_rebuild_instead_of_resuming(setup: Path):

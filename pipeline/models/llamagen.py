@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict
+from ..config import build_dataclass, config_from_json, named_config
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -85,9 +86,7 @@ GPT_CONFIGS: dict[str, dict] = {
 
 def gpt_config(name: str, **overrides) -> GPTConfig:
     """A named upstream config (e.g. "GPT-B") with overrides such as block_size=576."""
-    if name not in GPT_CONFIGS:
-        raise KeyError(f"unknown GPT config {name!r}; known: {sorted(GPT_CONFIGS)}")
-    return GPTConfig(**{**GPT_CONFIGS[name], **overrides})
+    return named_config(GPTConfig, name, GPT_CONFIGS, "GPT config (--gpt-model)", **overrides)
 
 
 def config_from_spec(spec: str | None, block_size: int | None = None) -> GPTConfig | None:
@@ -96,10 +95,7 @@ def config_from_spec(spec: str | None, block_size: int | None = None) -> GPTConf
     if spec is None:
         return None
     if spec.endswith(".json"):
-        import json
-
-        with open(spec) as f:
-            cfg = GPTConfig(**json.load(f))
+        cfg = config_from_json(GPTConfig, spec)
         if block_size is not None and cfg.block_size != block_size:
             raise ValueError(f"model config {spec} has block_size {cfg.block_size}, but the data has {block_size} tokens")
         return cfg
@@ -292,13 +288,14 @@ def load_gpt(path: str | os.PathLike, cfg: GPTConfig | None = None) -> GPT:
     """
     obj = load_file(path)
     saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
+    stored = build_dataclass(GPTConfig, saved, f"checkpoint {path}: its config", CheckpointError) if saved is not None else None
     if cfg is None:
-        if saved is None:
+        if stored is None:
             raise CheckpointError(
                 f"checkpoint {path} carries no model config: pass one, e.g. gpt_config('GPT-B', block_size=256)"
             )
-        cfg = GPTConfig(**saved)
-    elif saved is not None and GPTConfig(**saved) != cfg:
+        cfg = stored
+    elif stored is not None and stored != cfg:
         raise CheckpointError(f"checkpoint {path} was saved with config {saved}, but {cfg.to_dict()} was requested")
     model = GPT(cfg)
     load_strict(model, extract_state_dict(obj, path), path)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict
+from ..config import build_dataclass
 from ..tokenizers.msvq import VAR_PATCH_NUMS, MultiScaleQuantizer, scale_bounds
 
 # log(100) as upstream computes it (a float32 tensor's log), the cap of the attention temperature
@@ -289,7 +290,7 @@ def load_var(path: str | os.PathLike, depth: int | None = None, patch_nums: tupl
     (["trainer"]["var_wo_ddp"] / ["trainer"]) or a cca-pipe policy. `depth`, when given, must match."""
     sd, saved = load_var_state_dict(path)
     if saved is not None:
-        cfg = VARConfig(**saved)
+        cfg = build_dataclass(VARConfig, saved, f"checkpoint {path}: its config", CheckpointError)
     else:
         cfg = config_from_state_dict(sd, tuple(patch_nums) if patch_nums else VAR_PATCH_NUMS)
         if sd.get("pos_1LC") is not None and sd["pos_1LC"].shape[1] != cfg.seq_len:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict
+from ..config import build_dataclass, config_from_json, named_config
 
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -86,13 +87,8 @@ def msvq_config_from_spec(spec: str | None) -> MSVQConfig | None:
     if spec is None:
         return None
     if spec.endswith(".json"):
-        import json
-
-        with open(spec) as f:
-            return MSVQConfig(**json.load(f))
-    if spec not in MSVQ_CONFIGS:
-        raise KeyError(f"unknown VAR VQVAE config {spec!r}; known: {sorted(MSVQ_CONFIGS)} or a .json file")
-    return MSVQConfig(**MSVQ_CONFIGS[spec])
+        return config_from_json(MSVQConfig, spec)
+    return named_config(MSVQConfig, spec, MSVQ_CONFIGS, "VAR VQVAE config (--vae-model)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -371,9 +367,10 @@ def _load_msvq_sd(path, cfg: MSVQConfig | None) -> tuple[dict, MSVQConfig]:
     saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
     if saved is not None and obj.get("family") != "var-vqvae":
         raise CheckpointError(f"checkpoint {path} is a {obj.get('family')!r} checkpoint, not VAR's VQVAE")
+    stored = build_dataclass(MSVQConfig, saved, f"checkpoint {path}: its config", CheckpointError) if saved is not None else None
     if cfg is None:
-        cfg = MSVQConfig(**saved) if saved is not None else MSVQConfig()
-    elif saved is not None and MSVQConfig(**saved) != cfg:
+        cfg = stored if stored is not None else MSVQConfig()
+    elif stored is not None and stored != cfg:
         raise CheckpointError(f"checkpoint {path} was saved with config {saved}, but {cfg.to_dict()} was requested")
     sd = extract_state_dict(obj, path, NESTINGS)
     # a training statistic sized by the number of scales; upstream replaces it too when that differs

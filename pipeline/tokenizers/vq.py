@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict
+from ..config import build_dataclass, config_from_json, named_config
 
 
 @dataclass
@@ -53,9 +54,7 @@ VQ_CONFIGS: dict[str, dict] = {
 
 
 def vq_config(name: str, **overrides) -> VQConfig:
-    if name not in VQ_CONFIGS:
-        raise KeyError(f"unknown VQ config {name!r}; known: {sorted(VQ_CONFIGS)}")
-    return VQConfig(**{**VQ_CONFIGS[name], **overrides})
+    return named_config(VQConfig, name, VQ_CONFIGS, "VQ config (--vq-model)", **overrides)
 
 
 def vq_config_from_spec(spec: str | None) -> VQConfig | None:
@@ -63,10 +62,7 @@ def vq_config_from_spec(spec: str | None) -> VQConfig | None:
     if spec is None:
         return None
     if spec.endswith(".json"):
-        import json
-
-        with open(spec) as f:
-            return VQConfig(**json.load(f))
+        return config_from_json(VQConfig, spec)
     return vq_config(spec)
 
 
@@ -272,7 +268,7 @@ def load_vq(path: str | os.PathLike, cfg: VQConfig | None = None) -> VQModel:
     if cfg is None:
         if saved is None:
             raise CheckpointError(f"checkpoint {path} carries no VQ config: pass one, e.g. vq_config('VQ-16')")
-        cfg = VQConfig(**saved)
+        cfg = build_dataclass(VQConfig, saved, f"checkpoint {path}: its config", CheckpointError)
     model = VQModel(cfg)
     load_strict(model, extract_state_dict(obj, path), path)
     return model
