@@ -45,7 +45,11 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    """The gist of a library's error: its first sentence (torch's run to a paragraph), or the unpickler's verdict."""
+    text = str(error).strip()
+    if "WeightsUnpickler error:" in text:
+        return text.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
+    return (text.splitlines() or [type(error).__name__])[0].split(". ")[0]
 
 
 def _looks_like_torch_file(path: Path) -> bool:
@@ -71,6 +75,10 @@ def load_file(path: str | os.PathLike) -> dict:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read {path}: not a valid .safetensors file ({_first_line(e)})") from e
     if not _looks_like_torch_file(path):
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":
+                raise CheckpointError(f"cannot read checkpoint {path}: it is an incomplete zip archive (truncated or damaged); "
+                                      "use an intact copy")
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); "
                               "pass the .pt/.pth/.safetensors file of the model")
     try:

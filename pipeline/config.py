@@ -110,9 +110,10 @@ def check_type(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def build_dataclass(cls: type[T], values: Any, where: str, error: type[ValueError] = ConfigError) -> T:
+def build_dataclass(cls: type[T], values: Any, where: str, error: type[ValueError] = ConfigError, source: str | None = None) -> T:
     """cls(**values) with unknown keys refused (listing the valid ones), types checked and ranges enforced
-    (in the class's __post_init__); every problem raised as `error` prefixed with `where`."""
+    (in the class's __post_init__); every problem raised as `error` prefixed with `where` (range errors,
+    which name their key themselves, with `source` when given, e.g. "params.yaml")."""
     if not isinstance(values, dict):
         raise error(f"{where} must be a mapping of settings, not {type(values).__name__} {values!r}")
     hints = typing.get_type_hints(cls)
@@ -124,7 +125,7 @@ def build_dataclass(cls: type[T], values: Any, where: str, error: type[ValueErro
         kwargs = {fields[k]: check_type(v, hints[fields[k]], f"{where}.{k}") for k, v in values.items()}
         return cls(**kwargs)
     except ConfigError as e:
-        raise error(str(e) if str(e).startswith(where) else f"{where}: {e}") from e
+        raise error(str(e) if str(e).startswith(where) else f"{source or where}: {e}") from e
     except (TypeError, ValueError) as e:
         raise error(f"{where}: {e}") from e
 

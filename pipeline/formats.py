@@ -108,7 +108,7 @@ def _check_attrs(path: Path, attrs: dict) -> None:
         if key not in attrs:
             raise FormatError(f"{path}: attribute {key!r} is missing from zarr.json; {REBUILD_STORE}")
         if not isinstance(attrs[key], kind) or (kind is int and isinstance(attrs[key], bool)):
-            raise FormatError(f"{path}: attribute {key!r} is {attrs[key]!r}, expected a {kind.__name__}; {REBUILD_STORE}")
+            raise FormatError(f"{path}: attribute {key!r} is {attrs[key]!r}, expected {kind.__name__}; {REBUILD_STORE}")
     if attrs["num_classes"] < 1 or attrs["codebook_size"] < 1 or attrs["codebook_size"] > 65536:
         raise FormatError(f"{path}: num_classes {attrs['num_classes']} / codebook_size {attrs['codebook_size']} out of range; "
                           f"{REBUILD_STORE}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +50,16 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, 
 MAX_IMAGE_PIXELS = 89_478_485
 
 
-def open_rgb(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def open_rgb(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS,
+             fix: str = "replace or remove it, or set tokenize.bad_images: skip") -> Image.Image:
     """Decode fully and convert any mode to 8-bit RGB: grayscale, palette, RGBA (alpha dropped), CMYK, and
     16-bit grayscale (scaled to 8 bits rather than clipped). Corrupt or truncated files, and images of more
     than `max_pixels` pixels (checked from the header, before decoding), raise ImageFolderError."""
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, as an error
+            im = Image.open(path)
+        with im:
             if im.size[0] * im.size[1] > max_pixels:
                 raise ImageFolderError(
                     f"image {path} is {im.size[0]}x{im.size[1]} = {im.size[0] * im.size[1] / 1e6:.0f} megapixels, more than the "
@@ -69,8 +74,7 @@ def open_rgb(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Ima
     except ImageFolderError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageFolderError(f"cannot decode image {path} ({type(e).__name__}: {e}): it is corrupt or truncated; "
-                               "replace or remove it, or set tokenize.bad_images: skip") from e
+        raise ImageFolderError(f"cannot decode image {path} ({type(e).__name__}: {e}): it is corrupt or truncated; {fix}") from e
 
 
 def load_rgb(path: str | os.PathLike, size: int) -> np.ndarray:

@@ -106,7 +106,7 @@ def load_reference(path: Path, size: int) -> np.ndarray:
         raise ValueError(f"reference folder {path} holds no images")
     out = np.zeros((len(files), size, size, 3), np.uint8)
     for i, f in enumerate(files):
-        out[i] = np.asarray(center_crop_arr(open_rgb(f), size))
+        out[i] = np.asarray(center_crop_arr(open_rgb(f, fix="replace or remove it in the reference folder"), size))
     return out
 
 

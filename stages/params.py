@@ -81,4 +81,4 @@ def build(cls: type[T], params: dict, section: str) -> T:
     values = params.get(section)
     if values is None:
         raise ParamsError(f"params.yaml has no section {section!r}")
-    return build_dataclass(cls, values, f"params.yaml [{section}]", error=ParamsError)
+    return build_dataclass(cls, values, f"params.yaml [{section}]", error=ParamsError, source="params.yaml")

@@ -47,7 +47,7 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, devic
     out = claim.target
     store = read_token_store(tokens_path)
     model = load_model(ref_path, gpt_model=gpt_model, seq_len=store.tokens.shape[2], vae=vae, vae_model=vae_model, depth=depth,
-                       patch_nums=store.attrs.get("patch_nums")).to(device)
+                       patch_nums=store.attrs.get("patch_nums"), role="--ref").to(device)
     check_model_fits_tokens(model, store.attrs, store.tokens.shape[2], tokens_path, ref_path)
     pairs = draw_pairs(store.labels, store.tokens.shape[1], store.num_classes, cfg.seed, cfg.views)
     provenance = {

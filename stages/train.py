@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from pipeline.alignment import AlignConfig, train_policy
-from pipeline.checkpoint import CheckpointError, file_sha256, save_torch
+from pipeline.checkpoint import CheckpointError, expect_kind, file_sha256, save_torch
 from pipeline.config import check_ranges, setting, settings_digest
-from pipeline.families import check_model_fits_tokens, load_model, save_model
+from pipeline.families import MODELS, check_model_fits_tokens, load_model, save_model
 from pipeline.formats import read_ref_cache, read_token_store
 from pipeline.losses import LOSSES
 from pipeline.outputs import StageDir, write_json
@@ -93,7 +93,7 @@ def load_resume_state(path: Path, key: str) -> dict | None:
         if not isinstance(saved, dict) or not {"key", "state", "log_rows"} <= set(saved):
             raise ValueError("not a train resume state")
     except Exception as e:  # truncated zip, wrong content
-        raise CheckpointError(f"resume state {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+        raise CheckpointError(f"resume state {path} is damaged ({type(e).__name__}: {str(e).split('. ')[0]}): "
                               f"delete it to restart this run from step 0") from e
     if saved["key"] != key:
         log.info("ignoring %s: it belongs to other settings or inputs", path)
@@ -111,12 +111,13 @@ def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: 
 
 def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, claim: StageDir, device: torch.device,
            gpt_model, vae, vae_model, depth) -> None:
+    expect_kind(init, MODELS, "--init")  # before the cache, whose provenance would only say "stale"
     store = read_token_store(tokens_path)
     init_sha = file_sha256(init)
     cache, provenance = read_ref_cache(cache_path, expect={"tokens_fingerprint": store.fingerprint, "ref_ckpt_sha256": init_sha},
                                        store=store)
     policy = load_model(init, gpt_model=gpt_model, seq_len=store.tokens.shape[2], vae=vae, vae_model=vae_model, depth=depth,
-                        patch_nums=store.attrs.get("patch_nums")).to(device)
+                        patch_nums=store.attrs.get("patch_nums"), role="--init").to(device)
     check_model_fits_tokens(policy, store.attrs, store.tokens.shape[2], tokens_path, init)
     depth = getattr(policy.cfg, "depth", None)
     if cfg.preset.startswith("var-d") and depth is not None and cfg.preset != f"var-d{depth}":

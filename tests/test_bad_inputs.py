@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline.checkpoint import CheckpointError, save_checkpoint
 from pipeline.device import OutOfMemory
-from pipeline.formats import FormatError, read_token_store, write_ref_cache, write_token_store
+from pipeline.formats import FormatError, read_token_store, write_token_store
 from pipeline.images import ImageFolderError, list_image_folder, open_rgb
 from pipeline.models.llamagen import GPT, GPTConfig, load_gpt
 from pipeline.tokenizers.vq import VQConfig, VQModel

@@ -108,3 +108,55 @@ def test_train_resumes_to_identical_weights(world: Path):
     assert [r["step"] for r in log_resumed] == [r["step"] for r in log_full]
     assert [r["loss"] for r in log_resumed] == [r["loss"] for r in log_full]
     assert not resume.exists()
+
+
+def _cache_for(world: Path) -> Path:
+    cache = world / "ref_full.parquet"
+    if not cache.exists():
+        subprocess.run(_reflogp(world, cache), check=True, capture_output=True)
+    return cache
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not predicate():
+        time.sleep(0.005)
+    assert proc.poll() is None and predicate(), "the first run ended before it could be observed"
+
+
+def test_second_writer_fails_at_once_and_the_first_equals_a_solo_run(world: Path):
+    cache = _cache_for(world)
+    solo = world / "train_solo"
+    subprocess.run(_train(world, cache, solo), check=True, capture_output=True, timeout=300)
+    out = world / "train_shared"
+    first = subprocess.Popen(_train(world, cache, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (world / ".train_shared.lock").is_file() and (world / "train_shared.partial").is_dir(), first)
+        second = subprocess.run(_train(world, cache, out), capture_output=True, text=True, timeout=120)
+        still_running = first.poll() is None  # the second did not wait for the first
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert "is being written by another cca-pipe process" in second.stderr and f"pid {first.pid}" in second.stderr
+        assert "Traceback" not in second.stderr and still_running
+        assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    finally:
+        first.kill()
+        first.wait()
+    shared = torch.load(out / "policy.pt", weights_only=True)["model"]
+    alone = torch.load(solo / "policy.pt", weights_only=True)["model"]
+    assert all(torch.equal(shared[k], alone[k]) for k in alone)
+    assert (out / "log.jsonl").read_text() == (solo / "log.jsonl").read_text()
+    assert not (world / ".train_shared.lock").exists()
+
+
+def test_a_killed_writer_never_blocks_the_next_run(world: Path):
+    cache = _cache_for(world)
+    out = world / "train_sigkill"
+    lock = world / ".train_sigkill.lock"
+    proc = subprocess.Popen(_train(world, cache, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lock.is_file, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert lock.is_file()  # left behind by the kill, but no longer locked: the kernel released it
+    result = subprocess.run(_train(world, cache, out), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "policy.pt").is_file() and not lock.exists()

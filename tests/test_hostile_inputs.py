@@ -1,0 +1,456 @@
+"""Hostile input and faults against the stages, through the `cca-pipe` command line (in process).
+
+Every case asserts: a non-zero exit (2), exactly one `cca-pipe: error:` line naming the file or the key at
+fault, no traceback, and nothing created or changed at the command's output path (or its `.partial`).
+The two critical defects of the past have their own tests below: tokenize into a directory holding a
+user's file, and pickles that would run a command through torch-fidelity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from pipeline.checkpoint import save_checkpoint
+from pipeline.metrics import ClassifierConfig, ImageClassifier, save_classifier
+from pipeline.models.llamagen import GPT, GPTConfig
+from pipeline.tokenizers.vq import VQConfig, VQModel
+from stages import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+GPT_CFG = GPTConfig(dim=32, n_layer=1, n_head=2, vocab_size=32, num_classes=2, block_size=16, multiple_of=16)
+VQ_CFG = VQConfig(codebook_size=32, codebook_embed_dim=4, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16,
+                  norm_groups=8, codebook_used_size=32)
+
+
+def invoke(argv: list, monkeypatch, capsys) -> tuple[int, str]:
+    """Run `cca-pipe argv` in this process: (exit status, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["cca-pipe", *map(str, argv)])
+    code = 0
+    try:
+        cli.run()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """Images (2 classes x 4), VQ, GPT, classifier, a token store, a reference cache and a params.yaml, all tiny."""
+    root = tmp_path_factory.mktemp("hostile")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / "images" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "images" / c / f"{i}.png")
+    torch.manual_seed(0)
+    save_checkpoint(root / "vq.pt", VQModel(VQ_CFG).state_dict(), VQ_CFG.to_dict(), family="llamagen-vq")
+    save_checkpoint(root / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), family="llamagen-gpt")
+    save_classifier(root / "clf.pt", ImageClassifier(ClassifierConfig(num_classes=2)).eval())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["tokenize"].update(image_size=16, augment="flip", batch_size=4, chunk_rows=4)
+    params["reflogp"].update(views="all", batch_size=4, part_rows=8)
+    params["train"].update(epochs=1, batch_size=4, micro_batch_size=2, save_every=0)
+    params["eval"].update(samples_per_class=2, seeds=[0], cfg_scales=[1.0], batch_size=4, grid_per_class=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for args in (["tokenize", "--images", root / "images", "--vq", root / "vq.pt", "--out", root / "tokens.zarr"],
+                 ["reflogp", "--tokens", root / "tokens.zarr", "--ref", root / "gpt.pt", "--out", root / "cache.parquet"]):
+        result = __import__("click.testing").testing.CliRunner().invoke(
+            cli.main, ["--params", str(root / "params.yaml"), *map(str, args)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    return root
+
+
+def snapshot(path: Path):
+    """Names and contents of everything at `path` (None if absent)."""
+    if path.is_symlink():
+        return ("link", os.readlink(path))
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    if path.is_dir():
+        return {str(p.relative_to(path)): snapshot(p) for p in sorted(path.rglob("*")) if not p.is_dir()} | {".": "dir"}
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ cases
+
+
+@dataclass
+class Case:
+    name: str
+    setup: Callable[[Path, Path], tuple[list, Path]]  # (world, tmp) -> (argv after --params, output path)
+    expect: str  # must appear in the error line (a file name or a key)
+
+
+def P(tmp: Path) -> list:
+    return ["--params", tmp / "params.yaml"]
+
+
+def with_params(world: Path, tmp: Path, edit: Callable[[dict], None] | None = None, text: str | None = None) -> list:
+    params = yaml.safe_load((world / "params.yaml").read_text())
+    if edit:
+        edit(params)
+    (tmp / "params.yaml").write_text(text if text is not None else yaml.safe_dump(params, sort_keys=False))
+    return P(tmp)
+
+
+def tokenize(world: Path, tmp: Path, out: Path, vq: Path | None = None, images: Path | None = None, edit=None) -> tuple[list, Path]:
+    return [*with_params(world, tmp, edit), "tokenize", "--images", images or world / "images", "--vq", vq or world / "vq.pt",
+            "--out", out], out
+
+
+def reflogp(world: Path, tmp: Path, ref: Path | None = None, tokens: Path | None = None, out: Path | None = None,
+            extra: list | None = None, edit=None) -> tuple[list, Path]:
+    out = out or tmp / "cache.parquet"
+    return [*with_params(world, tmp, edit), *(extra or []), "reflogp", "--tokens", tokens or world / "tokens.zarr",
+            "--ref", ref or world / "gpt.pt", "--out", out], out
+
+
+def train(world: Path, tmp: Path, init: Path | None = None, cache: Path | None = None, tokens: Path | None = None,
+          out: Path | None = None, edit=None, extra: list | None = None) -> tuple[list, Path]:
+    out = out or tmp / "train"
+    return [*with_params(world, tmp, edit), *(extra or []), "train", "--tokens", tokens or world / "tokens.zarr",
+            "--cache", cache or world / "cache.parquet", "--init", init or world / "gpt.pt", "--out", out], out
+
+
+def evaluate(world: Path, tmp: Path, vq: Path | None = None, base: Path | None = None, policy: Path | None = None,
+             reference: Path | None = None, out: Path | None = None, edit=None, methods: str = "base,cfg,cca",
+             extra: list | None = None) -> tuple[list, Path]:
+    out = out or tmp / "eval"
+    return [*with_params(world, tmp, edit), *(extra or []), "eval", "--vq", vq or world / "vq.pt", "--base", base or world / "gpt.pt",
+            "--policy", policy or world / "gpt.pt", "--reference", reference or world / "images", "--classifier",
+            world / "clf.pt", "--fidelity-cache", tmp / "fidelity", "--methods", methods, "--out", out], out
+
+
+def copy_store(world: Path, tmp: Path) -> Path:
+    shutil.copytree(world / "tokens.zarr", tmp / "tokens.zarr")
+    return tmp / "tokens.zarr"
+
+
+def edit_store_attrs(world: Path, tmp: Path, edit: Callable[[dict], None]) -> Path:
+    store = copy_store(world, tmp)
+    meta = json.loads((store / "zarr.json").read_text())
+    edit(meta["attributes"])
+    (store / "zarr.json").write_text(json.dumps(meta))
+    return store
+
+
+def damaged_chunk(world: Path, tmp: Path, how: str) -> Path:
+    store = copy_store(world, tmp)
+    chunk = store / "tokens" / "c" / "1" / "0" / "0"
+    data = chunk.read_bytes()
+    if how == "truncate":
+        chunk.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        chunk.write_bytes(b"")
+    else:
+        chunk.unlink()
+    return store
+
+
+def cache_with(world: Path, tmp: Path, edit: Callable[[dict], dict]) -> Path:
+    """A copy of the cache with edited columns but intact provenance (the damage only its contents show)."""
+    table = pq.read_table(world / "cache.parquet")
+    columns = edit({k: table.column(k).to_numpy().copy() for k in table.column_names})
+    import pyarrow as pa
+
+    new = pa.Table.from_pydict(columns, schema=table.schema)
+    pq.write_table(new, tmp / "bad.parquet")
+    return tmp / "bad.parquet"
+
+
+def ckpt_with_config(world: Path, tmp: Path, change: Callable[[dict], None]) -> Path:
+    obj = torch.load(world / "gpt.pt", weights_only=True)
+    change(obj["config"])
+    torch.save(obj, tmp / "odd.pt")
+    return tmp / "odd.pt"
+
+
+def file_with(tmp: Path, name: str, data: bytes) -> Path:
+    (tmp / name).write_bytes(data)
+    return tmp / name
+
+
+def truncated(world: Path, tmp: Path, name: str) -> Path:
+    data = (world / name).read_bytes()
+    return file_with(tmp, f"cut-{name}", data[: len(data) // 2])
+
+
+def nan_weight_ckpt(world: Path, tmp: Path) -> Path:
+    obj = torch.load(world / "gpt.pt", weights_only=True)
+    obj["model"]["layers.0.attention.wqkv.weight"][0, 0] = float("nan")
+    torch.save(obj, tmp / "nan.pt")
+    return tmp / "nan.pt"
+
+
+def user_dir(tmp: Path, name: str) -> Path:
+    (tmp / name).mkdir()
+    (tmp / name / "thesis.txt").write_text("four years of work")
+    return tmp / name
+
+
+def resume_damaged(world: Path, tmp: Path) -> tuple[list, Path]:
+    """A train partial directory of ours (same settings) whose resume.pt was truncated by a disk fault."""
+    from pipeline.checkpoint import file_sha256
+    from pipeline.formats import read_cache_provenance
+    from stages.params import build, load_params
+    from stages.train import TrainConfig, run_key
+
+    argv, out = train(world, tmp, edit=lambda p: p["train"].update(save_every=1))
+    cfg = build(TrainConfig, load_params(tmp / "params.yaml"), "train")
+    key = run_key(cfg, {**read_cache_provenance(world / "cache.parquet")}, file_sha256(world / "gpt.pt"))
+    partial = tmp / "train.partial"
+    (partial / "checkpoints").mkdir(parents=True)
+    (partial / ".cca-pipe.json").write_text(json.dumps({"stage": "train", "key": key, "partial": True}))
+    (partial / "checkpoints" / "resume.pt").write_bytes(b"PK\x03\x04 truncated")
+    return argv, partial / "checkpoints" / "resume.pt"
+
+
+def big_png(tmp: Path) -> Path:
+    images = tmp / "big"
+    for c in ("a", "b"):
+        (images / c).mkdir(parents=True)
+        Image.new("L", (16, 16)).save(images / c / "0.png")
+    Image.new("1", (12000, 12000)).save(images / "b" / "huge.png")  # 144 megapixels, a few kB on disk
+    return images
+
+
+def corrupt_reference(world: Path, tmp: Path) -> Path:
+    ref = tmp / "ref"
+    shutil.copytree(world / "images", ref)
+    (ref / "b" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return ref
+
+
+CASES = [
+    # outputs that are not ours
+    Case("tokenize --out names an existing file", lambda w, t: tokenize(w, t, file_with(t, "notes.md", b"# mine")), "notes.md"),
+    Case("tokenize --out.partial is a user's directory", lambda w, t: (tokenize(w, t, t / "tok.zarr")[0], user_dir(t, "tok.zarr.partial")), "tok.zarr.partial"),
+    Case("reflogp --out names an existing directory", lambda w, t: reflogp(w, t, out=user_dir(t, "cache_dir")), "cache_dir"),
+    Case("reflogp --out names a foreign file", lambda w, t: reflogp(w, t, out=file_with(t, "c.parquet", b"not parquet")), "c.parquet"),
+    Case("train --out holds a user's file", lambda w, t: train(w, t, out=user_dir(t, "results")), "results"),
+    Case("eval --out holds a user's file", lambda w, t: evaluate(w, t, out=user_dir(t, "paper")), "paper"),
+    Case("prepare --out holds a user's file", lambda w, t: ([*with_params(w, t), "prepare", "--out", user_dir(t, "photos")], t / "photos"), "photos"),
+    # checkpoints of the wrong kind, damaged or unknown
+    Case("VQ checkpoint as --ref", lambda w, t: reflogp(w, t, ref=w / "vq.pt"), "vq.pt is a LlamaGen VQ tokenizer"),
+    Case("VQ checkpoint as --init", lambda w, t: train(w, t, init=w / "vq.pt"), "vq.pt"),
+    Case("VQ checkpoint as --base", lambda w, t: evaluate(w, t, base=w / "vq.pt"), "--base expects"),
+    Case("VQ checkpoint as --policy", lambda w, t: evaluate(w, t, policy=w / "vq.pt", methods="cca"), "--policy expects"),
+    Case("GPT checkpoint as --vq (tokenize)", lambda w, t: tokenize(w, t, t / "tok.zarr", vq=w / "gpt.pt"), "gpt.pt is a LlamaGen GPT"),
+    Case("GPT checkpoint as --vq (eval)", lambda w, t: evaluate(w, t, vq=w / "gpt.pt"), "--vq expects"),
+    Case("classifier as --ref", lambda w, t: reflogp(w, t, ref=w / "clf.pt"), "clf.pt is a cca-pipe image classifier"),
+    Case("config with an extra field", lambda w, t: reflogp(w, t, ref=ckpt_with_config(w, t, lambda c: c.update(colour=1))), "colour"),
+    Case("config with a string for an int", lambda w, t: reflogp(w, t, ref=ckpt_with_config(w, t, lambda c: c.update(dim="32"))), "dim"),
+    Case("unknown --gpt-model name", lambda w, t: (reflogp(w, t)[0][:-2] + ["--gpt-model", "GPT-Z", "--out", t / "c.parquet"], t / "c.parquet"), "GPT-Z"),
+    Case("text file as checkpoint", lambda w, t: reflogp(w, t, ref=file_with(t, "weights.pt", b"these are my notes\n")), "weights.pt is not a PyTorch checkpoint"),
+    Case("garbage .safetensors", lambda w, t: reflogp(w, t, ref=file_with(t, "w.safetensors", os.urandom(64))), "w.safetensors"),
+    Case("truncated checkpoint", lambda w, t: reflogp(w, t, ref=truncated(w, t, "gpt.pt")), "cut-gpt.pt"),
+    Case("checkpoint with a NaN weight", lambda w, t: reflogp(w, t, ref=nan_weight_ckpt(w, t)), "nan.pt is damaged"),
+    Case("pickled objects in a checkpoint", lambda w, t: reflogp(w, t, ref=pickled_ckpt(w, t)), "refused to load"),
+    # token stores
+    Case("truncated Zarr chunk", lambda w, t: reflogp(w, t, tokens=damaged_chunk(w, t, "truncate")), "tokens/c/1/0/0"),
+    Case("zero-byte Zarr chunk", lambda w, t: reflogp(w, t, tokens=damaged_chunk(w, t, "empty")), "tokens/c/1/0/0"),
+    Case("deleted Zarr chunk", lambda w, t: reflogp(w, t, tokens=damaged_chunk(w, t, "delete")), "tokens/c/1/0/0 (rows 4..7) is missing"),
+    Case("codebook_size is a string", lambda w, t: reflogp(w, t, tokens=edit_store_attrs(w, t, lambda a: a.update(codebook_size="32"))), "codebook_size"),
+    Case("num_classes missing", lambda w, t: reflogp(w, t, tokens=edit_store_attrs(w, t, lambda a: a.pop("num_classes"))), "num_classes"),
+    Case("store with an unknown dtype", lambda w, t: reflogp(w, t, tokens=unknown_dtype_store(w, t)), "tokens.zarr"),
+    Case("not a token store", lambda w, t: reflogp(w, t, tokens=user_dir(t, "some_dir")), "some_dir"),
+    # reference caches by content
+    Case("NaN in the cache", lambda w, t: train(w, t, cache=cache_with(w, t, lambda c: _set(c, "ref_logp_pos", 3, np.nan))), "non-finite ref_logp_pos"),
+    Case("inf in the cache", lambda w, t: train(w, t, cache=cache_with(w, t, lambda c: _set(c, "ref_logp_null", 0, -np.inf))), "non-finite ref_logp_null"),
+    Case("row out of range", lambda w, t: train(w, t, cache=cache_with(w, t, lambda c: _set(c, "row", 2, 999))), "row outside"),
+    Case("negative view", lambda w, t: train(w, t, cache=cache_with(w, t, lambda c: _set(c, "view", 1, -1))), "view outside"),
+    Case("labels disagree with the store", lambda w, t: train(w, t, cache=cache_with(w, t, _flip_label)), "different from the token store"),
+    Case("negative equal to positive", lambda w, t: train(w, t, cache=cache_with(w, t, _neg_equals_pos)), "negative label equal"),
+    Case("a row missing", lambda w, t: train(w, t, cache=cache_with(w, t, lambda c: {k: v[1:] for k, v in c.items()})), "1 missing"),
+    Case("a row duplicated", lambda w, t: train(w, t, cache=cache_with(w, t, _duplicate_row)), "more than once"),
+    Case("truncated Parquet cache", lambda w, t: train(w, t, cache=truncated(w, t, "cache.parquet")), "cut-cache.parquet"),
+    Case("truncated resume.pt", resume_damaged, "resume.pt is damaged"),
+    # params.yaml and --set
+    Case("train.batch_size 0", lambda w, t: train(w, t, edit=lambda p: p["train"].update(batch_size=0)), "train.batch_size"),
+    Case("invalid YAML", lambda w, t: ([*with_params(w, t, text="train: [unclosed\n"), "train"], t / "nothing"), "params.yaml line"),
+    Case("a tab in params.yaml", lambda w, t: ([*with_params(w, t, text="train:\n\tlambda: 3\n"), "train"], t / "nothing"), "params.yaml line 2"),
+    Case("a key written twice", lambda w, t: ([*with_params(w, t, text=(w / "params.yaml").read_text() + "train:\n  lambda: 3\n"), "train"], t / "nothing"), "'train' is written twice"),
+    Case("malformed --set value", lambda w, t: train(w, t, extra=["--set", "train.lambda=[1,"]), "train.lambda=[1,"),
+    Case("--set into a value", lambda w, t: train(w, t, extra=["--set", "train.beta.x=1"]), "train.beta.x=1"),
+    Case("unknown key", lambda w, t: train(w, t, edit=lambda p: p["train"].update(lamda=3)), "lamda"),
+    Case("string for an int", lambda w, t: train(w, t, edit=lambda p: p["train"].update(batch_size="64")), "train].batch_size"),
+    Case("params file missing", lambda w, t: (["--params", t / "nope.yaml", "train"], t / "nothing"), "nope.yaml"),
+    Case("eval.seeds empty", lambda w, t: evaluate(w, t, edit=lambda p: p["eval"].update(seeds=[])), "eval.seeds"),
+    Case("eval.seeds repeated", lambda w, t: evaluate(w, t, edit=lambda p: p["eval"].update(seeds=[0, 0])), "eval.seeds"),
+    Case("beta 0", lambda w, t: train(w, t, edit=lambda p: p["train"].update(beta=0.0)), "train.beta"),
+    Case("negative beta", lambda w, t: train(w, t, edit=lambda p: p["train"].update(beta=-0.5)), "train.beta"),
+    Case("negative lambda", lambda w, t: train(w, t, edit=lambda p: p["train"].update({"lambda": -1})), "train.lambda"),
+    Case("epochs 0", lambda w, t: train(w, t, edit=lambda p: p["train"].update(epochs=0)), "train.epochs"),
+    Case("uncond_ratio 2", lambda w, t: train(w, t, edit=lambda p: p["train"].update(uncond_ratio=2)), "train.uncond_ratio"),
+    Case("negative grad_clip", lambda w, t: train(w, t, edit=lambda p: p["train"].update(grad_clip=-1.0)), "train.grad_clip"),
+    Case("negative save_every", lambda w, t: train(w, t, edit=lambda p: p["train"].update(save_every=-5)), "train.save_every"),
+    Case("NaN lr", lambda w, t: train(w, t, edit=lambda p: p["train"].update(lr=float("nan"))), "train.lr"),
+    Case("negative lr", lambda w, t: train(w, t, edit=lambda p: p["train"].update(lr=-1e-4)), "train.lr"),
+    Case("NaN CFG scale", lambda w, t: evaluate(w, t, edit=lambda p: p["eval"].update(cfg_scales=[float("nan")])), "eval.cfg_scales"),
+    Case("negative temperature", lambda w, t: evaluate(w, t, edit=lambda p: p["eval"].update(temperature=-1.0)), "eval.temperature"),
+    Case("empty cfg_scales with --methods cfg", lambda w, t: evaluate(w, t, methods="cfg", edit=lambda p: p["eval"].update(cfg_scales=[])), "eval.cfg_scales"),
+    Case("unknown bad_images policy", lambda w, t: tokenize(w, t, t / "tok.zarr", edit=lambda p: p["tokenize"].update(bad_images="ignore")), "tokenize.bad_images"),
+    Case("unknown augmentation", lambda w, t: tokenize(w, t, t / "tok.zarr", edit=lambda p: p["tokenize"].update(augment="rotate")), "tokenize.augment"),
+    Case("chunk_rows not a multiple of batch_size", lambda w, t: tokenize(w, t, t / "tok.zarr", edit=lambda p: p["tokenize"].update(chunk_rows=6)), "tokenize.chunk_rows"),
+    # images
+    Case("144-megapixel PNG", lambda w, t: tokenize(w, t, t / "tok.zarr", images=big_png(t)), "huge.png"),
+    Case("corrupt image in --reference", lambda w, t: evaluate(w, t, reference=corrupt_reference(w, t)), "1.png"),
+    Case("reference .npz holding a pickle", lambda w, t: evaluate(w, t, reference=pickle_file(t, "ref.npz")), "ref.npz"),
+    Case("missing image folder", lambda w, t: tokenize(w, t, t / "tok.zarr", images=t / "no_images"), "no_images"),
+]
+
+
+def _set(columns: dict, name: str, index: int, value) -> dict:
+    columns[name][index] = value
+    return columns
+
+
+def _flip_label(columns: dict) -> dict:
+    columns["label"][0] = 1 - columns["label"][0]
+    columns["neg_label"][0] = 1 - columns["label"][0]
+    return columns
+
+
+def _neg_equals_pos(columns: dict) -> dict:
+    columns["neg_label"][2] = columns["label"][2]
+    return columns
+
+
+def _duplicate_row(columns: dict) -> dict:
+    columns["row"][1], columns["view"][1] = columns["row"][0], columns["view"][0]
+    return columns
+
+
+class Payload:
+    """A pickle that runs a shell command when unpickled (what a malicious weights file does)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def pickle_file(tmp: Path, name: str) -> Path:
+    import pickle
+
+    (tmp / name).write_bytes(pickle.dumps(Payload(tmp / "PWNED")))
+    return tmp / name
+
+
+def pickled_ckpt(world: Path, tmp: Path) -> Path:
+    obj = torch.load(world / "gpt.pt", weights_only=True)
+    obj["args"] = Payload(tmp / "PWNED")
+    torch.save(obj, tmp / "pickled.pt")
+    return tmp / "pickled.pt"
+
+
+def unknown_dtype_store(world: Path, tmp: Path) -> Path:
+    store = copy_store(world, tmp)
+    meta = json.loads((store / "tokens" / "zarr.json").read_text())
+    meta["data_type"] = "uint3"
+    (store / "tokens" / "zarr.json").write_text(json.dumps(meta))
+    return store
+
+
+def test_there_are_enough_cases():
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_hostile_input_is_one_clear_error_and_changes_nothing(case: Case, world: Path, tmp_path: Path, monkeypatch, capsys):
+    argv, out = case.setup(world, tmp_path)
+    partial = out.with_name(out.name + ".partial")
+    before, before_partial = snapshot(out), snapshot(partial)
+    code, err = invoke(argv, monkeypatch, capsys)
+    errors = [line for line in err.splitlines() if line.startswith("cca-pipe: error:")]
+    assert code == 2, f"exit {code}; stderr:\n{err[-2000:]}"
+    assert len(errors) == 1, err[-2000:]
+    assert case.expect in errors[0], errors[0]
+    assert "Traceback" not in err
+    assert snapshot(out) == before and snapshot(partial) == before_partial
+    assert not (tmp_path / "PWNED").exists()
+    assert not list(out.parent.glob(f".{out.name}.lock"))
+
+
+# ------------------------------------------------------------------------------------------------ the two critical defects
+
+
+def test_tokenize_into_a_users_directory_keeps_the_file_and_fails(world: Path, tmp_path: Path, monkeypatch, capsys):
+    victim = user_dir(tmp_path, "victim")
+    argv, _ = tokenize(world, tmp_path, victim)
+    code, err = invoke(argv, monkeypatch, capsys)
+    assert code == 2 and "victim" in err and "is not cca-pipe's own" in err
+    assert (victim / "thesis.txt").read_text() == "four years of work"
+    assert sorted(p.name for p in victim.iterdir()) == ["thesis.txt"]
+
+
+def test_a_failed_tokenize_keeps_the_previous_store(world: Path, tmp_path: Path, monkeypatch, capsys):
+    good = tmp_path / "tokens.zarr"
+    shutil.copytree(world / "tokens.zarr", good)
+    before = snapshot(good)
+    images = tmp_path / "broken"
+    shutil.copytree(world / "images", images)
+    (images / "a" / "2.png").write_bytes(b"garbage")
+    argv, _ = tokenize(world, tmp_path, good, images=images)
+    code, err = invoke(argv, monkeypatch, capsys)
+    assert code == 2 and "2.png" in err
+    assert snapshot(good) == before
+
+
+def test_malicious_inception_weights_never_run(world: Path, tmp_path: Path, monkeypatch, capsys):
+    weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save({"Mixed_5b.weight": Payload(tmp_path / "PWNED")}, weights)
+    argv, out = evaluate(world, tmp_path, edit=lambda p: p["eval"].update(feature_extractor="inception-v3-compat",
+                                                                          inception_weights=str(weights)))
+    code, err = invoke(argv, monkeypatch, capsys)
+    assert code == 2 and "refused to load" in err and weights.name in err
+    assert not (tmp_path / "PWNED").exists() and not out.exists()
+
+
+def test_pickles_planted_in_the_fidelity_cache_never_run(world: Path, tmp_path: Path, monkeypatch, capsys):
+    argv, out = evaluate(world, tmp_path, methods="base")
+    assert invoke(argv, monkeypatch, capsys)[0] == 0
+    cache = tmp_path / "fidelity"
+    (planted,) = cache.glob("ref-*.npz")  # the one file eval reads back: replace it by a pickle
+    planted.write_bytes((pickle_file(tmp_path, "evil.pkl")).read_bytes())
+    for name in ("ref-stats-fid.pt", "input2-inception-v3-compat-features-2048.pt"):  # torch-fidelity's own cache names
+        torch.save(Payload(tmp_path / "PWNED"), cache / name)
+    shutil.rmtree(out)
+    code, err = invoke(argv, monkeypatch, capsys)
+    assert code == 2 and planted.name in err and "delete it" in err
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_no_unpickling_anywhere_in_the_code():
+    """Every torch.load passes weights_only=True; no pickle.load(s), no np.load(allow_pickle=True)."""
+    import ast
+
+    for path in [*(ROOT / "pipeline").rglob("*.py"), *(ROOT / "stages").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
+            kwargs = {k.arg: k.value for k in node.keywords}
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            if (owner, node.func.attr) == ("torch", "load"):
+                flag = kwargs.get("weights_only")
+                assert isinstance(flag, ast.Constant) and flag.value is True, f"torch.load without weights_only=True at {where}"
+            assert (owner, node.func.attr) not in (("pickle", "load"), ("pickle", "loads")), where
+            if (owner, node.func.attr) == ("np", "load"):
+                flag = kwargs.get("allow_pickle")
+                assert flag is None or (isinstance(flag, ast.Constant) and flag.value is False), where
