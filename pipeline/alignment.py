@@ -1,8 +1,10 @@
 """Fine-tuning a policy with an alignment loss over cached reference log-probs (CCA, paper Sec. 3.2).
 
-`policy` is any family's model (pipeline.families: LlamaGen GPT or VAR). Only the policy is resident: the reference model's log-probs come from the `reflogp` cache, whose rows
-fix each image's augmentation view and negative label. The loss function is pure (pipeline.losses), so
-an online reference model would feed it the same tensors (tested).
+`policy` is any family's model (pipeline.families: LlamaGen GPT or VAR). Only the policy is resident: the
+reference model's log-probs come from the `reflogp` cache, whose rows fix each image's augmentation view
+and negative label. The loss function is pure (pipeline.losses), so an online reference model would feed
+it the same tensors (tested). The optimiser is the released recipe's: AdamW over the family's parameter
+groups, a constant or VAR's `lin0` learning rate, cosine-annealed weight decay, clipping at each step.
 """
 
 from __future__ import annotations
@@ -18,30 +20,35 @@ from .device import OutOfMemory, autocast, is_out_of_memory
 from .logprobs import sequence_logp
 from .losses import LOSSES
 
+LR_SCHEDULES = ("constant", "lin0")
+
 
 @dataclass
 class AlignBatch:
-    """One (micro-)batch in the loss's terms; uncond rows already carry the null label and log-prob."""
+    """One (micro-)batch in the loss's terms; unconditional rows already carry the null label and log-prob."""
 
     tokens: torch.Tensor  # (B, L) the row's cached view
     labels_pos: torch.Tensor  # (B,) c, or null where uncond
     labels_neg: torch.Tensor  # (B,) c_neg, or null where uncond
     ref_logp_pos: torch.Tensor  # (B,) float64
     ref_logp_neg: torch.Tensor  # (B,) float64
-    uncond: torch.Tensor  # (B,) bool
+    # (B,) bool: rows whose "negative" is a second positive: unconditional rows (both labels null) and rows
+    # whose rolled negative label equals their own (the released scripts' rule, reflogp.negatives: roll)
+    positive_twice: torch.Tensor
 
 
-def make_batch(rows: np.ndarray, tokens: np.ndarray, cache: dict[str, np.ndarray], uncond: np.ndarray, null_class: int) -> AlignBatch:
-    """Assemble a batch from cache rows (indices into the cache's columns)."""
+def make_batch(rows: np.ndarray, tokens, cache: dict[str, np.ndarray], uncond: np.ndarray, null_class: int) -> AlignBatch:
+    """Assemble a batch from cache rows (indices into the cache's columns); `tokens` is the (N, A, L) array
+    or a lazy token store (formats.TokenStore), indexed [store rows, views]."""
     store_rows, views = cache["row"][rows], cache["view"][rows]
     null = np.full(len(rows), null_class)
     return AlignBatch(
-        tokens=torch.from_numpy(tokens[store_rows, views].astype(np.int64)),
+        tokens=torch.from_numpy(np.asarray(tokens[store_rows, views]).astype(np.int64)),
         labels_pos=torch.from_numpy(np.where(uncond, null, cache["label"][rows]).astype(np.int64)),
         labels_neg=torch.from_numpy(np.where(uncond, null, cache["neg_label"][rows]).astype(np.int64)),
         ref_logp_pos=torch.from_numpy(np.where(uncond, cache["ref_logp_null"][rows], cache["ref_logp_pos"][rows])),
         ref_logp_neg=torch.from_numpy(np.where(uncond, cache["ref_logp_null"][rows], cache["ref_logp_neg"][rows])),
-        uncond=torch.from_numpy(uncond),
+        positive_twice=torch.from_numpy(uncond | (cache["neg_label"][rows] == cache["label"][rows])),
     )
 
 
@@ -63,38 +70,70 @@ def with_online_reference(reference, batch: AlignBatch, device: torch.device) ->
     with autocast(device):
         ref = sequence_logp(reference, labels, torch.cat([x, x])).double()
     pos, neg = ref.split(len(x))
-    return AlignBatch(batch.tokens, batch.labels_pos, batch.labels_neg, pos.cpu(), neg.cpu(), batch.uncond)
+    return AlignBatch(batch.tokens, batch.labels_pos, batch.labels_neg, pos.cpu(), neg.cpu(), batch.positive_twice)
 
 
 def loss_for_batch(policy, batch: AlignBatch, loss_name: str, beta: float, lam: float, device: torch.device):
     logp_pos, logp_neg = policy_logps(policy, batch, device)
     return LOSSES[loss_name](
         logp_pos, logp_neg, batch.ref_logp_pos.to(device), batch.ref_logp_neg.to(device),
-        beta=beta, lam=lam, uncond=batch.uncond.to(device),
+        beta=beta, lam=lam, positive_twice=batch.positive_twice.to(device),
     )
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup_fraction: float, warmup_start: float, end_ratio: float) -> float:
+    """The learning rate of optimiser step `step` of `total`, as a fraction of the peak.
+
+    "lin0" is VAR's lr_control.lr_wd_annealing: warm-up from `warmup_start` over round(warmup_fraction *
+    total) steps, then with pasd = (step - warm-up) / (total - 1 - warm-up): 1 while pasd < 0.05, then
+    end_ratio + (1 - end_ratio) (1 - pasd) / 0.95, which reaches end_ratio at the last step."""
+    if schedule == "constant":
+        return 1.0
+    warmup = round(warmup_fraction * total)
+    if step < warmup:
+        return warmup_start + (1 - warmup_start) * step / warmup
+    past = (step - warmup) / max(total - 1 - warmup, 1)
+    return 1.0 if past < 0.05 else end_ratio + (1 - end_ratio) * (1 - past) / 0.95
+
+
+def weight_decay_at(step: int, total: int, start: float, end: float | None) -> float:
+    """VAR's weight-decay annealing: cosine from `start` to `end` over the run (end None: constant)."""
+    if end is None:
+        return start
+    return end + (start - end) * (0.5 + 0.5 * math.cos(math.pi * step / max(total - 1, 1)))
 
 
 @dataclass
 class AlignConfig:
-    loss: str = "cca"
-    beta: float = 0.02
-    lam: float = 1000.0
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    epochs: float = 1.0
-    batch_size: int = 256  # global batch (rows); each row gives one positive and one negative sequence
-    micro_batch_size: int = 256  # rows per forward; batch_size / micro_batch_size accumulation steps
-    uncond_ratio: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
+    """The training loop's settings; no defaults here: the train stage's TrainConfig is their one source."""
+
+    loss: str
+    beta: float
+    lam: float
+    lr: float
+    lr_schedule: str
+    warmup_fraction: float
+    warmup_start: float
+    end_ratio: float
+    weight_decay: float
+    weight_decay_end: float | None
+    betas: list[float]
+    grad_clip: float
+    loss_scale: float
+    epochs: float
+    batch_size: int  # global batch (rows); each row gives one positive and one negative sequence
+    micro_batch_size: int  # rows per forward; batch_size / micro_batch_size accumulation steps
+    uncond_ratio: float
+    seed: int
 
 
 def train_policy(
     policy,
-    tokens: np.ndarray,
+    tokens,
     cache: dict[str, np.ndarray],
     cfg: AlignConfig,
     device: torch.device,
+    param_groups: list[dict],
     on_step: Callable[[int, dict], None] | None = None,
     progress: Callable[[int], object] | None = None,  # total steps -> a bar with update()/close()
     on_checkpoint: Callable[[dict], None] | None = None,
@@ -103,11 +142,13 @@ def train_policy(
 ) -> torch.nn.Module:
     """Fine-tune `policy` in place for cfg.epochs passes over the cache rows; returns it.
 
-    Row order and unconditional rows are drawn from a generator seeded with cfg.seed, so a run is
-    reproducible on CPU. Every `checkpoint_every` steps `on_checkpoint` receives the training state
-    ({"step", "model", "optimizer", "rng"}); passing such a state as `resume` (with the policy's weights
-    already loaded from it) continues exactly where it stopped: same data order, same unconditional rows,
-    same optimizer moments, hence the same final weights as an uninterrupted run.
+    `param_groups`: AdamW's groups with their base weight decay (the family's rule, pipeline.families).
+    Row order and unconditional rows are drawn from a numpy generator seeded with cfg.seed, dropout from
+    torch's generator seeded with it too, so a run is reproducible on CPU. Every `checkpoint_every` steps
+    `on_checkpoint` receives the training state ({"step", "model", "optimizer", "rng", "torch_rng"});
+    passing such a state as `resume` (with the policy's weights already loaded from it) continues exactly
+    where it stopped: same data order, unconditional rows and dropout masks, same optimiser moments,
+    hence the same final weights as an uninterrupted run.
     A non-finite loss or gradient raises FloatingPointError naming the step, before the update is applied.
     """
     if cfg.batch_size % cfg.micro_batch_size:
@@ -120,12 +161,19 @@ def train_policy(
     n_rows = len(cache["row"])
     total_steps = max(1, math.ceil(cfg.epochs * n_rows / cfg.batch_size))
     order = np.concatenate([rng.permutation(n_rows) for _ in range(math.ceil(cfg.epochs) + 1)])
+    for group in param_groups:
+        group["base_weight_decay"] = group["weight_decay"]
+    # in the model's order (the clipping norm sums over them: another order rounds differently)
     trainable = [p for p in policy.parameters() if p.requires_grad]  # VAR: not its frozen quantiser
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    if {id(p) for p in trainable} != {id(p) for group in param_groups for p in group["params"]}:
+        raise ValueError("param_groups must hold exactly the policy's trainable parameters")
+    opt = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    torch.manual_seed(cfg.seed)  # dropout masks
     first_step = 0
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
         rng.bit_generator.state = resume["rng"]
+        torch.set_rng_state(resume["torch_rng"])
         first_step = int(resume["step"])
     policy.train()
     bar = progress(total_steps) if progress else None
@@ -134,6 +182,11 @@ def train_policy(
     for step in range(first_step, total_steps):
         rows = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         uncond = rng.random(len(rows)) < cfg.uncond_ratio
+        lr = cfg.lr * lr_factor(cfg.lr_schedule, step, total_steps, cfg.warmup_fraction, cfg.warmup_start, cfg.end_ratio)
+        decay = weight_decay_at(step, total_steps, cfg.weight_decay, cfg.weight_decay_end)
+        for group in opt.param_groups:
+            group["lr"] = lr
+            group["weight_decay"] = decay if group["base_weight_decay"] else 0.0
         opt.zero_grad(set_to_none=True)
         outs, masks = [], []
         for start in range(0, len(rows), cfg.micro_batch_size):
@@ -143,7 +196,7 @@ def train_policy(
                 out = loss_for_batch(policy, batch, cfg.loss, cfg.beta, cfg.lam, device)
                 if not torch.isfinite(out.loss):
                     raise FloatingPointError(f"non-finite loss at step {step}; lower train.lr or train.beta")
-                (out.loss * len(batch.uncond) / len(rows)).backward()
+                (out.loss * (cfg.loss_scale * len(batch.positive_twice) / len(rows))).backward()
             except (RuntimeError, MemoryError) as e:
                 if not is_out_of_memory(e):
                     raise
@@ -152,18 +205,18 @@ def train_policy(
                     f"({2 * cfg.micro_batch_size} sequences): lower train.micro_batch_size, e.g. to {max(1, cfg.micro_batch_size // 2)}; "
                     f"the global train.batch_size ({cfg.batch_size}) is kept by gradient accumulation") from e
             outs.append(out)
-            masks.append(batch.uncond)
+            masks.append(batch.positive_twice)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at step {step}; lower train.lr or train.beta")
         opt.step()
         if on_step:
-            on_step(step, _step_metrics(outs, masks, grad_norm.item(), cfg.lr))
+            on_step(step, _step_metrics(outs, masks, grad_norm.item(), lr))
         if bar is not None:
             bar.update(1)
         if on_checkpoint and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
             on_checkpoint({"step": step + 1, "model": policy.state_dict(), "optimizer": opt.state_dict(),
-                           "rng": rng.bit_generator.state})
+                           "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()})
     if bar is not None:
         bar.close()
     policy.eval()

@@ -1,115 +1,210 @@
-"""Model families: what reflogp, train and eval need from an autoregressive image model.
+"""Model families: everything reflogp, train, eval and info need that differs between LlamaGen and VAR.
 
-Two families share one interface, so the stages, the loss and the cache never ask which one runs:
+Each family is one object (LLAMAGEN, VAR); stages get theirs from a checkpoint (`family_of`), a token
+store (`family_of_store`) or a model (`family_of_model`) and never ask which one they hold:
   - "llamagen": next-token prediction, GPT (pipeline.models.llamagen) over VQ-16/VQ-8 codes;
   - "var": next-scale prediction, VARModel (pipeline.models.var) over the multi-scale VQVAE's codes.
-A family model has `cfg.num_classes / null_class / has_null_class / vocab_size / seq_len`,
-`sequence_token_logp(tokens, labels) -> (B, L)` float32 log-probs (teacher forcing; logprobs.sequence_logp
-sums them) and `upstream_state_dict()` (what the peer's own code loads). `sample` dispatches to the
-family's sampler; a tokenizer has `encode(images) -> (B, L)` and `decode_codes(tokens) -> images`.
-The family of a checkpoint is read from it: our files name it, upstream ones are told apart by their keys.
+
+A family's model has `cfg.num_classes / null_class / has_null_class / vocab_size / seq_len`, a
+`forward(tokens, labels) -> (B, L)` float32 per-token log-probs (teacher forcing: the only way
+likelihoods are computed, so DDP/FSDP wrap it unchanged), `set_dropout(dropout, drop_path)` and
+`upstream_state_dict()` (what the peer's own code loads). The family object loads tokenizers and models
+from the peers' checkpoint layouts, describes the token layout, checks a model against a token store,
+samples, builds the optimiser's parameter groups, and writes checkpoints.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
+from . import sampling
 from .checkpoint import expect_kind, save_checkpoint
+from .codefiles import code_digest
 from .models.llamagen import GPT, config_from_spec, load_gpt
-from .models.var import VARModel, load_var
-from .tokenizers.msvq import MSVQModel, MultiScaleQuantizer, load_msvq, load_quantizer, msvq_config_from_spec
-from .tokenizers.vq import VQModel, load_vq, vq_config_from_spec
-
-_FAMILY = {"llamagen-gpt": "llamagen", "llamagen-vq": "llamagen", "var": "var", "var-vqvae": "var"}
-MODELS, TOKENIZERS = ("llamagen-gpt", "var"), ("llamagen-vq", "var-vqvae")
+from .models.var import VARModel, config_from_state_dict, load_var
+from .tokenizers.msvq import load_msvq, load_quantizer, msvq_config_from_spec
+from .tokenizers.vq import load_vq, vq_config_from_spec
 
 
-def family_of(path: str | os.PathLike, role: str = "this command") -> str:
-    """"llamagen" or "var" for a model or tokenizer checkpoint (ours or upstream), or a clear error."""
-    return _FAMILY[expect_kind(path, MODELS + TOKENIZERS, role)]
+class Family:
+    """What differs between model families; one instance per family (LLAMAGEN, VAR)."""
+
+    name: ClassVar[str]
+    model_kind: ClassVar[str]  # pipeline.checkpoint.KINDS of its generator and its tokenizer
+    tokenizer_kind: ClassVar[str]
+    model_module: ClassVar[str]  # where its forward is: with pipeline.refcache, the code that computes log-probs
+
+    def logp_code(self) -> dict[str, str]:
+        """Digest of the code that computes its log-probs (recorded by the cache, checked by train)."""
+        return code_digest([self.model_module, "pipeline.refcache"])
+
+    def load_tokenizer(self, path: str | os.PathLike, spec: str | None = None):
+        raise NotImplementedError
+
+    def tokenizer_layout(self, tokenizer, image_size: int) -> dict:
+        """Token-store attributes that describe the token layout (pipeline/formats.py)."""
+        raise NotImplementedError
+
+    def load_model(self, path: str | os.PathLike, *, spec: str | None = None, seq_len: int | None = None,
+                   tokenizer=None, vae: str | os.PathLike | None = None, vae_model: str | None = None,
+                   depth: int | None = None, patch_nums: tuple[int, ...] | None = None) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def check_fits(self, model, store_attrs: dict, tokens_path: Path, ckpt: Path) -> None:
+        """The model must read the store's tokens: same layout, sequence length, vocabulary and classes."""
+        family = store_attrs.get("family", "llamagen")
+        if family != self.name:
+            raise ValueError(f"token store {tokens_path} holds {family} tokens but {ckpt} is a {self.name} model: "
+                             "tokenize with the tokenizer of the model's family")
+        if int(store_attrs["codebook_size"]) > model.cfg.vocab_size:
+            raise ValueError(f"token store {tokens_path} uses a codebook of {store_attrs['codebook_size']} codes but the model "
+                             f"{ckpt} has a vocabulary of {model.cfg.vocab_size}: tokenize with the tokenizer the model was trained on")
+        if store_attrs["num_classes"] > model.cfg.num_classes:
+            raise ValueError(f"token store {tokens_path} has {store_attrs['num_classes']} classes, model {ckpt} only {model.cfg.num_classes}")
+        if int(store_attrs["seq_len"]) != model.cfg.seq_len:
+            raise ValueError(f"{tokens_path} has sequences of {store_attrs['seq_len']} tokens, model {ckpt} expects {model.cfg.seq_len}")
+
+    def sample(self, model, labels: torch.Tensor, **kwargs) -> sampling.Samples:
+        raise NotImplementedError
+
+    def image_size(self, model, tokenizer) -> int:
+        raise NotImplementedError
+
+    def param_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups: the peer's rule for which trainable parameters are decayed."""
+        raise NotImplementedError
+
+    def save(self, path: str | os.PathLike, model, **extra) -> None:
+        """The peer's layout ({"model": upstream state dict}) plus our config and provenance."""
+        save_checkpoint(path, model.upstream_state_dict(), model.cfg.to_dict(), family=self.model_kind, **extra)
+
+    def describe_weights(self, state: dict[str, torch.Tensor]) -> str | None:
+        """The config readable from an upstream file's weights (for `cca-pipe info`), if any."""
+        return None
 
 
-def load_model(path: str | os.PathLike, *, gpt_model: str | None = None, seq_len: int | None = None,
-               vae: str | os.PathLike | MultiScaleQuantizer | None = None, vae_model: str | None = None,
-               depth: int | None = None, patch_nums: tuple[int, ...] | None = None, role: str = "the model checkpoint") -> GPT | VARModel:
-    """A family model from its checkpoint. LlamaGen: `gpt_model` names the config of upstream files.
-    VAR: the quantiser that builds the model's input comes from the VQVAE file `vae` (config `vae_model`:
-    default the release's), or is passed already loaded (eval holds the whole VQVAE anyway); `depth`,
-    when given, is checked against the checkpoint."""
-    family = _FAMILY[expect_kind(path, MODELS, role)]
-    if family == "llamagen":
-        return load_gpt(path, config_from_spec(gpt_model, seq_len))
-    if vae is None:
-        raise ValueError(f"{path} is a VAR checkpoint: its input is built by the VQVAE's quantiser, so pass the "
-                         "VQVAE checkpoint too (--vae / vae_ckpt, e.g. vae_ch160v4096z32.pth)")
-    if not isinstance(vae, MultiScaleQuantizer):
-        expect_kind(vae, ("var-vqvae",), "--vae")
-    quantizer = vae if isinstance(vae, MultiScaleQuantizer) else load_quantizer(vae, msvq_config_from_spec(vae_model))
-    var = load_var(path, depth=depth, patch_nums=patch_nums or quantizer.cfg.patch_nums)
-    return VARModel(var, quantizer)
+class LlamaGenFamily(Family):
+    name, model_kind, tokenizer_kind, model_module = "llamagen", "llamagen-gpt", "llamagen-vq", "pipeline.models.llamagen"
+
+    def load_tokenizer(self, path, spec=None):
+        return load_vq(path, vq_config_from_spec(spec))
+
+    def tokenizer_layout(self, tokenizer, image_size: int) -> dict:
+        if image_size % tokenizer.cfg.downsample:
+            raise ValueError(f"tokenize.image_size {image_size} is not a multiple of the tokenizer's downsampling "
+                             f"{tokenizer.cfg.downsample}")
+        grid = image_size // tokenizer.cfg.downsample
+        return {"family": self.name, "seq_len": grid * grid, "grid": grid}
+
+    def load_model(self, path, *, spec=None, seq_len=None, tokenizer=None, vae=None, vae_model=None, depth=None,
+                   patch_nums=None) -> GPT:
+        """`spec` names the config of upstream files (they carry none): GPT-B ... GPT-3B, or a JSON file."""
+        return load_gpt(path, config_from_spec(spec, seq_len))
+
+    def sample(self, model, labels, **kwargs):
+        if kwargs.pop("cfg_schedule", "constant") != "constant":
+            raise ValueError("LlamaGen samples with constant guidance: set eval.cfg_schedule to 'constant'")
+        return sampling.sample(model, labels, **kwargs)
+
+    def image_size(self, model, tokenizer) -> int:
+        return tokenizer.cfg.downsample * int(round(model.cfg.seq_len ** 0.5))
+
+    def param_groups(self, model, weight_decay):
+        # LlamaGen's (and CCA's) creat_optimizer: decay every parameter of dim >= 2 (matmuls and embeddings)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def save_model(path: str | os.PathLike, model: GPT | VARModel, **extra) -> None:
-    """The peer's layout ({"model": upstream state dict}) plus our config and provenance."""
-    family = "var" if isinstance(model, VARModel) else "llamagen-gpt"
-    save_checkpoint(path, model.upstream_state_dict(), model.cfg.to_dict(), family=family, **extra)
+class VARFamily(Family):
+    name, model_kind, tokenizer_kind, model_module = "var", "var", "var-vqvae", "pipeline.models.var"
+    # VAR's train.py (and CCA's VAR_finetune.py) never decay 1-d parameters, biases, or these names
+    NO_DECAY = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
+                "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")
 
-
-def load_tokenizer(path: str | os.PathLike, spec: str | None = None, role: str = "--vq") -> VQModel | MSVQModel:
-    """LlamaGen's VQ (encode -> (B, h*w)) or VAR's multi-scale VQVAE (encode -> (B, 680))."""
-    if _FAMILY[expect_kind(path, TOKENIZERS, role)] == "var":
+    def load_tokenizer(self, path, spec=None):
         return load_msvq(path, msvq_config_from_spec(spec))
-    return load_vq(path, vq_config_from_spec(spec))
 
-
-def tokenizer_attrs(tokenizer: VQModel | MSVQModel, image_size: int) -> dict:
-    """Token-store attributes that describe the token layout (pipeline/formats.py)."""
-    if isinstance(tokenizer, MSVQModel):
+    def tokenizer_layout(self, tokenizer, image_size: int) -> dict:
         if image_size != tokenizer.cfg.image_size:
             raise ValueError(f"tokenize.image_size {image_size}: VAR's VQVAE with patch_nums {tokenizer.cfg.patch_nums} "
                              f"needs {tokenizer.cfg.image_size}px images")
-        return {"family": "var", "patch_nums": list(tokenizer.cfg.patch_nums), "seq_len": tokenizer.cfg.seq_len,
+        return {"family": self.name, "patch_nums": list(tokenizer.cfg.patch_nums), "seq_len": tokenizer.cfg.seq_len,
                 "grid": tokenizer.cfg.patch_nums[-1]}
-    if image_size % tokenizer.cfg.downsample:
-        raise ValueError(f"tokenize.image_size {image_size} is not a multiple of the tokenizer's downsampling {tokenizer.cfg.downsample}")
-    grid = image_size // tokenizer.cfg.downsample
-    return {"family": "llamagen", "seq_len": grid * grid, "grid": grid}
 
+    def load_model(self, path, *, spec=None, seq_len=None, tokenizer=None, vae=None, vae_model=None, depth=None,
+                   patch_nums=None) -> VARModel:
+        """VAR's input is built by its VQVAE's quantiser: from the loaded `tokenizer` when given (eval holds the
+        whole VQVAE anyway), else read from the VQVAE file `vae`; `depth`, when given, is checked."""
+        if tokenizer is not None:
+            quantizer = tokenizer.quantize
+        elif vae is None:
+            raise ValueError(f"{path} is a VAR checkpoint: its input is built by the VQVAE's quantiser, so pass the "
+                             "VQVAE checkpoint too (--vae / vae_ckpt, e.g. vae_ch160v4096z32.pth)")
+        else:
+            expect_kind(vae, (self.tokenizer_kind,), "--vae")
+            quantizer = load_quantizer(vae, msvq_config_from_spec(vae_model))
+        var = load_var(path, depth=depth, patch_nums=patch_nums or quantizer.cfg.patch_nums)
+        return VARModel(var, quantizer)
 
-def image_size(model: GPT | VARModel, tokenizer: VQModel | MSVQModel) -> int:
-    if isinstance(model, VARModel):
-        return tokenizer.cfg.image_size
-    return tokenizer.cfg.downsample * int(round(model.cfg.seq_len ** 0.5))
+    def check_fits(self, model, store_attrs, tokens_path, ckpt) -> None:
+        super().check_fits(model, store_attrs, tokens_path, ckpt)
+        if tuple(store_attrs.get("patch_nums", ())) != model.cfg.patch_nums:
+            raise ValueError(f"token store {tokens_path} has scales {store_attrs.get('patch_nums')}, model {ckpt} {model.cfg.patch_nums}")
 
-
-def check_model_fits_tokens(model: GPT | VARModel, store_attrs: dict, seq_len: int, tokens_path: Path, ckpt: Path) -> None:
-    """The model must read the store's tokens: same family layout, sequence length, vocabulary and classes."""
-    family = store_attrs.get("family", "llamagen")
-    model_family = "var" if isinstance(model, VARModel) else "llamagen"
-    if family != model_family:
-        raise ValueError(f"token store {tokens_path} holds {family} tokens but {ckpt} is a {model_family} model: "
-                         "tokenize with the tokenizer of the model's family")
-    if isinstance(model, VARModel) and tuple(store_attrs.get("patch_nums", ())) != model.cfg.patch_nums:
-        raise ValueError(f"token store {tokens_path} has scales {store_attrs.get('patch_nums')}, model {ckpt} {model.cfg.patch_nums}")
-    if int(store_attrs["codebook_size"]) > model.cfg.vocab_size:
-        raise ValueError(f"token store {tokens_path} uses a codebook of {store_attrs['codebook_size']} codes but the model "
-                         f"{ckpt} has a vocabulary of {model.cfg.vocab_size}: tokenize with the tokenizer the model was trained on")
-    if store_attrs["num_classes"] > model.cfg.num_classes:
-        raise ValueError(f"token store {tokens_path} has {store_attrs['num_classes']} classes, model {ckpt} only {model.cfg.num_classes}")
-    if seq_len != model.cfg.seq_len:
-        raise ValueError(f"{tokens_path} has sequences of {seq_len} tokens, model {ckpt} expects {model.cfg.seq_len}")
-
-
-def sample(model: GPT | VARModel, labels: torch.Tensor, **kwargs):
-    """The family's sampler -> pipeline.sampling.Samples (codes and their unguided conditional log-probs)."""
-    from . import sampling
-
-    if isinstance(model, VARModel):
+    def sample(self, model, labels, **kwargs):
         return sampling.sample_var(model, labels, **kwargs)
-    if kwargs.pop("cfg_schedule", "constant") != "constant":
-        raise ValueError("LlamaGen samples with constant guidance: set eval.cfg_schedule to 'constant'")
-    return sampling.sample(model, labels, **kwargs)
 
+    def image_size(self, model, tokenizer) -> int:
+        return tokenizer.cfg.image_size
+
+    def param_groups(self, model, weight_decay):
+        decay, no_decay = [], []
+        for name, p in model.var.named_parameters():
+            if p.requires_grad:
+                skip = p.ndim == 1 or name.endswith("bias") or any(k in name for k in self.NO_DECAY)
+                (no_decay if skip else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def describe_weights(self, state):
+        if not any(k.startswith("blocks.") for k in state):
+            return None
+        cfg = config_from_state_dict(state)
+        return (f"none stored (upstream VAR file); from the weights: depth {cfg.depth}, width {cfg.width}, heads {cfg.heads}, "
+                f"{cfg.num_classes} classes + null, vocabulary {cfg.vocab_size}")
+
+
+LLAMAGEN, VAR = LlamaGenFamily(), VARFamily()
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMAGEN, VAR)}
+_BY_KIND = {kind: f for f in FAMILIES.values() for kind in (f.model_kind, f.tokenizer_kind)}
+MODEL_KINDS = tuple(f.model_kind for f in FAMILIES.values())
+TOKENIZER_KINDS = tuple(f.tokenizer_kind for f in FAMILIES.values())
+
+
+def family_of(path: str | os.PathLike, role: str, models: bool = True) -> Family:
+    """The family of a generator checkpoint (`models`) or of a tokenizer checkpoint, ours or upstream, or one
+    clear error naming `role` (the option it was passed as) and what the file is instead."""
+    return _BY_KIND[expect_kind(path, MODEL_KINDS if models else TOKENIZER_KINDS, role)]
+
+
+def family_of_store(attrs: dict) -> Family:
+    return FAMILIES[attrs.get("family", "llamagen")]
+
+
+def family_of_model(model: torch.nn.Module) -> Family:
+    return FAMILIES[type(model).family]
+
+
+def load_model(path: str | os.PathLike, role: str, **kwargs) -> tuple[Family, torch.nn.Module]:
+    """(family, model) of a generator checkpoint; kwargs as Family.load_model."""
+    family = family_of(path, role)
+    return family, family.load_model(path, **kwargs)
+
+
+def load_tokenizer(path: str | os.PathLike, spec: str | None = None, role: str = "--vq") -> tuple[Family, torch.nn.Module]:
+    family = family_of(path, role, models=False)
+    return family, family.load_tokenizer(path, spec)

@@ -18,13 +18,15 @@ Reference log-prob cache (stage `reflogp`), a Parquet file, e.g. `data/reflogp/r
     One cache row per image (reflogp.views = "one") or per (image, view) ("all").
     row            int64    index into the token store
     label          int32    c
-    neg_label      int32    c_neg != c, fixed at cache time (seeded)
+    neg_label      int32    c_neg, fixed at cache time (seeded); != c unless negatives "roll"
     view           int16    which augmentation view of the row, fixed at cache time (seeded)
     ref_logp_pos   float64  log p_phi(x_view | c)      (sum over L tokens, float32 log-softmax)
     ref_logp_neg   float64  log p_phi(x_view | c_neg)
     ref_logp_null  float64  log p_phi(x_view | null)   (used by unconditional rows, CCA+CFG)
     schema metadata (provenance, checked by `train`): format, format_version, tokens_fingerprint,
-             ref_ckpt_sha256, seed, views, num_classes, null_class, seq_len, code_version
+             ref_ckpt_sha256, seed, views, negatives ("other" | "roll": rows with neg_label == label are
+             then positives twice), num_classes, null_class, seq_len, batch_size, logp_code ({source file:
+             sha256} of the code that computes log-probs: editing it makes the cache stale), settings
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__
 from .outputs import Claim, atomic_file, write_text
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def tokens_fingerprint(tokens: np.ndarray, labels: np.ndarray) -> str:
 _TOKEN_ATTRS = ("tokenizer_sha256", "codebook_size", "image_size", "grid", "augmentations", "class_names")
 # Attribute types a readable store must have (a hand-edited zarr.json is caught here, not deep in a stage).
 _ATTR_TYPES = {"codebook_size": int, "image_size": int, "grid": int, "num_classes": int, "augmentations": list,
-               "class_names": list, "tokenizer_sha256": str, "build_key": str}
+               "class_names": list, "tokenizer_sha256": str, "build_key": str, "family": str, "seq_len": int}
 REBUILD_STORE = "rebuild it with `cca-pipe tokenize` (or `dvc repro tokenize`)"
 
 
@@ -171,8 +172,8 @@ class TokenStoreWriter:
             return
         if self.path.exists():
             shutil.rmtree(self.path)  # ours (a Claim checked the format marker), from other settings
-        attrs = {**attrs, "format": TOKENS_FORMAT, "format_version": TOKENS_FORMAT_VERSION,
-                 "num_classes": len(attrs["class_names"]), "build_key": build_key}
+        attrs = {"family": "llamagen", **attrs, "seq_len": seq_len, "format": TOKENS_FORMAT,
+                 "format_version": TOKENS_FORMAT_VERSION, "num_classes": len(attrs["class_names"]), "build_key": build_key}
         self.group = zarr.open_group(str(self.path), mode="w", attributes=attrs)
         compressor = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
         rows = min(self.chunk_rows, max(1, self.num_rows))
@@ -285,6 +286,8 @@ def read_token_store(path: str | os.PathLike) -> TokenStore:
         data[name] = np.concatenate([_read_rows(path, array, s, min(s + rows, n), s // rows) for s in range(0, n, rows)]) \
             if n else array[...]
     tokens, labels = data["tokens"], data["labels"]
+    if attrs["seq_len"] != tokens.shape[2]:
+        raise FormatError(f"{path}: tokens of length {tokens.shape[2]} but attribute seq_len {attrs['seq_len']}; {REBUILD_STORE}")
     if len(attrs["augmentations"]) != tokens.shape[1]:
         raise FormatError(f"{path}: {tokens.shape[1]} views stored but attribute augmentations lists {attrs.get('augmentations')}")
     if attrs.get("family", "llamagen") == "var":
@@ -323,7 +326,7 @@ def _cache_table(columns: dict[str, np.ndarray], provenance: dict) -> pa.Table:
     missing = [k for k in _CACHE_META if k not in provenance]
     if missing:
         raise ValueError(f"cache provenance missing: {missing}")
-    meta = {**provenance, "format": CACHE_FORMAT, "format_version": CACHE_FORMAT_VERSION, "code_version": __version__}
+    meta = {**provenance, "format": CACHE_FORMAT, "format_version": CACHE_FORMAT_VERSION}
     schema = CACHE_SCHEMA.with_metadata({k.encode(): json.dumps(v).encode() for k, v in meta.items()})
     return pa.Table.from_pydict({f.name: np.asarray(columns[f.name]) for f in CACHE_SCHEMA}, schema=schema)
 
@@ -425,10 +428,12 @@ def read_ref_cache(path: str | os.PathLike, expect: dict | None = None, store: T
         raise FormatError(f"{path}: not a cca-pipe reference cache v{CACHE_FORMAT_VERSION}; {REBUILD_CACHE}")
     for key, value in (expect or {}).items():
         if meta.get(key) != value:
-            raise FormatError(
-                f"{path} is stale: its {key} is {meta.get(key)!r} but the current input has {value!r}. "
-                f"Rebuild it with `cca-pipe reflogp` (or `dvc repro reflogp`)."
-            )
+            if isinstance(value, dict) and isinstance(meta.get(key), dict):  # a digest per source file
+                changed = sorted(k for k in set(value) | set(meta[key]) if value.get(k) != meta[key].get(k))
+                what = f"its {key} differs in {changed}: that code changed since the cache was computed"
+            else:
+                what = f"its {key} is {meta.get(key)!r} but the current input has {value!r}"
+            raise FormatError(f"{path} is stale: {what}. Rebuild it with `cca-pipe reflogp` (or `dvc repro reflogp`).")
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
@@ -464,7 +469,7 @@ def validate_ref_cache(path: Path, columns: dict[str, np.ndarray], meta: dict, s
         if bad.any():
             fail(f"have a {name} outside [0, {num_classes})", bad)
     bad = columns["neg_label"] == columns["label"]
-    if bad.any():
+    if bad.any() and meta.get("negatives", "other") != "roll":  # rolled negatives may equal: positives twice
         fail("have a negative label equal to the positive one", bad)
     rows, views = columns["row"], columns["view"]
     if store is None:

@@ -2,8 +2,8 @@
 
 CCA's ratio log p_theta(x|c) - log p_phi(x|c) (paper Eq. 10/12) is a difference of two sums over
 hundreds of tokens, each in the thousands of nats. The cache (reflogp) and the policy (train) must
-compute it identically, so both call `sequence_logp`: float32 log-softmax even under bf16 autocast
-(shared/reference/ecosystem.md: a bf16 sum over 256 tokens is off by ~4 nats), summed in float32.
+compute it identically, so both call `sequence_logp` (the model's forward): float32 log-softmax even under
+bf16 autocast (shared/reference/ecosystem.md: a bf16 sum over 256 tokens is off by ~4 nats), summed in float32.
 """
 
 from __future__ import annotations
@@ -21,12 +21,7 @@ def token_logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def sequence_token_logp(model, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced log p(token_t | earlier tokens, c) for every token: labels (B,), tokens (B, N) -> (B, N)
-    float32. `model` is any family's model (pipeline.families): it implements sequence_token_logp(tokens, labels)."""
-    return model.sequence_token_logp(tokens, labels)
-
-
 def sequence_logp(model, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(x | c) = sum over the N image tokens: labels (B,), tokens (B, N) -> (B,) float32."""
-    return sequence_token_logp(model, labels, tokens).sum(-1)
+    """log p(x | c) = sum over the N image tokens: labels (B,), tokens (B, N) -> (B,) float32. `model` is any
+    family's model, or a DDP/FSDP wrapper of one: its forward(tokens, labels) gives the per-token log-probs."""
+    return model(tokens, labels).sum(-1)

@@ -20,9 +20,10 @@ class LossOutput:
     ratio_pos: torch.Tensor  # (B,) detached log p_theta(x|c) - log p_phi(x|c)
     ratio_neg: torch.Tensor  # (B,) detached log p_theta(x|c_neg) - log p_phi(x|c_neg)
 
-    def metrics(self, uncond: torch.Tensor) -> dict[str, float]:
-        """Logged per step (paper Fig. 10 plots the mean ratios); negatives exclude unconditional rows."""
-        cond = ~uncond
+    def metrics(self, positive_twice: torch.Tensor) -> dict[str, float]:
+        """Logged per step (paper Fig. 10 plots the mean ratios); negatives exclude the rows whose negative
+        term is a second positive (unconditional rows, rolled negatives equal to the label)."""
+        cond = ~positive_twice
         neg = self.ratio_neg[cond] if cond.any() else self.ratio_neg.new_zeros(1)
         pos = self.ratio_pos[cond] if cond.any() else self.ratio_pos
         return {
@@ -41,23 +42,25 @@ def cca_loss(
     ref_logp_neg: torch.Tensor,
     beta: float,
     lam: float,
-    uncond: torch.Tensor | None = None,
+    positive_twice: torch.Tensor | None = None,
 ) -> LossOutput:
     """Condition Contrastive Alignment, paper Eq. 12 with the official recipe's details.
 
         L = -log sig(beta * r_pos) - lam * log sig(-beta * r_neg),   r = log p_theta - log p_phi
 
-    Unconditional rows (uncond[k] True: both labels were replaced by the null class, Algorithm 1 in
-    Appendix D) are positives twice: their "negative" term is -log sig(beta * r_neg), weight 1. The
+    Rows with positive_twice[k] True are positives twice: their "negative" term is -log sig(beta * r_neg),
+    weight 1. They are the unconditional rows (both labels replaced by the null class, Algorithm 1 in
+    Appendix D) and, with rolled negatives, rows whose negative label equals their own (the scripts'
+    `neg_weight = TBM | (shuffled_c_indices == c_indices)`). The
     batch mean is divided by max(lam, 1) as the official code does, so the lr means the same across lam.
     All inputs (B,) per-sequence sums; returns the scalar loss and detached diagnostics.
     """
-    if uncond is None:
-        uncond = torch.zeros_like(policy_logp_pos, dtype=torch.bool)
+    if positive_twice is None:
+        positive_twice = torch.zeros_like(policy_logp_pos, dtype=torch.bool)
     ratio_pos = policy_logp_pos - ref_logp_pos.to(policy_logp_pos.dtype)
     ratio_neg = policy_logp_neg - ref_logp_neg.to(policy_logp_neg.dtype)
     loss_pos = -F.logsigmoid(beta * ratio_pos)
-    loss_neg = torch.where(uncond, -F.logsigmoid(beta * ratio_neg), lam * -F.logsigmoid(-beta * ratio_neg))
+    loss_neg = torch.where(positive_twice, -F.logsigmoid(beta * ratio_neg), lam * -F.logsigmoid(-beta * ratio_neg))
     per_row = (loss_pos + loss_neg) / max(lam, 1.0)
     return LossOutput(per_row.mean(), per_row.detach(), ratio_pos.detach(), ratio_neg.detach())
 

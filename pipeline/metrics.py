@@ -266,10 +266,13 @@ def reference_features(extractor: FeatureExtractor, images: np.ndarray, cache_di
     return {layer: features[layer] for layer in layers}
 
 
-def fidelity_scores(extractor: FeatureExtractor, generated: dict[str, torch.Tensor],
-                    reference: dict[str, torch.Tensor]) -> dict[str, float]:
+def fidelity_scores(extractor: FeatureExtractor, generated: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
+                    reference_stats: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """FID, IS, precision, recall of generated against reference features, by torch-fidelity's functions
-    with its default settings (10 IS splits, shuffled with seed 2020; 3-NN precision/recall)."""
+    with its default settings (10 IS splits, shuffled with seed 2020; 3-NN precision/recall).
+
+    `reference_stats` ({"mu", "sigma"}, e.g. an ADM reference batch's full-train statistics): FID is the
+    Frechet distance to those (in float64, as the ADM evaluator) instead of to the reference features'."""
     from torch_fidelity.defaults import DEFAULTS
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
@@ -277,8 +280,17 @@ def fidelity_scores(extractor: FeatureExtractor, generated: dict[str, torch.Tens
 
     layer = extractor.layers
     isc = isc_features_to_metric(generated[layer["isc"]], DEFAULTS["isc_splits"], DEFAULTS["samples_shuffle"], DEFAULTS["rng_seed"])
-    fid = fid_statistics_to_metric(fid_features_to_statistics(generated[layer["fid"]]),
-                                   fid_features_to_statistics(reference[layer["fid"]]), False)
+    stats = fid_features_to_statistics(generated[layer["fid"]])
+    if reference_stats is None:
+        ref_stats = fid_features_to_statistics(reference[layer["fid"]])
+    else:
+        if reference_stats["mu"].shape != stats["mu"].shape:
+            raise ValueError(f"the reference statistics have {reference_stats['mu'].shape[0]} dimensions but the "
+                             f"{extractor.name} extractor's FID features {stats['mu'].shape[0]}: use the extractor they were "
+                             "computed with (the ADM batches: eval.feature_extractor inception-v3-compat)")
+        stats = {k: v.astype(np.float64) for k, v in stats.items()}
+        ref_stats = {k: reference_stats[k].astype(np.float64) for k in ("mu", "sigma")}
+    fid = fid_statistics_to_metric(stats, ref_stats, False)
     precision, recall = calculate_precision_recall_part(generated[layer["prc"]], reference[layer["prc"]],
                                                         DEFAULTS["prc_neighborhood"], DEFAULTS["prc_batch_size"])
     return {"fid": float(fid["frechet_inception_distance"]), "is": float(isc["inception_score_mean"]),

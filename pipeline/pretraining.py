@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from .images import SHIFT_VIEWS, shift, to_unit_range
-from .logprobs import sequence_token_logp
 from .models.llamagen import GPT, GPTConfig
 from .progress import progress
 from .tokenizers.vq import VQConfig, VQModel
@@ -128,7 +127,7 @@ def train_gpt(
                 c[drop] = cfg.null_class
                 for group in opt.param_groups:
                     group["lr"] = cosine_lr(step, total, lr, warmup=max(1, total // 20))
-                loss = -sequence_token_logp(model, c.to(device), x).mean()
+                loss = -model(x, c.to(device)).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

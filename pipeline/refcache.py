@@ -13,13 +13,19 @@ from .device import OutOfMemory, autocast, is_out_of_memory
 from .logprobs import sequence_logp
 from .progress import progress
 
+NEGATIVES = ("other", "roll")
 
-def draw_pairs(labels: np.ndarray, num_views: int, num_classes: int, seed: int, views: str = "one") -> dict[str, np.ndarray]:
+
+def draw_pairs(labels: np.ndarray, num_views: int, num_classes: int, seed: int, views: str = "one",
+               negatives: str = "other") -> dict[str, np.ndarray]:
     """The cache's rows: which token-store row and view each uses, and its negative label.
 
     views="one": one cache row per image with a seeded random view; views="all": one cache row per
-    (image, view), so an epoch sees every augmentation once. Negatives are uniform over the other
-    classes (!= label), drawn per cache row.
+    (image, view), so an epoch sees every augmentation once. negatives="other": uniform over the other
+    classes (!= label), drawn per cache row; "roll": the released scripts' torch.roll(labels, -1), as
+    closely as a cache allows: the cache rows in a seeded global permutation, each row's negative is the
+    label of the next row in it; where that equals the row's own label the row is a positive twice
+    (pipeline.losses; the scripts' `shuffled_c_indices == c_indices`).
     """
     rng = np.random.default_rng(seed)
     n, labels = len(labels), labels.astype(np.int64)
@@ -31,11 +37,19 @@ def draw_pairs(labels: np.ndarray, num_views: int, num_classes: int, seed: int, 
         view = np.tile(np.arange(num_views), n)
     else:
         raise ValueError(f"unknown views mode {views!r}; valid: 'one', 'all'")
-    offsets = rng.integers(1, num_classes, size=len(rows))
+    row_labels = labels[rows]
+    if negatives == "other":
+        neg = (row_labels + rng.integers(1, num_classes, size=len(rows))) % num_classes
+    elif negatives == "roll":
+        order = rng.permutation(len(rows))
+        neg = np.empty_like(row_labels)
+        neg[order] = row_labels[np.roll(order, -1)]
+    else:
+        raise ValueError(f"unknown negatives rule {negatives!r}; valid: {', '.join(NEGATIVES)}")
     return {
         "row": rows.astype(np.int64),
-        "label": labels[rows].astype(np.int32),
-        "neg_label": ((labels[rows] + offsets) % num_classes).astype(np.int32),
+        "label": row_labels.astype(np.int32),
+        "neg_label": neg.astype(np.int32),
         "view": view.astype(np.int16),
     }
 

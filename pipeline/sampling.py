@@ -77,7 +77,7 @@ def sample(
         model.setup_kv_cache(batch_labels.shape[0])
     try:
         empty = tokens[:, :0].repeat(2 if guided else 1, 1)
-        logits = model(batch_labels, empty, start=0)[:, -1]  # (B or 2B, V): predicts z_0
+        logits = model.logits(batch_labels, empty, start=0)[:, -1]  # (B or 2B, V): predicts z_0
         for t in range(N):
             cond = logits[:B]
             mixed = cond + cfg_scale * (cond - logits[B:]) if guided else cond
@@ -89,16 +89,17 @@ def sample(
                 break
             feed = nxt.repeat(2 if guided else 1)
             if use_cache:
-                logits = model(batch_labels, feed[:, None], start=cfg.cls_token_num + t)[:, -1]
+                logits = model.logits(batch_labels, feed[:, None], start=cfg.cls_token_num + t)[:, -1]
             else:
                 prefix = torch.cat([tokens[:, : t + 1]] * (2 if guided else 1))
-                logits = model(batch_labels, prefix)[:, -1]
+                logits = model.logits(batch_labels, prefix)[:, -1]
     finally:
         model.clear_kv_cache()
     return Samples(tokens, logps)
 
 
 def generate_images(
+    sampler,
     model,
     decoder,
     labels: torch.Tensor,
@@ -108,10 +109,9 @@ def generate_images(
     **sampler_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample codes for every label (in batches) and decode them: -> (images (B, 3, H, W) float in
-    [-1, 1] on CPU, codes (B, N)). `model` is any family's model (pipeline.families.sample picks the
-    sampler), `decoder` its tokenizer; one generator seeded with `seed` drives all."""
+    [-1, 1] on CPU, codes (B, N)). `sampler(model, labels, generator=, **kwargs) -> Samples` is the model
+    family's (pipeline.families), `decoder` its tokenizer; one generator seeded with `seed` drives all."""
     from .device import autocast
-    from .families import sample as family_sample
 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -119,7 +119,7 @@ def generate_images(
     for start in range(0, len(labels), batch_size):
         part = labels[start : start + batch_size].to(device)
         with autocast(device):
-            out = family_sample(model, part, generator=generator, **sampler_kwargs)
+            out = sampler(model, part, generator=generator, **sampler_kwargs)
             with torch.no_grad():
                 images.append(decoder.decode_codes(out.tokens).float().cpu())
         codes.append(out.tokens.cpu())

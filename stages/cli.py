@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .params import build, load_params
+from .params import build, load_params, parse_overrides
 
 PathType = click.Path(path_type=Path)
 GPT_MODEL_HELP = "GPT config for upstream checkpoints (they carry none): a name (GPT-B ... GPT-3B) or a JSON file"
@@ -22,23 +22,69 @@ VAE_MODEL_HELP = "VAR only: the VQVAE's config, a name (vae_ch160v4096z32, the d
 DEPTH_HELP = "VAR only: expected depth (16, 20, 24, 30); checked against the checkpoint"
 
 
-def _setup(ctx: click.Context):
+# stage command -> (its module under stages/, its config class, its params.yaml section)
+STAGES = {
+    "prepare": ("prepare", "PrepareConfig", "prepare"),
+    "pretrain-vq": ("pretrain_vq", "PretrainVQConfig", "pretrain_vq"),
+    "pretrain-classifier": ("pretrain_classifier", "PretrainClassifierConfig", "pretrain_classifier"),
+    "tokenize": ("tokenize", "TokenizeConfig", "tokenize"),
+    "pretrain-ar": ("pretrain_ar", "PretrainARConfig", "pretrain_ar"),
+    "reflogp": ("reflogp", "RefLogpConfig", "reflogp"),
+    "train": ("train", "TrainConfig", "train"),
+    "eval": ("eval", "EvalConfig", "eval"),
+}
+
+
+def resolved_config(ctx: click.Context, stage: str):
+    """The stage's config: its defaults <- params.yaml's preset <- params.yaml <- --preset <- --set."""
+    import importlib
+
+    module, cls, section = STAGES[stage]
+    params = load_params(ctx.obj["params"])
+    overrides = parse_overrides(ctx.obj["overrides"], params, ctx.obj["params"])
+    config_class = getattr(importlib.import_module(f"stages.{module}"), cls)
+    return build(config_class, params, section, ctx.obj["preset"], overrides)
+
+
+def _setup(ctx: click.Context, stage: str | None = None):
+    """(the stage's resolved config, the device)."""
     from pipeline.device import pick_device
 
-    params = load_params(ctx.obj["params"], ctx.obj["overrides"])
-    return params, pick_device(ctx.obj["device"])
+    cfg = resolved_config(ctx, stage) if stage else None
+    return cfg, pick_device(ctx.obj["device"])
+
+
+def active_preset(ctx: click.Context) -> str | None:
+    from .presets import active
+
+    return active(load_params(ctx.obj["params"]), ctx.obj["preset"])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--params", default="params.yaml", show_default=True, type=PathType, help="params file")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a parameter")
+@click.option("--preset", default=None, metavar="NAME",
+              help="a released recipe (stages/presets.py: llamagen-B ... llamagen-3B, var-d16 ... var-d30); over params.yaml")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 @click.pass_context
-def main(ctx: click.Context, params: Path, overrides: tuple[str, ...], device: str, verbose: bool) -> None:
+def main(ctx: click.Context, params: Path, overrides: tuple[str, ...], preset: str | None, device: str, verbose: bool) -> None:
     """cca-pipe: Condition Contrastive Alignment for autoregressive image generators, offline."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    ctx.obj = {"params": params, "overrides": list(overrides), "device": device}
+    ctx.obj = {"params": params, "overrides": list(overrides), "device": device, "preset": preset}
+
+
+@main.command()
+@click.argument("stage", type=click.Choice(list(STAGES)))
+@click.option("--preset", default=None, metavar="NAME", help="show the settings under this recipe")
+@click.pass_context
+def config(ctx, stage, preset):
+    """Print a stage's fully resolved settings as YAML (defaults <- params.yaml <- preset <- --set)."""
+    from .params import settings_yaml
+
+    if preset:
+        ctx.obj["preset"] = preset
+    click.echo(settings_yaml({STAGES[stage][2]: resolved_config(ctx, stage)}, active_preset(ctx)), nl=False)
 
 
 @main.command()
@@ -48,8 +94,8 @@ def prepare(ctx, out):
     """Write scikit-learn's digits as class folders (embedded default)."""
     from . import prepare as stage
 
-    params, _ = _setup(ctx)
-    stage.run(build(stage.PrepareConfig, params, "prepare"), out)
+    cfg, _ = _setup(ctx, "prepare")
+    stage.run(cfg, out)
 
 
 @main.command("pretrain-vq")
@@ -60,8 +106,8 @@ def pretrain_vq(ctx, images, out):
     """Train a small LlamaGen-design VQ tokenizer (embedded default)."""
     from . import pretrain_vq as stage
 
-    params, device = _setup(ctx)
-    stage.run(build(stage.PretrainVQConfig, params, "pretrain_vq"), images, out, device)
+    cfg, device = _setup(ctx, "pretrain-vq")
+    stage.run(cfg, images, out, device)
 
 
 @main.command("pretrain-classifier")
@@ -73,8 +119,8 @@ def pretrain_classifier(ctx, train_dir, test_dir, out):
     """Train the evaluator's classifier (embedded default)."""
     from . import pretrain_classifier as stage
 
-    params, device = _setup(ctx)
-    stage.run(build(stage.PretrainClassifierConfig, params, "pretrain_classifier"), train_dir, test_dir, out, device)
+    cfg, device = _setup(ctx, "pretrain-classifier")
+    stage.run(cfg, train_dir, test_dir, out, device)
 
 
 @main.command()
@@ -88,8 +134,8 @@ def tokenize(ctx, images, vq_path, vq_model, out):
     """Images -> frozen VQ tokenizer -> Zarr token store (resumable)."""
     from . import tokenize as stage
 
-    params, device = _setup(ctx)
-    stage.run(build(stage.TokenizeConfig, params, "tokenize"), images, vq_path, out, device, vq_model)
+    cfg, device = _setup(ctx, "tokenize")
+    stage.run(cfg, images, vq_path, out, device, vq_model)
 
 
 @main.command("import-codes")
@@ -118,8 +164,8 @@ def pretrain_ar(ctx, tokens_path, out):
     """Train a small class-conditional GPT with class dropout (embedded default)."""
     from . import pretrain_ar as stage
 
-    params, device = _setup(ctx)
-    stage.run(build(stage.PretrainARConfig, params, "pretrain_ar"), tokens_path, out, device)
+    cfg, device = _setup(ctx, "pretrain-ar")
+    stage.run(cfg, tokens_path, out, device)
 
 
 @main.command()
@@ -135,8 +181,8 @@ def reflogp(ctx, tokens_path, ref_path, gpt_model, vae, vae_model, depth, out):
     """Cache the frozen reference model's log-likelihoods (Parquet)."""
     from . import reflogp as stage
 
-    params, device = _setup(ctx)
-    stage.run(build(stage.RefLogpConfig, params, "reflogp"), tokens_path, ref_path, out, device, gpt_model, vae=vae, vae_model=vae_model, depth=depth)
+    cfg, device = _setup(ctx, "reflogp")
+    stage.run(cfg, tokens_path, ref_path, out, device, gpt_model, vae=vae, vae_model=vae_model, depth=depth, preset=active_preset(ctx))
 
 
 @main.command()
@@ -153,10 +199,9 @@ def train(ctx, tokens_path, cache_path, init, gpt_model, vae, vae_model, depth, 
     """Fine-tune the policy with CCA over the cached reference log-probs."""
     from . import train as stage
 
-    params, device = _setup(ctx)
-    section = params.get("train")
-    cfg = build(stage.TrainConfig, {"train": stage.apply_preset(section) if isinstance(section, dict) else section}, "train")
-    stage.run(cfg, tokens_path, cache_path, init, out, device, gpt_model, vae=vae, vae_model=vae_model, depth=depth)
+    cfg, device = _setup(ctx, "train")
+    stage.run(cfg, tokens_path, cache_path, init, out, device, gpt_model, vae=vae, vae_model=vae_model, depth=depth,
+              preset=active_preset(ctx))
 
 
 @main.command("eval")
@@ -181,10 +226,9 @@ def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_
     """Sample base (with/without CFG) and CCA policy, score with torch-fidelity, print the table."""
     from . import eval as stage
 
-    params, device = _setup(ctx)
-    cfg = build(stage.EvalConfig, params, "eval")
-    if cfg_scales:
-        cfg.cfg_scales = list(cfg_scales)
+    if cfg_scales:  # the one --set it stands for, so the config is still built (and checked) in one place
+        ctx.obj["overrides"].append(f"eval.cfg_scales={list(cfg_scales)}")
+    cfg, device = _setup(ctx, "eval")
     metrics = stage.run(cfg, vq_path, base_path, policy_path, reference, classifier_path, out, device, gpt_model, vq_model,
                         methods=tuple(m.strip() for m in methods.split(",") if m.strip()), fidelity_cache=fidelity_cache,
                         depth=depth)
@@ -202,7 +246,7 @@ def report(ctx, eval_dir, train_dir, sweep_dir, out):
     (the main run, and the sweep points listed in params.yaml's `sweep` section)."""
     from . import report as stage
 
-    params, _ = _setup(ctx)
+    params = load_params(ctx.obj["params"])
     click.echo(stage.run(eval_dir, train_dir, sweep_dir, out, params.get("sweep")))
 
 

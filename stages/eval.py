@@ -25,7 +25,6 @@ from PIL import Image
 
 from pipeline.checkpoint import file_sha256
 from pipeline.config import check_ranges, setting, settings_digest
-from pipeline.families import image_size as family_image_size
 from pipeline.families import load_model, load_tokenizer
 from pipeline.formats import FormatError
 from pipeline.images import IMAGE_EXTENSIONS, center_crop_arr, open_rgb, to_uint8
@@ -43,7 +42,8 @@ from pipeline.outputs import StageDir, atomic_file, read_json, write_json, write
 from pipeline.progress import progress
 from pipeline.report import grid_canvas, results_table
 from pipeline.sampling import generate_images
-from pipeline.tokenizers.msvq import MSVQModel
+
+from .params import save_settings
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ METRIC_KEYS = ("fid", "is", "precision", "recall", "class_accuracy", "images_per
 class EvalConfig:
     samples_per_class: int = setting(100, ge=1)
     seeds: list[int] = setting(default_factory=lambda: [0, 1, 2], nonempty=True, unique=True, ge=0)
-    cfg_scales: list[float] = setting(default_factory=lambda: [0.5, 1.0, 2.0], unique=True, gt=0.0)  # s > 0 (s = 0 is `base`)
+    cfg_scales: list[float] = setting(default_factory=lambda: [1.0], unique=True, gt=0.0)  # s > 0 (s = 0 is `base`)
     temperature: float = setting(1.0, gt=0.0)
     top_k: int = setting(0, ge=0)
     top_p: float = setting(1.0, ge=0.0, le=1.0)  # 1.0 (LlamaGen) or 0.0 (VAR): off
@@ -84,21 +84,50 @@ def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, per_class: int
         Image.fromarray(grid_canvas(images, labels, per_class, scale=4, gap=2, fill=128)).save(tmp, format="PNG")
 
 
-def load_reference(path: Path, size: int) -> np.ndarray:
+@dataclass
+class Reference:
+    """The real data scored against: images (precision/recall, and FID when no statistics are given) and,
+    from an ADM reference batch, the precomputed statistics of the full training set that FID uses."""
+
+    images: np.ndarray  # uint8 (N, H, W, 3)
+    fid_stats: dict[str, np.ndarray] | None  # {"mu": (D,), "sigma": (D, D)} float64, or None
+    source: str
+
+    def describe(self) -> str:
+        if self.fid_stats is not None:
+            return f"precomputed mu/sigma of {self.source} (FID); its {len(self.images)} arr_0 images (precision/recall)"
+        return f"features of the {len(self.images)} reference images of {self.source}"
+
+    def digest(self) -> str:
+        h = content_hash(self.images)
+        for name in ("mu", "sigma"):
+            if self.fid_stats is not None:
+                h += content_hash(np.ascontiguousarray(self.fid_stats[name]))
+        return h
+
+
+def load_reference(path: Path, size: int) -> Reference:
     """Real images to score against: a class-folder tree / folder of images (ADM center crop to size), or an
-    ADM reference batch `.npz` (arr_0 uint8 NHWC, e.g. VIRTUAL_imagenet256_labeled.npz)."""
+    ADM reference batch `.npz` (arr_0 uint8 NHWC; with `mu`/`sigma`, e.g. VIRTUAL_imagenet256_labeled.npz,
+    FID is computed against those statistics, as the ADM evaluator does)."""
     if path.suffix == ".npz":
+        stats = None
         try:
             with np.load(path, allow_pickle=False) as f:
                 if "arr_0" not in f:
                     raise FormatError(f"reference batch {path} has no arr_0 (expected uint8 N x H x W x 3 images)")
                 images = f["arr_0"]
+                if "mu" in f and "sigma" in f:
+                    stats = {"mu": f["mu"].astype(np.float64), "sigma": f["sigma"].astype(np.float64)}
         except (OSError, ValueError, EOFError) as e:
             raise FormatError(f"reference batch {path} is not a readable .npz of arrays ({e}); pass the ADM reference "
                               "batch (e.g. VIRTUAL_imagenet256_labeled.npz) or a folder of images") from e
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise FormatError(f"reference batch {path}: arr_0 is {images.dtype} {images.shape}, expected uint8 N x H x W x 3")
-        return images
+        if stats is not None and (stats["mu"].ndim != 1 or stats["sigma"].shape != (len(stats["mu"]),) * 2):
+            raise FormatError(f"reference batch {path}: mu {stats['mu'].shape} and sigma {stats['sigma'].shape} are not "
+                              "(D,) and (D, D) statistics")
+        return Reference(images, stats, str(path))
     if not path.is_dir():
         raise FileNotFoundError(f"reference images {path} not found (a folder of images or an ADM .npz batch)")
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -107,7 +136,7 @@ def load_reference(path: Path, size: int) -> np.ndarray:
     out = np.zeros((len(files), size, size, 3), np.uint8)
     for i, f in enumerate(files):
         out[i] = np.asarray(center_crop_arr(open_rgb(f, fix="replace or remove it in the reference folder"), size))
-    return out
+    return Reference(out, None, str(path))
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -186,12 +215,12 @@ def finished_unit(unit: Unit, key: str, work: Path, committed: Path) -> dict | N
     return None
 
 
-def evaluate_unit(unit: Unit, model, vq, cfg: EvalConfig, labels: torch.Tensor, extractor: FeatureExtractor,
-                  ref_features: dict, classifier, work: Path) -> dict:
+def evaluate_unit(unit: Unit, family, model, vq, cfg: EvalConfig, labels: torch.Tensor, extractor: FeatureExtractor,
+                  ref_features: dict, ref_stats: dict | None, classifier, work: Path) -> dict:
     """Sample, decode, save the ADM npz (and the grid for the first seed), score."""
     started = time.perf_counter()
     images, _ = generate_images(
-        model, vq, labels, seed=unit.seed, batch_size=cfg.batch_size, cfg_scale=unit.scale,
+        family.sample, model, vq, labels, seed=unit.seed, batch_size=cfg.batch_size, cfg_scale=unit.scale,
         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, cfg_schedule=cfg.cfg_schedule,
     )
     seconds = time.perf_counter() - started
@@ -199,14 +228,14 @@ def evaluate_unit(unit: Unit, model, vq, cfg: EvalConfig, labels: torch.Tensor, 
     save_npz(work / "samples" / f"{unit.stem}.npz", images, labels.numpy())
     if unit.seed == cfg.seeds[0] and cfg.grid_per_class:
         save_grid(work / "grids" / f"{unit.name}.png", images, labels.numpy(), cfg.grid_per_class)
-    scores = fidelity_scores(extractor, extract_features(extractor, images), ref_features)
+    scores = fidelity_scores(extractor, extract_features(extractor, images), ref_features, ref_stats)
     if classifier is not None:
         scores["class_accuracy"] = float((classify(classifier, images) == labels.numpy()).mean())
     scores["images_per_s"] = len(images) / seconds
     return scores
 
 
-def summarise(per_seed: dict[str, list[dict]], seeds: list[int], samples_per_method: int) -> dict:
+def summarise(per_seed: dict[str, list[dict]], seeds: list[int], samples_per_method: int, reference: str) -> dict:
     """Mean and std over seeds per method, and CCA's FID relative to the base model's and the best CFG's."""
     summary = {
         name: {
@@ -224,7 +253,7 @@ def summarise(per_seed: dict[str, list[dict]], seeds: list[int], samples_per_met
         checks["best_cfg"] = best_cfg
         checks["cca_fid_over_best_cfg_fid"] = summary["cca"]["fid"] / summary[best_cfg]["fid"]
     return {"methods": summary, "checks": checks, "seeds": list(seeds), "samples_per_method": samples_per_method,
-            "per_seed": per_seed}
+            "fid_reference": reference, "per_seed": per_seed}
 
 
 def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Path | None, reference: Path,
@@ -237,19 +266,20 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Pat
     units = plan_units(cfg, methods)
     weights = scorer_weights(cfg, classifier_path)
     with StageDir(out, "eval") as claim:
-        vq = load_tokenizer(vq_path, vq_model).to(device).eval()
+        family, vq = load_tokenizer(vq_path, vq_model)
+        vq = vq.to(device).eval()
         grid = cfg.image_size // vq.cfg.downsample if cfg.image_size else None
-        quantizer = vq.quantize if isinstance(vq, MSVQModel) else None  # VAR: reuse the loaded VQVAE's, no re-read
         models = {}
+        # the tokenizer is passed on: VAR builds its input with the loaded VQVAE's quantiser (no re-read)
         if any(u.model == "base" for u in units):
-            models["base"] = load_model(base_path, gpt_model=gpt_model, seq_len=grid * grid if grid else None, vae=quantizer,
-                                        depth=depth, role="--base").to(device).eval()
+            models["base"] = load_model(base_path, "--base", spec=gpt_model, seq_len=grid * grid if grid else None, tokenizer=vq,
+                                        depth=depth)[1].to(device).eval()
         if any(u.model == "cca" for u in units):
-            models["cca"] = load_model(policy_path, vae=quantizer, depth=depth, role="--policy").to(device).eval()
+            models["cca"] = load_model(policy_path, "--policy", tokenizer=vq, depth=depth)[1].to(device).eval()
         some_model = next(iter(models.values()))
         extractor = load_feature_extractor(cfg.feature_extractor, weights, device)
         classifier = load_classifier(classifier_path).to(device) if classifier_path and classifier_path.is_file() else None
-        ref_images = load_reference(reference, cfg.resize_to or family_image_size(some_model, vq))
+        ref = load_reference(reference, cfg.resize_to or family.image_size(some_model, vq))
         num_classes = cfg.num_classes or some_model.cfg.num_classes
         labels = torch.arange(num_classes).repeat_interleave(cfg.samples_per_class)
 
@@ -257,10 +287,10 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Pat
         # determines them, so a rerun after an interruption (or with other scales) skips finished units.
         paths = {"vq": vq_path, "base": base_path, "cca": policy_path}
         digests = {k: file_sha256(v) if v is not None and Path(v).is_file() else str(v) for k, v in paths.items()}
-        digests.update(reference=content_hash(ref_images), extractor=extractor.weights_sha256)
+        digests.update(reference=ref.digest(), extractor=extractor.weights_sha256)
         claim.key = settings_digest([asdict(cfg), digests, list(methods)])
         work = claim.open_partial()
-        ref_features = reference_features(extractor, ref_images, fidelity_cache or default_fidelity_cache())
+        ref_features = reference_features(extractor, ref.images, fidelity_cache or default_fidelity_cache())
         per_seed: dict[str, list[dict]] = {}
         for unit in progress(units, desc="eval", unit="unit"):
             key = settings_digest([asdict(cfg), digests["vq"], digests[unit.model], digests["reference"],
@@ -269,14 +299,16 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Pat
             if scores is not None:
                 log.info("seed %d %-8s already evaluated, reusing it", unit.seed, unit.name)
             else:
-                scores = evaluate_unit(unit, models[unit.model], vq, cfg, labels, extractor, ref_features, classifier, work)
+                scores = evaluate_unit(unit, family, models[unit.model], vq, cfg, labels, extractor, ref_features, ref.fid_stats,
+                                       classifier, work)
                 write_json(work / "samples" / f"{unit.stem}.json", {"key": key, "scores": scores})
                 log.info("seed %d %-8s FID %.3f IS %.3f acc %.3f (%.0f images/s)", unit.seed, unit.name, scores["fid"],
                          scores["is"], scores.get("class_accuracy", float("nan")), scores["images_per_s"])
             per_seed.setdefault(unit.name, []).append(scores)
-        metrics = summarise(per_seed, cfg.seeds, len(labels))
+        metrics = summarise(per_seed, cfg.seeds, len(labels), ref.describe())
         write_json(work / "metrics.json", metrics)
         write_text(work / "results.md", format_results(metrics))
+        save_settings(work, "eval", cfg)
         claim.commit()
     return metrics
 

@@ -58,31 +58,28 @@ def _layout(obj: dict) -> str:
 
 
 def _checkpoint(path: Path) -> str:
-    from pipeline.checkpoint import CheckpointError, extract_state_dict, file_sha256, load_file
-    from pipeline.families import family_of
-    from pipeline.models.var import NESTINGS, config_from_state_dict
+    from pipeline.checkpoint import KINDS, checkpoint_kind, extract_state_dict, file_sha256, load_file
+    from pipeline.families import FAMILIES
+    from pipeline.models.var import NESTINGS
 
-    try:
-        family = family_of(path)
-    except CheckpointError:
-        family = None
+    kind = checkpoint_kind(path)
+    family = next((f for f in FAMILIES.values() if kind in (f.model_kind, f.tokenizer_kind)), None)
     obj = load_file(path)
     # a VAR transformer's training checkpoint nests it (["trainer"]["var_wo_ddp"]); other files are unwrapped as usual
-    state = extract_state_dict(obj, path, NESTINGS if family == "var" else ())
+    state = extract_state_dict(obj, path, NESTINGS if kind == "var" else ())
     n_params = sum(v.numel() for v in state.values())
     lines = [f"checkpoint {path}", f"  sha256             {file_sha256(path)}",
              f"  layout             {_layout(obj)}",
              f"  tensors            {len(state)}, {n_params / 1e6:.2f}M values",
-             f"  model family       {family or 'unknown'}"]
+             f"  kind               {KINDS[kind] if kind else 'unknown'}",
+             f"  model family       {family.name if family else 'none'}"]
     for key in ("family", "steps", "init_sha256", "tokens_fingerprint"):
         if key in obj:
             lines.append(f"  {key:<19}{obj[key]}")
     if isinstance(obj.get("config"), dict):
         lines.append(f"  config             {json.dumps(obj['config'])}")
-    elif family == "var" and any(k.startswith("blocks.") for k in state):
-        cfg = config_from_state_dict(state)
-        lines.append(f"  config             none stored (upstream VAR file); from the weights: depth {cfg.depth}, width {cfg.width}, "
-                     f"heads {cfg.heads}, {cfg.num_classes} classes + null, vocabulary {cfg.vocab_size}")
+    elif family is not None and family.describe_weights(state):
+        lines.append(f"  config             {family.describe_weights(state)}")
     else:
         lines.append("  config             none stored (upstream file): pass --gpt-model / --vq-model")
     return "\n".join(lines)

@@ -16,10 +16,13 @@ import torch
 
 from pipeline.checkpoint import file_sha256
 from pipeline.config import check_ranges, setting
-from pipeline.families import check_model_fits_tokens, load_model
+from pipeline.families import load_model
 from pipeline.formats import RefCacheParts, claim_ref_cache, read_ref_cache, read_token_store
 from pipeline.progress import progress
-from pipeline.refcache import draw_pairs, reference_logps
+from pipeline.refcache import NEGATIVES, draw_pairs, reference_logps
+
+from . import presets
+from .params import as_params
 
 log = logging.getLogger(__name__)
 
@@ -28,33 +31,40 @@ log = logging.getLogger(__name__)
 class RefLogpConfig:
     seed: int = setting(0, ge=0)  # fixes each row's view and negative label
     views: str = setting("all", choices=("all", "one"))  # "all": a cache row per (image, view); "one": a row per image, random view
+    # "other": uniform over the other classes; "roll": the released scripts' rolled labels (pipeline.refcache)
+    negatives: str = setting("other", choices=NEGATIVES)
     batch_size: int = setting(512, ge=1)
-    part_rows: int = setting(65536, ge=1, multiple_of="batch_size")  # resume unit: rows per part file
+    part_rows: int = setting(4096, ge=1, multiple_of="batch_size")  # resume unit: rows per part file
 
     def __post_init__(self) -> None:
         check_ranges(self, "reflogp")
 
 
 def run(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, out: Path, device: torch.device, gpt_model: str | None = None,
-        vae: Path | None = None, vae_model: str | None = None, depth: int | None = None) -> None:
+        vae: Path | None = None, vae_model: str | None = None, depth: int | None = None, preset: str | None = None) -> None:
     """`out` and its parts directory `<out>.partial` must be absent or caches of ours (checked first)."""
     with claim_ref_cache(out) as claim:
-        _reflogp(cfg, tokens_path, ref_path, claim, device, gpt_model, vae, vae_model, depth)
+        _reflogp(cfg, tokens_path, ref_path, claim, device, gpt_model, vae, vae_model, depth, preset)
 
 
 def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, device: torch.device, gpt_model, vae, vae_model,
-             depth) -> None:
+             depth, preset) -> None:
     out = claim.target
     store = read_token_store(tokens_path)
-    model = load_model(ref_path, gpt_model=gpt_model, seq_len=store.tokens.shape[2], vae=vae, vae_model=vae_model, depth=depth,
-                       patch_nums=store.attrs.get("patch_nums"), role="--ref").to(device)
-    check_model_fits_tokens(model, store.attrs, store.tokens.shape[2], tokens_path, ref_path)
-    pairs = draw_pairs(store.labels, store.tokens.shape[1], store.num_classes, cfg.seed, cfg.views)
+    family, model = load_model(ref_path, "--ref", spec=gpt_model, seq_len=store.tokens.shape[2], vae=vae, vae_model=vae_model,
+                               depth=depth, patch_nums=store.attrs.get("patch_nums"))
+    model = model.to(device)
+    family.check_fits(model, store.attrs, tokens_path, ref_path)
+    presets.check_model(preset, family.name, model.cfg)
+    pairs = draw_pairs(store.labels, store.tokens.shape[1], store.num_classes, cfg.seed, cfg.views, cfg.negatives)
     provenance = {
         "tokens_fingerprint": store.fingerprint,
         "ref_ckpt_sha256": file_sha256(ref_path),
         "seed": cfg.seed,
         "views": cfg.views,
+        "negatives": cfg.negatives,
+        "logp_code": family.logp_code(),
+        "settings": as_params(cfg),
         "num_classes": store.num_classes,
         "null_class": model.cfg.null_class,
         "seq_len": int(store.tokens.shape[2]),

@@ -23,7 +23,7 @@ import torch
 
 from pipeline.checkpoint import file_sha256
 from pipeline.config import ConfigError, check_ranges, setting, settings_digest
-from pipeline.families import load_tokenizer, tokenizer_attrs
+from pipeline.families import load_tokenizer
 from pipeline.formats import TokenStoreWriter, claim_token_store, store_attrs
 from pipeline.images import ImageFolderError, ImageViews, list_image_folder, open_rgb, view_names
 from pipeline.progress import progress
@@ -36,7 +36,7 @@ class TokenizeConfig:
     image_size: int = setting(16, ge=1)
     augment: str = "shift1"  # none | flip | tencrop | shift1 | randcrop:<A> (VAR's resize 1.125x + random crop, A views)
     batch_size: int = setting(256, ge=1)  # images per encoder forward
-    chunk_rows: int = setting(1024, ge=1, multiple_of="batch_size")  # rows per Zarr chunk = resume unit
+    chunk_rows: int = setting(512, ge=1, multiple_of="batch_size")  # rows per Zarr chunk = resume unit
     num_workers: int = setting(0, ge=0)  # DataLoader processes decoding images (spawned: safe next to zarr's threads)
     # Corrupt/truncated images: "error" stops at the first one (naming it, leaving no store behind);
     # "skip" decodes every image once up front, drops the bad ones (listed in the store's attribute
@@ -114,7 +114,7 @@ def encode_rows(paths: list[Path], rows: list[int], cfg: TokenizeConfig, vq_path
     key = (vq_path, vq_model, device)
     if key not in _WORKER_TOKENIZERS:
         torch.set_num_threads(1)  # one thread per worker process: the cluster provides the parallelism
-        _WORKER_TOKENIZERS[key] = load_tokenizer(vq_path, vq_model).to(device).eval()
+        _WORKER_TOKENIZERS[key] = load_tokenizer(vq_path, vq_model)[1].to(device).eval()
     vq = _WORKER_TOKENIZERS[key]
     dataset = ImageViews(paths, cfg.image_size, cfg.augment, rows, cfg.max_image_pixels)
     out = []
@@ -161,8 +161,9 @@ def _tokenize(cfg: TokenizeConfig, images: Path, vq_path: Path, claim, device: t
     skipped: list[str] = []
     if cfg.bad_images == "skip":
         paths, labels, skipped = drop_bad_images(paths, labels, cfg.max_bad_fraction, cfg.max_image_pixels)
-    vq = load_tokenizer(vq_path, vq_model).to(device).eval()
-    layout = tokenizer_attrs(vq, cfg.image_size)  # family, seq_len, grid (+ patch_nums for VAR)
+    family, vq = load_tokenizer(vq_path, vq_model)
+    vq = vq.to(device).eval()
+    layout = family.tokenizer_layout(vq, cfg.image_size)  # family, seq_len, grid (+ patch_nums for VAR)
     seq_len = layout["seq_len"]
     sha = file_sha256(vq_path)
     attrs = {"tokenizer_sha256": sha, "codebook_size": vq.cfg.codebook_size, "image_size": cfg.image_size,

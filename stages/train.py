@@ -18,65 +18,67 @@ from pathlib import Path
 
 import torch
 
-from pipeline.alignment import AlignConfig, train_policy
-from pipeline.checkpoint import CheckpointError, expect_kind, file_sha256, save_torch
-from pipeline.config import check_ranges, setting, settings_digest
-from pipeline.families import MODELS, check_model_fits_tokens, load_model, save_model
+from pipeline.alignment import LR_SCHEDULES, AlignConfig, train_policy
+from pipeline.checkpoint import CheckpointError, file_sha256, save_torch
+from pipeline.config import ConfigError, check_ranges, setting, settings_digest
+from pipeline.families import family_of, family_of_model, load_model
 from pipeline.formats import read_ref_cache, read_token_store
 from pipeline.losses import LOSSES
 from pipeline.outputs import StageDir, write_json
 from pipeline.progress import progress
 
+from . import presets
 from .common import StepLog
+from .params import save_settings
 
 log = logging.getLogger(__name__)
 
 
-# The official CCA recipes (paper Appendix E, the released training scripts), by name. A params.yaml
-# `train.preset` starts from one of these; keys written in the train section override it.
-# Keys are spelled as in params.yaml (`lambda`).
-TRAIN_PRESETS: dict[str, dict] = {
-    **{f"var-d{depth}": {"loss": "cca", "beta": 0.02, "lambda": lam, "lr": 2e-5, "epochs": 1.0, "batch_size": 256,
-                         "uncond_ratio": 0.1}
-       for depth, lam in ((16, 50.0), (20, 50.0), (24, 100.0), (30, 1000.0))},
-    **{f"llamagen-{size}": {"loss": "cca", "beta": 0.02, "lambda": lam, "lr": 1e-5, "epochs": 1.0, "batch_size": 256,
-                            "uncond_ratio": 0.1}
-       for size, lam in (("B", 1000.0), ("L", 300.0), ("XL", 1000.0), ("XXL", 1000.0), ("3B", 500.0))},
-}
-
-
 @dataclass
 class TrainConfig:
-    preset: str = setting("", choices=("", *TRAIN_PRESETS))  # its values are the defaults of this section (apply_preset)
+    """The train section of params.yaml; these defaults are the embedded default's (params.yaml agrees, tested).
+    The ImageNet recipes are presets (stages/presets.py)."""
+
     loss: str = setting("cca", choices=tuple(LOSSES))
     beta: float = setting(0.5, gt=0.0)  # > 0: a negative beta would push the policy the wrong way
     lam: float = setting(10.0, key="lambda", ge=0.0)
-    lr: float = setting(3e-5, gt=0.0)
+    lr: float = setting(1e-4, gt=0.0)
+    # "constant", or VAR's "lin0": linear warm-up over warmup_fraction of the steps from warmup_start x lr,
+    # 5% of the rest at lr, then linear decay to end_ratio x lr (VAR utils/lr_control.py)
+    lr_schedule: str = setting("constant", choices=LR_SCHEDULES)
+    warmup_fraction: float = setting(0.02, ge=0.0, lt=1.0)
+    warmup_start: float = setting(0.005, ge=0.0, le=1.0)
+    end_ratio: float = setting(0.1, ge=0.0, le=1.0)
+    # AdamW; decay only the family's decayed parameters (LlamaGen: dim >= 2; VAR: not its no-decay set),
+    # cosine-annealed from weight_decay to weight_decay_end (None: constant), as VAR's lr_wd_annealing
     weight_decay: float = setting(0.0, ge=0.0)
-    epochs: float = setting(1.0, gt=0.0)
-    batch_size: int = setting(64, ge=1, multiple_of="micro_batch_size")
-    micro_batch_size: int = setting(64, ge=1)
-    uncond_ratio: float = setting(0.1, ge=0.0, lt=1.0)
+    weight_decay_end: float | None = setting(None, ge=0.0)
+    betas: list[float] = setting(default_factory=lambda: [0.9, 0.95], ge=0.0, lt=1.0)
     grad_clip: float = setting(1.0, gt=0.0)
+    loss_scale: float = setting(1.0, gt=0.0)  # the loss is multiplied by this before backward (see presets.py)
+    # fine-tuning regularisation, active in train mode only (the cache is computed in eval mode):
+    # LlamaGen's resid/ffn/token dropout, drop path rising over the blocks (VAR's only regulariser)
+    dropout: float = setting(0.0, ge=0.0, lt=1.0)
+    drop_path: float = setting(0.0, ge=0.0, lt=1.0)
+    epochs: float = setting(3.0, gt=0.0)
+    batch_size: int = setting(64, ge=1, multiple_of="micro_batch_size")  # global batch of cache rows
+    micro_batch_size: int = setting(64, ge=1)  # rows per forward; gradient accumulation makes up the batch
+    uncond_ratio: float = setting(0.1, ge=0.0, lt=1.0)
     seed: int = setting(0, ge=0)
     save_every: int = setting(0, ge=0)  # steps between checkpoints <out>/checkpoints/<step>.pt + resume.pt (0: final only, no resume)
 
     def __post_init__(self) -> None:
         check_ranges(self, "train")
+        if len(self.betas) != 2:
+            raise ConfigError(f"train.betas = {self.betas}: AdamW takes two betas, e.g. [0.9, 0.95]")
 
     def align_config(self) -> AlignConfig:
         return AlignConfig(**{k: getattr(self, k) for k in AlignConfig.__dataclass_fields__})
 
 
-def apply_preset(section: dict) -> dict:
-    """The train section with its preset's values filled in: keys written in params.yaml win.
-    (An unknown preset name fills nothing; TrainConfig refuses it, listing the known ones.)"""
-    return {**TRAIN_PRESETS.get(section.get("preset") or "", {}), **section}
-
-
-def save_policy(path: Path, policy, cfg: TrainConfig, init_sha256: str, step: int) -> None:
+def save_policy(path: Path, policy, cfg: TrainConfig, init_sha256: str, step: int, preset: str | None) -> None:
     """The peer's layout ({"model": upstream state dict, ...}: LlamaGen c2i / VAR), plus our config and provenance."""
-    save_model(path, policy, init_sha256=init_sha256, train_params={**cfg.__dict__}, steps=step)
+    family_of_model(policy).save(path, policy, init_sha256=init_sha256, train_params=asdict(cfg), preset=preset, steps=step)
 
 
 def run_key(cfg: TrainConfig, provenance: dict, init_sha: str) -> str:
@@ -102,26 +104,28 @@ def load_resume_state(path: Path, key: str) -> dict | None:
 
 
 def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: Path, device: torch.device,
-        gpt_model: str | None = None, vae: Path | None = None, vae_model: str | None = None, depth: int | None = None) -> None:
+        gpt_model: str | None = None, vae: Path | None = None, vae_model: str | None = None, depth: int | None = None,
+        preset: str | None = None) -> None:
     """`out` must be absent, empty or a train directory of ours; the run is built in `<out>.partial`
-    (checkpoints, resume state, logs) and moved into `out` when it finishes (pipeline/outputs.py)."""
+    (checkpoints, resume state, logs) and moved into `out` when it finishes (pipeline/outputs.py).
+    `preset`: the name of the recipe `cfg` was resolved with (checked against the model, recorded)."""
     with StageDir(out, "train") as claim:
-        _train(cfg, tokens_path, cache_path, init, claim, device, gpt_model, vae, vae_model, depth)
+        _train(cfg, tokens_path, cache_path, init, claim, device, gpt_model, vae, vae_model, depth, preset)
 
 
 def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, claim: StageDir, device: torch.device,
-           gpt_model, vae, vae_model, depth) -> None:
-    expect_kind(init, MODELS, "--init")  # before the cache, whose provenance would only say "stale"
+           gpt_model, vae, vae_model, depth, preset) -> None:
+    family = family_of(init, "--init")  # the kind, before the cache, whose provenance would only say "stale"
     store = read_token_store(tokens_path)
     init_sha = file_sha256(init)
-    cache, provenance = read_ref_cache(cache_path, expect={"tokens_fingerprint": store.fingerprint, "ref_ckpt_sha256": init_sha},
-                                       store=store)
-    policy = load_model(init, gpt_model=gpt_model, seq_len=store.tokens.shape[2], vae=vae, vae_model=vae_model, depth=depth,
-                        patch_nums=store.attrs.get("patch_nums"), role="--init").to(device)
-    check_model_fits_tokens(policy, store.attrs, store.tokens.shape[2], tokens_path, init)
-    depth = getattr(policy.cfg, "depth", None)
-    if cfg.preset.startswith("var-d") and depth is not None and cfg.preset != f"var-d{depth}":
-        log.warning("train.preset %s is the recipe for another depth than this VAR-d%d checkpoint", cfg.preset, depth)
+    expect = {"tokens_fingerprint": store.fingerprint, "ref_ckpt_sha256": init_sha, "logp_code": family.logp_code()}
+    cache, provenance = read_ref_cache(cache_path, expect=expect, store=store)
+    family, policy = load_model(init, "--init", spec=gpt_model, seq_len=store.tokens.shape[2], vae=vae, vae_model=vae_model,
+                                depth=depth, patch_nums=store.attrs.get("patch_nums"))
+    policy = policy.to(device)
+    family.check_fits(policy, store.attrs, tokens_path, init)
+    presets.check_model(preset, family.name, policy.cfg)
+    policy.set_dropout(cfg.dropout, cfg.drop_path)
     claim.key = key = run_key(cfg, provenance, init_sha)
     work = claim.open_partial()
     steps = StepLog(work, "log")
@@ -137,13 +141,13 @@ def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, cl
         log.info("resuming %s from step %d", claim.target, resume["step"])
 
     def checkpoint(state: dict) -> None:
-        save_policy(ckpt_dir / f"{state['step']:07d}.pt", policy, cfg, init_sha, state["step"])
+        save_policy(ckpt_dir / f"{state['step']:07d}.pt", policy, cfg, init_sha, state["step"], preset)
         save_torch(resume_path, {"key": key, "state": state, "log_rows": steps.rows})  # a kill leaves the previous one
 
     started = time.perf_counter()
     try:
         train_policy(
-            policy, store.tokens, cache, cfg.align_config(), device, on_step=steps,
+            policy, store.tokens, cache, cfg.align_config(), device, family.param_groups(policy, cfg.weight_decay), on_step=steps,
             progress=lambda total: progress(total=total, desc="train", unit="step"),
             on_checkpoint=checkpoint, checkpoint_every=cfg.save_every, resume=resume,
         )
@@ -154,12 +158,13 @@ def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, cl
                                  f"(the step log is in {work / 'log.csv'}).") from e
     seconds = time.perf_counter() - started
     steps.save()
-    save_policy(work / "policy.pt", policy, cfg, init_sha, len(steps.rows))
+    save_policy(work / "policy.pt", policy, cfg, init_sha, len(steps.rows), preset)
     resume_path.unlink(missing_ok=True)
     last = steps.rows[-1]
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     summary = {"steps": len(steps.rows), "seconds": seconds, "peak_rss_mb": peak_rss_mb, "final": last, "params": asdict(cfg)}
     write_json(work / "summary.json", summary)
+    save_settings(work, "train", cfg, preset)
     claim.commit()
     log.info("peak RSS %.0f MB", peak_rss_mb)
     log.info("trained %d steps in %.1fs: loss %.4f, rewards/pos %.3f, rewards/neg %.3f, accuracy %.3f -> %s",

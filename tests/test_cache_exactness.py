@@ -8,12 +8,14 @@ import math
 import numpy as np
 import torch
 
-from pipeline.alignment import AlignConfig, loss_for_batch, make_batch, policy_logps, train_policy
+from pipeline.alignment import loss_for_batch, make_batch, policy_logps, train_policy
 from pipeline.checkpoint import save_checkpoint
+from pipeline.families import LLAMAGEN
 from pipeline.logprobs import sequence_logp
 from pipeline.losses import cca_loss
 from pipeline.models.llamagen import load_gpt
 from pipeline.refcache import draw_pairs, reference_logps
+from stages.train import TrainConfig
 
 CPU = torch.device("cpu")
 
@@ -59,7 +61,7 @@ def test_cached_loss_equals_online_reference_loss(tiny_gpt, tmp_path):
         ref_pos = sequence_logp(online_ref, batch.labels_pos, batch.tokens)
         ref_neg = sequence_logp(online_ref, batch.labels_neg, batch.tokens)
     pos, neg = policy_logps(policy, batch, CPU)
-    online = cca_loss(pos, neg, ref_pos, ref_neg, beta=0.5, lam=10.0, uncond=batch.uncond)
+    online = cca_loss(pos, neg, ref_pos, ref_neg, beta=0.5, lam=10.0, positive_twice=batch.positive_twice)
     assert abs(cached.ratio_pos).max() > 0.1  # the check is not vacuous
     torch.testing.assert_close(cached.loss, online.loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cached.per_row, online.per_row, rtol=1e-5, atol=1e-5)
@@ -70,8 +72,8 @@ def test_first_step_loss_is_the_ratio_zero_value_and_training_moves_weights(tiny
     policy = load_gpt(tmp_path / "ref.pt")
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     logged = []
-    cfg = AlignConfig(beta=0.5, lam=10.0, lr=3e-3, epochs=4.0, batch_size=12, micro_batch_size=4, uncond_ratio=0.0)
-    train_policy(policy, tokens, cache, cfg, CPU, on_step=lambda step, m: logged.append(m))
+    cfg = TrainConfig(beta=0.5, lam=10.0, lr=3e-3, epochs=4.0, batch_size=12, micro_batch_size=4, uncond_ratio=0.0).align_config()
+    train_policy(policy, tokens, cache, cfg, CPU, LLAMAGEN.param_groups(policy, 0.0), on_step=lambda step, m: logged.append(m))
     assert len(logged) == 12  # 4 epochs x 36 cache rows / 12
     assert math.isclose(logged[0]["loss"], 11 * math.log(2) / 10, rel_tol=1e-4)
     assert logged[-1]["rewards/margin"] > 0  # positives now above negatives

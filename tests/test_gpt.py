@@ -117,7 +117,7 @@ def test_logits_match_an_independent_implementation():
     tokens = [3, 17, 42, 5, 0, 49, 8, 21]  # 8 inputs -> logits for all 9 image tokens
     for label in (2, cfg.null_class):
         with torch.no_grad():
-            ours = model(torch.tensor([label]), torch.tensor([tokens]))[0].double()
+            ours = model.logits(torch.tensor([label]), torch.tensor([tokens]))[0].double()
         expected = reference_logits(model.state_dict(), cfg, label, tokens)
         torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
 
@@ -127,7 +127,7 @@ def test_teacher_forcing_is_causal(tiny_gpt):
     changed = tokens.clone()
     changed[0, 6] = (changed[0, 6] + 1) % 64
     with torch.no_grad():
-        a, b = tiny_gpt(torch.tensor([1]), tokens), tiny_gpt(torch.tensor([1]), changed)
+        a, b = tiny_gpt.logits(torch.tensor([1]), tokens), tiny_gpt.logits(torch.tensor([1]), changed)
     # input t feeds logit position t + 1 (the class token is position 0)
     torch.testing.assert_close(a[:, :7], b[:, :7], atol=0, rtol=0)
     assert not torch.allclose(a[:, 7:], b[:, 7:])

@@ -97,13 +97,18 @@ def repo(tmp_path_factory) -> Path:
 
 
 def init_pipeline_repo(repo: Path, pipeline: str, params: dict) -> Path:
-    """A git + DVC repository holding pipelines/<pipeline>/dvc.yaml and the given params.yaml."""
+    """A git + DVC repository laid out as ours (pipeline/, stages/, pipelines/<pipeline>/dvc.yaml, whose
+    code deps point at ../../pipeline) with the given params.yaml; returns the pipeline's folder."""
     repo.mkdir()
-    shutil.copy(ROOT / "pipelines" / pipeline / "dvc.yaml", repo / "dvc.yaml")
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for name in ("pipeline", "stages"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    folder = repo / "pipelines" / pipeline
+    folder.mkdir(parents=True)
+    shutil.copy(ROOT / "pipelines" / pipeline / "dvc.yaml", folder / "dvc.yaml")
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], repo)
     _run([BIN / "dvc", "init", "-q"], repo)
-    return repo
+    return folder
 
 
 def assert_dry_run_lists_the_four_stages(repo: Path) -> None:

@@ -18,7 +18,7 @@ def test_ratio_zero_gives_ln2_terms():
     """At initialisation the policy equals the reference, every ratio is 0 and -log sig(0) = ln 2:
     a conditional row costs (1 + lambda) ln 2, an unconditional one 2 ln 2; both / max(lambda, 1)."""
     logp = torch.tensor([-50.0, -60.0, -70.0])
-    out = cca_loss(logp, logp - 3, logp, logp - 3, beta=0.5, lam=10.0, uncond=torch.tensor([False, True, False]))
+    out = cca_loss(logp, logp - 3, logp, logp - 3, beta=0.5, lam=10.0, positive_twice=torch.tensor([False, True, False]))
     expected = torch.tensor([11 * math.log(2), 2 * math.log(2), 11 * math.log(2)]) / 10
     torch.testing.assert_close(out.per_row, expected)
     torch.testing.assert_close(out.loss, expected.mean())
@@ -35,7 +35,7 @@ def test_worked_example(lam: float):
     """
     a = math.log(1 + math.exp(-0.5))
     out = cca_loss(torch.tensor([-9.0, -19.0]), torch.tensor([-12.0, -19.0]), torch.tensor([-10.0, -20.0]),
-                   torch.tensor([-11.0, -20.0]), beta=0.5, lam=lam, uncond=torch.tensor([False, True]))
+                   torch.tensor([-11.0, -20.0]), beta=0.5, lam=lam, positive_twice=torch.tensor([False, True]))
     norm = max(lam, 1.0)
     assert out.per_row[0].item() == pytest.approx((1 + lam) * a / norm, rel=1e-6)
     assert out.per_row[1].item() == pytest.approx(2 * a / norm, rel=1e-6)
@@ -68,7 +68,7 @@ def test_reference_tensors_get_no_gradient_and_float64_cache_is_accepted():
 def test_logged_metrics():
     """rewards/pos averages all rows; negatives (and margin, accuracy) only the conditional rows."""
     out = cca_loss(torch.tensor([1.0, 2.0, 5.0]), torch.tensor([-1.0, 3.0, 5.0]), torch.zeros(3), torch.zeros(3),
-                   beta=1.0, lam=1.0, uncond=torch.tensor([False, False, True]))
+                   beta=1.0, lam=1.0, positive_twice=torch.tensor([False, False, True]))
     m = out.metrics(torch.tensor([False, False, True]))
     assert m["rewards/pos"] == pytest.approx(8 / 3)
     assert m["rewards/neg"] == pytest.approx(1.0)  # (-1 + 3) / 2

@@ -56,6 +56,22 @@ def test_project_params_build_every_stage():
         build(cls, imagenet, section)
 
 
+def test_params_yaml_agrees_with_the_config_defaults():
+    """One source of defaults: the stage configs; params.yaml lists every key with the same value."""
+    import dataclasses
+    import importlib
+
+    from pipeline.config import key_of
+    from stages.cli import STAGES
+    from stages.params import as_params
+
+    params = load_params(ROOT / "params.yaml")
+    for module, cls_name, section in STAGES.values():
+        cls = getattr(importlib.import_module(f"stages.{module}"), cls_name)
+        assert set(params[section]) == {key_of(f) for f in dataclasses.fields(cls)}, section
+        assert as_params(build(cls, params, section)) == as_params(cls()), section
+
+
 def test_library_never_imports_stages_nor_prints():
     for path in (ROOT / "pipeline").rglob("*.py"):
         tree = ast.parse(path.read_text())

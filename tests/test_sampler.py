@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.logprobs import sequence_token_logp
 from pipeline.sampling import filter_logits, sample
 
 
@@ -13,7 +12,7 @@ def test_sampled_logps_equal_teacher_forced(tiny_gpt):
     for scale in (0.0, 1.5):
         out = sample(tiny_gpt, labels, cfg_scale=scale, generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
-            forced = sequence_token_logp(tiny_gpt, labels, out.tokens)
+            forced = tiny_gpt(out.tokens, labels)
         torch.testing.assert_close(out.token_logp, forced, atol=1e-5, rtol=0)
 
 
@@ -50,7 +49,7 @@ def test_top_k_one_is_greedy_decoding(tiny_gpt):
     labels = torch.arange(5)
     out = sample(tiny_gpt, labels, top_k=1, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = tiny_gpt(labels, out.tokens[:, :-1])
+        logits = tiny_gpt.logits(labels, out.tokens[:, :-1])
     assert torch.equal(out.tokens, logits.argmax(-1))
 
 

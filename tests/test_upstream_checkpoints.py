@@ -14,7 +14,7 @@ def _logits(model: GPT) -> torch.Tensor:
     labels = torch.tensor([3, model.cfg.null_class])
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 5))
     with torch.no_grad():
-        return model(labels, tokens)
+        return model.logits(labels, tokens)
 
 
 def test_gpt_b_c2i_file_layout(tmp_path):

@@ -17,12 +17,14 @@ import torch.nn.functional as F
 
 from pipeline.alignment import loss_for_batch, make_batch, policy_logps
 from pipeline.checkpoint import CheckpointError, save_checkpoint
-from pipeline.families import family_of, load_model, sample
+from pipeline.families import VAR as VAR_FAMILY
+from pipeline.families import family_of, load_model
 from pipeline.losses import cca_loss
 from pipeline.models.var import VAR, VARConfig, VARModel, load_var, var_config
 from pipeline.refcache import draw_pairs, reference_logps
 from pipeline.sampling import filter_logits_var, sample_var
 from pipeline.tokenizers.msvq import MSVQConfig, MSVQModel, load_msvq, load_quantizer, scale_bounds
+from stages.train import TrainConfig
 
 CPU = torch.device("cpu")
 PN = (1, 2, 3, 4)
@@ -97,15 +99,15 @@ def test_upstream_layouts_load_strictly_with_identical_outputs(world, tmp_path):
     torch.save(vae.state_dict(), tmp_path / "vae.pth")
     tokens = vae.encode(torch.rand(2, 3, 64, 64) * 2 - 1)
     labels = torch.tensor([1, 4])
-    expected = model.sequence_token_logp(tokens, labels)
+    expected = model(tokens, labels)
     for name in ("var_d2.pth", "ar-ckpt-last.pth", "cca-trainer.pth"):
-        assert family_of(tmp_path / name) == "var"
+        assert family_of(tmp_path / name, "--ref") is VAR_FAMILY
         loaded = VARModel(load_var(tmp_path / name, depth=2, patch_nums=PN), load_quantizer(tmp_path / "vae.pth", MSVQConfig(**TINY_VAE)))
-        torch.testing.assert_close(loaded.eval().sequence_token_logp(tokens, labels), expected, rtol=0, atol=0)
+        torch.testing.assert_close(loaded.eval()(tokens, labels), expected, rtol=0, atol=0)
     for name in ("vae.pth", "ar-ckpt-last.pth"):  # the release's VQVAE file, and the copy in VAR's trainer state
         full = load_msvq(tmp_path / name, MSVQConfig(**TINY_VAE))
         assert torch.equal(full.encode(torch.zeros(1, 3, 64, 64)), vae.encode(torch.zeros(1, 3, 64, 64)))
-    assert family_of(tmp_path / "vae.pth") == "var"
+    assert family_of(tmp_path / "vae.pth", "--vq", models=False) is VAR_FAMILY
 
 
 def test_wrong_checkpoints_are_clear_errors(world, tmp_path):
@@ -123,7 +125,7 @@ def test_wrong_checkpoints_are_clear_errors(world, tmp_path):
     with pytest.raises(CheckpointError, match="missing keys.*head.bias"):
         load_var(tmp_path / "missing.pth", patch_nums=PN)
     with pytest.raises(ValueError, match="VQVAE checkpoint"):
-        load_model(tmp_path / "var.pth")  # VAR needs its quantiser
+        load_model(tmp_path / "var.pth", "--ref")  # VAR needs its quantiser
 
 
 # ------------------------------------------------------------------------------- equations
@@ -222,12 +224,12 @@ def test_likelihood_is_deterministic_in_train_mode_without_label_dropout(world):
     labels = torch.tensor([1, 2])
     model.train()
     try:
-        a, b = model.sequence_token_logp(tokens, labels), model.sequence_token_logp(tokens, labels)
+        a, b = model(tokens, labels), model(tokens, labels)
     finally:
         model.eval()
     assert torch.equal(a, b)  # no label dropout, drop-path off at rate 0
     assert not model.quantizer.training
-    null = model.sequence_token_logp(tokens, torch.full((2,), model.cfg.null_class))
+    null = model(tokens, torch.full((2,), model.cfg.null_class))
     assert (null - a).abs().max() > 1e-3  # the label matters
 
 
@@ -242,7 +244,7 @@ def test_sampler_logps_equal_teacher_forcing_per_scale(world, cfg_scale, schedul
     out = sample_var(model, labels, cfg_scale=cfg_scale, cfg_schedule=schedule, top_k=top_k, top_p=top_p,
                      generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        forced = model.sequence_token_logp(out.tokens, labels)
+        forced = model(out.tokens, labels)
     for a, b in scale_bounds(PN):  # per scale, float32: KV-cached scale-by-scale == one masked forward
         torch.testing.assert_close(out.token_logp[:, a:b], forced[:, a:b], rtol=0, atol=1e-5)
     assert out.tokens.shape == (4, 30) and out.tokens.max() < 64
@@ -260,7 +262,7 @@ def test_guidance_changes_samples_and_upstream_null_half_does_not(world):
     assert torch.equal(free.tokens[:, 0], guided.tokens[:, 0])
     constant = sample_var(model, labels, cfg_scale=3.0, cfg_schedule="constant", generator=torch.Generator().manual_seed(1))
     assert not torch.equal(constant.tokens, guided.tokens)
-    via_family = sample(model, labels, generator=torch.Generator().manual_seed(1))
+    via_family = VAR_FAMILY.sample(model, labels, generator=torch.Generator().manual_seed(1))
     assert torch.equal(via_family.tokens, free.tokens)
 
 
@@ -286,8 +288,8 @@ def test_fresh_var_policy_reproduces_cached_reference_and_online_loss(world, tmp
     torch.save(model.var.state_dict(), tmp_path / "var.pth")
     torch.save(vae.state_dict(), tmp_path / "vae.pth")
     (tmp_path / "vae.json").write_text(json.dumps(TINY_VAE))
-    load = lambda: load_model(tmp_path / "var.pth", vae=tmp_path / "vae.pth", vae_model=str(tmp_path / "vae.json"),  # noqa: E731
-                              patch_nums=PN).eval()
+    load = lambda: load_model(tmp_path / "var.pth", "--ref", vae=tmp_path / "vae.pth",  # noqa: E731
+                              vae_model=str(tmp_path / "vae.json"), patch_nums=PN)[1].eval()
     pairs = draw_pairs(labels, 2, 5, seed=3, views="all")
     cache = {**pairs, **reference_logps(load(), tokens, pairs, batch_size=5, device=CPU)}
     policy = load()
@@ -304,32 +306,30 @@ def test_fresh_var_policy_reproduces_cached_reference_and_online_loss(world, tmp
     cached = loss_for_batch(policy, batch, "cca", beta=0.02, lam=50.0, device=CPU)
     reference = load()
     with torch.no_grad():
-        ref_pos = reference.sequence_token_logp(batch.tokens, batch.labels_pos).sum(-1)
-        ref_neg = reference.sequence_token_logp(batch.tokens, batch.labels_neg).sum(-1)
+        ref_pos = reference(batch.tokens, batch.labels_pos).sum(-1)
+        ref_neg = reference(batch.tokens, batch.labels_neg).sum(-1)
     pos, neg = policy_logps(policy, batch, CPU)
-    online = cca_loss(pos, neg, ref_pos, ref_neg, beta=0.02, lam=50.0, uncond=batch.uncond)
+    online = cca_loss(pos, neg, ref_pos, ref_neg, beta=0.02, lam=50.0, positive_twice=batch.positive_twice)
     assert cached.ratio_pos.abs().max() > 0.1
     torch.testing.assert_close(cached.per_row, online.per_row, rtol=1e-5, atol=1e-5)
 
 
 def test_saved_policy_is_an_upstream_state_dict(world, tmp_path):
-    from pipeline.families import save_model
-
     _, model = world
-    save_model(tmp_path / "policy.pt", model, steps=3)
+    VAR_FAMILY.save(tmp_path / "policy.pt", model, steps=3)
     state = torch.load(tmp_path / "policy.pt", map_location="cpu", weights_only=True)
     assert state["family"] == "var" and set(state["model"]) == set(VAR(VARConfig(**TINY_VAR)).state_dict())
     VAR(VARConfig(**TINY_VAR)).load_state_dict(state["model"], strict=True)
     assert load_var(tmp_path / "policy.pt").cfg == model.cfg
     save_checkpoint(tmp_path / "other.pt", {}, {}, family="classifier")
     with pytest.raises(CheckpointError, match="classifier"):
-        family_of(tmp_path / "other.pt")
+        family_of(tmp_path / "other.pt", "--ref")
 
 
 def test_var_policy_trains_with_a_frozen_quantiser(world):
     """train_policy runs VAR unchanged: step 0 is the ratio-zero loss (1 + lambda) ln 2 / lambda, only the
     transformer moves, and the positives end above the negatives."""
-    from pipeline.alignment import AlignConfig, train_policy
+    from pipeline.alignment import train_policy
 
     vae, model = world
     tokens = vae.encode(torch.rand(16, 3, 64, 64) * 2 - 1).numpy().astype(np.uint16).reshape(8, 2, 30)
@@ -340,8 +340,8 @@ def test_var_policy_trains_with_a_frozen_quantiser(world):
     policy.var.load_state_dict(model.var.state_dict())
     quantizer_before = {k: v.clone() for k, v in policy.quantizer.state_dict().items()}
     logged = []
-    cfg = AlignConfig(beta=0.5, lam=10.0, lr=1e-3, epochs=6.0, batch_size=8, micro_batch_size=4, uncond_ratio=0.0)
-    train_policy(policy, tokens, cache, cfg, CPU, on_step=lambda step, m: logged.append(m))
+    cfg = TrainConfig(beta=0.5, lam=10.0, lr=1e-3, epochs=6.0, batch_size=8, micro_batch_size=4, uncond_ratio=0.0).align_config()
+    train_policy(policy, tokens, cache, cfg, CPU, VAR_FAMILY.param_groups(policy, 0.0), on_step=lambda step, m: logged.append(m))
     assert math.isclose(logged[0]["loss"], 11 * math.log(2) / 10, rel_tol=1e-4)
     assert logged[-1]["rewards/margin"] > logged[0]["rewards/margin"] + 1.0
     assert all(torch.equal(quantizer_before[k], v) for k, v in policy.quantizer.state_dict().items())
@@ -349,16 +349,16 @@ def test_var_policy_trains_with_a_frozen_quantiser(world):
 
 
 def test_tokens_of_the_other_family_are_refused(world, tmp_path):
-    from pipeline.families import check_model_fits_tokens
-
     _, model = world
-    llamagen_store = {"codebook_size": 64, "num_classes": 5}  # no family attribute: LlamaGen tokens
+    llamagen_store = {"codebook_size": 64, "num_classes": 5, "seq_len": 30}  # no family attribute: LlamaGen tokens
     with pytest.raises(ValueError, match="llamagen tokens but .* is a var model"):
-        check_model_fits_tokens(model, llamagen_store, 30, tmp_path / "t.zarr", tmp_path / "var.pth")
-    var_store = {"family": "var", "patch_nums": [1, 2, 4], "codebook_size": 64, "num_classes": 5}
+        VAR_FAMILY.check_fits(model, llamagen_store, tmp_path / "t.zarr", tmp_path / "var.pth")
+    var_store = {"family": "var", "patch_nums": [1, 2, 4], "codebook_size": 64, "num_classes": 5, "seq_len": 21}
+    with pytest.raises(ValueError, match="sequences of 21 tokens"):
+        VAR_FAMILY.check_fits(model, var_store, tmp_path / "t.zarr", tmp_path / "var.pth")
     with pytest.raises(ValueError, match="scales"):
-        check_model_fits_tokens(model, var_store, 21, tmp_path / "t.zarr", tmp_path / "var.pth")
-    check_model_fits_tokens(model, {**var_store, "patch_nums": list(PN)}, 30, tmp_path / "t.zarr", tmp_path / "var.pth")
+        VAR_FAMILY.check_fits(model, {**var_store, "seq_len": 30}, tmp_path / "t.zarr", tmp_path / "var.pth")
+    VAR_FAMILY.check_fits(model, {**var_store, "patch_nums": list(PN), "seq_len": 30}, tmp_path / "t.zarr", tmp_path / "var.pth")
 
 
 def test_randcrop_views_are_vars_train_transform_seeded_per_image():
@@ -385,26 +385,28 @@ def test_randcrop_views_are_vars_train_transform_seeded_per_image():
 
 def test_var_training_resumes_to_identical_weights(world):
     """The resume state of a VAR policy (transformer + frozen quantiser) restarts training exactly."""
-    from pipeline.alignment import AlignConfig, train_policy
+    from pipeline.alignment import train_policy
 
     vae, model = world
     tokens = vae.encode(torch.rand(8, 3, 64, 64) * 2 - 1).numpy().astype(np.uint16).reshape(8, 1, 30)
     labels = (np.arange(8) % 5).astype(np.int32)
     pairs = draw_pairs(labels, 1, 5, seed=0, views="all")
     cache = {**pairs, **reference_logps(model, tokens, pairs, batch_size=8, device=CPU)}
-    cfg = AlignConfig(beta=0.5, lam=10.0, lr=1e-3, epochs=2.0, batch_size=4, micro_batch_size=2, uncond_ratio=0.25)
+    cfg = TrainConfig(beta=0.5, lam=10.0, lr=1e-3, epochs=2.0, batch_size=4, micro_batch_size=2, uncond_ratio=0.25).align_config()
 
     def fresh() -> VARModel:
         policy = VARModel(VAR(model.cfg), model.quantizer)
         policy.var.load_state_dict(model.var.state_dict())
         return policy
 
-    full = train_policy(fresh(), tokens, cache, cfg, CPU)
+    def train(policy, **kwargs):
+        return train_policy(policy, tokens, cache, cfg, CPU, VAR_FAMILY.param_groups(policy, 0.0), **kwargs)
+
+    full = train(fresh())
     states = []
-    train_policy(fresh(), tokens, cache, cfg, CPU, checkpoint_every=2,
-                 on_checkpoint=lambda s: states.append(copy.deepcopy(s)))  # as torch.save would freeze it
+    train(fresh(), checkpoint_every=2, on_checkpoint=lambda s: states.append(copy.deepcopy(s)))  # as torch.save would freeze it
     resumed = fresh()
     resumed.load_state_dict(states[0]["model"])  # what stages/train.py does with resume.pt
-    train_policy(resumed, tokens, cache, cfg, CPU, resume=states[0])
+    train(resumed, resume=states[0])
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k

@@ -72,9 +72,10 @@ def test_var_four_stages_through_dvc(repo: Path):
     # the policy is a plain VAR state dict under "model", loadable strictly by the upstream class layout
     state = torch.load(repo / "data/train/policy.pt", map_location="cpu", weights_only=True)
     VAR(VARConfig(**{**TINY_VAR, "num_classes": 1000})).load_state_dict(state["model"], strict=True)
-    assert state["family"] == "var" and state["train_params"]["preset"] == "var-d16"
+    assert state["family"] == "var" and state["preset"] == "var-d16"
     assert state["train_params"]["lam"] == 50.0  # from the preset (not overridden in params.yaml)
-    assert "is the recipe for another depth" in log  # preset var-d16 with a depth-2 model is flagged
+    assert state["train_params"]["lr_schedule"] == "lin0" and state["train_params"]["grad_clip"] == 2.0
+    assert "is the recipe for VAR-d16, but this checkpoint is VAR-d2" in log  # flagged, from the preset's own data
     steps = [json.loads(line) for line in (repo / "data/train/log.jsonl").read_text().splitlines()]
     assert len(steps) == 3 and abs(steps[0]["rewards/pos"]) < 1e-3  # step 0: policy == cached reference
     metrics = json.loads((repo / "data/eval/metrics.json").read_text())

@@ -12,6 +12,11 @@ wrapper (`{"model": ...}`) and any `freqs_cis` entry are removed (see `pipeline.
 Sequence layout: input = [class embedding] + tok_embeddings(z[:, :-1]); the logit at position p predicts
 z[p]. Class dropout is *not* done inside the module (upstream does it in its LabelEmbedder): the training
 loop replaces labels by `null_class` itself, so computing a likelihood never drops a label by accident.
+
+`forward(tokens, labels)` is teacher forcing: per-token log-probs (B, N) in float32, the one way reflogp,
+train and the tests compute likelihoods (so DDP/FSDP wrap it unchanged); `logits` is the raw network,
+also used incrementally by the sampler. Upstream's regularisation (resid, ffn and token dropout, drop
+path) is present but off (p = 0) until `set_dropout` turns it on for fine-tuning; it acts only in train mode.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +32,8 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict
 from ..config import build_dataclass, config_from_json, named_config
+from ..logprobs import token_logp
+from .layers import DropPath, linear_rates
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -163,6 +171,7 @@ class Attention(nn.Module):
         self.head_dim = cfg.dim // cfg.n_head
         self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)  # q | k | v, upstream order
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.resid_dropout = nn.Dropout(0.0)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, start: int) -> torch.Tensor:
@@ -181,7 +190,7 @@ class Attention(nn.Module):
         else:
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.wo(y.transpose(1, 2).reshape(B, T, C))
+        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, C)))
 
 
 class FeedForward(nn.Module):
@@ -190,9 +199,10 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
         self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+        self.ffn_dropout = nn.Dropout(0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))  # SwiGLU
 
 
 class TransformerBlock(nn.Module):
@@ -202,10 +212,11 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.drop_path = DropPath(0.0)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, start: int) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, start)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = x + self.drop_path(self.attention(self.attention_norm(x), rope, start))
+        return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
 
 
 class ClassEmbedding(nn.Module):
@@ -220,11 +231,14 @@ class ClassEmbedding(nn.Module):
 
 
 class GPT(nn.Module):
+    family: ClassVar[str] = "llamagen"  # pipeline.families
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
         self.cls_embedding = ClassEmbedding(cfg)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_dropout = nn.Dropout(0.0)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -242,7 +256,19 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, labels: torch.Tensor, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def set_dropout(self, dropout: float = 0.0, drop_path: float = 0.0) -> None:
+        """Fine-tuning regularisation as LlamaGen's: resid, ffn and token dropout p = `dropout`; drop path
+        rising linearly over the layers to `drop_path`. Active in train mode only."""
+        self.tok_dropout.p = dropout
+        for layer, rate in zip(self.layers, linear_rates(drop_path, len(self.layers)), strict=True):
+            layer.attention.resid_dropout.p = layer.feed_forward.ffn_dropout.p = dropout
+            layer.drop_path.rate = rate
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced log p(z_t | z_<t, c) for every token: tokens (B, N), labels (B,) -> (B, N) float32."""
+        return token_logp(self.logits(labels, tokens[:, :-1]), tokens)  # position p predicts tokens[:, p]
+
+    def logits(self, labels: torch.Tensor, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Logits (B, T, vocab) in float32.
 
         Teacher forcing (start=0): labels (B,), tokens (B, N-1) = z[:, :-1] -> logits for z[:, :N].
@@ -253,16 +279,11 @@ class GPT(nn.Module):
         if start == 0:
             cls = self.cls_embedding(labels)[:, None, :].to(x.dtype)  # (B, 1, C)
             x = torch.cat([cls.expand(-1, self.cfg.cls_token_num, -1), x], dim=1)
+        x = self.tok_dropout(x)
         rope = self.rope[start : start + x.shape[1]]
         for layer in self.layers:
             x = layer(x, rope, start)
         return self.output(self.norm(x)).float()
-
-    def sequence_token_logp(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced log p(z_t | z_<t, c) for every token: (B, N) float32 (pipeline.families interface)."""
-        from ..logprobs import token_logp
-
-        return token_logp(self(labels, tokens[:, :-1]), tokens)  # position p predicts tokens[:, p]
 
     def upstream_state_dict(self) -> dict[str, torch.Tensor]:
         return self.state_dict()

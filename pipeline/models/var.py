@@ -12,8 +12,8 @@ Conditioning: the class embedding drives every block's AdaLN (6 modulations) and
 
 Unlike upstream `forward`, the module never drops labels: the training loop substitutes the null class
 (row `num_classes`) itself, so a likelihood is never computed with a randomly dropped label.
-Drop-path is off unless `drop_path_rate > 0` and the module is in train mode; reflogp and the policy
-at step 0 then compute identical, deterministic log-probs.
+Drop-path is off unless `drop_path_rate > 0` (or `VARModel.set_dropout`) and the module is in train
+mode; reflogp (eval mode) and the policy at step 0 then compute identical, deterministic log-probs.
 
 `VARModel` pairs the transformer with the frozen quantiser it reads its input from; it is what the
 pipeline trains and samples (pipeline.families). Its checkpoint keeps only the transformer's upstream keys.
@@ -24,14 +24,17 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict
-from ..config import build_dataclass
+from ..config import ConfigError, build_dataclass
+from ..logprobs import token_logp
 from ..tokenizers.msvq import VAR_PATCH_NUMS, MultiScaleQuantizer, scale_bounds
+from .layers import DropPath, linear_rates
 
 # log(100) as upstream computes it (a float32 tensor's log), the cap of the attention temperature
 _MAX_SCALE_MUL = float(torch.log(torch.tensor(100)))
@@ -89,20 +92,6 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], patch_nums: tuple[int, .
                               "(no scale_mul_1H11) are not supported") from e
     return VARConfig(depth=depth, width=width, heads=heads, num_classes=classes - 1, vocab_size=vocab, cvae=cvae,
                      patch_nums=patch_nums, mlp_ratio=mlp)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (timm), active only in train mode with rate > 0."""
-
-    def __init__(self, rate: float):
-        super().__init__()
-        self.rate = rate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rate == 0.0 or not self.training:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.rate)
-        return x * keep / (1 - self.rate)
 
 
 class SelfAttention(nn.Module):
@@ -194,7 +183,7 @@ class VAR(nn.Module):
         self.pos_start = nn.Parameter(torch.empty(1, self.first_l, C))
         self.pos_1LC = nn.Parameter(torch.empty(1, L, C))
         self.lvl_embed = nn.Embedding(len(cfg.patch_nums), C)
-        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # rising linearly from 0
+        rates = linear_rates(cfg.drop_path_rate, cfg.depth)
         self.blocks = nn.ModuleList(AdaLNSelfAttn(cfg, rates[i]) for i in range(cfg.depth))
         self.head_nm = AdaLNBeforeHead(cfg)
         self.head = nn.Linear(C, cfg.vocab_size)
@@ -246,6 +235,8 @@ class VARModel(nn.Module):
     """VAR + the frozen quantiser that turns codes into its input: the family interface
     (pipeline.families) over next-scale prediction. Only `var` is trained; `quantizer` never changes."""
 
+    family: ClassVar[str] = "var"  # pipeline.families
+
     def __init__(self, var: VAR, quantizer: MultiScaleQuantizer):
         super().__init__()
         if quantizer.cfg.patch_nums != var.cfg.patch_nums or quantizer.cfg.z_channels != var.cfg.cvae:
@@ -257,13 +248,22 @@ class VARModel(nn.Module):
         self.quantizer = quantizer.requires_grad_(False)
         self.cfg = var.cfg
 
-    def sequence_token_logp(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced log p(token_p | coarser scales, c) for all L positions: (B, L) float32."""
-        from ..logprobs import token_logp
-
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced log p(token_p | coarser scales, c) for all L positions: tokens (B, L), labels (B,)
+        -> (B, L) float32."""
         with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):  # float32, as upstream
             teacher_input = self.quantizer.teacher_forcing_input(tokens)
         return token_logp(self.var(labels, teacher_input), tokens)
+
+    def set_dropout(self, dropout: float = 0.0, drop_path: float = 0.0) -> None:
+        """VAR's fine-tuning regularisation: drop path rising linearly over the blocks to `drop_path`
+        (the release: 0.1 x depth / 24); active in train mode only. VAR's recipe has no dropout."""
+        if dropout:
+            raise ConfigError(f"train.dropout = {dropout}: VAR is regularised by drop path only (train.drop_path); set "
+                              "train.dropout to 0")
+        self.cfg.drop_path_rate = drop_path
+        for block, rate in zip(self.var.blocks, linear_rates(drop_path, len(self.var.blocks)), strict=True):
+            block.drop_path.rate = rate
 
     def upstream_state_dict(self) -> dict[str, torch.Tensor]:
         return self.var.state_dict()

@@ -1,0 +1,77 @@
+"""Which source files a piece of the pipeline runs, from its imports: for the reference cache's code digest
+(editing the code that computes log-probs makes old caches refuse to load) and for checking that every DVC
+stage depends on the files it imports (tests/test_dvc_deps.py).
+
+Imports are read from the source (ast), including those inside functions, and followed within the
+`pipeline` and `stages` packages; third-party modules are not followed.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # holds pipeline/ and stages/
+PACKAGES = ("pipeline", "stages")
+
+
+def module_file(name: str) -> Path | None:
+    """The source file of a module of our packages (a package's __init__.py), or None."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Modules of our packages that `path` imports anywhere in its body (absolute names)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from . import sampling`
+    return {m for m in found if module_file(m) is not None}
+
+
+def closure(modules: Iterable[str]) -> list[Path]:
+    """Source files of `modules` and of everything they import from our packages, transitively (with the
+    __init__.py of every package on the way, which Python runs too)."""
+    todo, seen = [m for m in modules], set()
+    files: set[Path] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = module_file(name)
+        if path is None:
+            continue
+        files.add(path)
+        parent = name.rpartition(".")[0]
+        if parent:
+            todo.append(parent)
+        todo.extend(imports_of(path))
+    return sorted(files)
+
+
+def code_digest(modules: Iterable[str]) -> dict[str, str]:
+    """{file relative to the repository: sha256 of its bytes} for the closure of `modules`."""
+    return {str(p.relative_to(ROOT)): hashlib.sha256(p.read_bytes()).hexdigest() for p in closure(modules)}

@@ -1,0 +1,106 @@
+"""The released CCA recipes as presets, resolved in one place (`resolve`).
+
+Values from the paper (Appendix E, Table 4) and the released scripts, written out in
+shared/reference/cca_official.md: LlamaGen_finetune.py (B, L, XL), LlamaGen_finetune_fsdp.py (XXL, 3B),
+VAR_finetune.py with VAR's lr_control.py. A preset is named by the top-level `preset:` of params.yaml or by
+`cca-pipe --preset NAME`; it sets the sections it lists (in params.yaml spelling) and may say which model it
+is meant for (`model`), which the stages check against the checkpoint they load.
+
+Resolution, lowest to highest: the stage config's defaults <- the preset named in params.yaml <- the keys
+written in the params.yaml section <- a `--preset` given on the command line <- `--set` overrides.
+
+Deliberate departures from the scripts, documented in the README:
+- The reference log-probs are computed once, in eval mode (dropout off): the scripts run the reference in
+  train mode, so with --keep_dropout its log-probs are stochastic; a cache must be deterministic.
+- Negatives `roll` are drawn once per cache row from a seeded global permutation, not re-rolled in each
+  2-row micro-batch at every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+from pipeline.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# LlamaGen (Table 4): lambda per size; B/L/XL trained with DDP, XXL/3B with FSDP (strategy is issue 17's)
+_LLAMAGEN_LAMBDA = {"B": 1000.0, "L": 300.0, "XL": 1000.0, "XXL": 1000.0, "3B": 500.0}
+_LLAMAGEN_CCA_CFG_BETA = {"B": 0.1, "L": 0.02, "XL": 0.1, "XXL": 0.1, "3B": 0.1}
+_LLAMAGEN_TRAIN = {
+    "loss": "cca", "beta": 0.02, "lr": 1e-5, "lr_schedule": "constant", "epochs": 1.0, "batch_size": 256,
+    "uncond_ratio": 0.1,
+    "dropout": 0.1,  # --keep_dropout: resid, ffn and token dropout 0.1, LlamaGen's pretraining values
+    "drop_path": 0.0,
+    "weight_decay": 0.05, "betas": [0.9, 0.95], "grad_clip": 1.0,
+    # the script sums its 16 micro-batch losses (8 GPUs x 2 rows x accumulation 16 = 256) without dividing:
+    # its gradient is 16x the batch mean, which clipping at 1.0 sees (AdamW itself is scale-free)
+    "loss_scale": 16.0,
+}
+# VAR (Table 4): lambda and the lin0 schedule's end ratio per depth; drop path 0.1 * depth / 24, none for d16
+_VAR = {16: (50.0, 0.1, 0.0), 20: (50.0, 0.1, 0.1 * 20 / 24), 24: (100.0, 0.01, 0.1), 30: (1000.0, 0.01, 0.125)}
+_VAR_TRAIN = {
+    "loss": "cca", "beta": 0.02, "lr": 2e-5, "epochs": 1.0, "batch_size": 256, "uncond_ratio": 0.1, "dropout": 0.0,
+    # lr_control.lr_wd_annealing('lin0'): warm-up over 2% from 0.005 lr, 5% flat, linear decay to end_ratio lr
+    "lr_schedule": "lin0", "warmup_fraction": 0.02, "warmup_start": 0.005,
+    "weight_decay": 0.05, "betas": [0.9, 0.95], "grad_clip": 2.0,
+    "loss_scale": 1.0,  # VAR multiplies each of its ac micro-batch losses by 1/ac: the batch mean
+}
+_ROLL = {"negatives": "roll"}  # torch.roll(labels, -1), both scripts
+
+PRESETS: dict[str, dict] = {
+    **{f"llamagen-{size}": {"model": {"family": "llamagen"}, "reflogp": _ROLL,
+                            "train": {**_LLAMAGEN_TRAIN, "lambda": lam}}
+       for size, lam in _LLAMAGEN_LAMBDA.items()},
+    # CCA+CFG (Table 4): trained with the unconditional rows, sampled with guidance; lambda 1
+    **{f"llamagen-{size}-cca-cfg": {"model": {"family": "llamagen"}, "reflogp": _ROLL,
+                                    "train": {**_LLAMAGEN_TRAIN, "lambda": 1.0, "beta": beta}}
+       for size, beta in _LLAMAGEN_CCA_CFG_BETA.items()},
+    **{f"var-d{depth}": {"model": {"family": "var", "depth": depth}, "reflogp": _ROLL,
+                         "train": {**_VAR_TRAIN, "lambda": lam, "end_ratio": end, "drop_path": round(dpr, 6),
+                                   "weight_decay_end": 0.08 if depth == 30 else 0.05}}  # d30: wd annealed 0.05 -> 0.08
+       for depth, (lam, end, dpr) in _VAR.items()},
+}
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def resolve(section: str, params: dict, cli_preset: str | None = None, overrides: dict | None = None) -> dict:
+    """The section's values (params.yaml spelling) after presets and overrides; defaults are the config
+    class's own and fill whatever is missing when it is built."""
+    file_preset = params.get("preset") or None
+    if file_preset is not None and not isinstance(file_preset, str):
+        raise ConfigError(f"params.yaml: preset must be a name, not {file_preset!r}")
+    values: dict = {}
+    if file_preset:
+        values.update(preset(file_preset).get(section, {}))
+    written = params.get(section)
+    if written is not None and not isinstance(written, dict):
+        raise ConfigError(f"params.yaml section {section!r} must be a mapping of settings, not {written!r}")
+    values.update(written or {})
+    if cli_preset:
+        values.update(preset(cli_preset).get(section, {}))
+    values.update(overrides or {})
+    return values
+
+
+def active(params: dict, cli_preset: str | None = None) -> str | None:
+    return cli_preset or params.get("preset") or None
+
+
+def check_model(name: str | None, family: str, model_cfg) -> None:
+    """Warn when a preset meant for another model (family, VAR depth) is applied to this one."""
+    if not name:
+        return
+    meant = PRESETS[name].get("model", {})
+    if meant.get("family", family) != family:
+        raise ConfigError(f"preset {name!r} is a {meant['family']} recipe but the model is {family}: choose one of "
+                          f"{', '.join(n for n, p in PRESETS.items() if p.get('model', {}).get('family') == family)}")
+    depth = meant.get("depth")
+    if depth is not None and getattr(model_cfg, "depth", depth) != depth:
+        log.warning("preset %s is the recipe for VAR-d%d, but this checkpoint is VAR-d%d", name, depth, model_cfg.depth)

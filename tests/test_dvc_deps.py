@@ -1,0 +1,46 @@
+"""Every DVC stage depends on the source files it runs (derived from the imports, pipeline/codefiles.py), so
+editing code that computes a stage's output makes DVC rerun it; and `report` a ready `dvc repro`."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.codefiles import ROOT, closure
+from stages.cli import STAGES
+
+DVC_FILES = [ROOT / "dvc.yaml", ROOT / "pipelines/imagenet-llamagen/dvc.yaml", ROOT / "pipelines/imagenet-var/dvc.yaml"]
+MODULES = {command: module for command, (module, _, _) in STAGES.items()} | {"report": "report", "import-codes": "import_codes"}
+
+
+def required_files(command: str) -> list[Path]:
+    """What `cca-pipe <command>` runs: the stage's module and everything it imports, with the CLI itself."""
+    return sorted({*closure([f"stages.{MODULES[command]}", "stages.params"]), ROOT / "stages/cli.py"})
+
+
+def stage_command(cmd: str) -> str:
+    words = shlex.split(cmd.replace("\n", " "))
+    return next(w for w in words[1:] if w in MODULES)
+
+
+@pytest.mark.parametrize("dvc_file", DVC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_stage_depends_on_the_code_it_imports(dvc_file: Path):
+    stages = yaml.safe_load(dvc_file.read_text())["stages"]
+    problems = []
+    for name, stage in stages.items():
+        deps = [Path(os.path.normpath(dvc_file.parent / d)) for d in stage.get("deps", []) if "${" not in str(d)]
+        for needed in required_files(stage_command(stage["cmd"])):
+            if not any(needed == d or d in needed.parents for d in deps):
+                problems.append(f"{name}: {os.path.relpath(needed, dvc_file.parent)}")
+    assert not problems, f"{dvc_file.relative_to(ROOT)} misses code deps:\n" + "\n".join(problems)
+
+
+def test_the_derivation_follows_imports():
+    files = {str(p.relative_to(ROOT)) for p in required_files("train")}
+    assert {"stages/train.py", "pipeline/alignment.py", "pipeline/losses.py", "pipeline/models/llamagen.py",
+            "pipeline/models/var.py", "pipeline/formats.py", "pipeline/__init__.py", "stages/cli.py"} <= files
+    assert "pipeline/report.py" not in files and "stages/eval.py" not in files  # train never runs them

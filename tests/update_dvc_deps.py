@@ -1,0 +1,41 @@
+"""Rewrite the code deps of every stage in the project's dvc.yaml files from the imports (what
+tests/test_dvc_deps.py checks): `python tests/update_dvc_deps.py`. Data deps and comments are kept."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from ruamel.yaml import YAML
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_dvc_deps import DVC_FILES, required_files, stage_command  # noqa: E402
+
+from pipeline.codefiles import PACKAGES, ROOT  # noqa: E402
+
+
+def is_code(dep: str, base: Path) -> bool:
+    path = Path(os.path.normpath(base / dep))
+    return "${" not in dep and path.is_relative_to(ROOT) and path.relative_to(ROOT).parts[0] in PACKAGES
+
+
+def main() -> None:
+    yaml = YAML()
+    yaml.width = 200
+    yaml.indent(mapping=2, sequence=4, offset=2)
+    for dvc_file in DVC_FILES:
+        doc = yaml.load(dvc_file.read_text())
+        for stage in doc["stages"].values():
+            deps = stage.setdefault("deps", [])
+            data = [d for d in deps if not is_code(str(d), dvc_file.parent)]
+            code = [os.path.relpath(p, dvc_file.parent) for p in required_files(stage_command(stage["cmd"]))]
+            deps.clear()
+            deps.extend(data + code)
+        with open(dvc_file, "w") as f:
+            yaml.dump(doc, f)
+        print(f"updated {dvc_file.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
