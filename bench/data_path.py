@@ -16,7 +16,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import summary, table, timed, write_results  # noqa: E402
 from pipeline.alignment import make_batch  # noqa: E402
-from pipeline.formats import read_ref_cache, read_token_store, write_ref_cache, write_token_store  # noqa: E402
+from pipeline.formats import read_ref_cache, write_ref_cache  # noqa: E402
+from pipeline.tokenstore import open_token_store, write_token_store  # noqa: E402
 
 ROWS, VIEWS, TOKENS, BATCH = 100_000, 2, 256, 256  # an ImageNet-shaped slice: 256 tokens, 2 views, global batch 256
 
@@ -34,9 +35,9 @@ def main() -> dict:
                 "ref_logp_pos": rng.normal(size=ROWS), "ref_logp_neg": rng.normal(size=ROWS), "ref_logp_null": rng.normal(size=ROWS)}
         write_ref_cache(tmp / "c.parquet", cols, {"tokens_fingerprint": "x", "ref_ckpt_sha256": "y", "seed": 0,
                                                   "num_classes": 1000, "null_class": 1000, "seq_len": TOKENS})
-        load_store = summary(timed(lambda: read_token_store(tmp / "t.zarr"), 3, warmup=0))
+        load_store = summary(timed(lambda: open_token_store(tmp / "t.zarr"), 3, warmup=0))
         load_cache = summary(timed(lambda: read_ref_cache(tmp / "c.parquet"), 3, warmup=0))
-        store = read_token_store(tmp / "t.zarr")
+        store = open_token_store(tmp / "t.zarr")
         cache, _ = read_ref_cache(tmp / "c.parquet")
         order = rng.permutation(ROWS)
         k = iter(range(10**9))

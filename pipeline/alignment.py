@@ -37,13 +37,21 @@ class AlignBatch:
     positive_twice: torch.Tensor
 
 
-def make_batch(rows: np.ndarray, tokens, cache: dict[str, np.ndarray], uncond: np.ndarray, null_class: int) -> AlignBatch:
-    """Assemble a batch from cache rows (indices into the cache's columns); `tokens` is the (N, A, L) array
-    or a lazy token store (formats.TokenStore), indexed [store rows, views]."""
-    store_rows, views = cache["row"][rows], cache["view"][rows]
+def gather_tokens(tokens, cache: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """The cached view of each cache row: (len(rows), L) uint16 from the (N, A, L) tokens (an array, or a
+    lazy store's pipeline.tokenstore.LazyTokens, which reads only the chunks these rows are in)."""
+    return np.asarray(tokens[cache["row"][rows], cache["view"][rows]])
+
+
+def make_batch(rows: np.ndarray, tokens, cache: dict[str, np.ndarray], uncond: np.ndarray, null_class: int,
+               row_tokens: np.ndarray | None = None) -> AlignBatch:
+    """Assemble a batch from cache rows (indices into the cache's columns); `row_tokens`: their tokens
+    already gathered (by a DataLoader worker), else read from `tokens` here."""
+    if row_tokens is None:
+        row_tokens = gather_tokens(tokens, cache, rows)
     null = np.full(len(rows), null_class)
     return AlignBatch(
-        tokens=torch.from_numpy(np.asarray(tokens[store_rows, views]).astype(np.int64)),
+        tokens=torch.from_numpy(row_tokens.astype(np.int64)),
         labels_pos=torch.from_numpy(np.where(uncond, null, cache["label"][rows]).astype(np.int64)),
         labels_neg=torch.from_numpy(np.where(uncond, null, cache["neg_label"][rows]).astype(np.int64)),
         ref_logp_pos=torch.from_numpy(np.where(uncond, cache["ref_logp_null"][rows], cache["ref_logp_pos"][rows])),
@@ -103,6 +111,39 @@ def weight_decay_at(step: int, total: int, start: float, end: float | None) -> f
     return end + (start - end) * (0.5 + 0.5 * math.cos(math.pi * step / max(total - 1, 1)))
 
 
+def epoch_order(rng: np.random.Generator, store_rows: np.ndarray, chunk_rows: int, buffer_chunks: int) -> np.ndarray:
+    """One epoch's order of the cache rows, chunk-aware: the token-store chunks the rows live in are shuffled,
+    then taken `buffer_chunks` at a time, and the rows of each group shuffled among themselves, so a batch
+    touches at most `buffer_chunks` chunks (and a reader caching as many decodes each once per epoch). When
+    every chunk fits in one buffer this is exactly a uniform permutation of the cache rows."""
+    chunk = store_rows // chunk_rows
+    chunks = np.unique(chunk)
+    if len(chunks) <= buffer_chunks:
+        return rng.permutation(len(store_rows))
+    by_chunk = np.argsort(chunk, kind="stable")
+    bounds = np.searchsorted(chunk[by_chunk], chunks)
+    members = np.split(by_chunk, bounds[1:])  # cache rows of each chunk
+    shuffled = rng.permutation(len(chunks))
+    groups = [np.concatenate([members[c] for c in shuffled[i : i + buffer_chunks]]) for i in range(0, len(chunks), buffer_chunks)]
+    return np.concatenate([g[rng.permutation(len(g))] for g in groups])
+
+
+class StepRows(torch.utils.data.Dataset):
+    """Step k -> the tokens of that step's cache rows, (batch, L) uint16, for a DataLoader whose workers read
+    the store while the model trains. Indexed by step, so a resumed run starts at its step."""
+
+    def __init__(self, tokens, cache: dict[str, np.ndarray], order: np.ndarray, batch_size: int):
+        self.tokens, self.order, self.batch_size = tokens, order, batch_size
+        self.cache = {k: cache[k] for k in ("row", "view")}
+
+    def __len__(self) -> int:
+        return len(self.order) // self.batch_size
+
+    def __getitem__(self, step: int) -> torch.Tensor:
+        rows = self.order[step * self.batch_size : (step + 1) * self.batch_size]
+        return torch.from_numpy(gather_tokens(self.tokens, self.cache, rows))
+
+
 @dataclass
 class AlignConfig:
     """The training loop's settings; no defaults here: the train stage's TrainConfig is their one source."""
@@ -125,6 +166,8 @@ class AlignConfig:
     micro_batch_size: int  # rows per forward; batch_size / micro_batch_size accumulation steps
     uncond_ratio: float
     seed: int
+    shuffle_buffer_chunks: int  # epoch_order
+    num_workers: int  # DataLoader processes reading the token store
 
 
 def train_policy(
@@ -160,7 +203,9 @@ def train_policy(
     rng = np.random.default_rng(cfg.seed)
     n_rows = len(cache["row"])
     total_steps = max(1, math.ceil(cfg.epochs * n_rows / cfg.batch_size))
-    order = np.concatenate([rng.permutation(n_rows) for _ in range(math.ceil(cfg.epochs) + 1)])
+    chunk_rows = getattr(tokens, "chunk_rows", len(tokens))
+    order = np.concatenate([epoch_order(rng, cache["row"], chunk_rows, cfg.shuffle_buffer_chunks)
+                            for _ in range(math.ceil(cfg.epochs) + 1)])
     for group in param_groups:
         group["base_weight_decay"] = group["weight_decay"]
     # in the model's order (the clipping norm sums over them: another order rounds differently)
@@ -179,8 +224,13 @@ def train_policy(
     bar = progress(total_steps) if progress else None
     if bar is not None and first_step:
         bar.update(first_step)
-    for step in range(first_step, total_steps):
+    loader = torch.utils.data.DataLoader(
+        StepRows(tokens, cache, order, cfg.batch_size), batch_size=None, sampler=range(first_step, total_steps),
+        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+        multiprocessing_context="spawn" if cfg.num_workers else None)  # zarr's threads make fork unsafe
+    for step, step_tokens in zip(range(first_step, total_steps), loader, strict=True):
         rows = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        step_tokens = step_tokens.numpy()
         uncond = rng.random(len(rows)) < cfg.uncond_ratio
         lr = cfg.lr * lr_factor(cfg.lr_schedule, step, total_steps, cfg.warmup_fraction, cfg.warmup_start, cfg.end_ratio)
         decay = weight_decay_at(step, total_steps, cfg.weight_decay, cfg.weight_decay_end)
@@ -191,7 +241,7 @@ def train_policy(
         outs, masks = [], []
         for start in range(0, len(rows), cfg.micro_batch_size):
             part = slice(start, start + cfg.micro_batch_size)
-            batch = make_batch(rows[part], tokens, cache, uncond[part], policy.cfg.null_class)
+            batch = make_batch(rows[part], tokens, cache, uncond[part], policy.cfg.null_class, step_tokens[part])
             try:
                 out = loss_for_batch(policy, batch, cfg.loss, cfg.beta, cfg.lam, device)
                 if not torch.isfinite(out.loss):

@@ -98,7 +98,8 @@ def train_gpt(
     device: torch.device,
     on_step: Callable[[int, dict], None] | None = None,
 ) -> GPT:
-    """Next-token cross-entropy on (N, A, L) tokens, one random view per row and epoch; labels are
+    """Next-token cross-entropy on (N, A, L) tokens (an array or a lazy store's, read a batch at a time),
+    one random view per row and epoch; labels are
     replaced by the null class with probability `class_dropout` (LlamaGen's recipe, enables CFG)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -109,8 +110,8 @@ def train_gpt(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=lr, betas=(0.9, 0.95),
     )
-    tokens_t, labels_t = torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(labels.astype(np.int64))
-    N, A, _ = tokens_t.shape
+    labels_t = torch.from_numpy(labels.astype(np.int64))
+    N, A, _ = tokens.shape
     steps_per_epoch = math.ceil(N / batch_size)
     total = epochs * steps_per_epoch
     step = 0
@@ -121,7 +122,7 @@ def train_gpt(
             for start in range(0, N, batch_size):
                 rows = order[start : start + batch_size]
                 views = torch.randint(A, (len(rows),), generator=gen)
-                x = tokens_t[rows, views].to(device)
+                x = torch.from_numpy(np.asarray(tokens[rows.numpy(), views.numpy()]).astype(np.int64)).to(device)
                 c = labels_t[rows].clone()
                 drop = torch.rand(len(rows), generator=gen) < class_dropout
                 c[drop] = cfg.null_class

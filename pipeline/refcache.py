@@ -68,7 +68,7 @@ def reference_logps(
     for start in progress(range(0, n, batch_size), desc="reflogp", unit="batch"):
         part = slice(start, min(start + batch_size, n))
         b = part.stop - part.start
-        x = torch.from_numpy(tokens[pairs["row"][part], pairs["view"][part]].astype(np.int64)).to(device)
+        x = torch.from_numpy(np.asarray(tokens[pairs["row"][part], pairs["view"][part]]).astype(np.int64)).to(device)
         conds = np.concatenate([pairs["label"][part], pairs["neg_label"][part], np.full(b, model.cfg.null_class)])
         try:
             with autocast(device):

@@ -252,11 +252,22 @@ def report(ctx, eval_dir, train_dir, sweep_dir, out):
 
 @main.command()
 @click.argument("path", type=PathType)
-def info(path):
+@click.option("--verify", is_flag=True, help="token stores: read every chunk (checksums) and recompute the fingerprint")
+def info(path, verify):
     """Print what a token store, reference cache or checkpoint holds."""
     from .info import describe
 
-    click.echo(describe(path))
+    click.echo(describe(path, verify))
+
+
+@main.command("upgrade-store")
+@click.argument("path", type=PathType)
+def upgrade_store(path):
+    """Rewrite a token store of an earlier format in the current one, in place (tokens copied, never
+    re-encoded; same fingerprint, so caches made from it stay valid)."""
+    from pipeline.tokenstore import upgrade_token_store
+
+    click.echo(f"{path}: format upgraded, fingerprint {upgrade_token_store(path)}")
 
 
 @main.command()

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.checkpoint import file_sha256
-from pipeline.formats import TokenStoreWriter, claim_token_store
 from pipeline.images import view_names
 from pipeline.progress import progress
 from pipeline.tokenizers.vq import load_vq, vq_config_from_spec
+from pipeline.tokenstore import TokenStoreWriter, claim_token_store
 
 log = logging.getLogger(__name__)
 

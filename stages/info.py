@@ -6,9 +6,13 @@ import json
 from pathlib import Path
 
 
-def describe(path: Path) -> str:
+def describe(path: Path, verify: bool = False) -> str:
+    """What `path` holds; with `verify`, a token store's every chunk is read (checksums) and its fingerprint
+    recomputed, and damage raises FormatError listing every problem."""
     if (path / "zarr.json").is_file():
-        return _token_store(path)
+        return _token_store(path) + (_verify(path) if verify else "")
+    if verify:
+        raise ValueError(f"{path}: --verify checks token stores (a directory with zarr.json)")
     if path.suffix == ".parquet":
         return _cache(path)
     if path.suffix in (".pt", ".pth", ".safetensors", ".bin"):
@@ -22,7 +26,7 @@ def _token_store(path: Path) -> str:
     group = zarr.open_group(str(path), mode="r")
     attrs = dict(group.attrs)
     tokens, labels = group["tokens"], group["labels"]
-    lines = [f"token store {path}",
+    lines = [f"token store {path} (format version {attrs.get('format_version')})",
              f"  tokens  {tokens.shape} {tokens.dtype}  (images, views, tokens per view), chunks {tokens.chunks}",
              f"  labels  {labels.shape} {labels.dtype}",
              f"  status  {'complete' if 'fingerprint' in attrs else 'INCOMPLETE (interrupted tokenize: rerun to resume)'}"]
@@ -33,6 +37,16 @@ def _token_store(path: Path) -> str:
     names = attrs.get("class_names", [])
     lines.append(f"  class_names      {names[:5]}{' ...' if len(names) > 5 else ''}")
     return "\n".join(lines)
+
+
+def _verify(path: Path) -> str:
+    from pipeline.formats import FormatError
+    from pipeline.tokenstore import verify_token_store
+
+    problems = verify_token_store(path)
+    if problems:
+        raise FormatError(f"{len(problems)} problems: " + " | ".join(problems))
+    return "\n  verified         every chunk reads (checksums match) and the fingerprint matches"
 
 
 def _cache(path: Path) -> str:

@@ -14,10 +14,10 @@ import torch
 
 from pipeline.checkpoint import owned_checkpoint, save_checkpoint
 from pipeline.config import check_ranges, setting
-from pipeline.formats import read_token_store
 from pipeline.models.llamagen import GPTConfig
 from pipeline.outputs import Claim
 from pipeline.pretraining import train_gpt
+from pipeline.tokenstore import open_token_store
 
 from .common import StepLog
 
@@ -50,11 +50,11 @@ def run(cfg: PretrainARConfig, tokens_path: Path, out: Path, device: torch.devic
 
 
 def _pretrain(cfg: PretrainARConfig, tokens_path: Path, out: Path, device: torch.device) -> None:
-    store = read_token_store(tokens_path)
+    store = open_token_store(tokens_path)
     gpt_cfg = GPTConfig(
         dim=cfg.dim, n_layer=cfg.n_layer, n_head=cfg.n_head, multiple_of=cfg.multiple_of,
         vocab_size=int(store.attrs["codebook_size"]), num_classes=store.num_classes,
-        block_size=store.tokens.shape[2], has_null_class=cfg.class_dropout > 0,
+        block_size=store.seq_len, has_null_class=cfg.class_dropout > 0,
     )
     steps = StepLog(out.parent, "pretrain_log")
     model = train_gpt(

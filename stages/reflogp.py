@@ -17,9 +17,10 @@ import torch
 from pipeline.checkpoint import file_sha256
 from pipeline.config import check_ranges, setting
 from pipeline.families import load_model
-from pipeline.formats import RefCacheParts, claim_ref_cache, read_ref_cache, read_token_store
+from pipeline.formats import RefCacheParts, claim_ref_cache, read_ref_cache
 from pipeline.progress import progress
 from pipeline.refcache import NEGATIVES, draw_pairs, reference_logps
+from pipeline.tokenstore import open_token_store
 
 from . import presets
 from .params import as_params
@@ -50,11 +51,12 @@ def run(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, out: Path, device
 def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, device: torch.device, gpt_model, vae, vae_model,
              depth, preset) -> None:
     out = claim.target
-    store = read_token_store(tokens_path)
-    family, model = load_model(ref_path, "--ref", spec=gpt_model, seq_len=store.tokens.shape[2], vae=vae, vae_model=vae_model,
+    store = open_token_store(tokens_path)
+    family, model = load_model(ref_path, "--ref", spec=gpt_model, seq_len=store.seq_len, vae=vae, vae_model=vae_model,
                                depth=depth, patch_nums=store.attrs.get("patch_nums"))
     model = model.to(device)
     family.check_fits(model, store.attrs, tokens_path, ref_path)
+    store.check_chunks()
     presets.check_model(preset, family.name, model.cfg)
     pairs = draw_pairs(store.labels, store.tokens.shape[1], store.num_classes, cfg.seed, cfg.views, cfg.negatives)
     provenance = {
@@ -67,7 +69,7 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, devic
         "settings": as_params(cfg),
         "num_classes": store.num_classes,
         "null_class": model.cfg.null_class,
-        "seq_len": int(store.tokens.shape[2]),
+        "seq_len": int(store.seq_len),
         "batch_size": cfg.batch_size,  # batch composition fixes the float32 sums bit for bit
     }
     parts = RefCacheParts(out, len(pairs["row"]), cfg.part_rows, provenance, claim.partial)

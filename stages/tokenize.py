@@ -24,9 +24,9 @@ import torch
 from pipeline.checkpoint import file_sha256
 from pipeline.config import ConfigError, check_ranges, setting, settings_digest
 from pipeline.families import load_tokenizer
-from pipeline.formats import TokenStoreWriter, claim_token_store, store_attrs
 from pipeline.images import ImageFolderError, ImageViews, list_image_folder, open_rgb, view_names
 from pipeline.progress import progress
+from pipeline.tokenstore import TokenStoreWriter, claim_token_store, store_attrs
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,11 @@ from pipeline.alignment import LR_SCHEDULES, AlignConfig, train_policy
 from pipeline.checkpoint import CheckpointError, file_sha256, save_torch
 from pipeline.config import ConfigError, check_ranges, setting, settings_digest
 from pipeline.families import family_of, family_of_model, load_model
-from pipeline.formats import read_ref_cache, read_token_store
+from pipeline.formats import read_ref_cache
 from pipeline.losses import LOSSES
 from pipeline.outputs import StageDir, write_json
 from pipeline.progress import progress
+from pipeline.tokenstore import open_token_store
 
 from . import presets
 from .common import StepLog
@@ -65,6 +66,10 @@ class TrainConfig:
     micro_batch_size: int = setting(64, ge=1)  # rows per forward; gradient accumulation makes up the batch
     uncond_ratio: float = setting(0.1, ge=0.0, lt=1.0)
     seed: int = setting(0, ge=0)
+    # data order: token-store chunks are shuffled, then rows within groups of this many chunks
+    # (pipeline.alignment.epoch_order); a store of at most this many chunks is shuffled uniformly
+    shuffle_buffer_chunks: int = setting(16, ge=1)
+    num_workers: int = setting(0, ge=0)  # DataLoader processes reading tokens while the model trains
     save_every: int = setting(0, ge=0)  # steps between checkpoints <out>/checkpoints/<step>.pt + resume.pt (0: final only, no resume)
 
     def __post_init__(self) -> None:
@@ -116,14 +121,16 @@ def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: 
 def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, claim: StageDir, device: torch.device,
            gpt_model, vae, vae_model, depth, preset) -> None:
     family = family_of(init, "--init")  # the kind, before the cache, whose provenance would only say "stale"
-    store = read_token_store(tokens_path)
+    store = open_token_store(tokens_path)
     init_sha = file_sha256(init)
     expect = {"tokens_fingerprint": store.fingerprint, "ref_ckpt_sha256": init_sha, "logp_code": family.logp_code()}
     cache, provenance = read_ref_cache(cache_path, expect=expect, store=store)
-    family, policy = load_model(init, "--init", spec=gpt_model, seq_len=store.tokens.shape[2], vae=vae, vae_model=vae_model,
+    store.tokens.cache_chunks = cfg.shuffle_buffer_chunks  # a batch touches at most this many chunks
+    family, policy = load_model(init, "--init", spec=gpt_model, seq_len=store.seq_len, vae=vae, vae_model=vae_model,
                                 depth=depth, patch_nums=store.attrs.get("patch_nums"))
     policy = policy.to(device)
     family.check_fits(policy, store.attrs, tokens_path, init)
+    store.check_chunks()
     presets.check_model(preset, family.name, policy.cfg)
     policy.set_dropout(cfg.dropout, cfg.drop_path)
     claim.key = key = run_key(cfg, provenance, init_sha)

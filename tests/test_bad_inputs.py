@@ -14,10 +14,11 @@ from PIL import Image
 
 from pipeline.checkpoint import CheckpointError, save_checkpoint
 from pipeline.device import OutOfMemory
-from pipeline.formats import FormatError, read_token_store, write_token_store
+from pipeline.formats import FormatError
 from pipeline.images import ImageFolderError, list_image_folder, open_rgb
 from pipeline.models.llamagen import GPT, GPTConfig, load_gpt
 from pipeline.tokenizers.vq import VQConfig, VQModel
+from pipeline.tokenstore import open_token_store, write_token_store
 from stages import cli
 from stages import reflogp as reflogp_stage
 from stages import tokenize as tokenize_stage
@@ -68,7 +69,7 @@ def test_skip_policy_drops_bad_images_within_the_threshold(tmp_path):
     with pytest.raises(ImageFolderError, match="max_bad_fraction"):
         _tokenize(images, vq, tmp_path / "t.zarr", bad_images="skip", max_bad_fraction=0.05)
     _tokenize(images, vq, tmp_path / "t.zarr", bad_images="skip", max_bad_fraction=0.2)
-    store = read_token_store(tmp_path / "t.zarr")
+    store = open_token_store(tmp_path / "t.zarr")
     assert store.tokens.shape[0] == 9 and list(store.labels) == [0] * 4 + [1] * 5
     assert store.attrs["skipped_files"] == [str(images / "a/2.png")]
 
@@ -155,7 +156,7 @@ def test_labels_out_of_range_are_refused(tmp_path):
     tokens, _ = _world(tmp_path)
     zarr.open_group(str(tokens), mode="r+")["labels"][0] = 7
     with pytest.raises(FormatError, match=r"t\.zarr.*(labels: values outside \[0, 3\)|fingerprint)"):
-        read_token_store(tokens)
+        open_token_store(tokens).labels
 
 
 # ---------------------------------------------------------------- integrity, numerics, resources

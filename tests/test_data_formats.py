@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.formats import FormatError, read_ref_cache, read_token_store, write_ref_cache, write_token_store
+from pipeline.formats import FormatError, read_ref_cache, write_ref_cache
 from pipeline.refcache import draw_pairs
+from pipeline.tokenstore import open_token_store, verify_token_store, write_token_store
 
 ATTRS = {"tokenizer_sha256": "ab" * 32, "codebook_size": 100, "image_size": 16, "grid": 2,
          "augmentations": ["a", "b"], "class_names": ["x", "y", "z"]}
@@ -23,20 +24,57 @@ def _store(tmp_path, n=50):
 
 def test_token_store_round_trip(tmp_path):
     tokens, labels, fp = _store(tmp_path)
-    store = read_token_store(tmp_path / "t.zarr")
-    assert np.array_equal(store.tokens, tokens) and store.tokens.dtype == np.uint16
+    store = open_token_store(tmp_path / "t.zarr")
+    assert np.array_equal(store.tokens[:], tokens) and store.tokens[:].dtype == np.uint16
     assert np.array_equal(store.labels, labels) and store.labels.dtype == np.int32
     assert store.fingerprint == fp and store.num_classes == 3
     assert {k: store.attrs[k] for k in ATTRS} == ATTRS
     assert zarr.open_group(str(tmp_path / "t.zarr"), mode="r")["tokens"].chunks == (16, 2, 4)
 
 
-def test_tampered_store_is_refused(tmp_path):
+def test_tampered_store_is_found_by_verify(tmp_path):
+    """An edit through zarr (valid chunk, valid checksum) changes the contents: --verify's fingerprint finds it."""
     _store(tmp_path)
+    assert verify_token_store(tmp_path / "t.zarr") == []
     z = zarr.open_group(str(tmp_path / "t.zarr"), mode="r+")["tokens"]
     z[3, 0, 0] = (int(z[3, 0, 0]) + 1) % 100
-    with pytest.raises(FormatError, match="t.zarr.*fingerprint"):
-        read_token_store(tmp_path / "t.zarr")
+    (problem,) = verify_token_store(tmp_path / "t.zarr")
+    assert "t.zarr" in problem and "fingerprint" in problem
+
+
+@pytest.mark.parametrize("damage", ["flip one byte", "delete the file"])
+def test_a_damaged_chunk_fails_the_batches_that_touch_it_only(tmp_path, damage, monkeypatch, capsys):
+    """Chunk 1 (rows 16..31) damaged: a batch touching it names the store and the chunk file, other batches
+    read, and `cca-pipe info --verify` reports it."""
+    import sys
+
+    from stages import cli
+
+    tokens, _, _ = _store(tmp_path)
+    chunk = tmp_path / "t.zarr" / "tokens" / "c" / "1" / "0" / "0"
+    if damage == "flip one byte":
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        chunk.write_bytes(bytes(data))
+    else:
+        chunk.unlink()
+    store = open_token_store(tmp_path / "t.zarr")  # metadata only: opens fine
+    rows, views = np.array([0, 5, 40, 49]), np.array([0, 1, 1, 0])
+    assert np.array_equal(store.tokens[rows, views], tokens[rows, views])  # chunks 0, 2, 3 only
+    with pytest.raises(FormatError, match=r"t\.zarr: chunk file tokens/c/1/0/0 \(rows 16\.\.31\) is (damaged|missing)"):
+        store.tokens[np.array([3, 20]), np.array([0, 0])]
+    monkeypatch.setattr(sys, "argv", ["cca-pipe", "info", "--verify", str(tmp_path / "t.zarr")])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run()
+    assert exit_info.value.code == 2 and "tokens/c/1/0/0" in capsys.readouterr().err
+
+
+def test_open_is_lazy_and_reads_row_ranges(tmp_path):
+    tokens, labels, _ = _store(tmp_path, n=50)
+    store = open_token_store(tmp_path / "t.zarr")
+    assert store.tokens.shape == (50, 2, 4) and store.tokens.num_chunks == 4 and not store.tokens._cache
+    assert np.array_equal(store.tokens[10:35], tokens[10:35]) and len(store.tokens._cache) == 3  # chunks 0, 1, 2
+    assert np.array_equal(store.labels, labels)
 
 
 def test_bad_inputs_rejected_at_write(tmp_path):
@@ -45,7 +83,7 @@ def test_bad_inputs_rejected_at_write(tmp_path):
     with pytest.raises(ValueError, match="missing"):
         write_token_store(tmp_path / "x.zarr", np.zeros((2, 1, 4), np.uint16), np.zeros(2, np.int32), {"grid": 2})
     with pytest.raises(FormatError, match="no zarr.json"):
-        read_token_store(tmp_path / "nothing.zarr")
+        open_token_store(tmp_path / "nothing.zarr")
 
 
 def _cache_columns(n=20):

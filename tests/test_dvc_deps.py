@@ -36,7 +36,8 @@ def test_every_stage_depends_on_the_code_it_imports(dvc_file: Path):
         for needed in required_files(stage_command(stage["cmd"])):
             if not any(needed == d or d in needed.parents for d in deps):
                 problems.append(f"{name}: {os.path.relpath(needed, dvc_file.parent)}")
-    assert not problems, f"{dvc_file.relative_to(ROOT)} misses code deps:\n" + "\n".join(problems)
+    assert not problems, (f"{dvc_file.relative_to(ROOT)} misses code deps (python tests/update_dvc_deps.py adds them):\n"
+                          + "\n".join(problems))
 
 
 def test_the_derivation_follows_imports():

@@ -8,10 +8,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipeline.checkpoint import save_checkpoint
-from pipeline.formats import write_ref_cache, write_token_store
+from pipeline.formats import write_ref_cache
 from pipeline.metrics import ClassifierConfig, ImageClassifier, save_classifier
 from pipeline.models.llamagen import GPT, GPTConfig
 from pipeline.tokenizers.vq import VQConfig, VQModel
+from pipeline.tokenstore import write_token_store
 from stages import eval as eval_stage
 from stages.cli import main
 

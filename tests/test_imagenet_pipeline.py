@@ -126,9 +126,10 @@ def test_dry_run_lists_the_four_stages(repo: Path):
 @pytest.mark.slow
 def test_four_stages_run_and_the_policy_loads_in_llamagen_layout(repo: Path):
     _run([BIN / "dvc", "repro"], repo)
-    from pipeline.formats import read_ref_cache, read_token_store
+    from pipeline.formats import read_ref_cache
+    from pipeline.tokenstore import open_token_store
 
-    store = read_token_store(repo / "data/tokens.zarr")
+    store = open_token_store(repo / "data/tokens.zarr")
     assert store.tokens.shape == (12, 2, 16)  # 12 images, flip views, 4x4 grid
     assert store.attrs["class_names"] == ["n01440764", "n01443537", "n01484850"]
     assert list(store.labels) == [0] * 4 + [1] * 4 + [2] * 4

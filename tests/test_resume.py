@@ -17,8 +17,9 @@ import torch
 import yaml
 
 from pipeline.checkpoint import save_checkpoint
-from pipeline.formats import read_ref_cache, write_token_store
+from pipeline.formats import read_ref_cache
 from pipeline.models.llamagen import GPT, GPTConfig
+from pipeline.tokenstore import write_token_store
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -31,11 +31,11 @@ def build_world(root: Path) -> Path:
     """A store of 24 images x 2 views x 16 tokens, a random GPT (3 classes + null), VQ and classifier, 12
     reference images, and a params.yaml of small settings."""
     from pipeline.checkpoint import save_checkpoint
-    from pipeline.formats import write_token_store
     from pipeline.metrics import ClassifierConfig, ImageClassifier, save_classifier
     from pipeline.models.llamagen import GPT as GPTModel
     from pipeline.models.llamagen import GPTConfig
     from pipeline.tokenizers.vq import VQConfig, VQModel
+    from pipeline.tokenstore import write_token_store
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 32, size=(24, 2, 16), dtype=np.uint16)

@@ -59,13 +59,14 @@ def test_var_pipeline_lists_the_four_stages(repo: Path):
 @pytest.mark.slow
 def test_var_four_stages_through_dvc(repo: Path):
     log = _run([BIN / "dvc", "repro"], repo)
-    from pipeline.formats import read_ref_cache, read_token_store
+    from pipeline.formats import read_ref_cache
+    from pipeline.tokenstore import open_token_store
 
-    store = read_token_store(repo / "data/tokens.zarr")
+    store = open_token_store(repo / "data/tokens.zarr")
     assert store.tokens.shape == (12, 2, 30)  # 12 images, 2 random crops, scales 1+4+9+16
     assert store.attrs["family"] == "var" and store.attrs["patch_nums"] == [1, 2, 3, 4]
     assert store.attrs["augmentations"] == ["randcrop0", "randcrop1"]
-    assert not np.array_equal(store.tokens[:, 0], store.tokens[:, 1])  # two different crops
+    assert not np.array_equal(store.tokens[:][:, 0], store.tokens[:][:, 1])  # two different crops
     cache, meta = read_ref_cache(repo / "data/ref_logp.parquet")
     assert len(cache["row"]) == 12 and np.isfinite(cache["ref_logp_pos"]).all()
     assert (cache["ref_logp_pos"] < 0).all()
