@@ -148,9 +148,11 @@ class RefCacheParts:
         write_ref_cache(self.part_path(k), columns, self.provenance)
 
     def merge(self) -> None:
-        table = pa.concat_tables([pq.read_table(self.part_path(k)) for k in range(self.num_parts)])
-        with atomic_file(self.path) as tmp:
-            pq.write_table(table, tmp, compression="zstd")
+        """One file, each part a Parquet row group (so a range of rows is read without the rest)."""
+        schema = pq.read_schema(self.part_path(0))
+        with atomic_file(self.path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for k in range(self.num_parts):
+                writer.write_table(pq.read_table(self.part_path(k)))
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -168,11 +170,13 @@ def read_cache_provenance(path: str | os.PathLike) -> dict:
                           f"{REBUILD_CACHE}") from e
 
 
-def read_ref_cache(path: str | os.PathLike, expect: dict | None = None, store=None
+def read_ref_cache(path: str | os.PathLike, expect: dict | None = None, store=None, rows: tuple[int, int] | None = None
                    ) -> tuple[dict[str, np.ndarray], dict]:
     """Read the cache, check its schema, that its provenance matches `expect` (e.g. the tokens'
     fingerprint and the reference checkpoint's sha256) and its contents (validate_ref_cache; against the
-    token store, a pipeline.tokenstore.TokenStore, when given). Returns (columns, provenance)."""
+    token store, a pipeline.tokenstore.TokenStore, when given). `rows` = (start, stop): only those cache
+    rows, reading only the row groups that hold them (their contents checked, not the whole cache's
+    completeness). Returns (columns, provenance)."""
     path = Path(path)
     meta = read_cache_provenance(path)
     if meta.get("format") != CACHE_FORMAT or meta.get("format_version") != CACHE_FORMAT_VERSION:
@@ -186,7 +190,7 @@ def read_ref_cache(path: str | os.PathLike, expect: dict | None = None, store=No
                 what = f"its {key} is {meta.get(key)!r} but the current input has {value!r}"
             raise FormatError(f"{path} is stale: {what}. Rebuild it with `cca-pipe reflogp` (or `dvc repro reflogp`).")
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path) if rows is None else _read_rows(pq.ParquetFile(path), *rows)
     except (pa.ArrowException, OSError) as e:
         raise FormatError(f"{path}: cannot read its rows ({e}); {REBUILD_CACHE}") from e
     schema = table.schema.remove_metadata()
@@ -194,11 +198,25 @@ def read_ref_cache(path: str | os.PathLike, expect: dict | None = None, store=No
         raise FormatError(f"{path}: columns {schema.names} ({', '.join(map(str, schema.types))}) differ from the documented "
                           f"schema ({', '.join(f'{f.name}: {f.type}' for f in CACHE_SCHEMA)}); {REBUILD_CACHE}")
     columns = {name: table.column(name).to_numpy() for name in table.column_names}
-    validate_ref_cache(path, columns, meta, store)
+    validate_ref_cache(path, columns, meta, store, complete=rows is None)
     return columns, meta
 
 
-def validate_ref_cache(path: Path, columns: dict[str, np.ndarray], meta: dict, store=None) -> None:
+def _read_rows(parquet: pq.ParquetFile, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of a Parquet file, from the row groups that overlap them only."""
+    groups, first, offset = [], None, 0
+    for g in range(parquet.metadata.num_row_groups):
+        n = parquet.metadata.row_group(g).num_rows
+        if offset < stop and offset + n > start:
+            groups.append(g)
+            first = offset if first is None else first
+        offset += n
+    if not groups:
+        return parquet.schema_arrow.empty_table()
+    return parquet.read_row_groups(groups).slice(start - first, stop - start)
+
+
+def validate_ref_cache(path: Path, columns: dict[str, np.ndarray], meta: dict, store=None, complete: bool = True) -> None:
     """The cache's contents, checked once at read time (one clear error instead of a NaN loss steps later,
     an IndexError, or training on garbage): finite log-probs; rows, views and labels in range; with the
     token store: labels equal the store's and every expected (row, view) present exactly once; negatives
@@ -236,6 +254,8 @@ def validate_ref_cache(path: Path, columns: dict[str, np.ndarray], meta: dict, s
     bad = columns["label"] != store.labels[rows]
     if bad.any():
         fail("have a label different from the token store's", bad)
+    if not complete:
+        return
     keys = rows.astype(np.int64) * a + views if meta.get("views") == "all" else rows.astype(np.int64)
     expected = n * a if meta.get("views") == "all" else n
     counts = np.bincount(keys, minlength=expected)

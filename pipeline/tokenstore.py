@@ -66,6 +66,15 @@ def _check_attrs(path: Path, attrs: dict) -> None:
         raise FormatError(f"{path}: {len(attrs['class_names'])} class_names for num_classes {attrs['num_classes']}; {REBUILD_STORE}")
 
 
+def store_attributes(layout: dict, tokenizer_sha256: str, codebook_size: int, image_size: int, augmentations: list[str],
+                     class_names: list[str], source: str, settings: dict, skipped_files: list[str] | None = None) -> dict:
+    """The attributes of a new store (pipeline/formats.py), whoever makes it (tokenize, import-codes), so
+    that every store is read by the same checks: `layout` is the family's (family, seq_len, grid[, patch_nums])."""
+    return {**layout, "tokenizer_sha256": tokenizer_sha256, "codebook_size": codebook_size, "image_size": image_size,
+            "augmentations": augmentations, "class_names": class_names, "source": source,
+            "skipped_files": skipped_files or [], "settings": settings}
+
+
 def fingerprint_header(num_rows: int, views: int, seq_len: int) -> bytes:
     """What the fingerprint hashes before the token and label bytes (their shapes and dtypes)."""
     return json.dumps([[num_rows, views, seq_len], "uint16", [num_rows], "int32"]).encode()

@@ -32,6 +32,7 @@ STAGES = {
     "reflogp": ("reflogp", "RefLogpConfig", "reflogp"),
     "train": ("train", "TrainConfig", "train"),
     "eval": ("eval", "EvalConfig", "eval"),
+    "import-codes": ("import_codes", "ImportCodesConfig", "import_codes"),
 }
 
 
@@ -143,17 +144,16 @@ def tokenize(ctx, images, vq_path, vq_model, out):
 @click.option("--labels", "labels_dir", required=True, type=PathType, help="LlamaGen's imagenet<size>_labels folder")
 @click.option("--vq", "vq_path", required=True, type=PathType, help="the tokenizer the codes came from (provenance)")
 @click.option("--vq-model", default="VQ-16", show_default=True, help="VQ config: a name or a JSON file")
-@click.option("--augment", default="flip", show_default=True, help="flip (A=2) or tencrop (A=10)")
-@click.option("--image-size", default=256, show_default=True, type=int)
 @click.option("--class-names-from", default=None, type=PathType, help="ImageNet train folder: class names = sorted sub-folders")
-@click.option("--num-classes", default=1000, show_default=True, type=int, help="without --class-names-from")
 @click.option("--out", required=True, type=PathType)
-def import_codes(codes_dir, labels_dir, vq_path, vq_model, augment, image_size, class_names_from, num_classes, out):
-    """Import codes extracted by LlamaGen's extract_codes_c2i.py (no re-encoding)."""
+@click.pass_context
+def import_codes(ctx, codes_dir, labels_dir, vq_path, vq_model, class_names_from, out):
+    """Import codes extracted by LlamaGen's extract_codes_c2i.py (no re-encoding); settings: import_codes."""
     from . import import_codes as stage
 
+    cfg, _ = _setup(ctx, "import-codes")
     names = sorted(d.name for d in class_names_from.iterdir() if d.is_dir()) if class_names_from else None
-    stage.run(codes_dir, labels_dir, vq_path, augment, image_size, out, names, vq_model, num_classes=num_classes)
+    stage.run(cfg, codes_dir, labels_dir, vq_path, out, names, vq_model)
 
 
 @main.command("pretrain-ar")

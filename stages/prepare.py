@@ -15,6 +15,8 @@ from pipeline.config import check_ranges, setting
 from pipeline.digits import write_digits
 from pipeline.outputs import StageDir
 
+from .params import save_settings
+
 log = logging.getLogger(__name__)
 
 
@@ -33,5 +35,6 @@ def run(cfg: PrepareConfig, out: Path) -> None:
     with StageDir(out, "prepare") as claim:
         claim.discard_partial()  # cheap to redo: never resumed
         counts = write_digits(claim.open_partial(), cfg.image_size, cfg.test_fraction, cfg.seed)
+        save_settings(claim.partial, "prepare", cfg)
         claim.commit()
     log.info("wrote %d train and %d test images to %s", counts["train"], counts["test"], out)

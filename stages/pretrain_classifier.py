@@ -20,6 +20,8 @@ from pipeline.metrics import ClassifierConfig, classify, save_classifier, train_
 from pipeline.outputs import Claim, stage_json, write_json, written_by
 from pipeline.pretraining import random_shift
 
+from .params import as_params
+
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +57,6 @@ def _pretrain(cfg: PretrainClassifierConfig, train: Path, test: Path, out: Path,
     )
     test_paths, test_labels, _ = list_image_folder(test)
     accuracy = float((classify(model, load_images(test_paths, cfg.image_size)) == test_labels).mean())
-    save_classifier(out, model.cpu(), class_names=class_names)
+    save_classifier(out, model.cpu(), class_names=class_names, settings=as_params(cfg))
     write_json(metrics, stage_json("pretrain-classifier", {"test_accuracy": accuracy}))
     log.info("classifier test accuracy %.4f -> %s", accuracy, out)

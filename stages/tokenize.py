@@ -26,7 +26,9 @@ from pipeline.config import ConfigError, check_ranges, setting, settings_digest
 from pipeline.families import load_tokenizer
 from pipeline.images import ImageFolderError, ImageViews, list_image_folder, open_rgb, view_names
 from pipeline.progress import progress
-from pipeline.tokenstore import TokenStoreWriter, claim_token_store, store_attrs
+from pipeline.tokenstore import TokenStoreWriter, claim_token_store, store_attributes, store_attrs
+
+from .params import as_params
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +168,8 @@ def _tokenize(cfg: TokenizeConfig, images: Path, vq_path: Path, claim, device: t
     layout = family.tokenizer_layout(vq, cfg.image_size)  # family, seq_len, grid (+ patch_nums for VAR)
     seq_len = layout["seq_len"]
     sha = file_sha256(vq_path)
-    attrs = {"tokenizer_sha256": sha, "codebook_size": vq.cfg.codebook_size, "image_size": cfg.image_size,
-             **layout, "augmentations": names, "class_names": class_names, "source": str(images),
-             "skipped_files": skipped}
+    attrs = store_attributes(layout, sha, vq.cfg.codebook_size, cfg.image_size, names, class_names, str(images),
+                             as_params(cfg), skipped)
     key = build_key(cfg, paths, labels, sha)
     existing = store_attrs(claim.target) or {}
     if existing.get("build_key") == key and "fingerprint" in existing:

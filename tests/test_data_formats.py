@@ -105,6 +105,25 @@ def test_cache_round_trip_with_provenance(tmp_path):
     assert {k: meta[k] for k in PROV} == PROV and meta["format"] == "cca-pipe/ref-logp"
 
 
+def test_a_cache_is_read_by_row_ranges(tmp_path):
+    """A cache merged from parts has one Parquet row group per part; a range of rows reads only its groups."""
+    import pyarrow.parquet as pq
+
+    from pipeline.formats import RefCacheParts
+
+    cols = _cache_columns(n=20)
+    parts = RefCacheParts(tmp_path / "c.parquet", 20, 8, PROV, tmp_path / "c.parquet.partial")
+    for k in parts.pending():
+        start, stop = parts.part_range(k)
+        parts.write_part(k, {name: v[start:stop] for name, v in cols.items()})
+    parts.merge()
+    assert pq.ParquetFile(tmp_path / "c.parquet").metadata.num_row_groups == 3
+    whole, _ = read_ref_cache(tmp_path / "c.parquet")
+    part, _ = read_ref_cache(tmp_path / "c.parquet", rows=(6, 13))
+    for name in whole:
+        assert np.array_equal(part[name], whole[name][6:13]), name
+
+
 def test_stale_cache_is_refused_naming_what_changed(tmp_path):
     write_ref_cache(tmp_path / "c.parquet", _cache_columns(), PROV)
     with pytest.raises(FormatError, match=r"stale: its ref_ckpt_sha256 .* `cca-pipe reflogp`"):

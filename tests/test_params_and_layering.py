@@ -84,3 +84,51 @@ def test_library_never_imports_stages_nor_prints():
                 assert node.func.id != "print", f"print() in {path}:{node.lineno}"
             if isinstance(node, ast.Attribute) and node.attr == "basicConfig":
                 pytest.fail(f"logging configured in library module {path}")
+
+
+def _module_graph(package: str) -> dict[str, set[str]]:
+    from pipeline.codefiles import _module_name, imports_of
+
+    files = sorted((ROOT / package).rglob("*.py"))
+    names = {_module_name(p): p for p in files}
+    return {name: {m for m in imports_of(path) if m in names and m != name} for name, path in names.items()}
+
+
+def test_no_import_cycle_among_library_modules():
+    """Imports anywhere in a module (inside functions too) form no cycle in pipeline/."""
+    graph = _module_graph("pipeline")
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [node, nxt]) if nxt in stack
+                            else f"import cycle through {node} -> {nxt}")
+            if nxt not in state:
+                visit(nxt, [*stack, node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+
+
+def test_no_family_dispatch_in_stages():
+    """Stages never ask which model family they hold: no isinstance on model or tokenizer classes, no test
+    of a preset's name (the family objects and stages/presets.py own those differences)."""
+    import pipeline.models.llamagen as llamagen
+    import pipeline.models.var as var
+    import pipeline.tokenizers.msvq as msvq
+    import pipeline.tokenizers.vq as vq
+    from stages.presets import PRESETS
+
+    classes = {name for module in (llamagen, var, msvq, vq) for name, obj in vars(module).items() if isinstance(obj, type)}
+    for path in (ROOT / "stages").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
+                named = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)} | \
+                        {n.attr for n in ast.walk(node.args[1]) if isinstance(n, ast.Attribute)}
+                assert not named & classes, f"{path.name}:{node.lineno} dispatches on {named & classes}"
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and path.name != "presets.py":
+                assert node.value not in PRESETS and node.value != "var-d", f"{path.name}:{node.lineno} tests preset name {node.value!r}"
