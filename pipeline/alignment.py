@@ -9,6 +9,7 @@ groups, a constant or VAR's `lin0` learning rate, cosine-annealed weight decay, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from .device import OutOfMemory, autocast, is_out_of_memory
+from .distributed import World
 from .logprobs import sequence_logp
 from .losses import LOSSES
 
@@ -129,11 +131,15 @@ def epoch_order(rng: np.random.Generator, store_rows: np.ndarray, chunk_rows: in
 
 
 class StepRows(torch.utils.data.Dataset):
-    """Step k -> the tokens of that step's cache rows, (batch, L) uint16, for a DataLoader whose workers read
-    the store while the model trains. Indexed by step, so a resumed run starts at its step."""
+    """Step k -> the tokens of the cache rows this process trains on at that step (its micro-batches
+    `mine` of `micro_batch_size` rows, concatenated), uint16, for a DataLoader whose workers read the store
+    while the model trains. Indexed by step, so a resumed run starts at its step."""
 
-    def __init__(self, tokens, cache: dict[str, np.ndarray], order: np.ndarray, batch_size: int):
+    def __init__(self, tokens, cache: dict[str, np.ndarray], order: np.ndarray, batch_size: int,
+                 micro_batch_size: int | None = None, mine: list[int] | None = None):
         self.tokens, self.order, self.batch_size = tokens, order, batch_size
+        self.micro = micro_batch_size or batch_size
+        self.mine = mine if mine is not None else list(range(batch_size // self.micro))
         self.cache = {k: cache[k] for k in ("row", "view")}
 
     def __len__(self) -> int:
@@ -141,7 +147,14 @@ class StepRows(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> torch.Tensor:
         rows = self.order[step * self.batch_size : (step + 1) * self.batch_size]
-        return torch.from_numpy(gather_tokens(self.tokens, self.cache, rows))
+        mine = np.concatenate([rows[i * self.micro : (i + 1) * self.micro] for i in self.mine])
+        return torch.from_numpy(gather_tokens(self.tokens, self.cache, mine))
+
+
+def micro_batch_seed(seed: int, step: int, micro: int) -> int:
+    """The torch seed of micro-batch `micro` of step `step` (its dropout masks): the same whichever process
+    computes it, so runs on 1 or N processes draw the same masks, and a resumed run needs no RNG state."""
+    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 @dataclass
@@ -182,6 +195,7 @@ def train_policy(
     on_checkpoint: Callable[[dict], None] | None = None,
     checkpoint_every: int = 0,
     resume: dict | None = None,
+    world: World | None = None,
 ) -> torch.nn.Module:
     """Fine-tune `policy` in place for cfg.epochs passes over the cache rows; returns it.
 
@@ -193,9 +207,22 @@ def train_policy(
     where it stopped: same data order, unconditional rows and dropout masks, same optimiser moments,
     hence the same final weights as an uninterrupted run.
     A non-finite loss or gradient raises FloatingPointError naming the step, before the update is applied.
+
+    Under torchrun (`world` of N processes) the policy is wrapped in DistributedDataParallel: the global
+    batch and its sequence are the same as with one process; its micro-batches are dealt out round robin,
+    each process accumulates its own (no_sync) and the last backward averages the gradients, weighted so
+    the result is the one-process gradient. Only the main process gets `on_step` (metrics of all rows,
+    gathered) and `on_checkpoint` calls; the state they see does not depend on the number of processes.
     """
+    world = world or World(device=device)
     if cfg.batch_size % cfg.micro_batch_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro_batch_size}")
+    n_micro = cfg.batch_size // cfg.micro_batch_size
+    if n_micro % world.size:
+        raise ValueError(f"train.batch_size / train.micro_batch_size = {n_micro} micro-batches per step cannot be shared "
+                         f"equally by {world.size} processes: choose a micro_batch_size that makes it a multiple of "
+                         f"{world.size} (e.g. {cfg.batch_size // (world.size * max(1, n_micro // world.size))})")
+    mine = list(range(world.rank, n_micro, world.size))
     if cfg.loss not in LOSSES:
         raise ValueError(f"unknown loss {cfg.loss!r}; known: {sorted(LOSSES)}")
     if cfg.uncond_ratio > 0 and not policy.cfg.has_null_class:
@@ -213,19 +240,25 @@ def train_policy(
     if {id(p) for p in trainable} != {id(p) for group in param_groups for p in group["params"]}:
         raise ValueError("param_groups must hold exactly the policy's trainable parameters")
     opt = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas))
-    torch.manual_seed(cfg.seed)  # dropout masks
     first_step = 0
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
         rng.bit_generator.state = resume["rng"]
-        torch.set_rng_state(resume["torch_rng"])
         first_step = int(resume["step"])
+    null_class = policy.cfg.null_class
     policy.train()
+    model = policy
+    if world.size > 1:  # gradients are synchronised through forward: DDP wraps the family's log-prob forward
+        from torch.nn.parallel import DistributedDataParallel
+
+        # buffers (RoPE tables, VAR's masks) are built identically on every rank: no need to sync them each forward
+        model = DistributedDataParallel(policy, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
     bar = progress(total_steps) if progress else None
     if bar is not None and first_step:
         bar.update(first_step)
     loader = torch.utils.data.DataLoader(
-        StepRows(tokens, cache, order, cfg.batch_size), batch_size=None, sampler=range(first_step, total_steps),
+        StepRows(tokens, cache, order, cfg.batch_size, cfg.micro_batch_size, mine), batch_size=None,
+        sampler=range(first_step, total_steps),
         num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
         multiprocessing_context="spawn" if cfg.num_workers else None)  # zarr's threads make fork unsafe
     for step, step_tokens in zip(range(first_step, total_steps), loader, strict=True):
@@ -238,15 +271,19 @@ def train_policy(
             group["lr"] = lr
             group["weight_decay"] = decay if group["base_weight_decay"] else 0.0
         opt.zero_grad(set_to_none=True)
-        outs, masks = [], []
-        for start in range(0, len(rows), cfg.micro_batch_size):
-            part = slice(start, start + cfg.micro_batch_size)
-            batch = make_batch(rows[part], tokens, cache, uncond[part], policy.cfg.null_class, step_tokens[part])
+        outs = []
+        for j, i in enumerate(mine):
+            part, m = slice(i * cfg.micro_batch_size, (i + 1) * cfg.micro_batch_size), cfg.micro_batch_size
+            batch = make_batch(rows[part], tokens, cache, uncond[part], null_class, step_tokens[j * m : (j + 1) * m])
+            torch.manual_seed(micro_batch_seed(cfg.seed, step, i))
+            last = j == len(mine) - 1  # DDP averages the gradients over processes in its last backward only
             try:
-                out = loss_for_batch(policy, batch, cfg.loss, cfg.beta, cfg.lam, device)
-                if not torch.isfinite(out.loss):
-                    raise FloatingPointError(f"non-finite loss at step {step}; lower train.lr or train.beta")
-                (out.loss * (cfg.loss_scale * len(batch.positive_twice) / len(rows))).backward()
+                with model.no_sync() if world.size > 1 and not last else contextlib.nullcontext():
+                    out = loss_for_batch(model, batch, cfg.loss, cfg.beta, cfg.lam, device)
+                    if not torch.isfinite(out.loss):
+                        raise FloatingPointError(f"non-finite loss at step {step}; lower train.lr or train.beta")
+                    # the batch mean over all processes' rows: DDP's average over N processes, times N
+                    (out.loss * (cfg.loss_scale * len(batch.positive_twice) / len(rows) * world.size)).backward()
             except (RuntimeError, MemoryError) as e:
                 if not is_out_of_memory(e):
                     raise
@@ -254,33 +291,30 @@ def train_policy(
                     f"out of memory at step {step} with train.micro_batch_size = {cfg.micro_batch_size} rows per forward "
                     f"({2 * cfg.micro_batch_size} sequences): lower train.micro_batch_size, e.g. to {max(1, cfg.micro_batch_size // 2)}; "
                     f"the global train.batch_size ({cfg.batch_size}) is kept by gradient accumulation") from e
-            outs.append(out)
-            masks.append(batch.positive_twice)
+            outs.append((i, out.per_row.cpu(), out.ratio_pos.cpu(), out.ratio_neg.cpu(), batch.positive_twice))
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at step {step}; lower train.lr or train.beta")
         opt.step()
-        if on_step:
-            on_step(step, _step_metrics(outs, masks, grad_norm.item(), lr))
+        every = sorted((o for rank_outs in world.gather(outs) for o in rank_outs), key=lambda o: o[0])  # micro order
+        if on_step and world.main:
+            on_step(step, _step_metrics(every, grad_norm.item(), lr))
         if bar is not None:
             bar.update(1)
-        if on_checkpoint and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
+        if on_checkpoint and world.main and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
             on_checkpoint({"step": step + 1, "model": policy.state_dict(), "optimizer": opt.state_dict(),
-                           "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()})
+                           "rng": rng.bit_generator.state})
     if bar is not None:
         bar.close()
     policy.eval()
     return policy
 
 
-def _step_metrics(outs, masks, grad_norm: float, lr: float) -> dict[str, float]:
+def _step_metrics(outs: list[tuple], grad_norm: float, lr: float) -> dict[str, float]:
+    """The step's metrics over all its rows: outs = (micro index, per_row, ratio_pos, ratio_neg, mask)."""
     from .losses import LossOutput
 
-    per_row = torch.cat([o.per_row for o in outs])
-    merged = LossOutput(
-        loss=per_row.mean(),
-        per_row=per_row,
-        ratio_pos=torch.cat([o.ratio_pos for o in outs]),
-        ratio_neg=torch.cat([o.ratio_neg for o in outs]),
-    )
-    return {**merged.metrics(torch.cat(masks).to(merged.ratio_pos.device)), "lr": lr, "grad_norm": grad_norm}
+    per_row = torch.cat([o[1] for o in outs])
+    merged = LossOutput(loss=per_row.mean(), per_row=per_row, ratio_pos=torch.cat([o[2] for o in outs]),
+                        ratio_neg=torch.cat([o[3] for o in outs]))
+    return {**merged.metrics(torch.cat([o[4] for o in outs])), "lr": lr, "grad_norm": grad_norm}

@@ -112,12 +112,14 @@ class RefCacheParts:
     the parts whose provenance matches and computes the rest; `merge()` writes the single cache file and
     removes the parts."""
 
-    def __init__(self, path: str | os.PathLike, num_rows: int, part_rows: int, provenance: dict, parts_dir: Path):
+    def __init__(self, path: str | os.PathLike, num_rows: int, part_rows: int, provenance: dict, parts_dir: Path,
+                 create: bool = True):
         self.path, self.num_rows, self.part_rows = Path(path), num_rows, max(1, part_rows)
         self.provenance = provenance
         self.dir = parts_dir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / ".gitignore").write_text("# partial reference cache, merged and removed when complete\n*\n")
+        if create:  # by one process (the main one under torchrun)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / ".gitignore").write_text("# partial reference cache, merged and removed when complete\n*\n")
 
     @property
     def num_parts(self) -> int:

@@ -44,12 +44,23 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row by inverting the CDF with a single uniform per row. Exact like torch.multinomial,
-    which instead draws an exponential per vocabulary entry (a quarter of CPU sampling time at 16384 codes)."""
+def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverting the CDF with the row's uniform in [0, 1) (B,). Exact like
+    torch.multinomial, which instead draws an exponential per vocabulary entry (a quarter of CPU sampling
+    time at 16384 codes)."""
     cdf = probs.float().cumsum(-1)  # (B, V)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    u = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)[:, 0]
+
+
+def uniforms_for(labels: torch.Tensor, length: int, generator: torch.Generator | None,
+                 uniforms: torch.Tensor | None) -> torch.Tensor:
+    """(B, length) uniforms that drive a sampler, one per token of each sample: given, or from `generator`."""
+    if uniforms is None:
+        uniforms = torch.rand(labels.shape[0], length, generator=generator, device=labels.device)
+    if uniforms.shape != (labels.shape[0], length):
+        raise ValueError(f"uniforms of shape {tuple(uniforms.shape)}, expected {(labels.shape[0], length)}")
+    return uniforms
 
 
 @torch.no_grad()
@@ -62,15 +73,19 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
     use_cache: bool = True,
 ) -> Samples:
-    """Sample N = model.cfg.block_size codes per label. labels (B,) on the model's device."""
+    """Sample N = model.cfg.block_size codes per label. labels (B,) on the model's device. The draws use
+    `uniforms` (B, N), token t of sample b from uniforms[b, t] (so a sample does not depend on its batch),
+    or uniforms from `generator`."""
     cfg = model.cfg
     B, N = labels.shape[0], cfg.block_size
     guided = cfg_scale != 0.0
     if guided and not cfg.has_null_class:
         raise ValueError("CFG needs a model trained with class dropout (has_null_class=True)")
     batch_labels = torch.cat([labels, torch.full_like(labels, cfg.null_class)]) if guided else labels
+    uniforms = uniforms_for(labels, N, generator, uniforms)
     tokens = torch.zeros(B, N, dtype=torch.long, device=labels.device)
     logps = torch.zeros(B, N, dtype=torch.float32, device=labels.device)
     if use_cache:
@@ -82,7 +97,7 @@ def sample(
             cond = logits[:B]
             mixed = cond + cfg_scale * (cond - logits[B:]) if guided else cond
             probs = torch.softmax(filter_logits(mixed, temperature, top_k, top_p), dim=-1)
-            nxt = draw(probs, generator)  # (B,)
+            nxt = draw(probs, uniforms[:, t])  # (B,)
             tokens[:, t] = nxt
             logps[:, t] = token_logp(cond[:, None], nxt[:, None])[:, 0]
             if t == N - 1:
@@ -98,6 +113,15 @@ def sample(
     return Samples(tokens, logps)
 
 
+def sample_uniforms(seed: int, indices: list[int], length: int) -> torch.Tensor:
+    """(len(indices), length) uniforms for the samples of these indices in a set drawn with `seed`: each
+    sample's own stream (pipeline.distributed.sample_seed), whatever batch or process draws it."""
+    from .distributed import sample_seed
+
+    return torch.stack([torch.rand(length, generator=torch.Generator().manual_seed(sample_seed(seed, i))) for i in indices]) \
+        if indices else torch.zeros(0, length)
+
+
 def generate_images(
     sampler,
     model,
@@ -106,20 +130,24 @@ def generate_images(
     *,
     seed: int,
     batch_size: int,
+    indices: list[int] | None = None,
     **sampler_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample codes for every label (in batches) and decode them: -> (images (B, 3, H, W) float in
-    [-1, 1] on CPU, codes (B, N)). `sampler(model, labels, generator=, **kwargs) -> Samples` is the model
-    family's (pipeline.families), `decoder` its tokenizer; one generator seeded with `seed` drives all."""
+    [-1, 1] on CPU, codes (B, N)). `sampler(model, labels, uniforms=, **kwargs) -> Samples` is the model
+    family's (pipeline.families), `decoder` its tokenizer. `indices`: the samples' indices in the set
+    (default 0..B-1); sample i is drawn from its own stream seeded by (seed, i), so the images are the same
+    however the set is split over batches or processes."""
     from .device import autocast
 
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    indices = list(range(len(labels))) if indices is None else indices
     images, codes = [], []
     for start in range(0, len(labels), batch_size):
         part = labels[start : start + batch_size].to(device)
+        uniforms = sample_uniforms(seed, indices[start : start + batch_size], model.cfg.seq_len).to(device)
         with autocast(device):
-            out = sampler(model, part, generator=generator, **sampler_kwargs)
+            out = sampler(model, part, uniforms=uniforms, **sampler_kwargs)
             with torch.no_grad():
                 images.append(decoder.decode_codes(out.tokens).float().cpu())
         codes.append(out.tokens.cpu())
@@ -149,6 +177,7 @@ def sample_var(
     top_k: int = 0,
     top_p: float = 0.0,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
     upstream_null_half: bool = False,
 ) -> Samples:
     """Next-scale sampling for a VARModel with a KV cache per scale: -> Samples (B, L).
@@ -156,12 +185,14 @@ def sample_var(
     Guidance l_c + t (l_c - l_u) (VAR writes (1 + t) l_c - t l_u: the same), t = cfg_scale * si / (S - 1)
     with cfg_schedule "linear" (VAR's sampler; the CCA paper's CFGv2) or t = cfg_scale ("constant").
     Without guidance the unconditional half is not computed at all; upstream_null_half=True computes it
-    anyway, as VAR's `autoregressive_infer_cfg` does at cfg 0 (for the benchmark; same samples).
+    anyway, as VAR's `autoregressive_infer_cfg` does at cfg 0 (for the benchmark; same samples). Draws as
+    `sample`'s: position p of sample b from uniforms[b, p] (B, L), or from `generator`.
     """
     if cfg_schedule not in ("linear", "constant"):
         raise ValueError(f"cfg_schedule {cfg_schedule!r}: valid are 'linear' (VAR, CFGv2) and 'constant'")
     var, quantizer, cfg = model.var, model.quantizer, model.cfg
     B, S, device = labels.shape[0], len(cfg.patch_nums), labels.device
+    uniforms = uniforms_for(labels, cfg.seq_len, generator, uniforms)
     doubled = cfg_scale != 0.0 or upstream_null_half
     batch_labels = torch.cat([labels, torch.full_like(labels, cfg.null_class)]) if doubled else labels
     tokens = torch.zeros(B, cfg.seq_len, dtype=torch.long, device=device)
@@ -178,7 +209,7 @@ def sample_var(
             t = cfg_scale * (si / (S - 1) if cfg_schedule == "linear" else 1.0)
             mixed = cond_logits + t * (cond_logits - logits[B:]) if cfg_scale != 0.0 else cond_logits
             probs = torch.softmax(filter_logits_var(mixed / max(temperature, 1e-5), top_k, top_p), dim=-1)
-            codes = draw(probs.reshape(-1, probs.shape[-1]), generator).view(B, end - begin)
+            codes = draw(probs.reshape(-1, probs.shape[-1]), uniforms[:, begin:end].reshape(-1)).view(B, end - begin)
             tokens[:, begin:end] = codes
             logps[:, begin:end] = token_logp(cond_logits, codes)
             with torch.autocast(device.type, enabled=False):  # the running f_hat stays float32, as upstream

@@ -7,12 +7,14 @@ stage in dvc.yaml.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
 
 import click
 
+from .launch import DISTRIBUTED, LaunchConfig, relaunch
 from .params import build, load_params, parse_overrides
 
 PathType = click.Path(path_type=Path)
@@ -48,11 +50,13 @@ def resolved_config(ctx: click.Context, stage: str):
 
 
 def _setup(ctx: click.Context, stage: str | None = None):
-    """(the stage's resolved config, the device)."""
-    from pipeline.device import pick_device
+    """(the stage's resolved config, this process's World: its device, and under torchrun its rank)."""
+    from pipeline.distributed import init_world, shutdown_world
 
     cfg = resolved_config(ctx, stage) if stage else None
-    return cfg, pick_device(ctx.obj["device"])
+    world = init_world(ctx.obj["device"])
+    ctx.call_on_close(shutdown_world)
+    return cfg, world
 
 
 def active_preset(ctx: click.Context) -> str | None:
@@ -66,13 +70,32 @@ def active_preset(ctx: click.Context) -> str | None:
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a parameter")
 @click.option("--preset", default=None, metavar="NAME",
               help="a released recipe (stages/presets.py: llamagen-B ... llamagen-3B, var-d16 ... var-d30); over params.yaml")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N (under torchrun: each rank's LOCAL_RANK GPU)")
+@click.option("--nproc-per-node", type=int, default=None, help="run reflogp/train/eval under torchrun with N processes (default: launch.nproc_per_node)")
+@click.option("--nnodes", type=int, default=None, help="nodes of a multi-node job (default: launch.nnodes)")
+@click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="multi-node rendezvous, the same on every node")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 @click.pass_context
-def main(ctx: click.Context, params: Path, overrides: tuple[str, ...], preset: str | None, device: str, verbose: bool) -> None:
+def main(ctx: click.Context, params: Path, overrides: tuple[str, ...], preset: str | None, device: str,
+         nproc_per_node: int | None, nnodes: int | None, rdzv_endpoint: str | None, verbose: bool) -> None:
     """cca-pipe: Condition Contrastive Alignment for autoregressive image generators, offline."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from pipeline.distributed import launched, rank_zero
+
+    level = (logging.DEBUG if verbose else logging.INFO) if rank_zero() else logging.WARNING  # rank 0 logs for the job
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     ctx.obj = {"params": params, "overrides": list(overrides), "device": device, "preset": preset}
+    if ctx.invoked_subcommand in DISTRIBUTED and not launched():
+        launch = _launch_config(ctx, nproc_per_node, nnodes, rdzv_endpoint)
+        if launch.nproc_per_node > 1 or launch.nnodes > 1:
+            ctx.exit(relaunch(launch, sys.argv[1:]))
+
+
+def _launch_config(ctx: click.Context, nproc_per_node, nnodes, rdzv_endpoint) -> LaunchConfig:
+    """params.yaml's launch section, with the command line's options over it."""
+    params = load_params(ctx.obj["params"]) if Path(ctx.obj["params"]).is_file() else {}
+    flags = {k: v for k, v in (("nproc_per_node", nproc_per_node), ("nnodes", nnodes), ("rdzv_endpoint", rdzv_endpoint))
+             if v is not None}
+    return build(LaunchConfig, params, "launch", overrides={"launch": flags})
 
 
 @main.command()
@@ -107,8 +130,8 @@ def pretrain_vq(ctx, images, out):
     """Train a small LlamaGen-design VQ tokenizer (embedded default)."""
     from . import pretrain_vq as stage
 
-    cfg, device = _setup(ctx, "pretrain-vq")
-    stage.run(cfg, images, out, device)
+    cfg, world = _setup(ctx, "pretrain-vq")
+    stage.run(cfg, images, out, world.device)
 
 
 @main.command("pretrain-classifier")
@@ -120,8 +143,8 @@ def pretrain_classifier(ctx, train_dir, test_dir, out):
     """Train the evaluator's classifier (embedded default)."""
     from . import pretrain_classifier as stage
 
-    cfg, device = _setup(ctx, "pretrain-classifier")
-    stage.run(cfg, train_dir, test_dir, out, device)
+    cfg, world = _setup(ctx, "pretrain-classifier")
+    stage.run(cfg, train_dir, test_dir, out, world.device)
 
 
 @main.command()
@@ -135,8 +158,8 @@ def tokenize(ctx, images, vq_path, vq_model, out):
     """Images -> frozen VQ tokenizer -> Zarr token store (resumable)."""
     from . import tokenize as stage
 
-    cfg, device = _setup(ctx, "tokenize")
-    stage.run(cfg, images, vq_path, out, device, vq_model)
+    cfg, world = _setup(ctx, "tokenize")
+    stage.run(cfg, images, vq_path, out, world.device, vq_model)
 
 
 @main.command("import-codes")
@@ -164,8 +187,8 @@ def pretrain_ar(ctx, tokens_path, out):
     """Train a small class-conditional GPT with class dropout (embedded default)."""
     from . import pretrain_ar as stage
 
-    cfg, device = _setup(ctx, "pretrain-ar")
-    stage.run(cfg, tokens_path, out, device)
+    cfg, world = _setup(ctx, "pretrain-ar")
+    stage.run(cfg, tokens_path, out, world.device)
 
 
 @main.command()
@@ -181,8 +204,9 @@ def reflogp(ctx, tokens_path, ref_path, gpt_model, vae, vae_model, depth, out):
     """Cache the frozen reference model's log-likelihoods (Parquet)."""
     from . import reflogp as stage
 
-    cfg, device = _setup(ctx, "reflogp")
-    stage.run(cfg, tokens_path, ref_path, out, device, gpt_model, vae=vae, vae_model=vae_model, depth=depth, preset=active_preset(ctx))
+    cfg, world = _setup(ctx, "reflogp")
+    stage.run(cfg, tokens_path, ref_path, out, world.device, gpt_model, vae=vae, vae_model=vae_model, depth=depth,
+              preset=active_preset(ctx), world=world)
 
 
 @main.command()
@@ -199,9 +223,9 @@ def train(ctx, tokens_path, cache_path, init, gpt_model, vae, vae_model, depth, 
     """Fine-tune the policy with CCA over the cached reference log-probs."""
     from . import train as stage
 
-    cfg, device = _setup(ctx, "train")
-    stage.run(cfg, tokens_path, cache_path, init, out, device, gpt_model, vae=vae, vae_model=vae_model, depth=depth,
-              preset=active_preset(ctx))
+    cfg, world = _setup(ctx, "train")
+    stage.run(cfg, tokens_path, cache_path, init, out, world.device, gpt_model, vae=vae, vae_model=vae_model, depth=depth,
+              preset=active_preset(ctx), world=world)
 
 
 @main.command("eval")
@@ -228,11 +252,12 @@ def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_
 
     if cfg_scales:  # the one --set it stands for, so the config is still built (and checked) in one place
         ctx.obj["overrides"].append(f"eval.cfg_scales={list(cfg_scales)}")
-    cfg, device = _setup(ctx, "eval")
-    metrics = stage.run(cfg, vq_path, base_path, policy_path, reference, classifier_path, out, device, gpt_model, vq_model,
+    cfg, world = _setup(ctx, "eval")
+    metrics = stage.run(cfg, vq_path, base_path, policy_path, reference, classifier_path, out, world.device, gpt_model, vq_model,
                         methods=tuple(m.strip() for m in methods.split(",") if m.strip()), fidelity_cache=fidelity_cache,
-                        depth=depth)
-    click.echo(stage.format_results(metrics))
+                        depth=depth, world=world)
+    if metrics is not None:  # the main process's
+        click.echo(stage.format_results(metrics))
 
 
 @main.command()
@@ -289,9 +314,10 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def run() -> None:
-    """Console-script entry: known input errors become one clear message and exit status 2 (with -v, the
-    traceback too)."""
+@contextlib.contextmanager
+def guarded():
+    """Known input errors become one clear message and exit status 2 (with -v, the traceback too); under
+    torchrun each rank reports its own."""
     import errno
 
     from pipeline.checkpoint import CheckpointError
@@ -302,7 +328,7 @@ def run() -> None:
 
     verbose = "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:]
     try:
-        main(standalone_mode=True)
+        yield
     except (ConfigError, CheckpointError, FormatError, OutputError, FileNotFoundError, ValueError, FloatingPointError,
             OutOfMemory) as e:
         if verbose:
@@ -313,3 +339,13 @@ def run() -> None:
             raise
         _fail(f"cannot write {e.filename or 'an output file'}: {e.strerror}. "
               "Choose a writable output location (--out) or free disk space, then rerun.")
+
+
+def run() -> None:
+    """Console-script entry (`cca-pipe`)."""
+    with guarded():
+        main(standalone_mode=True)
+
+
+if __name__ == "__main__":  # `python -m stages.cli`: how torchrun runs each process
+    run()

@@ -25,6 +25,7 @@ from PIL import Image
 
 from pipeline.checkpoint import file_sha256
 from pipeline.config import check_ranges, setting, settings_digest
+from pipeline.distributed import World
 from pipeline.families import load_model, load_tokenizer
 from pipeline.formats import FormatError
 from pipeline.images import IMAGE_EXTENSIONS, center_crop_arr, open_rgb, to_uint8
@@ -215,23 +216,43 @@ def finished_unit(unit: Unit, key: str, work: Path, committed: Path) -> dict | N
     return None
 
 
-def evaluate_unit(unit: Unit, family, model, vq, cfg: EvalConfig, labels: torch.Tensor, extractor: FeatureExtractor,
-                  ref_features: dict, ref_stats: dict | None, classifier, work: Path) -> dict:
-    """Sample, decode, save the ADM npz (and the grid for the first seed), score."""
+def sample_unit(unit: Unit, family, model, vq, cfg: EvalConfig, labels: torch.Tensor, work: Path,
+                world: World) -> tuple[np.ndarray, float] | None:
+    """Draw the unit's samples, this rank its share (sample i from its own stream: the set is the same for
+    any number of processes); on the main process -> (all images uint8 in sample order, images/s)."""
+    mine = world.share(list(range(len(labels))))
     started = time.perf_counter()
     images, _ = generate_images(
-        family.sample, model, vq, labels, seed=unit.seed, batch_size=cfg.batch_size, cfg_scale=unit.scale,
-        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, cfg_schedule=cfg.cfg_schedule,
+        family.sample, model, vq, labels[mine], seed=unit.seed, batch_size=cfg.batch_size, indices=mine,
+        cfg_scale=unit.scale, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, cfg_schedule=cfg.cfg_schedule,
     )
-    seconds = time.perf_counter() - started
     images = to_uint8(resize_images(images, cfg.resize_to))
+    seconds = max(world.gather(time.perf_counter() - started))
+    if world.size == 1:
+        return images, len(images) / seconds
+    shard = lambda r: work / "samples" / f".{unit.stem}.rank{r}.npy"  # noqa: E731
+    with atomic_file(shard(world.rank)) as tmp, open(tmp, "wb") as f:
+        np.save(f, images)
+    world.barrier()
+    if not world.main:
+        return None
+    full = np.empty((len(labels), *images.shape[1:]), np.uint8)
+    for r in range(world.size):
+        full[r :: world.size] = np.load(shard(r), allow_pickle=False)
+        shard(r).unlink()
+    return full, len(labels) / seconds
+
+
+def score_unit(unit: Unit, images: np.ndarray, images_per_s: float, cfg: EvalConfig, labels: torch.Tensor,
+               extractor: FeatureExtractor, ref_features: dict, ref_stats: dict | None, classifier, work: Path) -> dict:
+    """Save the unit's ADM npz (and the grid for the first seed) and score it."""
     save_npz(work / "samples" / f"{unit.stem}.npz", images, labels.numpy())
     if unit.seed == cfg.seeds[0] and cfg.grid_per_class:
         save_grid(work / "grids" / f"{unit.name}.png", images, labels.numpy(), cfg.grid_per_class)
     scores = fidelity_scores(extractor, extract_features(extractor, images), ref_features, ref_stats)
     if classifier is not None:
         scores["class_accuracy"] = float((classify(classifier, images) == labels.numpy()).mean())
-    scores["images_per_s"] = len(images) / seconds
+    scores["images_per_s"] = images_per_s
     return scores
 
 
@@ -259,13 +280,18 @@ def summarise(per_seed: dict[str, list[dict]], seeds: list[int], samples_per_met
 def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Path | None, reference: Path,
         classifier_path: Path | None, out: Path, device: torch.device,
         gpt_model: str | None = None, vq_model: str | None = None,
-        methods: tuple[str, ...] = METHODS, fidelity_cache: Path | None = None, depth: int | None = None) -> dict:
+        methods: tuple[str, ...] = METHODS, fidelity_cache: Path | None = None, depth: int | None = None,
+        world: World | None = None) -> dict | None:
     """Evaluate `methods`: base (no guidance), cfg (base at each eval.cfg_scales), cca (the policy).
     Either family: with VAR, `vq_path` is the VQVAE (it decodes, and its quantiser builds VAR's input).
-    `out` must be absent, empty or an eval directory of ours; it is built in `<out>.partial`."""
+    `out` must be absent, empty or an eval directory of ours; it is built in `<out>.partial`. Under torchrun
+    (`world`) the samples of each unit are shared by the ranks; the main process scores and writes, and
+    returns the metrics (the others None)."""
+    world = world or World(device=device)
+    device = world.device
     units = plan_units(cfg, methods)
     weights = scorer_weights(cfg, classifier_path)
-    with StageDir(out, "eval") as claim:
+    with world.main_only(StageDir(out, "eval")) as claim:
         family, vq = load_tokenizer(vq_path, vq_model)
         vq = vq.to(device).eval()
         grid = cfg.image_size // vq.cfg.downsample if cfg.image_size else None
@@ -277,34 +303,41 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Pat
         if any(u.model == "cca" for u in units):
             models["cca"] = load_model(policy_path, "--policy", tokenizer=vq, depth=depth)[1].to(device).eval()
         some_model = next(iter(models.values()))
-        extractor = load_feature_extractor(cfg.feature_extractor, weights, device)
-        classifier = load_classifier(classifier_path).to(device) if classifier_path and classifier_path.is_file() else None
-        ref = load_reference(reference, cfg.resize_to or family.image_size(some_model, vq))
         num_classes = cfg.num_classes or some_model.cfg.num_classes
         labels = torch.arange(num_classes).repeat_interleave(cfg.samples_per_class)
-
-        # Each unit's samples (.npz) and scores (.json) are written atomically, keyed by everything that
-        # determines them, so a rerun after an interruption (or with other scales) skips finished units.
-        paths = {"vq": vq_path, "base": base_path, "cca": policy_path}
-        digests = {k: file_sha256(v) if v is not None and Path(v).is_file() else str(v) for k, v in paths.items()}
-        digests.update(reference=ref.digest(), extractor=extractor.weights_sha256)
-        claim.key = settings_digest([asdict(cfg), digests, list(methods)])
-        work = claim.open_partial()
-        ref_features = reference_features(extractor, ref.images, fidelity_cache or default_fidelity_cache())
+        work = claim.partial
+        if world.main:  # scoring is the main process's: the others only sample
+            extractor = load_feature_extractor(cfg.feature_extractor, weights, device)
+            classifier = load_classifier(classifier_path).to(device) if classifier_path and classifier_path.is_file() else None
+            ref = load_reference(reference, cfg.resize_to or family.image_size(some_model, vq))
+            # Each unit's samples (.npz) and scores (.json) are written atomically, keyed by everything that
+            # determines them, so a rerun after an interruption (or with other scales) skips finished units.
+            paths = {"vq": vq_path, "base": base_path, "cca": policy_path}
+            digests = {k: file_sha256(v) if v is not None and Path(v).is_file() else str(v) for k, v in paths.items()}
+            digests.update(reference=ref.digest(), extractor=extractor.weights_sha256)
+            claim.key = settings_digest([asdict(cfg), digests, list(methods)])
+            work = claim.open_partial()
+            ref_features = reference_features(extractor, ref.images, fidelity_cache or default_fidelity_cache())
+        world.barrier()  # the others write their shards into the partial the main process prepared
         per_seed: dict[str, list[dict]] = {}
         for unit in progress(units, desc="eval", unit="unit"):
-            key = settings_digest([asdict(cfg), digests["vq"], digests[unit.model], digests["reference"],
-                                   digests["extractor"], unit.scale, unit.seed])
-            scores = finished_unit(unit, key, work, claim.target)
+            if world.main:
+                key = settings_digest([asdict(cfg), digests["vq"], digests[unit.model], digests["reference"],
+                                       digests["extractor"], unit.scale, unit.seed])
+            scores = world.broadcast(finished_unit(unit, key, work, claim.target) if world.main else None)
             if scores is not None:
                 log.info("seed %d %-8s already evaluated, reusing it", unit.seed, unit.name)
             else:
-                scores = evaluate_unit(unit, family, models[unit.model], vq, cfg, labels, extractor, ref_features, ref.fid_stats,
-                                       classifier, work)
+                drawn = sample_unit(unit, family, models[unit.model], vq, cfg, labels, work, world)
+                if not world.main:
+                    continue
+                scores = score_unit(unit, *drawn, cfg, labels, extractor, ref_features, ref.fid_stats, classifier, work)
                 write_json(work / "samples" / f"{unit.stem}.json", {"key": key, "scores": scores})
                 log.info("seed %d %-8s FID %.3f IS %.3f acc %.3f (%.0f images/s)", unit.seed, unit.name, scores["fid"],
                          scores["is"], scores.get("class_accuracy", float("nan")), scores["images_per_s"])
             per_seed.setdefault(unit.name, []).append(scores)
+        if not world.main:
+            return None
         metrics = summarise(per_seed, cfg.seeds, len(labels), ref.describe())
         write_json(work / "metrics.json", metrics)
         write_text(work / "results.md", format_results(metrics))

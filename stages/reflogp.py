@@ -16,6 +16,7 @@ import torch
 
 from pipeline.checkpoint import file_sha256
 from pipeline.config import check_ranges, setting
+from pipeline.distributed import World
 from pipeline.families import load_model
 from pipeline.formats import RefCacheParts, claim_ref_cache, read_ref_cache
 from pipeline.progress import progress
@@ -42,21 +43,26 @@ class RefLogpConfig:
 
 
 def run(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, out: Path, device: torch.device, gpt_model: str | None = None,
-        vae: Path | None = None, vae_model: str | None = None, depth: int | None = None, preset: str | None = None) -> None:
-    """`out` and its parts directory `<out>.partial` must be absent or caches of ours (checked first)."""
-    with claim_ref_cache(out) as claim:
-        _reflogp(cfg, tokens_path, ref_path, claim, device, gpt_model, vae, vae_model, depth, preset)
+        vae: Path | None = None, vae_model: str | None = None, depth: int | None = None, preset: str | None = None,
+        world: World | None = None) -> None:
+    """`out` and its parts directory `<out>.partial` must be absent or caches of ours (checked first). Under
+    torchrun (`world`) the parts still to compute are dealt out to the processes, each writing its own; the
+    main process merges them when all exist: the cache is the one-process cache, whatever the world size."""
+    world = world or World(device=device)
+    with world.main_only(claim_ref_cache(out)) as claim:
+        _reflogp(cfg, tokens_path, ref_path, claim, world, gpt_model, vae, vae_model, depth, preset)
 
 
-def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, device: torch.device, gpt_model, vae, vae_model,
+def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world: World, gpt_model, vae, vae_model,
              depth, preset) -> None:
-    out = claim.target
+    out, device = claim.target, world.device
     store = open_token_store(tokens_path)
     family, model = load_model(ref_path, "--ref", spec=gpt_model, seq_len=store.seq_len, vae=vae, vae_model=vae_model,
                                depth=depth, patch_nums=store.attrs.get("patch_nums"))
     model = model.to(device)
     family.check_fits(model, store.attrs, tokens_path, ref_path)
-    store.check_chunks()
+    if world.main:  # the others stop with it if a chunk is damaged
+        store.check_chunks()
     presets.check_model(preset, family.name, model.cfg)
     pairs = draw_pairs(store.labels, store.tokens.shape[1], store.num_classes, cfg.seed, cfg.views, cfg.negatives)
     provenance = {
@@ -72,11 +78,11 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, devic
         "seq_len": int(store.seq_len),
         "batch_size": cfg.batch_size,  # batch composition fixes the float32 sums bit for bit
     }
-    parts = RefCacheParts(out, len(pairs["row"]), cfg.part_rows, provenance, claim.partial)
-    pending = parts.pending()
+    parts = RefCacheParts(out, len(pairs["row"]), cfg.part_rows, provenance, claim.partial, create=world.main)
+    pending = world.broadcast(parts.pending() if world.main else None)
     if len(pending) < parts.num_parts:
         log.info("resuming %s: %d of %d parts already computed", out, parts.num_parts - len(pending), parts.num_parts)
-    for k in progress(pending, desc="reflogp parts", unit="part"):
+    for k in progress(world.share(pending), desc="reflogp parts", unit="part"):
         start, stop = parts.part_range(k)
         part = {name: column[start:stop] for name, column in pairs.items()}
         logps = reference_logps(model, store.tokens, part, cfg.batch_size, device)
@@ -87,6 +93,9 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, devic
                 f"(first: token store row {int(part['row'][bad][0])}); its weights are damaged or it does not fit these "
                 f"tokens. Nothing was written to {out}")
         parts.write_part(k, {**part, **logps})
+    world.barrier()
+    if not world.main:
+        return
     parts.merge()
     claim.committed = True
     logps, _ = read_ref_cache(out, store=store)

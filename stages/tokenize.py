@@ -47,7 +47,7 @@ class TokenizeConfig:
     max_bad_fraction: float = setting(0.001, ge=0.0, le=1.0)
     # Scale-out: dask_workers > 0 encodes chunks on a dask cluster (a LocalCluster of that many worker
     # processes, or the cluster at dask_scheduler, e.g. "tcp://host:8786"); each worker loads the
-    # tokenizer once and encodes with one thread. Chunks are encoded with the same batches, so the tokens
+    # tokenizer once and encodes with one thread; on CUDA, worker k on GPU k (dask_workers = the GPU count). Chunks are encoded with the same batches, so the tokens
     # are identical to an in-process run with one thread (OMP_NUM_THREADS=1); with another thread count,
     # float summation order differs and an exact near-tie between two codes may flip (seen: 1 code in 24,576).
     dask_workers: int = setting(0, ge=0)
@@ -110,9 +110,22 @@ def encode_chunks(loader, vq, writer: TokenStoreWriter, chunk_rows: int, total: 
 _WORKER_TOKENIZERS: dict = {}
 
 
+def worker_device(device: str) -> str:
+    """A dask worker's device: with "cuda", the GPU of its index (LocalCluster names workers 0, 1, ...;
+    workers started by hand with CUDA_VISIBLE_DEVICES see one GPU each)."""
+    if device != "cuda" or not torch.cuda.is_available():
+        return device
+    from distributed import get_worker
+
+    name = str(get_worker().name)
+    return f"cuda:{int(name) % torch.cuda.device_count() if name.isdigit() else 0}"
+
+
 def encode_rows(paths: list[Path], rows: list[int], cfg: TokenizeConfig, vq_path: str, vq_model: str | None, device: str) -> np.ndarray:
     """One chunk on a dask worker: decode the images, encode them in cfg.batch_size batches (as the
-    in-process path does), return uint16 (rows, A, L). The tokenizer is loaded once per worker process."""
+    in-process path does), return uint16 (rows, A, L). The tokenizer is loaded once per worker process; on a
+    machine with several GPUs each worker encodes on its own (worker k on GPU k mod the GPU count)."""
+    device = worker_device(device)
     key = (vq_path, vq_model, device)
     if key not in _WORKER_TOKENIZERS:
         torch.set_num_threads(1)  # one thread per worker process: the cluster provides the parallelism

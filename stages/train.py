@@ -21,6 +21,7 @@ import torch
 from pipeline.alignment import LR_SCHEDULES, AlignConfig, train_policy
 from pipeline.checkpoint import CheckpointError, file_sha256, save_torch
 from pipeline.config import ConfigError, check_ranges, setting, settings_digest
+from pipeline.distributed import World
 from pipeline.families import family_of, family_of_model, load_model
 from pipeline.formats import read_ref_cache
 from pipeline.losses import LOSSES
@@ -110,16 +111,20 @@ def load_resume_state(path: Path, key: str) -> dict | None:
 
 def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: Path, device: torch.device,
         gpt_model: str | None = None, vae: Path | None = None, vae_model: str | None = None, depth: int | None = None,
-        preset: str | None = None) -> None:
+        preset: str | None = None, world: World | None = None) -> None:
     """`out` must be absent, empty or a train directory of ours; the run is built in `<out>.partial`
     (checkpoints, resume state, logs) and moved into `out` when it finishes (pipeline/outputs.py).
-    `preset`: the name of the recipe `cfg` was resolved with (checked against the model, recorded)."""
-    with StageDir(out, "train") as claim:
-        _train(cfg, tokens_path, cache_path, init, claim, device, gpt_model, vae, vae_model, depth, preset)
+    `preset`: the name of the recipe `cfg` was resolved with (checked against the model, recorded).
+    Under torchrun (`world`), every process trains its share of each batch (DDP); the main process claims
+    the output, logs, checkpoints and commits."""
+    world = world or World(device=device)
+    with world.main_only(StageDir(out, "train")) as claim:
+        _train(cfg, tokens_path, cache_path, init, claim, world, gpt_model, vae, vae_model, depth, preset)
 
 
-def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, claim: StageDir, device: torch.device,
+def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, claim: StageDir, world: World,
            gpt_model, vae, vae_model, depth, preset) -> None:
+    device = world.device
     family = family_of(init, "--init")  # the kind, before the cache, whose provenance would only say "stale"
     store = open_token_store(tokens_path)
     init_sha = file_sha256(init)
@@ -130,11 +135,13 @@ def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, cl
                                 depth=depth, patch_nums=store.attrs.get("patch_nums"))
     policy = policy.to(device)
     family.check_fits(policy, store.attrs, tokens_path, init)
-    store.check_chunks()
+    if world.main:  # the others stop with it if a chunk is damaged
+        store.check_chunks()
     presets.check_model(preset, family.name, policy.cfg)
     policy.set_dropout(cfg.dropout, cfg.drop_path)
     claim.key = key = run_key(cfg, provenance, init_sha)
-    work = claim.open_partial()
+    work = claim.open_partial() if world.main else claim.partial
+    world.barrier()  # every process resumes from what the main process kept (a filesystem they all see)
     steps = StepLog(work, "log")
     ckpt_dir = work / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +163,7 @@ def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, cl
         train_policy(
             policy, store.tokens, cache, cfg.align_config(), device, family.param_groups(policy, cfg.weight_decay), on_step=steps,
             progress=lambda total: progress(total=total, desc="train", unit="step"),
-            on_checkpoint=checkpoint, checkpoint_every=cfg.save_every, resume=resume,
+            on_checkpoint=checkpoint, checkpoint_every=cfg.save_every, resume=resume, world=world,
         )
     except FloatingPointError as e:
         steps.save()
@@ -164,6 +171,8 @@ def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, cl
         raise FloatingPointError(f"training stopped: {e}. Last good checkpoint: {good[-1] if good else init} "
                                  f"(the step log is in {work / 'log.csv'}).") from e
     seconds = time.perf_counter() - started
+    if not world.main:
+        return
     steps.save()
     save_policy(work / "policy.pt", policy, cfg, init_sha, len(steps.rows), preset)
     resume_path.unlink(missing_ok=True)

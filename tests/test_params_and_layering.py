@@ -66,7 +66,7 @@ def test_params_yaml_agrees_with_the_config_defaults():
     from stages.params import as_params
 
     params = load_params(ROOT / "params.yaml")
-    for module, cls_name, section in STAGES.values():
+    for module, cls_name, section in [*STAGES.values(), ("launch", "LaunchConfig", "launch")]:
         cls = getattr(importlib.import_module(f"stages.{module}"), cls_name)
         assert set(params[section]) == {key_of(f) for f in dataclasses.fields(cls)}, section
         assert as_params(build(cls, params, section)) == as_params(cls()), section

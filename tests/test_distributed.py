@@ -1,0 +1,183 @@
+"""torchrun data parallelism on CPU (gloo, 2 processes) against one plain process: reflogp, train, eval give
+the one-process results; a 2-process train killed with SIGKILL resumes with 1 process; a failing rank stops
+the job. Every torchrun is started through `cca-pipe --nproc-per-node 2` (the relaunch path users take),
+with OMP_NUM_THREADS=1 per rank, a 60 s process-group timeout and a subprocess timeout, so a failing rank
+can never hang the suite."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from pipeline.checkpoint import save_checkpoint
+from pipeline.formats import read_ref_cache
+from pipeline.metrics import ClassifierConfig, ImageClassifier, save_classifier
+from pipeline.models.llamagen import GPT, GPTConfig
+from pipeline.tokenizers.vq import VQConfig, VQModel
+from pipeline.tokenstore import write_token_store
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60", "PYTHONPATH": str(ROOT)}
+GPT_CFG = GPTConfig(dim=32, n_layer=2, n_head=2, vocab_size=32, num_classes=3, block_size=16, multiple_of=16)
+VQ_CFG = VQConfig(codebook_size=32, codebook_embed_dim=4, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16,
+                  norm_groups=8, codebook_used_size=32)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ddp")
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 32, size=(40, 2, 16), dtype=np.uint16)
+    labels = (np.arange(40) % 3).astype(np.int32)
+    attrs = {"tokenizer_sha256": "0" * 64, "codebook_size": 32, "image_size": 16, "grid": 4,
+             "augmentations": ["center", "center_flip"], "class_names": ["a", "b", "c"]}
+    write_token_store(root / "tokens.zarr", tokens, labels, attrs, chunk_rows=8)
+    torch.manual_seed(0)
+    save_checkpoint(root / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), family="llamagen-gpt")
+    save_checkpoint(root / "vq.pt", VQModel(VQ_CFG).state_dict(), VQ_CFG.to_dict(), family="llamagen-vq")
+    save_classifier(root / "clf.pt", ImageClassifier(ClassifierConfig(num_classes=3)).eval())
+    for c in range(3):
+        (root / "ref" / str(c)).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "ref" / str(c) / f"{i}.png")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["reflogp"].update(views="all", batch_size=8, part_rows=16)  # 80 rows: 5 parts
+    # 4 micro-batches of 2 rows per step; dropout on, so the per-micro-batch seeds are exercised too
+    params["train"].update(epochs=0.4, batch_size=8, micro_batch_size=2, lr=1e-3, uncond_ratio=0.25, dropout=0.1,
+                           save_every=1)
+    params["eval"].update(samples_per_class=3, seeds=[0], cfg_scales=[1.0], batch_size=2, grid_per_class=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+def cca(world: Path, *args, nproc: int = 1, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "cca-pipe"), "--params", str(world / "params.yaml"), "--nproc-per-node", str(nproc), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def reflogp(world: Path, out: Path, nproc: int) -> None:
+    cca(world, "reflogp", "--tokens", world / "tokens.zarr", "--ref", world / "gpt.pt", "--out", out, nproc=nproc)
+
+
+def train_args(world: Path, out: Path) -> list:
+    return ["train", "--tokens", world / "tokens.zarr", "--cache", world / "cache1.parquet", "--init", world / "gpt.pt",
+            "--out", out]
+
+
+def steps(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def policy(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "policy.pt", weights_only=True)["model"]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def caches(world: Path) -> Path:
+    reflogp(world, world / "cache1.parquet", 1)
+    reflogp(world, world / "cache2.parquet", 2)
+    return world
+
+
+def test_reflogp_with_two_processes_equals_one(caches: Path):
+    one, meta_one = read_ref_cache(caches / "cache1.parquet")
+    two, meta_two = read_ref_cache(caches / "cache2.parquet")
+    assert meta_one == meta_two  # provenance
+    for name in ("row", "view", "label", "neg_label"):  # rows and their order
+        assert np.array_equal(one[name], two[name]), name
+    for name in ("ref_logp_pos", "ref_logp_neg", "ref_logp_null"):
+        assert np.abs(one[name] - two[name]).max() < 1e-5, name
+
+
+def test_train_with_two_processes_equals_one(caches: Path):
+    cca(caches, *train_args(caches, caches / "train1"))
+    cca(caches, *train_args(caches, caches / "train2"), nproc=2)
+    log1, log2 = steps(caches / "train1"), steps(caches / "train2")
+    assert len(log1) == len(log2) == 4  # 0.4 epochs of 80 rows in batches of 8
+    for a, b in zip(log1, log2, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["rewards/pos"] - b["rewards/pos"]) < 1e-5
+    assert max_diff(policy(caches / "train1"), policy(caches / "train2")) < 1e-5
+    assert log1[0]["loss"] != log1[1]["loss"]  # training moves
+
+
+def test_a_killed_two_process_train_resumes_with_one(caches: Path):
+    """SIGKILL to the launcher's process group (the ranks, in sessions of their own, die with their parent:
+    PR_SET_PDEATHSIG), then a rerun with one process ends where the uninterrupted run ends."""
+    longer = ["--set", "train.epochs=2"]  # 20 steps: the kill lands well before the end
+    out = caches / "train_killed"
+    resume = caches / "train_killed.partial" / "checkpoints" / "resume.pt"
+    cmd = [str(BIN / "cca-pipe"), "--params", str(caches / "params.yaml"), *longer, "--nproc-per-node", "2",
+           *map(str, train_args(caches, out))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (resume.parent / "0000002.pt").is_file():
+        time.sleep(0.005)
+    finished = proc.poll() is not None
+    os.killpg(proc.pid, signal.SIGKILL)  # the cca-pipe that relaunched itself and torchrun's agent
+    proc.wait()
+    time.sleep(1.0)
+    assert not finished and resume.is_file() and not out.exists(), "the job ended before it could be killed"
+    before = sorted(p.name for p in resume.parent.iterdir())
+    time.sleep(1.0)
+    assert sorted(p.name for p in resume.parent.iterdir()) == before  # no orphan rank trains on
+    result = cca(caches, *longer, *train_args(caches, out))  # one process
+    assert "resuming" in result.stderr
+    cca(caches, *longer, *train_args(caches, caches / "train_long"))
+    assert max_diff(policy(caches / "train_long"), policy(out)) < 1e-5
+    assert [r["step"] for r in steps(out)] == list(range(20))
+
+
+def test_eval_with_two_processes_writes_the_same_samples_and_metrics(caches: Path):
+    def run_eval(out: Path, nproc: int) -> dict:
+        cca(caches, "eval", "--vq", caches / "vq.pt", "--base", caches / "gpt.pt", "--policy", caches / "gpt.pt",
+            "--reference", caches / "ref", "--classifier", caches / "clf.pt", "--fidelity-cache", caches / "fc",
+            "--out", out, nproc=nproc)
+        return json.loads((out / "metrics.json").read_text())
+
+    one, two = run_eval(caches / "eval1", 1), run_eval(caches / "eval2", 2)
+    for name in ("base_seed0", "cfg_1_seed0", "cca_seed0"):
+        with np.load(caches / "eval1/samples" / f"{name}.npz") as a, np.load(caches / "eval2/samples" / f"{name}.npz") as b:
+            assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"]), name
+    for method, m in one["methods"].items():
+        assert {k: v for k, v in m.items() if "images_per_s" not in k} == \
+            {k: v for k, v in two["methods"][method].items() if "images_per_s" not in k}
+    assert not list((caches / "eval2/samples").glob(".*rank*"))  # the shards were merged and removed
+
+
+def test_a_failing_rank_stops_the_job_with_its_message(world: Path, tmp_path: Path):
+    """Rank 1 raises while rank 0 waits in a collective: torchrun stops the job, non-zero, within 60 s."""
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import sys\n"
+        "from pipeline.distributed import init_world\n"
+        "from stages.cli import guarded\n"
+        "with guarded():\n"
+        "    world = init_world('cpu')\n"
+        "    if world.rank == 1:\n"
+        "        raise ValueError('rank 1 found a bad input: /data/missing.pt')\n"
+        "    world.barrier()  # rank 0 would wait here forever\n")
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--max-restarts", "0", str(script)], capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode != 0 and time.time() - started < 60
+    assert "cca-pipe: error: rank 1 found a bad input: /data/missing.pt" in proc.stdout + proc.stderr
