@@ -1,12 +1,13 @@
 # Two commands for a fresh machine (README.md):
 #   make demo   installs the project into .venv, runs `dvc repro` on the embedded default, prints the results table
 #   make test   installs the project with test extras into .venv, runs the test suite
+# (make paper: after the demo, the paper's other experiments, pipelines/paper)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test install lint clean
+.PHONY: demo paper test install lint clean
 
 $(BIN)/cca-pipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,11 @@ install: $(BIN)/cca-pipe
 demo: install
 	@start=$$(date +%s); dvc repro && cca-pipe results data/report/results.md; \
 	echo "dvc repro + results: $$(( $$(date +%s) - start )) s"
+
+# The paper's other experiments (DPO, Unlearning, CCA+CFG, a lambda-conditioned policy) on the same cache
+paper: demo
+	@start=$$(date +%s); cd pipelines/paper && dvc repro && cca-pipe results ../../data/paper/report/results.md; \
+	echo "pipelines/paper dvc repro + results: $$(( $$(date +%s) - start )) s"
 
 test: install
 	$(BIN)/python -m pytest -q

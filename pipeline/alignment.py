@@ -37,6 +37,7 @@ class AlignBatch:
     # (B,) bool: rows whose "negative" is a second positive: unconditional rows (both labels null) and rows
     # whose rolled negative label equals their own (the released scripts' rule, reflogp.negatives: roll)
     positive_twice: torch.Tensor
+    lam: torch.Tensor | None = None  # (B,) each row's lambda, for a lambda-conditioned policy (paper Table 5)
 
 
 def gather_tokens(tokens, cache: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
@@ -46,7 +47,7 @@ def gather_tokens(tokens, cache: dict[str, np.ndarray], rows: np.ndarray) -> np.
 
 
 def make_batch(rows: np.ndarray, tokens, cache: dict[str, np.ndarray], uncond: np.ndarray, null_class: int,
-               row_tokens: np.ndarray | None = None) -> AlignBatch:
+               row_tokens: np.ndarray | None = None, lam: np.ndarray | None = None) -> AlignBatch:
     """Assemble a batch from cache rows (indices into the cache's columns); `row_tokens`: their tokens
     already gathered (by a DataLoader worker), else read from `tokens` here."""
     if row_tokens is None:
@@ -59,6 +60,7 @@ def make_batch(rows: np.ndarray, tokens, cache: dict[str, np.ndarray], uncond: n
         ref_logp_pos=torch.from_numpy(np.where(uncond, cache["ref_logp_null"][rows], cache["ref_logp_pos"][rows])),
         ref_logp_neg=torch.from_numpy(np.where(uncond, cache["ref_logp_null"][rows], cache["ref_logp_neg"][rows])),
         positive_twice=torch.from_numpy(uncond | (cache["neg_label"][rows] == cache["label"][rows])),
+        lam=None if lam is None else torch.from_numpy(lam.astype(np.float32)),
     )
 
 
@@ -66,8 +68,9 @@ def policy_logps(policy, batch: AlignBatch, device: torch.device) -> tuple[torch
     """log p_theta(x|c) and log p_theta(x|c_neg) in one forward over the concatenated batch."""
     x = batch.tokens.to(device)
     labels = torch.cat([batch.labels_pos, batch.labels_neg]).to(device)
+    lam = None if batch.lam is None else torch.cat([batch.lam, batch.lam]).to(device)
     with autocast(device):
-        logp = sequence_logp(policy, labels, torch.cat([x, x]))
+        logp = sequence_logp(policy, labels, torch.cat([x, x]), lam)
     return logp.split(len(x))
 
 
@@ -80,14 +83,14 @@ def with_online_reference(reference, batch: AlignBatch, device: torch.device) ->
     with autocast(device):
         ref = sequence_logp(reference, labels, torch.cat([x, x])).double()
     pos, neg = ref.split(len(x))
-    return AlignBatch(batch.tokens, batch.labels_pos, batch.labels_neg, pos.cpu(), neg.cpu(), batch.positive_twice)
+    return AlignBatch(batch.tokens, batch.labels_pos, batch.labels_neg, pos.cpu(), neg.cpu(), batch.positive_twice, batch.lam)
 
 
 def loss_for_batch(policy, batch: AlignBatch, loss_name: str, beta: float, lam: float, device: torch.device):
     logp_pos, logp_neg = policy_logps(policy, batch, device)
     return LOSSES[loss_name](
         logp_pos, logp_neg, batch.ref_logp_pos.to(device), batch.ref_logp_neg.to(device),
-        beta=beta, lam=lam, positive_twice=batch.positive_twice.to(device),
+        beta=beta, lam=lam if batch.lam is None else batch.lam.to(device), positive_twice=batch.positive_twice.to(device),
     )
 
 
@@ -181,6 +184,7 @@ class AlignConfig:
     seed: int
     shuffle_buffer_chunks: int  # epoch_order
     num_workers: int  # DataLoader processes reading the token store
+    lambda_range: tuple[float, float] | None  # a lambda-conditioned policy: each row's lambda log-uniform in it
 
 
 def train_policy(
@@ -265,6 +269,7 @@ def train_policy(
         rows = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         step_tokens = step_tokens.numpy()
         uncond = rng.random(len(rows)) < cfg.uncond_ratio
+        lams = None if cfg.lambda_range is None else np.exp(rng.uniform(*np.log(cfg.lambda_range), size=len(rows)))
         lr = cfg.lr * lr_factor(cfg.lr_schedule, step, total_steps, cfg.warmup_fraction, cfg.warmup_start, cfg.end_ratio)
         decay = weight_decay_at(step, total_steps, cfg.weight_decay, cfg.weight_decay_end)
         for group in opt.param_groups:
@@ -274,7 +279,8 @@ def train_policy(
         outs = []
         for j, i in enumerate(mine):
             part, m = slice(i * cfg.micro_batch_size, (i + 1) * cfg.micro_batch_size), cfg.micro_batch_size
-            batch = make_batch(rows[part], tokens, cache, uncond[part], null_class, step_tokens[j * m : (j + 1) * m])
+            batch = make_batch(rows[part], tokens, cache, uncond[part], null_class, step_tokens[j * m : (j + 1) * m],
+                               None if lams is None else lams[part])
             torch.manual_seed(micro_batch_seed(cfg.seed, step, i))
             last = j == len(mine) - 1  # DDP averages the gradients over processes in its last backward only
             try:
@@ -291,7 +297,7 @@ def train_policy(
                     f"out of memory at step {step} with train.micro_batch_size = {cfg.micro_batch_size} rows per forward "
                     f"({2 * cfg.micro_batch_size} sequences): lower train.micro_batch_size, e.g. to {max(1, cfg.micro_batch_size // 2)}; "
                     f"the global train.batch_size ({cfg.batch_size}) is kept by gradient accumulation") from e
-            outs.append((i, out.per_row.cpu(), out.ratio_pos.cpu(), out.ratio_neg.cpu(), batch.positive_twice))
+            outs.append((i, out.per_row.cpu(), out.ratio_pos.cpu(), out.ratio_neg.cpu(), out.logp_pos.cpu(), batch.positive_twice))
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at step {step}; lower train.lr or train.beta")
@@ -311,10 +317,10 @@ def train_policy(
 
 
 def _step_metrics(outs: list[tuple], grad_norm: float, lr: float) -> dict[str, float]:
-    """The step's metrics over all its rows: outs = (micro index, per_row, ratio_pos, ratio_neg, mask)."""
+    """The step's metrics over all its rows: outs = (micro index, per_row, ratio_pos, ratio_neg, logp_pos, mask)."""
     from .losses import LossOutput
 
     per_row = torch.cat([o[1] for o in outs])
     merged = LossOutput(loss=per_row.mean(), per_row=per_row, ratio_pos=torch.cat([o[2] for o in outs]),
-                        ratio_neg=torch.cat([o[3] for o in outs]))
-    return {**merged.metrics(torch.cat([o[4] for o in outs])), "lr": lr, "grad_norm": grad_norm}
+                        ratio_neg=torch.cat([o[3] for o in outs]), logp_pos=torch.cat([o[4] for o in outs]))
+    return {**merged.metrics(torch.cat([o[5] for o in outs])), "lr": lr, "grad_norm": grad_norm}

@@ -21,7 +21,8 @@ def token_logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def sequence_logp(model, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def sequence_logp(model, labels: torch.Tensor, tokens: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
     """log p(x | c) = sum over the N image tokens: labels (B,), tokens (B, N) -> (B,) float32. `model` is any
-    family's model, or a DDP/FSDP wrapper of one: its forward(tokens, labels) gives the per-token log-probs."""
-    return model(tokens, labels).sum(-1)
+    family's model, or a DDP/FSDP wrapper of one: its forward(tokens, labels) gives the per-token log-probs
+    (and forward(tokens, labels, lam) those of a lambda-conditioned policy at each row's lambda)."""
+    return (model(tokens, labels) if lam is None else model(tokens, labels, lam)).sum(-1)

@@ -1,8 +1,12 @@
 """Alignment losses: pure functions of per-sequence log-probabilities.
 
 They take policy log-probs (with grad) and reference log-probs (cached or computed online: the same
-tensors either way), so the cached and online reference paths run the same code. Later baselines
-(DPO, unlearning, CCA+CFG) are further functions over the same columns.
+tensors either way), so the cached and online reference paths run the same code. CCA (paper Eq. 12) and
+the paper's two baselines of Table 3, DPO and Unlearning, as the released LlamaGen_finetune.py computes
+them, over the same columns; `train.loss` picks one (LOSSES).
+
+`lam` is a float, or a (B,) tensor of per-row lambdas (the lambda-conditioned policy, paper Table 5): each
+row's loss is then normalised by its own max(lambda, 1).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ class LossOutput:
     per_row: torch.Tensor  # (B,) loss per row, before the batch mean
     ratio_pos: torch.Tensor  # (B,) detached log p_theta(x|c) - log p_phi(x|c)
     ratio_neg: torch.Tensor  # (B,) detached log p_theta(x|c_neg) - log p_phi(x|c_neg)
+    logp_pos: torch.Tensor  # (B,) detached log p_theta(x|c): DPO's fall shows here (paper Sec. 5.3, Fig. 10)
 
     def metrics(self, positive_twice: torch.Tensor) -> dict[str, float]:
         """Logged per step (paper Fig. 10 plots the mean ratios); negatives exclude the rows whose negative
@@ -32,6 +37,7 @@ class LossOutput:
             "rewards/neg": neg.mean().item(),
             "rewards/margin": (pos - neg).mean().item(),
             "rewards/accuracy": (pos > neg).float().mean().item(),
+            "logps/pos": (self.logp_pos[cond] if cond.any() else self.logp_pos).mean().item(),
         }
 
 
@@ -41,7 +47,7 @@ def cca_loss(
     ref_logp_pos: torch.Tensor,
     ref_logp_neg: torch.Tensor,
     beta: float,
-    lam: float,
+    lam: float | torch.Tensor,
     positive_twice: torch.Tensor | None = None,
 ) -> LossOutput:
     """Condition Contrastive Alignment, paper Eq. 12 with the official recipe's details.
@@ -55,14 +61,71 @@ def cca_loss(
     batch mean is divided by max(lam, 1) as the official code does, so the lr means the same across lam.
     All inputs (B,) per-sequence sums; returns the scalar loss and detached diagnostics.
     """
-    if positive_twice is None:
-        positive_twice = torch.zeros_like(policy_logp_pos, dtype=torch.bool)
-    ratio_pos = policy_logp_pos - ref_logp_pos.to(policy_logp_pos.dtype)
-    ratio_neg = policy_logp_neg - ref_logp_neg.to(policy_logp_neg.dtype)
+    positive_twice, ratio_pos, ratio_neg = _ratios(policy_logp_pos, policy_logp_neg, ref_logp_pos, ref_logp_neg, positive_twice)
     loss_pos = -F.logsigmoid(beta * ratio_pos)
     loss_neg = torch.where(positive_twice, -F.logsigmoid(beta * ratio_neg), lam * -F.logsigmoid(-beta * ratio_neg))
-    per_row = (loss_pos + loss_neg) / max(lam, 1.0)
-    return LossOutput(per_row.mean(), per_row.detach(), ratio_pos.detach(), ratio_neg.detach())
+    per_row = (loss_pos + loss_neg) / _lambda_norm(lam)
+    return _output(per_row, ratio_pos, ratio_neg, policy_logp_pos)
 
 
-LOSSES = {"cca": cca_loss}
+def dpo_loss(
+    policy_logp_pos: torch.Tensor,
+    policy_logp_neg: torch.Tensor,
+    ref_logp_pos: torch.Tensor,
+    ref_logp_neg: torch.Tensor,
+    beta: float,
+    lam: float | torch.Tensor = 1.0,
+    positive_twice: torch.Tensor | None = None,
+) -> LossOutput:
+    """DPO on the condition pairs (paper Sec. 5.3, Table 3), as the released script:
+
+        L = -log sig(beta * (r_pos - r_neg))
+
+    It has no lambda (the argument is ignored) and no unconditional-row rule: in a row that is a positive
+    twice the two sequences and labels are the same, so r_pos = r_neg and the row costs ln 2 with no
+    gradient, exactly as in the script. Only the margin is pushed: both likelihoods may fall together,
+    which is DPO's failure here (the positive log-likelihood keeps falling)."""
+    positive_twice, ratio_pos, ratio_neg = _ratios(policy_logp_pos, policy_logp_neg, ref_logp_pos, ref_logp_neg, positive_twice)
+    per_row = -F.logsigmoid(beta * (ratio_pos - ratio_neg))
+    return _output(per_row, ratio_pos, ratio_neg, policy_logp_pos)
+
+
+def unlearning_loss(
+    policy_logp_pos: torch.Tensor,
+    policy_logp_neg: torch.Tensor,
+    ref_logp_pos: torch.Tensor,
+    ref_logp_neg: torch.Tensor,
+    beta: float,
+    lam: float | torch.Tensor,
+    positive_twice: torch.Tensor | None = None,
+) -> LossOutput:
+    """Unlearning (paper Table 3), as the released script's `(-gap_pos.mean() - (w * sign * gap_neg).mean())
+    / max(lambda, 1)`: per row
+
+        L = (-r_pos + lam * r_neg) / max(lam, 1)          (a conditional row: push the negative down)
+        L = (-r_pos - r_neg) / max(lam, 1)                (a positive twice: weight 1, pulled up)
+
+    linear in the log-ratios (beta is not used), so nothing stops the negatives' likelihood falling
+    without bound."""
+    positive_twice, ratio_pos, ratio_neg = _ratios(policy_logp_pos, policy_logp_neg, ref_logp_pos, ref_logp_neg, positive_twice)
+    per_row = (-ratio_pos + torch.where(positive_twice, -ratio_neg, lam * ratio_neg)) / _lambda_norm(lam)
+    return _output(per_row, ratio_pos, ratio_neg, policy_logp_pos)
+
+
+def _ratios(policy_pos, policy_neg, ref_pos, ref_neg, positive_twice):
+    if positive_twice is None:
+        positive_twice = torch.zeros_like(policy_pos, dtype=torch.bool)
+    return positive_twice, policy_pos - ref_pos.to(policy_pos.dtype), policy_neg - ref_neg.to(policy_neg.dtype)
+
+
+def _lambda_norm(lam: float | torch.Tensor):
+    """The released scripts' normalisation: the loss divided by max(lambda, 1), so the lr means the same
+    across lambdas; per row for per-row lambdas."""
+    return lam.clamp(min=1.0) if isinstance(lam, torch.Tensor) else max(lam, 1.0)
+
+
+def _output(per_row: torch.Tensor, ratio_pos: torch.Tensor, ratio_neg: torch.Tensor, logp_pos: torch.Tensor) -> LossOutput:
+    return LossOutput(per_row.mean(), per_row.detach(), ratio_pos.detach(), ratio_neg.detach(), logp_pos.detach())
+
+
+LOSSES = {"cca": cca_loss, "dpo": dpo_loss, "unlearning": unlearning_loss}

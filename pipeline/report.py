@@ -18,9 +18,10 @@ TABLE_KEYS = ("fid", "is", "precision", "recall", "class_accuracy", "images_per_
 
 @dataclass
 class Point:
-    """One evaluated setting: the base model, CFG at scale s, or a CCA policy at (lambda, beta)."""
+    """One evaluated setting: the base model, CFG at scale s, a CCA policy at (lambda, beta) without guidance
+    or with (CCA+CFG at scale s), a lambda-conditioned policy at a test-time lambda, or a baseline loss."""
 
-    kind: str  # "base" | "cfg" | "cca"
+    kind: str  # "base" | "cfg" | "cca" | "cca_cfg" | "lambda" | "dpo" | "unlearning"
     metrics: dict[str, float]
     cfg_scale: float | None = None
     lam: float | None = None
@@ -34,6 +35,12 @@ class Point:
             return f"CFG s={self.cfg_scale:g}"
         if self.kind == "cca":
             return f"CCA λ={self.lam:g} β={self.beta:g}"
+        if self.kind == "cca_cfg":
+            return f"CCA+CFG λ={self.lam:g} s={self.cfg_scale:g}"
+        if self.kind == "lambda":
+            return f"λ-conditioned CCA at λ={self.lam:g}"
+        if self.kind in ("dpo", "unlearning"):
+            return {"dpo": "DPO", "unlearning": "Unlearning"}[self.kind] + f" λ={self.lam:g} β={self.beta:g}"
         return "base (no guidance)"
 
 
@@ -60,6 +67,16 @@ def plot_fid_is(points: list[Point], path: str | os.PathLike) -> None:
         ax.plot([p.metrics["is"] for p in cca], [p.metrics["fid"] for p in cca], "o-", label=f"CCA, no guidance (β={beta:g}, λ)")
         for p in cca:
             ax.annotate(f"λ={p.lam:g}", (p.metrics["is"], p.metrics["fid"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    guided = sorted((p for p in points if p.kind == "cca_cfg"), key=lambda p: p.cfg_scale)
+    if guided:
+        ax.plot([p.metrics["is"] for p in guided], [p.metrics["fid"] for p in guided], "D-.", color="tab:green",
+                label=f"CCA+CFG (λ={guided[0].lam:g}, scale s)")
+        for p in guided:
+            ax.annotate(f"s={p.cfg_scale:g}", (p.metrics["is"], p.metrics["fid"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    conditioned = sorted((p for p in points if p.kind == "lambda"), key=lambda p: p.lam)
+    if conditioned:
+        ax.plot([p.metrics["is"] for p in conditioned], [p.metrics["fid"] for p in conditioned], "v:", color="tab:purple",
+                label="one λ-conditioned policy (test-time λ)")
     for p in points:
         if p.kind == "base":
             ax.plot([p.metrics["is"]], [p.metrics["fid"]], "k*", markersize=14, label="base, no guidance")

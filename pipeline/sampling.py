@@ -75,10 +75,11 @@ def sample(
     generator: torch.Generator | None = None,
     uniforms: torch.Tensor | None = None,
     use_cache: bool = True,
+    lam: float | None = None,
 ) -> Samples:
     """Sample N = model.cfg.block_size codes per label. labels (B,) on the model's device. The draws use
     `uniforms` (B, N), token t of sample b from uniforms[b, t] (so a sample does not depend on its batch),
-    or uniforms from `generator`."""
+    or uniforms from `generator`. `lam`: the lambda to sample a lambda-conditioned policy at."""
     cfg = model.cfg
     B, N = labels.shape[0], cfg.block_size
     guided = cfg_scale != 0.0
@@ -88,11 +89,12 @@ def sample(
     uniforms = uniforms_for(labels, N, generator, uniforms)
     tokens = torch.zeros(B, N, dtype=torch.long, device=labels.device)
     logps = torch.zeros(B, N, dtype=torch.float32, device=labels.device)
+    lams = None if lam is None else torch.full(batch_labels.shape, float(lam), device=labels.device)
     if use_cache:
         model.setup_kv_cache(batch_labels.shape[0])
     try:
         empty = tokens[:, :0].repeat(2 if guided else 1, 1)
-        logits = model.logits(batch_labels, empty, start=0)[:, -1]  # (B or 2B, V): predicts z_0
+        logits = model.logits(batch_labels, empty, start=0, lam=lams)[:, -1]  # (B or 2B, V): predicts z_0
         for t in range(N):
             cond = logits[:B]
             mixed = cond + cfg_scale * (cond - logits[B:]) if guided else cond
@@ -107,7 +109,7 @@ def sample(
                 logits = model.logits(batch_labels, feed[:, None], start=cfg.cls_token_num + t)[:, -1]
             else:
                 prefix = torch.cat([tokens[:, : t + 1]] * (2 if guided else 1))
-                logits = model.logits(batch_labels, prefix)[:, -1]
+                logits = model.logits(batch_labels, prefix, lam=lams)[:, -1]
     finally:
         model.clear_kv_cache()
     return Samples(tokens, logps)
@@ -179,6 +181,7 @@ def sample_var(
     generator: torch.Generator | None = None,
     uniforms: torch.Tensor | None = None,
     upstream_null_half: bool = False,
+    lam: float | None = None,
 ) -> Samples:
     """Next-scale sampling for a VARModel with a KV cache per scale: -> Samples (B, L).
 
@@ -199,7 +202,7 @@ def sample_var(
     logps = torch.zeros(B, cfg.seq_len, dtype=torch.float32, device=device)
     full = cfg.patch_nums[-1]
     f_hat = torch.zeros(B, cfg.cvae, full, full, dtype=torch.float32, device=device)
-    cond = var.class_emb(batch_labels)
+    cond = var.condition(batch_labels, None if lam is None else torch.full(batch_labels.shape, float(lam), device=device))
     x = var.start_tokens(cond)
     var.set_caching(True)
     try:

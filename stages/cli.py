@@ -239,7 +239,8 @@ def train(ctx, tokens_path, cache_path, init, gpt_model, vae, vae_model, depth, 
 @click.option("--gpt-model", default=None, help=GPT_MODEL_HELP)
 @click.option("--vq-model", default=None, help="VQ config for upstream files: a name (VQ-16) or a JSON file")
 @click.option("--depth", default=None, type=int, help=DEPTH_HELP)
-@click.option("--methods", default="base,cfg,cca", show_default=True, help="comma-separated subset of base, cfg, cca")
+@click.option("--methods", default="base,cfg,cca", show_default=True,
+              help="comma-separated subset of base, cfg, cca, cca_cfg (the policy with guidance at eval.cfg_scales)")
 @click.option("--cfg-scale", "cfg_scales", multiple=True, type=float, help="guidance scale s (repeatable); overrides eval.cfg_scales")
 @click.option("--fidelity-cache", default=None, type=PathType,
               help="torch-fidelity statistics cache shared by evaluations (default: <out>/fidelity_cache)")
@@ -273,6 +274,23 @@ def report(ctx, eval_dir, train_dir, sweep_dir, out):
 
     params = load_params(ctx.obj["params"])
     click.echo(stage.run(eval_dir, train_dir, sweep_dir, out, params.get("sweep")))
+
+
+@main.command()
+@click.option("--eval", "eval_dir", default="data/eval", type=PathType, show_default=True)
+@click.option("--train", "train_dir", default="data/train", type=PathType, show_default=True)
+@click.option("--sweep", "sweep_dir", default="data/sweep", type=PathType, show_default=True)
+@click.option("--paper-dir", default="data/paper", type=PathType, show_default=True, help="the runs of pipelines/paper")
+@click.option("--paper-params", default="pipelines/paper/params.yaml", type=PathType, show_default=True)
+@click.option("--out", default="data/paper/report", type=PathType, show_default=True)
+@click.pass_context
+def paper(ctx, eval_dir, train_dir, sweep_dir, paper_dir, paper_params, out):
+    """The paper's Table 3 (DPO, Unlearning), Figures 5-6 (CCA+CFG) and Table 5 (a lambda-conditioned policy)
+    on the embedded default, from the runs of pipelines/paper (`make paper`)."""
+    from . import paper as stage
+
+    sweep, sections = load_params(ctx.obj["params"]).get("sweep"), load_params(paper_params)
+    click.echo(stage.run(eval_dir, train_dir, sweep_dir, paper_dir, out, sweep, sections["paper"]))
 
 
 @main.command()

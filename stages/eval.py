@@ -3,7 +3,8 @@
     cca-pipe eval --vq data/vq/vq.pt --base data/ar/gpt.pt --policy data/train/policy.pt \
                   --reference data/images/test --classifier data/classifier/classifier.pt --out data/eval
 Methods: `base` (no guidance), `cfg_<s>` (base with guidance l_c + s (l_c - l_u); LlamaGen's
-cfg-scale = 1 + s), `cca` (the policy, no guidance). Each is sampled with every seed in eval.seeds and
+cfg-scale = 1 + s), `cca` (the policy, no guidance), `cca_cfg_<s>` (the policy with guidance: CCA+CFG,
+paper Fig. 5-6; its training kept the unconditional rows). Each is sampled with every seed in eval.seeds and
 scored with torch-fidelity (FID, IS, precision, recall) against the held-out reference images, plus
 class accuracy (the classifier's agreement with the intended label) and sampling throughput.
 Writes metrics.json (mean and std over seeds), results.md, grids/<method>.png, samples/<method>_seed<k>.npz
@@ -56,6 +57,8 @@ class EvalConfig:
     samples_per_class: int = setting(100, ge=1)
     seeds: list[int] = setting(default_factory=lambda: [0, 1, 2], nonempty=True, unique=True, ge=0)
     cfg_scales: list[float] = setting(default_factory=lambda: [1.0], unique=True, gt=0.0)  # s > 0 (s = 0 is `base`)
+    # a lambda-conditioned policy (train.lambda_conditioning) is sampled at each of these: methods cca_lam<lambda>
+    lambdas: list[float] = setting(default_factory=list, unique=True, gt=0.0)
     temperature: float = setting(1.0, gt=0.0)
     top_k: int = setting(0, ge=0)
     top_p: float = setting(1.0, ge=0.0, le=1.0)  # 1.0 (LlamaGen) or 0.0 (VAR): off
@@ -163,17 +166,18 @@ def scorer_weights(cfg: EvalConfig, classifier_path: Path | None) -> Path:
     return weights
 
 
-METHODS = ("base", "cfg", "cca")
+METHODS = ("base", "cfg", "cca", "cca_cfg")
 
 
 @dataclass
 class Unit:
     """One resume unit: a method (model + guidance scale) sampled with one seed."""
 
-    name: str  # "base", "cfg_<s>", "cca"
+    name: str  # "base", "cfg_<s>", "cca", "cca_cfg_<s>" (the policy sampled with guidance: CCA+CFG, paper Fig. 5-6)
     model: str  # "base" | "cca": which checkpoint
     scale: float
     seed: int
+    lam: float | None = None  # the lambda a lambda-conditioned policy is sampled at
 
     @property
     def stem(self) -> str:  # names like cfg_1.5_seed0 contain dots: build file names, never Path.with_suffix
@@ -185,13 +189,16 @@ def plan_units(cfg: EvalConfig, methods: tuple[str, ...]) -> list[Unit]:
     unknown = set(methods) - set(METHODS)
     if unknown or not methods:
         raise ValueError(f"unknown eval methods {sorted(unknown)}; valid: {', '.join(METHODS)}")
-    if "cfg" in methods and not cfg.cfg_scales:
-        raise ValueError("--methods includes cfg but eval.cfg_scales is empty: list the guidance scales to evaluate "
-                         "(e.g. --set 'eval.cfg_scales=[1.0]' or --cfg-scale 1.0), or drop cfg from --methods")
-    per_seed = ([("base", "base", 0.0)] if "base" in methods else []) \
-        + ([(f"cfg_{s:g}", "base", s) for s in cfg.cfg_scales] if "cfg" in methods else []) \
-        + ([("cca", "cca", 0.0)] if "cca" in methods else [])
-    return [Unit(name, model, scale, seed) for seed in cfg.seeds for name, model, scale in per_seed]
+    for guided in ("cfg", "cca_cfg"):
+        if guided in methods and not cfg.cfg_scales:
+            raise ValueError(f"--methods includes {guided} but eval.cfg_scales is empty: list the guidance scales to evaluate "
+                             f"(e.g. --set 'eval.cfg_scales=[1.0]' or --cfg-scale 1.0), or drop {guided} from --methods")
+    per_seed = ([("base", "base", 0.0, None)] if "base" in methods else []) \
+        + ([(f"cfg_{s:g}", "base", s, None) for s in cfg.cfg_scales] if "cfg" in methods else []) \
+        + ([("cca", "cca", 0.0, None)] if "cca" in methods and not cfg.lambdas else []) \
+        + ([(f"cca_lam{lam:g}", "cca", 0.0, lam) for lam in cfg.lambdas] if "cca" in methods else []) \
+        + ([(f"cca_cfg_{s:g}", "cca", s, None) for s in cfg.cfg_scales] if "cca_cfg" in methods else [])
+    return [Unit(name, model, scale, seed, lam) for seed in cfg.seeds for name, model, scale, lam in per_seed]
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -224,7 +231,7 @@ def sample_unit(unit: Unit, family, model, vq, cfg: EvalConfig, labels: torch.Te
     started = time.perf_counter()
     images, _ = generate_images(
         family.sample, model, vq, labels[mine], seed=unit.seed, batch_size=cfg.batch_size, indices=mine,
-        cfg_scale=unit.scale, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, cfg_schedule=cfg.cfg_schedule,
+        cfg_scale=unit.scale, lam=unit.lam, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, cfg_schedule=cfg.cfg_schedule,
     )
     images = to_uint8(resize_images(images, cfg.resize_to))
     seconds = max(world.gather(time.perf_counter() - started))
@@ -302,6 +309,11 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Pat
                                         depth=depth)[1].to(device).eval()
         if any(u.model == "cca" for u in units):
             models["cca"] = load_model(policy_path, "--policy", tokenizer=vq, depth=depth)[1].to(device).eval()
+            conditioned = models["cca"].cfg.lambda_conditioning
+            if conditioned != bool(cfg.lambdas) or (conditioned and "cca_cfg" in methods):
+                raise ValueError(f"--policy {policy_path} is {'' if conditioned else 'not '}lambda-conditioned but eval.lambdas "
+                                 f"is {cfg.lambdas}: list the lambdas to sample a lambda-conditioned policy at (and only "
+                                 "for one, without cca_cfg)")
         some_model = next(iter(models.values()))
         num_classes = cfg.num_classes or some_model.cfg.num_classes
         labels = torch.arange(num_classes).repeat_interleave(cfg.samples_per_class)

@@ -71,12 +71,26 @@ class TrainConfig:
     # (pipeline.alignment.epoch_order); a store of at most this many chunks is shuffled uniformly
     shuffle_buffer_chunks: int = setting(16, ge=1)
     num_workers: int = setting(0, ge=0)  # DataLoader processes reading tokens while the model trains
+    # One policy for a range of lambdas (paper Table 5): {min: 1, max: 8103} draws each row's lambda
+    # log-uniformly in it and feeds it to a zero-initialised lambda embedding (train.lambda is then unused);
+    # null: the usual fixed-lambda policy
+    lambda_conditioning: dict[str, float] | None = None
     save_every: int = setting(0, ge=0)  # steps between checkpoints <out>/checkpoints/<step>.pt + resume.pt (0: final only, no resume)
 
     def __post_init__(self) -> None:
         check_ranges(self, "train")
         if len(self.betas) != 2:
             raise ConfigError(f"train.betas = {self.betas}: AdamW takes two betas, e.g. [0.9, 0.95]")
+        if self.lambda_conditioning is not None:
+            lc = self.lambda_conditioning
+            if set(lc) != {"min", "max"} or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in lc.values()) \
+                    or not 0 < lc["min"] < lc["max"]:
+                raise ConfigError(f"train.lambda_conditioning = {lc!r}: write {{min: 1, max: 8103}} (0 < min < max), or null")
+
+    @property
+    def lambda_range(self) -> tuple[float, float] | None:
+        lc = self.lambda_conditioning
+        return None if lc is None else (float(lc["min"]), float(lc["max"]))
 
     def align_config(self) -> AlignConfig:
         return AlignConfig(**{k: getattr(self, k) for k in AlignConfig.__dataclass_fields__})
@@ -139,6 +153,8 @@ def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, cl
         store.check_chunks()
     presets.check_model(preset, family.name, policy.cfg)
     policy.set_dropout(cfg.dropout, cfg.drop_path)
+    if cfg.lambda_conditioning is not None:
+        policy.enable_lambda_conditioning()
     claim.key = key = run_key(cfg, provenance, init_sha)
     work = claim.open_partial() if world.main else claim.partial
     world.barrier()  # every process resumes from what the main process kept (a filesystem they all see)

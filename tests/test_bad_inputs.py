@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import sys
 from pathlib import Path
@@ -192,7 +193,7 @@ def test_non_finite_loss_stops_and_names_the_step_and_checkpoint(tmp_path, monke
     def diverging(*args, **kwargs):  # the loss of a run whose lr is too high turns NaN at step 2
         calls.append(1)
         out = cca_loss(*args, **kwargs)
-        return out if len(calls) <= 2 else type(out)(out.loss * float("nan"), out.per_row, out.ratio_pos, out.ratio_neg)
+        return out if len(calls) <= 2 else dataclasses.replace(out, loss=out.loss * float("nan"))
 
     monkeypatch.setitem(alignment.LOSSES, "cca", diverging)
     cfg = train_stage.TrainConfig(batch_size=2, micro_batch_size=2, epochs=1, uncond_ratio=0.0, save_every=1)

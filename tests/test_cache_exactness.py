@@ -13,7 +13,7 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.families import LLAMAGEN
 from pipeline.logprobs import sequence_logp
 from pipeline.losses import cca_loss
-from pipeline.models.llamagen import load_gpt
+from pipeline.models.llamagen import GPTConfig, load_gpt
 from pipeline.refcache import draw_pairs, reference_logps
 from stages.train import TrainConfig
 
@@ -96,3 +96,45 @@ def test_online_reference_path_gives_the_cached_loss(tiny_gpt, tmp_path):
     a = loss_for_batch(policy, batch, "cca", beta=0.5, lam=10.0, device=CPU)
     b = loss_for_batch(policy, online, "cca", beta=0.5, lam=10.0, device=CPU)
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_a_lambda_conditioned_policy_at_step_0_is_the_reference_for_any_lambda(tiny_gpt, tmp_path):
+    """The lambda embedding starts at zero: a fresh lambda-conditioned policy reproduces the cached
+    reference log-probs (|delta| < 1e-3 nats) at every lambda; after training, lambda matters."""
+    from pipeline.families import LLAMAGEN
+    from stages.train import TrainConfig
+
+    tokens, cache = _world(tiny_gpt, tmp_path)
+    policy = load_gpt(tmp_path / "ref.pt")
+    policy.enable_lambda_conditioning()
+    rows = np.arange(len(cache["row"]))
+    for lam in (1.0, 30.0, 8103.0):
+        batch = make_batch(rows, tokens, cache, np.zeros(len(rows), bool), policy.cfg.null_class, lam=np.full(len(rows), lam))
+        with torch.no_grad():
+            pos, neg = policy_logps(policy, batch, CPU)
+        assert (pos.double() - batch.ref_logp_pos).abs().max() < 1e-3
+        assert (neg.double() - batch.ref_logp_neg).abs().max() < 1e-3
+    cfg = TrainConfig(beta=0.5, lr=3e-3, epochs=4.0, batch_size=12, micro_batch_size=4, uncond_ratio=0.0,
+                      lambda_conditioning={"min": 1, "max": 1000}).align_config()
+    train_policy(policy, tokens, cache, cfg, CPU, LLAMAGEN.param_groups(policy, 0.0))
+    x, labels = torch.from_numpy(tokens[:4, 0].astype(np.int64)), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        low, high = (sequence_logp(policy, labels, x, torch.full((4,), lam)) for lam in (1.0, 1000.0))
+    assert (low - high).abs().max() > 1e-3  # the embedding learned something of lambda
+
+
+def test_a_lambda_conditioned_checkpoint_loads_whole_and_into_the_peer_layout_without_its_extra_keys(tiny_gpt, tmp_path):
+    from pipeline.families import LLAMAGEN
+    from pipeline.models.llamagen import GPT
+
+    tiny_gpt.enable_lambda_conditioning()
+    with torch.no_grad():
+        tiny_gpt.lambda_embed.mlp[2].weight.add_(0.1)
+    LLAMAGEN.save(tmp_path / "policy.pt", tiny_gpt)
+    back = load_gpt(tmp_path / "policy.pt")
+    assert back.cfg.lambda_conditioning and torch.equal(back.lambda_embed.mlp[2].weight, tiny_gpt.lambda_embed.mlp[2].weight)
+    state = torch.load(tmp_path / "policy.pt", weights_only=True)["model"]
+    extra = {k for k in state if k.startswith("lambda_embed.")}
+    assert extra == {"lambda_embed.mlp.0.weight", "lambda_embed.mlp.0.bias", "lambda_embed.mlp.2.weight", "lambda_embed.mlp.2.bias"}
+    plain = GPT(GPTConfig(**{**tiny_gpt.cfg.to_dict(), "lambda_conditioning": False}))
+    plain.load_state_dict({k: v for k, v in state.items() if k not in extra}, strict=True)  # the peer's layout

@@ -74,3 +74,60 @@ def test_logged_metrics():
     assert m["rewards/neg"] == pytest.approx(1.0)  # (-1 + 3) / 2
     assert m["rewards/margin"] == pytest.approx(((1 + 1) + (2 - 3)) / 2)
     assert m["rewards/accuracy"] == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------------ DPO and Unlearning
+
+
+def test_dpo_by_hand():
+    """beta = 0.5. Row 0: r_pos = -9 - (-10) = 1, r_neg = -12 - (-11) = -1 -> -log sig(0.5 * 2) = log(1 + e^-1).
+    Row 1 (a positive twice: the unconditional pair is one sequence, one label, so r_pos = r_neg = 2):
+    -log sig(0) = ln 2 whatever lambda; DPO has no lambda and no normalisation."""
+    from pipeline.losses import dpo_loss
+
+    for lam in (1.0, 300.0):
+        out = dpo_loss(torch.tensor([-9.0, -18.0]), torch.tensor([-12.0, -18.0]), torch.tensor([-10.0, -20.0]),
+                       torch.tensor([-11.0, -20.0]), beta=0.5, lam=lam, positive_twice=torch.tensor([False, True]))
+        torch.testing.assert_close(out.per_row, torch.tensor([neg_log_sigmoid(1.0), math.log(2)]))
+        torch.testing.assert_close(out.logp_pos, torch.tensor([-9.0, -18.0]))
+
+
+def test_dpo_pushes_only_the_margin():
+    """d/dr_pos = -beta sig(-beta m) and d/dr_neg = +beta sig(-beta m), m = r_pos - r_neg: equal and opposite,
+    so lowering both likelihoods by the same amount changes nothing (DPO's failure mode, Sec. 5.3)."""
+    from pipeline.losses import dpo_loss
+
+    pos = torch.tensor([-9.0], requires_grad=True)
+    neg = torch.tensor([-12.0], requires_grad=True)
+    dpo_loss(pos, neg, torch.tensor([-10.0]), torch.tensor([-11.0]), beta=0.5).loss.backward()
+    expected = 0.5 / (1 + math.exp(1.0))  # beta sig(-beta m) with m = 2
+    torch.testing.assert_close(pos.grad, torch.tensor([-expected]))
+    torch.testing.assert_close(neg.grad, torch.tensor([expected]))
+    shifted = dpo_loss(torch.tensor([-19.0]), torch.tensor([-22.0]), torch.tensor([-10.0]), torch.tensor([-11.0]), beta=0.5)
+    base = dpo_loss(torch.tensor([-9.0]), torch.tensor([-12.0]), torch.tensor([-10.0]), torch.tensor([-11.0]), beta=0.5)
+    torch.testing.assert_close(shifted.loss, base.loss)
+
+
+@pytest.mark.parametrize("lam", [0.5, 10.0])
+def test_unlearning_by_hand(lam: float):
+    """Row 0 (conditional): r_pos = 1, r_neg = -1 -> (-1 + lam * (-1)) / max(lam, 1).
+    Row 1 (a positive twice): r_pos = 2, r_neg = 2 -> (-2 - 2) / max(lam, 1). beta plays no part."""
+    from pipeline.losses import unlearning_loss
+
+    norm = max(lam, 1.0)
+    for beta in (0.02, 5.0):
+        out = unlearning_loss(torch.tensor([-9.0, -18.0]), torch.tensor([-12.0, -18.0]), torch.tensor([-10.0, -20.0]),
+                              torch.tensor([-11.0, -20.0]), beta=beta, lam=lam, positive_twice=torch.tensor([False, True]))
+        torch.testing.assert_close(out.per_row, torch.tensor([(-1 - lam) / norm, -4 / norm]))
+        torch.testing.assert_close(out.loss, torch.tensor([(-1 - lam) / norm, -4 / norm]).mean())
+
+
+def test_per_row_lambdas_normalise_each_row_by_its_own():
+    """The lambda-conditioned policy: row k's CCA loss uses lambda_k and is divided by max(lambda_k, 1);
+    a tensor of equal lambdas gives the float result exactly."""
+    logp = torch.tensor([-50.0, -60.0])
+    lams = torch.tensor([0.5, 100.0])
+    out = cca_loss(logp, logp - 3, logp, logp - 3, beta=0.5, lam=lams)
+    torch.testing.assert_close(out.per_row, torch.tensor([1.5 * math.log(2) / 1.0, 101 * math.log(2) / 100]))
+    same = cca_loss(logp, logp - 3, logp, logp - 3, beta=0.5, lam=torch.tensor([10.0, 10.0]))
+    assert torch.equal(same.per_row, cca_loss(logp, logp - 3, logp, logp - 3, beta=0.5, lam=10.0).per_row)

@@ -27,6 +27,7 @@ def main() -> None:
     for dvc_file in DVC_FILES:
         doc = yaml.load(dvc_file.read_text())
         for stage in doc["stages"].values():
+            stage = stage.get("do", stage)  # a foreach stage's body
             deps = stage.setdefault("deps", [])
             data = [d for d in deps if not is_code(str(d), dvc_file.parent)]
             code = [os.path.relpath(p, dvc_file.parent) for p in required_files(stage_command(stage["cmd"]))]

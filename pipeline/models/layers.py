@@ -24,3 +24,24 @@ class DropPath(nn.Module):
 def linear_rates(rate: float, depth: int) -> list[float]:
     """Per-block drop-path rates rising linearly from 0 to `rate` (torch.linspace(0, rate, depth), as upstream)."""
     return [rate * i / max(depth - 1, 1) for i in range(depth)]
+
+
+class LambdaEmbedding(nn.Module):
+    """lambda -> a vector added to the class embedding, for one policy trained over a range of lambdas
+    (paper Table 5): the DiT way (its TimestepEmbedder), sinusoidal features of log lambda -> Linear -> SiLU
+    -> Linear. The last layer starts at zero, so a new embedding adds exactly nothing: the policy at step 0
+    is the reference, for any lambda, and the cache stays valid."""
+
+    def __init__(self, dim: int, features: int = 256, max_period: float = 10000.0):
+        super().__init__()
+        self.features, self.max_period = features, max_period
+        self.mlp = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, lam: torch.Tensor) -> torch.Tensor:
+        """lam (B,) > 0 -> (B, dim)."""
+        half = self.features // 2
+        freqs = torch.exp(-torch.log(torch.tensor(self.max_period)) * torch.arange(half, dtype=torch.float32) / half)
+        args = torch.log(lam.float())[:, None] * freqs.to(lam.device)[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))

@@ -33,7 +33,7 @@ from torch import nn
 from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict
 from ..config import build_dataclass, config_from_json, named_config
 from ..logprobs import token_logp
-from .layers import DropPath, linear_rates
+from .layers import DropPath, LambdaEmbedding, linear_rates
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -56,6 +56,9 @@ class GPTConfig:
     rope_base: float = 10000.0
     # True when trained with class dropout: the embedding table then has a null row at index num_classes.
     has_null_class: bool = True
+    # A lambda-conditioned policy (paper Table 5): `lambda_embed.*` adds an embedding of lambda to the class
+    # token's; dropping those keys leaves LlamaGen's own layout.
+    lambda_conditioning: bool = False
 
     def __post_init__(self) -> None:
         if self.dim % self.n_head:
@@ -245,6 +248,8 @@ class GPT(nn.Module):
         # Not persistent: upstream files may carry `freqs_cis`; we always recompute it.
         self.register_buffer("rope", rope_2d_table(cfg), persistent=False)
         self.apply(self._init_weights)
+        if cfg.lambda_conditioning:
+            self.lambda_embed = LambdaEmbedding(cfg.dim)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -264,11 +269,27 @@ class GPT(nn.Module):
             layer.attention.resid_dropout.p = layer.feed_forward.ffn_dropout.p = dropout
             layer.drop_path.rate = rate
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced log p(z_t | z_<t, c) for every token: tokens (B, N), labels (B,) -> (B, N) float32."""
-        return token_logp(self.logits(labels, tokens[:, :-1]), tokens)  # position p predicts tokens[:, p]
+    def enable_lambda_conditioning(self) -> None:
+        """Add a zero-initialised lambda embedding (the policy is unchanged until it trains)."""
+        if not self.cfg.lambda_conditioning:
+            self.cfg = GPTConfig(**{**self.cfg.to_dict(), "lambda_conditioning": True})
+            self.lambda_embed = LambdaEmbedding(self.cfg.dim).to(self.output.weight.device)
 
-    def logits(self, labels: torch.Tensor, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced log p(z_t | z_<t, c) for every token: tokens (B, N), labels (B,) -> (B, N) float32.
+        `lam` (B,): the lambda of each row, for a lambda-conditioned policy."""
+        return token_logp(self.logits(labels, tokens[:, :-1], lam=lam), tokens)  # position p predicts tokens[:, p]
+
+    def class_condition(self, labels: torch.Tensor, lam: torch.Tensor | None) -> torch.Tensor:
+        """The class token's embedding (B, C), plus lambda's for a lambda-conditioned policy."""
+        cls = self.cls_embedding(labels)
+        if self.cfg.lambda_conditioning:
+            if lam is None:
+                raise ValueError("this policy is lambda-conditioned: give the lambda to sample or score it at (eval.lambdas)")
+            cls = cls + self.lambda_embed(lam).to(cls.dtype)
+        return cls
+
+    def logits(self, labels: torch.Tensor, tokens: torch.Tensor, start: int = 0, lam: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) in float32.
 
         Teacher forcing (start=0): labels (B,), tokens (B, N-1) = z[:, :-1] -> logits for z[:, :N].
@@ -277,7 +298,7 @@ class GPT(nn.Module):
         """
         x = self.tok_embeddings(tokens)  # (B, T, C)
         if start == 0:
-            cls = self.cls_embedding(labels)[:, None, :].to(x.dtype)  # (B, 1, C)
+            cls = self.class_condition(labels, lam)[:, None, :].to(x.dtype)  # (B, 1, C)
             x = torch.cat([cls.expand(-1, self.cfg.cls_token_num, -1), x], dim=1)
         x = self.tok_dropout(x)
         rope = self.rope[start : start + x.shape[1]]

@@ -34,7 +34,7 @@ from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_st
 from ..config import ConfigError, build_dataclass
 from ..logprobs import token_logp
 from ..tokenizers.msvq import VAR_PATCH_NUMS, MultiScaleQuantizer, scale_bounds
-from .layers import DropPath, linear_rates
+from .layers import DropPath, LambdaEmbedding, linear_rates
 
 # log(100) as upstream computes it (a float32 tensor's log), the cap of the attention temperature
 _MAX_SCALE_MUL = float(torch.log(torch.tensor(100)))
@@ -52,6 +52,7 @@ class VARConfig:
     mlp_ratio: float = 4.0
     norm_eps: float = 1e-6
     drop_path_rate: float = 0.0  # upstream pretraining used 0.1 * depth / 24
+    lambda_conditioning: bool = False  # `lambda_embed.*` (paper Table 5): lambda's embedding added to the class's
 
     def __post_init__(self) -> None:
         self.patch_nums = tuple(self.patch_nums)
@@ -198,6 +199,18 @@ class VAR(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight.data, std=init_std)
                 nn.init.zeros_(m.bias) if m.bias is not None else None
+        if cfg.lambda_conditioning:  # after the init above: its last layer must stay zero
+            self.lambda_embed = LambdaEmbedding(C)
+
+    def condition(self, labels: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
+        """The conditioning vector (B, C) of AdaLN and the start token: the class embedding, plus lambda's for
+        a lambda-conditioned policy."""
+        cond = self.class_emb(labels)
+        if self.cfg.lambda_conditioning:
+            if lam is None:
+                raise ValueError("this policy is lambda-conditioned: give the lambda to sample or score it at (eval.lambdas)")
+            cond = cond + self.lambda_embed(lam).to(cond.dtype)
+        return cond
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -217,10 +230,10 @@ class VAR(nn.Module):
             x = block(x, cond, attn_mask)
         return self.head(self.head_nm(x.float(), cond)).float()
 
-    def forward(self, labels: torch.Tensor, teacher_input: torch.Tensor) -> torch.Tensor:
+    def forward(self, labels: torch.Tensor, teacher_input: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher forcing: labels (B,), teacher_input (B, L - first_l, Cvae) -> logits (B, L, V) float32."""
         with torch.autocast(teacher_input.device.type, enabled=False):  # embeddings in float32, as upstream
-            cond = self.class_emb(labels)
+            cond = self.condition(labels, lam)
             first = cond[:, None, :].expand(-1, self.first_l, -1) + self.pos_start
             x = torch.cat((first, self.word_embed(teacher_input.float())), 1)
             x = x + self.lvl_embed(self.lvl_1L.expand(len(labels), -1)) + self.pos_1LC
@@ -248,12 +261,18 @@ class VARModel(nn.Module):
         self.quantizer = quantizer.requires_grad_(False)
         self.cfg = var.cfg
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced log p(token_p | coarser scales, c) for all L positions: tokens (B, L), labels (B,)
-        -> (B, L) float32."""
+        -> (B, L) float32. `lam` (B,): each row's lambda, for a lambda-conditioned policy."""
         with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):  # float32, as upstream
             teacher_input = self.quantizer.teacher_forcing_input(tokens)
-        return token_logp(self.var(labels, teacher_input), tokens)
+        return token_logp(self.var(labels, teacher_input, lam), tokens)
+
+    def enable_lambda_conditioning(self) -> None:
+        """Add a zero-initialised lambda embedding (the policy is unchanged until it trains)."""
+        if not self.cfg.lambda_conditioning:
+            self.cfg.lambda_conditioning = True
+            self.var.lambda_embed = LambdaEmbedding(self.cfg.width).to(self.var.head.weight.device)
 
     def set_dropout(self, dropout: float = 0.0, drop_path: float = 0.0) -> None:
         """VAR's fine-tuning regularisation: drop path rising linearly over the blocks to `drop_path`

@@ -1,0 +1,76 @@
+"""The paper's comparisons (stages/paper.py) from a synthetic set of runs laid out as pipelines/paper writes
+them, with numbers chosen so that every claim's check has a known answer; and the paper pipeline reuses the
+main pipeline's reference cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from stages import paper
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _eval(folder: Path, methods: dict[str, tuple[float, float, float]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.json").write_text(json.dumps({"seeds": [0], "methods": {
+        name: {"fid": fid, "is": is_, "class_accuracy": acc} for name, (fid, is_, acc) in methods.items()}}))
+
+
+def _train(folder: Path, loss: str, lam: float, logps: list[float]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps({"params": {"loss": loss, "lam": lam, "beta": 0.5}}))
+    lines = ["step,loss,rewards/pos,rewards/neg,logps/pos"] + [f"{i},0.5,0.0,0.0,{v}" for i, v in enumerate(logps)]
+    (folder / "log.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_the_paper_tables_and_checks(tmp_path: Path):
+    data = tmp_path / "data"
+    sweep = {"lambdas": [1, 30], "betas": [0.5], "cfg_scales": [0.5, 1.0]}
+    cfg = {"losses": ["dpo", "unlearning"], "cca_cfg_lambda": 1, "lambdas": [1, 10, 30]}
+    _eval(data / "eval", {"base": (12.0, 6.0, 0.6), "cfg_1": (5.5, 7.8, 0.87), "cca": (5.0, 7.9, 0.89)})
+    _train(data / "train", "cca", 10.0, [-56.0, -55.0, -54.5])
+    for s, fid in ((0.5, 6.5), (1.0, 5.5)):
+        _eval(data / "sweep/cfg" / f"s{s}", {f"cfg_{s:g}": (fid, 7.0 + s, 0.8)})
+    for lam, fid, acc in ((1, 5.6, 0.86), (30, 5.2, 0.9)):
+        _eval(data / "sweep/cca" / f"lam{lam}-beta0.5/eval", {"cca": (fid, 7.7 + lam / 100, acc)})
+        _train(data / "sweep/cca" / f"lam{lam}-beta0.5/train", "cca", float(lam), [-56.0, -55.0])
+    _train(data / "paper/dpo/train", "dpo", 10.0, [-56.0, -60.0, -75.0])  # DPO's positives fall
+    _eval(data / "paper/dpo/eval", {"cca": (9.0, 6.5, 0.7)})
+    _train(data / "paper/unlearning/train", "unlearning", 10.0, [-56.0, -58.0])
+    _eval(data / "paper/unlearning/eval", {"cca": (30.0, 3.0, 0.3)})
+    _train(data / "paper/cca_cfg/train", "cca", 1.0, [-56.0, -55.0])
+    for s, fid in ((0.5, 4.6), (1.0, 5.9)):  # the best CCA+CFG point (4.6) beats CCA without guidance (5.0)
+        _eval(data / "paper/cca_cfg/eval" / f"s{s}", {f"cca_cfg_{s:g}": (fid, 8.0 + s, 0.9)})
+    for lam, fid, acc in ((1, 5.5, 0.85), (10, 5.4, 0.88), (30, 6.5, 0.91)):  # lambda 30: 25% worse than alone
+        _eval(data / "paper/lambda/eval" / f"lam{lam}", {f"cca_lam{lam:g}": (fid, 7.5 + lam / 100, acc)})
+
+    text = paper.run(data / "eval", data / "train", data / "sweep", data / "paper", data / "paper/report", sweep, cfg)
+    out = data / "paper/report"
+    checks = json.loads((out / "checks.json").read_text())
+    assert checks["cca_fid_below_dpo_and_unlearning"] is True
+    assert checks["dpo_positive_logp_falls"] is True and checks["dpo_positive_logp_first_last"] == [-56.0, -75.0]
+    assert checks["cca_cfg_best"]["fid"] == 4.6 and checks["cca_cfg_best_fid_at_most_cca_guidance_free"] is True
+    assert checks["lambda_fid_over_fixed"] == {"1": 5.5 / 5.6, "10": 5.4 / 5.0, "30": 6.5 / 5.2}
+    assert checks["lambda_within_15_percent"] is False  # 6.5 / 5.2 = 1.25
+    assert checks["lambda_class_accuracy_rises"] is True
+    for name in ("table3.md", "table5.md", "fid_is.png", "logps_pos.png", "results.md"):
+        assert (out / name).is_file(), name
+    table3 = (out / "table3.md").read_text()
+    assert "| DPO λ=10 β=0.5 | 9.000 |" in table3 and "| Unlearning λ=10 β=0.5 | 30.000 |" in table3
+    assert "trained at λ=30 alone" in (out / "table5.md").read_text()
+    assert "CCA+CFG λ=1 s=0.5" in text
+
+
+def test_the_paper_pipeline_reuses_the_main_reference_cache():
+    """No stage of pipelines/paper computes reference log-probs; every training stage reads the main cache."""
+    stages = yaml.safe_load((ROOT / "pipelines/paper/dvc.yaml").read_text())["stages"]
+    trains = {name: s.get("do", s) for name, s in stages.items() if " train " in s.get("do", s)["cmd"]}
+    assert set(trains) == {"baseline-train", "cca-cfg-train", "lambda-train"}
+    for name, stage in trains.items():
+        assert "../../data/reflogp/ref_logp.parquet" in stage["deps"], name
+        assert "--cache ../../data/reflogp/ref_logp.parquet" in stage["cmd"], name
+    assert not any(" reflogp " in s.get("do", s)["cmd"] for s in stages.values())
