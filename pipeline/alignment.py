@@ -9,7 +9,6 @@ groups, a constant or VAR's `lin0` learning rate, cosine-annealed weight decay, 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +18,10 @@ import torch
 
 from .device import OutOfMemory, autocast, is_out_of_memory
 from .distributed import World
+from .families import family_of_model
 from .logprobs import sequence_logp
 from .losses import LOSSES
+from .parallel import TrainState, accumulating, clip_grad_norm, distribute, full_state_dict
 
 LR_SCHEDULES = ("constant", "lin0")
 
@@ -184,6 +185,8 @@ class AlignConfig:
     seed: int
     shuffle_buffer_chunks: int  # epoch_order
     num_workers: int  # DataLoader processes reading the token store
+    strategy: str  # "ddp" | "fsdp" (pipeline.parallel)
+    activation_checkpointing: bool  # recompute each block's activations in backward (pipeline.models.layers)
     lambda_range: tuple[float, float] | None  # a lambda-conditioned policy: each row's lambda log-uniform in it
 
 
@@ -193,30 +196,31 @@ def train_policy(
     cache: dict[str, np.ndarray],
     cfg: AlignConfig,
     device: torch.device,
-    param_groups: list[dict],
     on_step: Callable[[int, dict], None] | None = None,
     progress: Callable[[int], object] | None = None,  # total steps -> a bar with update()/close()
-    on_checkpoint: Callable[[dict], None] | None = None,
+    on_checkpoint: Callable[[int, dict], None] | None = None,
     checkpoint_every: int = 0,
-    resume: dict | None = None,
+    train_state: TrainState | None = None,
     world: World | None = None,
 ) -> torch.nn.Module:
-    """Fine-tune `policy` in place for cfg.epochs passes over the cache rows; returns it.
+    """Fine-tune `policy` in place for cfg.epochs passes over the cache rows; returns it (under FSDP,
+    sharded: pipeline.parallel.full_state_dict gathers its weights).
 
-    `param_groups`: AdamW's groups with their base weight decay (the family's rule, pipeline.families).
+    AdamW's parameter groups are the family's (pipeline.families: which parameters are decayed).
     Row order and unconditional rows are drawn from a numpy generator seeded with cfg.seed, dropout from
-    torch's generator seeded with it too, so a run is reproducible on CPU. Every `checkpoint_every` steps
-    `on_checkpoint` receives the training state ({"step", "model", "optimizer", "rng", "torch_rng"});
-    passing such a state as `resume` (with the policy's weights already loaded from it) continues exactly
-    where it stopped: same data order, unconditional rows and dropout masks, same optimiser moments,
-    hence the same final weights as an uninterrupted run.
+    torch's generator seeded per micro-batch, so a run is reproducible on CPU. Every `checkpoint_every`
+    steps the main process gets `on_checkpoint(step, full policy state dict)` and every process saves the
+    resumable `train_state` (policy, optimizer moments, step, data-order RNG; pipeline.parallel.TrainState);
+    a run given a `train_state` holding a point for its settings continues exactly where it stopped, with
+    any number of processes and either strategy: same data order, unconditional rows and dropout masks,
+    same optimiser moments, hence the same final weights as an uninterrupted run.
     A non-finite loss or gradient raises FloatingPointError naming the step, before the update is applied.
 
-    Under torchrun (`world` of N processes) the policy is wrapped in DistributedDataParallel: the global
-    batch and its sequence are the same as with one process; its micro-batches are dealt out round robin,
-    each process accumulates its own (no_sync) and the last backward averages the gradients, weighted so
-    the result is the one-process gradient. Only the main process gets `on_step` (metrics of all rows,
-    gathered) and `on_checkpoint` calls; the state they see does not depend on the number of processes.
+    Under torchrun (`world` of N processes) the global batch and its sequence are the same as with one
+    process; its micro-batches are dealt out round robin. cfg.strategy "ddp": each process accumulates its
+    own (no_sync) and the last backward averages the gradients; "fsdp": each micro-batch's gradients are
+    reduce-scattered into the shards (pipeline.parallel). Either way the loss is weighted so the result is
+    the one-process gradient. Only the main process gets `on_step` (metrics of all rows, gathered).
     """
     world = world or World(device=device)
     if cfg.batch_size % cfg.micro_batch_size:
@@ -237,26 +241,21 @@ def train_policy(
     chunk_rows = getattr(tokens, "chunk_rows", len(tokens))
     order = np.concatenate([epoch_order(rng, cache["row"], chunk_rows, cfg.shuffle_buffer_chunks)
                             for _ in range(math.ceil(cfg.epochs) + 1)])
+    null_class = policy.cfg.null_class
+    policy.set_activation_checkpointing(cfg.activation_checkpointing)
+    policy.train()
+    model = distribute(policy, world, cfg.strategy)  # FSDP shards `policy` in place: groups are built after it
+    param_groups = family_of_model(policy).param_groups(policy, cfg.weight_decay)
     for group in param_groups:
         group["base_weight_decay"] = group["weight_decay"]
     # in the model's order (the clipping norm sums over them: another order rounds differently)
     trainable = [p for p in policy.parameters() if p.requires_grad]  # VAR: not its frozen quantiser
-    if {id(p) for p in trainable} != {id(p) for group in param_groups for p in group["params"]}:
-        raise ValueError("param_groups must hold exactly the policy's trainable parameters")
     opt = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas))
     first_step = 0
-    if resume is not None:
-        opt.load_state_dict(resume["optimizer"])
-        rng.bit_generator.state = resume["rng"]
-        first_step = int(resume["step"])
-    null_class = policy.cfg.null_class
-    policy.train()
-    model = policy
-    if world.size > 1:  # gradients are synchronised through forward: DDP wraps the family's log-prob forward
-        from torch.nn.parallel import DistributedDataParallel
-
-        # buffers (RoPE tables, VAR's masks) are built identically on every rank: no need to sync them each forward
-        model = DistributedDataParallel(policy, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
+    saved = train_state.restore(policy, opt) if train_state is not None else None
+    if saved is not None:
+        rng.bit_generator.state = saved["rng"]
+        first_step = int(saved["step"])
     bar = progress(total_steps) if progress else None
     if bar is not None and first_step:
         bar.update(first_step)
@@ -282,13 +281,12 @@ def train_policy(
             batch = make_batch(rows[part], tokens, cache, uncond[part], null_class, step_tokens[j * m : (j + 1) * m],
                                None if lams is None else lams[part])
             torch.manual_seed(micro_batch_seed(cfg.seed, step, i))
-            last = j == len(mine) - 1  # DDP averages the gradients over processes in its last backward only
             try:
-                with model.no_sync() if world.size > 1 and not last else contextlib.nullcontext():
+                with accumulating(model, last=j == len(mine) - 1):
                     out = loss_for_batch(model, batch, cfg.loss, cfg.beta, cfg.lam, device)
                     if not torch.isfinite(out.loss):
                         raise FloatingPointError(f"non-finite loss at step {step}; lower train.lr or train.beta")
-                    # the batch mean over all processes' rows: DDP's average over N processes, times N
+                    # the batch mean over all processes' rows: DDP's (FSDP's) average over N processes, times N
                     (out.loss * (cfg.loss_scale * len(batch.positive_twice) / len(rows) * world.size)).backward()
             except (RuntimeError, MemoryError) as e:
                 if not is_out_of_memory(e):
@@ -298,7 +296,7 @@ def train_policy(
                     f"({2 * cfg.micro_batch_size} sequences): lower train.micro_batch_size, e.g. to {max(1, cfg.micro_batch_size // 2)}; "
                     f"the global train.batch_size ({cfg.batch_size}) is kept by gradient accumulation") from e
             outs.append((i, out.per_row.cpu(), out.ratio_pos.cpu(), out.ratio_neg.cpu(), out.logp_pos.cpu(), batch.positive_twice))
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        grad_norm = clip_grad_norm(trainable, cfg.grad_clip)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at step {step}; lower train.lr or train.beta")
         opt.step()
@@ -307,9 +305,13 @@ def train_policy(
             on_step(step, _step_metrics(every, grad_norm.item(), lr))
         if bar is not None:
             bar.update(1)
-        if on_checkpoint and world.main and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
-            on_checkpoint({"step": step + 1, "model": policy.state_dict(), "optimizer": opt.state_dict(),
-                           "rng": rng.bit_generator.state})
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
+            if on_checkpoint is not None:
+                full = full_state_dict(policy)  # every process takes part under FSDP
+                if world.main:
+                    on_checkpoint(step + 1, full)
+            if train_state is not None:
+                train_state.save(step + 1, policy, opt, rng.bit_generator.state)
     if bar is not None:
         bar.close()
     policy.eval()

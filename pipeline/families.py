@@ -7,10 +7,11 @@ store (`family_of_store`) or a model (`family_of_model`) and never ask which one
 
 A family's model has `cfg.num_classes / null_class / has_null_class / vocab_size / seq_len`, a
 `forward(tokens, labels) -> (B, L)` float32 per-token log-probs (teacher forcing: the only way
-likelihoods are computed, so DDP/FSDP wrap it unchanged), `set_dropout(dropout, drop_path)` and
-`upstream_state_dict()` (what the peer's own code loads). The family object loads tokenizers and models
-from the peers' checkpoint layouts, describes the token layout, checks a model against a token store,
-samples, builds the optimiser's parameter groups, and writes checkpoints.
+likelihoods are computed, so DDP/FSDP wrap it unchanged), `set_dropout(dropout, drop_path)`, `blocks()`
+(the transformer blocks: FSDP's and activation checkpointing's units), `set_activation_checkpointing(on)`
+and `upstream_state_dict()` (what the peer's own code loads). The family object loads tokenizers and
+models from the peers' checkpoint layouts, describes the token layout, checks a model against a token
+store, samples, builds the optimiser's parameter groups, and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -78,9 +79,10 @@ class Family:
         """AdamW parameter groups: the peer's rule for which trainable parameters are decayed."""
         raise NotImplementedError
 
-    def save(self, path: str | os.PathLike, model, **extra) -> None:
-        """The peer's layout ({"model": upstream state dict}) plus our config and provenance."""
-        save_checkpoint(path, model.upstream_state_dict(), model.cfg.to_dict(), family=self.model_kind, **extra)
+    def save(self, path: str | os.PathLike, model, state: dict[str, torch.Tensor] | None = None, **extra) -> None:
+        """The peer's layout ({"model": upstream state dict}) plus our config and provenance. `state`: the
+        model's whole state dict when its live weights are shards (pipeline.parallel.full_state_dict)."""
+        save_checkpoint(path, model.upstream_state_dict(state), model.cfg.to_dict(), family=self.model_kind, **extra)
 
     def describe_weights(self, state: dict[str, torch.Tensor]) -> str | None:
         """The config readable from an upstream file's weights (for `cca-pipe info`), if any."""

@@ -11,7 +11,6 @@ Writes policy.pt (the peer's layout: LlamaGen c2i / a VAR state dict under "mode
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,13 +18,15 @@ from pathlib import Path
 import torch
 
 from pipeline.alignment import LR_SCHEDULES, AlignConfig, train_policy
-from pipeline.checkpoint import CheckpointError, file_sha256, save_torch
+from pipeline.checkpoint import file_sha256
 from pipeline.config import ConfigError, check_ranges, setting, settings_digest
+from pipeline.device import local_bytes, peak_rss_mb, rss_mb
 from pipeline.distributed import World
 from pipeline.families import family_of, family_of_model, load_model
 from pipeline.formats import read_ref_cache
 from pipeline.losses import LOSSES
 from pipeline.outputs import StageDir, write_json
+from pipeline.parallel import STRATEGIES, TrainState, full_state_dict
 from pipeline.progress import progress
 from pipeline.tokenstore import open_token_store
 
@@ -71,11 +72,17 @@ class TrainConfig:
     # (pipeline.alignment.epoch_order); a store of at most this many chunks is shuffled uniformly
     shuffle_buffer_chunks: int = setting(16, ge=1)
     num_workers: int = setting(0, ge=0)  # DataLoader processes reading tokens while the model trains
+    # under torchrun: "ddp" keeps the whole policy and its AdamW state on every GPU (16 bytes per parameter);
+    # "fsdp" shards them over the processes (models larger than a GPU: `cca-pipe plan`; pipeline/parallel.py)
+    strategy: str = setting("ddp", choices=STRATEGIES)
+    # recompute each block's activations in backward instead of keeping them (less memory, ~1/3 more compute)
+    activation_checkpointing: bool = False
     # One policy for a range of lambdas (paper Table 5): {min: 1, max: 8103} draws each row's lambda
     # log-uniformly in it and feeds it to a zero-initialised lambda embedding (train.lambda is then unused);
     # null: the usual fixed-lambda policy
     lambda_conditioning: dict[str, float] | None = None
-    save_every: int = setting(0, ge=0)  # steps between checkpoints <out>/checkpoints/<step>.pt + resume.pt (0: final only, no resume)
+    # steps between checkpoints <out>/checkpoints/<step>.pt and the resume point (0: final only, no resume)
+    save_every: int = setting(0, ge=0)
 
     def __post_init__(self) -> None:
         check_ranges(self, "train")
@@ -96,31 +103,15 @@ class TrainConfig:
         return AlignConfig(**{k: getattr(self, k) for k in AlignConfig.__dataclass_fields__})
 
 
-def save_policy(path: Path, policy, cfg: TrainConfig, init_sha256: str, step: int, preset: str | None) -> None:
-    """The peer's layout ({"model": upstream state dict, ...}: LlamaGen c2i / VAR), plus our config and provenance."""
-    family_of_model(policy).save(path, policy, init_sha256=init_sha256, train_params=asdict(cfg), preset=preset, steps=step)
+def save_policy(path: Path, policy, state: dict, cfg: TrainConfig, init_sha256: str, step: int, preset: str | None) -> None:
+    """The peer's layout ({"model": upstream state dict, ...}: LlamaGen c2i / VAR), plus our config and
+    provenance; `state`: the policy's full state dict (gathered from its shards under FSDP)."""
+    family_of_model(policy).save(path, policy, state, init_sha256=init_sha256, train_params=asdict(cfg), preset=preset, steps=step)
 
 
 def run_key(cfg: TrainConfig, provenance: dict, init_sha: str) -> str:
     """What a resumable state must match to be continued: hyperparameters, cache and initial weights."""
     return settings_digest([cfg, provenance, init_sha])
-
-
-def load_resume_state(path: Path, key: str) -> dict | None:
-    """The saved training state if `path` holds one for these settings and inputs, else None."""
-    if not path.is_file():
-        return None
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(saved, dict) or not {"key", "state", "log_rows"} <= set(saved):
-            raise ValueError("not a train resume state")
-    except Exception as e:  # truncated zip, wrong content
-        raise CheckpointError(f"resume state {path} is damaged ({type(e).__name__}: {str(e).split('. ')[0]}): "
-                              f"delete it to restart this run from step 0") from e
-    if saved["key"] != key:
-        log.info("ignoring %s: it belongs to other settings or inputs", path)
-        return None
-    return saved
 
 
 def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: Path, device: torch.device,
@@ -161,25 +152,21 @@ def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, cl
     steps = StepLog(work, "log")
     ckpt_dir = work / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    resume_path = ckpt_dir / "resume.pt"
-    saved = load_resume_state(resume_path, key)
-    resume = None
-    if saved is not None:
-        resume = saved["state"]
-        policy.load_state_dict(resume["model"])
+    state = TrainState(ckpt_dir, key, world, extra=lambda: {"log_rows": steps.rows})
+    if (saved := state.saved()) is not None:
         steps.rows = saved["log_rows"]
-        log.info("resuming %s from step %d", claim.target, resume["step"])
+        log.info("resuming %s from step %d", claim.target, saved["step"])
 
-    def checkpoint(state: dict) -> None:
-        save_policy(ckpt_dir / f"{state['step']:07d}.pt", policy, cfg, init_sha, state["step"], preset)
-        save_torch(resume_path, {"key": key, "state": state, "log_rows": steps.rows})  # a kill leaves the previous one
+    def checkpoint(step: int, full: dict) -> None:
+        save_policy(ckpt_dir / f"{step:07d}.pt", policy, full, cfg, init_sha, step, preset)
 
+    baseline_rss_mb = rss_mb()
     started = time.perf_counter()
     try:
         train_policy(
-            policy, store.tokens, cache, cfg.align_config(), device, family.param_groups(policy, cfg.weight_decay), on_step=steps,
+            policy, store.tokens, cache, cfg.align_config(), device, on_step=steps,
             progress=lambda total: progress(total=total, desc="train", unit="step"),
-            on_checkpoint=checkpoint, checkpoint_every=cfg.save_every, resume=resume, world=world,
+            on_checkpoint=checkpoint, checkpoint_every=cfg.save_every, train_state=state, world=world,
         )
     except FloatingPointError as e:
         steps.save()
@@ -187,17 +174,23 @@ def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, cl
         raise FloatingPointError(f"training stopped: {e}. Last good checkpoint: {good[-1] if good else init} "
                                  f"(the step log is in {work / 'log.csv'}).") from e
     seconds = time.perf_counter() - started
+    full = full_state_dict(policy)  # every process takes part under FSDP
+    memory = world.gather({"baseline_rss_mb": baseline_rss_mb, "peak_rss_mb": peak_rss_mb(),
+                           "weight_bytes": local_bytes(p for p in policy.parameters() if p.requires_grad),
+                           **({"cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20} if device.type == "cuda" else {})})
     if not world.main:
         return
     steps.save()
-    save_policy(work / "policy.pt", policy, cfg, init_sha, len(steps.rows), preset)
-    resume_path.unlink(missing_ok=True)
+    save_policy(work / "policy.pt", policy, full, cfg, init_sha, len(steps.rows), preset)
+    state.clear()
     last = steps.rows[-1]
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    summary = {"steps": len(steps.rows), "seconds": seconds, "peak_rss_mb": peak_rss_mb, "final": last, "params": asdict(cfg)}
+    # per process: RSS before the training loop and at its peak (CUDA: peak allocated), the bytes of its
+    # trainable weights (1/N of the model's under FSDP; gradients as many, AdamW's moments twice): `cca-pipe plan`
+    summary = {"steps": len(steps.rows), "seconds": seconds, "peak_rss_mb": memory[0]["peak_rss_mb"], "memory": memory,
+               "final": last, "params": asdict(cfg)}
     write_json(work / "summary.json", summary)
     save_settings(work, "train", cfg, preset)
     claim.commit()
-    log.info("peak RSS %.0f MB", peak_rss_mb)
+    log.info("peak RSS %.0f MB", memory[0]["peak_rss_mb"])
     log.info("trained %d steps in %.1fs: loss %.4f, rewards/pos %.3f, rewards/neg %.3f, accuracy %.3f -> %s",
              len(steps.rows), seconds, last["loss"], last["rewards/pos"], last["rewards/neg"], last["rewards/accuracy"], claim.target)

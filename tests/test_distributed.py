@@ -109,8 +109,14 @@ def test_reflogp_with_two_processes_equals_one(caches: Path):
         assert np.abs(one[name] - two[name]).max() < 1e-5, name
 
 
+def one_process_train(caches: Path) -> Path:
+    if not (caches / "train1" / "policy.pt").is_file():
+        cca(caches, *train_args(caches, caches / "train1"))
+    return caches / "train1"
+
+
 def test_train_with_two_processes_equals_one(caches: Path):
-    cca(caches, *train_args(caches, caches / "train1"))
+    one_process_train(caches)
     cca(caches, *train_args(caches, caches / "train2"), nproc=2)
     log1, log2 = steps(caches / "train1"), steps(caches / "train2")
     assert len(log1) == len(log2) == 4  # 0.4 epochs of 80 rows in batches of 8
@@ -120,12 +126,30 @@ def test_train_with_two_processes_equals_one(caches: Path):
     assert log1[0]["loss"] != log1[1]["loss"]  # training moves
 
 
+def test_fsdp_train_with_two_processes_equals_ddp_with_one(caches: Path):
+    """The stage under FSDP with activation checkpointing (pipeline/parallel.py): same steps and weights as one
+    plain process; the consolidated checkpoints are the peer's layout; each process held half the weights."""
+    one = one_process_train(caches)
+    out = caches / "train_fsdp"
+    cca(caches, "--set", "train.strategy=fsdp", "--set", "train.activation_checkpointing=true", *train_args(caches, out), nproc=2)
+    for a, b in zip(steps(one), steps(out), strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
+    assert max_diff(policy(one), policy(out)) < 1e-5
+    assert max_diff(torch.load(one / "checkpoints" / "0000002.pt", weights_only=True)["model"],
+                    torch.load(out / "checkpoints" / "0000002.pt", weights_only=True)["model"]) < 1e-5
+    GPT(GPT_CFG).load_state_dict(policy(out), strict=True)
+    memory = json.loads((out / "summary.json").read_text())["memory"]
+    total = sum(v.numel() * v.element_size() for v in policy(one).values())
+    assert len(memory) == 2 and all(0.45 * total <= m["weight_bytes"] <= 0.55 * total for m in memory), (total, memory)
+    assert not list((out / "checkpoints").glob("resume*"))  # the resume point goes once the run is complete
+
+
 def test_a_killed_two_process_train_resumes_with_one(caches: Path):
     """SIGKILL to the launcher's process group (the ranks, in sessions of their own, die with their parent:
     PR_SET_PDEATHSIG), then a rerun with one process ends where the uninterrupted run ends."""
     longer = ["--set", "train.epochs=2"]  # 20 steps: the kill lands well before the end
     out = caches / "train_killed"
-    resume = caches / "train_killed.partial" / "checkpoints" / "resume.pt"
+    resume = caches / "train_killed.partial" / "checkpoints" / "resume.json"
     cmd = [str(BIN / "cca-pipe"), "--params", str(caches / "params.yaml"), *longer, "--nproc-per-node", "2",
            *map(str, train_args(caches, out))]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)

@@ -202,10 +202,11 @@ def user_dir(tmp: Path, name: str) -> Path:
     return tmp / name
 
 
-def resume_damaged(world: Path, tmp: Path) -> tuple[list, Path]:
-    """A train partial directory of ours (same settings) whose resume.pt was truncated by a disk fault."""
+def _resume_partial(world: Path, tmp: Path) -> tuple[list, Path, str]:
+    """A train partial directory of ours, for these settings: (argv, its checkpoints directory, the run key)."""
     from pipeline.checkpoint import file_sha256
     from pipeline.formats import read_cache_provenance
+    from pipeline.outputs import write_json
     from stages.params import build, load_params
     from stages.train import TrainConfig, run_key
 
@@ -214,9 +215,26 @@ def resume_damaged(world: Path, tmp: Path) -> tuple[list, Path]:
     key = run_key(cfg, {**read_cache_provenance(world / "cache.parquet")}, file_sha256(world / "gpt.pt"))
     partial = tmp / "train.partial"
     (partial / "checkpoints").mkdir(parents=True)
-    (partial / ".cca-pipe.json").write_text(json.dumps({"stage": "train", "key": key, "partial": True}))
-    (partial / "checkpoints" / "resume.pt").write_bytes(b"PK\x03\x04 truncated")
-    return argv, partial / "checkpoints" / "resume.pt"
+    write_json(partial / ".cca-pipe.json", {"stage": "train", "key": key, "partial": True})  # as open_partial writes it
+    return argv, partial / "checkpoints", key
+
+
+def resume_damaged(world: Path, tmp: Path) -> tuple[list, Path]:
+    """A resume point whose resume.json was truncated by a disk fault."""
+    argv, checkpoints, key = _resume_partial(world, tmp)
+    (checkpoints / "resume.json").write_text(json.dumps({"key": key, "step": 1})[:20])
+    return argv, tmp / "train"
+
+
+def resume_planted(world: Path, tmp: Path) -> tuple[list, Path]:
+    """A resume point whose torch.distributed.checkpoint metadata (a pickle DCP would unpickle) runs a command."""
+    import pickle
+
+    argv, checkpoints, key = _resume_partial(world, tmp)
+    (checkpoints / "resume-0000001").mkdir()
+    (checkpoints / "resume-0000001" / ".metadata").write_bytes(pickle.dumps(Payload(tmp / "PWNED")))
+    (checkpoints / "resume.json").write_text(json.dumps({"key": key, "step": 1, "rng": {}, "state": "resume-0000001", "log_rows": []}))
+    return argv, tmp / "train"
 
 
 def big_png(tmp: Path) -> Path:
@@ -278,7 +296,8 @@ CASES = [
     Case("a row missing", lambda w, t: train(w, t, cache=cache_with(w, t, lambda c: {k: v[1:] for k, v in c.items()})), "1 missing"),
     Case("a row duplicated", lambda w, t: train(w, t, cache=cache_with(w, t, _duplicate_row)), "more than once"),
     Case("truncated Parquet cache", lambda w, t: train(w, t, cache=truncated(w, t, "cache.parquet")), "cut-cache.parquet"),
-    Case("truncated resume.pt", resume_damaged, "resume.pt is damaged"),
+    Case("truncated resume.json", resume_damaged, "resume.json is damaged"),
+    Case("resume state with a planted pickle", resume_planted, "resume-0000001 cannot be read"),
     # params.yaml and --set
     Case("train.batch_size 0", lambda w, t: train(w, t, edit=lambda p: p["train"].update(batch_size=0)), "train.batch_size"),
     Case("invalid YAML", lambda w, t: ([*with_params(w, t, text="train: [unclosed\n"), "train"], t / "nothing"), "params.yaml line"),

@@ -92,7 +92,7 @@ def test_train_resumes_to_identical_weights(world: Path):
         subprocess.run(_reflogp(world, cache), check=True, capture_output=True)
     subprocess.run(_train(world, cache, world / "train_full"), check=True, capture_output=True)
     out = world / "train_killed"
-    resume = out.with_name(out.name + ".partial") / "checkpoints" / "resume.pt"
+    resume = out.with_name(out.name + ".partial") / "checkpoints" / "resume.json"
 
     def has_resume_point() -> bool:
         return resume.is_file() and (resume.parent / "0000006.pt").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -45,3 +46,16 @@ class LambdaEmbedding(nn.Module):
         freqs = torch.exp(-torch.log(torch.tensor(self.max_period)) * torch.arange(half, dtype=torch.float32) / half)
         args = torch.log(lam.float())[:, None] * freqs.to(lam.device)[None]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype))
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *args, checkpointing: bool = False) -> torch.Tensor:
+    """x through each block in turn. `checkpointing` (train.activation_checkpointing, when gradients are
+    taken): PyTorch's activation checkpointing of each block (non-reentrant), so only the blocks' inputs are
+    kept for backward and each block's forward is recomputed there; the RNG state is replayed, so dropout and
+    drop path draw the same masks and the gradients are those of the plain forward."""
+    for block in blocks:
+        if checkpointing and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)
+        else:
+            x = block(x, *args)
+    return x

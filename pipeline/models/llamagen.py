@@ -33,7 +33,7 @@ from torch import nn
 from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict
 from ..config import build_dataclass, config_from_json, named_config
 from ..logprobs import token_logp
-from .layers import DropPath, LambdaEmbedding, linear_rates
+from .layers import DropPath, LambdaEmbedding, linear_rates, run_blocks
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -250,6 +250,14 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         if cfg.lambda_conditioning:
             self.lambda_embed = LambdaEmbedding(cfg.dim)
+        self.activation_checkpointing = False  # a training setting (train.activation_checkpointing), not saved
+
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks: FSDP's units of sharding (pipeline.parallel), the checkpointed units."""
+        return self.layers
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.activation_checkpointing = enabled
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -302,12 +310,12 @@ class GPT(nn.Module):
             x = torch.cat([cls.expand(-1, self.cfg.cls_token_num, -1), x], dim=1)
         x = self.tok_dropout(x)
         rope = self.rope[start : start + x.shape[1]]
-        for layer in self.layers:
-            x = layer(x, rope, start)
+        x = run_blocks(self.layers, x, rope, start, checkpointing=self.activation_checkpointing and self.training)
         return self.output(self.norm(x)).float()
 
-    def upstream_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.state_dict()
+    def upstream_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """What LlamaGen's code loads: the state dict as it is (`state`: this model's, gathered from shards)."""
+        return self.state_dict() if state is None else state
 
     def setup_kv_cache(self, batch: int, dtype: torch.dtype | None = None) -> None:
         max_len = self.cfg.cls_token_num + self.cfg.block_size

@@ -34,7 +34,7 @@ from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_st
 from ..config import ConfigError, build_dataclass
 from ..logprobs import token_logp
 from ..tokenizers.msvq import VAR_PATCH_NUMS, MultiScaleQuantizer, scale_bounds
-from .layers import DropPath, LambdaEmbedding, linear_rates
+from .layers import DropPath, LambdaEmbedding, linear_rates, run_blocks
 
 # log(100) as upstream computes it (a float32 tensor's log), the cap of the attention temperature
 _MAX_SCALE_MUL = float(torch.log(torch.tensor(100)))
@@ -201,6 +201,7 @@ class VAR(nn.Module):
                 nn.init.zeros_(m.bias) if m.bias is not None else None
         if cfg.lambda_conditioning:  # after the init above: its last layer must stay zero
             self.lambda_embed = LambdaEmbedding(C)
+        self.activation_checkpointing = False  # a training setting (train.activation_checkpointing), not saved
 
     def condition(self, labels: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
         """The conditioning vector (B, C) of AdaLN and the start token: the class embedding, plus lambda's for
@@ -226,8 +227,7 @@ class VAR(nn.Module):
         return self.word_embed(features.float()) + self.lvl_embed(self.lvl_1L[:, a:b]) + self.pos_1LC[:, a:b]
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, cond, attn_mask)
+        x = run_blocks(self.blocks, x, cond, attn_mask, checkpointing=self.activation_checkpointing and self.training)
         return self.head(self.head_nm(x.float(), cond)).float()
 
     def forward(self, labels: torch.Tensor, teacher_input: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
@@ -284,8 +284,19 @@ class VARModel(nn.Module):
         for block, rate in zip(self.var.blocks, linear_rates(drop_path, len(self.var.blocks)), strict=True):
             block.drop_path.rate = rate
 
-    def upstream_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.var.state_dict()
+    def upstream_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """What VAR's code loads: the transformer's state dict, without the quantiser (it stays in the VQVAE
+        file). `state`: this whole model's state dict (gathered from shards), else the live weights."""
+        if state is None:
+            return self.var.state_dict()
+        return {k.removeprefix("var."): v for k, v in state.items() if k.startswith("var.")}
+
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks: FSDP's units of sharding (pipeline.parallel), the checkpointed units."""
+        return self.var.blocks
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.var.activation_checkpointing = enabled
 
     def train(self, mode: bool = True) -> VARModel:
         super().train(mode)

@@ -1,0 +1,115 @@
+"""Training jobs for tests/test_fsdp.py, run alone (a world of one) or under torchrun (gloo):
+
+    python tests/fsdp_worker.py OUT JOB [JOB ...]
+    torchrun --standalone --nproc-per-node 2 tests/fsdp_worker.py OUT JOB [JOB ...]
+
+JOB = FAMILY:STRATEGY:ACTION, FAMILY llamagen | var, STRATEGY ddp | fsdp, ACTION
+  full        train the 4 steps; OUT/<family>-<strategy>-w<N>-full.pt: the gathered state dict; with fsdp also
+              OUT/<family>-policy-w<N>.pt (the consolidated policy, the family's checkpoint layout) and
+              OUT/<family>-logps-w<N>.pt (the sharded model's log-probs of a fixed batch)
+  stop        train, saving the resume point of step 2 in OUT/state-<family>-w<N>/, and stop there
+  resume=DIR  continue from OUT/DIR/ to the end; OUT/<family>-<strategy>-w<N>-resumed.pt
+Every process builds the same model, tokens and cache from fixed seeds.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.alignment import train_policy
+from pipeline.distributed import init_world, shutdown_world
+from pipeline.families import family_of_model
+from pipeline.models.llamagen import GPT, GPTConfig
+from pipeline.models.var import VAR, VARConfig, VARModel
+from pipeline.parallel import TrainState, full_state_dict
+from pipeline.refcache import draw_pairs, reference_logps
+from pipeline.tokenizers.msvq import MSVQConfig, MSVQModel
+from stages.train import TrainConfig
+
+GPT_CFG = GPTConfig(dim=32, n_layer=2, n_head=2, vocab_size=64, num_classes=5, block_size=16, multiple_of=16)
+PN = (1, 2, 3, 4)
+VAE_CFG = MSVQConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, norm_groups=8, patch_nums=PN)
+VAR_CFG = VARConfig(depth=2, width=64, heads=2, num_classes=5, vocab_size=64, cvae=8, patch_nums=PN)
+ROWS = 16  # 2 epochs of 16 rows in batches of 8: 4 steps; 4 micro-batches of 2 rows each (2 per process)
+
+
+def build(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if family == "llamagen":
+        return GPT(GPT_CFG)
+    quantizer = MSVQModel(VAE_CFG).quantize
+    with torch.no_grad():  # a non-trivial codebook, so the teacher-forcing input varies
+        quantizer.embedding.weight.normal_(0, 0.5)
+    return VARModel(VAR(VAR_CFG), quantizer)
+
+
+def data(model) -> tuple[np.ndarray, dict]:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, size=(ROWS, 1, model.cfg.seq_len), dtype=np.uint16)
+    labels = (np.arange(ROWS) % 5).astype(np.int32)
+    pairs = draw_pairs(labels, 1, 5, seed=0, views="all")
+    return tokens, {**pairs, **reference_logps(model, tokens, pairs, batch_size=8, device=torch.device("cpu"))}
+
+
+class Stop(Exception):
+    pass
+
+
+class StopAfter:
+    """A progress bar every process updates after each step (after that step's resume point is saved, if
+    any, at the next update): raising at the same step on every process ends them all alike."""
+
+    def __init__(self, steps: int):
+        self.steps, self.done = steps, 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.done > self.steps:
+            raise Stop
+
+    def close(self) -> None:
+        pass
+
+
+def main(out: Path, jobs: list[str]) -> None:
+    world = init_world("cpu")
+    for job in jobs:
+        family, strategy, action = job.split(":")
+        policy = build(family)
+        tokens, cache = data(policy)
+        cfg = TrainConfig(beta=0.5, lam=10.0, lr=1e-3, epochs=2.0, batch_size=8, micro_batch_size=2, uncond_ratio=0.25,
+                          weight_decay=0.05, strategy=strategy).align_config()
+        # dropout and drop path on: the per-micro-batch seeds must give the same masks in every layout
+        policy.set_dropout(0.1 if family == "llamagen" else 0.0, 0.1)
+        name = f"{family}-{strategy}-w{world.size}"
+        state, bar = None, None
+        if action == "stop":
+            state, bar = TrainState(out / f"state-{family}-w{world.size}", family, world), StopAfter(2)
+        elif action.startswith("resume="):
+            state = TrainState(out / action.split("=", 1)[1], family, world)
+            assert state.saved() is not None and state.saved()["step"] == 2, "no resume point of step 2"
+        try:
+            train_policy(policy, tokens, cache, cfg, world.device, progress=bar and (lambda total: bar),
+                         checkpoint_every=2 if state else 0, train_state=state, world=world)
+        except Stop:
+            continue
+        full = full_state_dict(policy)
+        if action == "full" and strategy == "fsdp":
+            labels = torch.arange(4) % 5
+            x = torch.from_numpy(tokens[:4, 0].astype(np.int64))
+            with torch.no_grad():
+                logps = policy(x, labels)  # every process: the sharded forward
+            if world.main:
+                family_of_model(policy).save(out / f"{family}-policy-w{world.size}.pt", policy, full)
+                torch.save({"tokens": x, "labels": labels, "logps": logps}, out / f"{family}-logps-w{world.size}.pt")
+        if world.main:
+            torch.save(full, out / f"{name}-{'full' if action == 'full' else 'resumed'}.pt")
+    shutdown_world()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])
