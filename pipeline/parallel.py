@@ -62,6 +62,14 @@ def distribute(policy: nn.Module, world: World, strategy: str) -> nn.Module:
     return policy
 
 
+def place(model: nn.Module, world: World, strategy: str) -> nn.Module:
+    """Move a freshly loaded model to this process's device, unless FSDP will shard it: fully_shard moves
+    only this process's shard there, so a model larger than one GPU never lands on one whole."""
+    if strategy == "fsdp" and world.size > 1:
+        return model
+    return model.to(world.device)
+
+
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

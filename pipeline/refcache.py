@@ -57,16 +57,25 @@ def draw_pairs(labels: np.ndarray, num_views: int, num_classes: int, seed: int, 
 @torch.inference_mode()
 def reference_logps(
     model, tokens: np.ndarray, pairs: dict[str, np.ndarray], batch_size: int, device: torch.device,
+    forwards: int | None = None,
 ) -> dict[str, np.ndarray]:
     """log p(x|c), log p(x|c_neg), log p(x|null) per cache row (float64 from float32 sums).
 
     One forward per batch covers all three conditions (the batch is the rows tiled three times).
+    `forwards`: run exactly this many forwards, the extra ones on the first batch, their results dropped:
+    a sharded (FSDP) model's processes must all run each forward together, whatever their share of rows.
     """
     model.eval()
     n = len(pairs["row"])
     out = {k: np.zeros(n, dtype=np.float64) for k in ("ref_logp_pos", "ref_logp_neg", "ref_logp_null")}
-    for start in progress(range(0, n, batch_size), desc="reflogp", unit="batch"):
-        part = slice(start, min(start + batch_size, n))
+    starts = list(range(0, n, batch_size))
+    if forwards is not None:
+        if forwards < len(starts):
+            raise ValueError(f"{forwards} forwards cannot cover {len(starts)} batches")
+        starts += [None] * (forwards - len(starts))
+    for start in progress(starts, desc="reflogp", unit="batch"):
+        padding = start is None
+        part = slice(0, min(batch_size, n)) if padding else slice(start, min(start + batch_size, n))
         b = part.stop - part.start
         x = torch.from_numpy(np.asarray(tokens[pairs["row"][part], pairs["view"][part]]).astype(np.int64)).to(device)
         conds = np.concatenate([pairs["label"][part], pairs["neg_label"][part], np.full(b, model.cfg.null_class)])
@@ -78,6 +87,8 @@ def reference_logps(
                 raise
             raise OutOfMemory(f"out of memory computing {3 * b} sequences per forward: lower reflogp.batch_size "
                               f"(now {batch_size}; part_rows must stay a multiple of it)") from e
+        if padding:
+            continue
         logp = logp.double().cpu().numpy()
         for i, key in enumerate(out):
             out[key][part] = logp[i * b : (i + 1) * b]

@@ -26,6 +26,7 @@ from PIL import Image
 
 from pipeline.checkpoint import file_sha256
 from pipeline.config import check_ranges, setting, settings_digest
+from pipeline.device import OutOfMemory, is_out_of_memory
 from pipeline.distributed import World
 from pipeline.families import load_model, load_tokenizer
 from pipeline.formats import FormatError
@@ -284,6 +285,22 @@ def summarise(per_seed: dict[str, list[dict]], seeds: list[int], samples_per_met
             "fid_reference": reference, "per_seed": per_seed}
 
 
+
+def on_device(model: torch.nn.Module, device: torch.device, role: str) -> torch.nn.Module:
+    """The model on `device` in eval mode, or one clear error if it does not fit there: sampling is not
+    sharded (one token at a time with KV caches; FSDP is train's and reflogp's strategy)."""
+    try:
+        return model.to(device).eval()
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        gigabytes = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+        raise OutOfMemory(f"{role} ({gigabytes:.1f} GB of weights) does not fit on {device} beside what is already there: eval "
+                          "holds each model whole on every GPU (sampling is not sharded; train.strategy / reflogp.strategy "
+                          "fsdp are for training and scoring). Evaluate one model at a time (--methods cca, then "
+                          "--methods base,cfg) or use GPUs with more memory") from e
+
+
 def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Path | None, reference: Path,
         classifier_path: Path | None, out: Path, device: torch.device,
         gpt_model: str | None = None, vq_model: str | None = None,
@@ -305,10 +322,10 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Pat
         models = {}
         # the tokenizer is passed on: VAR builds its input with the loaded VQVAE's quantiser (no re-read)
         if any(u.model == "base" for u in units):
-            models["base"] = load_model(base_path, "--base", spec=gpt_model, seq_len=grid * grid if grid else None, tokenizer=vq,
-                                        depth=depth)[1].to(device).eval()
+            models["base"] = on_device(load_model(base_path, "--base", spec=gpt_model, seq_len=grid * grid if grid else None,
+                                                  tokenizer=vq, depth=depth)[1], device, "--base")
         if any(u.model == "cca" for u in units):
-            models["cca"] = load_model(policy_path, "--policy", tokenizer=vq, depth=depth)[1].to(device).eval()
+            models["cca"] = on_device(load_model(policy_path, "--policy", tokenizer=vq, depth=depth)[1], device, "--policy")
             conditioned = models["cca"].cfg.lambda_conditioning
             if conditioned != bool(cfg.lambdas) or (conditioned and "cca_cfg" in methods):
                 raise ValueError(f"--policy {policy_path} is {'' if conditioned else 'not '}lambda-conditioned but eval.lambdas "

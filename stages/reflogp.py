@@ -19,6 +19,7 @@ from pipeline.config import check_ranges, setting
 from pipeline.distributed import World
 from pipeline.families import load_model
 from pipeline.formats import RefCacheParts, claim_ref_cache, read_ref_cache
+from pipeline.parallel import STRATEGIES, distribute, place
 from pipeline.progress import progress
 from pipeline.refcache import NEGATIVES, draw_pairs, reference_logps
 from pipeline.tokenstore import open_token_store
@@ -37,6 +38,9 @@ class RefLogpConfig:
     negatives: str = setting("other", choices=NEGATIVES)
     batch_size: int = setting(512, ge=1)
     part_rows: int = setting(4096, ge=1, multiple_of="batch_size")  # resume unit: rows per part file
+    # under torchrun: "ddp" holds the whole model on every GPU; "fsdp" shards it (pipeline/parallel.py), the
+    # processes then run their forwards in lockstep
+    strategy: str = setting("ddp", choices=STRATEGIES)
 
     def __post_init__(self) -> None:
         check_ranges(self, "reflogp")
@@ -59,7 +63,7 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
     store = open_token_store(tokens_path)
     family, model = load_model(ref_path, "--ref", spec=gpt_model, seq_len=store.seq_len, vae=vae, vae_model=vae_model,
                                depth=depth, patch_nums=store.attrs.get("patch_nums"))
-    model = model.to(device)
+    model = place(model, world, cfg.strategy)
     family.check_fits(model, store.attrs, tokens_path, ref_path)
     if world.main:  # the others stop with it if a chunk is damaged
         store.check_chunks()
@@ -82,10 +86,20 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
     pending = world.broadcast(parts.pending() if world.main else None)
     if len(pending) < parts.num_parts:
         log.info("resuming %s: %d of %d parts already computed", out, parts.num_parts - len(pending), parts.num_parts)
-    for k in progress(world.share(pending), desc="reflogp parts", unit="part"):
+    mine: list[int | None] = world.share(pending)
+    forwards = None
+    if cfg.strategy == "fsdp" and world.size > 1:  # every process runs as many forwards as the busiest: parts
+        model = distribute(model, world, "fsdp")  # and batches padded
+        mine += [None] * (-(-len(pending) // world.size) - len(mine))
+        forwards = cfg.part_rows // cfg.batch_size
+    for k in progress(mine, desc="reflogp parts", unit="part"):
+        if k is None:  # no part left for this process: the forwards its sharded model owes the others
+            reference_logps(model, store.tokens, {name: column[: cfg.batch_size] for name, column in pairs.items()},
+                            cfg.batch_size, device, forwards=forwards)
+            continue
         start, stop = parts.part_range(k)
         part = {name: column[start:stop] for name, column in pairs.items()}
-        logps = reference_logps(model, store.tokens, part, cfg.batch_size, device)
+        logps = reference_logps(model, store.tokens, part, cfg.batch_size, device, forwards=forwards)
         bad = ~np.isfinite(np.stack(list(logps.values()))).all(0)
         if bad.any():
             raise FloatingPointError(

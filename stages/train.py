@@ -26,7 +26,7 @@ from pipeline.families import family_of, family_of_model, load_model
 from pipeline.formats import read_ref_cache
 from pipeline.losses import LOSSES
 from pipeline.outputs import StageDir, write_json
-from pipeline.parallel import STRATEGIES, TrainState, full_state_dict
+from pipeline.parallel import STRATEGIES, TrainState, full_state_dict, place
 from pipeline.progress import progress
 from pipeline.tokenstore import open_token_store
 
@@ -138,7 +138,7 @@ def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, cl
     store.tokens.cache_chunks = cfg.shuffle_buffer_chunks  # a batch touches at most this many chunks
     family, policy = load_model(init, "--init", spec=gpt_model, seq_len=store.seq_len, vae=vae, vae_model=vae_model,
                                 depth=depth, patch_nums=store.attrs.get("patch_nums"))
-    policy = policy.to(device)
+    policy = place(policy, world, cfg.strategy)
     family.check_fits(policy, store.attrs, tokens_path, init)
     if world.main:  # the others stop with it if a chunk is damaged
         store.check_chunks()

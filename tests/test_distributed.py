@@ -99,6 +99,17 @@ def caches(world: Path) -> Path:
     return world
 
 
+def test_reflogp_with_two_fsdp_processes_equals_one(caches: Path):
+    """5 parts over 2 sharded processes: the one with 2 parts runs the forwards of a third with the other."""
+    cca(caches, "--set", "reflogp.strategy=fsdp", "reflogp", "--tokens", caches / "tokens.zarr", "--ref", caches / "gpt.pt",
+        "--out", caches / "cache_fsdp.parquet", nproc=2)
+    one, meta_one = read_ref_cache(caches / "cache1.parquet")
+    fsdp, meta_fsdp = read_ref_cache(caches / "cache_fsdp.parquet")
+    assert {k: v for k, v in meta_one.items() if k != "settings"} == {k: v for k, v in meta_fsdp.items() if k != "settings"}
+    for name in ("ref_logp_pos", "ref_logp_neg", "ref_logp_null"):
+        assert np.abs(one[name] - fsdp[name]).max() < 1e-5, name
+
+
 def test_reflogp_with_two_processes_equals_one(caches: Path):
     one, meta_one = read_ref_cache(caches / "cache1.parquet")
     two, meta_two = read_ref_cache(caches / "cache2.parquet")

@@ -116,3 +116,21 @@ def test_activation_checkpointing_leaves_the_gradients_unchanged(family: str):
     torch.manual_seed(8)
     model(tokens, torch.arange(6) % 5).sum().backward()
     assert max(float((plain[n] - p.grad).abs().max()) for n, p in model.named_parameters() if p.requires_grad) > 1e-4
+
+
+def test_eval_says_what_to_do_when_a_model_does_not_fit_one_gpu(monkeypatch):
+    """eval does not shard (sampling with KV caches): an out-of-memory move names the model, its size and the way out."""
+    from pipeline.device import OutOfMemory
+    from stages.eval import on_device
+
+    model = fsdp_worker.build("llamagen")
+
+    def full(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+
+    monkeypatch.setattr(model, "to", full)
+    with pytest.raises(OutOfMemory, match=r"--policy \(0\.0 GB of weights\).*sampling is not sharded.*--methods cca"):
+        on_device(model, torch.device("cuda"), "--policy")
+    monkeypatch.setattr(model, "to", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors pass through unchanged
+        on_device(model, torch.device("cuda"), "--policy")

@@ -1,0 +1,404 @@
+"""A per-rank GPU memory plan for CCA training: bytes of weights, gradients, optimizer state, working
+buffers, activations and logits at the peak of a training step, for DDP or FSDP2, with or without
+activation checkpointing (`cca-pipe plan`).
+
+The model state is AdamW's in float32: weights 4P, gradients 4P, two moments 8P bytes for P trainable
+parameters (`train.strategy: ddp` keeps all of it on every rank; `fsdp` shards it over the N ranks and
+adds the unsharded working set). Activations are counted tensor by tensor from our forward code
+(`llamagen_block_activations`, `var_block_activations`: what autograd saves for backward), per token and
+per sequence; one forward holds 2 x micro_batch_size sequences (positives and negatives, concatenated
+by pipeline.alignment.policy_logps). The formula is checked against measured peaks on CPU
+(tests/test_plan.py, bench/memory.py).
+
+The peak of a step is the largest of three moments, which never coexist:
+  - the backward of the logits: everything kept for backward (with autocast's bf16 weight copies) + the
+    logits' 4 float32 copies;
+  - the backward of a block: everything kept + (with checkpointing) the block's recomputed activations
+    + the gradients in flight inside it;
+  - the optimizer step: the state + AdamW's temporaries (activations and weight copies are freed by then).
+The state (weights, gradients, optimizer state, buffers) is present at all three: gradients are assumed
+alive through forward and backward, as they are from the second micro-batch of a gradient accumulation on.
+
+Not counted: the CUDA context and the caching allocator's fragmentation (the plan's user keeps a margin,
+see `fits`), tensors of a few bytes per token or per sequence where not listed, the data loader.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+STRATEGIES = ("ddp", "fsdp")
+DEVICES = ("cuda", "cpu")
+FP32 = 4  # bytes
+BOOL = 1
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element of the tensors a forward makes.
+
+    param: a parameter as the forward reads it (FSDP's all-gathered param_dtype); compute: the outputs of
+    matmuls, attention and the tensors cast for them (bf16 under CUDA autocast); residual: the residual
+    stream and the norms' outputs (float32 when the parameters are: LlamaGen's embeddings are float32
+    and float32 + bf16 promotes to float32; bf16 when FSDP's parameters are bf16); autocast_weight_copies:
+    autocast casts each float32 Linear weight to bf16 once per forward and the copies stay alive
+    (cached by autocast, then saved by the matmuls for backward)."""
+
+    param: int
+    compute: int
+    residual: int
+    autocast_weight_copies: bool
+
+    @property
+    def mixed(self) -> bool:
+        return self.compute != FP32
+
+
+CPU_FP32 = Precision(param=FP32, compute=FP32, residual=FP32, autocast_weight_copies=False)
+# DDP on CUDA: float32 parameters under bf16 autocast (pipeline.device.autocast)
+CUDA_AUTOCAST = Precision(param=FP32, compute=2, residual=FP32, autocast_weight_copies=True)
+# FSDP2 on CUDA: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): the unsharded parameters are bf16
+CUDA_FSDP_BF16 = Precision(param=2, compute=2, residual=2, autocast_weight_copies=False)
+
+
+def precision_for(device: str, strategy: str) -> Precision:
+    if device not in DEVICES:
+        raise ValueError(f"device {device!r}: choose one of {', '.join(DEVICES)}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if device == "cpu":
+        return CPU_FP32
+    return CUDA_FSDP_BF16 if strategy == "fsdp" else CUDA_AUTOCAST
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Bytes one forward keeps for backward, from a family's forward code.
+
+    block_*: one transformer block, everything autograd saves in it (per token, per sequence, and per
+    block whatever the batch); block_input_per_token: what activation checkpointing keeps of a block (its
+    input); block_backward_per_token: the gradients in flight inside a block's backward beyond its saved
+    tensors; root_per_token: outside the blocks, without the logits (counted apart)."""
+
+    block_per_token: float
+    block_per_sequence: float
+    block_constant: float
+    block_input_per_token: float
+    block_backward_per_token: float
+    root_per_token: float
+
+
+def llamagen_block_activations(cfg, precision: Precision, dropout: float = 0.0) -> Activations:
+    """LlamaGen's TransformerBlock (pipeline/models/llamagen.py), C = dim, F = ffn_hidden, H = n_head.
+
+    Saved per token (checked against autograd's saved tensors by tests/test_plan.py):
+      attention_norm (RMSNorm): its input as float32 (x itself when float32, else its .float() copy) C;
+        the float32 1/rms (1); x * rsqrt cast back (saved by `* weight`) C in the residual dtype; the
+        output, saved by wqkv: C in the compute dtype (autocast saves its bf16 copy; the float32 one dies)
+      wqkv output 3C: q, k, v are views of it and SDPA saves v, so all of it stays alive
+      RoPE'd q and k (new tensors, saved by SDPA) 2C; the rotations save only the shared cos/sin table
+      SDPA (flash on CPU and CUDA): its output C (laid out (B, T, H, hd), so `transpose(1, 2).reshape`
+        is a view and wo saves no copy) and the float32 log-sum-exp, H
+      resid dropout (p > 0, train mode): a 1-byte mask C
+      h = x + attention: saved as float32 by ffn_norm, C (+ its 1/rms); ffn_norm's x * rsqrt C residual,
+        its output C compute
+      SwiGLU: w1 out a (saved by silu), silu(a) and w3 out b (saved by their product), the product
+        (saved by w2): 4F compute
+      ffn dropout (p > 0): a 1-byte mask C
+    The block's output is the next block's input (counted there) or the final norm's (the root's).
+    Backward in flight: the incoming gradient C and one FFN hidden gradient F.
+    """
+    C, F, H = cfg.dim, cfg.ffn_hidden, cfg.n_head
+    masks = 2 * C * BOOL if dropout > 0 else 0
+    per_token = (
+        2 * C * FP32 + 2 * FP32 + H * FP32  # the norms' float32 inputs and 1/rms; SDPA's log-sum-exp
+        + 2 * C * precision.residual  # x * rsqrt of both norms
+        + (2 * C + 3 * C + 2 * C + C + 4 * F) * precision.compute  # norm outputs, qkv, RoPE'd q/k, SDPA out, SwiGLU
+        + masks
+    )
+    # final norm: float32 input, x * rsqrt, output (saved by `output`); the gather's int64 index and the
+    # float32 log-sum-exp of token_logp; the token dropout's mask
+    root = C * FP32 + FP32 + C * precision.residual + C * precision.compute + 8 + FP32 + (C * BOOL if dropout > 0 else 0)
+    return Activations(block_per_token=per_token, block_per_sequence=0.0, block_constant=0.0,
+                       block_input_per_token=C * precision.residual,
+                       block_backward_per_token=(C + F) * precision.compute, root_per_token=root)
+
+
+def var_block_activations(cfg, precision: Precision, dropout: float = 0.0) -> Activations:
+    """VAR's AdaLNSelfAttn (pipeline/models/var.py), C = width, F = round(C mlp_ratio), H = heads, L = seq_len.
+
+    Saved per token:
+      ln_wo_grad (x2): its input x / x1 (residual) and output (float32: layer_norm runs in float32 under
+        autocast), with mean and rstd (2 float32 each); 4C + 4
+      LN(x)(1 + scale) + shift, saved by the Linear after it (mat_qkv, fc1): 2C compute
+      qkv 3C compute: q, k, v are views of it; F.normalize saves the q and k views and their norms (2H)
+      q / |q| (saved by the product with the temperature, which requires grad) C float32; the scaled q
+        and the normalised k cast to the compute dtype, saved by SDPA: 2C compute
+      SDPA (flash on CPU, memory-efficient on CUDA with the additive mask): output C (a (B, L, H, hd)
+        layout, so the reshape for proj is a view), the float32 log-sum-exp H
+      proj output, saved by `* gamma1` (gamma requires grad) C; fc2 output, saved by `* gamma2`, C
+      FFN: fc1 output (saved by gelu) and gelu's output (saved by fc2): 2F compute
+    Per sequence: ada_lin's SiLU output C and its 6C modulations (kept alive by the gamma/scale/shift views),
+    scale1 + 1 and scale2 + 1: 9C. Per block: the L x L additive mask cast to the compute dtype under
+    autocast, saved by SDPA (on CPU it is the buffer itself). Drop path (x * keep, keep has no gradient)
+    saves only the per-sample keep mask; VAR has no dropout.
+    Backward in flight: the incoming gradient C and one FFN hidden gradient F.
+    """
+    if dropout:
+        raise ValueError(f"dropout {dropout}: VAR is regularised by drop path only")
+    C, H, L = cfg.width, cfg.heads, cfg.seq_len
+    F = round(cfg.width * cfg.mlp_ratio)
+    per_token = (
+        2 * C * precision.residual + 2 * C * FP32 + 4 * FP32  # the two layer norms: inputs, outputs, statistics
+        + C * FP32 + 3 * H * FP32  # q / |q|; the q and k norms and SDPA's log-sum-exp
+        + (2 * C + 3 * C + 2 * C + C + 2 * C + 2 * F) * precision.compute  # Linear inputs, qkv, q/k for SDPA, out, gated outputs, FFN
+    )
+    # head_nm: the last block's output, its layer norm, the modulated input of `head`; word_embed's input
+    # (the quantiser's Cvae features, float32); the gather's index and the log-sum-exp
+    root = C * precision.residual + C * FP32 + C * precision.compute + cfg.cvae * FP32 + 8 + FP32
+    return Activations(block_per_token=per_token, block_per_sequence=9 * C * precision.compute,
+                       block_constant=L * L * precision.compute if precision.mixed else 0.0,
+                       block_input_per_token=C * precision.residual,
+                       block_backward_per_token=(C + F) * precision.compute, root_per_token=root)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    width: int
+    ffn_hidden: int
+    heads: int
+    layers: int
+    vocab: int
+    positions: int  # tokens per sequence the transformer runs over (and logits it makes)
+
+
+def llamagen_shape(cfg) -> ModelShape:
+    # input = class token(s) + z[:, :-1]
+    return ModelShape(cfg.dim, cfg.ffn_hidden, cfg.n_head, cfg.n_layer, cfg.vocab_size, cfg.cls_token_num + cfg.block_size - 1)
+
+
+def var_shape(cfg) -> ModelShape:
+    return ModelShape(cfg.width, round(cfg.width * cfg.mlp_ratio), cfg.heads, cfg.depth, cfg.vocab_size, cfg.seq_len)
+
+
+def llamagen_on_meta(gpt_model: str, block_size: int, **overrides) -> nn.Module:
+    """A LlamaGen GPT by its upstream name ("GPT-3B") and token count, on the meta device (no memory)."""
+    from .models.llamagen import GPT, gpt_config
+
+    with torch.device("meta"):
+        return GPT(gpt_config(gpt_model, block_size=block_size, **overrides))
+
+
+def var_on_meta(depth: int, **overrides) -> nn.Module:
+    """VAR-d<depth> with its (frozen, 0.2M-parameter) quantiser, on the meta device."""
+    from .models.var import VAR, VARModel, var_config
+    from .tokenizers.msvq import MSVQConfig, MultiScaleQuantizer
+
+    cfg = var_config(depth, **overrides)
+    with torch.device("meta"):
+        quantizer = MultiScaleQuantizer(MSVQConfig(vocab_size=cfg.vocab_size, z_channels=cfg.cvae, patch_nums=cfg.patch_nums))
+        return VARModel(VAR(cfg), quantizer)
+
+
+@dataclass(frozen=True)
+class FamilyMemory:
+    """What the plan needs of a family; keyed by family name (pipeline.families' names) in FAMILY_MEMORY
+    until the family objects carry it."""
+
+    block_activations: Callable[..., Activations]
+    shape: Callable[..., ModelShape]
+    on_meta: Callable[..., nn.Module]  # the model from a preset's `model` description, without memory
+
+
+FAMILY_MEMORY: dict[str, FamilyMemory] = {
+    "llamagen": FamilyMemory(llamagen_block_activations, llamagen_shape, llamagen_on_meta),
+    "var": FamilyMemory(var_block_activations, var_shape, var_on_meta),
+}
+BLOCK_ACTIVATIONS = {name: fam.block_activations for name, fam in FAMILY_MEMORY.items()}
+
+
+def family_memory(family: str) -> FamilyMemory:
+    if family not in FAMILY_MEMORY:
+        raise ValueError(f"no memory model for family {family!r}; known: {', '.join(FAMILY_MEMORY)}")
+    return FAMILY_MEMORY[family]
+
+
+def model_on_meta(family: str, **description) -> nn.Module:
+    """A preset's model ({"family": ..., the family's own keys}) built on the meta device."""
+    return family_memory(family).on_meta(**description)
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What the plan is computed from: the model's parameter counts and shape, the batch, the strategy."""
+
+    family: str
+    model_cfg: object = field(repr=False)  # the family's config (GPTConfig, VARConfig): its activation counts read it
+    params_total: int  # every parameter, frozen ones too (VAR's quantiser)
+    params_trainable: int
+    params_root: int  # trainable parameters outside model.blocks(): embeddings, head, final norm
+    params_largest_block: int
+    params_largest: int  # the largest trainable tensor (per-tensor temporaries of backward and AdamW on CPU)
+    params_linear: int  # trainable nn.Linear weights (autocast's bf16 copies)
+    buffer_bytes: int  # non-parameter buffers (RoPE table, VAR's mask), on every rank
+    sequences: int  # per forward: 2 x micro_batch_size (positive and negative labels)
+    width: int
+    ffn_hidden: int
+    heads: int
+    layers: int
+    vocab: int
+    positions: int
+    world_size: int = 1
+    strategy: str = "ddp"
+    activation_checkpointing: bool = False
+    device: str = "cuda"  # cuda: bf16 compute; cpu: float32 throughout
+    dropout: float = 0.0  # LlamaGen's resid/ffn/token dropout in train mode: 1-byte masks
+    ddp_gradient_as_bucket_view: bool = False  # DDP's default: its buckets are a second copy of the gradients
+
+    def __post_init__(self) -> None:
+        precision_for(self.device, self.strategy)  # names a bad value
+        if self.world_size < 1 or self.sequences < 1:
+            raise ValueError(f"world_size {self.world_size} and sequences {self.sequences} must be at least 1")
+
+    def variant(self, **changes) -> PlanInputs:
+        return replace(self, **changes)
+
+
+def inputs_from_model(model: nn.Module, micro_batch_size: int, **settings) -> PlanInputs:
+    """PlanInputs for a family model (real or on the meta device): parameters counted from
+    `model.blocks()` and the rest, the shape from its config; `settings` are PlanInputs' own fields
+    (world_size, strategy, activation_checkpointing, device, dropout)."""
+    fam = family_memory(model.family)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    blocks = [sum(p.numel() for p in block.parameters() if p.requires_grad) for block in model.blocks()]
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad)
+    shape = fam.shape(model.cfg)
+    return PlanInputs(
+        family=model.family, model_cfg=model.cfg,
+        params_total=sum(p.numel() for p in model.parameters()), params_trainable=sum(p.numel() for p in trainable),
+        params_root=sum(p.numel() for p in trainable) - sum(blocks), params_largest_block=max(blocks),
+        params_largest=max(p.numel() for p in trainable), params_linear=linear,
+        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
+        sequences=2 * micro_batch_size, width=shape.width, ffn_hidden=shape.ffn_hidden, heads=shape.heads,
+        layers=shape.layers, vocab=shape.vocab, positions=shape.positions, **settings)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per rank. Each row is that part's size at its own largest; `peak` adds up the parts alive
+    together at each moment of the step (see the module docstring), `peak_phase` names the largest."""
+
+    weights: int  # float32 master weights (sharded under FSDP), frozen weights, model buffers
+    gradients: int
+    optimizer: int  # AdamW's two float32 moments
+    buffers: int  # DDP's gradient buckets; FSDP's unsharded working set
+    weight_copies: int  # autocast's bf16 copies of the float32 Linear weights (DDP on CUDA), forward and backward only
+    block_weight_copies: int  # those alive in a block's backward: all of them, or with checkpointing that block's
+    activations: int  # kept for backward through the whole backward (every block's, or with checkpointing their inputs)
+    block_backward: int  # one block's backward: its recomputed activations (checkpointing) + gradients in flight
+    logits: int  # float32 logits (saved by log-sum-exp) and the three temporaries of its backward
+    optimizer_step: int  # AdamW's temporaries during step()
+
+    @property
+    def state(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.buffers
+
+    @property
+    def phases(self) -> dict[str, int]:
+        return {"logits backward": self.state + self.weight_copies + self.activations + self.logits,
+                "block backward": self.state + self.block_weight_copies + self.activations + self.block_backward,
+                "optimizer step": self.state + self.optimizer_step}
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        phases = self.phases
+        return max(phases, key=phases.get)
+
+    def rows(self) -> dict[str, int]:
+        """The table's rows (the parts, then the peak)."""
+        return {"weights": self.weights, "gradients": self.gradients, "optimizer state": self.optimizer,
+                "buffers": self.buffers, "weight copies": self.weight_copies, "activations": self.activations,
+                "block backward": self.block_backward, "logits": self.logits, "optimizer step": self.optimizer_step,
+                "total (peak)": self.peak}
+
+
+def plan(inputs: PlanInputs) -> MemoryPlan:
+    """The per-rank breakdown, in bytes."""
+    precision = precision_for(inputs.device, inputs.strategy)
+    acts = family_memory(inputs.family).block_activations(inputs.model_cfg, precision, dropout=inputs.dropout)
+    n, P = inputs.world_size, inputs.params_trainable
+    frozen = (inputs.params_total - P) * FP32  # replicated (VAR's quantiser: never trained, never sharded)
+    tokens = inputs.sequences * inputs.positions
+    block_saved = acts.block_per_token * tokens + acts.block_per_sequence * inputs.sequences + acts.block_constant
+    root = acts.root_per_token * tokens
+    if inputs.activation_checkpointing:
+        # checkpoint keeps each block's input; in backward one block at a time is recomputed, after the
+        # logits' backward has finished (so the two never coexist)
+        kept = inputs.layers * acts.block_input_per_token * tokens + root
+        block_backward = block_saved + acts.block_backward_per_token * tokens
+    else:
+        kept = inputs.layers * block_saved + root
+        block_backward = acts.block_backward_per_token * tokens
+    # token_logp: logsumexp saves the float32 logits; its backward computes grad * exp(logits - lse) with both
+    # intermediates alive (3 more copies); the gather's scattered gradient comes after they are freed
+    logits = 4 * tokens * inputs.vocab * FP32
+    if inputs.strategy == "ddp":
+        shard = P
+        # the allreduce buckets: a float32 copy of every gradient (bucket_cap_mb only sizes the pieces); none
+        # at one process (no DDP) or with gradient_as_bucket_view (the gradients are views of them)
+        buffers = P * FP32 if n > 1 and not inputs.ddp_gradient_as_bucket_view else 0
+    else:
+        shard = math.ceil(P / n)
+        block = inputs.params_largest_block
+        buffers = (
+            2 * inputs.params_root * precision.param  # the root's parameters, unsharded through forward and backward, and their gradients
+            + 2 * block * precision.param  # the block being computed and the next one, prefetched
+            + block * (precision.param + FP32)  # a block's unsharded gradients and their float32 reduce-scatter input
+        )
+    copies = block_copies = 0
+    if precision.autocast_weight_copies:
+        # autocast casts every float32 Linear weight to bf16 once and caches it for the whole forward (so all
+        # are alive while the logits are computed, checkpointing or not); the matmuls save them for backward,
+        # except under checkpointing, where a block's backward recomputes only its own
+        copies = inputs.params_linear * precision.compute
+        block_copies = inputs.params_largest_block * precision.compute if inputs.activation_checkpointing else copies
+    if inputs.device == "cuda":
+        step = shard * FP32  # foreach AdamW: sqrt(exp_avg_sq) of every parameter at once
+    else:  # one tensor at a time: sqrt(exp_avg_sq), then its division by the bias correction
+        step = 2 * math.ceil(inputs.params_largest / (n if inputs.strategy == "fsdp" else 1)) * FP32
+    return MemoryPlan(weights=shard * FP32 + frozen + inputs.buffer_bytes, gradients=shard * FP32, optimizer=2 * shard * FP32,
+                      buffers=int(buffers), weight_copies=int(copies), block_weight_copies=int(block_copies),
+                      activations=int(kept), block_backward=int(block_backward), logits=int(logits), optimizer_step=int(step))
+
+
+# ------------------------------------------------------------------------------------------ memory sizes
+
+_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9, "T": 10**12, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """"80GB", "80GiB", "24G", "81559MiB" -> bytes (GB and G: 10^9, GiB: 2^30)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"GPU memory {text!r}: write a size such as 80GB, 80GiB or 24G (GB and G are 10^9 bytes, GiB 2^30)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+RESERVE = 0.10  # of the GPU's memory, kept for the CUDA context, NCCL and the caching allocator's fragmentation
+
+
+def fits(peak: int, gpu_memory: int, reserve: float = RESERVE) -> bool:
+    return peak <= (1 - reserve) * gpu_memory
