@@ -168,6 +168,7 @@ def scorer_weights(cfg: EvalConfig, classifier_path: Path | None) -> Path:
 
 
 METHODS = ("base", "cfg", "cca", "cca_cfg")
+DEFAULT_METHODS = ("base", "cfg", "cca")  # cca_cfg on request (--methods): the CCA+CFG experiment
 
 
 @dataclass
@@ -304,7 +305,7 @@ def on_device(model: torch.nn.Module, device: torch.device, role: str) -> torch.
 def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Path | None, reference: Path,
         classifier_path: Path | None, out: Path, device: torch.device,
         gpt_model: str | None = None, vq_model: str | None = None,
-        methods: tuple[str, ...] = METHODS, fidelity_cache: Path | None = None, depth: int | None = None,
+        methods: tuple[str, ...] = DEFAULT_METHODS, fidelity_cache: Path | None = None, depth: int | None = None,
         world: World | None = None) -> dict | None:
     """Evaluate `methods`: base (no guidance), cfg (base at each eval.cfg_scales), cca (the policy).
     Either family: with VAR, `vq_path` is the VQVAE (it decodes, and its quantiser builds VAR's input).
