@@ -68,7 +68,7 @@ def _gpt(monkeypatch) -> tuple[GPT, list[int]]:
     model = GPT(GPTConfig(dim=32, n_layer=1, n_head=2, vocab_size=V, num_classes=3, block_size=16, multiple_of=16)).eval()
     batches: list[int] = []
 
-    def logits(labels, tokens, start=0):
+    def logits(labels, tokens, start=0, lam=None):
         batches.append(len(labels))
         null = (labels == model.cfg.null_class)[:, None, None]
         out = torch.where(null, L_U, L_C).expand(-1, max(tokens.shape[1], 1), -1)
