@@ -4,9 +4,11 @@ StepRows over the chunk-aware order, batches of 256 rows), peak RSS of the readi
 rows/s a LlamaGen-B-sized train step consumes on this machine.
 
     python bench/scale.py            # builds the stores in a temporary folder (about 2 GB), prints a table
-    BENCH_SCALE_QUICK=1 python bench/scale.py   # 1/10 of the sizes, for a smoke run
+    BENCH_SCALE_QUICK=1 python bench/scale.py   # 1/10 of the sizes, for a smoke run (also: --quick)
+    python bench/scale.py --device cuda         # the LlamaGen-B step on the GPU (bf16 autocast): scale_cuda.json
 
-Each measurement runs in a fresh process, so its peak RSS is that of reading alone.
+Each measurement runs in a fresh process, so its peak RSS is that of reading alone. The loader is CPU work
+(MFU n/a); the LlamaGen-B step it is compared with reports its MFU (3 forwards of 4 sequences per step).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.common import table, write_results  # noqa: E402
+from bench.common import fmt_mfu, forward_flops, mfu, parse_args, peak_flops, peak_label, table, timed, write_results  # noqa: E402
 
 QUICK = os.environ.get("BENCH_SCALE_QUICK") == "1"
 STORES = [(128_000, 1), (1_280_000, 1), (128_000, 10)]
@@ -72,30 +74,38 @@ def measure(path: str, workers: int) -> dict:
     return {"open_s": open_s, "rows_per_s": got / seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def llamagen_b_rows_per_s() -> float:
+def llamagen_b_step(device) -> dict:
     """Rows (a positive and a negative sequence each) per second of a CCA train step of LlamaGen-B (111M
-    parameters, 256 tokens), micro-batch 2 rows, forward + backward + AdamW, on this machine."""
+    parameters, 256 tokens), micro-batch 2 rows, forward + backward + AdamW, on this machine (median of 3;
+    bf16 autocast on CUDA), and its MFU: 3 forwards of the 4 sequences per step."""
     import torch
 
+    from pipeline.device import autocast
     from pipeline.models.llamagen import GPT, gpt_config
 
     torch.manual_seed(0)
-    model = GPT(gpt_config("GPT-B", block_size=TOKENS))
+    cfg = gpt_config("GPT-B", block_size=TOKENS)
+    model = GPT(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    tokens, labels = torch.randint(0, 16384, (4, TOKENS)), torch.tensor([1, 2, 3, 4])
-    times = []
-    for _ in range(3):
-        started = time.perf_counter()
-        model(tokens, labels).sum().backward()
+    tokens, labels = torch.randint(0, 16384, (4, TOKENS)).to(device), torch.tensor([1, 2, 3, 4]).to(device)
+
+    def step():
+        with autocast(device):
+            loss = model(tokens, labels).sum()
+        loss.backward()
         opt.step()
         opt.zero_grad()
-        times.append(time.perf_counter() - started)
-    return 2 / sorted(times)[1]
+
+    times = timed(step, 3, warmup=0 if device.type == "cpu" else 1, device=device)
+    seconds = sorted(times)[1]
+    flops_per_s = 3 * 4 * forward_flops(cfg, TOKENS) / seconds
+    return {"rows_per_s": 2 / seconds, "seconds_per_step": seconds, "flops_per_s": flops_per_s, "mfu": mfu(flops_per_s, device)}
 
 
-def main() -> dict:
-    stores = [(rows // 10, views) for rows, views in STORES] if QUICK else STORES
-    results = {"stores": []}
+def main(args) -> dict:
+    quick = QUICK or args.quick
+    stores = [(rows // 10, views) for rows, views in STORES] if quick else STORES
+    results = {"stores": [], "device": str(args.device), "mfu": None, "mfu_note": "n/a for the loader (no model computes)"}
     with tempfile.TemporaryDirectory() as tmp:
         for rows, views in stores:
             path = Path(tmp) / f"s{rows}x{views}.zarr"
@@ -109,8 +119,10 @@ def main() -> dict:
                 entry[f"workers{workers}"] = json.loads(out.stdout.strip().splitlines()[-1])
             results["stores"].append(entry)
             print(f"measured {rows} x {views}", file=sys.stderr)
-    results["llamagen_b_rows_per_s"] = llamagen_b_rows_per_s()
-    write_results("scale" + ("_quick" if QUICK else ""), results)
+    peak_flops(args.device)
+    results["llamagen_b_step"] = step = llamagen_b_step(args.device)
+    results["llamagen_b_rows_per_s"] = step["rows_per_s"]
+    write_results("scale", results, args.device, quick)
     rows = [[f"{s['rows']:,} x {s['views']}", f"{s['gb']:.2f}", f"{s['workers0']['open_s'] * 1e3:.1f}",
              f"{s['workers0']['rows_per_s']:,.0f}", f"{s['workers2']['rows_per_s']:,.0f}", f"{s['workers0']['peak_rss_mb']:.0f}"]
             for s in results["stores"]]
@@ -121,8 +133,9 @@ def main() -> dict:
     slowest = min(s["workers0"]["rows_per_s"] for s in results["stores"])
     print(f"\nopen at {big['rows']:,} rows: {big['workers0']['open_s'] * 1e3:.1f} ms (target < 1000); peak RSS growth "
           f"{small['rows']:,} -> {big['rows']:,} rows: {growth:.0f} MB (target < 100)")
-    print(f"LlamaGen-B train step consumes {results['llamagen_b_rows_per_s']:.2f} rows/s here; the slowest loader gives "
-          f"{slowest:,.0f} rows/s = {slowest / results['llamagen_b_rows_per_s']:,.0f}x (target >= 20x)")
+    print(f"LlamaGen-B train step ({args.device}) consumes {results['llamagen_b_rows_per_s']:.2f} rows/s here (MFU "
+          f"{fmt_mfu(step['mfu'])}; {peak_label(args.device)}); the slowest loader gives "
+          f"{slowest:,.0f} rows/s = {slowest / results['llamagen_b_rows_per_s']:,.0f}x (target >= 20x); loader MFU: n/a")
     return results
 
 
@@ -130,4 +143,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--measure"]:
         print(json.dumps(measure(sys.argv[2], int(sys.argv[3]))))
     else:
-        main()
+        main(parse_args(__doc__))
