@@ -47,5 +47,10 @@ def peak_rss_mb() -> float:
 
 
 def local_bytes(tensors) -> int:
-    """Bytes these tensors occupy in this process: a DTensor (an FSDP shard) counts its local part only."""
-    return sum((t.to_local() if hasattr(t, "to_local") else t).untyped_storage().nbytes() for t in tensors)
+    """Bytes of memory these tensors hold in this process: a DTensor (an FSDP shard) counts its local part
+    only, and a storage several of them view (FSDP's flat gradient buffers) counts once."""
+    storages = {}
+    for t in tensors:
+        storage = (t.to_local() if hasattr(t, "to_local") else t).untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())

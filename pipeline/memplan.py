@@ -26,11 +26,16 @@ see `fits`), tensors of a few bytes per token or per sequence where not listed, 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-import torch
 from torch import nn
+
+# imported here, not where the models are built: their module-level tensors cannot be made on the meta device
+from .models.llamagen import GPT, gpt_config
+from .models.var import VAR, VARModel, var_config
+from .tokenizers.msvq import MSVQConfig, MultiScaleQuantizer
 
 STRATEGIES = ("ddp", "fsdp")
 DEVICES = ("cuda", "cpu")
@@ -47,23 +52,25 @@ class Precision:
     stream and the norms' outputs (float32 when the parameters are: LlamaGen's embeddings are float32
     and float32 + bf16 promotes to float32; bf16 when FSDP's parameters are bf16); autocast_weight_copies:
     autocast casts each float32 Linear weight to bf16 once per forward and the copies stay alive
-    (cached by autocast, then saved by the matmuls for backward)."""
+    (cached by autocast, then saved by the matmuls for backward); dropout_mask: what dropout saves per
+    element (CUDA's fused kernel a bool mask; on the CPU `input * noise` saves the float noise)."""
 
     param: int
     compute: int
     residual: int
     autocast_weight_copies: bool
+    dropout_mask: int
 
     @property
     def mixed(self) -> bool:
         return self.compute != FP32
 
 
-CPU_FP32 = Precision(param=FP32, compute=FP32, residual=FP32, autocast_weight_copies=False)
+CPU_FP32 = Precision(param=FP32, compute=FP32, residual=FP32, autocast_weight_copies=False, dropout_mask=FP32)
 # DDP on CUDA: float32 parameters under bf16 autocast (pipeline.device.autocast)
-CUDA_AUTOCAST = Precision(param=FP32, compute=2, residual=FP32, autocast_weight_copies=True)
+CUDA_AUTOCAST = Precision(param=FP32, compute=2, residual=FP32, autocast_weight_copies=True, dropout_mask=BOOL)
 # FSDP2 on CUDA: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): the unsharded parameters are bf16
-CUDA_FSDP_BF16 = Precision(param=2, compute=2, residual=2, autocast_weight_copies=False)
+CUDA_FSDP_BF16 = Precision(param=2, compute=2, residual=2, autocast_weight_copies=False, dropout_mask=BOOL)
 
 
 def precision_for(device: str, strategy: str) -> Precision:
@@ -104,17 +111,17 @@ def llamagen_block_activations(cfg, precision: Precision, dropout: float = 0.0) 
       RoPE'd q and k (new tensors, saved by SDPA) 2C; the rotations save only the shared cos/sin table
       SDPA (flash on CPU and CUDA): its output C (laid out (B, T, H, hd), so `transpose(1, 2).reshape`
         is a view and wo saves no copy) and the float32 log-sum-exp, H
-      resid dropout (p > 0, train mode): a 1-byte mask C
+      resid dropout (p > 0, train mode): its mask C (1 byte on CUDA, the float noise on the CPU)
       h = x + attention: saved as float32 by ffn_norm, C (+ its 1/rms); ffn_norm's x * rsqrt C residual,
         its output C compute
       SwiGLU: w1 out a (saved by silu), silu(a) and w3 out b (saved by their product), the product
         (saved by w2): 4F compute
-      ffn dropout (p > 0): a 1-byte mask C
+      ffn dropout (p > 0): its mask C
     The block's output is the next block's input (counted there) or the final norm's (the root's).
     Backward in flight: the incoming gradient C and one FFN hidden gradient F.
     """
     C, F, H = cfg.dim, cfg.ffn_hidden, cfg.n_head
-    masks = 2 * C * BOOL if dropout > 0 else 0
+    masks = 2 * C * precision.dropout_mask if dropout > 0 else 0
     per_token = (
         2 * C * FP32 + 2 * FP32 + H * FP32  # the norms' float32 inputs and 1/rms; SDPA's log-sum-exp
         + 2 * C * precision.residual  # x * rsqrt of both norms
@@ -123,7 +130,7 @@ def llamagen_block_activations(cfg, precision: Precision, dropout: float = 0.0) 
     )
     # final norm: float32 input, x * rsqrt, output (saved by `output`); the gather's int64 index and the
     # float32 log-sum-exp of token_logp; the token dropout's mask
-    root = C * FP32 + FP32 + C * precision.residual + C * precision.compute + 8 + FP32 + (C * BOOL if dropout > 0 else 0)
+    root = C * FP32 + FP32 + C * precision.residual + C * precision.compute + 8 + FP32 + (C * precision.dropout_mask if dropout > 0 else 0)
     return Activations(block_per_token=per_token, block_per_sequence=0.0, block_constant=0.0,
                        block_input_per_token=C * precision.residual,
                        block_backward_per_token=(C + F) * precision.compute, root_per_token=root)
@@ -186,51 +193,27 @@ def var_shape(cfg) -> ModelShape:
     return ModelShape(cfg.width, round(cfg.width * cfg.mlp_ratio), cfg.heads, cfg.depth, cfg.vocab_size, cfg.seq_len)
 
 
-def llamagen_on_meta(gpt_model: str, block_size: int, **overrides) -> nn.Module:
-    """A LlamaGen GPT by its upstream name ("GPT-3B") and token count, on the meta device (no memory)."""
-    from .models.llamagen import GPT, gpt_config
-
-    with torch.device("meta"):
-        return GPT(gpt_config(gpt_model, block_size=block_size, **overrides))
+def build_llamagen(gpt_model: str, block_size: int, **overrides) -> nn.Module:
+    """A LlamaGen GPT by its upstream name ("GPT-3B") and token count (576 at 384px), with any GPTConfig
+    overrides, on torch's current default device (the meta device: no memory)."""
+    return GPT(gpt_config(gpt_model, block_size=block_size, **overrides))
 
 
-def var_on_meta(depth: int, **overrides) -> nn.Module:
-    """VAR-d<depth> with its (frozen, 0.2M-parameter) quantiser, on the meta device."""
-    from .models.var import VAR, VARModel, var_config
-    from .tokenizers.msvq import MSVQConfig, MultiScaleQuantizer
-
+def build_var(depth: int, **overrides) -> nn.Module:
+    """VAR-d<depth> (any VARConfig overrides) with the quantiser that builds its input (frozen; 0.2M
+    parameters for the release's VQVAE), on torch's current default device."""
     cfg = var_config(depth, **overrides)
-    with torch.device("meta"):
-        quantizer = MultiScaleQuantizer(MSVQConfig(vocab_size=cfg.vocab_size, z_channels=cfg.cvae, patch_nums=cfg.patch_nums))
-        return VARModel(VAR(cfg), quantizer)
+    quantizer = MultiScaleQuantizer(MSVQConfig(vocab_size=cfg.vocab_size, z_channels=cfg.cvae, patch_nums=cfg.patch_nums))
+    return VARModel(VAR(cfg), quantizer)
 
 
 @dataclass(frozen=True)
 class FamilyMemory:
-    """What the plan needs of a family; keyed by family name (pipeline.families' names) in FAMILY_MEMORY
-    until the family objects carry it."""
+    """What the plan needs of a model family; each family object carries its own (pipeline.families)."""
 
     block_activations: Callable[..., Activations]
     shape: Callable[..., ModelShape]
-    on_meta: Callable[..., nn.Module]  # the model from a preset's `model` description, without memory
-
-
-FAMILY_MEMORY: dict[str, FamilyMemory] = {
-    "llamagen": FamilyMemory(llamagen_block_activations, llamagen_shape, llamagen_on_meta),
-    "var": FamilyMemory(var_block_activations, var_shape, var_on_meta),
-}
-BLOCK_ACTIVATIONS = {name: fam.block_activations for name, fam in FAMILY_MEMORY.items()}
-
-
-def family_memory(family: str) -> FamilyMemory:
-    if family not in FAMILY_MEMORY:
-        raise ValueError(f"no memory model for family {family!r}; known: {', '.join(FAMILY_MEMORY)}")
-    return FAMILY_MEMORY[family]
-
-
-def model_on_meta(family: str, **description) -> nn.Module:
-    """A preset's model ({"family": ..., the family's own keys}) built on the meta device."""
-    return family_memory(family).on_meta(**description)
+    build: Callable[..., nn.Module]  # the model from a description (a preset's `model` keys but `family`)
 
 
 @dataclass(frozen=True)
@@ -238,6 +221,7 @@ class PlanInputs:
     """What the plan is computed from: the model's parameter counts and shape, the batch, the strategy."""
 
     family: str
+    memory: FamilyMemory = field(repr=False)  # the family's activation counts
     model_cfg: object = field(repr=False)  # the family's config (GPTConfig, VARConfig): its activation counts read it
     params_total: int  # every parameter, frozen ones too (VAR's quantiser)
     params_trainable: int
@@ -257,7 +241,7 @@ class PlanInputs:
     strategy: str = "ddp"
     activation_checkpointing: bool = False
     device: str = "cuda"  # cuda: bf16 compute; cpu: float32 throughout
-    dropout: float = 0.0  # LlamaGen's resid/ffn/token dropout in train mode: 1-byte masks
+    dropout: float = 0.0  # LlamaGen's resid/ffn/token dropout in train mode: its masks are kept
     ddp_gradient_as_bucket_view: bool = False  # DDP's default: its buckets are a second copy of the gradients
 
     def __post_init__(self) -> None:
@@ -269,17 +253,16 @@ class PlanInputs:
         return replace(self, **changes)
 
 
-def inputs_from_model(model: nn.Module, micro_batch_size: int, **settings) -> PlanInputs:
-    """PlanInputs for a family model (real or on the meta device): parameters counted from
-    `model.blocks()` and the rest, the shape from its config; `settings` are PlanInputs' own fields
-    (world_size, strategy, activation_checkpointing, device, dropout)."""
-    fam = family_memory(model.family)
+def inputs_from_model(model: nn.Module, micro_batch_size: int, memory: FamilyMemory, **settings) -> PlanInputs:
+    """PlanInputs for a model of the family whose `memory` this is (real or on the meta device): parameters
+    counted from `model.blocks()` and the rest, the shape from its config; `settings` are PlanInputs' own
+    fields (world_size, strategy, activation_checkpointing, device, dropout). Family.plan_inputs calls it."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     blocks = [sum(p.numel() for p in block.parameters() if p.requires_grad) for block in model.blocks()]
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad)
-    shape = fam.shape(model.cfg)
+    shape = memory.shape(model.cfg)
     return PlanInputs(
-        family=model.family, model_cfg=model.cfg,
+        family=model.family, memory=memory, model_cfg=model.cfg,
         params_total=sum(p.numel() for p in model.parameters()), params_trainable=sum(p.numel() for p in trainable),
         params_root=sum(p.numel() for p in trainable) - sum(blocks), params_largest_block=max(blocks),
         params_largest=max(p.numel() for p in trainable), params_linear=linear,
@@ -319,6 +302,10 @@ class MemoryPlan:
         return max(self.phases.values())
 
     @property
+    def total(self) -> int:  # the plan's total: the peak
+        return self.peak
+
+    @property
     def peak_phase(self) -> str:
         phases = self.phases
         return max(phases, key=phases.get)
@@ -332,11 +319,13 @@ class MemoryPlan:
 
 
 def plan(inputs: PlanInputs) -> MemoryPlan:
-    """The per-rank breakdown, in bytes."""
-    precision = precision_for(inputs.device, inputs.strategy)
-    acts = family_memory(inputs.family).block_activations(inputs.model_cfg, precision, dropout=inputs.dropout)
+    """The per-rank breakdown, in bytes. One process trains the plain module whatever the strategy
+    (pipeline.parallel.distribute): no DDP buckets, no sharding."""
     n, P = inputs.world_size, inputs.params_trainable
-    frozen = (inputs.params_total - P) * FP32  # replicated (VAR's quantiser: never trained, never sharded)
+    strategy = inputs.strategy if n > 1 else "ddp"
+    precision = precision_for(inputs.device, strategy)
+    acts = inputs.memory.block_activations(inputs.model_cfg, precision, dropout=inputs.dropout)
+    frozen = inputs.params_total - P  # VAR's quantiser: in the root's FSDP group, never trained
     tokens = inputs.sequences * inputs.positions
     block_saved = acts.block_per_token * tokens + acts.block_per_sequence * inputs.sequences + acts.block_constant
     root = acts.root_per_token * tokens
@@ -351,16 +340,20 @@ def plan(inputs: PlanInputs) -> MemoryPlan:
     # token_logp: logsumexp saves the float32 logits; its backward computes grad * exp(logits - lse) with both
     # intermediates alive (3 more copies); the gather's scattered gradient comes after they are freed
     logits = 4 * tokens * inputs.vocab * FP32
-    if inputs.strategy == "ddp":
-        shard = P
+    if strategy == "ddp":
+        shard, frozen_kept = P, frozen
         # the allreduce buckets: a float32 copy of every gradient (bucket_cap_mb only sizes the pieces); none
         # at one process (no DDP) or with gradient_as_bucket_view (the gradients are views of them)
         buffers = P * FP32 if n > 1 and not inputs.ddp_gradient_as_bucket_view else 0
     else:
-        shard = math.ceil(P / n)
+        shard, frozen_kept = math.ceil(P / n), math.ceil(frozen / n)
         block = inputs.params_largest_block
+        # the root's group keeps float32 weights (pipeline.parallel.distribute: embeddings and VAR's head run
+        # with autocast off); on CUDA autocast adds a bf16 copy of its Linear weights (at most the root)
+        root_copies = inputs.params_root * precision.compute if precision.mixed else 0
         buffers = (
-            2 * inputs.params_root * precision.param  # the root's parameters, unsharded through forward and backward, and their gradients
+            (inputs.params_root + frozen) * FP32  # the root's group, unsharded through forward and backward
+            + inputs.params_root * FP32 + root_copies  # its gradients (the head's from the logits' backward on)
             + 2 * block * precision.param  # the block being computed and the next one, prefetched
             + block * (precision.param + FP32)  # a block's unsharded gradients and their float32 reduce-scatter input
         )
@@ -374,8 +367,8 @@ def plan(inputs: PlanInputs) -> MemoryPlan:
     if inputs.device == "cuda":
         step = shard * FP32  # foreach AdamW: sqrt(exp_avg_sq) of every parameter at once
     else:  # one tensor at a time: sqrt(exp_avg_sq), then its division by the bias correction
-        step = 2 * math.ceil(inputs.params_largest / (n if inputs.strategy == "fsdp" else 1)) * FP32
-    return MemoryPlan(weights=shard * FP32 + frozen + inputs.buffer_bytes, gradients=shard * FP32, optimizer=2 * shard * FP32,
+        step = 2 * math.ceil(inputs.params_largest / (n if strategy == "fsdp" else 1)) * FP32
+    return MemoryPlan(weights=(shard + frozen_kept) * FP32 + inputs.buffer_bytes, gradients=shard * FP32, optimizer=2 * shard * FP32,
                       buffers=int(buffers), weight_copies=int(copies), block_weight_copies=int(block_copies),
                       activations=int(kept), block_backward=int(block_backward), logits=int(logits), optimizer_step=int(step))
 
@@ -388,8 +381,6 @@ _UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 
 
 def parse_memory(text: str) -> int:
     """"80GB", "80GiB", "24G", "81559MiB" -> bytes (GB and G: 10^9, GiB: 2^30)."""
-    import re
-
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
     unit = match.group(2).upper() if match else None
     if not match or unit not in _UNITS or float(match.group(1)) <= 0:

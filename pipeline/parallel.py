@@ -7,8 +7,8 @@ state that any number of processes can resume.
   - "fsdp": FSDP2 (`torch.distributed.fsdp.fully_shard`) shards each transformer block (the family's
     `model.blocks()`), then the root (embeddings, head, norms; VAR's frozen quantiser): each process keeps
     1/N of the weights, gradients and optimizer state and gathers a block's weights only while it runs.
-    On CUDA the gathered weights are bf16 and gradients are reduced in fp32 (MixedPrecisionPolicy), as the
-    released LlamaGen_finetune_fsdp.py's bf16 FSDP; on CPU everything stays fp32.
+    On CUDA the blocks' gathered weights are bf16 and gradients are reduced in fp32 (MixedPrecisionPolicy),
+    as the released LlamaGen_finetune_fsdp.py's bf16 FSDP; on CPU everything stays fp32.
 A world of one process has nothing to share or shard: both strategies then train the plain module.
 
 The resumable training state (`TrainState`) is written with `torch.distributed.checkpoint` (DCP): each
@@ -44,7 +44,7 @@ def distribute(policy: nn.Module, world: World, strategy: str) -> nn.Module:
     (its parameters become DTensor shards: build the optimizer's parameter groups after this)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
-    if world.size == 1:
+    if world.size == 1 or is_sharded(policy):  # nothing to share; or sharded already (e.g. to place it first)
         return policy
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -54,11 +54,14 @@ def distribute(policy: nn.Module, world: World, strategy: str) -> nn.Module:
                                        forward_sync_buffers=False)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                 if world.device.type == "cuda" else MixedPrecisionPolicy())
+    cuda = world.device.type == "cuda"
+    blocks = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
+    # the root (embeddings, head, norms: a few % of the parameters) keeps float32 weights: the models run
+    # their embeddings and VAR's head with autocast off, in float32 as upstream; autocast makes their matmuls bf16
+    root = MixedPrecisionPolicy(reduce_dtype=torch.float32) if cuda else MixedPrecisionPolicy()
     for block in policy.blocks():
-        fully_shard(block, mp_policy=precision)
-    fully_shard(policy, mp_policy=precision)
+        fully_shard(block, mp_policy=blocks)
+    fully_shard(policy, mp_policy=root)
     return policy
 
 

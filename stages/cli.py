@@ -293,6 +293,56 @@ def paper(ctx, eval_dir, train_dir, sweep_dir, paper_dir, paper_params, out):
     click.echo(stage.run(eval_dir, train_dir, sweep_dir, paper_dir, out, sweep, sections["paper"]))
 
 
+class MemorySize(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        from pipeline.memplan import parse_memory
+
+        try:
+            return value if isinstance(value, int) else parse_memory(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+@main.command()
+@click.option("--preset", default=None, metavar="NAME", help="the recipe to plan (its model, micro-batch, strategy)")
+@click.option("--nproc-per-node", type=click.IntRange(min=1), default=None,
+              help="processes (GPUs) per node (default: the global option, else launch.nproc_per_node)")
+@click.option("--nnodes", type=click.IntRange(min=1), default=None, help="nodes (default: the global option, else launch.nnodes)")
+@click.option("--gpu-memory", type=MemorySize(), default=None,
+              help="one GPU's memory: 80GB, 80GiB, 24G (GB and G: 10^9 bytes, GiB: 2^30); says what fits")
+@click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default=None, help="plan only this strategy (default: both)")
+@click.option("--micro-batch-size", type=click.IntRange(min=1), default=None, help="rows per forward (overrides train.micro_batch_size)")
+@click.option("--device", "device_type", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="what the plan is for: cuda (bf16 compute) or cpu (float32 throughout)")
+@click.pass_context
+def plan(ctx, preset, nproc_per_node, nnodes, gpu_memory, strategy, micro_batch_size, device_type):
+    """Per-rank memory of a preset's training step (weights, gradients, optimizer state, activations), DDP and
+    FSDP, with and without activation checkpointing; with --gpu-memory, whether each fits."""
+    from pipeline.config import ConfigError
+
+    from . import plan as stage
+    from .presets import PRESETS
+    from .train import TrainConfig
+
+    if preset:
+        ctx.obj["preset"] = preset
+    name = active_preset(ctx) if Path(ctx.obj["params"]).is_file() else ctx.obj["preset"]
+    if not name:
+        raise ConfigError(f"cca-pipe plan needs a preset (--preset NAME); known: {', '.join(PRESETS)}")
+    if micro_batch_size is not None:  # the one --set it stands for, so the settings are still checked in one place
+        ctx.obj["overrides"].append(f"train.micro_batch_size={micro_batch_size}")
+    params = load_params(ctx.obj["params"]) if Path(ctx.obj["params"]).is_file() else {}
+    overrides = parse_overrides(ctx.obj["overrides"], params, ctx.obj["params"])
+    cfg = build(TrainConfig, params, "train", ctx.obj["preset"], overrides)  # as `cca-pipe train` resolves it
+    given = ctx.parent.params  # the global --nproc-per-node / --nnodes, if given there
+    launch = _launch_config(ctx, nproc_per_node or given.get("nproc_per_node"), nnodes or given.get("nnodes"), None)
+    report = stage.make_report(name, cfg, launch.nproc_per_node * launch.nnodes, gpu_memory,
+                               (strategy,) if strategy else ("ddp", "fsdp"), device_type)
+    click.echo(stage.format_report(report))
+
+
 @main.command()
 @click.argument("path", type=PathType)
 @click.option("--verify", is_flag=True, help="token stores: read every chunk (checksums) and recompute the fingerprint")

@@ -25,8 +25,9 @@ from pipeline.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-# LlamaGen (Table 4): lambda per size; B/L/XL trained with DDP, XXL/3B with FSDP (strategy is issue 17's)
+# LlamaGen (Table 4): lambda per size; B/L/XL trained with DDP, XXL/3B with FSDP (LlamaGen_finetune_fsdp.py)
 _LLAMAGEN_LAMBDA = {"B": 1000.0, "L": 300.0, "XL": 1000.0, "XXL": 1000.0, "3B": 500.0}
+_LLAMAGEN_FSDP = ("XXL", "3B")
 _LLAMAGEN_CCA_CFG_BETA = {"B": 0.1, "L": 0.02, "XL": 0.1, "XXL": 0.1, "3B": 0.1}
 _LLAMAGEN_TRAIN = {
     "loss": "cca", "beta": 0.02, "lr": 1e-5, "lr_schedule": "constant", "epochs": 1.0, "batch_size": 256,
@@ -37,9 +38,12 @@ _LLAMAGEN_TRAIN = {
     # the script sums its 16 micro-batch losses (8 GPUs x 2 rows x accumulation 16 = 256) without dividing:
     # its gradient is 16x the batch mean, which clipping at 1.0 sees (AdamW itself is scale-free)
     "loss_scale": 16.0,
+    "micro_batch_size": 2,  # rows per GPU per forward
 }
 # VAR (Table 4): lambda and the lin0 schedule's end ratio per depth; drop path 0.1 * depth / 24, none for d16
 _VAR = {16: (50.0, 0.1, 0.0), 20: (50.0, 0.1, 0.1 * 20 / 24), 24: (100.0, 0.01, 0.1), 30: (1000.0, 0.01, 0.125)}
+# rows per GPU per forward: VAR's per-GPU batch 256 / ac / 8 GPUs with accumulation ac = 4, 8, 8, 16
+_VAR_MICRO_BATCH = {16: 8, 20: 4, 24: 4, 30: 2}
 _VAR_TRAIN = {
     "loss": "cca", "beta": 0.02, "lr": 2e-5, "epochs": 1.0, "batch_size": 256, "uncond_ratio": 0.1, "dropout": 0.0,
     # lr_control.lr_wd_annealing('lin0'): warm-up over 2% from 0.005 lr, 5% flat, linear decay to end_ratio lr
@@ -49,17 +53,28 @@ _VAR_TRAIN = {
 }
 _ROLL = {"negatives": "roll"}  # torch.roll(labels, -1), both scripts
 
+
+def _llamagen_model(size: str) -> dict:
+    """The model a LlamaGen recipe is for: GPT-<size> at 384x384 through VQ-16, 24 x 24 = 576 tokens (the
+    `model` keys besides `family` are the family's build_meta description, for `cca-pipe plan`)."""
+    return {"family": "llamagen", "gpt_model": f"GPT-{size}", "block_size": 576}
+
+
+def _llamagen_train(size: str, values: dict) -> dict:
+    return {**_LLAMAGEN_TRAIN, **({"strategy": "fsdp"} if size in _LLAMAGEN_FSDP else {}), **values}
+
+
 PRESETS: dict[str, dict] = {
-    **{f"llamagen-{size}": {"model": {"family": "llamagen"}, "reflogp": _ROLL,
-                            "train": {**_LLAMAGEN_TRAIN, "lambda": lam}}
+    **{f"llamagen-{size}": {"model": _llamagen_model(size), "reflogp": _ROLL, "train": _llamagen_train(size, {"lambda": lam})}
        for size, lam in _LLAMAGEN_LAMBDA.items()},
     # CCA+CFG (Table 4): trained with the unconditional rows, sampled with guidance; lambda 1
-    **{f"llamagen-{size}-cca-cfg": {"model": {"family": "llamagen"}, "reflogp": _ROLL,
-                                    "train": {**_LLAMAGEN_TRAIN, "lambda": 1.0, "beta": beta}}
+    **{f"llamagen-{size}-cca-cfg": {"model": _llamagen_model(size), "reflogp": _ROLL,
+                                    "train": _llamagen_train(size, {"lambda": 1.0, "beta": beta})}
        for size, beta in _LLAMAGEN_CCA_CFG_BETA.items()},
     **{f"var-d{depth}": {"model": {"family": "var", "depth": depth}, "reflogp": _ROLL,
                          "train": {**_VAR_TRAIN, "lambda": lam, "end_ratio": end, "drop_path": round(dpr, 6),
-                                   "weight_decay_end": 0.08 if depth == 30 else 0.05}}  # d30: wd annealed 0.05 -> 0.08
+                                   "weight_decay_end": 0.08 if depth == 30 else 0.05,  # d30: wd annealed 0.05 -> 0.08
+                                   "micro_batch_size": _VAR_MICRO_BATCH[depth]}}
        for depth, (lam, end, dpr) in _VAR.items()},
 }
 

@@ -1,0 +1,123 @@
+"""`cca-pipe plan`: will a preset's training fit the GPUs? Per rank, the bytes of weights, gradients,
+optimizer state, buffers, activations and logits at the peak of a training step, for DDP and FSDP, with
+and without activation checkpointing (pipeline/memplan.py), against a GPU's memory.
+
+    cca-pipe plan --preset llamagen-3B --nproc-per-node 8 --gpu-memory 80GB
+
+The model is the one the preset is meant for (its `model` entry in stages/presets.py), built on the meta
+device (shapes only: a 3B model costs nothing to count); the micro-batch, dropout and the preset's
+strategy come from the train settings, resolved as `cca-pipe train` resolves them (defaults <- params.yaml
+<- preset <- --set), and `--micro-batch-size` overrides train.micro_batch_size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config import ConfigError
+from pipeline.families import FAMILIES
+from pipeline.memplan import RESERVE, MemoryPlan, PlanInputs, fits, plan
+
+from . import presets
+from .train import TrainConfig
+
+COLUMNS = (("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True))
+GB = 10**9
+
+ROW_NOTES = {
+    "weights": "float32 master weights (FSDP: this rank's shard), frozen weights, buffers",
+    "gradients": "float32, accumulated over the micro-batches (FSDP: sharded)",
+    "optimizer state": "AdamW's two float32 moments (FSDP: sharded)",
+    "buffers": "DDP: allreduce buckets (a copy of the gradients); FSDP: gathered root and 2 blocks, a block's gradients",
+    "weight copies": "DDP on CUDA: autocast's bf16 copy of every Linear weight, forward to backward",
+    "activations": "kept for backward: every block's saved tensors, or with checkpointing each block's input",
+    "block backward": "one block's backward: its recomputed activations (checkpointing) and gradients in flight",
+    "logits": "float32 logits and the 3 temporaries of their log-sum-exp's backward",
+    "optimizer step": "AdamW's temporaries (CUDA foreach: sqrt of every second moment at once)",
+}
+
+
+@dataclass
+class PlanReport:
+    preset: str
+    model: dict  # the preset's model description
+    inputs: PlanInputs
+    plans: dict[tuple[str, bool], MemoryPlan]  # (strategy, activation checkpointing) -> plan
+    configured: tuple[str, bool]  # the train settings' own (strategy, activation_checkpointing)
+    gpu_memory: int | None
+
+    def fits(self, column: tuple[str, bool]) -> bool | None:
+        return None if self.gpu_memory is None else fits(self.plans[column].peak, self.gpu_memory)
+
+
+def model_description(name: str) -> dict:
+    """The preset's model: {"family": ..., and what its family's build_meta needs}."""
+    description = presets.preset(name).get("model", {})
+    if "family" not in description or len(description) < 2:
+        raise ConfigError(f"preset {name!r} names no model to plan for (stages/presets.py: its `model` entry)")
+    return description
+
+
+def make_report(name: str, cfg: TrainConfig, world_size: int, gpu_memory: int | None = None,
+                strategies: tuple[str, ...] = ("ddp", "fsdp"), device: str = "cuda") -> PlanReport:
+    description = dict(model_description(name))
+    family = description.pop("family")
+    model = FAMILIES[family].build_meta(**description)
+    inputs = FAMILIES[family].plan_inputs(model, cfg.micro_batch_size, world_size=world_size, strategy=cfg.strategy, device=device,
+                               dropout=cfg.dropout, activation_checkpointing=cfg.activation_checkpointing)
+    plans = {(s, c): plan(inputs.variant(strategy=s, activation_checkpointing=c)) for s, c in COLUMNS if s in strategies}
+    return PlanReport(name, {"family": family, **description}, inputs, plans, (cfg.strategy, cfg.activation_checkpointing),
+                      gpu_memory)
+
+
+def column_name(column: tuple[str, bool]) -> str:
+    strategy, checkpointing = column
+    return strategy.upper() + (" + act. ckpt" if checkpointing else "")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(r, widths))) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def format_report(report: PlanReport) -> str:
+    i = report.inputs
+    columns = list(report.plans)
+    mixed = "bf16 (DDP: autocast over float32 weights; FSDP: bf16 gathered weights, float32 reduce-scatter)" \
+        if i.device == "cuda" else "float32"
+    described = ", ".join(f"{k} {v}" for k, v in report.model.items())
+    lines = [
+        f"memory plan per rank: preset {report.preset} ({described})",
+        f"  {i.params_total / 1e9:.3f}B parameters ({i.params_trainable / 1e9:.3f}B trained), {i.layers} blocks of "
+        f"{i.params_largest_block / 1e6:.1f}M, width {i.width}, FFN {i.ffn_hidden}, {i.heads} heads, vocabulary {i.vocab}",
+        f"  micro-batch {i.sequences // 2} rows = {i.sequences} sequences x {i.positions} tokens per forward, dropout {i.dropout}; "
+        f"{i.world_size} process(es); {i.device}: {mixed}",
+        "",
+    ]
+    header = ["GB per rank"] + [column_name(c) + (" *" if c == report.configured else "") for c in columns]
+    rows = [[name] + [f"{report.plans[c].rows()[name] / GB:.2f}" for c in columns] for name in next(iter(report.plans.values())).rows()]
+    rows.append(["peak during"] + [report.plans[c].peak_phase for c in columns])
+    if report.gpu_memory is not None:
+        rows.append([f"fits in {report.gpu_memory / GB:.3g} GB"] + ["yes" if report.fits(c) else "no" for c in columns])
+    lines.append(_table(rows, header))
+    lines.append("")
+    if report.configured in report.plans:
+        lines.append(f"* the train settings' own (train.strategy {report.configured[0]}, "
+                     f"train.activation_checkpointing {str(report.configured[1]).lower()})")
+    for name, note in ROW_NOTES.items():
+        lines.append(f"  {name}: {note}")
+    lines.append("  total (peak): the largest of the logits' backward, a block's backward and the optimizer step "
+                 "(their temporaries never coexist); GB = 10^9 bytes")
+    if i.world_size == 1:
+        lines.append("  one process trains the plain module: DDP and FSDP are the same (no buckets, no sharding)")
+    if report.gpu_memory is not None:
+        usable = (1 - RESERVE) * report.gpu_memory
+        lines.append("")
+        for c in columns:
+            peak = report.plans[c].peak
+            verdict = f"fits in {report.gpu_memory / GB:.3g} GB" if report.fits(c) else "does not fit"
+            lines.append(f"{column_name(c)}: {peak / GB:.1f} GB per rank: {verdict} ({usable / GB:.1f} GB usable)")
+        lines.append(f"usable = {1 - RESERVE:.0%} of the GPU's memory: {RESERVE:.0%} is kept for the CUDA context, NCCL's buffers "
+                     "and the caching allocator's fragmentation, which the plan does not count")
+    return "\n".join(lines)

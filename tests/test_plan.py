@@ -1,0 +1,229 @@
+"""The memory plan (pipeline/memplan.py, `cca-pipe plan`): hand-computed numbers for a tiny model, the
+saved-tensor counts against what autograd really saves, the formula against measured peak memory on the
+CPU, and the acceptance case: llamagen-3B on 8 x 80 GB, where DDP does not fit and FSDP does."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.families import FAMILIES, LLAMAGEN
+from pipeline.memplan import CPU_FP32, fits, parse_memory, plan
+from pipeline.models.llamagen import GPT, GPTConfig
+from stages.cli import main
+from stages.presets import PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = GPTConfig(dim=8, n_layer=2, n_head=2, vocab_size=16, num_classes=3, block_size=4, multiple_of=8)
+
+
+def test_tiny_gpt_hand_computed():
+    """C = 8, F = find_multiple(int(2 * 4 * 8 / 3) = 21, 8) = 24, H = 2, V = 16, 2 blocks; 1 row = 2 sequences
+    of 1 + 4 - 1 = 4 positions: 8 tokens.
+    Parameters: class table 4 x 8 = 32, tokens 16 x 8 = 128, per block wqkv 192 + wo 64 + w1/w3/w2 3 x 192
+    + 2 norms 16 = 848, final norm 8, output 128: P = 32 + 128 + 2 x 848 + 8 + 128 = 1992; root 296; Linear
+    weights 2 x 832 + 128 = 1792; largest tensor 192. Buffer: the RoPE table (1 + 4) x 2 x 2 floats = 80 B.
+
+    CPU, float32, one process: weights 4P + 80 = 8048, gradients 4P = 7968, AdamW 8P = 15936, no buffers.
+    A block per token: float32 norm inputs 2C x 4 + 1/rms 2 x 4 + log-sum-exp H x 4 = 80; x * rsqrt 2C x 4
+    = 64; compute (norm outputs 2C, qkv 3C, RoPE'd q/k 2C, SDPA out C, SwiGLU 4F) = 160 x 4 = 640: 784 B.
+    Root per token: final norm 8 x 4 + 4 + 8 x 4 + 8 x 4, gather index 8, log-sum-exp 4 = 112 B.
+    Kept: 2 x 784 x 8 + 112 x 8 = 13440. Logits 4 x 8 x 16 x 4 = 2048. Block backward (C + F) x 4 x 8 = 1024.
+    Step: 2 x 192 x 4 = 1536. State 31952: phases 47440 (logits), 46416 (block), 33488 (step)."""
+    model = GPT(TINY)
+    inputs = FAMILIES[model.family].plan_inputs(model, 1, device="cpu")
+    assert (inputs.params_total, inputs.params_root, inputs.params_largest_block, inputs.params_linear,
+            inputs.params_largest, inputs.buffer_bytes) == (1992, 296, 848, 1792, 192, 80)
+    p = plan(inputs)
+    assert (p.weights, p.gradients, p.optimizer, p.buffers, p.weight_copies) == (8048, 7968, 15936, 0, 0)
+    assert (p.activations, p.logits, p.block_backward, p.optimizer_step) == (13440, 2048, 1024, 1536)
+    assert p.phases == {"logits backward": 47440, "block backward": 46416, "optimizer step": 33488}
+    assert p.peak == p.total == 47440 and p.peak_phase == "logits backward"
+
+
+def test_tiny_gpt_on_4_gpus_hand_computed():
+    """The same model on 4 CUDA ranks.
+
+    FSDP (bf16 gathered weights: compute and residual 2 bytes): shard ceil(1992 / 4) = 498 -> weights
+    498 x 4 + 80 = 2072, gradients 1992, AdamW 3984; buffers: the root gathered in float32 296 x 4 + its
+    gradients 296 x 4 + autocast's bf16 copy of its Linear weights (at most 296 x 2) + 2 blocks 2 x 848 x 2
+    + a block's gradients and their float32 copy 848 x (2 + 4) = 11440. A block per
+    token: 80 float32 + 2C x 2 = 32 + 160 x 2 = 320: 432; root 32 + 4 + 16 + 16 + 8 + 4 = 80; kept 2 x 432
+    x 8 + 80 x 8 = 7552; block backward 32 x 2 x 8 = 512; step (foreach) 498 x 4 = 1992. State 19488: peak
+    19488 + 7552 + 2048 = 29088 in the logits' backward.
+
+    DDP (autocast over float32 weights: residual 4, compute 2): state 8048 + 7968 + 15936 + buckets 7968 =
+    39920; bf16 weight copies 1792 x 2 = 3584; block 80 + 64 + 320 = 464 per token, root 32 + 4 + 32 + 16
+    + 8 + 4 = 96: kept 2 x 464 x 8 + 96 x 8 = 8192; step 7968. Peak 39920 + 3584 + 8192 + 2048 = 53744.
+    With checkpointing: kept 2 x 32 x 8 + 768 = 1280; block backward 464 x 8 + 512 = 4224 with that block's
+    copies 848 x 2; phases 46832, 39920 + 1696 + 1280 + 4224 = 47120, step 47888: the step is the peak."""
+    inputs = LLAMAGEN.plan_inputs(GPT(TINY), 1, world_size=4, device="cuda")
+    fsdp = plan(inputs.variant(strategy="fsdp"))
+    assert (fsdp.weights, fsdp.gradients, fsdp.optimizer, fsdp.buffers, fsdp.weight_copies) == (2072, 1992, 3984, 11440, 0)
+    assert (fsdp.activations, fsdp.block_backward, fsdp.optimizer_step, fsdp.peak) == (7552, 512, 1992, 29088)
+    ddp = plan(inputs.variant(strategy="ddp"))
+    assert (ddp.buffers, ddp.weight_copies, ddp.activations, ddp.optimizer_step, ddp.peak) == (7968, 3584, 8192, 7968, 53744)
+    ckpt = plan(inputs.variant(strategy="ddp", activation_checkpointing=True))
+    assert (ckpt.activations, ckpt.block_backward, ckpt.block_weight_copies) == (1280, 4224, 1696)
+    assert ckpt.phases == {"logits backward": 46832, "block backward": 47120, "optimizer step": 47888}
+    assert ckpt.peak_phase == "optimizer step"
+
+
+def test_one_process_has_no_buckets_and_no_shards():
+    inputs = LLAMAGEN.plan_inputs(GPT(TINY), 1, world_size=1, device="cpu")
+    assert plan(inputs.variant(strategy="fsdp")) == plan(inputs.variant(strategy="ddp"))
+    assert plan(inputs).buffers == 0
+    assert plan(inputs.variant(world_size=2)).buffers == 4 * 1992  # DDP's buckets from 2 processes on
+    assert plan(inputs.variant(world_size=2, ddp_gradient_as_bucket_view=True)).buffers == 0
+
+
+def _saved_bytes(model, tokens, labels) -> int:
+    """Bytes of the distinct storages autograd saves in one forward, parameters and buffers excluded."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in own:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, labels)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("family", ["llamagen", "var"])
+def test_activation_counts_are_what_autograd_saves(family):
+    """Everything kept for backward (plus the saved float32 logits) is what the saved-tensor hooks see."""
+    torch.manual_seed(0)
+    if family == "llamagen":
+        description = {"gpt_model": "GPT-B", "block_size": 64, "dim": 64, "n_layer": 3, "n_head": 4, "vocab_size": 256,
+                       "num_classes": 5}
+        dropout = 0.1
+    else:
+        description = {"depth": 3, "width": 64, "heads": 4, "vocab_size": 256, "num_classes": 5, "patch_nums": (1, 2, 3, 4, 6)}
+        dropout = 0.0
+    model = FAMILIES[family].build_meta("cpu", **description)
+    model.set_dropout(dropout)
+    model.train()
+    rows = 3
+    inputs = FAMILIES[model.family].plan_inputs(model, rows, device="cpu", dropout=dropout)
+    tokens = torch.randint(0, 256, (2 * rows, model.cfg.seq_len))
+    labels = torch.randint(0, 5, (2 * rows,))
+    expected = plan(inputs).activations + inputs.sequences * inputs.positions * inputs.vocab * 4
+    assert _saved_bytes(model, tokens, labels) == pytest.approx(expected, rel=0.02)
+
+
+def test_each_family_carries_its_block_activations():
+    acts = FAMILIES["llamagen"].memory.block_activations(TINY, CPU_FP32, dropout=0.1)
+    assert acts.block_per_token == 784 + 2 * 8 * 4  # two dropout masks of C: the float noise on the CPU
+    with pytest.raises(ValueError, match="drop path only"):
+        FAMILIES["var"].memory.block_activations(FAMILIES["var"].build_meta(depth=2).cfg, CPU_FP32, dropout=0.1)
+
+
+# ---------------------------------------------------------------------------------- measured on the CPU
+
+
+def test_plan_matches_measured_peak_on_cpu(monkeypatch):
+    """Small GPT and VAR models (their state ~tens of MB, activations comparable) trained for 2 steps in a
+    fresh process (bench/memory.py: one thread, glibc returning freed tensors): the plan's peak within 25% of
+    the measured peak RSS, and so is the saving from activation checkpointing."""
+    monkeypatch.syspath_prepend(str(ROOT))  # bench/ is not installed (`make test` runs python -m pytest from the root)
+    from bench.memory import measure, planned, spec
+
+    gpt = {"gpt_model": "GPT-B", "block_size": 256, "dim": 256, "n_layer": 4, "n_head": 4, "vocab_size": 1024}
+    var = {"depth": 4, "width": 256, "heads": 4, "vocab_size": 1024, "patch_nums": (1, 2, 3, 4, 5, 6, 8, 10)}
+    specs = [spec("llamagen", gpt, 4, ckpt, dropout=0.1) for ckpt in (False, True)] + \
+            [spec("var", var, 4, ckpt) for ckpt in (False, True)]
+    measured = [m["peak_bytes"] for m in measure(specs, timeout=240)]
+    plans = [planned(s)[1].peak for s in specs]
+    report = [f"{s['family']} ckpt={s['activation_checkpointing']}: planned {p / 1e6:.0f} MB, measured {m / 1e6:.0f} MB"
+              for s, p, m in zip(specs, plans, measured, strict=True)]
+    for p, m in zip(plans, measured, strict=True):
+        assert abs(m - p) <= 0.25 * p, report
+    for i in (0, 2):  # without minus with checkpointing
+        saving, planned_saving = measured[i] - measured[i + 1], plans[i] - plans[i + 1]
+        assert planned_saving > 0 and abs(saving - planned_saving) <= 0.25 * planned_saving, report
+
+
+# ---------------------------------------------------------------------------------- presets and the CLI
+
+
+def test_every_preset_names_a_model_that_builds_on_meta():
+    for name, recipe in PRESETS.items():
+        description = dict(recipe["model"])
+        model = FAMILIES[description.pop("family")].build_meta(**description)
+        assert all(p.is_meta for p in model.parameters()), name
+    three_b_model = LLAMAGEN.build_meta(gpt_model="GPT-3B", block_size=576)
+    three_b = plan(LLAMAGEN.plan_inputs(three_b_model, 2))
+    assert 3.0e9 < three_b.weights / 4 < 3.2e9  # LlamaGen's GPT-3B: 3.1B parameters
+
+
+def test_presets_carry_the_released_micro_batches_and_strategies():
+    micro = {name: recipe["train"]["micro_batch_size"] for name, recipe in PRESETS.items()}
+    assert {micro[f"var-d{d}"] for d in (16, 20, 24, 30)} == {8, 4, 2} and micro["var-d16"] == 8 and micro["var-d30"] == 2
+    assert all(micro[n] == 2 for n in PRESETS if n.startswith("llamagen-"))
+    fsdp = {n for n, recipe in PRESETS.items() if recipe["train"].get("strategy") == "fsdp"}
+    assert fsdp == {"llamagen-XXL", "llamagen-3B", "llamagen-XXL-cca-cfg", "llamagen-3B-cca-cfg"}
+
+
+def _plan(*args: str):
+    result = CliRunner().invoke(main, ["--params", "/nonexistent/params.yaml", "plan", *args])
+    return result
+
+
+def _gb_row(output: str, name: str) -> list[float]:
+    line = next(line for line in output.splitlines() if line.startswith(f"| {name} "))
+    return [float(x) for x in line.strip("|").split("|")[1:]]
+
+
+def test_llamagen_3b_on_8_gpus_ddp_does_not_fit_fsdp_does():
+    result = _plan("--preset", "llamagen-3B", "--nproc-per-node", "8", "--gpu-memory", "80GB")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    out = result.output
+    header = next(line for line in out.splitlines() if line.startswith("| GB per rank"))
+    assert [c.strip() for c in header.strip("|").split("|")[1:]] == ["DDP", "DDP + act. ckpt", "FSDP *", "FSDP + act. ckpt"]
+    weights, total = _gb_row(out, "weights"), _gb_row(out, "total (peak)")
+    assert weights[0] == pytest.approx(4 * 3.0967e9 / 1e9, abs=0.01)  # every DDP rank: all float32 weights
+    assert weights[2] == pytest.approx(weights[0] / 8, abs=0.01)  # FSDP: 1/8 of them
+    usable = 0.9 * 80
+    assert total[0] > total[1] > usable > total[2] > total[3]  # DDP does not fit, even with checkpointing; FSDP does
+    for row in ("weights", "gradients", "optimizer state", "buffers", "activations", "logits"):
+        assert all(v >= 0 for v in _gb_row(out, row))
+    assert re.search(r"^\| fits in 80 GB +\| +no \| +no \| +yes \| +yes \|$", out, re.M), out
+    assert f"DDP: {total[0]:.1f} GB per rank: does not fit" in out and f"FSDP: {total[2]:.1f} GB per rank: fits in 80 GB" in out
+
+
+def test_plan_options_and_settings():
+    one = _plan("--preset", "var-d16", "--strategy", "fsdp", "--micro-batch-size", "4", "--device", "cpu")
+    assert one.exit_code == 0, one.output + repr(one.exception)
+    assert "micro-batch 4 rows = 8 sequences x 680 tokens" in one.output and "1 process(es)" in one.output
+    header = next(line for line in one.output.splitlines() if line.startswith("| GB per rank"))
+    assert [c.strip() for c in header.strip("|").split("|")[1:]] == ["FSDP", "FSDP + act. ckpt"]
+    overridden = CliRunner().invoke(main, ["--params", "/nonexistent/params.yaml", "--nproc-per-node", "4",
+                                           "--set", "train.micro_batch_size=1", "plan", "--preset", "llamagen-B"])
+    assert overridden.exit_code == 0, overridden.output + repr(overridden.exception)
+    assert "micro-batch 1 rows = 2 sequences x 576 tokens" in overridden.output and "4 process(es)" in overridden.output
+
+
+def test_plan_bad_inputs():
+    unknown = _plan("--preset", "llamagen-4B", "--nproc-per-node", "8")
+    assert unknown.exit_code != 0 and "unknown preset 'llamagen-4B'; known: llamagen-B" in str(unknown.exception)
+    bad = _plan("--preset", "llamagen-3B", "--gpu-memory", "eighty")
+    assert bad.exit_code == 2 and "80GB, 80GiB or 24G" in bad.output
+    none = _plan()
+    assert none.exit_code != 0 and "needs a preset" in str(none.exception)
+
+
+def test_memory_sizes():
+    assert parse_memory("80GB") == 80 * 10**9 and parse_memory("80GiB") == 80 * 2**30 and parse_memory("24G") == 24 * 10**9
+    assert parse_memory("81559MiB") == 81559 * 2**20 and parse_memory(" 1.5 TB ") == 1.5e12
+    for text in ("", "80 XB", "-4GB", "0GB", "GB"):
+        with pytest.raises(ValueError, match="80GB, 80GiB or 24G"):
+            parse_memory(text)
+    assert fits(72 * 10**9, 80 * 10**9) and not fits(72 * 10**9 + 1, 80 * 10**9)
