@@ -18,12 +18,12 @@ $(BIN)/cca-pipe: pyproject.toml
 install: $(BIN)/cca-pipe
 
 demo: install
-	@start=$$(date +%s); dvc repro && cca-pipe results data/report/results.md; \
+	@start=$$(date +%s); dvc repro && cca-pipe results data/report/results.md && \
 	echo "dvc repro + results: $$(( $$(date +%s) - start )) s"
 
 # The paper's other experiments (DPO, Unlearning, CCA+CFG, a lambda-conditioned policy) on the same cache
 paper: demo
-	@start=$$(date +%s); cd pipelines/paper && dvc repro && cca-pipe results ../../data/paper/report/results.md; \
+	@start=$$(date +%s); cd pipelines/paper && dvc repro && cca-pipe results ../../data/paper/report/results.md && \
 	echo "pipelines/paper dvc repro + results: $$(( $$(date +%s) - start )) s"
 
 test: install
