@@ -65,7 +65,7 @@ class TrainConfig:
     drop_path: float = setting(0.0, ge=0.0, lt=1.0)
     epochs: float = setting(3.0, gt=0.0)
     batch_size: int = setting(64, ge=1, multiple_of="micro_batch_size")  # global batch of cache rows
-    micro_batch_size: int = setting(64, ge=1)  # rows per forward; gradient accumulation makes up the batch
+    micro_batch_size: int = setting(32, ge=1)  # rows per forward; gradient accumulation makes up the batch
     uncond_ratio: float = setting(0.1, ge=0.0, lt=1.0)
     seed: int = setting(0, ge=0)
     # data order: token-store chunks are shuffled, then rows within groups of this many chunks
