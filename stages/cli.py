@@ -91,11 +91,12 @@ def main(ctx: click.Context, params: Path, overrides: tuple[str, ...], preset: s
 
 
 def _launch_config(ctx: click.Context, nproc_per_node, nnodes, rdzv_endpoint) -> LaunchConfig:
-    """params.yaml's launch section, with the command line's options over it."""
+    """params.yaml's launch section, `--set launch.*` over it, the command line's options over both."""
     params = load_params(ctx.obj["params"]) if Path(ctx.obj["params"]).is_file() else {}
+    overrides = parse_overrides(ctx.obj["overrides"], params, ctx.obj["params"])
     flags = {k: v for k, v in (("nproc_per_node", nproc_per_node), ("nnodes", nnodes), ("rdzv_endpoint", rdzv_endpoint))
              if v is not None}
-    return build(LaunchConfig, params, "launch", overrides={"launch": flags})
+    return build(LaunchConfig, params, "launch", overrides={"launch": {**overrides.get("launch", {}), **flags}})
 
 
 @main.command()
@@ -272,7 +273,7 @@ def report(ctx, eval_dir, train_dir, sweep_dir, out):
     (the main run, and the sweep points listed in params.yaml's `sweep` section)."""
     from . import report as stage
 
-    params = load_params(ctx.obj["params"])
+    params = load_params(ctx.obj["params"], ctx.obj["overrides"])
     click.echo(stage.run(eval_dir, train_dir, sweep_dir, out, params.get("sweep")))
 
 
@@ -289,7 +290,7 @@ def paper(ctx, eval_dir, train_dir, sweep_dir, paper_dir, paper_params, out):
     on the embedded default, from the runs of pipelines/paper (`make paper`)."""
     from . import paper as stage
 
-    sweep, sections = load_params(ctx.obj["params"]).get("sweep"), load_params(paper_params)
+    sweep, sections = load_params(ctx.obj["params"], ctx.obj["overrides"]).get("sweep"), load_params(paper_params)
     click.echo(stage.run(eval_dir, train_dir, sweep_dir, paper_dir, out, sweep, sections["paper"]))
 
 

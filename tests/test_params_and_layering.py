@@ -43,6 +43,27 @@ def test_overrides_parse_as_yaml(tmp_path):
         load_params(tmp_path / "p.yaml", ["train.lambda"])
 
 
+def test_launch_settings_take_set_and_then_the_command_line(tmp_path):
+    """params.yaml's launch section <- `--set launch.*` <- --nproc-per-node: the order of every other section
+    (a `--set launch.nproc_per_node=1` that was ignored ran a job on 2 processes)."""
+    from types import SimpleNamespace
+
+    from stages.cli import _launch_config
+
+    params = tmp_path / "params.yaml"
+    params.write_text("launch:\n  nproc_per_node: 2\n  nnodes: 1\n  rdzv_endpoint: ''\n")
+
+    def launch(overrides, **flags):
+        ctx = SimpleNamespace(obj={"params": params, "overrides": overrides})
+        return _launch_config(ctx, flags.get("nproc"), None, None)
+
+    assert launch([]).nproc_per_node == 2
+    assert launch(["launch.nproc_per_node=1"]).nproc_per_node == 1
+    assert launch(["launch.nproc_per_node=1"], nproc=4).nproc_per_node == 4
+    with pytest.raises(ParamsError, match="nproc_per_node"):
+        launch(["launch.nproc_per_node=0"])
+
+
 def test_project_params_build_every_stage():
     params = load_params(ROOT / "params.yaml")
     for cls, section in ((prepare.PrepareConfig, "prepare"), (pretrain_vq.PretrainVQConfig, "pretrain_vq"),
