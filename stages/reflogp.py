@@ -17,14 +17,13 @@ import torch
 from pipeline.checkpoint import file_sha256
 from pipeline.config import check_ranges, setting
 from pipeline.distributed import World
-from pipeline.families import load_model
 from pipeline.formats import RefCacheParts, claim_ref_cache, read_ref_cache
-from pipeline.parallel import STRATEGIES, distribute, place
+from pipeline.parallel import STRATEGIES, distribute
 from pipeline.progress import progress
 from pipeline.refcache import NEGATIVES, draw_pairs, reference_logps
 from pipeline.tokenstore import open_token_store
 
-from . import presets
+from .loading import load_for_store
 from .params import as_params
 
 log = logging.getLogger(__name__)
@@ -61,13 +60,8 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
              depth, preset) -> None:
     out, device = claim.target, world.device
     store = open_token_store(tokens_path)
-    family, model = load_model(ref_path, "--ref", spec=gpt_model, seq_len=store.seq_len, vae=vae, vae_model=vae_model,
-                               depth=depth, patch_nums=store.attrs.get("patch_nums"))
-    model = place(model, world, cfg.strategy)
-    family.check_fits(model, store.attrs, tokens_path, ref_path)
-    if world.main:  # the others stop with it if a chunk is damaged
-        store.check_chunks()
-    presets.check_model(preset, family.name, model.cfg)
+    family, model = load_for_store(ref_path, "--ref", store, tokens_path, world, cfg.strategy, preset,
+                                   spec=gpt_model, vae=vae, vae_model=vae_model, depth=depth)
     pairs = draw_pairs(store.labels, store.tokens.shape[1], store.num_classes, cfg.seed, cfg.views, cfg.negatives)
     provenance = {
         "tokens_fingerprint": store.fingerprint,

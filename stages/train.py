@@ -22,16 +22,16 @@ from pipeline.checkpoint import file_sha256
 from pipeline.config import ConfigError, check_ranges, setting, settings_digest
 from pipeline.device import local_bytes, peak_rss_mb, rss_mb
 from pipeline.distributed import World
-from pipeline.families import family_of, family_of_model, load_model
+from pipeline.families import family_of, family_of_model
 from pipeline.formats import read_ref_cache
 from pipeline.losses import LOSSES
 from pipeline.outputs import StageDir, write_json
-from pipeline.parallel import STRATEGIES, TrainState, full_state_dict, place
+from pipeline.parallel import STRATEGIES, TrainState, full_state_dict
 from pipeline.progress import progress
 from pipeline.tokenstore import open_token_store
 
-from . import presets
 from .common import StepLog
+from .loading import load_for_store
 from .params import save_settings
 
 log = logging.getLogger(__name__)
@@ -136,13 +136,8 @@ def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, cl
     expect = {"tokens_fingerprint": store.fingerprint, "ref_ckpt_sha256": init_sha, "logp_code": family.logp_code()}
     cache, provenance = read_ref_cache(cache_path, expect=expect, store=store)
     store.tokens.cache_chunks = cfg.shuffle_buffer_chunks  # a batch touches at most this many chunks
-    family, policy = load_model(init, "--init", spec=gpt_model, seq_len=store.seq_len, vae=vae, vae_model=vae_model,
-                                depth=depth, patch_nums=store.attrs.get("patch_nums"))
-    policy = place(policy, world, cfg.strategy)
-    family.check_fits(policy, store.attrs, tokens_path, init)
-    if world.main:  # the others stop with it if a chunk is damaged
-        store.check_chunks()
-    presets.check_model(preset, family.name, policy.cfg)
+    family, policy = load_for_store(init, "--init", store, tokens_path, world, cfg.strategy, preset,
+                                    spec=gpt_model, vae=vae, vae_model=vae_model, depth=depth)
     policy.set_dropout(cfg.dropout, cfg.drop_path)
     if cfg.lambda_conditioning is not None:
         policy.enable_lambda_conditioning()

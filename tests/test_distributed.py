@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
+from worlds import write_reference_images
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.formats import read_ref_cache
@@ -48,10 +48,7 @@ def world(tmp_path_factory) -> Path:
     save_checkpoint(root / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), family="llamagen-gpt")
     save_checkpoint(root / "vq.pt", VQModel(VQ_CFG).state_dict(), VQ_CFG.to_dict(), family="llamagen-vq")
     save_classifier(root / "clf.pt", ImageClassifier(ClassifierConfig(num_classes=3)).eval())
-    for c in range(3):
-        (root / "ref" / str(c)).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "ref" / str(c) / f"{i}.png")
+    write_reference_images(root / "ref", rng)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["reflogp"].update(views="all", batch_size=8, part_rows=16)  # 80 rows: 5 parts
     # 4 micro-batches of 2 rows per step; dropout on, so the per-micro-batch seeds are exercised too

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from click.testing import CliRunner
-from PIL import Image
+from worlds import write_reference_images
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.formats import write_ref_cache
@@ -28,10 +28,7 @@ def _world(tmp_path):
     save_checkpoint(tmp_path / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), family="llamagen-gpt")
     save_classifier(tmp_path / "clf.pt", ImageClassifier(ClassifierConfig(num_classes=3)).eval())
     rng = np.random.default_rng(0)
-    for c in range(3):
-        (tmp_path / "ref" / str(c)).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "ref" / str(c) / f"{i}.png")
+    write_reference_images(tmp_path / "ref", rng)
 
 
 def _eval(tmp_path, caplog=None):

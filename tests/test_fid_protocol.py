@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from worlds import write_reference_images
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.metrics import (
@@ -85,10 +85,7 @@ def _eval_world(tmp_path):
     save_checkpoint(tmp_path / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), family="llamagen-gpt")
     save_classifier(tmp_path / "clf.pt", ImageClassifier(ClassifierConfig(num_classes=3, feature_dim=8)).eval())
     rng = np.random.default_rng(0)
-    for c in range(3):
-        (tmp_path / "ref" / str(c)).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "ref" / str(c) / f"{i}.png")
+    write_reference_images(tmp_path / "ref", rng)
 
 
 def _run(tmp_path, reference, out: str) -> dict:

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
+from worlds import write_reference_images
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "tiny_pipeline.json"
@@ -54,10 +54,7 @@ def build_world(root: Path) -> Path:
     save_checkpoint(root / "gpt.pt", GPTModel(gpt_cfg).state_dict(), gpt_cfg.to_dict(), family="llamagen-gpt")
     save_checkpoint(root / "vq.pt", VQModel(vq_cfg).state_dict(), vq_cfg.to_dict(), family="llamagen-vq")
     save_classifier(root / "clf.pt", ImageClassifier(ClassifierConfig(num_classes=3)).eval())
-    for c in range(3):
-        (root / "ref" / str(c)).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "ref" / str(c) / f"{i}.png")
+    write_reference_images(root / "ref", rng)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["reflogp"].update(seed=0, views="all", batch_size=8, part_rows=16)
     params["train"].update(beta=0.5, epochs=2, batch_size=8, micro_batch_size=4, lr=1e-3, uncond_ratio=0.25, save_every=0)
