@@ -140,7 +140,7 @@ def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, cl
                                     spec=gpt_model, vae=vae, vae_model=vae_model, depth=depth)
     policy.set_dropout(cfg.dropout, cfg.drop_path)
     if cfg.lambda_conditioning is not None:
-        policy.enable_lambda_conditioning()
+        policy.enable_lambda_conditioning(seed=cfg.seed)
     claim.key = key = run_key(cfg, provenance, init_sha)
     work = claim.open_partial() if world.main else claim.partial
     world.barrier()  # every process resumes from what the main process kept (a filesystem they all see)

@@ -409,3 +409,27 @@ def test_var_training_resumes_to_identical_weights(world, tmp_path):
     resumed = train(fresh(), train_state=TrainState(tmp_path, "run", World()))  # steps 3 and 4 only
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_a_new_lambda_embedding_follows_its_seed_not_the_global_generator(world):
+    """Train adds the embedding before anything seeds torch: drawn from torch's global generator, two runs
+    (or two FSDP ranks) of one recipe started from different first layers. Both families, one mechanism."""
+    from pipeline.models.llamagen import GPT, GPTConfig
+
+    _, model = world
+
+    def fresh_embedding(family: str, global_seed: int, seed: int) -> dict:
+        if family == "var":
+            policy = VARModel(VAR(model.cfg), model.quantizer)
+        else:
+            policy = GPT(GPTConfig(dim=32, n_layer=1, n_head=2, vocab_size=32, num_classes=3, block_size=16, multiple_of=16))
+        torch.manual_seed(global_seed)
+        policy.enable_lambda_conditioning(seed=seed)
+        embed = policy.var.lambda_embed if family == "var" else policy.lambda_embed
+        return {k: v.clone() for k, v in embed.state_dict().items()}
+
+    for family in ("var", "llamagen"):
+        a, b, other = fresh_embedding(family, 1, 0), fresh_embedding(family, 2, 0), fresh_embedding(family, 1, 1)
+        assert all(torch.equal(a[k], b[k]) for k in a), family
+        assert not torch.equal(a["mlp.0.weight"], other["mlp.0.weight"]), family
+        assert not a["mlp.2.weight"].any() and not a["mlp.2.bias"].any()  # still adds nothing at step 0

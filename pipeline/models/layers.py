@@ -33,10 +33,15 @@ class LambdaEmbedding(nn.Module):
     -> Linear. The last layer starts at zero, so a new embedding adds exactly nothing: the policy at step 0
     is the reference, for any lambda, and the cache stays valid."""
 
-    def __init__(self, dim: int, features: int = 256, max_period: float = 10000.0):
+    def __init__(self, dim: int, features: int = 256, max_period: float = 10000.0, seed: int = 0):
         super().__init__()
         self.features, self.max_period = features, max_period
         self.mlp = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim))
+        # The first layer from `seed`, not from torch's global generator (unseeded when train adds the
+        # embedding): a new embedding is the same in every run and on every rank, whatever came before.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.mlp[0].reset_parameters()
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
 

@@ -277,11 +277,11 @@ class GPT(nn.Module):
             layer.attention.resid_dropout.p = layer.feed_forward.ffn_dropout.p = dropout
             layer.drop_path.rate = rate
 
-    def enable_lambda_conditioning(self) -> None:
-        """Add a zero-initialised lambda embedding (the policy is unchanged until it trains)."""
+    def enable_lambda_conditioning(self, seed: int = 0) -> None:
+        """Add a zero-initialised lambda embedding (the policy is unchanged until it trains), drawn from `seed`."""
         if not self.cfg.lambda_conditioning:
             self.cfg = GPTConfig(**{**self.cfg.to_dict(), "lambda_conditioning": True})
-            self.lambda_embed = LambdaEmbedding(self.cfg.dim).to(self.output.weight.device)
+            self.lambda_embed = LambdaEmbedding(self.cfg.dim, seed=seed).to(self.output.weight.device)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced log p(z_t | z_<t, c) for every token: tokens (B, N), labels (B,) -> (B, N) float32.

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -268,11 +268,12 @@ class VARModel(nn.Module):
             teacher_input = self.quantizer.teacher_forcing_input(tokens)
         return token_logp(self.var(labels, teacher_input, lam), tokens)
 
-    def enable_lambda_conditioning(self) -> None:
-        """Add a zero-initialised lambda embedding (the policy is unchanged until it trains)."""
+    def enable_lambda_conditioning(self, seed: int = 0) -> None:
+        """Add a zero-initialised lambda embedding (the policy is unchanged until it trains), drawn from `seed`."""
         if not self.cfg.lambda_conditioning:
-            self.cfg.lambda_conditioning = True
-            self.var.lambda_embed = LambdaEmbedding(self.cfg.width).to(self.var.head.weight.device)
+            # a new config, not an edit of one other models may share (VAR(cfg) keeps the object it is given)
+            self.cfg = self.var.cfg = replace(self.cfg, lambda_conditioning=True)
+            self.var.lambda_embed = LambdaEmbedding(self.cfg.width, seed=seed).to(self.var.head.weight.device)
 
     def set_dropout(self, dropout: float = 0.0, drop_path: float = 0.0) -> None:
         """VAR's fine-tuning regularisation: drop path rising linearly over the blocks to `drop_path`
