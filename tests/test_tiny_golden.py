@@ -6,10 +6,25 @@ One deliberate change since: eval's samples (sample_sha256, eval) were re-record
 sampling moved to one random stream per sample, seeded by (seed, sample index) (pipeline.sampling
 .generate_images), so that any split of a set over batches or torchrun processes draws the same images;
 before, one generator per set was consumed batch after batch. The cache and the training values are still
-those of commit 6d518ed.
+those of commit 6d518ed. On 2026-12-02 the digest of each sampled image (`sample_digests`) was added, from
+a run whose whole sets still had the recorded sha256 (so they are the same images), to compare across CPUs.
 
-Integers (sample codes, row order) must match exactly; floats to 1e-9 relative (CPU runs are
-deterministic on one machine; another CPU's kernels may round the last bits differently).
+What is compared, and how closely (the suite must pass on any CPU the README's install reaches: runs are
+deterministic on one machine, but another CPU's kernels (AVX-512, AVX2, or none: try
+`ATEN_CPU_CAPABILITY=default`) add and multiply in another order and round the last bits differently):
+- integers the code fixes (cache rows, labels, negatives, views): exactly;
+- the cached log-probs, float32 sums of 16 token log-probs of ~3.5 nats: to 1e-5 relative. One float32
+  rounding is 6e-8 relative; another kernel order moves a sum by a few of them (measured 1.4e-7 between the
+  recording machine and an AMD EPYC, and with ATEN_CPU_CAPABILITY=default);
+- the training log and the final weights, after 12 AdamW steps that carry those differences along: to 1e-4
+  absolute (1e-4 relative above 1; measured at most 3e-6 nats and 1.8e-5 relative), far below what any
+  change of the loss, data order or optimiser moves them (1e-2 and more);
+- samples: a sampled token is a draw from a categorical distribution, and a last-bit difference in a
+  probability flips a draw that falls within it of a boundary, after which that image differs. With this
+  random 32-code model, 2 of the 72 images (in 3 of the 6 sets) differed under ATEN_CPU_CAPABILITY=default, so
+  each image is compared by its own digest and at least 90% of the 72 must be the recorded ones (any change
+  of the sampler changes nearly all of them);
+- the metrics, to 1e-3 relative (the few images that may differ move them by ~2e-5).
 """
 
 from __future__ import annotations
@@ -85,10 +100,11 @@ def run_pipeline(root: Path) -> dict:
     policy = torch.load(root / "train/policy.pt", weights_only=True)["model"]
     log = [json.loads(line) for line in (root / "train/log.jsonl").read_text().splitlines()]
     metrics = json.loads((root / "eval/metrics.json").read_text())
-    samples = {}
+    samples, digests = {}, {}
     for path in sorted((root / "eval/samples").glob("*.npz")):
         with np.load(path, allow_pickle=False) as f:
             samples[path.stem] = hashlib.sha256(f["arr_0"].tobytes()).hexdigest()
+            digests[path.stem] = [hashlib.sha256(image.tobytes()).hexdigest()[:16] for image in f["arr_0"]]
     return {
         "cache": {k: [float(x) for x in v] if k.startswith("ref_logp") else [int(x) for x in v] for k, v in cache.items()},
         "train_loss": [r["loss"] for r in log],
@@ -96,12 +112,15 @@ def run_pipeline(root: Path) -> dict:
         "policy_sums": {k: float(v.double().sum()) for k, v in sorted(policy.items())},
         "eval": {name: {k: m[k] for k in ("fid", "is", "precision", "recall", "class_accuracy")}
                  for name, m in metrics["methods"].items()},
-        "sample_sha256": samples,
+        "sample_sha256": samples,  # of each whole set: equal on the recording machine's kind of CPU
+        "sample_digests": digests,  # of each image: what is compared across CPUs
     }
 
 
-def _close(a: float, b: float) -> bool:
-    return a == b or abs(a - b) <= 1e-9 * max(abs(a), abs(b))
+def _worst(now: list[float], recorded: list[float], relative_to: float) -> float:
+    """The largest |now - recorded| / max(relative_to, |recorded|)."""
+    assert len(now) == len(recorded)
+    return max(abs(a - b) / max(relative_to, abs(b)) for a, b in zip(now, recorded, strict=True))
 
 
 def test_tiny_pipeline_matches_the_recorded_values(tmp_path):
@@ -110,14 +129,17 @@ def test_tiny_pipeline_matches_the_recorded_values(tmp_path):
     for k in ("row", "label", "neg_label", "view"):
         assert now["cache"][k] == golden["cache"][k], k
     for k in ("ref_logp_pos", "ref_logp_neg", "ref_logp_null"):
-        assert all(_close(a, b) for a, b in zip(now["cache"][k], golden["cache"][k], strict=True)), k
+        assert _worst(now["cache"][k], golden["cache"][k], 0.0) <= 1e-5, k
     for k in ("train_loss", "train_rewards_pos"):
-        assert all(_close(a, b) for a, b in zip(now[k], golden[k], strict=True)), k
+        assert _worst(now[k], golden[k], 1.0) <= 1e-4, k
     assert now["policy_sums"].keys() == golden["policy_sums"].keys()
-    assert all(_close(now["policy_sums"][k], v) for k, v in golden["policy_sums"].items())
-    assert now["sample_sha256"] == golden["sample_sha256"]
+    assert _worst([now["policy_sums"][k] for k in golden["policy_sums"]], list(golden["policy_sums"].values()), 1.0) <= 1e-4
+    assert now["sample_digests"].keys() == golden["sample_digests"].keys()
+    same = [a == b for name in golden["sample_digests"]
+            for a, b in zip(now["sample_digests"][name], golden["sample_digests"][name], strict=True)]
+    assert sum(same) >= 0.9 * len(same), f"only {sum(same)} of {len(same)} sampled images are the recorded ones"
     for name, m in golden["eval"].items():
-        assert all(abs(now["eval"][name][k] - v) <= 1e-6 * max(1.0, abs(v)) for k, v in m.items()), (name, now["eval"][name], m)
+        assert _worst([now["eval"][name][k] for k in m], list(m.values()), 1.0) <= 1e-3, (name, now["eval"][name], m)
 
 
 if __name__ == "__main__" and ("--record" in sys.argv or "--record-eval" in sys.argv):
@@ -126,7 +148,7 @@ if __name__ == "__main__" and ("--record" in sys.argv or "--record-eval" in sys.
     with tempfile.TemporaryDirectory() as tmp:
         values = run_pipeline(build_world(Path(tmp)))
     if "--record-eval" in sys.argv:  # keep the cache and train values, replace the eval ones
-        values = {**json.loads(GOLDEN.read_text()), "eval": values["eval"], "sample_sha256": values["sample_sha256"]}
+        values = {**json.loads(GOLDEN.read_text()), **{k: values[k] for k in ("eval", "sample_sha256", "sample_digests")}}
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps(values, indent=1) + "\n")
     print(f"recorded {GOLDEN}")
