@@ -107,13 +107,12 @@ def planned(strategy: str, checkpointing: bool, quick: bool, device) -> float:
     """The plan's per-rank peak for this run (GB): pipeline/memplan.py, what `cca-pipe plan` prints."""
     import torch
 
-    from pipeline.families import LLAMAGEN
-    from pipeline.memplan import plan
+    from pipeline.memplan import inputs_from_model, plan
     from pipeline.models.llamagen import GPT
 
     with torch.device("meta"):
         model = GPT(model_config(quick))
-    return plan(LLAMAGEN.plan_inputs(model, 1, world_size=2, strategy=strategy, activation_checkpointing=checkpointing,
+    return plan(inputs_from_model(model, 1, world_size=2, strategy=strategy, activation_checkpointing=checkpointing,
                                      device=device.type)).peak / 1e9
 
 

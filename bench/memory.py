@@ -41,18 +41,16 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # see the docstring
 
 def spec(family: str, model: dict, micro_batch_size: int, activation_checkpointing: bool, dropout: float = 0.0,
          num_classes: int = 10) -> dict:
-    """One measurement: the model (its family's build_meta description), its batch and settings."""
+    """One measurement: the model (pipeline.memplan.build_meta's description), its batch and settings."""
     return {"family": family, "model": {**model, "num_classes": num_classes}, "micro_batch_size": micro_batch_size,
             "activation_checkpointing": activation_checkpointing, "dropout": dropout}
 
 
 def planned(s: dict):
     """(PlanInputs, MemoryPlan) for a spec: one process on the CPU (DDP at world size 1: no buckets), float32."""
-    from pipeline.families import FAMILIES
-    from pipeline.memplan import plan
+    from pipeline.memplan import build_meta, inputs_from_model, plan
 
-    family = FAMILIES[s["family"]]
-    inputs = family.plan_inputs(family.build_meta(**s["model"]), s["micro_batch_size"], world_size=1, strategy="ddp",
+    inputs = inputs_from_model(build_meta(s["family"], **s["model"]), s["micro_batch_size"], world_size=1, strategy="ddp",
                                device="cpu", activation_checkpointing=s["activation_checkpointing"], dropout=s["dropout"])
     return inputs, plan(inputs)
 
@@ -102,14 +100,14 @@ def _train(model, s: dict, micro_batches: tuple[int, ...] = (1, 2), seed: int = 
 
 
 def _build(s: dict, tiny: bool = False):
-    from pipeline.families import FAMILIES
+    from pipeline.memplan import build_meta
 
     model_spec = dict(s["model"])
     if tiny:  # the same code paths at a negligible size
         keys = {"llamagen": {"dim": 64, "n_layer": 1, "n_head": 4, "block_size": 16},
                 "var": {"width": 64, "depth": 1, "heads": 4}}[s["family"]]
         model_spec.update(keys)
-    model = FAMILIES[s["family"]].build_meta("cpu", **model_spec)
+    model = build_meta(s["family"], "cpu", **model_spec)
     model.set_dropout(s["dropout"])
     model.set_activation_checkpointing(s["activation_checkpointing"])
     return model

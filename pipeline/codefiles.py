@@ -51,9 +51,10 @@ def imports_of(path: Path) -> set[str]:
     return {m for m in found if module_file(m) is not None}
 
 
-def closure(modules: Iterable[str]) -> list[Path]:
+def closure(modules: Iterable[str], within: tuple[str, ...] | None = None) -> list[Path]:
     """Source files of `modules` and of everything they import from our packages, transitively (with the
-    __init__.py of every package on the way, which Python runs too)."""
+    __init__.py of every package on the way, which Python runs too). `within`: follow only modules whose
+    names start with one of these prefixes (e.g. the code on a computation's path, not its loaders)."""
     todo, seen = [m for m in modules], set()
     files: set[Path] = set()
     while todo:
@@ -62,7 +63,7 @@ def closure(modules: Iterable[str]) -> list[Path]:
             continue
         seen.add(name)
         path = module_file(name)
-        if path is None:
+        if path is None or (within is not None and not name.startswith(within)):
             continue
         files.add(path)
         parent = name.rpartition(".")[0]
@@ -72,6 +73,6 @@ def closure(modules: Iterable[str]) -> list[Path]:
     return sorted(files)
 
 
-def code_digest(modules: Iterable[str]) -> dict[str, str]:
-    """{file relative to the repository: sha256 of its bytes} for the closure of `modules`."""
-    return {str(p.relative_to(ROOT)): hashlib.sha256(p.read_bytes()).hexdigest() for p in closure(modules)}
+def code_digest(modules: Iterable[str], within: tuple[str, ...] | None = None) -> dict[str, str]:
+    """{file relative to the repository: sha256 of its bytes} for the closure of `modules` (see `closure`)."""
+    return {str(p.relative_to(ROOT)): hashlib.sha256(p.read_bytes()).hexdigest() for p in closure(modules, within)}

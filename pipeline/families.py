@@ -22,13 +22,19 @@ from typing import ClassVar
 
 import torch
 
-from . import memplan, sampling
+from . import sampling
 from .checkpoint import expect_kind, save_checkpoint
 from .codefiles import code_digest
 from .models.llamagen import GPT, config_from_spec, load_gpt
 from .models.var import VARModel, config_from_state_dict, load_var
 from .tokenizers.msvq import load_msvq, load_quantizer, msvq_config_from_spec
 from .tokenizers.vq import load_vq, vq_config_from_spec
+
+# The modules on the path from tokens to log-probs: the models and their layers, the tokenizers (VAR's input is
+# built by its quantiser), the log-softmax sum, the cache's forward loop and autocast. A cache's `logp_code`
+# digests only these, so editing a loader's neighbours (checkpoint, config, outputs: locks, atomic writes)
+# never makes the most expensive artefact stale; editing a model file (which also holds its loader) does.
+LOGP_CODE = ("pipeline.models", "pipeline.tokenizers", "pipeline.logprobs", "pipeline.refcache", "pipeline.device")
 
 
 class Family:
@@ -38,11 +44,10 @@ class Family:
     model_kind: ClassVar[str]  # pipeline.checkpoint.KINDS of its generator and its tokenizer
     tokenizer_kind: ClassVar[str]
     model_module: ClassVar[str]  # where its forward is: with pipeline.refcache, the code that computes log-probs
-    memory: ClassVar[memplan.FamilyMemory]  # its activation counts and shape, for `cca-pipe plan`
 
     def logp_code(self) -> dict[str, str]:
         """Digest of the code that computes its log-probs (recorded by the cache, checked by train)."""
-        return code_digest([self.model_module, "pipeline.refcache"])
+        return code_digest([self.model_module, "pipeline.refcache"], within=LOGP_CODE)
 
     def load_tokenizer(self, path: str | os.PathLike, spec: str | None = None):
         raise NotImplementedError
@@ -89,23 +94,9 @@ class Family:
         """The config readable from an upstream file's weights (for `cca-pipe info`), if any."""
         return None
 
-    def build_meta(self, device: str | torch.device = "meta", **description) -> torch.nn.Module:
-        """A model from its description (a preset's `model` keys: {"gpt_model": "GPT-3B", "block_size": 576},
-        {"depth": 30}), by default on the meta device: shapes without storage, so a 3B model costs nothing."""
-        try:
-            with torch.device(device):
-                return self.memory.build(**description)
-        except TypeError as e:
-            raise ValueError(f"{self.name} model description {description}: {e}") from e
-
-    def plan_inputs(self, model: torch.nn.Module, micro_batch_size: int, **settings) -> memplan.PlanInputs:
-        """What pipeline.memplan.plan computes a per-rank memory plan from, for this family's `model`."""
-        return memplan.inputs_from_model(model, micro_batch_size, self.memory, **settings)
-
 
 class LlamaGenFamily(Family):
     name, model_kind, tokenizer_kind, model_module = "llamagen", "llamagen-gpt", "llamagen-vq", "pipeline.models.llamagen"
-    memory = memplan.FamilyMemory(memplan.llamagen_block_activations, memplan.llamagen_shape, memplan.build_llamagen)
 
     def load_tokenizer(self, path, spec=None):
         return load_vq(path, vq_config_from_spec(spec))
@@ -139,7 +130,6 @@ class LlamaGenFamily(Family):
 
 class VARFamily(Family):
     name, model_kind, tokenizer_kind, model_module = "var", "var", "var-vqvae", "pipeline.models.var"
-    memory = memplan.FamilyMemory(memplan.var_block_activations, memplan.var_shape, memplan.build_var)
     # VAR's train.py (and CCA's VAR_finetune.py) never decay 1-d parameters, biases, or these names
     NO_DECAY = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
                 "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")

@@ -30,6 +30,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import torch
 from torch import nn
 
 # imported here, not where the models are built: their module-level tensors cannot be made on the meta device
@@ -209,11 +210,29 @@ def build_var(depth: int, **overrides) -> nn.Module:
 
 @dataclass(frozen=True)
 class FamilyMemory:
-    """What the plan needs of a model family; each family object carries its own (pipeline.families)."""
+    """What the plan needs of a model family (FAMILY_MEMORY, by the family's name: the planner reads the
+    model families, never the other way round, so editing the planner reruns no pipeline stage)."""
 
     block_activations: Callable[..., Activations]
     shape: Callable[..., ModelShape]
     build: Callable[..., nn.Module]  # the model from a description (a preset's `model` keys but `family`)
+
+
+FAMILY_MEMORY: dict[str, FamilyMemory] = {
+    "llamagen": FamilyMemory(llamagen_block_activations, llamagen_shape, build_llamagen),
+    "var": FamilyMemory(var_block_activations, var_shape, build_var),
+}
+
+
+def build_meta(family: str, device: str | torch.device = "meta", **description) -> nn.Module:
+    """A model of `family` from its description (a preset's `model` keys: {"gpt_model": "GPT-3B",
+    "block_size": 576}, {"depth": 30}), by default on the meta device: shapes without storage, so a 3B model
+    costs nothing."""
+    try:
+        with torch.device(device):
+            return FAMILY_MEMORY[family].build(**description)
+    except TypeError as e:
+        raise ValueError(f"{family} model description {description}: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -253,10 +272,11 @@ class PlanInputs:
         return replace(self, **changes)
 
 
-def inputs_from_model(model: nn.Module, micro_batch_size: int, memory: FamilyMemory, **settings) -> PlanInputs:
-    """PlanInputs for a model of the family whose `memory` this is (real or on the meta device): parameters
-    counted from `model.blocks()` and the rest, the shape from its config; `settings` are PlanInputs' own
-    fields (world_size, strategy, activation_checkpointing, device, dropout). Family.plan_inputs calls it."""
+def inputs_from_model(model: nn.Module, micro_batch_size: int, **settings) -> PlanInputs:
+    """PlanInputs for a model of either family (real or on the meta device): parameters counted from
+    `model.blocks()` and the rest, the shape from its config; `settings` are PlanInputs' own fields
+    (world_size, strategy, activation_checkpointing, device, dropout)."""
+    memory = FAMILY_MEMORY[model.family]
     trainable = [p for p in model.parameters() if p.requires_grad]
     blocks = [sum(p.numel() for p in block.parameters() if p.requires_grad) for block in model.blocks()]
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m.weight.requires_grad)

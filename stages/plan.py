@@ -15,8 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import ConfigError
-from pipeline.families import FAMILIES
-from pipeline.memplan import RESERVE, MemoryPlan, PlanInputs, fits, plan
+from pipeline.memplan import RESERVE, MemoryPlan, PlanInputs, build_meta, fits, inputs_from_model, plan
 
 from . import presets
 from .train import TrainConfig
@@ -51,7 +50,7 @@ class PlanReport:
 
 
 def model_description(name: str) -> dict:
-    """The preset's model: {"family": ..., and what its family's build_meta needs}."""
+    """The preset's model: {"family": ..., and what pipeline.memplan.build_meta needs}."""
     description = presets.preset(name).get("model", {})
     if "family" not in description or len(description) < 2:
         raise ConfigError(f"preset {name!r} names no model to plan for (stages/presets.py: its `model` entry)")
@@ -62,8 +61,8 @@ def make_report(name: str, cfg: TrainConfig, world_size: int, gpu_memory: int | 
                 strategies: tuple[str, ...] = ("ddp", "fsdp"), device: str = "cuda") -> PlanReport:
     description = dict(model_description(name))
     family = description.pop("family")
-    model = FAMILIES[family].build_meta(**description)
-    inputs = FAMILIES[family].plan_inputs(model, cfg.micro_batch_size, world_size=world_size, strategy=cfg.strategy, device=device,
+    model = build_meta(family, **description)
+    inputs = inputs_from_model(model, cfg.micro_batch_size, world_size=world_size, strategy=cfg.strategy, device=device,
                                dropout=cfg.dropout, activation_checkpointing=cfg.activation_checkpointing)
     plans = {(s, c): plan(inputs.variant(strategy=s, activation_checkpointing=c)) for s, c in COLUMNS if s in strategies}
     return PlanReport(name, {"family": family, **description}, inputs, plans, (cfg.strategy, cfg.activation_checkpointing),

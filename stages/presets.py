@@ -56,7 +56,7 @@ _ROLL = {"negatives": "roll"}  # torch.roll(labels, -1), both scripts
 
 def _llamagen_model(size: str) -> dict:
     """The model a LlamaGen recipe is for: GPT-<size> at 384x384 through VQ-16, 24 x 24 = 576 tokens (the
-    `model` keys besides `family` are the family's build_meta description, for `cca-pipe plan`)."""
+    `model` keys besides `family` are pipeline.memplan.build_meta's description, for `cca-pipe plan`)."""
     return {"family": "llamagen", "gpt_model": f"GPT-{size}", "block_size": 576}
 
 

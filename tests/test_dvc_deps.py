@@ -50,6 +50,13 @@ def test_the_derivation_follows_imports():
     assert "pipeline/report.py" not in files and "stages/eval.py" not in files  # train never runs them
 
 
+def test_the_memory_planner_is_no_stage_code():
+    """`cca-pipe plan` reads the model families, not the other way round: editing the planner reruns no stage."""
+    for command in ("tokenize", "reflogp", "train", "eval"):
+        assert "pipeline/memplan.py" not in {str(p.relative_to(ROOT)) for p in required_files(command)}, command
+    assert "pipeline/memplan.py" in {str(p.relative_to(ROOT)) for p in closure(["stages.plan"])}
+
+
 @pytest.mark.parametrize("dvc_file", DVC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_dvc_parses_every_pipeline(dvc_file: Path):
     """DVC parses every dvc.yaml of the repository on any `dvc repro` (templating included: a `${...}` that

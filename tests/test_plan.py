@@ -11,8 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.families import FAMILIES, LLAMAGEN
-from pipeline.memplan import CPU_FP32, fits, parse_memory, plan
+from pipeline.memplan import CPU_FP32, FAMILY_MEMORY, build_meta, fits, inputs_from_model, parse_memory, plan
 from pipeline.models.llamagen import GPT, GPTConfig
 from stages.cli import main
 from stages.presets import PRESETS
@@ -35,7 +34,7 @@ def test_tiny_gpt_hand_computed():
     Kept: 2 x 784 x 8 + 112 x 8 = 13440. Logits 4 x 8 x 16 x 4 = 2048. Block backward (C + F) x 4 x 8 = 1024.
     Step: 2 x 192 x 4 = 1536. State 31952: phases 47440 (logits), 46416 (block), 33488 (step)."""
     model = GPT(TINY)
-    inputs = FAMILIES[model.family].plan_inputs(model, 1, device="cpu")
+    inputs = inputs_from_model(model, 1, device="cpu")
     assert (inputs.params_total, inputs.params_root, inputs.params_largest_block, inputs.params_linear,
             inputs.params_largest, inputs.buffer_bytes) == (1992, 296, 848, 1792, 192, 80)
     p = plan(inputs)
@@ -61,7 +60,7 @@ def test_tiny_gpt_on_4_gpus_hand_computed():
     + 8 + 4 = 96: kept 2 x 464 x 8 + 96 x 8 = 8192; step 7968. Peak 39920 + 3584 + 8192 + 2048 = 53744.
     With checkpointing: kept 2 x 32 x 8 + 768 = 1280; block backward 464 x 8 + 512 = 4224 with that block's
     copies 848 x 2; phases 46832, 39920 + 1696 + 1280 + 4224 = 47120, step 47888: the step is the peak."""
-    inputs = LLAMAGEN.plan_inputs(GPT(TINY), 1, world_size=4, device="cuda")
+    inputs = inputs_from_model(GPT(TINY), 1, world_size=4, device="cuda")
     fsdp = plan(inputs.variant(strategy="fsdp"))
     assert (fsdp.weights, fsdp.gradients, fsdp.optimizer, fsdp.buffers, fsdp.weight_copies) == (2072, 1992, 3984, 11440, 0)
     assert (fsdp.activations, fsdp.block_backward, fsdp.optimizer_step, fsdp.peak) == (7552, 512, 1992, 29088)
@@ -74,7 +73,7 @@ def test_tiny_gpt_on_4_gpus_hand_computed():
 
 
 def test_one_process_has_no_buckets_and_no_shards():
-    inputs = LLAMAGEN.plan_inputs(GPT(TINY), 1, world_size=1, device="cpu")
+    inputs = inputs_from_model(GPT(TINY), 1, world_size=1, device="cpu")
     assert plan(inputs.variant(strategy="fsdp")) == plan(inputs.variant(strategy="ddp"))
     assert plan(inputs).buffers == 0
     assert plan(inputs.variant(world_size=2)).buffers == 4 * 1992  # DDP's buckets from 2 processes on
@@ -108,11 +107,11 @@ def test_activation_counts_are_what_autograd_saves(family):
     else:
         description = {"depth": 3, "width": 64, "heads": 4, "vocab_size": 256, "num_classes": 5, "patch_nums": (1, 2, 3, 4, 6)}
         dropout = 0.0
-    model = FAMILIES[family].build_meta("cpu", **description)
+    model = build_meta(family, "cpu", **description)
     model.set_dropout(dropout)
     model.train()
     rows = 3
-    inputs = FAMILIES[model.family].plan_inputs(model, rows, device="cpu", dropout=dropout)
+    inputs = inputs_from_model(model, rows, device="cpu", dropout=dropout)
     tokens = torch.randint(0, 256, (2 * rows, model.cfg.seq_len))
     labels = torch.randint(0, 5, (2 * rows,))
     expected = plan(inputs).activations + inputs.sequences * inputs.positions * inputs.vocab * 4
@@ -120,10 +119,10 @@ def test_activation_counts_are_what_autograd_saves(family):
 
 
 def test_each_family_carries_its_block_activations():
-    acts = FAMILIES["llamagen"].memory.block_activations(TINY, CPU_FP32, dropout=0.1)
+    acts = FAMILY_MEMORY["llamagen"].block_activations(TINY, CPU_FP32, dropout=0.1)
     assert acts.block_per_token == 784 + 2 * 8 * 4  # two dropout masks of C: the float noise on the CPU
     with pytest.raises(ValueError, match="drop path only"):
-        FAMILIES["var"].memory.block_activations(FAMILIES["var"].build_meta(depth=2).cfg, CPU_FP32, dropout=0.1)
+        FAMILY_MEMORY["var"].block_activations(build_meta("var", depth=2).cfg, CPU_FP32, dropout=0.1)
 
 
 # ---------------------------------------------------------------------------------- measured on the CPU
@@ -157,10 +156,10 @@ def test_plan_matches_measured_peak_on_cpu(monkeypatch):
 def test_every_preset_names_a_model_that_builds_on_meta():
     for name, recipe in PRESETS.items():
         description = dict(recipe["model"])
-        model = FAMILIES[description.pop("family")].build_meta(**description)
+        model = build_meta(description.pop("family"), **description)
         assert all(p.is_meta for p in model.parameters()), name
-    three_b_model = LLAMAGEN.build_meta(gpt_model="GPT-3B", block_size=576)
-    three_b = plan(LLAMAGEN.plan_inputs(three_b_model, 2))
+    three_b_model = build_meta("llamagen", gpt_model="GPT-3B", block_size=576)
+    three_b = plan(inputs_from_model(three_b_model, 2))
     assert 3.0e9 < three_b.weights / 4 < 3.2e9  # LlamaGen's GPT-3B: 3.1B parameters
 
 
