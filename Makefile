@@ -1,13 +1,14 @@
 # Two commands for a fresh machine (README.md):
 #   make demo   installs the project into .venv, runs `dvc repro` on the embedded default, prints the results table
 #   make test   installs the project with test extras into .venv, runs the test suite
+# (make test-fast: the unit tests only, without the tests marked slow: subprocesses, torchrun, DVC)
 # (make paper: after the demo, the paper's other experiments, pipelines/paper)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo paper test install lint clean
+.PHONY: demo paper test test-fast install lint clean
 
 $(BIN)/cca-pipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,9 @@ paper: demo
 
 test: install
 	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check pipeline stages tests bench
