@@ -35,6 +35,7 @@ STAGES = {
     "train": ("train", "TrainConfig", "train"),
     "eval": ("eval", "EvalConfig", "eval"),
     "import-codes": ("import_codes", "ImportCodesConfig", "import_codes"),
+    "report": ("report", "SweepConfig", "sweep"),  # the sweep points it collects
 }
 
 
@@ -273,8 +274,7 @@ def report(ctx, eval_dir, train_dir, sweep_dir, out):
     (the main run, and the sweep points listed in params.yaml's `sweep` section)."""
     from . import report as stage
 
-    params = load_params(ctx.obj["params"], ctx.obj["overrides"])
-    click.echo(stage.run(eval_dir, train_dir, sweep_dir, out, params.get("sweep")))
+    click.echo(stage.run(eval_dir, train_dir, sweep_dir, out, resolved_config(ctx, "report")))
 
 
 @main.command()
@@ -290,8 +290,8 @@ def paper(ctx, eval_dir, train_dir, sweep_dir, paper_dir, paper_params, out):
     on the embedded default, from the runs of pipelines/paper (`make paper`)."""
     from . import paper as stage
 
-    sweep, sections = load_params(ctx.obj["params"], ctx.obj["overrides"]).get("sweep"), load_params(paper_params)
-    click.echo(stage.run(eval_dir, train_dir, sweep_dir, paper_dir, out, sweep, sections["paper"]))
+    paper = build(stage.PaperConfig, load_params(paper_params), "paper")
+    click.echo(stage.run(eval_dir, train_dir, sweep_dir, paper_dir, out, resolved_config(ctx, "report"), paper))
 
 
 class MemorySize(click.ParamType):

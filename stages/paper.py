@@ -16,14 +16,31 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config import check_ranges, setting
+from pipeline.losses import LOSSES
 from pipeline.outputs import StageDir, write_json, write_text
 from pipeline.report import Point, plot_fid_is, read_log, results_table
 
-from .report import collect
+from .report import SweepConfig, collect
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PaperConfig:
+    """pipelines/paper/params.yaml's `paper` section: which runs of pipelines/paper the report compares."""
+
+    losses: list[str] = setting(default_factory=lambda: ["dpo", "unlearning"], unique=True, choices=tuple(LOSSES))  # Table 3
+    cca_cfg_lambda: int | float = setting(1, ge=0.0)  # Figures 5-6: CCA+CFG trained at this lambda
+    lambda_min: int | float = setting(1, gt=0.0)  # Table 5: the lambda-conditioned policy's range ...
+    lambda_max: int | float = setting(1000, gt=0.0)
+    lambdas: list[int | float] = setting(default_factory=lambda: [1, 10, 30, 100], nonempty=True, unique=True, gt=0.0)  # ... sampled at
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "paper")
 
 
 def _methods(eval_dir: Path) -> dict[str, dict]:
@@ -54,8 +71,9 @@ def plot_logps(runs: list[tuple[str, Path]], path: Path) -> None:
     plt.close(fig)
 
 
-def run(eval_dir: Path, train_dir: Path, sweep_dir: Path, paper_dir: Path, out: Path, sweep: dict, paper: dict) -> str:
-    """`sweep`, `paper`: the params sections naming the points (pipelines/paper/params.yaml). `out` must be
+def run(eval_dir: Path, train_dir: Path, sweep_dir: Path, paper_dir: Path, out: Path, sweep: SweepConfig,
+        paper: PaperConfig) -> str:
+    """`sweep`, `paper`: the settings naming the points (params.yaml, pipelines/paper/params.yaml). `out` must be
     absent, empty or a paper report of ours; built beside it and moved in at the end."""
     with StageDir(out, "paper") as claim:
         text = _paper(eval_dir, train_dir, sweep_dir, paper_dir, claim.open_partial(), sweep, paper)
@@ -63,7 +81,8 @@ def run(eval_dir: Path, train_dir: Path, sweep_dir: Path, paper_dir: Path, out: 
     return text
 
 
-def _paper(eval_dir: Path, train_dir: Path, sweep_dir: Path, paper_dir: Path, out: Path, sweep: dict, paper: dict) -> str:
+def _paper(eval_dir: Path, train_dir: Path, sweep_dir: Path, paper_dir: Path, out: Path, sweep: SweepConfig,
+           paper: PaperConfig) -> str:
     points = collect(eval_dir, train_dir, sweep_dir, sweep)
     base = next(p for p in points if p.kind == "base")
     main = next(p for p in points if p.kind == "cca" and p.train_log and p.train_log.parent == train_dir)
@@ -71,7 +90,7 @@ def _paper(eval_dir: Path, train_dir: Path, sweep_dir: Path, paper_dir: Path, ou
 
     # Table 3: the same pairs, three losses
     baselines = []
-    for loss in paper["losses"]:
+    for loss in paper.losses:
         params = _params(paper_dir / loss / "train")
         baselines.append(Point(loss, _methods(paper_dir / loss / "eval")["cca"], lam=params["lam"], beta=params["beta"],
                                train_log=paper_dir / loss / "train" / "log.csv"))
@@ -86,7 +105,7 @@ def _paper(eval_dir: Path, train_dir: Path, sweep_dir: Path, paper_dir: Path, ou
     # Figures 5/6: CFG, CCA over lambda, CCA+CFG
     guided_train = _params(paper_dir / "cca_cfg" / "train")
     guided = [Point("cca_cfg", m, cfg_scale=float(name[len("cca_cfg_"):]), lam=guided_train["lam"], beta=guided_train["beta"])
-              for s in sweep["cfg_scales"] for name, m in _methods(paper_dir / "cca_cfg" / "eval" / f"s{s}").items()]
+              for s in sweep.cfg_scales for name, m in _methods(paper_dir / "cca_cfg" / "eval" / f"s{s}").items()]
     best_guided = min(guided, key=lambda p: p.metrics["fid"])
     cca_points = [p for p in points if p.kind == "cca"]
     best_cca = min(cca_points, key=lambda p: p.metrics["fid"])
@@ -96,7 +115,7 @@ def _paper(eval_dir: Path, train_dir: Path, sweep_dir: Path, paper_dir: Path, ou
     checks["cca_cfg_best_fid_at_most_best_cca"] = bool(best_guided.metrics["fid"] <= best_cca.metrics["fid"])
 
     # Table 5: one lambda-conditioned policy at test-time lambdas vs a policy trained at each lambda
-    conditioned = [Point("lambda", m, lam=float(name[len("cca_lam"):])) for lam in paper["lambdas"]
+    conditioned = [Point("lambda", m, lam=float(name[len("cca_lam"):])) for lam in paper.lambdas
                    for name, m in _methods(paper_dir / "lambda" / "eval" / f"lam{lam}").items()]
     conditioned.sort(key=lambda p: p.lam)
     fixed = {p.lam: p for p in cca_points if p.beta == main.beta}

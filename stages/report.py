@@ -12,14 +12,30 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import check_ranges, setting
 from pipeline.outputs import StageDir, write_text
 from pipeline.report import Point, comparison_grid, markdown_table, plot_fid_is, plot_training_curves
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepConfig:
+    """params.yaml's `sweep` section: the points dvc.yaml's matrix stages train and evaluate, which `report`
+    collects. Numbers keep the type they are written with (int or float), because DVC names each expanded
+    stage's folder with the value as written (`lam1-beta0.5`, `s1.0`)."""
+
+    lambdas: list[int | float] = setting(default_factory=lambda: [1, 30, 100], unique=True, ge=0.0)  # with train.lambda: the CCA curve
+    betas: list[int | float] = setting(default_factory=lambda: [0.5], nonempty=True, unique=True, gt=0.0)
+    cfg_scales: list[int | float] = setting(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.0, 3.0], unique=True, gt=0.0)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "sweep")
 
 
 def _points_from_eval(eval_dir: Path, train_dir: Path | None) -> list[Point]:
@@ -37,13 +53,13 @@ def _points_from_eval(eval_dir: Path, train_dir: Path | None) -> list[Point]:
     return points
 
 
-def sweep_dirs(sweep_dir: Path, sweep: dict | None) -> tuple[list[Path], list[Path]]:
+def sweep_dirs(sweep_dir: Path, sweep: SweepConfig | None) -> tuple[list[Path], list[Path]]:
     """The CFG and CCA point folders: those of the `sweep` params when given (stale folders of points no
     longer in params.yaml are ignored, a missing one is an error), else every folder present."""
     if sweep is None:
         return sorted((sweep_dir / "cfg").glob("*/")), sorted((sweep_dir / "cca").glob("*/"))
-    cfg_dirs = [sweep_dir / "cfg" / f"s{s}" for s in sweep.get("cfg_scales", [])]
-    cca_dirs = [sweep_dir / "cca" / f"lam{lam}-beta{beta}" for lam in sweep.get("lambdas", []) for beta in sweep.get("betas", [])]
+    cfg_dirs = [sweep_dir / "cfg" / f"s{s}" for s in sweep.cfg_scales]
+    cca_dirs = [sweep_dir / "cca" / f"lam{lam}-beta{beta}" for lam in sweep.lambdas for beta in sweep.betas]
     missing = [d for d in cfg_dirs if not (d / "metrics.json").is_file()] + \
         [d for d in cca_dirs if not (d / "eval/metrics.json").is_file()]
     if missing:
@@ -51,7 +67,7 @@ def sweep_dirs(sweep_dir: Path, sweep: dict | None) -> tuple[list[Path], list[Pa
     return cfg_dirs, cca_dirs
 
 
-def collect(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None, sweep: dict | None = None) -> list[Point]:
+def collect(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None, sweep: SweepConfig | None = None) -> list[Point]:
     """All points; a setting evaluated twice (main run and sweep) is kept once, main run first."""
     points = _points_from_eval(eval_dir, train_dir)
     if sweep_dir is not None and sweep_dir.is_dir():
@@ -69,7 +85,7 @@ def collect(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None, swee
     return sorted(unique.values(), key=lambda p: (order[p.kind], p.cfg_scale or 0, p.beta or 0, p.lam or 0))
 
 
-def run(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None, out: Path, sweep: dict | None = None) -> str:
+def run(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None, out: Path, sweep: SweepConfig | None = None) -> str:
     """`out` must be absent, empty or a report directory of ours; built beside it and moved in at the end."""
     with StageDir(out, "report") as claim:
         text = _report(eval_dir, train_dir, sweep_dir, claim.open_partial(), sweep)
@@ -78,7 +94,7 @@ def run(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None, out: Pat
     return text
 
 
-def _report(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None, out: Path, sweep: dict | None) -> str:
+def _report(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None, out: Path, sweep: SweepConfig | None) -> str:
     points = collect(eval_dir, train_dir, sweep_dir, sweep)
     plot_fid_is(points, out / "fid_is.png")
     plot_training_curves(points, out / "training_curves.png")

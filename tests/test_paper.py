@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from stages import paper
+from stages.report import SweepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +30,8 @@ def _train(folder: Path, loss: str, lam: float, logps: list[float]) -> None:
 
 def test_the_paper_tables_and_checks(tmp_path: Path):
     data = tmp_path / "data"
-    sweep = {"lambdas": [1, 30], "betas": [0.5], "cfg_scales": [0.5, 1.0]}
-    cfg = {"losses": ["dpo", "unlearning"], "cca_cfg_lambda": 1, "lambdas": [1, 10, 30]}
+    sweep = SweepConfig(lambdas=[1, 30], betas=[0.5], cfg_scales=[0.5, 1.0])
+    cfg = paper.PaperConfig(losses=["dpo", "unlearning"], cca_cfg_lambda=1, lambdas=[1, 10, 30])
     _eval(data / "eval", {"base": (12.0, 6.0, 0.6), "cfg_1": (5.5, 7.8, 0.87), "cca": (5.0, 7.9, 0.89)})
     _train(data / "train", "cca", 10.0, [-56.0, -55.0, -54.5])
     for s, fid in ((0.5, 6.5), (1.0, 5.5)):

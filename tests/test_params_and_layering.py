@@ -93,6 +93,26 @@ def test_params_yaml_agrees_with_the_config_defaults():
         assert as_params(build(cls, params, section)) == as_params(cls()), section
 
 
+def test_sweep_and_paper_sections_are_configs_like_the_stages():
+    """`sweep` and `paper` are read strictly as the stages' sections are: their files agree with the defaults,
+    unknown keys and values out of range are refused naming the key."""
+    from stages.paper import PaperConfig
+    from stages.params import as_params
+    from stages.report import SweepConfig
+
+    paper = load_params(ROOT / "pipelines/paper/params.yaml")
+    assert as_params(build(PaperConfig, paper, "paper")) == as_params(PaperConfig())
+    assert set(paper["paper"]) == set(as_params(PaperConfig()))
+    with pytest.raises(ParamsError, match=r"\[sweep\]: unknown keys \['lambda'\]"):
+        build(SweepConfig, {"sweep": {"lambda": [1]}}, "sweep")
+    with pytest.raises(ParamsError, match=r"sweep.betas = \[0\]: must be > 0"):
+        build(SweepConfig, {"sweep": {"betas": [0]}}, "sweep")
+    with pytest.raises(ParamsError, match=r"paper.losses = \['cca', 'dpx'\]: must be one of"):
+        build(PaperConfig, {"paper": {"losses": ["cca", "dpx"]}}, "paper")
+    # numbers keep their written type: DVC names the matrix stages' folders with the value as written
+    assert [str(x) for x in build(SweepConfig, {"sweep": {"lambdas": [1, 2.5, 3.0]}}, "sweep").lambdas] == ["1", "2.5", "3.0"]
+
+
 def test_library_never_imports_stages_nor_prints():
     for path in (ROOT / "pipeline").rglob("*.py"):
         tree = ast.parse(path.read_text())

@@ -51,10 +51,10 @@ def test_report_draws_figures_and_tabulates_every_point(tmp_path: Path):
 
     _eval_dir(tmp_path / "sweep/cca/lam5-beta0.5/eval", {"cca": _metrics(99.0, 1.0)})  # stale: not in params
     _train_dir(tmp_path / "sweep/cca/lam5-beta0.5/train", 5, 0.5)
-    sweep = {"lambdas": [1, 30], "betas": [0.5], "cfg_scales": [0.5, 1.0, 3.0]}
+    sweep = report.SweepConfig(lambdas=[1, 30], betas=[0.5], cfg_scales=[0.5, 1.0, 3.0])
     text = report.run(tmp_path / "eval", tmp_path / "train", tmp_path / "sweep", tmp_path / "report", sweep)
     with pytest.raises(FileNotFoundError, match="lam300-beta0.5"):
-        report.run(tmp_path / "eval", tmp_path / "train", tmp_path / "sweep", tmp_path / "r2", {**sweep, "lambdas": [1, 300]})
+        report.run(tmp_path / "eval", tmp_path / "train", tmp_path / "sweep", tmp_path / "r2", report.SweepConfig(lambdas=[1, 300], betas=[0.5], cfg_scales=[0.5, 1.0, 3.0]))
 
     for name in ("fid_is.png", "training_curves.png", "comparison.png"):
         with Image.open(tmp_path / "report" / name) as im:
@@ -88,3 +88,23 @@ def test_sweep_expands_into_named_stages(tmp_path: Path):
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name in ("tokenize", "reflogp"):
         assert not [p for p in stages[name].get("params", []) if str(p).startswith(("train", "sweep"))]
+
+
+def test_sweep_train_depends_on_every_train_setting_that_changes_the_policy():
+    """dvc.yaml's sweep-train stage lists its train.* params by hand (the matrix sets lambda and beta): every
+    other key of TrainConfig must be there, except those that cannot change the trained weights beyond float
+    rounding (named here, with why), so that editing a setting reruns the sweep as it reruns `train`."""
+    import dataclasses
+
+    from pipeline.config import key_of
+    from stages.train import TrainConfig
+
+    not_numbers = {
+        "save_every": "how often intermediate checkpoints are written",
+        "num_workers": "how many processes read the token store (same batches)",
+        "strategy": "DDP or FSDP: the same one-process gradient (tests/test_fsdp.py, within 1e-5)",
+        "activation_checkpointing": "recomputes activations, same gradients (tests/test_fsdp.py)",
+    }
+    listed = {p.split(".", 1)[1] for p in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["sweep-train"]["params"]}
+    every = {key_of(f) for f in dataclasses.fields(TrainConfig)}
+    assert listed == every - {"lambda", "beta"} - set(not_numbers), (every - listed, listed - every)
