@@ -39,8 +39,10 @@ class Point:
             return f"CCA+CFG λ={self.lam:g} s={self.cfg_scale:g}"
         if self.kind == "lambda":
             return f"λ-conditioned CCA at λ={self.lam:g}"
-        if self.kind in ("dpo", "unlearning"):
-            return {"dpo": "DPO", "unlearning": "Unlearning"}[self.kind] + f" λ={self.lam:g} β={self.beta:g}"
+        if self.kind == "dpo":  # no lambda in DPO's loss
+            return f"DPO β={self.beta:g}"
+        if self.kind == "unlearning":  # linear in the log-ratios: no beta
+            return f"Unlearning λ={self.lam:g}"
         return "base (no guidance)"
 
 

@@ -2,14 +2,16 @@
 
     cca-pipe paper --paper-params pipelines/paper/params.yaml --out data/paper/report   # a stage of pipelines/paper
 
-- Table 3: base, CCA, DPO and Unlearning on the same cached pairs: FID, IS, class accuracy; and the mean
-  positive log-likelihood over training (logps_pos.png), which falls under DPO (paper Sec. 5.3).
+- Table 3: base, CCA, DPO and Unlearning on the same cached pairs, each baseline at its best point of a grid
+  (the paper ablates DPO's beta_d over {0.01, 0.1, 1, 10} and reports the best; Unlearning helps at small
+  lambda_u, 0.01-0.1): FID, IS, class accuracy; the whole grid in a second table; and the mean positive
+  log-likelihood over training (logps_pos.png), which falls under DPO (paper Sec. 5.3).
 - Figures 5/6: FID against IS of CFG on the base model (scale s), CCA over lambda, and CCA+CFG (the lambda-1
   policy trained with unconditional rows, sampled with guidance at each s) -> fid_is.png.
 - Table 5: one lambda-conditioned policy sampled at test-time lambdas next to the policies trained at each
   fixed lambda.
-Writes table3.md, table5.md, fid_is.png, logps_pos.png, results.md (all three tables) and checks.json (each
-claim of the paper as measured here, true or false, with the numbers).
+Writes table3.md (best points), table3_grid.md (every point), table5.md, fid_is.png, logps_pos.png, results.md
+and checks.json (each claim of the paper as measured here, true or false, with the numbers).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import check_ranges, setting
-from pipeline.losses import LOSSES
 from pipeline.outputs import StageDir, write_json, write_text
 from pipeline.report import Point, plot_fid_is, read_log, results_table
 
@@ -31,12 +32,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PaperConfig:
-    """pipelines/paper/params.yaml's `paper` section: which runs of pipelines/paper the report compares."""
+    """pipelines/paper/params.yaml's `paper` section: the runs of pipelines/paper the report compares. Numbers
+    keep their written type (DVC names the matrix stages' folders with the value as written)."""
 
-    losses: list[str] = setting(default_factory=lambda: ["dpo", "unlearning"], unique=True, choices=tuple(LOSSES))  # Table 3
+    # Table 3: DPO over beta_d, Unlearning over lambda_u (pipelines/paper/params.yaml says how they map to the paper's)
+    dpo_betas: list[int | float] = setting(default_factory=lambda: [0.25, 2.5, 25, 250], nonempty=True, unique=True, gt=0.0)
+    unlearning_lambdas: list[int | float] = setting(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1],
+                                                    nonempty=True, unique=True, gt=0.0)
     cca_cfg_lambda: int | float = setting(1, ge=0.0)  # Figures 5-6: CCA+CFG trained at this lambda
     lambda_min: int | float = setting(1, gt=0.0)  # Table 5: the lambda-conditioned policy's range ...
-    lambda_max: int | float = setting(1000, gt=0.0)
+    lambda_max: int | float = setting(8103, gt=0.0)  # ... e^9, as the paper
+    lambda_epochs: int | float = setting(9, gt=0.0)  # ... trained 3x as long as a fixed-lambda policy (the paper's 3 epochs vs 1)
     lambdas: list[int | float] = setting(default_factory=lambda: [1, 10, 30, 100], nonempty=True, unique=True, gt=0.0)  # ... sampled at
 
     def __post_init__(self) -> None:
@@ -50,12 +56,14 @@ def _methods(eval_dir: Path) -> dict[str, dict]:
     return json.loads(path.read_text())["methods"]
 
 
-def _params(train_dir: Path) -> dict:
-    return json.loads((train_dir / "summary.json").read_text())["params"]
+def _only_method(eval_dir: Path) -> dict:
+    """The metrics of an eval that evaluated one method (each point of pipelines/paper has its own folder)."""
+    (metrics,) = _methods(eval_dir).values()
+    return metrics
 
 
 def plot_logps(runs: list[tuple[str, Path]], path: Path) -> None:
-    """Mean log p_theta(x|c) of the positives over training steps, one line per loss (paper Sec. 5.3)."""
+    """Mean log p_theta(x|c) of the positives over training steps, one line per run (paper Sec. 5.3)."""
     from pipeline.report import _agg
 
     plt = _agg()
@@ -81,62 +89,80 @@ def run(eval_dir: Path, train_dir: Path, sweep_dir: Path, paper_dir: Path, out: 
     return text
 
 
-def _paper(eval_dir: Path, train_dir: Path, sweep_dir: Path, paper_dir: Path, out: Path, sweep: SweepConfig,
-           paper: PaperConfig) -> str:
-    points = collect(eval_dir, train_dir, sweep_dir, sweep)
-    base = next(p for p in points if p.kind == "base")
-    main = next(p for p in points if p.kind == "cca" and p.train_log and p.train_log.parent == train_dir)
-    checks: dict[str, object] = {}
+def baseline_grid(paper_dir: Path, paper: PaperConfig) -> list[Point]:
+    """Every DPO and Unlearning point of pipelines/paper (`<loss>/beta<b>` and `<loss>/lam<lambda>` folders)."""
+    folders = [("dpo", f"beta{b}", None, b) for b in paper.dpo_betas] + \
+        [("unlearning", f"lam{lam}", lam, None) for lam in paper.unlearning_lambdas]
+    return [Point(loss, _only_method(paper_dir / loss / name / "eval"), lam=lam, beta=beta,
+                  train_log=paper_dir / loss / name / "train" / "log.csv") for loss, name, lam, beta in folders]
 
-    # Table 3: the same pairs, three losses
-    baselines = []
-    for loss in paper.losses:
-        params = _params(paper_dir / loss / "train")
-        baselines.append(Point(loss, _methods(paper_dir / loss / "eval")["cca"], lam=params["lam"], beta=params["beta"],
-                               train_log=paper_dir / loss / "train" / "log.csv"))
-    table3 = results_table([(p.label, p.metrics) for p in [base, main, *baselines]], first="Table 3: fine-tuning loss")
-    checks["cca_fid_below_dpo_and_unlearning"] = all(main.metrics["fid"] < b.metrics["fid"] for b in baselines)
-    runs = [(main.label, main.train_log)] + [(b.label, b.train_log) for b in baselines]
-    plot_logps(runs, out / "logps_pos.png")
-    dpo_log = read_log(baselines[0].train_log)
+
+def table3(base: Point, main: Point, grid: list[Point], out: Path, checks: dict) -> str:
+    """Table 3 (each baseline at its best FID), the whole grid, and DPO's falling positive likelihood."""
+    best = [min((p for p in grid if p.kind == loss), key=lambda p: p.metrics["fid"]) for loss in ("dpo", "unlearning")]
+    text = results_table([(p.label + (" (best of its grid)" if p in best else ""), p.metrics) for p in [base, main, *best]],
+                         first="Table 3: fine-tuning loss")
+    write_text(out / "table3_grid.md", results_table([(p.label, p.metrics) for p in grid], first="Table 3: every grid point"))
+    checks["table3_best"] = {p.kind: {"point": p.label, "fid": p.metrics["fid"]} for p in best}
+    checks["cca_fid_below_dpo_and_unlearning"] = all(main.metrics["fid"] < p.metrics["fid"] for p in best)
+    checks["unlearning_best_fid_below_base"] = bool(best[1].metrics["fid"] < base.metrics["fid"])
+    plot_logps([(main.label, main.train_log)] + [(p.label, p.train_log) for p in grid if p.kind == "dpo"], out / "logps_pos.png")
+    dpo_log = read_log(best[0].train_log)
     checks["dpo_positive_logp_first_last"] = [float(dpo_log["logps/pos"][0]), float(dpo_log["logps/pos"][-1])]
     checks["dpo_positive_logp_falls"] = bool(dpo_log["logps/pos"][-1] < dpo_log["logps/pos"][0])
+    return text
 
-    # Figures 5/6: CFG, CCA over lambda, CCA+CFG
-    guided_train = _params(paper_dir / "cca_cfg" / "train")
-    guided = [Point("cca_cfg", m, cfg_scale=float(name[len("cca_cfg_"):]), lam=guided_train["lam"], beta=guided_train["beta"])
-              for s in sweep.cfg_scales for name, m in _methods(paper_dir / "cca_cfg" / "eval" / f"s{s}").items()]
-    best_guided = min(guided, key=lambda p: p.metrics["fid"])
-    cca_points = [p for p in points if p.kind == "cca"]
-    best_cca = min(cca_points, key=lambda p: p.metrics["fid"])
-    checks["cca_cfg_best"] = {"point": best_guided.label, "fid": best_guided.metrics["fid"]}
-    checks["cca_main_fid"] = main.metrics["fid"]
-    checks["cca_cfg_best_fid_at_most_cca_guidance_free"] = bool(best_guided.metrics["fid"] <= main.metrics["fid"])
-    checks["cca_cfg_best_fid_at_most_best_cca"] = bool(best_guided.metrics["fid"] <= best_cca.metrics["fid"])
 
-    # Table 5: one lambda-conditioned policy at test-time lambdas vs a policy trained at each lambda
-    conditioned = [Point("lambda", m, lam=float(name[len("cca_lam"):])) for lam in paper.lambdas
-                   for name, m in _methods(paper_dir / "lambda" / "eval" / f"lam{lam}").items()]
-    conditioned.sort(key=lambda p: p.lam)
-    fixed = {p.lam: p for p in cca_points if p.beta == main.beta}
+def cca_cfg_points(paper_dir: Path, sweep: SweepConfig) -> list[Point]:
+    """CCA+CFG: the policy trained at paper.cca_cfg_lambda, sampled with guidance at each sweep.cfg_scales."""
+    trained = json.loads((paper_dir / "cca_cfg" / "train" / "summary.json").read_text())["params"]
+    return [Point("cca_cfg", _only_method(paper_dir / "cca_cfg" / "eval" / f"s{s}"), cfg_scale=float(s),
+                  lam=trained["lam"], beta=trained["beta"]) for s in sweep.cfg_scales]
+
+
+def table5(paper_dir: Path, paper: PaperConfig, cca_points: list[Point], beta: float, checks: dict) -> tuple[str, list[Point]]:
+    """One lambda-conditioned policy at each test-time lambda next to the policy trained at that lambda alone."""
+    conditioned = sorted((Point("lambda", _only_method(paper_dir / "lambda" / "eval" / f"lam{lam}"), lam=float(lam))
+                          for lam in paper.lambdas), key=lambda p: p.lam)
+    fixed = {p.lam: p for p in cca_points if p.beta == beta}
     rows, ratios = [], {}
     for p in conditioned:
         rows.append((p.label, p.metrics))
         if p.lam in fixed:
             rows.append((f"  trained at λ={p.lam:g} alone", fixed[p.lam].metrics))
             ratios[f"{p.lam:g}"] = p.metrics["fid"] / fixed[p.lam].metrics["fid"]
-    table5 = results_table(rows, first="Table 5: λ at test time")
     checks["lambda_fid_over_fixed"] = ratios
     checks["lambda_within_15_percent"] = bool(ratios) and all(abs(r - 1) <= 0.15 for r in ratios.values())
+    inception = [p.metrics["is"] for p in conditioned]
+    checks["lambda_is_rises"] = all(b >= a for a, b in zip(inception, inception[1:], strict=False))
     accuracy = [p.metrics.get("class_accuracy", p.metrics["is"]) for p in conditioned]
     checks["lambda_class_accuracy_rises"] = all(b >= a for a, b in zip(accuracy, accuracy[1:], strict=False))
+    return results_table(rows, first="Table 5: λ at test time"), conditioned
 
+
+def _paper(eval_dir: Path, train_dir: Path, sweep_dir: Path, paper_dir: Path, out: Path, sweep: SweepConfig,
+           paper: PaperConfig) -> str:
+    points = collect(eval_dir, train_dir, sweep_dir, sweep)
+    base = next(p for p in points if p.kind == "base")
+    main = next(p for p in points if p.kind == "cca" and p.train_log and p.train_log.parent == train_dir)
+    cca_points = [p for p in points if p.kind == "cca"]
+    checks: dict[str, object] = {}
+    text3 = table3(base, main, baseline_grid(paper_dir, paper), out, checks)
+
+    guided = cca_cfg_points(paper_dir, sweep)
+    best_guided = min(guided, key=lambda p: p.metrics["fid"])
+    checks["cca_cfg_best"] = {"point": best_guided.label, "fid": best_guided.metrics["fid"]}
+    checks["cca_main_fid"] = main.metrics["fid"]
+    checks["cca_cfg_best_fid_at_most_cca_guidance_free"] = bool(best_guided.metrics["fid"] <= main.metrics["fid"])
+    checks["cca_cfg_best_fid_at_most_best_cca"] = bool(best_guided.metrics["fid"] <= min(p.metrics["fid"] for p in cca_points))
+
+    text5, conditioned = table5(paper_dir, paper, cca_points, main.beta, checks)
     plot_fid_is([p for p in points if p.kind in ("base", "cfg", "cca")] + guided + conditioned, out / "fid_is.png")
-    write_text(out / "table3.md", table3)
-    write_text(out / "table5.md", table5)
+    write_text(out / "table3.md", text3)
+    write_text(out / "table5.md", text5)
     write_json(out / "checks.json", checks)
-    text = (table3 + "\n" + results_table([(p.label, p.metrics) for p in sorted(guided, key=lambda p: p.cfg_scale)],
-                                          first="Figures 5/6: CCA+CFG") + "\n" + table5)
+    text = (text3 + "\n" + results_table([(p.label, p.metrics) for p in guided], first="Figures 5/6: CCA+CFG")
+            + "\n" + text5)
     write_text(out / "results.md", text)
     log.info("paper comparisons -> %s: %s", out, json.dumps(checks))
     return text + "\n" + json.dumps(checks, indent=1) + "\n"

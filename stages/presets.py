@@ -7,7 +7,10 @@ VAR_finetune.py with VAR's lr_control.py. A preset is named by the top-level `pr
 is meant for (`model`), which the stages check against the checkpoint they load.
 
 Resolution, lowest to highest: the stage config's defaults <- the preset named in params.yaml <- the keys
-written in the params.yaml section <- a `--preset` given on the command line <- `--set` overrides.
+written in the params.yaml section <- a `--preset` given on the command line <- `--set` overrides. A preset
+may also carry values for a loss other than CCA (`per_loss`: DPO's beta_d, Unlearning's lambda_u, paper
+Table 3), which join the preset's own level when the resolved `train.loss` names that loss.
+Besides the released recipes: `llamagen-L-lambda`, the paper's Table 5 policy (not in the released code).
 
 Deliberate departures from the scripts, documented in the README:
 - The reference log-probs are computed once, in eval mode (dropout off): the scripts run the reference in
@@ -52,6 +55,14 @@ _VAR_TRAIN = {
     "loss_scale": 1.0,  # VAR multiplies each of its ac micro-batch losses by 1/ac: the batch mean
 }
 _ROLL = {"negatives": "roll"}  # torch.roll(labels, -1), both scripts
+# Table 3's baselines, chosen with `--set train.loss=dpo|unlearning` over any preset: the paper ablates DPO's
+# beta_d over {0.01, 0.1, 1, 10} (reporting the best; 0.1 here, the grid's middle: sweep the rest with
+# `dvc exp run -S train.beta=...`) and finds Unlearning helpful at 0.01 <= lambda_u <= 0.1 (0.1 here). Neither
+# is CCA's beta or lambda, so a preset carries its own values for each loss.
+_BASELINES = {"dpo": {"train": {"beta": 0.1}}, "unlearning": {"train": {"lambda": 0.1}}}
+# Table 5: one LlamaGen-L policy for every lambda, sampled at the paper's test-time lambdas
+_LAMBDA_CONDITIONED = {"lambda_conditioning": {"min": 1.0, "max": 8103.0},  # [e^0, e^9]
+                       "epochs": 3.0}  # 3x the fixed-lambda recipe's 1 epoch
 
 
 def _llamagen_model(size: str) -> dict:
@@ -65,8 +76,12 @@ def _llamagen_train(size: str, values: dict) -> dict:
 
 
 PRESETS: dict[str, dict] = {
-    **{f"llamagen-{size}": {"model": _llamagen_model(size), "reflogp": _ROLL, "train": _llamagen_train(size, {"lambda": lam})}
+    **{f"llamagen-{size}": {"model": _llamagen_model(size), "reflogp": _ROLL, "train": _llamagen_train(size, {"lambda": lam}),
+                            "per_loss": _BASELINES}
        for size, lam in _LLAMAGEN_LAMBDA.items()},
+    "llamagen-L-lambda": {"model": _llamagen_model("L"), "reflogp": _ROLL,
+                          "train": _llamagen_train("L", {"lambda": 300.0, **_LAMBDA_CONDITIONED}),
+                          "eval": {"lambdas": [10.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0]}},
     # CCA+CFG (Table 4): trained with the unconditional rows, sampled with guidance; lambda 1
     **{f"llamagen-{size}-cca-cfg": {"model": _llamagen_model(size), "reflogp": _ROLL,
                                     "train": _llamagen_train(size, {"lambda": 1.0, "beta": beta})}
@@ -74,7 +89,8 @@ PRESETS: dict[str, dict] = {
     **{f"var-d{depth}": {"model": {"family": "var", "depth": depth}, "reflogp": _ROLL,
                          "train": {**_VAR_TRAIN, "lambda": lam, "end_ratio": end, "drop_path": round(dpr, 6),
                                    "weight_decay_end": 0.08 if depth == 30 else 0.05,  # d30: wd annealed 0.05 -> 0.08
-                                   "micro_batch_size": _VAR_MICRO_BATCH[depth]}}
+                                   "micro_batch_size": _VAR_MICRO_BATCH[depth]},
+                         "per_loss": _BASELINES}
        for depth, (lam, end, dpr) in _VAR.items()},
 }
 
@@ -85,23 +101,35 @@ def preset(name: str) -> dict:
     return copy.deepcopy(PRESETS[name])
 
 
+def _preset_section(name: str, section: str, loss: str | None) -> dict:
+    """A preset's values for a section, with its values for the chosen loss (`per_loss`) over them."""
+    recipe = preset(name)
+    return {**recipe.get(section, {}), **recipe.get("per_loss", {}).get(loss, {}).get(section, {})}
+
+
 def resolve(section: str, params: dict, cli_preset: str | None = None, overrides: dict | None = None) -> dict:
     """The section's values (params.yaml spelling) after presets and overrides; defaults are the config
-    class's own and fill whatever is missing when it is built."""
+    class's own and fill whatever is missing when it is built. A preset's values for a loss (DPO's beta_d,
+    Unlearning's lambda_u) stand at the preset's own level once the resolved `loss` names it."""
     file_preset = params.get("preset") or None
     if file_preset is not None and not isinstance(file_preset, str):
         raise ConfigError(f"params.yaml: preset must be a name, not {file_preset!r}")
-    values: dict = {}
-    if file_preset:
-        values.update(preset(file_preset).get(section, {}))
     written = params.get(section)
     if written is not None and not isinstance(written, dict):
         raise ConfigError(f"params.yaml section {section!r} must be a mapping of settings, not {written!r}")
-    values.update(written or {})
-    if cli_preset:
-        values.update(preset(cli_preset).get(section, {}))
-    values.update(overrides or {})
-    return values
+
+    def layers(loss: str | None) -> dict:
+        values: dict = {}
+        if file_preset:
+            values.update(_preset_section(file_preset, section, loss))
+        values.update(written or {})
+        if cli_preset:
+            values.update(_preset_section(cli_preset, section, loss))
+        values.update(overrides or {})
+        return values
+
+    loss = layers(None).get("loss")
+    return layers(loss if isinstance(loss, str) else None)
 
 
 def active(params: dict, cli_preset: str | None = None) -> str | None:

@@ -31,7 +31,7 @@ def _train(folder: Path, loss: str, lam: float, logps: list[float]) -> None:
 def test_the_paper_tables_and_checks(tmp_path: Path):
     data = tmp_path / "data"
     sweep = SweepConfig(lambdas=[1, 30], betas=[0.5], cfg_scales=[0.5, 1.0])
-    cfg = paper.PaperConfig(losses=["dpo", "unlearning"], cca_cfg_lambda=1, lambdas=[1, 10, 30])
+    cfg = paper.PaperConfig(dpo_betas=[0.25, 2.5], unlearning_lambdas=[0.01, 0.1, 1], cca_cfg_lambda=1, lambdas=[1, 10, 30])
     _eval(data / "eval", {"base": (12.0, 6.0, 0.6), "cfg_1": (5.5, 7.8, 0.87), "cca": (5.0, 7.9, 0.89)})
     _train(data / "train", "cca", 10.0, [-56.0, -55.0, -54.5])
     for s, fid in ((0.5, 6.5), (1.0, 5.5)):
@@ -39,10 +39,14 @@ def test_the_paper_tables_and_checks(tmp_path: Path):
     for lam, fid, acc in ((1, 5.6, 0.86), (30, 5.2, 0.9)):
         _eval(data / "sweep/cca" / f"lam{lam}-beta0.5/eval", {"cca": (fid, 7.7 + lam / 100, acc)})
         _train(data / "sweep/cca" / f"lam{lam}-beta0.5/train", "cca", float(lam), [-56.0, -55.0])
-    _train(data / "paper/dpo/train", "dpo", 10.0, [-56.0, -60.0, -75.0])  # DPO's positives fall
-    _eval(data / "paper/dpo/eval", {"cca": (9.0, 6.5, 0.7)})
-    _train(data / "paper/unlearning/train", "unlearning", 10.0, [-56.0, -58.0])
-    _eval(data / "paper/unlearning/eval", {"cca": (30.0, 3.0, 0.3)})
+    # DPO: beta 2.5 is its best point (9.0); its positives fall
+    for beta, fid, logps in ((0.25, 11.0, [-56.0, -57.0]), (2.5, 9.0, [-56.0, -60.0, -75.0])):
+        _train(data / f"paper/dpo/beta{beta}/train", "dpo", 10.0, logps)
+        _eval(data / f"paper/dpo/beta{beta}/eval", {"cca": (fid, 6.5, 0.7)})
+    # Unlearning helps at a small lambda (11.0 < base 12.0) and collapses at a large one
+    for lam, fid in ((0.01, 11.5), (0.1, 11.0), (1, 30.0)):
+        _train(data / f"paper/unlearning/lam{lam}/train", "unlearning", lam, [-56.0, -58.0])
+        _eval(data / f"paper/unlearning/lam{lam}/eval", {"cca": (fid, 3.0, 0.3)})
     _train(data / "paper/cca_cfg/train", "cca", 1.0, [-56.0, -55.0])
     for s, fid in ((0.5, 4.6), (1.0, 5.9)):  # the best CCA+CFG point (4.6) beats CCA without guidance (5.0)
         _eval(data / "paper/cca_cfg/eval" / f"s{s}", {f"cca_cfg_{s:g}": (fid, 8.0 + s, 0.9)})
@@ -52,16 +56,21 @@ def test_the_paper_tables_and_checks(tmp_path: Path):
     text = paper.run(data / "eval", data / "train", data / "sweep", data / "paper", data / "paper/report", sweep, cfg)
     out = data / "paper/report"
     checks = json.loads((out / "checks.json").read_text())
-    assert checks["cca_fid_below_dpo_and_unlearning"] is True
+    assert checks["table3_best"] == {"dpo": {"point": "DPO β=2.5", "fid": 9.0}, "unlearning": {"point": "Unlearning λ=0.1", "fid": 11.0}}
+    assert checks["cca_fid_below_dpo_and_unlearning"] is True and checks["unlearning_best_fid_below_base"] is True
     assert checks["dpo_positive_logp_falls"] is True and checks["dpo_positive_logp_first_last"] == [-56.0, -75.0]
     assert checks["cca_cfg_best"]["fid"] == 4.6 and checks["cca_cfg_best_fid_at_most_cca_guidance_free"] is True
     assert checks["lambda_fid_over_fixed"] == {"1": 5.5 / 5.6, "10": 5.4 / 5.0, "30": 6.5 / 5.2}
     assert checks["lambda_within_15_percent"] is False  # 6.5 / 5.2 = 1.25
-    assert checks["lambda_class_accuracy_rises"] is True
-    for name in ("table3.md", "table5.md", "fid_is.png", "logps_pos.png", "results.md"):
+    assert checks["lambda_class_accuracy_rises"] is True and checks["lambda_is_rises"] is True
+    for name in ("table3.md", "table3_grid.md", "table5.md", "fid_is.png", "logps_pos.png", "results.md"):
         assert (out / name).is_file(), name
     table3 = (out / "table3.md").read_text()
-    assert "| DPO λ=10 β=0.5 | 9.000 |" in table3 and "| Unlearning λ=10 β=0.5 | 30.000 |" in table3
+    assert "| DPO β=2.5 (best of its grid) | 9.000 |" in table3 and "| Unlearning λ=0.1 (best of its grid) | 11.000 |" in table3
+    assert "DPO β=0.25" not in table3
+    grid = (out / "table3_grid.md").read_text()
+    assert all(f"| {label} |" in grid for label in ("DPO β=0.25", "DPO β=2.5", "Unlearning λ=0.01", "Unlearning λ=0.1",
+                                                      "Unlearning λ=1"))
     assert "trained at λ=30 alone" in (out / "table5.md").read_text()
     assert "CCA+CFG λ=1 s=0.5" in text
 
@@ -70,7 +79,7 @@ def test_the_paper_pipeline_reuses_the_main_reference_cache():
     """No stage of pipelines/paper computes reference log-probs; every training stage reads the main cache."""
     stages = yaml.safe_load((ROOT / "pipelines/paper/dvc.yaml").read_text())["stages"]
     trains = {name: s.get("do", s) for name, s in stages.items() if " train " in s.get("do", s)["cmd"]}
-    assert set(trains) == {"baseline-train", "cca-cfg-train", "lambda-train"}
+    assert set(trains) == {"dpo-train", "unlearning-train", "cca-cfg-train", "lambda-train"}
     for name, stage in trains.items():
         assert "../../data/reflogp/ref_logp.parquet" in stage["deps"], name
         assert "--cache ../../data/reflogp/ref_logp.parquet" in stage["cmd"], name

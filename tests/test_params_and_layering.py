@@ -107,8 +107,8 @@ def test_sweep_and_paper_sections_are_configs_like_the_stages():
         build(SweepConfig, {"sweep": {"lambda": [1]}}, "sweep")
     with pytest.raises(ParamsError, match=r"sweep.betas = \[0\]: must be > 0"):
         build(SweepConfig, {"sweep": {"betas": [0]}}, "sweep")
-    with pytest.raises(ParamsError, match=r"paper.losses = \['cca', 'dpx'\]: must be one of"):
-        build(PaperConfig, {"paper": {"losses": ["cca", "dpx"]}}, "paper")
+    with pytest.raises(ParamsError, match=r"paper.dpo_betas = \[0.1, -1\]: must be > 0"):
+        build(PaperConfig, {"paper": {"dpo_betas": [0.1, -1]}}, "paper")
     # numbers keep their written type: DVC names the matrix stages' folders with the value as written
     assert [str(x) for x in build(SweepConfig, {"sweep": {"lambdas": [1, 2.5, 3.0]}}, "sweep").lambdas] == ["1", "2.5", "3.0"]
 

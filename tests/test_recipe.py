@@ -215,6 +215,37 @@ def test_set_wins_over_preset_and_unknown_preset_fails():
     assert "var-d99-nonesuch" in result.output + str(result.exception)
 
 
+def test_baseline_losses_take_the_presets_own_values():
+    """Table 3's baselines over a recipe: `--set train.loss=dpo` resolves to a DPO beta_d from the paper's grid
+    (not CCA's beta 0.02 and lambda 300), `unlearning` to a lambda_u in the paper's helpful range; values the
+    user writes still win, at their usual level."""
+    dpo = _train_section("imagenet-llamagen", "--set", "train.loss=dpo", "config", "train", "--preset", "llamagen-L")
+    assert dpo["loss"] == "dpo" and dpo["beta"] == 0.1 and dpo["lr"] == 1e-5
+    unlearning = _train_section("imagenet-var", "--set", "train.loss=unlearning", "config", "train", "--preset", "var-d24")
+    assert unlearning["lambda"] == 0.1 and unlearning["beta"] == 0.02 and unlearning["lr_schedule"] == "lin0"
+    cca = _train_section("imagenet-llamagen", "config", "train", "--preset", "llamagen-L")
+    assert cca["beta"] == 0.02 and cca["lambda"] == 300  # CCA keeps the recipe's values
+    mine = _train_section("imagenet-llamagen", "--set", "train.loss=dpo", "--set", "train.beta=1.0", "config", "train",
+                          "--preset", "llamagen-L")
+    assert mine["beta"] == 1.0
+    from stages.presets import resolve
+
+    written = {"preset": "llamagen-L", "train": {"beta": 10.0, "loss": "dpo"}}
+    assert resolve("train", written)["beta"] == 10.0  # a value written in params.yaml is over the file's preset
+    assert resolve("train", {"preset": "llamagen-L", "train": {"loss": "dpo"}})["beta"] == 0.1
+
+
+def test_lambda_conditioned_recipe():
+    """Table 5's policy: LlamaGen-L's recipe conditioned on lambda in [e^0, e^9], 3 epochs, sampled at the
+    paper's test-time lambdas."""
+    result = _config("imagenet-llamagen", "config", "eval", "--preset", "llamagen-L-lambda")
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.output)["eval"]["lambdas"] == [10, 100, 300, 1000, 3000, 10000]
+    train = _train_section("imagenet-llamagen", "config", "train", "--preset", "llamagen-L-lambda")
+    assert train["lambda_conditioning"] == {"min": 1.0, "max": 8103.0} and train["epochs"] == 3
+    assert train["lr"] == 1e-5 and train["dropout"] == 0.1 and train["batch_size"] == 256
+
+
 # ------------------------------------------------------------------------------- negatives
 
 
