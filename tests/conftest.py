@@ -12,3 +12,25 @@ TINY_GPT = dict(dim=32, n_layer=2, n_head=2, vocab_size=64, num_classes=5, block
 def tiny_gpt() -> GPT:
     torch.manual_seed(0)
     return GPT(GPTConfig(**TINY_GPT)).eval()
+
+
+# `make test-fast` (pytest -m "not slow") runs the unit tests only. Slow: what starts processes (the CLI as a
+# subprocess, torchrun, DVC) or runs a pipeline end to end. Marked here, in one place, by module (every test
+# in it) or by test name, rather than by a decorator in each file.
+SLOW_MODULES = {
+    "test_distributed", "test_fsdp",  # torchrun, 2 processes
+    "test_dvc_smoke", "test_imagenet_pipeline", "test_var_pipeline", "test_shipped_pipelines",  # dvc repro
+    "test_resume", "test_tokenize_resume", "test_hostile_inputs",  # the CLI in subprocesses, killed and rerun
+    "test_tiny_golden",  # reflogp, train and eval end to end
+}
+SLOW_TESTS = {
+    "test_report.py::test_sweep_expands_into_named_stages",  # dvc stage list
+    "test_dvc_deps.py::test_dvc_parses_every_pipeline",  # dvc, once per pipeline
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        module = item.path.stem
+        if module in SLOW_MODULES or f"{item.path.name}::{item.originalname}" in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
