@@ -5,6 +5,12 @@ measure the wrong thing anyway. The embedded default therefore trains a small di
 training split and registers it with torch-fidelity (`register_feature_extractor`): its penultimate
 layer ("features") feeds FID and precision/recall, its logits feed IS. Users with the Inception weights
 file pass feature_extractor="inception-v3-compat" and its path instead; the call is the same.
+
+With Inception, sFID (Nash et al. 2021, as the ADM evaluator computes it; Table 3 of the CCA paper) is
+reported beside FID: the Frechet distance of the first 7 channels of the `mixed_6/conv` output (17 x 17 x 7
+= 2023 features per image, flattened in TF's NHWC order) to the reference batch's `mu_s`/`sigma_s`, or to
+the reference images' own spatial features when the reference carries no statistics. The classifier has no
+such layer: no sfid is reported with it.
 """
 
 from __future__ import annotations
@@ -188,9 +194,69 @@ EXTRACTORS = ("classifier", "inception-v3-compat")
 @dataclass
 class FeatureExtractor:
     module: torch.nn.Module  # a torch_fidelity FeatureExtractorBase
-    layers: dict[str, str]  # metric (isc, fid, prc) -> feature layer
+    layers: dict[str, str]  # metric (isc, fid, prc; sfid with Inception) -> feature layer
     name: str
     weights_sha256: str
+
+
+SFID_FEATURES = "mixed_6_conv_7"  # the feature layer sFID uses (a plain name: it is a key of the .npz cache)
+SFID_CHANNELS = 7  # the ADM evaluator keeps spatial[..., :7] of mixed_6/conv
+
+
+def sfid_spatial_module(inception: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output is TF's `mixed_6/conv:0`. The 2015 graph names its 11 inception blocks mixed,
+    mixed_1 .. mixed_10 and torch-fidelity's port Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d, 6e, 7a, 7b, 7c in the same
+    order, so mixed_6 is Mixed_6d; a block's plain `conv` (no tower) is its 1x1 branch, and BasicConv2d
+    returns relu(bn(conv)) as the graph's node does: (B, 192, 17, 17)."""
+    return inception.Mixed_6d.branch1x1
+
+
+def adm_spatial_features(mixed_6_conv: torch.Tensor) -> torch.Tensor:
+    """(B, 192, 17, 17) NCHW -> (B, 2023): the first 7 channels, flattened in TF's NHWC order (h, w, c) as
+    the ADM evaluator's reshape of spatial[..., :7] does (the order matters for nothing but the covariance's
+    layout, yet mu_s/sigma_s of the ADM batches are in that layout)."""
+    return mixed_6_conv[:, :SFID_CHANNELS].permute(0, 2, 3, 1).reshape(len(mixed_6_conv), -1).float()
+
+
+def _sfid_inception_class():
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class SfidInception(FeatureExtractorBase):
+        """torch-fidelity's InceptionV3 plus the sFID features, read with a forward hook (the port's forward
+        returns only its own feature list)."""
+
+        def __init__(self, inception: FeatureExtractorInceptionV3):
+            super().__init__(inception.name, [*inception.features_list, SFID_FEATURES])
+            self.inception = inception
+            self._mixed_6_conv: torch.Tensor | None = None
+            sfid_spatial_module(inception).register_forward_hook(self._keep)
+
+        def _keep(self, module, inputs, output):
+            self._mixed_6_conv = output
+
+        @staticmethod
+        def get_provided_features_list():
+            return (*FeatureExtractorInceptionV3.get_provided_features_list(), SFID_FEATURES)
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return SFID_FEATURES if metric == "sfid" else FeatureExtractorInceptionV3.get_default_feature_layer_for_metric(metric)
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return FeatureExtractorInceptionV3.get_dummy_input_for_compile()
+
+        def forward(self, x):
+            features = self.inception(x)
+            spatial, self._mixed_6_conv = self._mixed_6_conv, None
+            return (*features, adm_spatial_features(spatial))
+
+    return SfidInception
 
 
 def _inception_module(path: Path, features: list[str]):
@@ -228,7 +294,8 @@ def load_feature_extractor(kind: str, weights: str | os.PathLike, device: torch.
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         layers = {m: FeatureExtractorInceptionV3.get_default_feature_layer_for_metric(m) for m in ("isc", "fid", "prc")}
-        module = _inception_module(weights, sorted(set(layers.values())))
+        module = _sfid_inception_class()(_inception_module(weights, sorted(set(layers.values()))))
+        layers["sfid"] = SFID_FEATURES
     else:
         raise ValueError(f"feature extractor {kind!r}: valid are {', '.join(EXTRACTORS)}")
     return FeatureExtractor(module.to(device).eval(), layers, kind, file_sha256(weights))
@@ -254,7 +321,8 @@ def reference_features(extractor: FeatureExtractor, images: np.ndarray, cache_di
     if cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as f:
-                return {layer: torch.from_numpy(f[layer]) for layer in layers}
+                if set(layers) <= set(f.files):  # else written before a layer was scored (sfid): recompute
+                    return {layer: torch.from_numpy(f[layer]) for layer in layers}
         except (ValueError, OSError, KeyError, EOFError) as e:
             raise FormatError(f"fidelity statistics cache {cache} is not a file cca-pipe wrote ({e}); "
                               "delete it and it will be recomputed") from e
@@ -266,32 +334,47 @@ def reference_features(extractor: FeatureExtractor, images: np.ndarray, cache_di
     return {layer: features[layer] for layer in layers}
 
 
+def frechet_distance(metric: str, extractor: FeatureExtractor, generated: torch.Tensor, reference: torch.Tensor,
+                     reference_stats: dict[str, np.ndarray] | None) -> float:
+    """FID or sFID (`metric`) by torch-fidelity's Frechet distance: generated features (N, D) against the
+    reference features' statistics, or against `reference_stats` ({"mu", "sigma"}: e.g. an ADM batch's
+    mu/sigma or mu_s/sigma_s), then in float64 as the ADM evaluator."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    stats = fid_features_to_statistics(generated)
+    if reference_stats is None:
+        ref_stats = fid_features_to_statistics(reference)
+    else:
+        if reference_stats["mu"].shape != stats["mu"].shape:
+            label = {"fid": "FID", "sfid": "sFID"}[metric]
+            raise ValueError(f"the reference {label} statistics have {reference_stats['mu'].shape[0]} dimensions but the "
+                             f"{extractor.name} extractor's {label} features {stats['mu'].shape[0]}: use the extractor they "
+                             "were computed with (the ADM batches: eval.feature_extractor inception-v3-compat)")
+        stats = {k: v.astype(np.float64) for k, v in stats.items()}
+        ref_stats = {k: reference_stats[k].astype(np.float64) for k in ("mu", "sigma")}
+    return float(fid_statistics_to_metric(stats, ref_stats, False)["frechet_inception_distance"])
+
+
 def fidelity_scores(extractor: FeatureExtractor, generated: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
-                    reference_stats: dict[str, np.ndarray] | None = None) -> dict[str, float]:
-    """FID, IS, precision, recall of generated against reference features, by torch-fidelity's functions
-    with its default settings (10 IS splits, shuffled with seed 2020; 3-NN precision/recall).
+                    reference_stats: dict[str, np.ndarray] | None = None,
+                    reference_sfid_stats: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """FID, IS, precision, recall (and sFID when the extractor has its layer: Inception) of generated against
+    reference features, by torch-fidelity's functions with its default settings (10 IS splits, shuffled with
+    seed 2020; 3-NN precision/recall).
 
     `reference_stats` ({"mu", "sigma"}, e.g. an ADM reference batch's full-train statistics): FID is the
-    Frechet distance to those (in float64, as the ADM evaluator) instead of to the reference features'."""
+    Frechet distance to those instead of to the reference features'; `reference_sfid_stats` (the batch's
+    mu_s/sigma_s as {"mu", "sigma"}) likewise for sFID."""
     from torch_fidelity.defaults import DEFAULTS
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_prc import calculate_precision_recall_part
 
     layer = extractor.layers
     isc = isc_features_to_metric(generated[layer["isc"]], DEFAULTS["isc_splits"], DEFAULTS["samples_shuffle"], DEFAULTS["rng_seed"])
-    stats = fid_features_to_statistics(generated[layer["fid"]])
-    if reference_stats is None:
-        ref_stats = fid_features_to_statistics(reference[layer["fid"]])
-    else:
-        if reference_stats["mu"].shape != stats["mu"].shape:
-            raise ValueError(f"the reference statistics have {reference_stats['mu'].shape[0]} dimensions but the "
-                             f"{extractor.name} extractor's FID features {stats['mu'].shape[0]}: use the extractor they were "
-                             "computed with (the ADM batches: eval.feature_extractor inception-v3-compat)")
-        stats = {k: v.astype(np.float64) for k, v in stats.items()}
-        ref_stats = {k: reference_stats[k].astype(np.float64) for k in ("mu", "sigma")}
-    fid = fid_statistics_to_metric(stats, ref_stats, False)
+    scores = {"fid": frechet_distance("fid", extractor, generated[layer["fid"]], reference[layer["fid"]], reference_stats)}
+    if "sfid" in layer:
+        scores["sfid"] = frechet_distance("sfid", extractor, generated[layer["sfid"]], reference[layer["sfid"]],
+                                          reference_sfid_stats)
     precision, recall = calculate_precision_recall_part(generated[layer["prc"]], reference[layer["prc"]],
                                                         DEFAULTS["prc_neighborhood"], DEFAULTS["prc_batch_size"])
-    return {"fid": float(fid["frechet_inception_distance"]), "is": float(isc["inception_score_mean"]),
-            "precision": float(precision), "recall": float(recall)}
+    return {**scores, "is": float(isc["inception_score_mean"]), "precision": float(precision), "recall": float(recall)}

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 TABLE_KEYS = ("fid", "is", "precision", "recall", "class_accuracy", "images_per_s")
+TABLE_HEADS = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "precision", "recall": "recall",
+               "class_accuracy": "class acc.", "images_per_s": "images/s"}
 
 
 @dataclass
@@ -154,12 +156,14 @@ def comparison_grid(panels: list[tuple[str, np.ndarray, np.ndarray]], path: str 
 
 
 def results_table(rows: list[tuple[str, dict[str, float]]], first: str = "point") -> str:
-    """Markdown table, one row per (name, metrics); mean ± std where the std is known."""
-    head = f"| {first} | FID | IS | precision | recall | class acc. | images/s |\n|---|---|---|---|---|---|---|\n"
+    """Markdown table, one row per (name, metrics); mean ± std where the std is known. An sFID column only
+    when some row has one (Inception scoring: the classifier of the embedded default has no sFID layer)."""
+    keys = ("fid", "sfid", *TABLE_KEYS[1:]) if any("sfid" in m for _, m in rows) else TABLE_KEYS
+    head = f"| {first} | " + " | ".join(TABLE_HEADS[k] for k in keys) + " |\n|---" + "|---" * len(keys) + "|\n"
     lines = []
     for name, metrics in rows:
         cells = []
-        for k in TABLE_KEYS:
+        for k in keys:
             if k not in metrics:
                 cells.append("n/a")
             elif k == "images_per_s":

@@ -50,7 +50,7 @@ from .params import save_settings
 
 log = logging.getLogger(__name__)
 
-METRIC_KEYS = ("fid", "is", "precision", "recall", "class_accuracy", "images_per_s")
+METRIC_KEYS = ("fid", "sfid", "is", "precision", "recall", "class_accuracy", "images_per_s")  # sfid: Inception only
 
 
 @dataclass
@@ -91,48 +91,60 @@ def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, per_class: int
 
 @dataclass
 class Reference:
-    """The real data scored against: images (precision/recall, and FID when no statistics are given) and,
-    from an ADM reference batch, the precomputed statistics of the full training set that FID uses."""
+    """The real data scored against: images (precision/recall, and FID/sFID when no statistics are given)
+    and, from an ADM reference batch, the precomputed statistics of the full training set that FID (mu/sigma)
+    and sFID (mu_s/sigma_s) use."""
 
     images: np.ndarray  # uint8 (N, H, W, 3)
     fid_stats: dict[str, np.ndarray] | None  # {"mu": (D,), "sigma": (D, D)} float64, or None
     source: str
+    sfid_stats: dict[str, np.ndarray] | None = None  # the batch's mu_s/sigma_s as {"mu", "sigma"} (2023-d), or None
 
     def describe(self) -> str:
+        text = f"features of the {len(self.images)} reference images of {self.source}"
         if self.fid_stats is not None:
-            return f"precomputed mu/sigma of {self.source} (FID); its {len(self.images)} arr_0 images (precision/recall)"
-        return f"features of the {len(self.images)} reference images of {self.source}"
+            text = f"precomputed mu/sigma of {self.source} (FID); its {len(self.images)} arr_0 images (precision/recall)"
+        if self.sfid_stats is not None:
+            text += "; its mu_s/sigma_s (sFID, Inception only)"
+        return text
 
     def digest(self) -> str:
         h = content_hash(self.images)
-        for name in ("mu", "sigma"):
-            if self.fid_stats is not None:
-                h += content_hash(np.ascontiguousarray(self.fid_stats[name]))
+        for stats in (self.fid_stats, self.sfid_stats):
+            for name in ("mu", "sigma"):
+                if stats is not None:
+                    h += content_hash(np.ascontiguousarray(stats[name]))
         return h
+
+
+def _batch_stats(f, path: Path, mu: str, sigma: str) -> dict[str, np.ndarray] | None:
+    """An ADM batch's (mu, sigma) pair (mu/sigma for FID, mu_s/sigma_s for sFID) as float64, checked; None if absent."""
+    if mu not in f or sigma not in f:
+        return None
+    stats = {"mu": f[mu].astype(np.float64), "sigma": f[sigma].astype(np.float64)}
+    if stats["mu"].ndim != 1 or stats["sigma"].shape != (len(stats["mu"]),) * 2:
+        raise FormatError(f"reference batch {path}: {mu} {stats['mu'].shape} and {sigma} {stats['sigma'].shape} are not "
+                          "(D,) and (D, D) statistics")
+    return stats
 
 
 def load_reference(path: Path, size: int) -> Reference:
     """Real images to score against: a class-folder tree / folder of images (ADM center crop to size), or an
     ADM reference batch `.npz` (arr_0 uint8 NHWC; with `mu`/`sigma`, e.g. VIRTUAL_imagenet256_labeled.npz,
-    FID is computed against those statistics, as the ADM evaluator does)."""
+    FID is computed against those statistics, and sFID against `mu_s`/`sigma_s`, as the ADM evaluator does)."""
     if path.suffix == ".npz":
-        stats = None
         try:
             with np.load(path, allow_pickle=False) as f:
                 if "arr_0" not in f:
                     raise FormatError(f"reference batch {path} has no arr_0 (expected uint8 N x H x W x 3 images)")
                 images = f["arr_0"]
-                if "mu" in f and "sigma" in f:
-                    stats = {"mu": f["mu"].astype(np.float64), "sigma": f["sigma"].astype(np.float64)}
+                stats, sfid_stats = _batch_stats(f, path, "mu", "sigma"), _batch_stats(f, path, "mu_s", "sigma_s")
         except (OSError, ValueError, EOFError) as e:
             raise FormatError(f"reference batch {path} is not a readable .npz of arrays ({e}); pass the ADM reference "
                               "batch (e.g. VIRTUAL_imagenet256_labeled.npz) or a folder of images") from e
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise FormatError(f"reference batch {path}: arr_0 is {images.dtype} {images.shape}, expected uint8 N x H x W x 3")
-        if stats is not None and (stats["mu"].ndim != 1 or stats["sigma"].shape != (len(stats["mu"]),) * 2):
-            raise FormatError(f"reference batch {path}: mu {stats['mu'].shape} and sigma {stats['sigma'].shape} are not "
-                              "(D,) and (D, D) statistics")
-        return Reference(images, stats, str(path))
+        return Reference(images, stats, str(path), sfid_stats)
     if not path.is_dir():
         raise FileNotFoundError(f"reference images {path} not found (a folder of images or an ADM .npz batch)")
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -253,12 +265,12 @@ def sample_unit(unit: Unit, family, model, vq, cfg: EvalConfig, labels: torch.Te
 
 
 def score_unit(unit: Unit, images: np.ndarray, images_per_s: float, cfg: EvalConfig, labels: torch.Tensor,
-               extractor: FeatureExtractor, ref_features: dict, ref_stats: dict | None, classifier, work: Path) -> dict:
+               extractor: FeatureExtractor, ref_features: dict, ref: Reference, classifier, work: Path) -> dict:
     """Save the unit's ADM npz (and the grid for the first seed) and score it."""
     save_npz(work / "samples" / f"{unit.stem}.npz", images, labels.numpy())
     if unit.seed == cfg.seeds[0] and cfg.grid_per_class:
         save_grid(work / "grids" / f"{unit.name}.png", images, labels.numpy(), cfg.grid_per_class)
-    scores = fidelity_scores(extractor, extract_features(extractor, images), ref_features, ref_stats)
+    scores = fidelity_scores(extractor, extract_features(extractor, images), ref_features, ref.fid_stats, ref.sfid_stats)
     if classifier is not None:
         scores["class_accuracy"] = float((classify(classifier, images) == labels.numpy()).mean())
     scores["images_per_s"] = images_per_s
@@ -361,7 +373,7 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Pat
                 drawn = sample_unit(unit, family, models[unit.model], vq, cfg, labels, work, world)
                 if not world.main:
                     continue
-                scores = score_unit(unit, *drawn, cfg, labels, extractor, ref_features, ref.fid_stats, classifier, work)
+                scores = score_unit(unit, *drawn, cfg, labels, extractor, ref_features, ref, classifier, work)
                 write_json(work / "samples" / f"{unit.stem}.json", {"key": key, "scores": scores})
                 log.info("seed %d %-8s FID %.3f IS %.3f acc %.3f (%.0f images/s)", unit.seed, unit.name, scores["fid"],
                          scores["is"], scores.get("class_accuracy", float("nan")), scores["images_per_s"])

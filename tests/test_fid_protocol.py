@@ -66,7 +66,7 @@ def test_statistics_of_the_wrong_dimension_are_refused(tmp_path):
     extractor = _extractor(tmp_path)
     images = np.random.default_rng(1).integers(0, 256, (24, 16, 16, 3), dtype=np.uint8)
     feats = extract_features(extractor, images)
-    with pytest.raises(ValueError, match=r"reference statistics have 2048 dimensions .* FID features 16"):
+    with pytest.raises(ValueError, match=r"reference FID statistics have 2048 dimensions .* FID features 16"):
         fidelity_scores(extractor, feats, feats, {"mu": np.zeros(2048), "sigma": np.eye(2048)})
 
 
@@ -109,8 +109,10 @@ def test_eval_scores_fid_against_the_batch_statistics(tmp_path):
     trace = float(np.trace(stats["sigma"]))
     d = np.array([1, -1] * 4) * 2 * np.sqrt(trace / 8)
     arr_0 = np.random.default_rng(3).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
-    np.savez(tmp_path / "batch.npz", arr_0=arr_0, mu=stats["mu"] + d, sigma=stats["sigma"])
+    # an ADM batch also carries mu_s/sigma_s (sFID): the classifier has no sFID layer, so no sfid is reported
+    np.savez(tmp_path / "batch.npz", arr_0=arr_0, mu=stats["mu"] + d, sigma=stats["sigma"], mu_s=np.zeros(2023), sigma_s=np.eye(2023))
     second = _run(tmp_path, tmp_path / "batch.npz", "B")
+    assert "sfid" not in second["methods"]["base"] and "sFID" not in (tmp_path / "B/results.md").read_text()
     with np.load(tmp_path / "B/samples/base_seed0.npz") as f:
         assert np.array_equal(f["arr_0"], samples)  # the same samples were scored
     assert second["methods"]["base"]["fid"] == pytest.approx(4 * trace, rel=1e-5)
