@@ -155,3 +155,20 @@ def test_score_unit_scores_sfid_against_the_batch_mu_s_sigma_s(tmp_path):
     assert metrics["methods"]["base"]["sfid"] == scores["sfid"]
     table = eval_stage.format_results(metrics)
     assert "| method | FID | sFID | IS |" in table and f"{scores['sfid']:.3f}" in table
+
+
+def test_a_reference_cache_written_before_sfid_is_recomputed(tmp_path):
+    """Reference features cached before the sFID layer existed lack it: recomputed, not refused as foreign."""
+    from pipeline.metrics import content_hash, reference_features
+
+    torch.manual_seed(0)
+    save_classifier(tmp_path / "clf.pt", ImageClassifier(ClassifierConfig(num_classes=3, feature_dim=8)).eval())
+    clf = load_feature_extractor("classifier", tmp_path / "clf.pt", CPU)
+    images = np.random.default_rng(5).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    cache = tmp_path / "fc" / f"ref-{content_hash(images)}-{clf.name}-{clf.weights_sha256[:16]}.npz"
+    cache.parent.mkdir()
+    np.savez(cache, logits=np.zeros((6, 3), np.float32))  # an older cache: one layer short
+    feats = reference_features(clf, images, tmp_path / "fc")
+    assert torch.equal(feats["features"], extract_features(clf, images)["features"])
+    with np.load(cache) as f:
+        assert set(f.files) == {"features", "logits"}  # rewritten with every layer
