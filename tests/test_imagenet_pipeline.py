@@ -130,7 +130,7 @@ def test_four_stages_run_and_the_policy_loads_in_llamagen_layout(repo: Path):
     from pipeline.tokenstore import open_token_store
 
     store = open_token_store(repo / "data/tokens.zarr")
-    assert store.tokens.shape == (12, 2, 16)  # 12 images, flip views, 4x4 grid
+    assert store.tokens.shape == (12, 10, 16)  # 12 images, ten-crop views (the release's codes), 4x4 grid
     assert store.attrs["class_names"] == ["n01440764", "n01443537", "n01484850"]
     assert list(store.labels) == [0] * 4 + [1] * 4 + [2] * 4
     cache, meta = read_ref_cache(repo / "data/ref_logp.parquet")
@@ -142,6 +142,7 @@ def test_four_stages_run_and_the_policy_loads_in_llamagen_layout(repo: Path):
     metrics = json.loads((repo / "data/eval/metrics.json").read_text())
     assert set(metrics["methods"]) == {"base", "cfg_1", "cca"}
     assert all(np.isfinite(m["is"]) for m in metrics["methods"].values())
+    assert all(np.isfinite(m["sfid"]) for m in metrics["methods"].values())  # Inception: sFID beside FID
     samples = np.load(repo / "data/eval/samples/cca_seed0.npz")
     assert samples["arr_0"].shape == (12, 32, 32, 3) and samples["arr_0"].dtype == np.uint8  # resized 64 -> 32
 
