@@ -8,7 +8,8 @@ state that any number of processes can resume.
     `model.blocks()`), then the root (embeddings, head, norms; VAR's frozen quantiser): each process keeps
     1/N of the weights, gradients and optimizer state and gathers a block's weights only while it runs.
     On CUDA the blocks' gathered weights are bf16 and gradients are reduced in fp32 (MixedPrecisionPolicy),
-    as the released LlamaGen_finetune_fsdp.py's bf16 FSDP; on CPU everything stays fp32.
+    like the released LlamaGen_finetune_fsdp.py's bf16 FSDP (which reduces in bf16: we reduce in fp32, a
+    documented departure); on CPU everything stays fp32.
 A world of one process has nothing to share or shard: both strategies then train the plain module.
 
 The resumable training state (`TrainState`) is written with `torch.distributed.checkpoint` (DCP): each
