@@ -21,7 +21,9 @@ from .distributed import World
 from .families import family_of_model
 from .logprobs import sequence_logp
 from .losses import LOSSES
+from .models.layers import noise_keys, noise_rates
 from .parallel import TrainState, accumulating, clip_grad_norm, distribute, full_state_dict
+from .refcache import CHECK_ROWS, ReferenceNoise, check_cache_rows
 
 LR_SCHEDULES = ("constant", "lin0")
 
@@ -39,6 +41,8 @@ class AlignBatch:
     # whose rolled negative label equals their own (the released scripts' rule, reflogp.negatives: roll)
     positive_twice: torch.Tensor
     lam: torch.Tensor | None = None  # (B,) each row's lambda, for a lambda-conditioned policy (paper Table 5)
+    # (2B,) int64: the policy's dropout keys of the positive then the negative sequences (visit_keys)
+    dropout_keys: torch.Tensor | None = None
 
 
 def gather_tokens(tokens, cache: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
@@ -47,8 +51,16 @@ def gather_tokens(tokens, cache: dict[str, np.ndarray], rows: np.ndarray) -> np.
     return np.asarray(tokens[cache["row"][rows], cache["view"][rows]])
 
 
+def visit_keys(seed: int, visits: np.ndarray) -> torch.Tensor:
+    """The policy's dropout keys (2B,) of visits (positions in the epoch order): its positive sequences'
+    then its negative sequences', one independent draw per visit, as the released scripts' (whose policy
+    and reference each draw their own masks); a function of the visit, not of the batch or the process."""
+    return torch.cat([noise_keys(seed, visits, "visit_pos"), noise_keys(seed, visits, "visit_neg")])
+
+
 def make_batch(rows: np.ndarray, tokens, cache: dict[str, np.ndarray], uncond: np.ndarray, null_class: int,
-               row_tokens: np.ndarray | None = None, lam: np.ndarray | None = None) -> AlignBatch:
+               row_tokens: np.ndarray | None = None, lam: np.ndarray | None = None,
+               dropout_keys: torch.Tensor | None = None) -> AlignBatch:
     """Assemble a batch from cache rows (indices into the cache's columns); `row_tokens`: their tokens
     already gathered (by a DataLoader worker), else read from `tokens` here."""
     if row_tokens is None:
@@ -62,6 +74,7 @@ def make_batch(rows: np.ndarray, tokens, cache: dict[str, np.ndarray], uncond: n
         ref_logp_neg=torch.from_numpy(np.where(uncond, cache["ref_logp_null"][rows], cache["ref_logp_neg"][rows])),
         positive_twice=torch.from_numpy(uncond | (cache["neg_label"][rows] == cache["label"][rows])),
         lam=None if lam is None else torch.from_numpy(lam.astype(np.float32)),
+        dropout_keys=dropout_keys,
     )
 
 
@@ -70,8 +83,9 @@ def policy_logps(policy, batch: AlignBatch, device: torch.device) -> tuple[torch
     x = batch.tokens.to(device)
     labels = torch.cat([batch.labels_pos, batch.labels_neg]).to(device)
     lam = None if batch.lam is None else torch.cat([batch.lam, batch.lam]).to(device)
+    keys = None if batch.dropout_keys is None else batch.dropout_keys.to(device)
     with autocast(device):
-        logp = sequence_logp(policy, labels, torch.cat([x, x]), lam)
+        logp = sequence_logp(policy, labels, torch.cat([x, x]), lam, dropout_keys=keys)
     return logp.split(len(x))
 
 
@@ -84,7 +98,8 @@ def with_online_reference(reference, batch: AlignBatch, device: torch.device) ->
     with autocast(device):
         ref = sequence_logp(reference, labels, torch.cat([x, x])).double()
     pos, neg = ref.split(len(x))
-    return AlignBatch(batch.tokens, batch.labels_pos, batch.labels_neg, pos.cpu(), neg.cpu(), batch.positive_twice, batch.lam)
+    return AlignBatch(batch.tokens, batch.labels_pos, batch.labels_neg, pos.cpu(), neg.cpu(), batch.positive_twice, batch.lam,
+                      batch.dropout_keys)
 
 
 def loss_for_batch(policy, batch: AlignBatch, loss_name: str, beta: float, lam: float, device: torch.device):
@@ -155,12 +170,6 @@ class StepRows(torch.utils.data.Dataset):
         return torch.from_numpy(gather_tokens(self.tokens, self.cache, mine))
 
 
-def micro_batch_seed(seed: int, step: int, micro: int) -> int:
-    """The torch seed of micro-batch `micro` of step `step` (its dropout masks): the same whichever process
-    computes it, so runs on 1 or N processes draw the same masks, and a resumed run needs no RNG state."""
-    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
 @dataclass
 class AlignConfig:
     """The training loop's settings; no defaults here: the train stage's TrainConfig is their one source."""
@@ -202,13 +211,20 @@ def train_policy(
     checkpoint_every: int = 0,
     train_state: TrainState | None = None,
     world: World | None = None,
+    cache_noise: ReferenceNoise | None = None,
+    cache_name: str = "the reference cache",
 ) -> torch.nn.Module:
     """Fine-tune `policy` in place for cfg.epochs passes over the cache rows; returns it (under FSDP,
     sharded: pipeline.parallel.full_state_dict gathers its weights).
 
     AdamW's parameter groups are the family's (pipeline.families: which parameters are decayed).
-    Row order and unconditional rows are drawn from a numpy generator seeded with cfg.seed, dropout from
-    torch's generator seeded per micro-batch, so a run is reproducible on CPU. Every `checkpoint_every`
+    Row order and unconditional rows are drawn from a numpy generator seeded with cfg.seed; dropout and
+    drop-path masks are keyed by (cfg.seed, the row's position in the epoch order, pos/neg): visit_keys,
+    the same whatever the micro-batch size, process count or strategy, so a run is reproducible on CPU.
+    `cache_noise`: the cache's reference dropout (its provenance); given, the first step is preceded by
+    the step-0 check (pipeline.refcache.check_cache_rows: the policy, still the reference, must reproduce
+    the cache's columns on the first CHECK_ROWS rows of the epoch order with the cache's masks), except on
+    resume, where the policy is no longer the reference. Every `checkpoint_every`
     steps the main process gets `on_checkpoint(step, full policy state dict)` and every process saves the
     resumable `train_state` (policy, optimizer moments, step, data-order RNG; pipeline.parallel.TrainState);
     a run given a `train_state` holding a point for its settings continues exactly where it stopped, with
@@ -256,6 +272,11 @@ def train_policy(
     if saved is not None:
         rng.bit_generator.state = saved["rng"]
         first_step = int(saved["step"])
+    if cache_noise is not None and saved is None:
+        with noise_rates(policy, cache_noise.dropout, cache_noise.drop_path, "reflogp"):
+            check_cache_rows(model, tokens, cache, order[: min(CHECK_ROWS, n_rows)], cache_noise, cfg.micro_batch_size,
+                             device, world, cache_name)
+        policy.train()
     bar = progress(total_steps) if progress else None
     if bar is not None and first_step:
         bar.update(first_step)
@@ -279,8 +300,8 @@ def train_policy(
         for j, i in enumerate(mine):
             part, m = slice(i * cfg.micro_batch_size, (i + 1) * cfg.micro_batch_size), cfg.micro_batch_size
             batch = make_batch(rows[part], tokens, cache, uncond[part], null_class, step_tokens[j * m : (j + 1) * m],
-                               None if lams is None else lams[part])
-            torch.manual_seed(micro_batch_seed(cfg.seed, step, i))
+                               None if lams is None else lams[part],
+                               visit_keys(cfg.seed, step * cfg.batch_size + np.arange(part.start, part.stop)))
             try:
                 with accumulating(model, last=j == len(mine) - 1):
                     out = loss_for_batch(model, batch, cfg.loss, cfg.beta, cfg.lam, device)

@@ -29,7 +29,10 @@ Reference log-prob cache (stage `reflogp`), a Parquet file, e.g. `data/reflogp/r
     schema metadata (provenance, checked by `train`): format, format_version, tokens_fingerprint,
              ref_ckpt_sha256, seed, views, negatives ("other" | "roll": rows with neg_label == label are
              then positives twice), num_classes, null_class, seq_len, batch_size, logp_code ({source file:
-             sha256} of the code that computes log-probs: editing it makes the cache stale), settings
+             sha256} of the code that computes log-probs: editing it makes the cache stale), settings,
+             dropout and drop_path (the reference's rates; 0: eval mode; absent in older caches: 0), mask_rule
+             ("eval", or how the train-mode masks were drawn: one draw per cache row keyed by (seed, row,
+             pos|neg|null), pipeline.models.layers.noise_keys; independent of batch_size, parts and processes)
 """
 
 from __future__ import annotations

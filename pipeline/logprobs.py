@@ -21,8 +21,13 @@ def token_logp(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def sequence_logp(model, labels: torch.Tensor, tokens: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
+def sequence_logp(model, labels: torch.Tensor, tokens: torch.Tensor, lam: torch.Tensor | None = None,
+                  dropout_keys: torch.Tensor | None = None) -> torch.Tensor:
     """log p(x | c) = sum over the N image tokens: labels (B,), tokens (B, N) -> (B,) float32. `model` is any
     family's model, or a DDP/FSDP wrapper of one: its forward(tokens, labels) gives the per-token log-probs
-    (and forward(tokens, labels, lam) those of a lambda-conditioned policy at each row's lambda)."""
-    return (model(tokens, labels) if lam is None else model(tokens, labels, lam)).sum(-1)
+    (and forward(tokens, labels, lam) those of a lambda-conditioned policy at each row's lambda).
+    `dropout_keys` (B,) int64: each sequence's dropout / drop-path key (pipeline.models.layers.noise_keys),
+    for a model in train mode with dropout on: its masks are a function of the key, not of the batch."""
+    if dropout_keys is None:  # the call every model and wrapper has always taken
+        return (model(tokens, labels) if lam is None else model(tokens, labels, lam)).sum(-1)
+    return model(tokens, labels, lam, dropout_keys).sum(-1)

@@ -6,11 +6,15 @@ sweep sees the same pairs, and the cached values are exactly what the loss needs
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from .device import OutOfMemory, autocast, is_out_of_memory
+from .formats import LOGP_COLUMNS, REBUILD_CACHE, FormatError
 from .logprobs import sequence_logp
+from .models.layers import noise_keys
 from .progress import progress
 
 NEGATIVES = ("other", "roll")
@@ -54,18 +58,63 @@ def draw_pairs(labels: np.ndarray, num_views: int, num_classes: int, seed: int, 
     }
 
 
+# How a cache with dropout drew its masks (recorded in its provenance, pipeline/formats.py)
+MASK_RULE = "keyed-v1: splitmix64(seed, cache row, role pos|neg|null) per sequence, mix32 per (site, element)"
+
+
+@dataclass(frozen=True)
+class ReferenceNoise:
+    """The reference's dropout as the cache saw it (reflogp.dropout / drop_path / seed, recorded in its
+    provenance): rates 0 is eval mode; otherwise the reference ran in train mode with the masks of
+    noise_keys(seed, cache row, role), one draw per cache row (pipeline.models.layers)."""
+
+    seed: int = 0
+    dropout: float = 0.0
+    drop_path: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.dropout > 0 or self.drop_path > 0
+
+    @classmethod
+    def of_cache(cls, provenance: dict) -> ReferenceNoise:
+        """A cache's noise; caches written before these keys existed were computed in eval mode."""
+        return cls(int(provenance.get("seed", 0)), float(provenance.get("dropout", 0.0)),
+                   float(provenance.get("drop_path", 0.0)))
+
+
+def row_keys(noise: ReferenceNoise, cache_rows: np.ndarray, device: torch.device) -> torch.Tensor | None:
+    """The dropout keys of cache rows scored as pos, neg and null, in that order (3B,); None in eval mode."""
+    if not noise.active:
+        return None
+    return torch.cat([noise_keys(noise.seed, cache_rows, role) for role in ("pos", "neg", "null")]).to(device)
+
+
+def score_rows(model, x: torch.Tensor, labels: np.ndarray, neg_labels: np.ndarray, keys: torch.Tensor | None,
+               device: torch.device) -> torch.Tensor:
+    """(3, B) float32 log p(x|c), log p(x|c_neg), log p(x|null) of tokens x (B, L): one forward over the rows
+    tiled three times, as reflogp computes the cache and train's step-0 check recomputes it."""
+    conds = np.concatenate([labels, neg_labels, np.full(len(x), model.cfg.null_class)])
+    with autocast(device):
+        logp = sequence_logp(model, torch.from_numpy(conds.astype(np.int64)).to(device), x.repeat(3, 1), dropout_keys=keys)
+    return logp.view(3, len(x))
+
+
 @torch.inference_mode()
 def reference_logps(
     model, tokens: np.ndarray, pairs: dict[str, np.ndarray], batch_size: int, device: torch.device,
-    forwards: int | None = None,
+    forwards: int | None = None, noise: ReferenceNoise = ReferenceNoise(), first_row: int = 0,
 ) -> dict[str, np.ndarray]:
     """log p(x|c), log p(x|c_neg), log p(x|null) per cache row (float64 from float32 sums).
 
     One forward per batch covers all three conditions (the batch is the rows tiled three times).
     `forwards`: run exactly this many forwards, the extra ones on the first batch, their results dropped:
     a sharded (FSDP) model's processes must all run each forward together, whatever their share of rows.
+    `noise`: the reference's dropout (its rates must be set on `model`: set_dropout); when active the model
+    runs in train mode with each row's masks keyed by (noise.seed, cache row, role), the cache row of
+    pairs' row i being first_row + i, so the result does not depend on batch_size, parts or processes.
     """
-    model.eval()
+    model.train(noise.active)
     n = len(pairs["row"])
     out = {k: np.zeros(n, dtype=np.float64) for k in ("ref_logp_pos", "ref_logp_neg", "ref_logp_null")}
     starts = list(range(0, n, batch_size))
@@ -78,10 +127,9 @@ def reference_logps(
         part = slice(0, min(batch_size, n)) if padding else slice(start, min(start + batch_size, n))
         b = part.stop - part.start
         x = torch.from_numpy(np.asarray(tokens[pairs["row"][part], pairs["view"][part]]).astype(np.int64)).to(device)
-        conds = np.concatenate([pairs["label"][part], pairs["neg_label"][part], np.full(b, model.cfg.null_class)])
+        keys = row_keys(noise, first_row + np.arange(part.start, part.stop), device)
         try:
-            with autocast(device):
-                logp = sequence_logp(model, torch.from_numpy(conds.astype(np.int64)).to(device), x.repeat(3, 1))
+            logp = score_rows(model, x, pairs["label"][part], pairs["neg_label"][part], keys, device)
         except (RuntimeError, MemoryError) as e:
             if not is_out_of_memory(e):
                 raise
@@ -91,5 +139,58 @@ def reference_logps(
             continue
         logp = logp.double().cpu().numpy()
         for i, key in enumerate(out):
-            out[key][part] = logp[i * b : (i + 1) * b]
+            out[key][part] = logp[i]
+    model.eval()
+    return out
+
+
+class CacheMismatch(FormatError):
+    """The policy at step 0 (the reference itself) does not reproduce a cache's columns."""
+
+
+# Step-0 check tolerance per row: |policy - cached| <= RTOL * |cached| + ATOL nats. On the CPU (float32) the
+# only difference is the batch composition's rounding of sums of L log-probs (measured under 1e-4 nats on the
+# test models); CUDA under bf16 autocast may pick other matmul kernels for other batch shapes, each token's
+# log-prob then moving by ~bf16's 4e-3 relative, ~0.1-1 nats over 256-680 tokens of -2000 to -4000 nats.
+# The corruptions it is for move rows by whole nats (another class) to hundreds of nats (another image).
+CHECK_TOLERANCE = {"cpu": (1e-6, 1e-3), "cuda": (5e-4, 0.5)}  # device type -> (RTOL, ATOL)
+CHECK_ROWS = 64  # cache rows scored (3 sequences each): cheap next to one training step
+
+
+def check_cache_rows(model, tokens, cache: dict[str, np.ndarray], rows: np.ndarray, noise: ReferenceNoise,
+                     micro_batch_size: int, device: torch.device, world, cache_name: str) -> None:
+    """Raise CacheMismatch naming the cache, the column and the first mismatching cache rows unless `model`
+    (the policy before its first update, which is the reference) reproduces the cached ref_logp_pos / neg /
+    null of cache `rows` with the cache's own masks (noise). The rows go to the processes in chunks of
+    micro_batch_size, round robin; every process runs as many forwards as the busiest (FSDP needs them all)."""
+    chunks = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+    mine = world.share(list(range(len(chunks))))
+    mine += [None] * (-(-len(chunks) // world.size) - len(mine))
+    bad = []
+    with torch.no_grad():
+        model.train(noise.active)
+        for k in mine:
+            chunk = chunks[0 if k is None else k]
+            x = torch.from_numpy(np.asarray(tokens[cache["row"][chunk], cache["view"][chunk]]).astype(np.int64)).to(device)
+            logp = score_rows(model, x, cache["label"][chunk], cache["neg_label"][chunk], row_keys(noise, chunk, device),
+                              device).double().cpu().numpy()
+            if k is not None:
+                bad += _mismatches(logp, cache, chunk, device)
+    mismatched = sorted(m for rank_bad in world.gather(bad) for m in rank_bad)  # (column index, cache row)
+    if mismatched:
+        column = LOGP_COLUMNS[mismatched[0][0]]
+        first = [row for col, row in mismatched if LOGP_COLUMNS[col] == column][:5]
+        raise CacheMismatch(
+            f"reference cache {cache_name}: column {column} disagrees with the reference model at its cache rows "
+            f"{', '.join(map(str, first))} ({len(mismatched)} of {3 * len(rows)} values checked): the cache does not "
+            f"belong to these rows (relabelled, permuted or columns swapped); {REBUILD_CACHE}")
+
+
+def _mismatches(logp: np.ndarray, cache: dict[str, np.ndarray], chunk: np.ndarray, device: torch.device) -> list:
+    rtol, atol = CHECK_TOLERANCE["cuda" if device.type == "cuda" else "cpu"]
+    out = []
+    for c, (got, column) in enumerate(zip(logp, LOGP_COLUMNS, strict=True)):
+        cached = cache[column][chunk]
+        far = ~(np.abs(got - cached) <= rtol * np.abs(cached) + atol)  # NaN counts as far
+        out += [(c, int(row)) for row in chunk[far]]
     return out

@@ -12,9 +12,14 @@ may also carry values for a loss other than CCA (`per_loss`: DPO's beta_d, Unlea
 Table 3), which join the preset's own level when the resolved `train.loss` names that loss.
 Besides the released recipes: `llamagen-L-lambda`, the paper's Table 5 policy (not in the released code).
 
+The reference sees the recipe's dropout: the scripts run it in train mode (`ref_model.train()` with
+--keep_dropout; VAR's `ref.train()` with drop path), so at step 0 log p_theta - log p_phi is zero-mean noise.
+The cache reproduces that reference distribution: reflogp.dropout / drop_path equal train's, and each cache
+row is scored with one seeded draw of the masks, keyed by (reflogp.seed, row, pos/neg/null) (pipeline.refcache).
+The scripts redraw the reference's masks at every visit of a row; with 1 epoch (every preset) each row is
+visited once, so that is the same distribution. The policy draws its own masks, keyed by (train.seed, visit).
+
 Deliberate departures from the scripts, documented in the README:
-- The reference log-probs are computed once, in eval mode (dropout off): the scripts run the reference in
-  train mode, so with --keep_dropout its log-probs are stochastic; a cache must be deterministic.
 - Negatives `roll` are drawn once per cache row from a seeded global permutation, not re-rolled in each
   2-row micro-batch at every step.
 """
@@ -63,6 +68,8 @@ _BASELINES = {"dpo": {"train": {"beta": 0.1}}, "unlearning": {"train": {"lambda"
 # Table 5: one LlamaGen-L policy for every lambda, sampled at the paper's test-time lambdas
 _LAMBDA_CONDITIONED = {"lambda_conditioning": {"min": 1.0, "max": 8103.0},  # [e^0, e^9]
                        "epochs": 3.0}  # 3x the fixed-lambda recipe's 1 epoch
+# the reference in train mode with the policy's dropout (--keep_dropout) / drop path, one draw per cache row
+_LLAMAGEN_REFLOGP = {**_ROLL, "dropout": _LLAMAGEN_TRAIN["dropout"], "drop_path": _LLAMAGEN_TRAIN["drop_path"]}
 
 
 def _llamagen_model(size: str) -> dict:
@@ -76,17 +83,18 @@ def _llamagen_train(size: str, values: dict) -> dict:
 
 
 PRESETS: dict[str, dict] = {
-    **{f"llamagen-{size}": {"model": _llamagen_model(size), "reflogp": _ROLL, "train": _llamagen_train(size, {"lambda": lam}),
-                            "per_loss": _BASELINES}
+    **{f"llamagen-{size}": {"model": _llamagen_model(size), "reflogp": _LLAMAGEN_REFLOGP,
+                            "train": _llamagen_train(size, {"lambda": lam}), "per_loss": _BASELINES}
        for size, lam in _LLAMAGEN_LAMBDA.items()},
-    "llamagen-L-lambda": {"model": _llamagen_model("L"), "reflogp": _ROLL,
+    "llamagen-L-lambda": {"model": _llamagen_model("L"), "reflogp": _LLAMAGEN_REFLOGP,
                           "train": _llamagen_train("L", {"lambda": 300.0, **_LAMBDA_CONDITIONED}),
                           "eval": {"lambdas": [10.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0]}},
     # CCA+CFG (Table 4): trained with the unconditional rows, sampled with guidance; lambda 1
-    **{f"llamagen-{size}-cca-cfg": {"model": _llamagen_model(size), "reflogp": _ROLL,
+    **{f"llamagen-{size}-cca-cfg": {"model": _llamagen_model(size), "reflogp": _LLAMAGEN_REFLOGP,
                                     "train": _llamagen_train(size, {"lambda": 1.0, "beta": beta})}
        for size, beta in _LLAMAGEN_CCA_CFG_BETA.items()},
-    **{f"var-d{depth}": {"model": {"family": "var", "depth": depth}, "reflogp": _ROLL,
+    **{f"var-d{depth}": {"model": {"family": "var", "depth": depth},
+                         "reflogp": {**_ROLL, "dropout": 0.0, "drop_path": round(dpr, 6)},
                          "train": {**_VAR_TRAIN, "lambda": lam, "end_ratio": end, "drop_path": round(dpr, 6),
                                    "weight_decay_end": 0.08 if depth == 30 else 0.05,  # d30: wd annealed 0.05 -> 0.08
                                    "micro_batch_size": _VAR_MICRO_BATCH[depth]},

@@ -20,7 +20,7 @@ from pipeline.distributed import World
 from pipeline.formats import RefCacheParts, claim_ref_cache, read_ref_cache
 from pipeline.parallel import STRATEGIES, distribute
 from pipeline.progress import progress
-from pipeline.refcache import NEGATIVES, draw_pairs, reference_logps
+from pipeline.refcache import MASK_RULE, NEGATIVES, ReferenceNoise, draw_pairs, reference_logps
 from pipeline.tokenstore import open_token_store
 
 from .loading import load_for_store
@@ -35,6 +35,12 @@ class RefLogpConfig:
     views: str = setting("all", choices=("all", "one"))  # "all": a cache row per (image, view); "one": a row per image, random view
     # "other": uniform over the other classes; "roll": the released scripts' rolled labels (pipeline.refcache)
     negatives: str = setting("other", choices=NEGATIVES)
+    # The reference's dropout (LlamaGen's resid/ffn/token) and drop path (rising over the blocks to it), as
+    # the released scripts' train-mode reference has them: > 0 runs it in train mode, one seeded draw per
+    # cache row keyed by (seed, row, pos/neg/null), whatever batch_size, part_rows or world size; 0: eval mode.
+    # train refuses a cache whose rates are not its own (train.reference_noise).
+    dropout: float = setting(0.0, ge=0.0, lt=1.0)
+    drop_path: float = setting(0.0, ge=0.0, lt=1.0)
     batch_size: int = setting(512, ge=1)
     part_rows: int = setting(4096, ge=1, multiple_of="batch_size")  # resume unit: rows per part file
     # under torchrun: "ddp" holds the whole model on every GPU; "fsdp" shards it (pipeline/parallel.py), the
@@ -62,6 +68,8 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
     store = open_token_store(tokens_path)
     family, model = load_for_store(ref_path, "--ref", store, tokens_path, world, cfg.strategy, preset,
                                    spec=gpt_model, vae=vae, vae_model=vae_model, depth=depth)
+    model.set_dropout(cfg.dropout, cfg.drop_path, section="reflogp")  # before any work: VAR has no dropout
+    noise = ReferenceNoise(cfg.seed, cfg.dropout, cfg.drop_path)
     pairs = draw_pairs(store.labels, store.tokens.shape[1], store.num_classes, cfg.seed, cfg.views, cfg.negatives)
     provenance = {
         "tokens_fingerprint": store.fingerprint,
@@ -69,6 +77,9 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
         "seed": cfg.seed,
         "views": cfg.views,
         "negatives": cfg.negatives,
+        "dropout": cfg.dropout,
+        "drop_path": cfg.drop_path,
+        "mask_rule": MASK_RULE if noise.active else "eval",
         "logp_code": family.logp_code(),
         "settings": as_params(cfg),
         "num_classes": store.num_classes,
@@ -89,11 +100,11 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
     for k in progress(mine, desc="reflogp parts", unit="part"):
         if k is None:  # no part left for this process: the forwards its sharded model owes the others
             reference_logps(model, store.tokens, {name: column[: cfg.batch_size] for name, column in pairs.items()},
-                            cfg.batch_size, device, forwards=forwards)
+                            cfg.batch_size, device, forwards=forwards, noise=noise)
             continue
         start, stop = parts.part_range(k)
         part = {name: column[start:stop] for name, column in pairs.items()}
-        logps = reference_logps(model, store.tokens, part, cfg.batch_size, device, forwards=forwards)
+        logps = reference_logps(model, store.tokens, part, cfg.batch_size, device, forwards=forwards, noise=noise, first_row=start)
         bad = ~np.isfinite(np.stack(list(logps.values()))).all(0)
         if bad.any():
             raise FloatingPointError(

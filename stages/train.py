@@ -28,6 +28,7 @@ from pipeline.losses import LOSSES
 from pipeline.outputs import StageDir, write_json
 from pipeline.parallel import STRATEGIES, TrainState, full_state_dict
 from pipeline.progress import progress
+from pipeline.refcache import ReferenceNoise
 from pipeline.tokenstore import open_token_store
 
 from .common import StepLog
@@ -59,10 +60,14 @@ class TrainConfig:
     betas: list[float] = setting(default_factory=lambda: [0.9, 0.95], ge=0.0, lt=1.0)
     grad_clip: float = setting(1.0, gt=0.0)
     loss_scale: float = setting(1.0, gt=0.0)  # the loss is multiplied by this before backward (see presets.py)
-    # fine-tuning regularisation, active in train mode only (the cache is computed in eval mode):
+    # fine-tuning regularisation, active in train mode only, masks keyed by (seed, visit, pos/neg):
     # LlamaGen's resid/ffn/token dropout, drop path rising over the blocks (VAR's only regulariser)
     dropout: float = setting(0.0, ge=0.0, lt=1.0)
     drop_path: float = setting(0.0, ge=0.0, lt=1.0)
+    # "matched": the cache's reference must have seen these dropout / drop_path rates (reflogp.dropout,
+    # reflogp.drop_path), as the released scripts' train-mode reference; "any": accept another (e.g. an
+    # eval-mode cache under a policy with dropout, whose step-0 ratios then average -D, not 0)
+    reference_noise: str = setting("matched", choices=("matched", "any"))
     epochs: float = setting(3.0, gt=0.0)
     batch_size: int = setting(64, ge=1, multiple_of="micro_batch_size")  # global batch of cache rows
     micro_batch_size: int = setting(32, ge=1)  # rows per forward; gradient accumulation makes up the batch
@@ -109,6 +114,16 @@ def save_policy(path: Path, policy, state: dict, cfg: TrainConfig, init_sha256: 
     family_of_model(policy).save(path, policy, state, init_sha256=init_sha256, train_params=asdict(cfg), preset=preset, steps=step)
 
 
+def check_reference_noise(cfg: TrainConfig, cache_noise: ReferenceNoise, cache_path: Path) -> None:
+    """train.reference_noise "matched": the cache's reference dropout is the policy's (one line otherwise)."""
+    cached, ours = (cache_noise.dropout, cache_noise.drop_path), (cfg.dropout, cfg.drop_path)
+    if cfg.reference_noise == "matched" and cached != ours:
+        raise ConfigError(
+            f"{cache_path} was computed with reflogp.dropout = {cached[0]}, reflogp.drop_path = {cached[1]}, but "
+            f"train.dropout = {ours[0]}, train.drop_path = {ours[1]}: the step-0 log-ratios would not average 0. "
+            f"Rebuild the cache with the train rates, or set train.reference_noise: any to train against it anyway")
+
+
 def run_key(cfg: TrainConfig, provenance: dict, init_sha: str) -> str:
     """What a resumable state must match to be continued: hyperparameters, cache and initial weights."""
     return settings_digest([cfg, provenance, init_sha])
@@ -135,6 +150,8 @@ def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, cl
     init_sha = file_sha256(init)
     expect = {"tokens_fingerprint": store.fingerprint, "ref_ckpt_sha256": init_sha, "logp_code": family.logp_code()}
     cache, provenance = read_ref_cache(cache_path, expect=expect, store=store)
+    cache_noise = ReferenceNoise.of_cache(provenance)
+    check_reference_noise(cfg, cache_noise, cache_path)
     store.tokens.cache_chunks = cfg.shuffle_buffer_chunks  # a batch touches at most this many chunks
     family, policy = load_for_store(init, "--init", store, tokens_path, world, cfg.strategy, preset,
                                     spec=gpt_model, vae=vae, vae_model=vae_model, depth=depth)
@@ -162,6 +179,7 @@ def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, cl
             policy, store.tokens, cache, cfg.align_config(), device, on_step=steps,
             progress=lambda total: progress(total=total, desc="train", unit="step"),
             on_checkpoint=checkpoint, checkpoint_every=cfg.save_every, train_state=state, world=world,
+            cache_noise=cache_noise, cache_name=str(cache_path),
         )
     except FloatingPointError as e:
         steps.save()

@@ -33,7 +33,7 @@ from torch import nn
 from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict
 from ..config import build_dataclass, config_from_json, named_config
 from ..logprobs import token_logp
-from .layers import DropPath, LambdaEmbedding, linear_rates, run_blocks
+from .layers import DropPath, KeyedDropout, LambdaEmbedding, linear_rates, number_sites, run_blocks
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -174,10 +174,10 @@ class Attention(nn.Module):
         self.head_dim = cfg.dim // cfg.n_head
         self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)  # q | k | v, upstream order
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.resid_dropout = nn.Dropout(0.0)
+        self.resid_dropout = KeyedDropout(0.0)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start: int, keys: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.wqkv(x).split(C, dim=-1)
         q = apply_rope(q.view(B, T, self.n_head, self.head_dim), rope)
@@ -193,7 +193,7 @@ class Attention(nn.Module):
         else:
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, C)))
+        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, C)), keys)
 
 
 class FeedForward(nn.Module):
@@ -202,10 +202,10 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
         self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
-        self.ffn_dropout = nn.Dropout(0.0)
+        self.ffn_dropout = KeyedDropout(0.0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))  # SwiGLU
+    def forward(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)), keys)  # SwiGLU
 
 
 class TransformerBlock(nn.Module):
@@ -217,9 +217,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.drop_path = DropPath(0.0)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start: int) -> torch.Tensor:
-        h = x + self.drop_path(self.attention(self.attention_norm(x), rope, start))
-        return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start: int, keys: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.drop_path(self.attention(self.attention_norm(x), rope, start, keys), keys, 0)
+        return h + self.drop_path(self.feed_forward(self.ffn_norm(h), keys), keys, 1)
 
 
 class ClassEmbedding(nn.Module):
@@ -241,7 +241,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.cls_embedding = ClassEmbedding(cfg)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.tok_dropout = nn.Dropout(0.0)
+        self.tok_dropout = KeyedDropout(0.0)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -250,6 +250,7 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         if cfg.lambda_conditioning:
             self.lambda_embed = LambdaEmbedding(cfg.dim)
+        number_sites(self)
         self.activation_checkpointing = False  # a training setting (train.activation_checkpointing), not saved
 
     def blocks(self) -> nn.ModuleList:
@@ -269,9 +270,10 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def set_dropout(self, dropout: float = 0.0, drop_path: float = 0.0) -> None:
+    def set_dropout(self, dropout: float = 0.0, drop_path: float = 0.0, section: str = "train") -> None:
         """Fine-tuning regularisation as LlamaGen's: resid, ffn and token dropout p = `dropout`; drop path
-        rising linearly over the layers to `drop_path`. Active in train mode only."""
+        rising linearly over the layers to `drop_path`. Active in train mode only, with keyed masks (the
+        forward's dropout_keys). `section`: where the rates come from (VAR's set_dropout names it)."""
         self.tok_dropout.p = dropout
         for layer, rate in zip(self.layers, linear_rates(drop_path, len(self.layers)), strict=True):
             layer.attention.resid_dropout.p = layer.feed_forward.ffn_dropout.p = dropout
@@ -283,10 +285,13 @@ class GPT(nn.Module):
             self.cfg = GPTConfig(**{**self.cfg.to_dict(), "lambda_conditioning": True})
             self.lambda_embed = LambdaEmbedding(self.cfg.dim, seed=seed).to(self.output.weight.device)
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor | None = None,
+                dropout_keys: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced log p(z_t | z_<t, c) for every token: tokens (B, N), labels (B,) -> (B, N) float32.
-        `lam` (B,): the lambda of each row, for a lambda-conditioned policy."""
-        return token_logp(self.logits(labels, tokens[:, :-1], lam=lam), tokens)  # position p predicts tokens[:, p]
+        `lam` (B,): the lambda of each row, for a lambda-conditioned policy. `dropout_keys` (B,) int64: each
+        sequence's dropout key (pipeline.models.layers.noise_keys), needed in train mode with dropout on."""
+        logits = self.logits(labels, tokens[:, :-1], lam=lam, dropout_keys=dropout_keys)
+        return token_logp(logits, tokens)  # position p predicts tokens[:, p]
 
     def class_condition(self, labels: torch.Tensor, lam: torch.Tensor | None) -> torch.Tensor:
         """The class token's embedding (B, C), plus lambda's for a lambda-conditioned policy."""
@@ -297,7 +302,8 @@ class GPT(nn.Module):
             cls = cls + self.lambda_embed(lam).to(cls.dtype)
         return cls
 
-    def logits(self, labels: torch.Tensor, tokens: torch.Tensor, start: int = 0, lam: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(self, labels: torch.Tensor, tokens: torch.Tensor, start: int = 0, lam: torch.Tensor | None = None,
+               dropout_keys: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) in float32.
 
         Teacher forcing (start=0): labels (B,), tokens (B, N-1) = z[:, :-1] -> logits for z[:, :N].
@@ -308,9 +314,9 @@ class GPT(nn.Module):
         if start == 0:
             cls = self.class_condition(labels, lam)[:, None, :].to(x.dtype)  # (B, 1, C)
             x = torch.cat([cls.expand(-1, self.cfg.cls_token_num, -1), x], dim=1)
-        x = self.tok_dropout(x)
+        x = self.tok_dropout(x, dropout_keys)
         rope = self.rope[start : start + x.shape[1]]
-        x = run_blocks(self.layers, x, rope, start, checkpointing=self.activation_checkpointing and self.training)
+        x = run_blocks(self.layers, x, rope, start, dropout_keys, checkpointing=self.activation_checkpointing and self.training)
         return self.output(self.norm(x)).float()
 
     def upstream_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

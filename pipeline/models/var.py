@@ -34,7 +34,7 @@ from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_st
 from ..config import ConfigError, build_dataclass
 from ..logprobs import token_logp
 from ..tokenizers.msvq import VAR_PATCH_NUMS, MultiScaleQuantizer, scale_bounds
-from .layers import DropPath, LambdaEmbedding, linear_rates, run_blocks
+from .layers import DropPath, LambdaEmbedding, linear_rates, number_sites, run_blocks
 
 # log(100) as upstream computes it (a float32 tensor's log), the cap of the attention temperature
 _MAX_SCALE_MUL = float(torch.log(torch.tensor(100)))
@@ -152,10 +152,11 @@ class AdaLNSelfAttn(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, attn_mask: torch.Tensor | None,
+                keys: torch.Tensor | None = None) -> torch.Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond).view(-1, 1, 6, self.C).unbind(2)
-        x = x + self.drop_path(self.attn(self.ln_wo_grad(x) * (scale1 + 1) + shift1, attn_mask) * gamma1)
-        return x + self.drop_path(self.ffn(self.ln_wo_grad(x) * (scale2 + 1) + shift2) * gamma2)
+        x = x + self.drop_path(self.attn(self.ln_wo_grad(x) * (scale1 + 1) + shift1, attn_mask) * gamma1, keys, 0)
+        return x + self.drop_path(self.ffn(self.ln_wo_grad(x) * (scale2 + 1) + shift2) * gamma2, keys, 1)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -201,6 +202,7 @@ class VAR(nn.Module):
                 nn.init.zeros_(m.bias) if m.bias is not None else None
         if cfg.lambda_conditioning:  # after the init above: its last layer must stay zero
             self.lambda_embed = LambdaEmbedding(C)
+        number_sites(self)
         self.activation_checkpointing = False  # a training setting (train.activation_checkpointing), not saved
 
     def condition(self, labels: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
@@ -226,18 +228,21 @@ class VAR(nn.Module):
         a, b = scale_bounds(self.cfg.patch_nums)[si]
         return self.word_embed(features.float()) + self.lvl_embed(self.lvl_1L[:, a:b]) + self.pos_1LC[:, a:b]
 
-    def logits(self, x: torch.Tensor, cond: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        x = run_blocks(self.blocks, x, cond, attn_mask, checkpointing=self.activation_checkpointing and self.training)
+    def logits(self, x: torch.Tensor, cond: torch.Tensor, attn_mask: torch.Tensor | None,
+               dropout_keys: torch.Tensor | None = None) -> torch.Tensor:
+        x = run_blocks(self.blocks, x, cond, attn_mask, dropout_keys,
+                       checkpointing=self.activation_checkpointing and self.training)
         return self.head(self.head_nm(x.float(), cond)).float()
 
-    def forward(self, labels: torch.Tensor, teacher_input: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, labels: torch.Tensor, teacher_input: torch.Tensor, lam: torch.Tensor | None = None,
+                dropout_keys: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher forcing: labels (B,), teacher_input (B, L - first_l, Cvae) -> logits (B, L, V) float32."""
         with torch.autocast(teacher_input.device.type, enabled=False):  # embeddings in float32, as upstream
             cond = self.condition(labels, lam)
             first = cond[:, None, :].expand(-1, self.first_l, -1) + self.pos_start
             x = torch.cat((first, self.word_embed(teacher_input.float())), 1)
             x = x + self.lvl_embed(self.lvl_1L.expand(len(labels), -1)) + self.pos_1LC
-        return self.logits(x, cond, self.attn_bias_for_masking)
+        return self.logits(x, cond, self.attn_bias_for_masking, dropout_keys)
 
     def set_caching(self, enabled: bool) -> None:
         for block in self.blocks:
@@ -261,12 +266,15 @@ class VARModel(nn.Module):
         self.quantizer = quantizer.requires_grad_(False)
         self.cfg = var.cfg
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor | None = None,
+                dropout_keys: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced log p(token_p | coarser scales, c) for all L positions: tokens (B, L), labels (B,)
-        -> (B, L) float32. `lam` (B,): each row's lambda, for a lambda-conditioned policy."""
+        -> (B, L) float32. `lam` (B,): each row's lambda, for a lambda-conditioned policy. `dropout_keys`
+        (B,) int64: each sequence's drop-path key (pipeline.models.layers.noise_keys), needed in train mode
+        with drop path on."""
         with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):  # float32, as upstream
             teacher_input = self.quantizer.teacher_forcing_input(tokens)
-        return token_logp(self.var(labels, teacher_input, lam), tokens)
+        return token_logp(self.var(labels, teacher_input, lam, dropout_keys), tokens)
 
     def enable_lambda_conditioning(self, seed: int = 0) -> None:
         """Add a zero-initialised lambda embedding (the policy is unchanged until it trains), drawn from `seed`."""
@@ -275,12 +283,13 @@ class VARModel(nn.Module):
             self.cfg = self.var.cfg = replace(self.cfg, lambda_conditioning=True)
             self.var.lambda_embed = LambdaEmbedding(self.cfg.width, seed=seed).to(self.var.head.weight.device)
 
-    def set_dropout(self, dropout: float = 0.0, drop_path: float = 0.0) -> None:
+    def set_dropout(self, dropout: float = 0.0, drop_path: float = 0.0, section: str = "train") -> None:
         """VAR's fine-tuning regularisation: drop path rising linearly over the blocks to `drop_path`
-        (the release: 0.1 x depth / 24); active in train mode only. VAR's recipe has no dropout."""
+        (the release: 0.1 x depth / 24); active in train mode only. VAR's recipe has no dropout. `section`:
+        the params.yaml section the rates come from (train, or reflogp for the reference), for the error."""
         if dropout:
-            raise ConfigError(f"train.dropout = {dropout}: VAR is regularised by drop path only (train.drop_path); set "
-                              "train.dropout to 0")
+            raise ConfigError(f"{section}.dropout = {dropout}: VAR is regularised by drop path only ({section}.drop_path); "
+                              f"set {section}.dropout to 0")
         self.cfg.drop_path_rate = drop_path
         for block, rate in zip(self.var.blocks, linear_rates(drop_path, len(self.var.blocks)), strict=True):
             block.drop_path.rate = rate
