@@ -91,7 +91,8 @@ def _train(model, s: dict, micro_batches: tuple[int, ...] = (1, 2), seed: int = 
         for _ in range(n_micro):
             tokens = torch.randint(0, cfg.vocab_size, (m, cfg.seq_len), generator=gen)
             labels = torch.randint(0, cfg.num_classes, (2 * m,), generator=gen)
-            logp = model(torch.cat([tokens, tokens]), labels).sum(-1)
+            keys = torch.randint(0, 2**62, (2 * m,), generator=gen)  # each sequence's dropout key
+            logp = model(torch.cat([tokens, tokens]), labels, None, keys).sum(-1)
             pos, neg = logp.split(m)
             out = LOSSES["cca"](pos, neg, pos.detach() - 1.0, neg.detach() + 1.0, beta=0.02, lam=10.0)
             out.loss.backward()

@@ -274,7 +274,7 @@ def train_policy(
         first_step = int(saved["step"])
     if cache_noise is not None and saved is None:
         with noise_rates(policy, cache_noise.dropout, cache_noise.drop_path, "reflogp"):
-            check_cache_rows(model, tokens, cache, order[: min(CHECK_ROWS, n_rows)], cache_noise, cfg.micro_batch_size,
+            check_cache_rows(model, policy, tokens, cache, order[: min(CHECK_ROWS, n_rows)], cache_noise, cfg.micro_batch_size,
                              device, world, cache_name)
         policy.train()
     bar = progress(total_steps) if progress else None

@@ -54,7 +54,7 @@ class Precision:
     and float32 + bf16 promotes to float32; bf16 when FSDP's parameters are bf16); autocast_weight_copies:
     autocast casts each float32 Linear weight to bf16 once per forward and the copies stay alive
     (cached by autocast, then saved by the matmuls for backward); dropout_mask: what dropout saves per
-    element (CUDA's fused kernel a bool mask; on the CPU `input * noise` saves the float noise)."""
+    element (a bool mask on every device: pipeline.models.layers.KeyedDropout's torch.where)."""
 
     param: int
     compute: int
@@ -67,7 +67,7 @@ class Precision:
         return self.compute != FP32
 
 
-CPU_FP32 = Precision(param=FP32, compute=FP32, residual=FP32, autocast_weight_copies=False, dropout_mask=FP32)
+CPU_FP32 = Precision(param=FP32, compute=FP32, residual=FP32, autocast_weight_copies=False, dropout_mask=BOOL)
 # DDP on CUDA: float32 parameters under bf16 autocast (pipeline.device.autocast)
 CUDA_AUTOCAST = Precision(param=FP32, compute=2, residual=FP32, autocast_weight_copies=True, dropout_mask=BOOL)
 # FSDP2 on CUDA: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): the unsharded parameters are bf16
@@ -112,7 +112,7 @@ def llamagen_block_activations(cfg, precision: Precision, dropout: float = 0.0) 
       RoPE'd q and k (new tensors, saved by SDPA) 2C; the rotations save only the shared cos/sin table
       SDPA (flash on CPU and CUDA): its output C (laid out (B, T, H, hd), so `transpose(1, 2).reshape`
         is a view and wo saves no copy) and the float32 log-sum-exp, H
-      resid dropout (p > 0, train mode): its mask C (1 byte on CUDA, the float noise on the CPU)
+      resid dropout (p > 0, train mode): its bool mask C (KeyedDropout)
       h = x + attention: saved as float32 by ffn_norm, C (+ its 1/rms); ffn_norm's x * rsqrt C residual,
         its output C compute
       SwiGLU: w1 out a (saved by silu), silu(a) and w3 out b (saved by their product), the product

@@ -6,6 +6,7 @@ sweep sees the same pairs, and the cached values are exactly what the loss needs
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,8 @@ from .formats import LOGP_COLUMNS, REBUILD_CACHE, FormatError
 from .logprobs import sequence_logp
 from .models.layers import noise_keys
 from .progress import progress
+
+log = logging.getLogger(__name__)
 
 NEGATIVES = ("other", "roll")
 
@@ -91,12 +94,15 @@ def row_keys(noise: ReferenceNoise, cache_rows: np.ndarray, device: torch.device
 
 
 def score_rows(model, x: torch.Tensor, labels: np.ndarray, neg_labels: np.ndarray, keys: torch.Tensor | None,
-               device: torch.device) -> torch.Tensor:
+               device: torch.device, null_class: int, lam: float | None = None) -> torch.Tensor:
     """(3, B) float32 log p(x|c), log p(x|c_neg), log p(x|null) of tokens x (B, L): one forward over the rows
-    tiled three times, as reflogp computes the cache and train's step-0 check recomputes it."""
-    conds = np.concatenate([labels, neg_labels, np.full(len(x), model.cfg.null_class)])
+    tiled three times, as reflogp computes the cache and train's step-0 check recomputes it. `lam`: the
+    lambda to score a lambda-conditioned policy at."""
+    conds = np.concatenate([labels, neg_labels, np.full(len(x), null_class)])
+    lams = None if lam is None else torch.full((3 * len(x),), lam, device=device)
     with autocast(device):
-        logp = sequence_logp(model, torch.from_numpy(conds.astype(np.int64)).to(device), x.repeat(3, 1), dropout_keys=keys)
+        logp = sequence_logp(model, torch.from_numpy(conds.astype(np.int64)).to(device), x.repeat(3, 1), lams,
+                             dropout_keys=keys)
     return logp.view(3, len(x))
 
 
@@ -129,7 +135,7 @@ def reference_logps(
         x = torch.from_numpy(np.asarray(tokens[pairs["row"][part], pairs["view"][part]]).astype(np.int64)).to(device)
         keys = row_keys(noise, first_row + np.arange(part.start, part.stop), device)
         try:
-            logp = score_rows(model, x, pairs["label"][part], pairs["neg_label"][part], keys, device)
+            logp = score_rows(model, x, pairs["label"][part], pairs["neg_label"][part], keys, device, model.cfg.null_class)
         except (RuntimeError, MemoryError) as e:
             if not is_out_of_memory(e):
                 raise
@@ -157,37 +163,48 @@ CHECK_TOLERANCE = {"cpu": (1e-6, 1e-3), "cuda": (5e-4, 0.5)}  # device type -> (
 CHECK_ROWS = 64  # cache rows scored (3 sequences each): cheap next to one training step
 
 
-def check_cache_rows(model, tokens, cache: dict[str, np.ndarray], rows: np.ndarray, noise: ReferenceNoise,
+def check_cache_rows(model, policy, tokens, cache: dict[str, np.ndarray], rows: np.ndarray, noise: ReferenceNoise,
                      micro_batch_size: int, device: torch.device, world, cache_name: str) -> None:
     """Raise CacheMismatch naming the cache, the column and the first mismatching cache rows unless `model`
     (the policy before its first update, which is the reference) reproduces the cached ref_logp_pos / neg /
     null of cache `rows` with the cache's own masks (noise). The rows go to the processes in chunks of
     micro_batch_size, round robin; every process runs as many forwards as the busiest (FSDP needs them all)."""
     chunks = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+    lam = 1.0 if policy.cfg.lambda_conditioning else None  # its new embedding is zero: any lambda is the reference
     mine = world.share(list(range(len(chunks))))
     mine += [None] * (-(-len(chunks) // world.size) - len(mine))
-    bad = []
+    bad, largest = [], 0.0
     with torch.no_grad():
         model.train(noise.active)
         for k in mine:
             chunk = chunks[0 if k is None else k]
             x = torch.from_numpy(np.asarray(tokens[cache["row"][chunk], cache["view"][chunk]]).astype(np.int64)).to(device)
             logp = score_rows(model, x, cache["label"][chunk], cache["neg_label"][chunk], row_keys(noise, chunk, device),
-                              device).double().cpu().numpy()
+                              device, policy.cfg.null_class, lam).double().cpu().numpy()
             if k is not None:
                 bad += _mismatches(logp, cache, chunk, device)
-    mismatched = sorted(m for rank_bad in world.gather(bad) for m in rank_bad)  # (column index, cache row)
+                largest = max(largest, float(np.abs(logp - np.stack([cache[c][chunk] for c in LOGP_COLUMNS])).max()))
+    gathered = world.gather((bad, largest))
+    mismatched = sorted(m for rank_bad, _ in gathered for m in rank_bad)  # (column index, cache row)
+    rtol, atol = CHECK_TOLERANCE[_device_kind(device)]
     if mismatched:
         column = LOGP_COLUMNS[mismatched[0][0]]
         first = [row for col, row in mismatched if LOGP_COLUMNS[col] == column][:5]
         raise CacheMismatch(
-            f"reference cache {cache_name}: column {column} disagrees with the reference model at its cache rows "
-            f"{', '.join(map(str, first))} ({len(mismatched)} of {3 * len(rows)} values checked): the cache does not "
-            f"belong to these rows (relabelled, permuted or columns swapped); {REBUILD_CACHE}")
+            f"reference cache {cache_name}: column {column} disagrees with the reference model (beyond {rtol:g} relative + "
+            f"{atol:g} nats) at its cache rows {', '.join(map(str, first))} ({len(mismatched)} of {3 * len(rows)} values "
+            f"checked): the cache does not belong to these rows (relabelled, permuted or columns swapped); {REBUILD_CACHE}")
+    if world.main:
+        log.info("step-0 check: the policy reproduces %s on %d cache rows x 3 (largest difference %.2g nats)",
+                 cache_name, len(rows), max(x for _, x in gathered))
+
+
+def _device_kind(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "cpu"
 
 
 def _mismatches(logp: np.ndarray, cache: dict[str, np.ndarray], chunk: np.ndarray, device: torch.device) -> list:
-    rtol, atol = CHECK_TOLERANCE["cuda" if device.type == "cuda" else "cpu"]
+    rtol, atol = CHECK_TOLERANCE[_device_kind(device)]
     out = []
     for c, (got, column) in enumerate(zip(logp, LOGP_COLUMNS, strict=True)):
         cached = cache[column][chunk]

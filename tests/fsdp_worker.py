@@ -83,7 +83,7 @@ def main(out: Path, jobs: list[str]) -> None:
         tokens, cache = data(policy)
         cfg = TrainConfig(beta=0.5, lam=10.0, lr=1e-3, epochs=2.0, batch_size=8, micro_batch_size=2, uncond_ratio=0.25,
                           weight_decay=0.05, strategy=strategy).align_config()
-        # dropout and drop path on: the per-micro-batch seeds must give the same masks in every layout
+        # dropout and drop path on: the keyed masks (train.seed, visit) must be the same in every layout
         policy.set_dropout(0.1 if family == "llamagen" else 0.0, 0.1)
         name = f"{family}-{strategy}-w{world.size}"
         state, bar = None, None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.alignment import loss_for_batch, make_batch, policy_logps, train_policy
@@ -136,3 +137,27 @@ def test_a_lambda_conditioned_checkpoint_loads_whole_and_into_the_peer_layout_wi
     assert extra == {"lambda_embed.mlp.0.weight", "lambda_embed.mlp.0.bias", "lambda_embed.mlp.2.weight", "lambda_embed.mlp.2.bias"}
     plain = GPT(GPTConfig(**{**tiny_gpt.cfg.to_dict(), "lambda_conditioning": False}))
     plain.load_state_dict({k: v for k, v in state.items() if k not in extra}, strict=True)  # the peer's layout
+
+
+def test_a_policy_given_the_caches_masks_reproduces_a_cache_computed_with_dropout(tiny_gpt, tmp_path):
+    """reflogp.dropout > 0: each row's masks are keyed by (seed, row, role), so the policy at step 0 (here
+    lambda-conditioned, scored at lambda 1) replays them and passes train's step-0 check, with other
+    micro-batches than the cache's batches; with another seed's masks it does not (the masks matter)."""
+    from pipeline.distributed import World
+    from pipeline.refcache import CacheMismatch, ReferenceNoise, check_cache_rows
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, size=(12, 3, 16), dtype=np.uint16)
+    pairs = draw_pairs(rng.integers(0, 5, size=12).astype(np.int32), 3, 5, seed=1, views="all")
+    save_checkpoint(tmp_path / "ref.pt", tiny_gpt.state_dict(), tiny_gpt.cfg.to_dict(), family="llamagen-gpt")
+    reference = load_gpt(tmp_path / "ref.pt")
+    reference.set_dropout(0.5, 0.5)
+    noise = ReferenceNoise(seed=4, dropout=0.5, drop_path=0.5)
+    cache = {**pairs, **reference_logps(reference, tokens, pairs, batch_size=7, device=CPU, noise=noise)}
+    policy = load_gpt(tmp_path / "ref.pt")
+    policy.enable_lambda_conditioning()
+    policy.set_dropout(0.5, 0.5)
+    rows = np.random.default_rng(2).permutation(len(cache["row"]))
+    check_cache_rows(policy, policy, tokens, cache, rows, noise, 5, CPU, World(), "cache.parquet")
+    with pytest.raises(CacheMismatch, match="cache.parquet: column ref_logp_pos"):
+        check_cache_rows(policy, policy, tokens, cache, rows, ReferenceNoise(5, 0.5, 0.5), 5, CPU, World(), "cache.parquet")

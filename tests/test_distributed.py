@@ -50,8 +50,10 @@ def world(tmp_path_factory) -> Path:
     save_classifier(root / "clf.pt", ImageClassifier(ClassifierConfig(num_classes=3)).eval())
     write_reference_images(root / "ref", rng)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["reflogp"].update(views="all", batch_size=8, part_rows=16)  # 80 rows: 5 parts
-    # 4 micro-batches of 2 rows per step; dropout on, so the per-micro-batch seeds are exercised too
+    # 80 rows: 5 parts; the reference with dropout 0.1 (one keyed draw per row): 2 processes (DDP, FSDP) must
+    # draw the masks 1 process draws, and train's step-0 check replays them under DDP and FSDP
+    params["reflogp"].update(views="all", batch_size=8, part_rows=16, dropout=0.1)
+    # 4 micro-batches of 2 rows per step; dropout on, so the keyed masks (train.seed, visit) are exercised too
     params["train"].update(epochs=0.4, batch_size=8, micro_batch_size=2, lr=1e-3, uncond_ratio=0.25, dropout=0.1,
                            save_every=1)
     params["eval"].update(samples_per_class=3, seeds=[0], cfg_scales=[1.0], batch_size=2, grid_per_class=1)

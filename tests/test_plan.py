@@ -92,7 +92,7 @@ def _saved_bytes(model, tokens, labels) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(tokens, labels)
+        model(tokens, labels, None, torch.arange(len(tokens)))  # dropout keys: any int64 per sequence
     return sum(storages.values())
 
 
@@ -120,7 +120,7 @@ def test_activation_counts_are_what_autograd_saves(family):
 
 def test_each_family_carries_its_block_activations():
     acts = FAMILY_MEMORY["llamagen"].block_activations(TINY, CPU_FP32, dropout=0.1)
-    assert acts.block_per_token == 784 + 2 * 8 * 4  # two dropout masks of C: the float noise on the CPU
+    assert acts.block_per_token == 784 + 2 * 8 * 1  # two dropout masks of C: bool (KeyedDropout)
     with pytest.raises(ValueError, match="drop path only"):
         FAMILY_MEMORY["var"].block_activations(build_meta("var", depth=2).cfg, CPU_FP32, dropout=0.1)
 

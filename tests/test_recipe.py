@@ -26,6 +26,7 @@ from pipeline.models.var import VARConfig, VARModel
 from pipeline.refcache import draw_pairs, reference_logps
 from pipeline.tokenizers.msvq import MSVQConfig, MSVQModel
 from stages.cli import main
+from stages.presets import PRESETS
 from stages.train import TrainConfig
 
 CPU = torch.device("cpu")
@@ -205,6 +206,26 @@ def test_var_recipes():
     assert d30["grad_clip"] == 2.0 and d30["lambda"] == 1000 and d30["dropout"] == 0.0
     d16 = _train_section("imagenet-var", "config", "train", "--preset", "var-d16")
     assert d16["drop_path"] == 0.0 and d16["lambda"] == 50
+
+
+def _section(params: str, section: str, preset: str) -> dict:
+    result = _config(params, "config", section, "--preset", preset)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return yaml.safe_load(result.output)[section]
+
+
+@pytest.mark.parametrize("params, preset", [("imagenet-llamagen", p) for p in PRESETS if p.startswith("llamagen")]
+                         + [("imagenet-var", p) for p in PRESETS if p.startswith("var")])
+def test_every_preset_gives_the_reference_the_policys_dropout(params, preset):
+    """The released scripts run the reference in train mode with the policy's dropout / drop path: every
+    preset's cache (reflogp) has train's rates, so train's matched check accepts it."""
+    reflogp, train = _section(params, "reflogp", preset), _section(params, "train", preset)
+    assert (reflogp["dropout"], reflogp["drop_path"]) == (train["dropout"], train["drop_path"])
+    assert train["reference_noise"] == "matched"
+    if preset.startswith("llamagen"):
+        assert reflogp["dropout"] == 0.1 and reflogp["drop_path"] == 0.0
+    if preset == "var-d24":
+        assert reflogp["drop_path"] == 0.1 and reflogp["dropout"] == 0.0
 
 
 def test_set_wins_over_preset_and_unknown_preset_fails():

@@ -23,12 +23,14 @@ ROLES = {"pos": 0, "neg": 1, "null": 2, "visit_pos": 3, "visit_neg": 4}
 
 
 def _mix32(h: torch.Tensor) -> torch.Tensor:
-    """A bijective avalanche mix of 32-bit words held in int64 (non-negative, < 2**32)."""
-    h = h ^ (h >> 16)
-    h = (h * _MIX) & _WORD
-    h = h ^ (h >> 16)
-    h = (h * _MIX) & _WORD
-    return h ^ (h >> 16)
+    """A bijective avalanche mix of 32-bit words held in int64 (non-negative, < 2**32), in place: the
+    per-element masks of a forward are (B, T, C) int64, so at most one temporary as large is made."""
+    h ^= h >> 16
+    h.mul_(_MIX).bitwise_and_(_WORD)
+    h ^= h >> 16
+    h.mul_(_MIX).bitwise_and_(_WORD)
+    h ^= h >> 16
+    return h
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -52,7 +54,7 @@ def keep_mask(keys: torch.Tensor, site: int, per_row: int, rate: float) -> torch
     """(B, per_row) bool: element i of sequence b is kept, with probability 1 - rate, from (keys[b], site, i)."""
     lo, hi = keys & _WORD, (keys >> 32) & _WORD
     row = _mix32(lo ^ _mix32(hi ^ _mix32(torch.full_like(keys, site & _WORD))))  # (B,) a word per (key, site)
-    index = _mix32(torch.arange(per_row, device=keys.device, dtype=torch.int64) * 0x9E3779B9 & _WORD)
+    index = _mix32(torch.arange(per_row, device=keys.device, dtype=torch.int64).mul_(0x9E3779B9).bitwise_and_(_WORD))
     return _mix32(row[:, None] ^ index[None, :]) >= round(rate * 2**32)
 
 
