@@ -170,6 +170,13 @@ class StepRows(torch.utils.data.Dataset):
         return torch.from_numpy(gather_tokens(self.tokens, self.cache, mine))
 
 
+def run_steps(epochs: float, n_rows: int, batch_size: int, max_steps: int | None) -> int:
+    """Optimiser steps of a run: ceil(epochs x cache rows / batch_size), at most max_steps (None: no cap).
+    The learning-rate and weight-decay schedules span these steps."""
+    steps = max(1, math.ceil(epochs * n_rows / batch_size))
+    return steps if max_steps is None else min(steps, max_steps)
+
+
 @dataclass
 class AlignConfig:
     """The training loop's settings; no defaults here: the train stage's TrainConfig is their one source."""
@@ -188,6 +195,7 @@ class AlignConfig:
     grad_clip: float
     loss_scale: float
     epochs: float
+    max_steps: int | None  # a cap on the steps epochs give (run_steps)
     batch_size: int  # global batch (rows); each row gives one positive and one negative sequence
     micro_batch_size: int  # rows per forward; batch_size / micro_batch_size accumulation steps
     uncond_ratio: float
@@ -253,7 +261,7 @@ def train_policy(
         raise ValueError("train.uncond_ratio > 0 needs a model with a null class (trained with class dropout); set it to 0")
     rng = np.random.default_rng(cfg.seed)
     n_rows = len(cache["row"])
-    total_steps = max(1, math.ceil(cfg.epochs * n_rows / cfg.batch_size))
+    total_steps = run_steps(cfg.epochs, n_rows, cfg.batch_size, cfg.max_steps)
     chunk_rows = getattr(tokens, "chunk_rows", len(tokens))
     order = np.concatenate([epoch_order(rng, cache["row"], chunk_rows, cfg.shuffle_buffer_chunks)
                             for _ in range(math.ceil(cfg.epochs) + 1)])

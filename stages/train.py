@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.alignment import LR_SCHEDULES, AlignConfig, train_policy
+from pipeline.alignment import LR_SCHEDULES, AlignConfig, run_steps, train_policy
 from pipeline.checkpoint import file_sha256
 from pipeline.config import ConfigError, check_ranges, setting, settings_digest
 from pipeline.device import local_bytes, peak_rss_mb, rss_mb
@@ -69,6 +69,9 @@ class TrainConfig:
     # eval-mode cache under a policy with dropout, whose step-0 ratios then average -D, not 0)
     reference_noise: str = setting("matched", choices=("matched", "any"))
     epochs: float = setting(3.0, gt=0.0)
+    # a cap on the optimiser steps: a run trains ceil(epochs x cache rows / batch_size) steps, at most this
+    # many (smoke runs and budgets; the schedules span the capped run); null: no cap. train prints the count
+    max_steps: int | None = setting(None, ge=1)
     batch_size: int = setting(64, ge=1, multiple_of="micro_batch_size")  # global batch of cache rows
     micro_batch_size: int = setting(32, ge=1)  # rows per forward; gradient accumulation makes up the batch
     uncond_ratio: float = setting(0.1, ge=0.0, lt=1.0)
@@ -172,6 +175,10 @@ def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, cl
     def checkpoint(step: int, full: dict) -> None:
         save_policy(ckpt_dir / f"{step:07d}.pt", policy, full, cfg, init_sha, step, preset)
 
+    total = run_steps(cfg.epochs, len(cache["row"]), cfg.batch_size, cfg.max_steps)
+    if world.main:
+        log.info("training %d steps: %g epochs x %d cache rows / batch_size %d%s", total, cfg.epochs, len(cache["row"]),
+                 cfg.batch_size, "" if cfg.max_steps is None else f", capped at train.max_steps = {cfg.max_steps}")
     baseline_rss_mb = rss_mb()
     started = time.perf_counter()
     try:

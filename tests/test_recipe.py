@@ -402,3 +402,20 @@ def test_code_digest_follows_imports(tmp_path, monkeypatch):
     write_ref_cache(tmp_path / "c.parquet", _columns(pairs), {**PROV, "logp_code": before})
     with pytest.raises(FormatError, match=r"differs in \['pipeline/b.py'\]"):
         read_ref_cache(tmp_path / "c.parquet", expect={"logp_code": after})
+
+
+# ------------------------------------------------------------------------------- run length
+
+
+def test_max_steps_caps_the_run_and_the_schedule_spans_the_capped_run():
+    """train.max_steps (issue 23 item 4): 2 epochs of 12 rows in batches of 4 are 6 steps; capped at 4, the run
+    takes 4, and lin0's last step reaches end_ratio at step 4 (the schedule spans the capped run)."""
+    from pipeline.alignment import run_steps
+
+    assert run_steps(2.0, 12, 4, None) == 6 and run_steps(2.0, 12, 4, 4) == 4 and run_steps(2.0, 12, 4, 100) == 6
+    base, tokens, cache = _llamagen_world()
+    logged = []
+    cfg = TrainConfig(lr_schedule="lin0", end_ratio=0.1, lr=1e-3, epochs=2.0, max_steps=4, batch_size=4,
+                      micro_batch_size=4, uncond_ratio=0.0).align_config()
+    train_policy(copy.deepcopy(base), tokens, cache, cfg, CPU, on_step=lambda s, m: logged.append(m["lr"]))
+    assert len(logged) == 4 and logged[-1] == pytest.approx(1e-4)

@@ -276,3 +276,16 @@ def test_train_refuses_a_cache_of_other_dropout_unless_told(world, tmp_path, mon
     code, err = _train(world, world / "cache.parquet", tmp_path / "b", monkeypatch, capsys, "train.dropout=0.0",
                        "train.reference_noise=any")
     assert code == 0, err
+
+
+def test_train_prints_its_step_count_and_max_steps_caps_it(world, tmp_path, monkeypatch, capsys, caplog):
+    """issue 23 item 4: 0.5 epochs of 48 rows in batches of 8 are 3 steps; train.max_steps 2 caps them, and the
+    resolved count is printed before training."""
+    import json
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="stages.train"):
+        code, err = _train(world, world / "cache.parquet", tmp_path / "t", monkeypatch, capsys, "train.max_steps=2")
+    assert code == 0, err
+    assert "training 2 steps: 0.5 epochs x 48 cache rows / batch_size 8, capped at train.max_steps = 2" in caplog.text
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["steps"] == 2
