@@ -50,12 +50,17 @@ def noise_keys(seed: int, positions: np.ndarray, role: str) -> torch.Tensor:
     return torch.from_numpy(keys.view(np.int64).copy())
 
 
+_HASH_CHUNK = 2**25  # elements hashed at once: bounds the int64 temporaries (2 x 256 MiB) of a large batch
+
+
 def keep_mask(keys: torch.Tensor, site: int, per_row: int, rate: float) -> torch.Tensor:
     """(B, per_row) bool: element i of sequence b is kept, with probability 1 - rate, from (keys[b], site, i)."""
     lo, hi = keys & _WORD, (keys >> 32) & _WORD
     row = _mix32(lo ^ _mix32(hi ^ _mix32(torch.full_like(keys, site & _WORD))))  # (B,) a word per (key, site)
     index = _mix32(torch.arange(per_row, device=keys.device, dtype=torch.int64).mul_(0x9E3779B9).bitwise_and_(_WORD))
-    return _mix32(row[:, None] ^ index[None, :]) >= round(rate * 2**32)
+    threshold = round(rate * 2**32)
+    rows = max(1, _HASH_CHUNK // max(per_row, 1))
+    return torch.cat([_mix32(r[:, None] ^ index[None, :]) >= threshold for r in row.split(rows)])
 
 
 def _check_keys(keys: torch.Tensor | None, x: torch.Tensor, what: str) -> torch.Tensor:
