@@ -26,6 +26,11 @@ SLOW_MODULES = {
 SLOW_TESTS = {
     "test_report.py::test_sweep_expands_into_named_stages",  # dvc stage list
     "test_dvc_deps.py::test_dvc_parses_every_pipeline",  # dvc, once per pipeline
+    # tokenize, reflogp and train through the CLI (in process)
+    *(f"test_reference_noise.py::{name}" for name in (
+        "test_the_cache_records_its_dropout", "test_a_clean_cache_with_dropout_passes_the_step0_check",
+        "test_a_self_contradicting_cache_stops_train_naming_cache_column_and_rows",
+        "test_train_refuses_a_cache_of_other_dropout_unless_told", "test_train_prints_its_step_count_and_max_steps_caps_it")),
 }
 
 
