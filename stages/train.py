@@ -28,7 +28,7 @@ from pipeline.losses import LOSSES
 from pipeline.outputs import StageDir, write_json
 from pipeline.parallel import STRATEGIES, TrainState, full_state_dict
 from pipeline.progress import progress
-from pipeline.refcache import ReferenceNoise
+from pipeline.refcache import CacheMismatch, ReferenceNoise
 from pipeline.tokenstore import open_token_store
 
 from .common import StepLog
@@ -188,6 +188,10 @@ def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, cl
             on_checkpoint=checkpoint, checkpoint_every=cfg.save_every, train_state=state, world=world,
             cache_noise=cache_noise, cache_name=str(cache_path),
         )
+    except CacheMismatch:  # the step-0 check, before any update: a bad input leaves no trace
+        if world.main:
+            claim.discard_partial()
+        raise
     except FloatingPointError as e:
         steps.save()
         good = sorted(ckpt_dir.glob("[0-9]*.pt"))
