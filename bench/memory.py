@@ -55,10 +55,11 @@ def planned(s: dict):
     return inputs, plan(inputs)
 
 
-def measure(specs: list[dict], threads: int = 1, timeout: float = 600) -> list[dict]:
-    """Measured peak bytes of each spec's training steps, in one fresh worker process (see the docstring)."""
+def measure(specs: list[dict], threads: int = 1, timeout: float = 600, worker: str = "--worker") -> list[dict]:
+    """Measured peak bytes of each spec's training steps (or, with worker="--inference-worker", of each
+    inference spec), in one fresh worker process (see the docstring)."""
     env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker"], input=json.dumps(specs), env=env,
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), worker], input=json.dumps(specs), env=env,
                          capture_output=True, text=True, timeout=timeout)
     if out.returncode:
         raise RuntimeError(f"memory worker failed:\n{out.stderr[-4000:]}")
@@ -149,6 +150,123 @@ def single_process_rows(quick: bool = False, threads: int = 1) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------ tokenize and eval (inference)
+
+
+def inference_spec(stage: str, tokenizer: dict, image_size: int, batch_size: int, views: int = 1, gpt: dict | None = None,
+                   samples: int = 0, guided: bool = True) -> dict:
+    """One inference measurement: "tokenize" (encode_views of batch_size x views images), "eval" (generate_images:
+    sampling and decoding `samples` images in batches, with a GPT of `gpt`'s keys) or "scoring" (InceptionV3 features
+    of batch_size images, random weights). `tokenizer`: VQConfig overrides of VQ-16."""
+    return {"stage": stage, "tokenizer": tokenizer, "image_size": image_size, "batch_size": batch_size, "views": views,
+            "gpt": gpt or {}, "samples": samples, "guided": guided}
+
+
+def _inference_models(s: dict):
+    from pipeline.models.llamagen import GPT, gpt_config
+    from pipeline.tokenizers.vq import VQModel, vq_config
+
+    vq = VQModel(vq_config("VQ-16", **s["tokenizer"])).eval()
+    grid = s["image_size"] // vq.cfg.downsample
+    gpt = GPT(gpt_config("GPT-B", block_size=grid * grid, vocab_size=vq.cfg.codebook_size, num_classes=10, **s["gpt"])).eval() \
+        if s["stage"] == "eval" else None
+    return vq, gpt
+
+
+def _random_inception():
+    """torch-fidelity's InceptionV3 with random weights (its constructor insists on reading a weights file)."""
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from pipeline.metrics import FeatureExtractor
+
+    real_load, real_load_sd = torch.load, torch.nn.Module.load_state_dict
+    torch.load, torch.nn.Module.load_state_dict = (lambda *a, **k: {}), (lambda self, sd, *a, **k: None)
+    try:
+        module = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path="-")
+    finally:
+        torch.load, torch.nn.Module.load_state_dict = real_load, real_load_sd
+    return FeatureExtractor(module.eval(), {"fid": "2048"}, "inception-v3-compat", "")
+
+
+def _run_inference(s: dict, vq, gpt, extractor, count: int | None = None) -> None:
+    import numpy as np
+    import torch
+
+    from pipeline.metrics import extract_features
+    from pipeline.sampling import generate_images, sample
+    from stages.tokenize import encode_views
+
+    gen = torch.Generator().manual_seed(0)
+    if s["stage"] == "tokenize":
+        views = torch.randint(0, 256, (count or s["batch_size"], s["views"], s["image_size"], s["image_size"], 3),
+                              dtype=torch.uint8, generator=gen)
+        encode_views(vq, views, torch.device("cpu"))
+    elif s["stage"] == "eval":
+        labels = torch.arange(10).repeat(s["samples"])[:count]  # `samples` per class of 10
+        generate_images(sample, gpt, vq, labels, seed=0, batch_size=s["batch_size"], cfg_scale=1.0 if s["guided"] else 0.0)
+    else:
+        images = np.random.default_rng(0).integers(0, 256, (count or s["batch_size"], s["image_size"], s["image_size"], 3), np.uint8)
+        extract_features(extractor, images, batch_size=s["batch_size"])
+
+
+def inference_worker(specs: list[dict]) -> list[dict]:
+    """Peak bytes of each inference spec above what its models hold (built, and a 1-image run made, before
+    the baseline: code pages and the models' weights are not counted; the plan's activation rows are)."""
+    import torch
+
+    torch.manual_seed(0)
+    results = []
+    for s in specs:
+        vq, gpt = _inference_models(s)
+        extractor = _random_inception() if s["stage"] == "scoring" else None
+        with torch.inference_mode():
+            _run_inference(s, vq, gpt, extractor, count=1)
+            gc.collect()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            base = _rss("VmRSS")
+            _run_inference(s, vq, gpt, extractor)
+        results.append({"peak_bytes": _rss("VmHWM") - base})
+        del vq, gpt, extractor
+    return results
+
+
+def planned_inference(s: dict) -> tuple[int, str]:
+    """The plan's bytes for a spec beyond the weights (what inference_worker measures), and its phase."""
+    from pipeline.memplan import conv_tokenizer, eval_plan, inception_peak_elements, tokenize_plan
+
+    vq, gpt = _inference_models({**s, "stage": s["stage"] if s["stage"] == "eval" else "tokenize"})
+    t = conv_tokenizer(vq)
+    if s["stage"] == "tokenize":
+        p = tokenize_plan(t, s["image_size"], s["batch_size"], s["views"])
+        return p.peak - p.rows["tokenizer weights"], p.peak_phase
+    if s["stage"] == "scoring":
+        return inception_peak_elements() * s["batch_size"] * 4, "scoring"
+    p = eval_plan([gpt], t, s["image_size"], s["batch_size"], s["guided"], s["samples"] * 10, "cpu", extractor_elements=0)
+    phases = {k: v - p.rows["weights"] for k, v in p.phases.items() if k in ("sampling", "decoding", "collecting samples")}
+    phase = max(phases, key=phases.get)
+    return phases[phase], phase
+
+
+# VQ-16 at 256px (the encoder ImageNet tokenizes with, random weights), and eval's parts with a small GPT
+INFERENCE_SPECS = (
+    inference_spec("tokenize", {}, 256, 8), inference_spec("tokenize", {}, 256, 16),
+    inference_spec("eval", {}, 256, 8, gpt={"dim": 256, "n_layer": 4, "n_head": 4}, samples=2),
+    inference_spec("scoring", {}, 256, 16),
+)
+
+
+def inference_rows(quick: bool = False, threads: int = 1) -> list[dict]:
+    specs = list(INFERENCE_SPECS[:1] if quick else INFERENCE_SPECS)
+    rows = []
+    for s, m in zip(specs, measure(specs, threads, worker="--inference-worker"), strict=True):
+        planned_bytes, phase = planned_inference(s)
+        rows.append({"spec": s, "planned_bytes": planned_bytes, "peak_phase": phase, "measured_peak_bytes": m["peak_bytes"],
+                     "ratio": m["peak_bytes"] / planned_bytes})
+    return rows
+
+
 def main(args) -> dict:
     from bench.common import table, write_results
 
@@ -162,7 +280,13 @@ def main(args) -> dict:
                   mb(r["measured_peak_bytes"]), f"{r['ratio']:.2f}"] for r in rows],
                 ["dim x layers", "params", "act. ckpt", "16P", "activations", "logits", "peak during", "planned", "measured",
                  "measured / planned"]))
-    results = {"rows": rows, "threads": args.threads}
+    inference = inference_rows(args.quick, args.threads)
+    print(f"\ntokenize and eval peak memory on the CPU (float32, {args.threads} thread(s)), random weights; planned "
+          "(pipeline/memplan.py, beyond the weights) vs measured peak RSS, MB")
+    print(table([[r["spec"]["stage"], f"{r['spec']['image_size']}px", str(r["spec"]["batch_size"]), r["peak_phase"],
+                  mb(r["planned_bytes"]), mb(r["measured_peak_bytes"]), f"{r['ratio']:.2f}"] for r in inference],
+                ["stage", "images", "batch", "peak during", "planned", "measured", "measured / planned"]))
+    results = {"rows": rows, "inference_rows": inference, "threads": args.threads}
     write_results("memory", results, "cpu", args.quick)
     return results
 
@@ -170,6 +294,8 @@ def main(args) -> dict:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--worker"]:
         print(json.dumps(worker(json.loads(sys.stdin.read()))))
+    elif sys.argv[1:] == ["--inference-worker"]:
+        print(json.dumps(inference_worker(json.loads(sys.stdin.read()))))
     else:
         from bench.common import parse_args
 

@@ -413,3 +413,187 @@ RESERVE = 0.10  # of the GPU's memory, kept for the CUDA context, NCCL and the c
 
 def fits(peak: int, gpu_memory: int, reserve: float = RESERVE) -> bool:
     return peak <= (1 - reserve) * gpu_memory
+
+
+# ------------------------------------------------------------------------------ tokenize and eval memory
+#
+# Inference holds no gradients, so a forward's peak is the largest set of tensors alive at one moment:
+# counted below module by module from the code (pipeline/tokenizers/vq.py and msvq.py share the latent-
+# diffusion layout; torch-fidelity's InceptionV3), in float32 elements per image, with the block's input
+# counted as alive (its caller still holds it until the block returns). Checked against measured peaks on
+# the CPU (tests/test_plan.py, bench/memory.py).
+
+# torch-fidelity's FeatureExtractorInceptionV3: 23,850,960 parameters + 34,526 BatchNorm buffers (counted
+# from the module torch-fidelity 0.3 builds)
+INCEPTION_V3_ELEMENTS = 23_885_486
+INCEPTION_BATCH = 256  # pipeline.metrics.extract_features' batch (torch-fidelity's loop)
+
+
+@dataclass(frozen=True)
+class ConvTokenizer:
+    """A VQ tokenizer's encoder/decoder shape: LlamaGen's VQConfig and VAR's MSVQConfig both give it."""
+
+    ch: int
+    ch_mult: tuple[int, ...]
+    num_res_blocks: int
+    z_channels: int  # the encoder's output channels
+    embed_dim: int  # the codebook vectors' width (after quant_conv)
+    codebook_size: int
+    multi_scale: bool  # VAR's residual quantiser (one distance matrix per scale) or LlamaGen's single nearest
+    params: int
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+def conv_tokenizer(tokenizer: nn.Module) -> ConvTokenizer:
+    """The shape of a VQModel or MSVQModel (real or on the meta device)."""
+    cfg = tokenizer.cfg
+    multi_scale = hasattr(cfg, "patch_nums")
+    return ConvTokenizer(cfg.ch, tuple(cfg.ch_mult), cfg.num_res_blocks, cfg.z_channels,
+                         cfg.z_channels if multi_scale else cfg.codebook_embed_dim, cfg.codebook_size, multi_scale,
+                         sum(p.numel() for p in tokenizer.parameters()) + sum(b.numel() for b in tokenizer.buffers()))
+
+
+def _resnet(c_in: int, c_out: int, pixels: int) -> int:
+    # input x (held by the caller), conv1's output, norm2's and silu's outputs, then conv2's output beside silu's
+    # (the norm's is freed when silu returns): x + 3 outputs; the shortcut and the sum come after conv1's is freed
+    return (c_in + 3 * c_out) * pixels
+
+
+def _attention(c: int, pixels: int) -> int:
+    # x, its norm, q, k, v, then the (HW x HW) scores and their scaled copy; later x, q, k, v, weights, output,
+    # proj_out's output and the sum
+    return max(5 * c * pixels + 2 * pixels * pixels, 7 * c * pixels + pixels * pixels)
+
+
+def encoder_peak_elements(t: ConvTokenizer, image_size: int) -> int:
+    """Float32 elements per image alive at the encoder's largest moment (VQModel.encode, MSVQModel's
+    encode): the image itself (encode_views' x, alive throughout) + the largest block's live tensors."""
+    side, image, c_in = image_size, 3 * image_size**2, t.ch
+    phases = [t.ch * side**2]  # conv_in's output
+    for level, mult in enumerate(t.ch_mult):
+        c, last = t.ch * mult, level == len(t.ch_mult) - 1
+        for _ in range(t.num_res_blocks):
+            phases.append(_resnet(c_in, c, side**2))
+            c_in = c
+            if last:
+                phases.append(_attention(c, side**2))
+        if not last:  # the input, its asymmetric zero pad and the strided conv's output
+            phases.append(c * (side**2 + (side + 1) ** 2 + (side // 2) ** 2))
+            side //= 2
+    pixels = side**2
+    phases += [_resnet(c_in, c_in, pixels), _attention(c_in, pixels),
+               4 * c_in * pixels + t.z_channels * pixels]  # mid's input and output, norm_out, silu; conv_out's
+    if t.multi_scale:  # one scale at a time: the residual, its (pn^2 x V) distances, the last scale's largest
+        phases.append(2 * t.embed_dim * pixels + pixels * t.codebook_size)
+    else:  # nearest: |z|^2 + |e|^2, (2z) @ e^T and their difference, each (hw x K)
+        phases.append(2 * t.embed_dim * pixels + 3 * pixels * t.codebook_size)
+    return image + max(phases)
+
+
+def decoder_peak_elements(t: ConvTokenizer, image_size: int) -> int:
+    """Float32 elements per image alive at the decoder's largest moment (decode_codes): the mirror of the
+    encoder with num_res_blocks + 1 blocks per level; an upsample holds its input, the 2x nearest copy and
+    the conv's output; the end holds the last block's output, its norm and silu, then the image."""
+    side = image_size // t.downsample
+    c_in = t.ch * t.ch_mult[-1]
+    phases = [(t.embed_dim + t.z_channels + c_in) * side**2, _resnet(c_in, c_in, side**2), _attention(c_in, side**2)]
+    for level, mult in enumerate(reversed(t.ch_mult)):
+        c = t.ch * mult
+        for _ in range(t.num_res_blocks + 1):
+            phases.append(_resnet(c_in, c, side**2))
+            c_in = c
+            if level == 0:
+                phases.append(_attention(c, side**2))
+        if level != len(t.ch_mult) - 1:
+            phases.append(c * (side**2 + 2 * (2 * side) ** 2))
+            side *= 2
+    phases.append(3 * c_in * side**2)
+    return max(phases)
+
+
+def inception_peak_elements() -> int:
+    """torch-fidelity's InceptionV3 per image: its largest moment is Conv2d_2b_3x3 (BasicConv2d: conv, then
+    BatchNorm's output beside the conv's, relu in place) with its input alive: 32 + 2 x 64 channels at 147 x
+    147 (the image resized to 299 x 299 before it, 3 channels, is smaller and freed by then)."""
+    return (32 + 2 * 64) * 147 * 147
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Bytes of a stage's parts (rows) and of its peak on the device (and on the host, where it differs)."""
+
+    stage: str
+    rows: dict[str, int]  # the parts, each at its own largest
+    phases: dict[str, int]  # the peak of each moment of the stage on the device: weights + that moment's tensors
+    host: int = 0  # on CUDA, the host memory the stage holds beside the device's (0 on the CPU: counted in phases)
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+
+def tokenize_plan(t: ConvTokenizer, image_size: int, batch_size: int, views: int) -> StagePlan:
+    """tokenize: the frozen tokenizer (float32, whole) + one encoder forward of batch_size x views images
+    (stages/tokenize.py encode_views), + the uint8 batch the loader hands over."""
+    images = batch_size * views
+    weights = t.params * FP32
+    encoder = encoder_peak_elements(t, image_size) * images * FP32
+    batch = images * 3 * image_size**2  # uint8
+    return StagePlan("tokenize", {"tokenizer weights": weights, "uint8 batch": batch, "encoder forward": encoder},
+                     {"encoder forward": weights + batch + encoder})
+
+
+def kv_cache_bytes(model: nn.Module, sequences: int, device: str) -> int:
+    """Sampling's KV caches for `sequences` (2 x eval.batch_size with guidance): LlamaGen's static
+    (B, H, cls + block_size, hd) k and v per layer in the weights' dtype (float32); VAR's per-scale
+    concatenation in the compute dtype (bf16 under CUDA autocast), one layer's old cache alive beside the new."""
+    cfg = model.cfg
+    if model.family == "llamagen":
+        return cfg.n_layer * 2 * sequences * (cfg.cls_token_num + cfg.block_size) * cfg.dim * FP32
+    per_layer = 2 * sequences * cfg.seq_len * cfg.width * precision_for(device, "ddp").compute
+    return (cfg.depth + 1) * per_layer
+
+
+def sampling_step_bytes(model: nn.Module, batch: int, sequences: int, device: str) -> int:
+    """One sampling step beside the caches: the logits of every sequence (float32 after the head), the
+    guided mix, its temperature-scaled copy, the filtered logits and the probabilities (4 x batch); and one
+    block's transient of the step's tokens (input, qkv, output, FFN hidden and activation). LlamaGen steps
+    one token, VAR a whole scale (its last is the largest)."""
+    cfg, shape = model.cfg, FAMILY_MEMORY[model.family].shape(model.cfg)
+    tokens = 1 if model.family == "llamagen" else cfg.patch_nums[-1] ** 2
+    logits = (sequences + 4 * batch) * tokens * shape.vocab * FP32
+    block = sequences * tokens * (5 * shape.width + 2 * shape.ffn_hidden) * precision_for(device, "ddp").compute
+    return logits + block
+
+
+def eval_plan(models: list[nn.Module], t: ConvTokenizer, image_size: int, batch_size: int, guided: bool,
+              samples: int, device: str, extractor_elements: int = INCEPTION_V3_ELEMENTS) -> StagePlan:
+    """eval: the models sampled (base and policy), the tokenizer and the feature extractor, all whole on
+    every rank (stages/eval.py), and three moments that never coexist: sampling a batch (KV caches +
+    logits), decoding it (the VQ decoder at eval.batch_size, counted in float32: an upper bound under CUDA's
+    bf16 autocast, where the group norms still run in float32) and scoring (InceptionV3 at its batch of 256).
+    `samples`: one unit's images on this rank; generate_images keeps them as float32 (N, 3, S, S) on the host
+    and concatenates them (2 copies), and precision/recall holds two (10000 x N) float32 distance blocks."""
+    model = max(models, key=lambda m: sum(p.numel() for p in m.parameters()))
+    sequences = 2 * batch_size if guided else batch_size
+    weights = (sum(sum(p.numel() for p in m.parameters()) for m in models) + t.params + extractor_elements) * FP32
+    sampling = kv_cache_bytes(model, sequences, device) + sampling_step_bytes(model, batch_size, sequences, device)
+    decode = decoder_peak_elements(t, image_size) * batch_size * FP32
+    scoring = inception_peak_elements() * min(INCEPTION_BATCH, samples) * FP32
+    held = 2 * samples * 3 * image_size**2 * FP32
+    distances = 2 * min(10_000, samples) * samples * FP32
+    rows = {"weights": weights, "KV caches + logits": sampling, "decoder forward": decode, "feature extractor": scoring,
+            "samples held (host)": held, "precision/recall (host)": distances}
+    on_device = {"sampling": weights + sampling, "decoding": weights + decode, "scoring": weights + scoring}
+    if device == "cpu":  # the host is the device: the samples drawn so far are alive while a batch is decoded
+        return StagePlan("eval", rows, {"sampling": weights + sampling + held // 2, "decoding": weights + decode + held // 2,
+                                        "collecting samples": weights + held, "scoring": weights + scoring,
+                                        "precision/recall": weights + distances})
+    return StagePlan("eval", rows, on_device, host=max(held, distances))

@@ -317,13 +317,20 @@ class MemorySize(click.ParamType):
 @click.option("--micro-batch-size", type=click.IntRange(min=1), default=None, help="rows per forward (overrides train.micro_batch_size)")
 @click.option("--device", "device_type", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
               help="what the plan is for: cuda (bf16 compute) or cpu (float32 throughout)")
+@click.option("--stage", type=click.Choice(["train", "tokenize", "eval"]), default="train", show_default=True,
+              help="the stage to plan: train (a training step), tokenize (the encoder at tokenize.batch_size x views), "
+                   "eval (sampling, decoding and scoring at eval.batch_size)")
+@click.option("--vq-model", default=None, metavar="NAME|JSON",
+              help="tokenize/eval: the tokenizer's config (default: the family's, VQ-16 or VAR's VQVAE)")
 @click.pass_context
-def plan(ctx, preset, nproc_per_node, nnodes, gpu_memory, strategy, micro_batch_size, device_type):
+def plan(ctx, preset, nproc_per_node, nnodes, gpu_memory, strategy, micro_batch_size, device_type, stage, vq_model):
     """Per-rank memory of a preset's training step (weights, gradients, optimizer state, activations), DDP and
-    FSDP, with and without activation checkpointing; with --gpu-memory, whether each fits."""
+    FSDP, with and without activation checkpointing; with --gpu-memory, whether each fits. --stage tokenize
+    or eval: the memory of tokenize's encoder forward, or of eval's sampling, decoding and scoring, and the
+    batch size that fits."""
     from pipeline.config import ConfigError
 
-    from . import plan as stage
+    from . import plan as stage_module
     from .presets import PRESETS
     from .train import TrainConfig
 
@@ -336,12 +343,21 @@ def plan(ctx, preset, nproc_per_node, nnodes, gpu_memory, strategy, micro_batch_
         ctx.obj["overrides"].append(f"train.micro_batch_size={micro_batch_size}")
     params = load_params(ctx.obj["params"]) if Path(ctx.obj["params"]).is_file() else {}
     overrides = parse_overrides(ctx.obj["overrides"], params, ctx.obj["params"])
-    cfg = build(TrainConfig, params, "train", ctx.obj["preset"], overrides)  # as `cca-pipe train` resolves it
     given = ctx.parent.params  # the global --nproc-per-node / --nnodes, if given there
     launch = _launch_config(ctx, nproc_per_node or given.get("nproc_per_node"), nnodes or given.get("nnodes"), None)
-    report = stage.make_report(name, cfg, launch.nproc_per_node * launch.nnodes, gpu_memory,
-                               (strategy,) if strategy else ("ddp", "fsdp"), device_type)
-    click.echo(stage.format_report(report))
+    if stage != "train":  # the stage's settings as the stage resolves them
+        from .eval import EvalConfig
+        from .tokenize import TokenizeConfig
+
+        cfg = build(TokenizeConfig if stage == "tokenize" else EvalConfig, params, stage, ctx.obj["preset"], overrides)
+        report = stage_module.make_tokenize_report(name, cfg, gpu_memory, device_type, vq_model) if stage == "tokenize" else \
+            stage_module.make_eval_report(name, cfg, launch.nproc_per_node * launch.nnodes, gpu_memory, device_type, vq_model)
+        click.echo(stage_module.format_stage_report(report))
+        return
+    cfg = build(TrainConfig, params, "train", ctx.obj["preset"], overrides)  # as `cca-pipe train` resolves it
+    report = stage_module.make_report(name, cfg, launch.nproc_per_node * launch.nnodes, gpu_memory,
+                                      (strategy,) if strategy else ("ddp", "fsdp"), device_type)
+    click.echo(stage_module.format_report(report))
 
 
 @main.command()

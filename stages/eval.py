@@ -243,11 +243,19 @@ def sample_unit(unit: Unit, family, model, vq, cfg: EvalConfig, labels: torch.Te
     any number of processes); on the main process -> (all images uint8 in sample order, images/s)."""
     mine = world.share(list(range(len(labels))))
     started = time.perf_counter()
-    images, _ = generate_images(
-        family.sample, model, vq, labels[mine], seed=unit.seed, batch_size=cfg.batch_size, indices=mine,
-        cfg_scale=unit.scale, lam=unit.lam, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, cfg_schedule=cfg.cfg_schedule,
-    )
-    images = to_uint8(resize_images(images, cfg.resize_to))
+    try:
+        images, _ = generate_images(
+            family.sample, model, vq, labels[mine], seed=unit.seed, batch_size=cfg.batch_size, indices=mine,
+            cfg_scale=unit.scale, lam=unit.lam, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, cfg_schedule=cfg.cfg_schedule,
+        )
+        images = to_uint8(resize_images(images, cfg.resize_to))
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise OutOfMemory(f"out of memory sampling or decoding {unit.name} on {world.device} with eval.batch_size = {cfg.batch_size} "
+                          f"({'2 x ' if unit.scale else ''}{cfg.batch_size} sequences with KV caches, then {cfg.batch_size} images "
+                          f"decoded at once): lower eval.batch_size, e.g. to {max(1, cfg.batch_size // 2)}; `cca-pipe plan "
+                          "--stage eval` gives the memory of each part (the images drawn are kept on the host)") from e
     seconds = max(world.gather(time.perf_counter() - started))
     if world.size == 1:
         return images, len(images) / seconds
@@ -270,7 +278,16 @@ def score_unit(unit: Unit, images: np.ndarray, images_per_s: float, cfg: EvalCon
     save_npz(work / "samples" / f"{unit.stem}.npz", images, labels.numpy())
     if unit.seed == cfg.seeds[0] and cfg.grid_per_class:
         save_grid(work / "grids" / f"{unit.name}.png", images, labels.numpy(), cfg.grid_per_class)
-    scores = fidelity_scores(extractor, extract_features(extractor, images), ref_features, ref.fid_stats, ref.sfid_stats)
+    try:
+        features = extract_features(extractor, images)
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise OutOfMemory(f"out of memory scoring {unit.name}: the feature extractor ({extractor.name}) runs batches of 256 "
+                          "images at 299px (InceptionV3: 3.5 GB in float32 beside the models eval holds; `cca-pipe plan "
+                          "--stage eval`): free that memory on the device, or evaluate one model at a time (--methods cca, "
+                          "then --methods base,cfg)") from e
+    scores = fidelity_scores(extractor, features, ref_features, ref.fid_stats, ref.sfid_stats)
     if classifier is not None:
         scores["class_accuracy"] = float((classify(classifier, images) == labels.numpy()).mean())
     scores["images_per_s"] = images_per_s

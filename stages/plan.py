@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import ConfigError
-from pipeline.memplan import RESERVE, MemoryPlan, PlanInputs, build_meta, fits, inputs_from_model, plan
+from pipeline.memplan import RESERVE, MemoryPlan, PlanInputs, StagePlan, build_meta, fits, inputs_from_model, plan
 
 from . import presets
 from .train import TrainConfig
@@ -119,4 +119,111 @@ def format_report(report: PlanReport) -> str:
             lines.append(f"{column_name(c)}: {peak / GB:.1f} GB per rank: {verdict} ({usable / GB:.1f} GB usable)")
         lines.append(f"usable = {1 - RESERVE:.0%} of the GPU's memory: {RESERVE:.0%} is kept for the CUDA context, NCCL's buffers "
                      "and the caching allocator's fragmentation, which the plan does not count")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ tokenize and eval memory
+
+STAGES = ("train", "tokenize", "eval")
+
+
+def tokenizer_for(family: str, vq_model: str | None = None):
+    """The tokenizer a family's pipeline runs (LlamaGen's VQ-16, VAR's VQVAE), or `vq_model` (a name or a
+    JSON config, as --vq-model), on the meta device."""
+    import torch
+
+    from pipeline.tokenizers.msvq import MSVQConfig, MSVQModel, msvq_config_from_spec
+    from pipeline.tokenizers.vq import VQModel, vq_config_from_spec
+
+    with torch.device("meta"):
+        if family == "var":
+            return MSVQModel(msvq_config_from_spec(vq_model) or MSVQConfig())
+        return VQModel(vq_config_from_spec(vq_model or "VQ-16"))
+
+
+@dataclass
+class StageReport:
+    preset: str
+    stage: str
+    plan: StagePlan
+    described: list[str]  # what the plan is for, one line each
+    batch_setting: str  # the setting to lower when it does not fit
+    batch_size: int
+    device: str
+    gpu_memory: int | None
+    fitting_batch: int | None = None  # the largest power-of-two fraction of the batch that fits (when it does not)
+
+    def fits(self) -> bool | None:
+        return None if self.gpu_memory is None else fits(self.plan.peak, self.gpu_memory)
+
+
+def _largest_fitting(plan_at, batch_size: int, gpu_memory: int | None) -> int | None:
+    """Halve the batch until the plan fits (None when it fits as it is, 0 when not even 1 does)."""
+    if gpu_memory is None or fits(plan_at(batch_size).peak, gpu_memory):
+        return None
+    while batch_size > 1:
+        batch_size //= 2
+        if fits(plan_at(batch_size).peak, gpu_memory):
+            return batch_size
+    return 0
+
+
+def make_tokenize_report(name: str, cfg, gpu_memory: int | None, device: str, vq_model: str | None = None) -> StageReport:
+    from pipeline.images import view_names
+    from pipeline.memplan import conv_tokenizer, tokenize_plan
+
+    family = model_description(name)["family"]
+    t = conv_tokenizer(tokenizer_for(family, vq_model))
+    views = len(view_names(cfg.augment))
+    plan_at = lambda b: tokenize_plan(t, cfg.image_size, b, views)  # noqa: E731
+    described = [f"tokenize: {cfg.batch_size} images x {views} view(s) ({cfg.augment}) = {cfg.batch_size * views} "
+                 f"encodes per forward at {cfg.image_size}px, float32; tokenizer {t.params / 1e6:.1f}M ({family}: "
+                 f"{vq_model or ('VAR VQVAE' if family == 'var' else 'VQ-16')})"]
+    return StageReport(name, "tokenize", plan_at(cfg.batch_size), described, "tokenize.batch_size", cfg.batch_size, device,
+                       gpu_memory, _largest_fitting(plan_at, cfg.batch_size, gpu_memory))
+
+
+def make_eval_report(name: str, cfg, world_size: int, gpu_memory: int | None, device: str,
+                     vq_model: str | None = None, models: int = 2) -> StageReport:
+    import math
+
+    from pipeline.memplan import conv_tokenizer, eval_plan
+
+    description = dict(model_description(name))
+    family = description.pop("family")
+    model = build_meta(family, **description)
+    t = conv_tokenizer(tokenizer_for(family, vq_model))
+    side = t.downsample * (model.cfg.patch_nums[-1] if family == "var" else int(round(model.cfg.seq_len ** 0.5)))
+    image_size = cfg.image_size or side
+    classes = cfg.num_classes or model.cfg.num_classes
+    samples = math.ceil(classes * cfg.samples_per_class / world_size)
+    guided = bool(cfg.cfg_scales)
+    plan_at = lambda b: eval_plan([model] * models, t, image_size, b, guided, samples, device)  # noqa: E731
+    described = [f"eval: {models} model(s) of {sum(p.numel() for p in model.parameters()) / 1e9:.3f}B, eval.batch_size "
+                 f"{cfg.batch_size} ({'x 2 sequences: guided' if guided else 'no guidance'}), {image_size}px samples, "
+                 f"{samples} per unit on each of {world_size} process(es); {device}"]
+    return StageReport(name, "eval", plan_at(cfg.batch_size), described, "eval.batch_size", cfg.batch_size, device,
+                       gpu_memory, _largest_fitting(plan_at, cfg.batch_size, gpu_memory))
+
+
+def format_stage_report(report: StageReport) -> str:
+    p = report.plan
+    where = "GPU" if report.device == "cuda" else "machine"
+    lines = [f"memory plan per process: {report.stage}, preset {report.preset}", *("  " + d for d in report.described), ""]
+    rows = [[k, f"{v / GB:.2f}"] for k, v in p.rows.items()]
+    rows += [[f"peak: {k}", f"{v / GB:.2f}"] for k, v in p.phases.items()]
+    lines.append(_table(rows, ["GB", report.stage]))
+    lines.append(f"peak during {p.peak_phase}: {p.peak / GB:.1f} GB"
+                 + (f" on the GPU, and {p.host / GB:.1f} GB of host memory" if p.host else ""))
+    if report.gpu_memory is not None:
+        usable = (1 - RESERVE) * report.gpu_memory
+        verdict = "fits" if report.fits() else "does not fit"
+        lines.append(f"{verdict} in {report.gpu_memory / GB:.3g} GB ({usable / GB:.1f} GB usable) per {where}")
+        if report.fitting_batch:
+            lines.append(f"lower {report.batch_setting} from {report.batch_size} to {report.fitting_batch} to fit")
+        elif report.fitting_batch == 0:
+            lines.append(f"even {report.batch_setting} = 1 does not fit: what does not shrink with it (weights, samples "
+                         "held) is too large")
+    lines.append("GB = 10^9 bytes; each part at its own largest, the peaks add the parts alive together "
+                 "(pipeline/memplan.py: counted from the code, checked against measured peaks on the CPU)")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -226,3 +227,117 @@ def test_memory_sizes():
         with pytest.raises(ValueError, match="80GB, 80GiB or 24G"):
             parse_memory(text)
     assert fits(72 * 10**9, 80 * 10**9) and not fits(72 * 10**9 + 1, 80 * 10**9)
+
+
+# ------------------------------------------------------------------------------ tokenize and eval memory
+
+
+def test_encoder_and_decoder_peaks_hand_computed():
+    """A tiny VQ: ch 32, ch_mult (1, 2), one res block, z 8, codes of 4 from 16, at 8 x 8 pixels (64), 4 x 4 latents.
+    Encoder, float32 elements per image: conv_in 32 x 64 = 2048; level 0 res (x + conv1 + norm2/silu + conv2)
+    (32 + 3 x 32) x 64 = 8192; downsample 32 x (64 + 81 + 16) = 5152; level 1 res (32 + 3 x 64) x 16 = 3584, attn
+    max(5 x 64 x 16 + 2 x 256, 7 x 64 x 16 + 256) = 7424; mid res 4 x 64 x 16 = 4096, attn 7424; end 4 x 64 x 16 +
+    8 x 16 = 4224; nearest 2 x 4 x 16 + 3 x 16 x 16 = 896: the largest is level 0's res, + the image 3 x 64 = 8384.
+    Decoder: conv_in (4 + 8 + 64) x 16 = 1216; mid res 4096, attn 7424; level 64 (2 res blocks, attn each at 4 x 4)
+    res 4096, attn 7424; upsample 64 x (16 + 2 x 64) = 9216; level 32 at 8 x 8: res (64 + 3 x 32) x 64 = 10240, then
+    (32 + 96) x 64 = 8192; end 3 x 32 x 64 = 6144: 10240."""
+    from pipeline.memplan import ConvTokenizer, decoder_peak_elements, encoder_peak_elements, tokenize_plan
+
+    t = ConvTokenizer(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, embed_dim=4, codebook_size=16,
+                      multi_scale=False, params=1000)
+    assert encoder_peak_elements(t, 8) == 8384
+    assert decoder_peak_elements(t, 8) == 10240
+    p = tokenize_plan(t, 8, batch_size=3, views=2)  # 6 encodes per forward
+    assert p.rows == {"tokenizer weights": 4000, "uint8 batch": 6 * 192, "encoder forward": 6 * 8384 * 4}
+    assert p.peak == 4000 + 1152 + 201216 and p.peak_phase == "encoder forward"
+
+
+@pytest.mark.slow  # four fresh processes with models and InceptionV3: ~40 s on an idle 2-core machine
+def test_tokenize_and_eval_plans_match_measured_peaks_on_cpu(monkeypatch):
+    """The planned bytes beyond the weights against the measured peak RSS of a fresh process (bench/memory.py's
+    inference worker): tokenize's encoder forward, eval's decoding (a decoder-bound case) and sampling (KV caches of a
+    GPT larger than the tokenizer), InceptionV3's forward; within 25% (seen: 0% to 4%; sampling runs sometimes add
+    a constant ~15 MB that no tensor accounts for, the allocator's, hence a KV cache of ~70 MB here)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.memory import inference_spec, measure, planned_inference
+
+    small = {"ch": 32, "codebook_size": 1024, "z_channels": 64}
+    specs = [
+        inference_spec("tokenize", small, 128, 4, views=2),
+        inference_spec("eval", small, 128, 4, gpt={"dim": 64, "n_layer": 2, "n_head": 4}, samples=1),
+        inference_spec("eval", {"ch": 8, "norm_groups": 8, "ch_mult": (1, 2), "codebook_size": 4096, "z_channels": 16}, 32, 8,
+                       gpt={"dim": 256, "n_layer": 8, "n_head": 4}, samples=1),
+        inference_spec("scoring", small, 64, 4),
+    ]
+    phases = []
+    for s, m in zip(specs, measure(specs, worker="--inference-worker"), strict=True):
+        planned_bytes, phase = planned_inference(s)
+        phases.append(phase)
+        assert m["peak_bytes"] == pytest.approx(planned_bytes, rel=0.25), (s, phase)
+    assert phases == ["encoder forward", "decoding", "sampling", "scoring"]
+
+
+def test_plan_stage_tokenize_says_what_fits():
+    """The issue's case at 384px: batch 64 with flip = 128 VQ-16 encodes; per image the image 3 x 384^2 + level 0's
+    res block (128 + 3 x 128) x 384^2 = 515 x 147456 floats: 128 x 4 x 75.9M = 38.88 GB."""
+    args = ["--set", "tokenize.image_size=384", "--set", "tokenize.augment=flip", "--set", "tokenize.batch_size=64"]
+    gpu = CliRunner().invoke(main, ["--params", "/nonexistent/params.yaml", *args, "plan", "--preset", "llamagen-L",
+                                    "--stage", "tokenize", "--gpu-memory", "80GB"])
+    assert gpu.exit_code == 0, gpu.output + repr(gpu.exception)
+    assert "64 images x 2 view(s) (flip) = 128 encodes per forward at 384px" in gpu.output
+    assert _gb_row(gpu.output, "encoder forward") == [pytest.approx(128 * 4 * 515 * 384**2 / 1e9, abs=0.01)]
+    assert "fits in 80 GB" in gpu.output
+    cpu = CliRunner().invoke(main, ["--params", "/nonexistent/params.yaml", *args, "plan", "--preset", "llamagen-L",
+                                    "--stage", "tokenize", "--device", "cpu", "--gpu-memory", "24GB"])
+    assert "does not fit in 24 GB" in cpu.output and "lower tokenize.batch_size from 64 to 32 to fit" in cpu.output
+
+
+def test_plan_stage_eval_counts_each_part():
+    """GPT-B at 384px, 1000 classes x 1 sample, eval.batch_size 8 with guidance (16 sequences): KV caches 12 layers x
+    2 x 16 x 577 x 768 x 4 B = 0.68 GB; VQ-16's decoder at 384px: its last level's res block (128 + 3 x 128) x 384^2
+    floats per image, x 8 images x 4 B = 2.42 GB; the samples as float32 and their concatenation on the host:
+    2 x 1000 x 3 x 384^2 x 4 B = 3.54 GB."""
+    result = CliRunner().invoke(main, ["--params", "/nonexistent/params.yaml", "--set", "eval.batch_size=8", "--set",
+                                       "eval.samples_per_class=1", "plan", "--preset", "llamagen-B", "--stage", "eval",
+                                       "--gpu-memory", "80GB"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    out = result.output
+    assert _gb_row(out, "KV caches + logits") == [pytest.approx(12 * 2 * 16 * 577 * 768 * 4 / 1e9, abs=0.01)]
+    assert _gb_row(out, "decoder forward") == [pytest.approx(8 * 512 * 384**2 * 4 / 1e9, abs=0.01)]
+    assert _gb_row(out, "samples held (host)") == [pytest.approx(2 * 1000 * 3 * 384**2 * 4 / 1e9, abs=0.01)]
+    assert "peak during scoring" in out and "of host memory" in out and "fits in 80 GB" in out  # InceptionV3 at 256 images
+
+
+def test_out_of_memory_in_tokenize_and_eval_names_the_batch_size(monkeypatch):
+    """tokenize's encode and eval's sampling/decoding and scoring turn an allocator error into OutOfMemory naming the
+    setting to lower; other errors pass through."""
+    from types import SimpleNamespace
+
+    from pipeline.device import OutOfMemory
+    from stages import eval as eval_stage
+    from stages.tokenize import encode_views
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    views = torch.zeros(8, 2, 16, 16, 3, dtype=torch.uint8)
+    with pytest.raises(OutOfMemory, match=r"8 images x 2 views = 16 per forward at 16px: lower tokenize\.batch_size, e\.g\. to 4"):
+        encode_views(SimpleNamespace(encode=oom), views, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        encode_views(SimpleNamespace(encode=lambda x: (_ for _ in ()).throw(RuntimeError("a shape mismatch"))), views,
+                     torch.device("cpu"))
+
+    cpu_oom = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+    monkeypatch.setattr(eval_stage, "generate_images", lambda *a, **k: (_ for _ in ()).throw(cpu_oom))
+    cfg = eval_stage.EvalConfig(batch_size=64)
+    unit = eval_stage.Unit("cfg_1", "base", 1.0, 0)
+    world = SimpleNamespace(share=lambda rows: rows, device=torch.device("cpu"))
+    with pytest.raises(OutOfMemory, match=r"sampling or decoding cfg_1 .*eval\.batch_size = 64 \(2 x 64 sequences.*e\.g\. to 32"):
+        eval_stage.sample_unit(unit, SimpleNamespace(sample=None), None, None, cfg, torch.zeros(4, dtype=torch.long), Path("."), world)
+
+    monkeypatch.setattr(eval_stage, "extract_features", oom)
+    monkeypatch.setattr(eval_stage, "save_npz", lambda *a: None)
+    extractor = SimpleNamespace(name="inception-v3-compat")
+    with pytest.raises(OutOfMemory, match=r"scoring cfg_1: the feature extractor \(inception-v3-compat\) runs batches of 256"):
+        eval_stage.score_unit(unit, np.zeros((4, 8, 8, 3), np.uint8), 1.0, eval_stage.EvalConfig(grid_per_class=0),
+                              torch.zeros(4, dtype=torch.long), extractor, {}, None, None, Path("."))
