@@ -252,7 +252,6 @@ def test_encoder_and_decoder_peaks_hand_computed():
     assert p.peak == 4000 + 1152 + 201216 and p.peak_phase == "encoder forward"
 
 
-@pytest.mark.slow  # four fresh processes with models and InceptionV3: ~40 s on an idle 2-core machine
 def test_tokenize_and_eval_plans_match_measured_peaks_on_cpu(monkeypatch):
     """The planned bytes beyond the weights against the measured peak RSS of a fresh process (bench/memory.py's
     inference worker): tokenize's encoder forward, eval's decoding (a decoder-bound case) and sampling (KV caches of a
