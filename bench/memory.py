@@ -260,7 +260,7 @@ INFERENCE_SPECS = (
 def inference_rows(quick: bool = False, threads: int = 1) -> list[dict]:
     specs = list(INFERENCE_SPECS[:1] if quick else INFERENCE_SPECS)
     rows = []
-    for s, m in zip(specs, measure(specs, threads, worker="--inference-worker"), strict=True):
+    for s, m in zip(specs, measure(specs, threads, timeout=3600, worker="--inference-worker"), strict=True):
         planned_bytes, phase = planned_inference(s)
         rows.append({"spec": s, "planned_bytes": planned_bytes, "peak_phase": phase, "measured_peak_bytes": m["peak_bytes"],
                      "ratio": m["peak_bytes"] / planned_bytes})
