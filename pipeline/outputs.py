@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-MARKER = ".cca-pipe.json"  # in a stage directory: which stage wrote it and which entries are its own
+MARKER = ".cca-pipe.json"  # in a stage directory: which stage wrote it and which files are its own
 # Entries an output directory may hold before we claim it: what DVC writes beside its outputs.
 _HARMLESS = (".gitignore",)
 
@@ -254,9 +254,17 @@ def replace_path(built: Path, target: Path) -> None:
 
 
 class StageDir(Claim):
-    """A stage's output directory (train, eval, report, prepare): its entries are built in `partial` and
-    moved into `target` on commit. The target's `.cca-pipe.json` lists the entries this stage wrote, so a
-    later commit replaces and removes only those; anything else a user keeps there is left alone.
+    """A stage's output directory (train, eval, report, prepare): its files are built in `partial` and
+    moved into `target` on commit, file by file, at every depth. The target's `.cca-pipe.json` lists the
+    files (relative paths) and directories this stage wrote, so a later commit replaces and removes only
+    those; anything else a user keeps there, at any depth (`checkpoints/notes.txt`), is left alone, and a
+    directory of ours is removed only once it is empty. A user's file where this run would write one of
+    ours is an OutputError naming it, raised before anything is moved.
+
+    A kill in the middle of `commit` leaves every file whole (each is renamed into place), some of them
+    from the new run and some from the old one; the target's marker then claims both sets and the
+    partial's marker the plan, so the next run of the stage into that directory finishes the commit
+    before it starts (the same files, then the new run replaces them as usual).
     """
 
     def __init__(self, target: str | os.PathLike, stage: str, key: str = ""):
@@ -268,6 +276,18 @@ class StageDir(Claim):
             return False
         marker = stage_marker(path)
         return (marker is not None and marker["stage"] == self.stage) or harmless_dir(path)
+
+    def __enter__(self) -> StageDir:
+        super().__enter__()
+        marker = stage_marker(self.partial) or {}
+        if isinstance(marker.get("committing"), dict):  # a commit interrupted by a kill: finish it first
+            try:
+                self._finish_commit(marker)
+            except BaseException:
+                self._cleanup()
+                raise
+            self.committed = False  # this run has committed nothing yet
+        return self
 
     def open_partial(self) -> Path:
         """The partial directory, kept if it was left by an interrupted run with the same key, else fresh."""
@@ -283,18 +303,101 @@ class StageDir(Claim):
         return marker is not None and marker.get("key") == self.key
 
     def commit(self) -> None:
-        """Move every entry of the partial directory into the target; remove our entries of an earlier run
+        """Move every file of the partial directory into the target; remove our files of an earlier run
         that this run did not write; record the new set in the marker."""
-        entries = sorted(p.name for p in self.partial.iterdir() if p.name != MARKER)
-        previous = (stage_marker(self.target) or {}).get("entries", [])
+        files, dirs = _tree(self.partial)
+        old_files, old_dirs = _owned_tree(self.target)
+        _check_commit(self.target, files, dirs, set(old_files), set(old_dirs))
+        plan = {"files": files, "dirs": dirs, "old_files": old_files, "old_dirs": old_dirs}
+        marker = {"stage": self.stage, "key": self.key, "partial": True, "committing": plan}
+        write_json(self.partial / MARKER, marker)  # from here on, a killed commit is rolled forward
+        self._finish_commit(marker)
+
+    def _finish_commit(self, marker: dict) -> None:
+        plan = marker["committing"]
+        files, dirs, old_files, old_dirs = (plan[k] for k in ("files", "dirs", "old_files", "old_dirs"))
         self.target.mkdir(parents=True, exist_ok=True)
-        for name in entries:
+        # while old and new files are both present, the marker claims both
+        write_json(self.target / MARKER, {"stage": self.stage, "key": marker["key"],
+                                          "files": sorted({*files, *old_files}), "dirs": sorted({*dirs, *old_dirs})})
+        for name in dirs:  # sorted: parents first
             dest = self.target / name
-            if dest.exists() and dest.is_dir() and not (self.partial / name).is_dir():
-                remove_path(dest)
-            replace_path(self.partial / name, dest)
-        for name in set(previous) - set(entries):
-            remove_path(self.target / name)
-        write_json(self.target / MARKER, {"stage": self.stage, "key": self.key, "entries": entries})
+            if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+                dest.unlink()  # a file of ours where this run has a directory (_check_commit)
+            dest.mkdir(exist_ok=True)
+        for name in files:
+            src, dest = self.partial / name, self.target / name
+            if not (src.exists() or src.is_symlink()):
+                continue  # moved already, by the commit this one finishes
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest)  # a directory holding only files of ours (_check_commit)
+            os.replace(src, dest)
+        for name in set(old_files) - set(files):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                (self.target / name).unlink()
+        kept = []  # directories of ours that a user's file keeps: still ours, removed once empty
+        for name in sorted(set(old_dirs) - set(dirs), key=lambda d: d.count("/"), reverse=True):
+            try:
+                (self.target / name).rmdir()  # only if empty
+            except FileNotFoundError:
+                pass
+            except OSError:
+                kept.append(name)
+        write_json(self.target / MARKER, {"stage": self.stage, "key": marker["key"], "files": files,
+                                          "dirs": sorted({*dirs, *kept})})
         remove_path(self.partial)
         self.committed = True
+
+
+def _tree(root: Path) -> tuple[list[str], list[str]]:
+    """Relative POSIX paths of the files (symbolic links included) and of the directories under `root`,
+    sorted (parents before children), without the top-level marker."""
+    files, dirs = [], []
+    for dirpath, dirnames, filenames in os.walk(root):  # does not follow links to directories
+        here = Path(dirpath)
+        rel = here.relative_to(root)
+        for name in dirnames:
+            (files if (here / name).is_symlink() else dirs).append((rel / name).as_posix())
+        files += [(rel / name).as_posix() for name in filenames if not (rel == Path(".") and name == MARKER)]
+    return sorted(files), sorted(dirs)
+
+
+def _owned_tree(target: Path) -> tuple[list[str], list[str]]:
+    """The files and directories the target's marker says are ours. A marker of the earlier format lists
+    top-level entries, each ours as a whole (what it claimed)."""
+    marker = stage_marker(target) or {}
+    if isinstance(marker.get("files"), list):
+        return [str(f) for f in marker["files"]], [str(d) for d in marker.get("dirs", [])]
+    files, dirs = [], []
+    for name in marker.get("entries", []):
+        path = target / str(name)
+        if path.is_dir() and not path.is_symlink():
+            inner_files, inner_dirs = _tree(path)
+            files += [f"{name}/{f}" for f in inner_files]
+            dirs += [str(name), *(f"{name}/{d}" for d in inner_dirs)]
+        else:
+            files.append(str(name))
+    return files, dirs
+
+
+def _check_commit(target: Path, files: list[str], dirs: list[str], old_files: set[str], old_dirs: set[str]) -> None:
+    """Refuse, before anything is moved, to put a file or directory of ours where a user's thing is."""
+    for name in dirs:
+        dest = target / name
+        if (dest.is_symlink() or (dest.exists() and not dest.is_dir())) and name not in old_files:
+            _refuse(dest, "a directory")
+    for name in files:
+        dest = target / name
+        if dest.is_dir() and not dest.is_symlink():
+            inner_files, inner_dirs = _tree(dest)
+            if name in old_dirs and all(f"{name}/{f}" in old_files for f in inner_files) \
+                    and all(f"{name}/{d}" in old_dirs for d in inner_dirs):
+                continue
+            _refuse(dest, "a file")
+        elif (dest.exists() or dest.is_symlink()) and name not in old_files:
+            _refuse(dest, "a file")
+
+
+def _refuse(dest: Path, kind: str) -> None:
+    raise OutputError(f"{dest} is not cca-pipe's own (it is {_describe(dest)}) but this run writes {kind} there: "
+                      "move it away and rerun (the finished run waits in the .partial directory beside it)")

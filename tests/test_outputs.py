@@ -93,3 +93,69 @@ def test_replace_path_swaps_a_directory(tmp_path):
     (tmp_path / "store" / "f").write_text("old")
     replace_path(tmp_path / "new", tmp_path / "store")
     assert (tmp_path / "store" / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+# ------------------------------------------------------------------------------------------------ issue 21 item 1: ours or untouched at every depth
+
+
+def _run(out, key: str, files: dict[str, str]) -> None:
+    with StageDir(out, "train", key=key) as claim:
+        work = claim.open_partial()
+        for name, text in files.items():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            (work / name).write_text(text)
+        claim.commit()
+
+
+def test_a_users_file_in_our_sub_folder_survives_and_our_stale_files_go(tmp_path):
+    out = tmp_path / "train"
+    _run(out, "run1", {"policy.pt": "v1", "checkpoints/0000010.pt": "c10", "checkpoints/0000020.pt": "c20",
+                       "grids/deep/a.png": "a"})
+    (out / "checkpoints" / "notes.txt").write_text("mine")
+    (out / "grids" / "deep" / "mine.txt").write_text("mine too")
+    (out / "extra").mkdir()
+    (out / "extra" / "x").write_text("x")
+    _run(out, "run2", {"policy.pt": "v2", "checkpoints/0000010.pt": "new10"})
+    assert (out / "checkpoints" / "notes.txt").read_text() == "mine"
+    assert (out / "grids" / "deep" / "mine.txt").read_text() == "mine too" and (out / "extra" / "x").read_text() == "x"
+    assert (out / "checkpoints" / "0000010.pt").read_text() == "new10" and (out / "policy.pt").read_text() == "v2"
+    assert not (out / "checkpoints" / "0000020.pt").exists() and not (out / "grids" / "deep" / "a.png").exists()
+    _run(out, "run3", {"policy.pt": "v3"})  # our emptied directories go, those holding a user's file stay
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["notes.txt"]
+    (out / "checkpoints" / "notes.txt").unlink()
+    (out / "grids" / "deep" / "mine.txt").unlink()
+    _run(out, "run4", {"policy.pt": "v4"})
+    assert sorted(p.name for p in out.iterdir()) == [".cca-pipe.json", "extra", "policy.pt"]
+
+
+def test_a_users_file_where_we_would_write_is_refused_before_anything_moves(tmp_path):
+    out = tmp_path / "train"
+    _run(out, "run1", {"policy.pt": "v1"})
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "0000010.pt").write_text("the user's")
+    with pytest.raises(OutputError, match=r"checkpoints/0000010\.pt is not cca-pipe's own"):
+        _run(out, "run2", {"policy.pt": "v2", "checkpoints/0000010.pt": "ours"})
+    assert (out / "policy.pt").read_text() == "v1" and (out / "checkpoints" / "0000010.pt").read_text() == "the user's"
+    assert (tmp_path / "train.partial" / "policy.pt").read_text() == "v2"  # the finished run waits there
+
+
+def test_a_commit_killed_midway_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    out = tmp_path / "train"
+    _run(out, "run1", {"policy.pt": "v1", "checkpoints/1.pt": "c1", "checkpoints/2.pt": "c2"})
+    real_replace, moved = os.replace, []
+
+    def killed_after_one(src, dst):
+        if not str(src).endswith(".tmp"):  # the files moved in (atomic_file's renames pass)
+            if moved:
+                raise KeyboardInterrupt  # stands in for a kill between two renames
+            moved.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        _run(out, "run2", {"checkpoints/1.pt": "new1", "policy.pt": "v2"})
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (out / "checkpoints" / "1.pt").read_text() == "new1" and (out / "policy.pt").read_text() == "v1"  # each file whole
+    with StageDir(out, "train", key="run3"):  # the next run finishes the interrupted commit first
+        assert (out / "policy.pt").read_text() == "v2" and not (out / "checkpoints" / "2.pt").exists()
+        assert not (tmp_path / "train.partial").exists()
