@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import warnings
 from pathlib import Path
@@ -27,6 +29,13 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, 
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
+    # a symbolic link that leads nowhere (dangling, or a loop) would drop out of is_dir() and silently shift
+    # every later class index: name it instead
+    broken = sorted(str(d) for d in root.iterdir() if d.is_symlink() and not d.name.startswith(".") and not _resolves(d))
+    if broken:
+        raise ImageFolderError(f"class folder {broken[0]} is a symbolic link that leads nowhere (dangling, or a loop)"
+                               f"{f' (and {len(broken) - 1} more)' if len(broken) > 1 else ''}: fix or remove it "
+                               "(dropping it would shift every later class index)")
     class_names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_names:
         raise ImageFolderError(f"{root} has no class sub-folders; expected <root>/<class>/<image files>")
@@ -46,19 +55,43 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, 
     return paths, np.asarray(labels, dtype=np.int32), class_names
 
 
+def _resolves(link: Path) -> bool:
+    try:
+        link.resolve(strict=True)
+    except (OSError, RuntimeError):  # missing target (FileNotFoundError), a loop (OSError ELOOP / RuntimeError)
+        return False
+    return True
+
+
+def read_image_file(path: str | os.PathLike) -> tuple[bytes, int, int]:
+    """(bytes, size, mtime_ns) of an image file, from one open: the content key of tokenize hashes these
+    bytes, the decoder reads them, so a first run reads each image once. An unreadable file (permissions,
+    an I/O error) is an ImageFolderError saying so: it is not corrupt."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            return f.read(), st.st_size, st.st_mtime_ns
+    except OSError as e:
+        raise ImageFolderError(f"cannot read image {path} ({type(e).__name__}: {e.strerror or e}): it is unreadable, "
+                               "not corrupt; check its permissions (or the disk) and rerun") from e
+
+
 # PIL's own decompression-bomb threshold (it only warns up to twice this): larger images are refused.
 MAX_IMAGE_PIXELS = 89_478_485
 
 
 def open_rgb(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS,
-             fix: str = "replace or remove it, or set tokenize.bad_images: skip") -> Image.Image:
+             fix: str = "replace or remove it, or set tokenize.bad_images: skip", data: bytes | None = None) -> Image.Image:
     """Decode fully and convert any mode to 8-bit RGB: grayscale, palette, RGBA (alpha dropped), CMYK, and
     16-bit grayscale (scaled to 8 bits rather than clipped). Corrupt or truncated files, and images of more
-    than `max_pixels` pixels (checked from the header, before decoding), raise ImageFolderError."""
+    than `max_pixels` pixels (checked from the header, before decoding), raise ImageFolderError, as does an
+    unreadable file (read_image_file). `data`: the file's bytes, if already read (`path` names it)."""
+    if data is None:
+        data = read_image_file(path)[0]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, as an error
-            im = Image.open(path)
+            im = Image.open(io.BytesIO(data))
         with im:
             if im.size[0] * im.size[1] > max_pixels:
                 raise ImageFolderError(
@@ -214,8 +247,14 @@ def image_views(image: Image.Image, size: int, mode: str, row: int = 0) -> np.nd
     return np.stack([_shift_np(arr, dy, dx) for dy, dx in SHIFT_VIEWS])
 
 
+def content_digest(data: bytes) -> str:
+    """What keys an image's contents (tokenize's input record): sha256 of the file's bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
 class ImageViews(torch.utils.data.Dataset):
-    """(views uint8 (A, size, size, 3), row index) per image file; for a DataLoader in tokenize."""
+    """(views uint8 (A, size, size, 3), row index, size, mtime_ns, content digest) per image file; for a
+    DataLoader in tokenize. The digest is of the bytes that were decoded (one read per image)."""
 
     def __init__(self, paths: list[Path], size: int, mode: str, rows: list[int] | None = None,
                  max_pixels: int = MAX_IMAGE_PIXELS):
@@ -225,7 +264,8 @@ class ImageViews(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, int, str]:
         row = self.rows[i]
-        views = image_views(open_rgb(self.paths[row], self.max_pixels), self.size, self.mode, row)
-        return torch.from_numpy(np.array(views)), row  # a writable copy
+        data, size, mtime_ns = read_image_file(self.paths[row])
+        views = image_views(open_rgb(self.paths[row], self.max_pixels, data=data), self.size, self.mode, row)
+        return torch.from_numpy(np.array(views)), row, size, mtime_ns, content_digest(data)  # a writable copy

@@ -15,6 +15,7 @@ caches made from them stay valid).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from .formats import TOKENS_FORMAT, TOKENS_FORMAT_VERSION, FormatError
-from .outputs import Claim, write_text
+from .images import content_digest, read_image_file
+from .outputs import Claim, read_json, write_json, write_text
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -285,6 +287,57 @@ def verify_token_store(path: str | os.PathLike) -> list[str]:
     return problems
 
 
+# ----------------------------------------------------------------------------------------- the input record
+
+INPUTS_DIR = "inputs"  # <store>/inputs/<chunk>.json: the input record of each chunk (pipeline/formats.py)
+InputFile = tuple[str, int, int, str]  # (path relative to the image folder, size, mtime_ns, sha256 of the bytes)
+
+
+def chunk_inputs_digest(files: list[InputFile]) -> str:
+    """What a chunk was encoded from: its images' relative paths and content digests (not their times)."""
+    return hashlib.sha256(json.dumps([[f[0], f[3]] for f in files]).encode()).hexdigest()
+
+
+def inputs_digest(chunk_digests: list[str]) -> str:
+    """What a whole store was encoded from: the digests of its chunks' inputs, in order."""
+    return hashlib.sha256(json.dumps(chunk_digests).encode()).hexdigest()
+
+
+def read_input_record(store: str | os.PathLike) -> dict[str, tuple[int, int, str]]:
+    """relative path -> (size, mtime_ns, digest), from a store's input record (empty if it has none);
+    an unreadable or malformed entry is skipped (its image is then hashed again)."""
+    record: dict[str, tuple[int, int, str]] = {}
+    for file in sorted((Path(store) / INPUTS_DIR).glob("*.json")):
+        for entry in (read_json(file) or {}).get("files", []):
+            if isinstance(entry, list) and len(entry) == 4 and isinstance(entry[3], str):
+                with contextlib.suppress(TypeError, ValueError):
+                    record[str(entry[0])] = (int(entry[1]), int(entry[2]), entry[3])
+    return record
+
+
+def known_inputs(paths: list[Path], names: list[str], record: dict[str, tuple[int, int, str]]) -> list[InputFile | None]:
+    """Each image's input record as far as it can be known before encoding, DVC's way: an image whose size
+    and mtime_ns match the record keeps its digest (one stat, no read); one whose stat changed is hashed now;
+    one the record does not hold is None (hashed from the bytes the encoder's loader reads). `names`: the
+    paths relative to the image folder, the record's keys."""
+    out: list[InputFile | None] = []
+    for path, rel in zip(paths, names):
+        known = record.get(rel)
+        if known is None:
+            out.append(None)
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None  # read_image_file names the problem
+        if st is not None and (st.st_size, st.st_mtime_ns) == known[:2]:
+            out.append((rel, *known))
+        else:
+            data, size, mtime_ns = read_image_file(path)
+            out.append((rel, size, mtime_ns, content_digest(data)))
+    return out
+
+
 class TokenStoreWriter:
     """Resumable writer of a token store at `path` (a stage writes it at its Claim's `.partial` path and
     swaps it into place once `finish()`ed; pipeline/outputs.py).
@@ -294,7 +347,10 @@ class TokenStoreWriter:
     `build_key` (a digest of everything that determines the tokens: inputs, tokenizer, settings) resumes
     with the chunks still missing, after checking that every chunk the progress file lists exists and
     decodes (a deleted or damaged one is encoded again); a store of ours left by other settings is
-    replaced. `finish()` computes the fingerprint, streaming, and marks the store complete.
+    replaced. A chunk written with its input record (`write_chunk(..., inputs)`) has the digest of its
+    inputs in the progress file; `drop_changed` un-does the chunks whose images changed since, so a resumed
+    store never mixes old and new encodings. `finish()` computes the fingerprint, streaming, records the
+    digest of all inputs (when every chunk has one) and marks the store complete.
     """
 
     def __init__(self, path: str | os.PathLike, labels: np.ndarray, views: int, seq_len: int, attrs: dict,
@@ -308,6 +364,7 @@ class TokenStoreWriter:
         self.num_rows, self.shape = len(labels), (len(labels), views, seq_len)
         self.progress_file = self.path / "progress.json"
         self.done: set[int] = set()
+        self.chunk_inputs: dict[int, str] = {}  # chunk -> digest of the inputs it was encoded from
         self.complete = False
         existing = store_attrs(self.path) or {}
         same = existing.get("build_key") == build_key and existing.get("format_version") == TOKENS_FORMAT_VERSION
@@ -316,7 +373,9 @@ class TokenStoreWriter:
             return
         if same and self.progress_file.is_file():
             self.group = zarr.open_group(str(self.path), mode="r+")
-            self.done = self._verified(set(json.loads(self.progress_file.read_text())["done_chunks"]))
+            saved = json.loads(self.progress_file.read_text())
+            self.done = self._verified(set(saved["done_chunks"]))
+            self.chunk_inputs = {int(k): v for k, v in saved.get("chunk_inputs", {}).items() if int(k) in self.done}
             return
         if self.path.exists():
             shutil.rmtree(self.path)  # ours (a Claim checked the format marker), from other settings
@@ -342,8 +401,22 @@ class TokenStoreWriter:
                 log.warning("%s; encoding chunk %d again", e, chunk)
         return done - set(bad)
 
+    def drop_changed(self, current: dict[int, str | None]) -> list[int]:
+        """Forget the finished chunks whose inputs' digest is not `current[chunk]` (the images changed since
+        they were encoded, or the digest is unknown): they are encoded again. Returns them."""
+        changed = sorted(k for k in self.done if k in current and (current[k] is None or current[k] != self.chunk_inputs.get(k)))
+        for chunk in changed:
+            self.done.discard(chunk)
+            self.chunk_inputs.pop(chunk, None)
+        if changed:
+            log.info("%s: the images of %d finished chunks changed since they were encoded (e.g. chunk %d): "
+                     "encoding them again", self.path, len(changed), changed[0])
+            self._save_progress()
+        return changed
+
     def _save_progress(self) -> None:
-        write_text(self.progress_file, json.dumps({"done_chunks": sorted(self.done)}))
+        write_text(self.progress_file, json.dumps({"done_chunks": sorted(self.done),
+                                                   "chunk_inputs": {str(k): v for k, v in sorted(self.chunk_inputs.items())}}))
 
     @property
     def num_chunks(self) -> int:
@@ -355,10 +428,15 @@ class TokenStoreWriter:
     def pending_chunks(self) -> list[int]:
         return [] if self.complete else [k for k in range(self.num_chunks) if k not in self.done]
 
-    def write_chunk(self, chunk: int, tokens: np.ndarray) -> None:
+    def write_chunk(self, chunk: int, tokens: np.ndarray, inputs: list[InputFile] | None = None) -> None:
+        """Write one chunk's tokens; `inputs`: the record of the images they were encoded from, one per row."""
         start, stop = self.chunk_range(chunk)
-        if tokens.shape[0] != stop - start:
+        if tokens.shape[0] != stop - start or (inputs is not None and len(inputs) != stop - start):
             raise ValueError(f"chunk {chunk} needs {stop - start} rows, got {tokens.shape[0]}")
+        if inputs is not None:
+            digest = chunk_inputs_digest(inputs)
+            write_json(self.path / INPUTS_DIR / f"{chunk}.json", {"digest": digest, "files": [list(f) for f in inputs]})
+            self.chunk_inputs[chunk] = digest
         # every chunk is written, even one equal to the fill value (which zarr skips by default, and the
         # setting is not stored with the array), so that a missing chunk file always means damage
         self.group["tokens"].with_config({"write_empty_chunks": True})[start:stop] = tokens.astype(np.uint16)
@@ -371,6 +449,8 @@ class TokenStoreWriter:
         if self.pending_chunks():
             raise RuntimeError(f"{self.path}: chunks {self.pending_chunks()[:5]}... were never written")
         fingerprint = stream_fingerprint(self.path, self.group["tokens"], self.group["labels"], self.shape, self.chunk_rows)
+        if len(self.chunk_inputs) == self.num_chunks:
+            self.group.attrs["inputs_digest"] = inputs_digest([self.chunk_inputs[k] for k in range(self.num_chunks)])
         self.group.attrs["fingerprint"] = fingerprint
         self.progress_file.unlink(missing_ok=True)
         self.complete = True

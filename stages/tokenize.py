@@ -27,7 +27,17 @@ from pipeline.device import OutOfMemory, is_out_of_memory
 from pipeline.families import load_tokenizer
 from pipeline.images import ImageFolderError, ImageViews, list_image_folder, open_rgb, view_names
 from pipeline.progress import progress
-from pipeline.tokenstore import TokenStoreWriter, claim_token_store, store_attributes, store_attrs
+from pipeline.tokenstore import (
+    InputFile,
+    TokenStoreWriter,
+    chunk_inputs_digest,
+    claim_token_store,
+    inputs_digest,
+    known_inputs,
+    read_input_record,
+    store_attributes,
+    store_attrs,
+)
 
 from .params import as_params
 
@@ -107,17 +117,21 @@ def encode_out_of_memory(shape: tuple[int, ...], device: torch.device) -> OutOfM
                        "multiple of it); `cca-pipe plan --stage tokenize` gives the memory of a batch")
 
 
-def encode_chunks(loader, vq, writer: TokenStoreWriter, chunk_rows: int, total: int, device: torch.device) -> None:
-    """Encode batches in row order and write each chunk as soon as its last row is encoded."""
+def encode_chunks(loader, vq, writer: TokenStoreWriter, chunk_rows: int, total: int, device: torch.device,
+                  names: list[str]) -> None:
+    """Encode batches in row order and write each chunk, with the record of its images (`names`: their paths
+    relative to the image folder), as soon as its last row is encoded."""
     chunk_tokens: list[np.ndarray] = []
+    chunk_inputs: list[InputFile] = []
     with progress(total=total, desc="tokenize", unit="img") as bar:
-        for batch, row_index in loader:
+        for batch, row_index, sizes, mtimes, digests in loader:
             chunk_tokens.append(encode_views(vq, batch, device))
+            chunk_inputs += [(names[int(r)], int(n), int(t), d) for r, n, t, d in zip(row_index, sizes, mtimes, digests)]
             bar.update(len(batch))
             chunk = int(row_index[0]) // chunk_rows
             if int(row_index[-1]) + 1 == writer.chunk_range(chunk)[1]:  # chunk complete: write it, record it done
-                writer.write_chunk(chunk, np.concatenate(chunk_tokens))
-                chunk_tokens = []
+                writer.write_chunk(chunk, np.concatenate(chunk_tokens), chunk_inputs)
+                chunk_tokens, chunk_inputs = [], []
 
 
 _WORKER_TOKENIZERS: dict = {}
@@ -134,9 +148,10 @@ def worker_device(device: str) -> str:
     return f"cuda:{int(name) % torch.cuda.device_count() if name.isdigit() else 0}"
 
 
-def encode_rows(paths: list[Path], rows: list[int], cfg: TokenizeConfig, vq_path: str, vq_model: str | None, device: str) -> np.ndarray:
+def encode_rows(paths: list[Path], rows: list[int], cfg: TokenizeConfig, vq_path: str, vq_model: str | None,
+                device: str) -> tuple[np.ndarray, list[tuple[int, int, str]]]:
     """One chunk on a dask worker: decode the images, encode them in cfg.batch_size batches (as the
-    in-process path does), return uint16 (rows, A, L). The tokenizer is loaded once per worker process; on a
+    in-process path does), return uint16 (rows, A, L) and each image's (size, mtime_ns, digest). The tokenizer is loaded once per worker process; on a
     machine with several GPUs each worker encodes on its own (worker k on GPU k mod the GPU count)."""
     device = worker_device(device)
     key = (vq_path, vq_model, device)
@@ -145,15 +160,16 @@ def encode_rows(paths: list[Path], rows: list[int], cfg: TokenizeConfig, vq_path
         _WORKER_TOKENIZERS[key] = load_tokenizer(vq_path, vq_model)[1].to(device).eval()
     vq = _WORKER_TOKENIZERS[key]
     dataset = ImageViews(paths, cfg.image_size, cfg.augment, rows, cfg.max_image_pixels)
-    out = []
+    out, files = [], []
     for start in range(0, len(rows), cfg.batch_size):
-        batch = torch.stack([dataset[i][0] for i in range(start, min(start + cfg.batch_size, len(rows)))])
-        out.append(encode_views(vq, batch, torch.device(device)))
-    return np.concatenate(out)
+        items = [dataset[i] for i in range(start, min(start + cfg.batch_size, len(rows)))]
+        out.append(encode_views(vq, torch.stack([item[0] for item in items]), torch.device(device)))
+        files += [item[2:] for item in items]
+    return np.concatenate(out), files
 
 
 def encode_chunks_dask(cfg: TokenizeConfig, paths: list[Path], vq_path: Path, vq_model: str | None,
-                       writer: TokenStoreWriter, pending: list[int], device: torch.device) -> None:
+                       writer: TokenStoreWriter, pending: list[int], device: torch.device, names: list[str]) -> None:
     from distributed import Client, LocalCluster, as_completed
 
     if cfg.dask_scheduler:
@@ -168,7 +184,10 @@ def encode_chunks_dask(cfg: TokenizeConfig, paths: list[Path], vq_path: Path, vq
         with progress(total=len(futures), desc=f"tokenize (dask, {len(client.scheduler_info()['workers'])} workers)",
                       unit="chunk") as bar:
             for future in as_completed(futures):
-                writer.write_chunk(futures[future], future.result())  # errors in a task re-raise here
+                tokens, files = future.result()  # errors in a task re-raise here
+                chunk = futures[future]
+                start = writer.chunk_range(chunk)[0]
+                writer.write_chunk(chunk, tokens, [(names[start + i], *f) for i, f in enumerate(files)])
                 bar.update(1)
     finally:
         client.close()
@@ -197,12 +216,17 @@ def _tokenize(cfg: TokenizeConfig, images: Path, vq_path: Path, claim, device: t
     attrs = store_attributes(layout, sha, vq.cfg.codebook_size, cfg.image_size, names, class_names, str(images),
                              as_params(cfg), skipped)
     key = build_key(cfg, paths, labels, sha)
+    rel_names = relative_names(images, paths)
+    inputs = known_inputs(paths, rel_names, input_record(claim, key))
     existing = store_attrs(claim.target) or {}
     if existing.get("build_key") == key and "fingerprint" in existing:
-        log.info("%s is up to date (same images, tokenizer and settings)", claim.target)
-        return existing["fingerprint"]
+        if existing.get("inputs_digest") == whole_inputs_digest(inputs, cfg.chunk_rows):
+            log.info("%s is up to date (same image contents, tokenizer and settings)", claim.target)
+            return existing["fingerprint"]
+        log.info("%s: images changed since it was built (or it has no input record): encoding them again", claim.target)
     out = claim.partial
     writer = TokenStoreWriter(out, labels, len(names), seq_len, attrs, key, cfg.chunk_rows)
+    writer.drop_changed({k: chunk_digest(inputs, writer.chunk_range(k)) for k in writer.done})
     pending = writer.pending_chunks()
     if len(pending) < writer.num_chunks:
         log.info("resuming %s: %d of %d chunks already done", out, writer.num_chunks - len(pending), writer.num_chunks)
@@ -213,9 +237,9 @@ def _tokenize(cfg: TokenizeConfig, images: Path, vq_path: Path, claim, device: t
     )
     try:
         if cfg.dask_workers or cfg.dask_scheduler:
-            encode_chunks_dask(cfg, paths, vq_path, vq_model, writer, pending, device)
+            encode_chunks_dask(cfg, paths, vq_path, vq_model, writer, pending, device, rel_names)
         else:
-            encode_chunks(loader, vq, writer, cfg.chunk_rows, len(rows), device)
+            encode_chunks(loader, vq, writer, cfg.chunk_rows, len(rows), device, rel_names)
     except ImageFolderError:
         claim.discard_partial()  # the input must change, so nothing here could be resumed
         raise
@@ -224,3 +248,31 @@ def _tokenize(cfg: TokenizeConfig, images: Path, vq_path: Path, claim, device: t
     log.info("tokenized %d images x %d views x %d tokens -> %s (fingerprint %s)", len(paths), len(names), seq_len,
              claim.target, fingerprint[:12])
     return fingerprint
+
+
+# ----------------------------------------------------------------------------------------- content keys
+
+
+def input_record(claim, key: str) -> dict:
+    """The input record (path -> size, mtime_ns, digest) of the stores of ours built from these image paths
+    and settings: the finished store's, updated by an unfinished one's (see known_inputs)."""
+    record = {}
+    for store in (claim.target, claim.partial):
+        if (store_attrs(store) or {}).get("build_key") == key:
+            record.update(read_input_record(store))
+    return record
+
+
+def relative_names(root: Path, paths: list[Path]) -> list[str]:
+    return [p.relative_to(root).as_posix() for p in paths]
+
+
+def chunk_digest(inputs: list, rows: tuple[int, int]) -> str | None:
+    """The digest of the inputs of the rows [start, stop), None while an image's digest is unknown."""
+    files = inputs[rows[0] : rows[1]]
+    return None if any(f is None for f in files) else chunk_inputs_digest(files)
+
+
+def whole_inputs_digest(inputs: list, chunk_rows: int) -> str | None:
+    digests = [chunk_digest(inputs, (start, start + chunk_rows)) for start in range(0, len(inputs), chunk_rows)]
+    return None if None in digests else inputs_digest(digests)

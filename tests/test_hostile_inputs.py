@@ -333,6 +333,24 @@ CASES = [
 ]
 
 
+# ------------------------------------------------------------------------------------------------ issue 21, items 9 and 14
+# (integrity helper's block: class folders that are broken links)
+
+
+def images_with_link(world: Path, tmp: Path, target: str) -> Path:
+    """A copy of the image folder with one more class folder `0bad` (sorted first): a symbolic link to `target`."""
+    images = tmp / "linked"
+    shutil.copytree(world / "images", images)
+    (images / "0bad").symlink_to(target if target != "self" else images / "0bad")
+    return images
+
+
+CASES += [
+    Case("class folder is a dangling link", lambda w, t: tokenize(w, t, t / "tok.zarr", images=images_with_link(w, t, "/nowhere")), "0bad"),
+    Case("class folder is a link loop", lambda w, t: tokenize(w, t, t / "tok.zarr", images=images_with_link(w, t, "self")), "0bad"),
+]
+
+
 def _set(columns: dict, name: str, index: int, value) -> dict:
     columns[name][index] = value
     return columns
@@ -473,3 +491,86 @@ def test_no_unpickling_anywhere_in_the_code():
             if (owner, node.func.attr) == ("np", "load"):
                 flag = kwargs.get("allow_pickle")
                 assert flag is None or (isinstance(flag, ast.Constant) and flag.value is False), where
+
+
+# ------------------------------------------------------------------------------------------------ issue 21, items 1, 2 and 14
+# (integrity helper's block: files of a user's inside our sub-folders, content-keyed tokenize, unreadable images)
+
+
+def test_a_users_file_in_train_checkpoints_survives_a_second_train(world: Path, tmp_path: Path, monkeypatch, capsys):
+    argv, out = train(world, tmp_path, edit=lambda p: p["train"].update(save_every=1))
+    assert invoke(argv, monkeypatch, capsys)[0] == 0
+    ours = sorted(p.name for p in (out / "checkpoints").glob("*.pt"))
+    assert ours, "the first run saved no checkpoint"
+    (out / "checkpoints" / "notes.txt").write_text("notes")
+    argv, _ = train(world, tmp_path, edit=lambda p: p["train"].update({"save_every": 0, "lambda": 30.0}))
+    assert invoke(argv, monkeypatch, capsys)[0] == 0
+    assert (out / "checkpoints" / "notes.txt").read_text() == "notes"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["notes.txt"]  # our stale checkpoints went
+
+
+def test_a_users_files_in_eval_samples_and_grids_survive_a_second_eval(world: Path, tmp_path: Path, monkeypatch, capsys):
+    argv, out = evaluate(world, tmp_path, methods="base,cfg")
+    assert invoke(argv, monkeypatch, capsys)[0] == 0
+    first = {d: sorted(p.name for p in (out / d).iterdir()) for d in ("samples", "grids")}
+    assert all(first.values()), first
+    for d in ("samples", "grids"):
+        (out / d / "notes.txt").write_text(d)
+    argv, _ = evaluate(world, tmp_path, methods="base")
+    assert invoke(argv, monkeypatch, capsys)[0] == 0
+    for d in ("samples", "grids"):
+        now = sorted(p.name for p in (out / d).iterdir())
+        assert (out / d / "notes.txt").read_text() == d
+        assert not any("cfg" in name for name in now), now  # ours from the first run, not written by this one
+        assert set(now) < set(first[d]) | {"notes.txt"}, now
+
+
+def test_tokenize_keys_the_store_by_image_contents(world: Path, tmp_path: Path, monkeypatch, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(world / "images", images)
+    argv, out = tokenize(world, tmp_path, tmp_path / "tok.zarr", images=images)
+    assert invoke(argv, monkeypatch, capsys)[0] == 0
+    old = json.loads((out / "zarr.json").read_text())["attributes"]["fingerprint"]
+
+    import pipeline.images
+
+    def no_reads(path):
+        raise AssertionError(f"{path} was read: an unchanged tree is checked with stat() only")
+
+    with monkeypatch.context() as m:  # unchanged: up to date, from stat() alone
+        m.setattr(pipeline.images, "read_image_file", no_reads, raising=False)
+        m.setattr("pipeline.tokenstore.read_image_file", no_reads, raising=False)
+        assert invoke(argv, monkeypatch, capsys)[0] == 0
+    assert json.loads((out / "zarr.json").read_text())["attributes"]["fingerprint"] == old
+    rng = np.random.default_rng(7)  # same name, same size, new bytes
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / "a" / "1.png")
+    assert invoke(argv, monkeypatch, capsys)[0] == 0
+    fresh_argv, fresh = tokenize(world, tmp_path, tmp_path / "fresh.zarr", images=images)
+    assert invoke(fresh_argv, monkeypatch, capsys)[0] == 0
+    now = json.loads((out / "zarr.json").read_text())["attributes"]
+    assert now["fingerprint"] != old
+    assert now["fingerprint"] == json.loads((fresh / "zarr.json").read_text())["attributes"]["fingerprint"]
+    os.utime(images / "b" / "0.png", ns=(1, 1))  # a new mtime, the same bytes: hashed again, still up to date
+    inode = (out / "zarr.json").stat().st_ino
+    assert invoke(argv, monkeypatch, capsys)[0] == 0
+    assert (out / "zarr.json").stat().st_ino == inode  # not rebuilt
+    assert json.loads((out / "zarr.json").read_text())["attributes"]["fingerprint"] == now["fingerprint"]
+
+
+def test_an_unreadable_image_is_called_unreadable_not_corrupt(world: Path, tmp_path: Path, monkeypatch, capsys):
+    import builtins
+
+    real_open = builtins.open
+
+    def denied(path, *args, **kwargs):  # tests run as root, where chmod 000 does not stop a read
+        if str(path).endswith("a/2.png"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    argv, out = tokenize(world, tmp_path, tmp_path / "tok.zarr")
+    code, err = invoke(argv, monkeypatch, capsys)
+    errors = [line for line in err.splitlines() if line.startswith("cca-pipe: error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert "2.png" in errors[0] and "unreadable" in errors[0] and "corrupt" not in errors[0].replace("not corrupt", "")
+    assert not out.exists() and not out.with_name("tok.zarr.partial").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,19 +44,15 @@ def setup(tmp_path_factory) -> Path:
     return root
 
 
-def _tokenize_cmd(root: Path, out: Path) -> list[str]:
-    return [str(BIN / "cca-pipe"), "--params", str(root / "params.yaml"), "tokenize", "--images", str(root / "images"),
+def _tokenize_cmd(root: Path, out: Path, images: Path | None = None) -> list[str]:
+    return [str(BIN / "cca-pipe"), "--params", str(root / "params.yaml"), "tokenize", "--images", str(images or root / "images"),
             "--vq", str(root / "vq.pt"), "--vq-model", str(root / "vq.json"), "--out", str(out)]
 
 
-def test_killed_tokenize_resumes_to_identical_arrays(setup: Path):
-    reference = setup / "uninterrupted.zarr"
-    subprocess.run(_tokenize_cmd(setup, reference), check=True, capture_output=True)
-
-    out = setup / "killed.zarr"
-    proc = subprocess.Popen(_tokenize_cmd(setup, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial = out.with_name(out.name + ".partial")  # built beside the output, swapped in when complete
-    progress_file = partial / "progress.json"
+def _kill_after_a_chunk(cmd: list[str], out: Path) -> list[int]:
+    """Start `cmd`, SIGKILL it once the progress file of `out`'s partial store lists a finished chunk."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress_file = out.with_name(out.name + ".partial") / "progress.json"
     deadline = time.time() + 120
     done: list[int] = []
     while time.time() < deadline and proc.poll() is None:
@@ -70,6 +67,16 @@ def test_killed_tokenize_resumes_to_identical_arrays(setup: Path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 0 < len(done) < 12, f"could not kill mid-run (done chunks: {done})"
+    return done
+
+
+def test_killed_tokenize_resumes_to_identical_arrays(setup: Path):
+    reference = setup / "uninterrupted.zarr"
+    subprocess.run(_tokenize_cmd(setup, reference), check=True, capture_output=True)
+
+    out = setup / "killed.zarr"
+    partial = out.with_name(out.name + ".partial")  # built beside the output, swapped in when complete
+    _kill_after_a_chunk(_tokenize_cmd(setup, out), out)
     assert not out.exists()
     with pytest.raises(FormatError, match="incomplete"):
         open_token_store(partial)
@@ -106,3 +113,21 @@ def test_dask_cluster_gives_the_same_tokens(setup: Path):
     subprocess.run(cmd, check=True, capture_output=True)
     a, b = open_token_store(reference), open_token_store(setup / "dask.zarr")
     assert np.array_equal(a.tokens[:], b.tokens[:]) and a.fingerprint == b.fingerprint
+
+
+def test_a_resumed_tokenize_re_encodes_the_chunks_whose_images_changed(setup: Path, tmp_path: Path):
+    """Issue 21 item 3: killed after chunk 0, images changed, rerun: no chunk keeps old tokens."""
+    images = tmp_path / "images"
+    shutil.copytree(setup / "images", images)
+    out = tmp_path / "killed.zarr"
+    done = _kill_after_a_chunk(_tokenize_cmd(setup, out, images), out)
+    rng = np.random.default_rng(5)
+    for row in range(4 * max(done) + 4):  # a new image (same name) in every finished chunk (4 rows each)
+        path = images / f"class{row // 16}" / f"{row % 16}.jpg"
+        Image.fromarray(rng.integers(0, 255, (80, 72, 3), dtype=np.uint8)).save(path)
+    result = subprocess.run(_tokenize_cmd(setup, out, images), check=True, capture_output=True, text=True)
+    reference = tmp_path / "uninterrupted.zarr"
+    subprocess.run(_tokenize_cmd(setup, reference, images), check=True, capture_output=True)
+    a, b = open_token_store(reference), open_token_store(out)
+    assert np.array_equal(a.tokens[:], b.tokens[:]) and a.fingerprint == b.fingerprint
+    assert "changed since they were encoded" in result.stderr, result.stderr[-2000:]
