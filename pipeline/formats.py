@@ -9,12 +9,21 @@ Token store (stage `tokenize`; code in pipeline/tokenstore.py), a Zarr v3 group,
     attrs:   format ("cca-pipe/tokens"), format_version (2), family ("llamagen" | "var"), seq_len (L),
              patch_nums (var only), tokenizer_sha256, codebook_size, image_size, grid, augmentations
              (list of view names, length A), class_names (list, length num_classes), num_classes,
-             build_key (digest of the inputs and settings), settings (the resolved tokenize settings),
+             build_key (digest of the image paths, labels, tokenizer and settings), settings (the resolved
+             tokenize settings), inputs_digest (sha256 of the chunks' input digests, in order: what the
+             images contained; absent in stores written without an input record, e.g. import-codes),
              fingerprint (sha256 of the shapes/dtypes header + tokens bytes + labels bytes, computed chunk by
              chunk when the store is finished; present only once it is complete)
+    inputs/<k>.json  the input record of chunk k: {"digest": sha256 of its [[path, sha256], ...],
+             "files": [[path relative to the image folder, size, mtime_ns, sha256 of the file's bytes], ...]}
+             one entry per row. tokenize re-checks an unchanged tree with one stat() per image (size and
+             mtime_ns equal to the record: its digest is reused, DVC's rule), hashes only images whose stat
+             changed, and is "up to date" only if build_key and inputs_digest both match.
 Chunked along N (chunk_rows rows; labels chunked alike), codecs: Blosc zstd + bitshuffle, then crc32c (a
 checksum zarr verifies on every read); every chunk is written (a missing chunk file is damage). While being
-written, `progress.json` lists finished chunks, so an interrupted tokenize resumes (TokenStoreWriter).
+written, `progress.json` lists finished chunks and the digest of each one's inputs ({"done_chunks": [k, ...],
+"chunk_inputs": {"k": digest}}), so an interrupted tokenize resumes (TokenStoreWriter), encoding again any
+finished chunk whose images changed since.
 Format 1 (no checksums) is converted by `cca-pipe upgrade-store` (same tokens, same fingerprint).
 
 Reference log-prob cache (stage `reflogp`), a Parquet file, e.g. `data/reflogp/ref_logp.parquet`:

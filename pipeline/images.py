@@ -23,8 +23,9 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, 
     """Files and labels like torchvision's ImageFolder: classes are the sorted sub-folder names.
 
     Policy: hidden files (".DS_Store", ...) are ignored; any other file without an image extension
-    (IMAGE_EXTENSIONS) in a class folder is an error listing them, as is a class folder without images,
-    so that a mislabelled or half-copied data set is never tokenized silently.
+    (IMAGE_EXTENSIONS) in a class folder is an error listing them, as is a class folder without images or
+    one that is a symbolic link leading nowhere (dangling, a loop), so that a mislabelled or half-copied data
+    set is never tokenized silently.
     """
     root = Path(root)
     if not root.is_dir():

@@ -7,7 +7,11 @@ Preprocessing is LlamaGen's (ADM center crop, [-1, 1]); `tokenize.augment` picks
 flip (A=2), tencrop (A=10, of a 1.1x center crop), shift1 (A=9, the embedded default). Class index =
 sorted folder order (torchvision ImageFolder). Resumable: finished chunks are kept, so rerunning after
 an interruption continues and gives the same arrays as an uninterrupted run (encode batches never
-straddle chunks). Runs on CUDA when present (float32, as LlamaGen's extract_codes_c2i.py).
+straddle chunks). Keyed by content: the store keeps each image's size, mtime_ns and sha256 (its input
+record), so a rerun on an unchanged tree is "up to date" after one stat() per image, an image whose bytes
+changed (same name) makes it encode again, and a resumed run re-encodes every finished chunk whose images
+changed (a store never mixes old and new encodings). Runs on CUDA when present (float32, as LlamaGen's
+extract_codes_c2i.py).
 Format: pipeline/formats.py.
 """
 
