@@ -17,8 +17,13 @@ Format: pipeline/formats.py.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,31 +177,75 @@ def encode_rows(paths: list[Path], rows: list[int], cfg: TokenizeConfig, vq_path
     return np.concatenate(out), files
 
 
+@contextlib.contextmanager
+def distributed_log_level(level: int) -> Iterator[None]:
+    """dask's own loggers in this process at `level` (its scheduler and nannies run here) while inside."""
+    logger = logging.getLogger("distributed")
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+def local_cluster(workers: int):
+    """A LocalCluster whose worker processes stay quiet and leave Ctrl-C to us: they start with SIGINT
+    ignored (inherited; Python keeps an ignored SIGINT), so a Ctrl-C interrupts this process alone, which
+    closes them, instead of printing a KeyboardInterrupt traceback from each; and their own logging shows
+    only critical messages (at shutdown they log ERROR tracebacks about the scheduler they lost; a task's
+    error re-raises here from its future)."""
+    from distributed import LocalCluster
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    env_before = os.environ.get("DASK_LOGGING__DISTRIBUTED")
+    os.environ["DASK_LOGGING__DISTRIBUTED"] = "critical"  # read by each worker process as it imports distributed
+    try:
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    finally:
+        if env_before is None:
+            os.environ.pop("DASK_LOGGING__DISTRIBUTED")
+        else:
+            os.environ["DASK_LOGGING__DISTRIBUTED"] = env_before
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
 def encode_chunks_dask(cfg: TokenizeConfig, paths: list[Path], vq_path: Path, vq_model: str | None,
                        writer: TokenStoreWriter, pending: list[int], device: torch.device, names: list[str]) -> None:
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import Client
 
-    if cfg.dask_scheduler:
-        client, cluster = Client(cfg.dask_scheduler), None
-    else:
-        cluster = LocalCluster(n_workers=cfg.dask_workers, threads_per_worker=1, processes=True, dashboard_address=None)
-        client = Client(cluster)
-    try:
-        remote_paths = client.scatter(paths, broadcast=True)
-        futures = {client.submit(encode_rows, remote_paths, list(range(*writer.chunk_range(k))), cfg, str(vq_path),
-                                 vq_model, device.type, pure=False): k for k in pending}
-        with progress(total=len(futures), desc=f"tokenize (dask, {len(client.scheduler_info()['workers'])} workers)",
-                      unit="chunk") as bar:
-            for future in as_completed(futures):
-                tokens, files = future.result()  # errors in a task re-raise here
-                chunk = futures[future]
-                start = writer.chunk_range(chunk)[0]
-                writer.write_chunk(chunk, tokens, [(names[start + i], *f) for i, f in enumerate(files)])
-                bar.update(1)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    with distributed_log_level(logging.WARNING):  # not its INFO chatter; its warnings, yes
+        if cfg.dask_scheduler:
+            client, cluster = Client(cfg.dask_scheduler), None
+        else:
+            cluster = local_cluster(cfg.dask_workers)
+            client = Client(cluster)
+        try:
+            _run_dask_chunks(client, cfg, paths, vq_path, vq_model, writer, pending, device, names)
+        finally:
+            with distributed_log_level(logging.CRITICAL + 1):  # closing: what it logs now is about closing
+                client.close()
+                if cluster is not None:
+                    cluster.close()
+
+
+def _run_dask_chunks(client, cfg: TokenizeConfig, paths: list[Path], vq_path: Path, vq_model: str | None,
+                     writer: TokenStoreWriter, pending: list[int], device: torch.device, names: list[str]) -> None:
+    from distributed import as_completed
+
+    remote_paths = client.scatter(paths, broadcast=True)
+    futures = {client.submit(encode_rows, remote_paths, list(range(*writer.chunk_range(k))), cfg, str(vq_path),
+                             vq_model, device.type, pure=False): k for k in pending}
+    with progress(total=len(futures), desc=f"tokenize (dask, {len(client.scheduler_info()['workers'])} workers)",
+                  unit="chunk") as bar:
+        for future in as_completed(futures):
+            tokens, files = future.result()  # errors in a task re-raise here
+            chunk = futures[future]
+            start = writer.chunk_range(chunk)[0]
+            writer.write_chunk(chunk, tokens, [(names[start + i], *f) for i, f in enumerate(files)])
+            bar.update(1)
 
 
 def run(cfg: TokenizeConfig, images: Path, vq_path: Path, out: Path, device: torch.device, vq_model: str | None = None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -110,9 +111,39 @@ def test_dask_cluster_gives_the_same_tokens(setup: Path):
     subprocess.run(_tokenize_cmd(setup, reference), check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     cmd = _tokenize_cmd(setup, setup / "dask.zarr")
     cmd[3:3] = ["--set", "tokenize.dask_workers=2"]
-    subprocess.run(cmd, check=True, capture_output=True)
+    result = subprocess.run(cmd, check=True, capture_output=True, text=True)
     a, b = open_token_store(reference), open_token_store(setup / "dask.zarr")
     assert np.array_equal(a.tokens[:], b.tokens[:]) and a.fingerprint == b.fingerprint
+    # issue 21 item 15: a successful run is quiet (no worker's ERROR traceback at shutdown, no INFO chatter)
+    assert "Traceback" not in result.stderr and "ERROR" not in result.stderr, result.stderr[-3000:]
+    assert "distributed.scheduler" not in result.stderr, result.stderr[-3000:]
+
+
+def test_ctrl_c_during_a_dask_tokenize_is_one_line_and_keeps_the_finished_chunks(setup: Path, tmp_path: Path):
+    """Issue 21 item 15: SIGINT to the whole process group (what a terminal's Ctrl-C sends) mid-run."""
+    out = tmp_path / "dask.zarr"
+    cmd = _tokenize_cmd(setup, out)
+    cmd[3:3] = ["--set", "tokenize.dask_workers=2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    progress_file = out.with_name(out.name + ".partial") / "progress.json"
+    deadline, done = time.time() + 240, []
+    while time.time() < deadline and proc.poll() is None and not done:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            done = json.loads(progress_file.read_text())["done_chunks"]
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert 0 < len(done) < 12, f"could not interrupt mid-run (done chunks: {done})"
+    assert proc.returncode != 0 and "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    kept = json.loads(progress_file.read_text())["done_chunks"]
+    assert set(done) <= set(kept)  # the finished chunks are kept: a rerun resumes
+    result = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    assert "resuming" in result.stderr and open_token_store(out).tokens.shape[0] == 48
 
 
 def test_a_resumed_tokenize_re_encodes_the_chunks_whose_images_changed(setup: Path, tmp_path: Path):
