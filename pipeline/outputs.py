@@ -11,6 +11,8 @@ Rules:
 3. **Built beside, swapped in.** New outputs are assembled at `<target>.partial` (which also holds what an
    interrupted run resumes from) and moved into place by `commit`, so a failed run leaves the previous
    good output where it was. Every file is written under a temporary name and renamed (`atomic_file`).
+   A file or a token store is swapped in whole; a stage directory file by file at every depth (StageDir),
+   since a user's files may sit beside ours in any of its folders.
 
 Linux/macOS only (fcntl), like the GPU nodes and laptops we run on.
 """

@@ -216,7 +216,7 @@ def encode_chunks_dask(cfg: TokenizeConfig, paths: list[Path], vq_path: Path, vq
                        writer: TokenStoreWriter, pending: list[int], device: torch.device, names: list[str]) -> None:
     from distributed import Client
 
-    with distributed_log_level(logging.WARNING):  # not its INFO chatter; its warnings, yes
+    with distributed_log_level(logging.ERROR):  # not its INFO chatter, nor its warnings about a busy event loop
         if cfg.dask_scheduler:
             client, cluster = Client(cfg.dask_scheduler), None
         else:

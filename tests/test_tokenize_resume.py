@@ -141,9 +141,8 @@ def test_ctrl_c_during_a_dask_tokenize_is_one_line_and_keeps_the_finished_chunks
     assert 0 < len(done) < 12, f"could not interrupt mid-run (done chunks: {done})"
     assert proc.returncode != 0 and "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     kept = json.loads(progress_file.read_text())["done_chunks"]
-    assert set(done) <= set(kept)  # the finished chunks are kept: a rerun resumes
-    result = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    assert "resuming" in result.stderr and open_token_store(out).tokens.shape[0] == 48
+    assert set(done) <= set(kept)  # the finished chunks are kept for a rerun (resuming is tested above)
+    assert len([line for line in err.splitlines() if line.strip() and "%|" not in line]) == 1, err[-3000:]
 
 
 def test_a_resumed_tokenize_re_encodes_the_chunks_whose_images_changed(setup: Path, tmp_path: Path):
