@@ -338,6 +338,31 @@ def known_inputs(paths: list[Path], names: list[str], record: dict[str, tuple[in
     return out
 
 
+def reopen_for_update(store: Path, partial: Path) -> None:
+    """Copy a complete store of ours to `partial` as an unfinished one whose every chunk is done, with the
+    input digests of its record: a TokenStoreWriter of the same build key then resumes it, and its
+    `drop_changed` re-encodes only the chunks whose images changed (one changed image in 1.28M re-encodes
+    one chunk, not the data set). Copied, not linked: zarr rewrites chunk files in place."""
+    import zarr
+
+    if partial.exists():
+        shutil.rmtree(partial)  # ours, of other settings (the caller's Claim checked it)
+    shutil.copytree(store, partial)
+    group = zarr.open_group(str(partial), mode="r+")
+    attrs = dict(group.attrs)
+    for key in ("fingerprint", "inputs_digest"):
+        attrs.pop(key, None)
+    group.attrs.clear()
+    group.attrs.update(attrs)
+    chunk_inputs = {}
+    for file in (partial / INPUTS_DIR).glob("*.json"):
+        digest = (read_json(file) or {}).get("digest")
+        if file.stem.isdigit() and isinstance(digest, str):
+            chunk_inputs[int(file.stem)] = digest
+    write_text(partial / "progress.json", json.dumps({"done_chunks": sorted(chunk_inputs),
+                                                      "chunk_inputs": {str(k): v for k, v in sorted(chunk_inputs.items())}}))
+
+
 class TokenStoreWriter:
     """Resumable writer of a token store at `path` (a stage writes it at its Claim's `.partial` path and
     swaps it into place once `finish()`ed; pipeline/outputs.py).

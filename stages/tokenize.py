@@ -44,6 +44,7 @@ from pipeline.tokenstore import (
     inputs_digest,
     known_inputs,
     read_input_record,
+    reopen_for_update,
     store_attributes,
     store_attrs,
 )
@@ -276,7 +277,10 @@ def _tokenize(cfg: TokenizeConfig, images: Path, vq_path: Path, claim, device: t
         if existing.get("inputs_digest") == whole_inputs_digest(inputs, cfg.chunk_rows):
             log.info("%s is up to date (same image contents, tokenizer and settings)", claim.target)
             return existing["fingerprint"]
-        log.info("%s: images changed since it was built (or it has no input record): encoding them again", claim.target)
+        log.info("%s: images changed since it was built (or it has no input record): encoding the chunks that "
+                 "hold them again", claim.target)
+        if (store_attrs(claim.partial) or {}).get("build_key") != key:  # else: resume the unfinished update
+            reopen_for_update(claim.target, claim.partial)
     out = claim.partial
     writer = TokenStoreWriter(out, labels, len(names), seq_len, attrs, key, cfg.chunk_rows)
     writer.drop_changed({k: chunk_digest(inputs, writer.chunk_range(k)) for k in writer.done})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -525,7 +526,7 @@ def test_a_users_files_in_eval_samples_and_grids_survive_a_second_eval(world: Pa
         assert set(now) < set(first[d]) | {"notes.txt"}, now
 
 
-def test_tokenize_keys_the_store_by_image_contents(world: Path, tmp_path: Path, monkeypatch, capsys):
+def test_tokenize_keys_the_store_by_image_contents(world: Path, tmp_path: Path, monkeypatch, capsys, caplog):
     images = tmp_path / "images"
     shutil.copytree(world / "images", images)
     argv, out = tokenize(world, tmp_path, tmp_path / "tok.zarr", images=images)
@@ -544,7 +545,9 @@ def test_tokenize_keys_the_store_by_image_contents(world: Path, tmp_path: Path, 
     assert json.loads((out / "zarr.json").read_text())["attributes"]["fingerprint"] == old
     rng = np.random.default_rng(7)  # same name, same size, new bytes
     Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / "a" / "1.png")
-    assert invoke(argv, monkeypatch, capsys)[0] == 0
+    with caplog.at_level(logging.INFO):
+        assert invoke(argv, monkeypatch, capsys)[0] == 0
+    assert "the images of 1 finished chunks changed" in caplog.text  # of 2 chunks: the other one is kept
     fresh_argv, fresh = tokenize(world, tmp_path, tmp_path / "fresh.zarr", images=images)
     assert invoke(fresh_argv, monkeypatch, capsys)[0] == 0
     now = json.loads((out / "zarr.json").read_text())["attributes"]
