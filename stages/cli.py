@@ -40,14 +40,19 @@ STAGES = {
 
 
 def resolved_config(ctx: click.Context, stage: str):
-    """The stage's config: its defaults <- params.yaml's preset <- params.yaml <- --preset <- --set."""
+    """The stage's config: its defaults <- params.yaml's preset <- params.yaml <- --preset <- --set. Every other
+    stage's section is built (so checked) too, after this one's: settings that cannot work (e.g. eval.methods
+    with cfg but no eval.cfg_scales) are refused by the first stage that reads them, not after days of work."""
     import importlib
 
-    module, cls, section = STAGES[stage]
     params = load_params(ctx.obj["params"])
     overrides = parse_overrides(ctx.obj["overrides"], params, ctx.obj["params"])
-    config_class = getattr(importlib.import_module(f"stages.{module}"), cls)
-    return build(config_class, params, section, ctx.obj["preset"], overrides)
+    configs = {}
+    for name in (stage, *(s for s in STAGES if s != stage)):
+        module, cls, section = STAGES[name]
+        config_class = getattr(importlib.import_module(f"stages.{module}"), cls)
+        configs[name] = build(config_class, params, section, ctx.obj["preset"], overrides)
+    return configs[stage]
 
 
 def _setup(ctx: click.Context, stage: str | None = None):
@@ -241,8 +246,9 @@ def train(ctx, tokens_path, cache_path, init, gpt_model, vae, vae_model, depth, 
 @click.option("--gpt-model", default=None, help=GPT_MODEL_HELP)
 @click.option("--vq-model", default=None, help="VQ config for upstream files: a name (VQ-16) or a JSON file")
 @click.option("--depth", default=None, type=int, help=DEPTH_HELP)
-@click.option("--methods", default="base,cfg,cca", show_default=True,
-              help="comma-separated subset of base, cfg, cca, cca_cfg (the policy with guidance at eval.cfg_scales)")
+@click.option("--methods", default=None,
+              help="comma-separated subset of base, cfg, cca, cca_cfg (the policy with guidance at eval.cfg_scales); "
+                   "overrides eval.methods (default base,cfg,cca)")
 @click.option("--cfg-scale", "cfg_scales", multiple=True, type=float, help="guidance scale s (repeatable); overrides eval.cfg_scales")
 @click.option("--fidelity-cache", default=None, type=PathType,
               help="torch-fidelity statistics cache shared by evaluations (default: <out>/fidelity_cache)")
@@ -251,13 +257,17 @@ def train(ctx, tokens_path, cache_path, init, gpt_model, vae, vae_model, depth, 
 def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_model, vq_model, depth, methods, cfg_scales,
           fidelity_cache, out):
     """Sample base (with/without CFG) and CCA policy, score with torch-fidelity, print the table."""
+    import json
+
     from . import eval as stage
 
     if cfg_scales:  # the one --set it stands for, so the config is still built (and checked) in one place
         ctx.obj["overrides"].append(f"eval.cfg_scales={list(cfg_scales)}")
+    if methods is not None:  # likewise
+        ctx.obj["overrides"].append(f"eval.methods={json.dumps([m.strip() for m in methods.split(',') if m.strip()])}")
     cfg, world = _setup(ctx, "eval")
     metrics = stage.run(cfg, vq_path, base_path, policy_path, reference, classifier_path, out, world.device, gpt_model, vq_model,
-                        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), fidelity_cache=fidelity_cache,
+                        fidelity_cache=fidelity_cache,
                         depth=depth, world=world)
     if metrics is not None:  # the main process's
         click.echo(stage.format_results(metrics))

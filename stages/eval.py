@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from pipeline.checkpoint import file_sha256
-from pipeline.config import check_ranges, setting, settings_digest
+from pipeline.config import ConfigError, check_ranges, setting, settings_digest
 from pipeline.device import OutOfMemory, is_out_of_memory
 from pipeline.distributed import World
 from pipeline.families import load_model, load_tokenizer
@@ -51,12 +51,17 @@ from .params import save_settings
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("fid", "sfid", "is", "precision", "recall", "class_accuracy", "images_per_s")  # sfid: Inception only
+METHODS = ("base", "cfg", "cca", "cca_cfg")
+DEFAULT_METHODS = ("base", "cfg", "cca")  # cca_cfg on request: the CCA+CFG experiment
 
 
 @dataclass
 class EvalConfig:
     samples_per_class: int = setting(100, ge=1)
     seeds: list[int] = setting(default_factory=lambda: [0, 1, 2], nonempty=True, unique=True, ge=0)
+    # base (no guidance), cfg (base at each cfg_scales), cca (the policy), cca_cfg (the policy at each cfg_scales);
+    # `--methods` overrides it
+    methods: list[str] = setting(default_factory=lambda: list(DEFAULT_METHODS), nonempty=True, unique=True, choices=METHODS)
     cfg_scales: list[float] = setting(default_factory=lambda: [1.0], unique=True, gt=0.0)  # s > 0 (s = 0 is `base`)
     # a lambda-conditioned policy (train.lambda_conditioning) is sampled at each of these: methods cca_lam<lambda>
     lambdas: list[float] = setting(default_factory=list, unique=True, gt=0.0)
@@ -75,6 +80,20 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, "eval")
+        # here, not in the eval stage: every stage builds this config first, so tokenize already refuses it
+        for guided in ("cfg", "cca_cfg"):
+            if guided in self.methods and not self.cfg_scales:
+                raise ConfigError(f"eval.methods includes {guided} but eval.cfg_scales is empty: list the guidance scales to "
+                                  f"evaluate (e.g. eval.cfg_scales: [1.0], or --cfg-scale 1.0), or drop {guided} from "
+                                  "eval.methods (or --methods)")
+        if self.lambdas and "cca_cfg" in self.methods:
+            raise ConfigError("eval.lambdas samples a lambda-conditioned policy, which is evaluated without guidance: "
+                              "drop cca_cfg from eval.methods (or --methods), or empty eval.lambdas")
+
+    def sampling_settings(self) -> dict:
+        """The settings that determine a unit's samples and scores (its resume key): not which methods are
+        evaluated, so adding one reuses the units of the others."""
+        return {k: v for k, v in asdict(self).items() if k != "methods"}
 
 
 def save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
@@ -179,10 +198,6 @@ def scorer_weights(cfg: EvalConfig, classifier_path: Path | None) -> Path:
     return weights
 
 
-METHODS = ("base", "cfg", "cca", "cca_cfg")
-DEFAULT_METHODS = ("base", "cfg", "cca")  # cca_cfg on request (--methods): the CCA+CFG experiment
-
-
 @dataclass
 class Unit:
     """One resume unit: a method (model + guidance scale) sampled with one seed."""
@@ -198,15 +213,9 @@ class Unit:
         return f"{self.name}_seed{self.seed}"
 
 
-def plan_units(cfg: EvalConfig, methods: tuple[str, ...]) -> list[Unit]:
-    """Every (method, scale, seed) to evaluate, seed-major (the first seed's units write the grids)."""
-    unknown = set(methods) - set(METHODS)
-    if unknown or not methods:
-        raise ValueError(f"unknown eval methods {sorted(unknown)}; valid: {', '.join(METHODS)}")
-    for guided in ("cfg", "cca_cfg"):
-        if guided in methods and not cfg.cfg_scales:
-            raise ValueError(f"--methods includes {guided} but eval.cfg_scales is empty: list the guidance scales to evaluate "
-                             f"(e.g. --set 'eval.cfg_scales=[1.0]' or --cfg-scale 1.0), or drop {guided} from --methods")
+def plan_units(cfg: EvalConfig) -> list[Unit]:
+    """Every (method, scale, seed) of eval.methods, seed-major (the first seed's units write the grids)."""
+    methods = cfg.methods
     per_seed = ([("base", "base", 0.0, None)] if "base" in methods else []) \
         + ([(f"cfg_{s:g}", "base", s, None) for s in cfg.cfg_scales] if "cfg" in methods else []) \
         + ([("cca", "cca", 0.0, None)] if "cca" in methods and not cfg.lambdas else []) \
@@ -334,16 +343,19 @@ def on_device(model: torch.nn.Module, device: torch.device, role: str) -> torch.
 def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Path | None, reference: Path,
         classifier_path: Path | None, out: Path, device: torch.device,
         gpt_model: str | None = None, vq_model: str | None = None,
-        methods: tuple[str, ...] = DEFAULT_METHODS, fidelity_cache: Path | None = None, depth: int | None = None,
+        methods: tuple[str, ...] | None = None, fidelity_cache: Path | None = None, depth: int | None = None,
         world: World | None = None) -> dict | None:
-    """Evaluate `methods`: base (no guidance), cfg (base at each eval.cfg_scales), cca (the policy).
+    """Evaluate eval.methods (or `methods`): base (no guidance), cfg (base at each eval.cfg_scales), cca (the policy).
     Either family: with VAR, `vq_path` is the VQVAE (it decodes, and its quantiser builds VAR's input).
     `out` must be absent, empty or an eval directory of ours; it is built in `<out>.partial`. Under torchrun
     (`world`) the samples of each unit are shared by the ranks; the main process scores and writes, and
     returns the metrics (the others None)."""
     world = world or World(device=device)
     device = world.device
-    units = plan_units(cfg, methods)
+    if methods is not None:
+        cfg = replace(cfg, methods=list(methods))  # checked again, as the one --set it stands for
+    methods = tuple(cfg.methods)
+    units = plan_units(cfg)
     weights = scorer_weights(cfg, classifier_path)
     with world.main_only(StageDir(out, "eval")) as claim:
         family, vq = load_tokenizer(vq_path, vq_model)
@@ -374,14 +386,14 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Pat
             paths = {"vq": vq_path, "base": base_path, "cca": policy_path}
             digests = {k: file_sha256(v) if v is not None and Path(v).is_file() else str(v) for k, v in paths.items()}
             digests.update(reference=ref.digest(), extractor=extractor.weights_sha256)
-            claim.key = settings_digest([asdict(cfg), digests, list(methods)])
+            claim.key = settings_digest([cfg.sampling_settings(), digests, list(methods)])
             work = claim.open_partial()
             ref_features = reference_features(extractor, ref.images, fidelity_cache or default_fidelity_cache())
         world.barrier()  # the others write their shards into the partial the main process prepared
         per_seed: dict[str, list[dict]] = {}
         for unit in progress(units, desc="eval", unit="unit"):
             if world.main:
-                key = settings_digest([asdict(cfg), digests["vq"], digests[unit.model], digests["reference"],
+                key = settings_digest([cfg.sampling_settings(), digests["vq"], digests[unit.model], digests["reference"],
                                        digests["extractor"], unit.scale, unit.seed])
             scores = world.broadcast(finished_unit(unit, key, work, claim.target) if world.main else None)
             if scores is not None:

@@ -1,0 +1,103 @@
+"""The shipped ImageNet pipelines run as shipped: `dvc repro` of pipelines/imagenet-llamagen and
+pipelines/imagenet-var with ONLY what their params.yaml says to edit changed (data_dir, checkpoints, model
+names as JSON configs of tiny stand-ins, depth, image_size, eval_reference, inception_weights); every
+setting (preset, batch sizes, samples per class, methods, guidance scales, ...) is the shipped one.
+
+The shipped train batch is 256 rows (the presets' global batch), so the stand-in data set has 256 images
+(2 classes x 128, 24 px, upscaled by tokenize to 64 px: tiny VQ, 16 or 30 tokens), which makes exactly one
+training step; eval draws the shipped 50 samples per class of the stand-in model's 2 classes.
+
+pipelines/paper is not run here: it starts from the embedded default's outputs (`make demo`), which the
+slow tests of tests/test_dvc_smoke.py and tests/test_paper.py build.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from test_imagenet_pipeline import BIN, ROOT, TINY_VQ, _run, init_pipeline_repo, save_random_inception
+from test_var import TINY_VAE, TINY_VAR, _randomize
+from worlds import write_reference_images
+
+from pipeline.models.llamagen import GPT, GPTConfig
+from pipeline.models.var import VAR, VARConfig
+from pipeline.tokenizers.msvq import MSVQConfig, MSVQModel
+from pipeline.tokenizers.vq import VQConfig, VQModel
+
+CLASSES, IMAGES_PER_CLASS = 2, 128  # 256 rows: one step of the presets' batch of 256
+TINY_GPT = dict(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=CLASSES, block_size=16, multiple_of=32)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """Stand-ins for the downloads: class folders, a reference folder, checkpoints in the release layouts."""
+    root = tmp_path_factory.mktemp("shipped")
+    rng = np.random.default_rng(0)
+    write_reference_images(root / "imagenet" / "train", rng, classes=CLASSES, per_class=IMAGES_PER_CLASS, size=24)
+    write_reference_images(root / "reference", rng, classes=CLASSES, per_class=4, size=24)
+    ckpts = root / "checkpoints"
+    ckpts.mkdir()
+    torch.manual_seed(0)
+    (ckpts / "vq_tiny.json").write_text(json.dumps(TINY_VQ))
+    (ckpts / "gpt_tiny.json").write_text(json.dumps(TINY_GPT))
+    torch.save({"model": VQModel(VQConfig(**TINY_VQ)).state_dict()}, ckpts / "vq_ds16_c2i.pt")
+    torch.save({"model": GPT(GPTConfig(**TINY_GPT)).state_dict()}, ckpts / "c2i_tiny_64.pt")
+    vae = MSVQModel(MSVQConfig(**TINY_VAE))
+    _randomize(vae.quantize, 1, std=0.5)
+    torch.save(vae.state_dict(), ckpts / "vae_tiny.pth")
+    (ckpts / "vae_tiny.json").write_text(json.dumps(TINY_VAE))
+    torch.save(VAR(VARConfig(**{**TINY_VAR, "num_classes": CLASSES})).state_dict(), ckpts / "var_d2.pth")
+    save_random_inception(ckpts / "inception.pth")
+    return root
+
+
+def shipped_params(pipeline: str, world: Path) -> dict:
+    """The pipeline's params.yaml with only the paths and model names its comments say to edit changed."""
+    params = yaml.safe_load((ROOT / "pipelines" / pipeline / "params.yaml").read_text())
+    ckpts = world / "checkpoints"
+    common = dict(data_dir=str(world / "imagenet/train"), image_size=64, eval_reference=str(world / "reference"))
+    if pipeline == "imagenet-llamagen":
+        params.update(common, vq_ckpt=str(ckpts / "vq_ds16_c2i.pt"), vq_model=str(ckpts / "vq_tiny.json"),
+                      gpt_ckpt=str(ckpts / "c2i_tiny_64.pt"), gpt_model=str(ckpts / "gpt_tiny.json"))
+    else:
+        params.update(common, vae_ckpt=str(ckpts / "vae_tiny.pth"), vae_model=str(ckpts / "vae_tiny.json"),
+                      var_ckpt=str(ckpts / "var_d2.pth"), depth=TINY_VAR["depth"])
+    params["eval"]["inception_weights"] = str(ckpts / "inception.pth")
+    return params
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["imagenet-llamagen", "imagenet-var"])
+def test_shipped_pipeline_runs_as_shipped(pipeline: str, world: Path, tmp_path: Path):
+    params = shipped_params(pipeline, world)
+    folder = init_pipeline_repo(tmp_path / "repo", pipeline, params)
+    _run([BIN / "dvc", "repro"], folder)
+    metrics = json.loads((folder / "data/eval/metrics.json").read_text())
+    guided = [f"cfg_{s:g}" for s in params["eval"]["cfg_scales"]] if "cfg" in params["eval"]["methods"] else []
+    assert set(metrics["methods"]) == {"base", "cca", *guided}
+    assert metrics["samples_per_method"] == params["eval"]["samples_per_class"] * CLASSES
+    assert all(np.isfinite(m["fid"]) for m in metrics["methods"].values())
+
+
+def test_tokenize_refuses_an_eval_section_that_cannot_work(world: Path, tmp_path: Path):
+    """The LlamaGen pipeline's eval section as 7c58bf8 shipped it (cfg evaluated, no scales): refused by
+    tokenize, the first stage, before any work, not by eval after tokenize, reflogp and train."""
+    params = shipped_params("imagenet-llamagen", world)
+    del params["eval"]["methods"]  # the default, base,cfg,cca
+    params["eval"]["cfg_scales"] = []
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(
+        [str(BIN / "cca-pipe"), "tokenize", "--images", params["data_dir"], "--vq", params["vq_ckpt"],
+         "--vq-model", params["vq_model"], "--out", str(tmp_path / "tokens.zarr")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "eval.methods includes cfg but eval.cfg_scales is empty" in proc.stderr
+    assert not (tmp_path / "tokens.zarr").exists() and not (tmp_path / "tokens.zarr.partial").exists()
