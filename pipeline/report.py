@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .progress import significant
+
 TABLE_KEYS = ("fid", "is", "precision", "recall", "class_accuracy", "images_per_s")
 TABLE_HEADS = {"fid": "FID", "sfid": "sFID", "is": "IS", "precision": "precision", "recall": "recall",
                "class_accuracy": "class acc.", "images_per_s": "images/s"}
@@ -167,7 +169,7 @@ def results_table(rows: list[tuple[str, dict[str, float]]], first: str = "point"
             if k not in metrics:
                 cells.append("n/a")
             elif k == "images_per_s":
-                cells.append(f"{metrics[k]:.0f}")
+                cells.append(significant(metrics[k]))
             elif f"{k}_std" in metrics:
                 cells.append(f"{metrics[k]:.3f} ± {metrics[k + '_std']:.3f}")
             else:

@@ -133,13 +133,15 @@ def generate_images(
     seed: int,
     batch_size: int,
     indices: list[int] | None = None,
+    on_batch=None,
     **sampler_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample codes for every label (in batches) and decode them: -> (images (B, 3, H, W) float in
     [-1, 1] on CPU, codes (B, N)). `sampler(model, labels, uniforms=, **kwargs) -> Samples` is the model
     family's (pipeline.families), `decoder` its tokenizer. `indices`: the samples' indices in the set
     (default 0..B-1); sample i is drawn from its own stream seeded by (seed, i), so the images are the same
-    however the set is split over batches or processes."""
+    however the set is split over batches or processes. `on_batch(n)` is called after each batch with its
+    number of samples (a progress bar's update: a 50,000-sample set takes hours)."""
     from .device import autocast
 
     device = next(model.parameters()).device
@@ -153,6 +155,8 @@ def generate_images(
             with torch.no_grad():
                 images.append(decoder.decode_codes(out.tokens).float().cpu())
         codes.append(out.tokens.cpu())
+        if on_batch is not None:
+            on_batch(len(part))
     return torch.cat(images), torch.cat(codes)
 
 

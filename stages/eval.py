@@ -42,7 +42,7 @@ from pipeline.metrics import (
     reference_features,
 )
 from pipeline.outputs import StageDir, atomic_file, read_json, write_json, write_text
-from pipeline.progress import progress
+from pipeline.progress import SampleCounter, progress, significant
 from pipeline.report import grid_canvas, results_table
 from pipeline.sampling import generate_images
 
@@ -252,10 +252,12 @@ def sample_unit(unit: Unit, family, model, vq, cfg: EvalConfig, labels: torch.Te
     any number of processes); on the main process -> (all images uint8 in sample order, images/s)."""
     mine = world.share(list(range(len(labels))))
     started = time.perf_counter()
+    counter = SampleCounter(len(labels), world.size, desc=f"{unit.name} seed {unit.seed}")
     try:
         images, _ = generate_images(
             family.sample, model, vq, labels[mine], seed=unit.seed, batch_size=cfg.batch_size, indices=mine,
-            cfg_scale=unit.scale, lam=unit.lam, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, cfg_schedule=cfg.cfg_schedule,
+            on_batch=counter, cfg_scale=unit.scale, lam=unit.lam, temperature=cfg.temperature, top_k=cfg.top_k,
+            top_p=cfg.top_p, cfg_schedule=cfg.cfg_schedule,
         )
         images = to_uint8(resize_images(images, cfg.resize_to))
     except (RuntimeError, MemoryError) as e:
@@ -265,6 +267,8 @@ def sample_unit(unit: Unit, family, model, vq, cfg: EvalConfig, labels: torch.Te
                           f"({'2 x ' if unit.scale else ''}{cfg.batch_size} sequences with KV caches, then {cfg.batch_size} images "
                           f"decoded at once): lower eval.batch_size, e.g. to {max(1, cfg.batch_size // 2)}; `cca-pipe plan "
                           "--stage eval` gives the memory of each part (the images drawn are kept on the host)") from e
+    finally:
+        counter.close()
     seconds = max(world.gather(time.perf_counter() - started))
     if world.size == 1:
         return images, len(images) / seconds
@@ -404,8 +408,8 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Pat
                     continue
                 scores = score_unit(unit, *drawn, cfg, labels, extractor, ref_features, ref, classifier, work)
                 write_json(work / "samples" / f"{unit.stem}.json", {"key": key, "scores": scores})
-                log.info("seed %d %-8s FID %.3f IS %.3f acc %.3f (%.0f images/s)", unit.seed, unit.name, scores["fid"],
-                         scores["is"], scores.get("class_accuracy", float("nan")), scores["images_per_s"])
+                log.info("seed %d %-8s FID %.3f IS %.3f acc %.3f (%s images/s)", unit.seed, unit.name, scores["fid"],
+                         scores["is"], scores.get("class_accuracy", float("nan")), significant(scores["images_per_s"]))
             per_seed.setdefault(unit.name, []).append(scores)
         if not world.main:
             return None

@@ -68,3 +68,56 @@ def test_info_describes_each_kind(tmp_path):
     assert "rows    2" in cache and "cd" * 32 in cache
     ckpt = runner.invoke(main, ["info", str(tmp_path / "gpt.pt")]).output
     assert "llamagen-gpt" in ckpt and '"dim": 32' in ckpt and "tensors" in ckpt
+
+
+def test_eval_reports_progress_per_batch_of_samples(tmp_path, monkeypatch):
+    """A unit's samples advance a bar batch by batch (tqdm's rate and ETA), not only per finished unit."""
+    import pipeline.progress
+
+    bars = []
+
+    class FakeBar:
+        def __init__(self, iterable=None, **kwargs):
+            self.iterable, self.kwargs, self.updates = iterable, kwargs, []
+            bars.append(self)
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def update(self, n):
+            self.updates.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(pipeline.progress, "progress", FakeBar)
+    _world(tmp_path)
+    cfg = eval_stage.EvalConfig(samples_per_class=4, seeds=[0], methods=["base"], batch_size=5, grid_per_class=0)
+    eval_stage.run(cfg, tmp_path / "vq.pt", tmp_path / "gpt.pt", tmp_path / "gpt.pt", tmp_path / "ref",
+                   tmp_path / "clf.pt", tmp_path / "eval", CPU)
+    sampling = [b for b in bars if b.kwargs.get("unit") == "img"]
+    assert len(sampling) == 1 and sampling[0].kwargs["total"] == 12  # 3 classes x 4
+    assert sampling[0].updates == [5, 5, 2]
+
+
+def test_sample_counter_counts_every_rank_on_rank_zero(monkeypatch):
+    """Under torchrun rank 0 counts its share times the world size, never past the total."""
+    import pipeline.progress
+    from pipeline.progress import SampleCounter
+
+    updates = []
+    monkeypatch.setattr(pipeline.progress, "progress", lambda **kw: type("Bar", (), {"update": lambda self, n: updates.append(n),
+                                                                                       "close": lambda self: None})())
+    counter = SampleCounter(total=10, world_size=4, desc="cca seed 0")  # rank 0's share: 3 of 10
+    for drawn in (2, 1):
+        counter(drawn)
+    assert updates == [8, 2]
+
+
+def test_slow_throughputs_keep_significant_digits():
+    from pipeline.progress import significant
+    from pipeline.report import results_table
+
+    assert [significant(x) for x in (0.4, 0.0123, 4.567, 45.67, 1000.0, 12345.6)] == \
+        ["0.400", "0.0123", "4.57", "45.7", "1000", "12346"]
+    assert "| 0.250 |" in results_table([("cca", {"images_per_s": 0.25})])
