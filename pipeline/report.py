@@ -7,6 +7,7 @@ to PNG, so they run headless and offline (DVC's own plots need a CDN).
 from __future__ import annotations
 
 import csv
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,13 +126,40 @@ def plot_training_curves(points: list[Point], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
+GRID_CLASSES = 16  # rows of a sample grid: every class up to this many, else this many spread over the classes
+MIN_TILE = 64  # small tiles are upscaled (nearest) to at least this many pixels; larger ones are never upscaled
+
+
+def grid_classes(labels: np.ndarray, limit: int = GRID_CLASSES) -> list[int]:
+    """The classes a grid shows: all of `labels`' classes when there are at most `limit`, else `limit` of them
+    evenly spaced from the first to the last (fixed, so every method's grid shows the same classes)."""
+    classes = sorted(set(np.asarray(labels).tolist()))
+    if len(classes) <= limit:
+        return classes
+    picks = np.linspace(0, len(classes) - 1, limit).round().astype(int)
+    return [classes[i] for i in picks]
+
+
+def tile_scale(tile: int, min_tile: int = MIN_TILE) -> int:
+    """The nearest-neighbour upscale that makes a `tile`-pixel sample at least `min_tile` pixels: 16 px -> 4,
+    256 px -> 1 (never upscaled: a grid of ImageNet samples stays the samples' size)."""
+    return max(1, math.ceil(min_tile / max(tile, 1)))
+
+
+def grid_shape(rows: int, per_class: int, tile_h: int, tile_w: int, scale: int = 1, gap: int = 1) -> tuple[int, int, int]:
+    """(height, width, 3) of a grid_canvas, computable before it is allocated."""
+    h, w = tile_h * scale, tile_w * scale
+    return rows * (h + gap) + gap, per_class * (w + gap) + gap, 3
+
+
 def grid_canvas(images: np.ndarray, labels: np.ndarray, per_class: int, classes: list[int] | None = None,
                 scale: int = 1, gap: int = 1, fill: int = 255) -> np.ndarray:
-    """One row per class, `per_class` samples each (uint8 (N, H, W, 3) images), upscaled `scale`x (nearest),
-    `gap` pixels of `fill` between tiles: the sample grids of eval and the report's comparison figure."""
-    classes = classes if classes is not None else sorted(set(labels.tolist()))
+    """One row per class (default: grid_classes(labels), at most GRID_CLASSES rows), `per_class` samples each
+    (uint8 (N, H, W, 3) images), upscaled `scale`x (nearest), `gap` pixels of `fill` between tiles: the
+    sample grids of eval and the report's comparison figure."""
+    classes = classes if classes is not None else grid_classes(labels)
     h, w = images.shape[1] * scale, images.shape[2] * scale
-    canvas = np.full((len(classes) * (h + gap) + gap, per_class * (w + gap) + gap, 3), fill, np.uint8)
+    canvas = np.full(grid_shape(len(classes), per_class, images.shape[1], images.shape[2], scale, gap), fill, np.uint8)
     for r, c in enumerate(classes):
         for k, image in enumerate(images[labels == c][:per_class]):
             y, x = gap + r * (h + gap), gap + k * (w + gap)
@@ -146,7 +174,7 @@ def comparison_grid(panels: list[tuple[str, np.ndarray, np.ndarray]], path: str 
     panels: (title, images uint8 (N, H, W, 3), labels (N,)).
     """
     plt = _agg()
-    classes = classes if classes is not None else sorted(set(panels[0][2].tolist()))
+    classes = classes if classes is not None else grid_classes(panels[0][2])
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 0.35 * len(classes) + 1.2))
     for ax, (title, images, labels) in zip(np.atleast_1d(axes), panels):
         ax.imshow(grid_canvas(images, labels, per_class, classes), interpolation="nearest")

@@ -43,7 +43,7 @@ from pipeline.metrics import (
 )
 from pipeline.outputs import StageDir, atomic_file, read_json, write_json, write_text
 from pipeline.progress import SampleCounter, progress, significant
-from pipeline.report import grid_canvas, results_table
+from pipeline.report import GRID_CLASSES, grid_canvas, grid_classes, results_table, tile_scale
 from pipeline.sampling import generate_images
 
 from .params import save_settings
@@ -72,6 +72,7 @@ class EvalConfig:
     cfg_schedule: str = setting("constant", choices=("constant", "linear"))
     batch_size: int = setting(500, ge=1)
     grid_per_class: int = setting(8, ge=0)
+    grid_classes: int = setting(GRID_CLASSES, ge=1)  # rows of grids/<method>.png: every class up to this, else evenly spaced
     num_classes: int = setting(0, ge=0)  # 0: every class of the model
     image_size: int = setting(0, ge=0)  # 0: the checkpoint's own; with a named gpt model, its resolution (256 or 384)
     resize_to: int = setting(0, ge=0)  # resize samples before scoring/export (LlamaGen: 384 -> 256); 0: keep
@@ -92,8 +93,8 @@ class EvalConfig:
 
     def sampling_settings(self) -> dict:
         """The settings that determine a unit's samples and scores (its resume key): not which methods are
-        evaluated, so adding one reuses the units of the others."""
-        return {k: v for k, v in asdict(self).items() if k != "methods"}
+        evaluated (adding one reuses the units of the others) nor which classes its grid shows."""
+        return {k: v for k, v in asdict(self).items() if k not in ("methods", "grid_classes")}
 
 
 def save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
@@ -102,10 +103,13 @@ def save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
         np.savez(f, arr_0=images, arr_1=labels)
 
 
-def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, per_class: int) -> None:
-    """One row per class, `per_class` samples each, upscaled 4x, grey gaps between tiles."""
+def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, per_class: int, max_classes: int = GRID_CLASSES) -> None:
+    """One row per class (at most `max_classes`, evenly spaced: 1000 classes would make a canvas of gigabytes),
+    `per_class` samples each, small tiles upscaled to at least 64 px, grey gaps between tiles."""
+    canvas = grid_canvas(images, labels, per_class, grid_classes(labels, max_classes), scale=tile_scale(images.shape[1]),
+                         gap=2, fill=128)
     with atomic_file(path) as tmp:
-        Image.fromarray(grid_canvas(images, labels, per_class, scale=4, gap=2, fill=128)).save(tmp, format="PNG")
+        Image.fromarray(canvas).save(tmp, format="PNG")
 
 
 @dataclass
@@ -290,7 +294,7 @@ def score_unit(unit: Unit, images: np.ndarray, images_per_s: float, cfg: EvalCon
     """Save the unit's ADM npz (and the grid for the first seed) and score it."""
     save_npz(work / "samples" / f"{unit.stem}.npz", images, labels.numpy())
     if unit.seed == cfg.seeds[0] and cfg.grid_per_class:
-        save_grid(work / "grids" / f"{unit.name}.png", images, labels.numpy(), cfg.grid_per_class)
+        save_grid(work / "grids" / f"{unit.name}.png", images, labels.numpy(), cfg.grid_per_class, cfg.grid_classes)
     try:
         features = extract_features(extractor, images)
     except (RuntimeError, MemoryError) as e:

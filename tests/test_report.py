@@ -108,3 +108,29 @@ def test_sweep_train_depends_on_every_train_setting_that_changes_the_policy():
     listed = {p.split(".", 1)[1] for p in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["sweep-train"]["params"]}
     every = {key_of(f) for f in dataclasses.fields(TrainConfig)}
     assert listed == every - {"lambda", "beta"} - set(not_numbers), (every - listed, listed - every)
+
+
+def test_eval_grid_at_imagenet_scale_is_bounded(tmp_path: Path):
+    """1000 classes x 4 samples of 256 px: 16 evenly spaced classes, tiles not upscaled (it was a 12.6 GB canvas).
+    The 4000 images are one image broadcast (no memory), so only the grid itself is allocated."""
+    from pipeline.report import grid_classes, grid_shape, tile_scale
+    from stages.eval import save_grid
+
+    labels = np.arange(1000).repeat(4)
+    classes = grid_classes(labels)
+    assert len(classes) == 16 and classes[0] == 0 and classes[-1] == 999
+    assert tile_scale(256) == 1 and tile_scale(16) == 4  # the digits' 16 px tiles are upscaled as before
+    height, width, _ = grid_shape(len(classes), 4, 256, 256, tile_scale(256), gap=2)
+    assert height * width * 3 < 20e6
+    images = np.broadcast_to(np.full((256, 256, 3), 7, np.uint8), (4000, 256, 256, 3))
+    save_grid(tmp_path / "grid.png", images, labels, per_class=4)
+    assert Image.open(tmp_path / "grid.png").size == (width, height)
+
+
+def test_comparison_grid_shows_a_bounded_number_of_classes(tmp_path: Path):
+    from pipeline.report import comparison_grid
+
+    labels = np.arange(200).repeat(2)
+    images = np.broadcast_to(np.zeros((8, 8, 3), np.uint8), (400, 8, 8, 3))
+    comparison_grid([("base", images, labels), ("cca", images, labels)], tmp_path / "comparison.png", per_class=2)
+    assert Image.open(tmp_path / "comparison.png").size[1] < 1500  # 16 rows (200 would be ~10,700 px tall)
