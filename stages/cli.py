@@ -110,11 +110,17 @@ def _launch_config(ctx: click.Context, nproc_per_node, nnodes, rdzv_endpoint) ->
 @click.option("--preset", default=None, metavar="NAME", help="show the settings under this recipe")
 @click.pass_context
 def config(ctx, stage, preset):
-    """Print a stage's fully resolved settings as YAML (defaults <- params.yaml <- preset <- --set)."""
+    """Print a stage's fully resolved settings as YAML (defaults <- params.yaml's preset <- params.yaml <- --preset
+    <- --set); in a folder with a dvc.yaml, with the options its stage's command line passes: what `dvc repro` runs."""
+    from .dvcstage import stage_options, with_stage_options
     from .params import settings_yaml
 
     if preset:
         ctx.obj["preset"] = preset
+    found = stage_options(Path.cwd(), stage)
+    if found:
+        ctx.obj = with_stage_options(ctx.obj, found[1])
+        click.echo(f"# as dvc.yaml's stage {found[0]!r} runs it: {' '.join(found[1]) or '(no options)'}")
     click.echo(settings_yaml({STAGES[stage][2]: resolved_config(ctx, stage)}, active_preset(ctx)), nl=False)
 
 

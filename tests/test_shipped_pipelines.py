@@ -84,6 +84,32 @@ def test_shipped_pipeline_runs_as_shipped(pipeline: str, world: Path, tmp_path: 
     assert set(metrics["methods"]) == {"base", "cca", *guided}
     assert metrics["samples_per_method"] == params["eval"]["samples_per_class"] * CLASSES
     assert all(np.isfinite(m["fid"]) for m in metrics["methods"].values())
+    # `cca-pipe config` in the folder shows the settings each stage ran with
+    for stage in ("train", "eval"):
+        assert config_of(stage, folder) == yaml.safe_load((folder / f"data/{stage}/settings.yaml").read_text())
+    store = json.loads((folder / "data/tokens.zarr/zarr.json").read_text())["attributes"]
+    assert config_of("tokenize", folder)["tokenize"]["image_size"] == store["image_size"] == params["image_size"]
+
+
+def config_of(stage: str, folder: Path) -> dict:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run([str(BIN / "cca-pipe"), "config", stage], cwd=folder, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return yaml.safe_load(proc.stdout)
+
+
+def test_config_in_a_pipeline_folder_applies_the_dvc_stage_options(tmp_path: Path):
+    """dvc.yaml passes `--set tokenize.image_size=${image_size}` (and eval's): `cca-pipe config` there shows
+    the image_size the stages run with, not the section's own 384."""
+    params = yaml.safe_load((ROOT / "pipelines/imagenet-llamagen/params.yaml").read_text())
+    params["image_size"] = 256
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "dvc.yaml").write_text((ROOT / "pipelines/imagenet-llamagen/dvc.yaml").read_text())
+    assert params["tokenize"]["image_size"] == params["eval"]["image_size"] == 384
+    assert config_of("tokenize", tmp_path)["tokenize"]["image_size"] == 256
+    assert config_of("eval", tmp_path)["eval"]["image_size"] == 256
+    assert config_of("train", tmp_path)["train"]["micro_batch_size"] == params["train"]["micro_batch_size"]
 
 
 def test_tokenize_refuses_an_eval_section_that_cannot_work(world: Path, tmp_path: Path):

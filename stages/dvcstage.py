@@ -1,0 +1,107 @@
+"""What `dvc repro` passes to a stage: the options written on a dvc.yaml stage's `cca-pipe` command line.
+
+Resolution order, one for every command (`cca-pipe config` shows its result): a stage config's defaults <-
+the preset named in params.yaml <- the keys written in params.yaml's section <- `--preset` <- `--set`, where
+the `--preset`/`--set` options are first those written on the dvc.yaml stage's command line (e.g. the
+ImageNet pipelines' `--set tokenize.image_size=${image_size}`), then those typed. `cca-pipe config STAGE`
+run in a folder with a dvc.yaml applies that stage's options, so it prints what `dvc repro` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import ConfigError
+
+# global options of `cca-pipe` that take a value (stages/cli.py main)
+_VALUED = {"--params", "--set", "--preset", "--device", "--nproc-per-node", "--nnodes", "--rdzv-endpoint"}
+
+
+def _variables(folder: Path, spec: dict) -> dict:
+    """dvc.yaml's `vars` (files of variables, relative to its folder), merged in order."""
+    values: dict = {}
+    for entry in spec.get("vars") or []:
+        if isinstance(entry, str):
+            path = folder / entry.split(":")[0]
+            values.update(yaml.safe_load(path.read_text()) or {} if path.is_file() else {})
+        elif isinstance(entry, dict):
+            values.update(entry)
+    return values
+
+
+def _lookup(values: dict, dotted: str, where: str):
+    node = values
+    for key in dotted.strip().split("."):
+        if not isinstance(node, dict) or key not in node:
+            raise ConfigError(f"{where}: ${{{dotted}}} is not a variable of its params file")
+        node = node[key]
+    return json.dumps(node) if isinstance(node, (list, dict)) else str(node)
+
+
+def _split(args: list[str]) -> int | None:
+    """The index of the subcommand in `cca-pipe ...` arguments (after the global options), or None."""
+    i = 1
+    while i < len(args) and args[i].startswith("-"):
+        i += 1 if "=" in args[i] or args[i] not in _VALUED else 2
+    return i if i < len(args) else None
+
+
+def _subcommand_overrides(args: list[str]) -> list[str]:
+    """eval's `--methods` / `--cfg-scale` as the `--set` overrides they stand for (stages/cli.py eval_)."""
+    out, scales = [], []
+    for flag, value in zip(args, args[1:]):
+        if flag == "--methods":
+            out.append(f"eval.methods={json.dumps([m.strip() for m in value.split(',') if m.strip()])}")
+        elif flag == "--cfg-scale":
+            scales.append(float(value))
+    return out + ([f"eval.cfg_scales={scales}"] if scales else [])
+
+
+def stage_options(folder: Path, command: str) -> tuple[str, list[str]] | None:
+    """(the stage's name, its global options with the overrides its subcommand options stand for) of the
+    dvc.yaml stage in `folder` that runs `cca-pipe <command>` (the stage named like the command first;
+    foreach/matrix stages are sweeps, not the main run), with ${...} resolved; None without one."""
+    dvc_yaml = folder / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return None
+    spec = yaml.safe_load(dvc_yaml.read_text()) or {}
+    values = _variables(folder, spec)
+    stages = spec.get("stages") or {}
+    for name in sorted(stages, key=lambda n: n != command):
+        cmd = stages[name].get("cmd") if isinstance(stages[name], dict) else None
+        if not isinstance(cmd, str) or "foreach" in stages[name] or "matrix" in stages[name]:
+            continue
+        resolved = re.sub(r"\$\{([^}]+)\}", lambda m: _lookup(values, m.group(1), str(dvc_yaml)), cmd)
+        args = shlex.split(resolved)
+        at = _split(args) if args and Path(args[0]).name == "cca-pipe" else None
+        if at is not None and args[at] == command:
+            options = args[1:at]
+            for override in _subcommand_overrides(args[at + 1 :]):
+                options += ["--set", override]
+            return name, options
+    return None
+
+
+def with_stage_options(obj: dict, options: list[str]) -> dict:
+    """The command's settings context (stages/cli.py ctx.obj) as if the stage's options were typed before the
+    user's: its --params unless one was typed, a typed --preset over its, its --set overrides under the typed."""
+    pairs = []
+    i = 0
+    while i < len(options):
+        flag, _, value = options[i].partition("=")
+        if not value and flag in _VALUED:
+            value, i = options[i + 1], i + 1
+        pairs.append((flag, value))
+        i += 1
+    out = dict(obj)
+    given = dict(pairs)
+    if "--params" in given and str(obj["params"]) == "params.yaml":
+        out["params"] = Path(given["--params"])
+    out["preset"] = obj["preset"] or given.get("--preset")
+    out["overrides"] = [v for f, v in pairs if f == "--set"] + list(obj["overrides"])
+    return out
