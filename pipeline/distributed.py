@@ -5,6 +5,8 @@ re-executes itself under torchrun) sets RANK, WORLD_SIZE and LOCAL_RANK; `init_w
 group (NCCL on CUDA with each rank on its LOCAL_RANK device, gloo on CPU). A plain process is a world of
 one: no process group, every collective a no-op, so stages run the same code either way.
 
+A stop signal (SIGTERM, SIGINT) ends every rank at once: the job stops uncommitted, resumable.
+
 Only the main process (rank 0) claims and writes shared outputs, logs and draws progress bars; the others
 compute their share. A rank that fails exits non-zero, and torchrun (max restarts 0) stops the others
 within its monitor interval; the process-group timeout (CCA_PIPE_DIST_TIMEOUT_S, default 1800 s) bounds
@@ -18,6 +20,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,6 +68,46 @@ class World:
         return context if self.main else contextlib.nullcontext(context)
 
 
+def check_same_job(world: World, facts: dict[str, object]) -> None:
+    """Every rank was given the same job: its `facts` (the resolved settings and the inputs, key -> value, e.g.
+    `train.lambda`, `--tokens`) have rank 0's digest. Otherwise no rank starts: a ConfigError naming the ranks
+    that differ and the keys, raised on the first process of each node (one line per node), while the other
+    processes exit with status 2 quietly. One small collective when they agree."""
+    from .config import ConfigError, settings_digest
+
+    if world.size == 1:
+        return
+    digests = world.gather(settings_digest(facts))
+    if len(set(digests)) == 1:
+        return
+    everyone = world.gather(facts)
+    differing = [r for r, d in enumerate(digests) if d != digests[0]]
+    first = everyone[differing[0]]
+    keys = sorted(k for k in everyone[0].keys() | first.keys() if everyone[0].get(k) != first.get(k))
+    shown = "; ".join(f"{k} is {_brief(first.get(k))} there, {_brief(everyone[0].get(k))} on rank 0" for k in keys[:4])
+    more = f" (and {len(keys) - 4} more: {', '.join(keys[4:10])})" if len(keys) > 4 else ""
+    if world.local_rank != 0:
+        raise SystemExit(2)
+    raise ConfigError(
+        f"rank{'s' if len(differing) > 1 else ''} {', '.join(map(str, differing))} of {world.size} got other settings "
+        f"or inputs than rank 0 (rank {differing[0]}: {shown}{more}): every process of a job needs the same params "
+        f"file, --set options, preset and paths; nothing was run")
+
+
+def _brief(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def file_identity(path: object) -> str:
+    """What cheaply tells two nodes' copies of an input apart: a file's size (not its mtime: copies made for
+    each node differ there), or what is at the path."""
+    p = Path(str(path))
+    if p.is_file():
+        return f"file of {p.stat().st_size} bytes"
+    return "directory" if p.is_dir() else "nothing"
+
+
 def launched() -> bool:
     """Whether this process was started by torchrun (or another launcher that sets its environment)."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -77,6 +120,7 @@ def init_world(device: str = "auto") -> World:
     if not launched() or int(os.environ["WORLD_SIZE"]) == 1:
         return World(device=pick_device(device))
     _die_with_launcher()
+    _stop_at_once()
     rank, size, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     chosen = pick_device(device)
     if chosen.type == "cuda":
@@ -103,6 +147,17 @@ def _die_with_launcher() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     if os.getppid() != parent:  # the launcher died before the request took effect
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _stop_at_once() -> None:
+    """SIGTERM/SIGINT (torchrun passes on what the launcher got: a scheduler's cancel, Ctrl-C) end this rank at
+    once, as SIGKILL would: every stage resumes from that (outputs are committed last, by renames, and the
+    resume point is written atomically), and no rank waits in a Python handler for a long C++ call to return,
+    or prints a KeyboardInterrupt traceback per process."""
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def shutdown_world() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from .launch import DISTRIBUTED, LaunchConfig, relaunch
-from .params import build, load_params, parse_overrides
+from .params import as_params, build, load_params, parse_overrides
 
 PathType = click.Path(path_type=Path)
 GPT_MODEL_HELP = "GPT config for upstream checkpoints (they carry none): a name (GPT-B ... GPT-3B) or a JSON file"
@@ -57,12 +57,30 @@ def resolved_config(ctx: click.Context, stage: str):
 
 def _setup(ctx: click.Context, stage: str | None = None):
     """(the stage's resolved config, this process's World: its device, and under torchrun its rank)."""
-    from pipeline.distributed import init_world, shutdown_world
+    from pipeline.distributed import check_same_job, init_world, shutdown_world
 
     cfg = resolved_config(ctx, stage) if stage else None
     world = init_world(ctx.obj["device"])
     ctx.call_on_close(shutdown_world)
+    if stage in DISTRIBUTED:
+        check_same_job(world, _job_facts(ctx, stage, cfg))
     return cfg, world
+
+
+def _job_facts(ctx: click.Context, stage: str, cfg) -> dict[str, object]:
+    """What every process of a job must agree on: the stage's resolved settings, the preset, the device and
+    the subcommand's options (paths with what is at them)."""
+    from pipeline.distributed import file_identity
+
+    facts: dict[str, object] = {f"{STAGES[stage][2]}.{k}": v for k, v in as_params(cfg).items()}
+    facts.update({"--preset": active_preset(ctx), "--device": ctx.obj["device"]})
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        name = param.opts[0] if param.opts else param.name
+        facts[name] = str(value) if isinstance(value, Path) else value
+        if isinstance(value, Path):
+            facts[f"{name} (what is there)"] = file_identity(value)
+    return facts
 
 
 def active_preset(ctx: click.Context) -> str | None:
@@ -80,10 +98,14 @@ def active_preset(ctx: click.Context) -> str | None:
 @click.option("--nproc-per-node", type=int, default=None, help="run reflogp/train/eval under torchrun with N processes (default: launch.nproc_per_node)")
 @click.option("--nnodes", type=int, default=None, help="nodes of a multi-node job (default: launch.nnodes)")
 @click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="multi-node rendezvous, the same on every node")
+@click.option("--rdzv-id", default=None, metavar="ID",
+              help="this job's rendezvous id, the same on every node (default: launch.rdzv_id, else the scheduler's job id, "
+                   "else a digest of the command line)")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 @click.pass_context
 def main(ctx: click.Context, params: Path, overrides: tuple[str, ...], preset: str | None, device: str,
-         nproc_per_node: int | None, nnodes: int | None, rdzv_endpoint: str | None, verbose: bool) -> None:
+         nproc_per_node: int | None, nnodes: int | None, rdzv_endpoint: str | None, rdzv_id: str | None,
+         verbose: bool) -> None:
     """cca-pipe: Condition Contrastive Alignment for autoregressive image generators, offline."""
     from pipeline.distributed import launched, rank_zero
 
@@ -91,17 +113,17 @@ def main(ctx: click.Context, params: Path, overrides: tuple[str, ...], preset: s
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     ctx.obj = {"params": params, "overrides": list(overrides), "device": device, "preset": preset}
     if ctx.invoked_subcommand in DISTRIBUTED and not launched():
-        launch = _launch_config(ctx, nproc_per_node, nnodes, rdzv_endpoint)
+        launch = _launch_config(ctx, nproc_per_node, nnodes, rdzv_endpoint, rdzv_id)
         if launch.nproc_per_node > 1 or launch.nnodes > 1:
             ctx.exit(relaunch(launch, sys.argv[1:]))
 
 
-def _launch_config(ctx: click.Context, nproc_per_node, nnodes, rdzv_endpoint) -> LaunchConfig:
+def _launch_config(ctx: click.Context, nproc_per_node, nnodes, rdzv_endpoint, rdzv_id=None) -> LaunchConfig:
     """params.yaml's launch section, `--set launch.*` over it, the command line's options over both."""
     params = load_params(ctx.obj["params"]) if Path(ctx.obj["params"]).is_file() else {}
     overrides = parse_overrides(ctx.obj["overrides"], params, ctx.obj["params"])
-    flags = {k: v for k, v in (("nproc_per_node", nproc_per_node), ("nnodes", nnodes), ("rdzv_endpoint", rdzv_endpoint))
-             if v is not None}
+    flags = {k: v for k, v in (("nproc_per_node", nproc_per_node), ("nnodes", nnodes), ("rdzv_endpoint", rdzv_endpoint),
+                               ("rdzv_id", rdzv_id)) if v is not None}
     return build(LaunchConfig, params, "launch", overrides={"launch": {**overrides.get("launch", {}), **flags}})
 
 

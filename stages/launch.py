@@ -2,21 +2,36 @@
 itself under PyTorch's own launcher, `python -m torch.distributed.run`, which starts the processes, sets
 RANK/WORLD_SIZE/LOCAL_RANK and stops every process as soon as one fails (max restarts 0). Multi-node: run
 the same command on each node with `--nnodes` and a shared `--rdzv-endpoint host:port` (torchrun's c10d
-rendezvous; README shows a SLURM script)."""
+rendezvous; README shows a SLURM script).
+
+Each job meets under its own rendezvous id (`--rdzv-id`, `launch.rdzv_id`), so two jobs on one endpoint never
+join one rendezvous. Unset, it is the scheduler's job id (`slurm-$SLURM_JOB_ID[.$SLURM_STEP_ID]`, else
+PBS_JOBID, LSB_JOBID, FLUX_JOB_ID), else a digest of the command line without its launch options: the same on
+every node of a job run with the same command, different for jobs that run another stage or write another
+output. The endpoint's port is served by the job's first node: a port already in use on that machine is
+another job's, refused in one line (give each job its own port), unless the id is given explicitly (several
+"nodes" of one job on one machine: start each with the same `--rdzv-id`)."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import logging
+import os
+import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 
-from pipeline.config import check_ranges, setting
+from pipeline.config import ConfigError, check_ranges, setting
 
 log = logging.getLogger(__name__)
 
 DISTRIBUTED = ("reflogp", "train", "eval")  # the stages that share their work over processes
-_OPTIONS = ("--nproc-per-node", "--nnodes", "--rdzv-endpoint")
+_OPTIONS = ("--nproc-per-node", "--nnodes", "--rdzv-endpoint", "--rdzv-id")
+# job ids of the schedulers (SLURM, PBS/Torque, LSF, Flux): the same on every node of a job, unique among jobs
+_SCHEDULER_JOB_IDS = ("PBS_JOBID", "LSB_JOBID", "FLUX_JOB_ID")
 
 
 @dataclass
@@ -24,13 +39,14 @@ class LaunchConfig:
     nproc_per_node: int = setting(1, ge=1)  # processes per node (one per GPU); 1: a plain process
     nnodes: int = setting(1, ge=1)
     rdzv_endpoint: str = ""  # host:port of the rendezvous, the same on every node (multi-node only)
+    rdzv_id: str = ""  # the job's rendezvous id, the same on every node; "": the scheduler's job id (module doc)
 
     def __post_init__(self) -> None:
         check_ranges(self, "launch")
 
 
-def torchrun_command(cfg: LaunchConfig, argv: list[str]) -> list[str]:
-    """The torchrun command line that runs `cca-pipe argv` (without the launch options) on this node."""
+def launch_arguments(argv: list[str]) -> list[str]:
+    """`argv` without the launch options (what torchrun's processes run)."""
     rest, skip = [], False
     for arg in argv:
         if skip:
@@ -39,17 +55,85 @@ def torchrun_command(cfg: LaunchConfig, argv: list[str]) -> list[str]:
             skip = True
         elif not arg.startswith(tuple(f"{o}=" for o in _OPTIONS)):
             rest.append(arg)
+    return rest
+
+
+def rendezvous_id(cfg: LaunchConfig, argv: list[str], environ: dict[str, str] | None = None) -> str:
+    """This job's rendezvous id: the setting, else the scheduler's job id, else a digest of the command line."""
+    env = os.environ if environ is None else environ
+    if cfg.rdzv_id:
+        return cfg.rdzv_id
+    if env.get("SLURM_JOB_ID"):  # with the step: two sruns of one allocation are two jobs
+        return "slurm-" + env["SLURM_JOB_ID"] + (f".{env['SLURM_STEP_ID']}" if env.get("SLURM_STEP_ID") else "")
+    for name in _SCHEDULER_JOB_IDS:
+        if env.get(name):
+            return f"{name.split('_')[0].lower()}-{env[name]}"
+    return "cca-pipe-" + hashlib.sha256("\0".join(launch_arguments(argv)).encode()).hexdigest()[:16]
+
+
+def torchrun_command(cfg: LaunchConfig, argv: list[str]) -> list[str]:
+    """The torchrun command line that runs `cca-pipe argv` (without the launch options) on this node."""
+    rest = launch_arguments(argv)
     if cfg.nnodes == 1 and not cfg.rdzv_endpoint:
         where = ["--standalone"]  # a free port on this machine
     else:
         where = ["--nnodes", str(cfg.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", cfg.rdzv_endpoint or "localhost:29400",
-                 "--rdzv-id", "cca-pipe"]
+                 "--rdzv-id", rendezvous_id(cfg, argv)]
     return [sys.executable, "-m", "torch.distributed.run", *where, "--nproc-per-node", str(cfg.nproc_per_node),
             "--max-restarts", "0", "-m", "stages.cli", *rest]
 
 
+def check_endpoint_free(cfg: LaunchConfig) -> None:
+    """On the machine named by the endpoint, its port must be free: torchrun's first node serves the
+    rendezvous there, and a node finding the port taken would join whatever serves it (another job's store,
+    which goes when that job ends, taking this one down with C++ errors)."""
+    from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname, parse_rendezvous_endpoint
+
+    if (cfg.nnodes == 1 and not cfg.rdzv_endpoint) or cfg.rdzv_id:
+        return  # --standalone: a free port; an explicit id: joining that job on purpose
+    host, port = parse_rendezvous_endpoint(cfg.rdzv_endpoint or "localhost:29400", default_port=29400)
+    if not _matches_machine_hostname(host):
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a finished job's TIME_WAIT is no conflict
+        try:
+            probe.bind(("", port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            raise ConfigError(
+                f"the rendezvous endpoint {host}:{port} (--rdzv-endpoint / launch.rdzv_endpoint) is already in use on "
+                f"this machine, by another job or program: give each job its own port, e.g. {host}:{port + 1}") from None
+
+
+# What a scheduler or a user stops a job with (SLURM's scancel: SIGTERM; Ctrl-C: SIGINT; a closed terminal: SIGHUP)
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def relaunch(cfg: LaunchConfig, argv: list[str]) -> int:
-    """Run the command under torchrun and return its exit status."""
+    """Run the command under torchrun and return its exit status. A stop signal this process gets is passed on
+    to torchrun, which passes it to every rank and waits for them (then SIGKILL, after 30 s); the ranks stop
+    where they are (pipeline/distributed.py), keeping their resume point, and this process returns 128 +
+    the signal's number once torchrun is gone: a job told to stop does not go on to commit its output."""
+    check_endpoint_free(cfg)
     command = torchrun_command(cfg, argv)
     log.info("running under torchrun: %d processes per node, %d node(s)", cfg.nproc_per_node, cfg.nnodes)
-    return subprocess.run(command).returncode
+    received: list[int] = []
+    torchrun: list[subprocess.Popen] = []
+
+    def forward(signum, _frame) -> None:
+        received.append(signum)
+        if torchrun:
+            torchrun[0].send_signal(signum)  # a no-op once it has exited
+
+    # installed before torchrun starts: a signal in between would otherwise kill only this process
+    previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    try:
+        torchrun.append(subprocess.Popen(command))
+        if received:  # arrived while torchrun was starting
+            torchrun[0].send_signal(received[0])
+        returncode = torchrun[0].wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 + received[0] if received else returncode

@@ -6,6 +6,7 @@ can never hang the suite."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -181,6 +182,61 @@ def test_a_killed_two_process_train_resumes_with_one(caches: Path):
     assert [r["step"] for r in steps(out)] == list(range(20))
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (children, grandchildren, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_to_the_launcher_stops_every_rank_uncommitted_and_resumable(caches: Path, signum: int):
+    """The launcher alone gets the signal (a scheduler's cancel): it reaches torchrun and both ranks, which
+    stop without committing, keeping the resume point; the launcher exits non-zero; a rerun resumes."""
+    longer = ["--set", "train.epochs=4"]  # 40 steps: the signal lands well before the end
+    out = caches / f"train_{signum.name}"
+    resume = caches / f"train_{signum.name}.partial" / "checkpoints" / "resume.json"
+    cmd = [str(BIN / "cca-pipe"), "--params", str(caches / "params.yaml"), *longer, "--nproc-per-node", "2",
+           *map(str, train_args(caches, out))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not (resume.parent / "0000002.pt").is_file():
+            time.sleep(0.005)
+        job = descendants(proc.pid)  # torchrun and the two ranks (and anything they started)
+        assert proc.poll() is None and len(job) >= 3, "the job ended before it could be stopped"
+        os.kill(proc.pid, signum)  # the launcher only, as `kill -TERM <pid>` or scancel's SIGTERM
+        returncode = proc.wait(timeout=90)
+        survivors = [pid for pid in job if running(pid)]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # only if the test failed: nothing may outlive it
+        proc.wait()
+    assert returncode == 128 + signum and not survivors
+    assert not out.exists() and resume.is_file()  # not committed; the resume point kept
+    result = cca(caches, *longer, *train_args(caches, out), nproc=2)
+    assert "resuming" in result.stderr
+    assert [r["step"] for r in steps(out)] == list(range(40))
+
+
 def test_eval_with_two_processes_writes_the_same_samples_and_metrics(caches: Path):
     def run_eval(out: Path, nproc: int) -> dict:
         cca(caches, "eval", "--vq", caches / "vq.pt", "--base", caches / "gpt.pt", "--policy", caches / "gpt.pt",
@@ -215,3 +271,67 @@ def test_a_failing_rank_stops_the_job_with_its_message(world: Path, tmp_path: Pa
                            "--max-restarts", "0", str(script)], capture_output=True, text=True, env=ENV, timeout=120)
     assert proc.returncode != 0 and time.time() - started < 60
     assert "cca-pipe: error: rank 1 found a bad input: /data/missing.pt" in proc.stdout + proc.stderr
+
+
+def torchrun(script: Path, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--max-restarts", "0", str(script), *map(str, args)],
+                          capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def test_ranks_given_other_settings_or_inputs_stop_at_once_naming_the_rank_and_keys(tmp_path: Path):
+    """Rank 1 gets its own `--set train.lambda=1000` (another params file would do the same) and runs in a folder
+    of its own (a node's local disk) where `--init gpt.pt` is another file (a stale copy: another size). Both
+    ranks stop before any work, with one line naming rank 1 and both keys, in seconds, not after the
+    process-group timeout."""
+    for rank, size in ((0, 10), (1, 20)):
+        (tmp_path / f"node{rank}").mkdir()
+        (tmp_path / f"node{rank}" / "gpt.pt").write_bytes(b"x" * size)
+    script = tmp_path / "wrapper.py"
+    script.write_text(
+        "import os, sys\n"
+        "from stages.cli import run\n"
+        f"os.chdir({str(tmp_path)!r} + '/node' + os.environ['RANK'])\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    sys.argv[1:1] = ['--set', 'train.lambda=1000']\n"
+        "run()\n")
+    started = time.time()
+    proc = torchrun(script, "--params", ROOT / "params.yaml", "--device", "cpu", "train", "--init", "gpt.pt",
+                    "--out", tmp_path / "out")
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "cca-pipe: error:" in line]
+    assert proc.returncode != 0 and time.time() - started < 60
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "rank 1 of 2" in errors[0] and "train.lambda is 1000.0 there, 10.0 on rank 0" in errors[0], errors[0]
+    assert "--init (what is there) is 'file of 20 bytes' there" in errors[0], errors[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_each_job_has_its_own_rendezvous_id_the_same_on_every_node():
+    from stages.launch import LaunchConfig, rendezvous_id, torchrun_command
+
+    multi = LaunchConfig(nproc_per_node=2, nnodes=2, rdzv_endpoint="node0:29400")
+    job = ["--nnodes", "2", "train", "--out", "data/train"]
+    assert rendezvous_id(multi, job, {}) == rendezvous_id(multi, ["--nnodes=2", *job[2:]], {})  # node to node
+    assert rendezvous_id(multi, job, {}) != rendezvous_id(multi, [*job[:-1], "data/train_l30"], {})  # job to job
+    assert rendezvous_id(multi, job, {"SLURM_JOB_ID": "417", "SLURM_STEP_ID": "0"}) == "slurm-417.0"
+    assert rendezvous_id(multi, job, {"PBS_JOBID": "88.head"}) == "pbs-88.head"
+    named = LaunchConfig(nproc_per_node=2, nnodes=2, rdzv_endpoint="node0:29400", rdzv_id="mine")
+    assert rendezvous_id(named, job, {"SLURM_JOB_ID": "417"}) == "mine"
+    command = torchrun_command(multi, job)
+    assert command[command.index("--rdzv-id") + 1] == rendezvous_id(multi, job)
+
+
+def test_a_rendezvous_endpoint_in_use_on_this_machine_is_refused_in_one_line(world: Path, tmp_path: Path):
+    """A second job given the endpoint a first job serves (here: any listener on the port) would join that
+    job's store: refused before torchrun starts, one line, exit 2."""
+    import socket
+
+    with socket.socket() as first_job:
+        first_job.bind(("", 0))
+        first_job.listen()
+        port = first_job.getsockname()[1]
+        proc = cca(world, "--rdzv-endpoint", f"localhost:{port}", "reflogp", "--tokens", world / "tokens.zarr",
+                   "--ref", world / "gpt.pt", "--out", tmp_path / "cache.parquet", nproc=2, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"cca-pipe: error: the rendezvous endpoint localhost:{port}")
+    assert len([line for line in proc.stderr.splitlines() if "error" in line.lower()]) == 1
