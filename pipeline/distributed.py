@@ -5,7 +5,9 @@ re-executes itself under torchrun) sets RANK, WORLD_SIZE and LOCAL_RANK; `init_w
 group (NCCL on CUDA with each rank on its LOCAL_RANK device, gloo on CPU). A plain process is a world of
 one: no process group, every collective a no-op, so stages run the same code either way.
 
-A stop signal (SIGTERM, SIGINT) ends every rank at once: the job stops uncommitted, resumable.
+A stop signal (SIGTERM, SIGINT) ends every rank at once: the job stops uncommitted, resumable. Before any
+work, the ranks of a stage check that they were given the same job (`check_same_job`: one digest of the
+resolved settings, paths and input sizes), so a node with another params file fails at once, by name.
 
 Only the main process (rank 0) claims and writes shared outputs, logs and draws progress bars; the others
 compute their share. A rank that fails exits non-zero, and torchrun (max restarts 0) stops the others

@@ -55,8 +55,9 @@ def run(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, out: Path, device
         vae: Path | None = None, vae_model: str | None = None, depth: int | None = None, preset: str | None = None,
         world: World | None = None) -> None:
     """`out` and its parts directory `<out>.partial` must be absent or caches of ours (checked first). Under
-    torchrun (`world`) the parts still to compute are dealt out to the processes, each writing its own; the
-    main process merges them when all exist: the cache is the one-process cache, whatever the world size."""
+    torchrun (`world`) the batches of each part still to compute are dealt out to the processes, and the main
+    process writes the part (the resume unit) from what they return, then merges the parts: every process
+    works whatever the number of parts, and the cache is the one-process cache, whatever the world size."""
     world = world or World(device=device)
     with world.main_only(claim_ref_cache(out)) as claim:
         _reflogp(cfg, tokens_path, ref_path, claim, world, gpt_model, vae, vae_model, depth, preset)
@@ -64,7 +65,7 @@ def run(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, out: Path, device
 
 def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world: World, gpt_model, vae, vae_model,
              depth, preset) -> None:
-    out, device = claim.target, world.device
+    out = claim.target
     store = open_token_store(tokens_path)
     family, model = load_for_store(ref_path, "--ref", store, tokens_path, world, cfg.strategy, preset,
                                    spec=gpt_model, vae=vae, vae_model=vae_model, depth=depth)
@@ -91,20 +92,17 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
     pending = world.broadcast(parts.pending() if world.main else None)
     if len(pending) < parts.num_parts:
         log.info("resuming %s: %d of %d parts already computed", out, parts.num_parts - len(pending), parts.num_parts)
-    mine: list[int | None] = world.share(pending)
-    forwards = None
-    if cfg.strategy == "fsdp" and world.size > 1:  # every process runs as many forwards as the busiest: parts
-        model = distribute(model, world, "fsdp")  # and batches padded
-        mine += [None] * (-(-len(pending) // world.size) - len(mine))
-        forwards = cfg.part_rows // cfg.batch_size
-    for k in progress(mine, desc="reflogp parts", unit="part"):
-        if k is None:  # no part left for this process: the forwards its sharded model owes the others
-            reference_logps(model, store.tokens, {name: column[: cfg.batch_size] for name, column in pairs.items()},
-                            cfg.batch_size, device, forwards=forwards, noise=noise)
-            continue
+    sharded = cfg.strategy == "fsdp" and world.size > 1
+    if sharded:
+        model = distribute(model, world, "fsdp")
+    dealt = 0  # batches dealt so far: who gets a part's odd batches goes round the ranks from part to part
+    for k in progress(pending, desc="reflogp parts", unit="part"):
         start, stop = parts.part_range(k)
+        logps = _part_logps(model, store.tokens, pairs, start, stop, cfg.batch_size, dealt, world, sharded, noise)
+        dealt += -(-(stop - start) // cfg.batch_size)
+        if not world.main:
+            continue
         part = {name: column[start:stop] for name, column in pairs.items()}
-        logps = reference_logps(model, store.tokens, part, cfg.batch_size, device, forwards=forwards, noise=noise, first_row=start)
         bad = ~np.isfinite(np.stack(list(logps.values()))).all(0)
         if bad.any():
             raise FloatingPointError(
@@ -121,3 +119,30 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
     ratio = logps["ref_logp_pos"] - logps["ref_logp_null"]
     log.info("cached %d rows -> %s; mean log p(x|c) %.2f, mean log p(x|c)-log p(x|null) %.2f nats",
              len(ratio), out, logps["ref_logp_pos"].mean(), ratio.mean())
+
+
+def _part_logps(model, tokens, pairs: dict[str, np.ndarray], start: int, stop: int, batch_size: int, dealt: int,
+                world: World, sharded: bool, noise: ReferenceNoise) -> dict[str, np.ndarray] | None:
+    """The reference log-probs of cache rows [start, stop) on the main process (None on the others). The part's
+    batches are split into one contiguous run per process, as even as whole batches allow (the odd ones go
+    round the ranks, counting on from `dealt`); each batch holds the rows one process would put in it (a
+    part is a whole number of batches) and the dropout masks are keyed by cache row, so the cache is the
+    one-process cache bit for bit."""
+    batches = -(-(stop - start) // batch_size)
+    counts = [batches // world.size + ((r - dealt) % world.size < batches % world.size) for r in range(world.size)]
+    first = start + sum(counts[: world.rank]) * batch_size
+    mine = (first, min(first + counts[world.rank] * batch_size, stop))
+    logps = {}
+    if mine[1] > mine[0] or sharded:  # a sharded model runs each forward on every process: one without a batch
+        run = mine if mine[1] > mine[0] else (start, min(start + batch_size, stop))  # repeats the first
+        logps = reference_logps(model, tokens, {name: column[run[0]:run[1]] for name, column in pairs.items()}, batch_size,
+                                world.device, forwards=max(counts) if sharded else None, noise=noise, first_row=run[0])
+        logps = logps if mine[1] > mine[0] else {}
+    shares = world.gather((mine[0], logps))
+    if not world.main:
+        return None
+    out = {key: np.zeros(stop - start, dtype=np.float64) for key in ("ref_logp_pos", "ref_logp_neg", "ref_logp_null")}
+    for share_start, share in shares:
+        for key, values in share.items():
+            out[key][share_start - start : share_start - start + len(values)] = values
+    return out

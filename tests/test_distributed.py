@@ -110,6 +110,54 @@ def test_reflogp_with_two_fsdp_processes_equals_one(caches: Path):
         assert np.abs(one[name] - fsdp[name]).max() < 1e-5, name
 
 
+COUNTING_REFLOGP = """
+import os, sys
+from pathlib import Path
+import stages.reflogp as stage
+from stages.cli import run
+real_logps, real_write, counts, written = stage.reference_logps, stage.RefCacheParts.write_part, Path(sys.argv.pop(1)), []
+crash_after = int(os.environ.get("CRASH_AFTER_PARTS", "0"))
+
+def counted(model, tokens, pairs, *args, **kwargs):  # the rows this rank computes
+    with open(counts / f"rank{os.environ['RANK']}", "a") as f:
+        f.write(f"{len(pairs['row'])}\\n")
+    return real_logps(model, tokens, pairs, *args, **kwargs)
+
+def write_then_crash(self, k, columns):  # a job killed after that many parts
+    real_write(self, k, columns)
+    written.append(k)
+    if len(written) == crash_after:
+        os._exit(3)
+
+stage.reference_logps, stage.RefCacheParts.write_part = counted, write_then_crash
+run()
+"""
+
+
+def test_two_process_reflogp_shares_even_a_single_part_and_resumes(caches: Path, tmp_path: Path):
+    """A job stopped after 4 of 5 parts: the rerun's one pending part (2 batches of 8 rows) is shared by both
+    processes (by parts, one of them had it all), and the cache is the uninterrupted one-process cache."""
+    script = tmp_path / "counting.py"
+    script.write_text(COUNTING_REFLOGP)
+    out = tmp_path / "cache.parquet"
+    args = ["--params", caches / "params.yaml", "--device", "cpu", "reflogp", "--tokens", caches / "tokens.zarr",
+            "--ref", caches / "gpt.pt", "--out", out]
+    (tmp_path / "killed").mkdir()
+    killed = torchrun(script, tmp_path / "killed", *args, env={"CRASH_AFTER_PARTS": "4"})
+    assert killed.returncode != 0 and not out.exists(), killed.stderr[-3000:]
+    (tmp_path / "rerun").mkdir()
+    rerun = torchrun(script, tmp_path / "rerun", *args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "4 of 5 parts already computed" in rerun.stderr
+    rows = {rank: sum(map(int, (tmp_path / "rerun" / f"rank{rank}").read_text().split())) for rank in (0, 1)}
+    assert rows == {0: 8, 1: 8}
+    one, meta_one = read_ref_cache(caches / "cache1.parquet")
+    two, meta_two = read_ref_cache(out)
+    assert meta_one == meta_two
+    for name in one:
+        assert np.array_equal(one[name], two[name]), name
+
+
 def test_reflogp_with_two_processes_equals_one(caches: Path):
     one, meta_one = read_ref_cache(caches / "cache1.parquet")
     two, meta_two = read_ref_cache(caches / "cache2.parquet")
@@ -273,10 +321,10 @@ def test_a_failing_rank_stops_the_job_with_its_message(world: Path, tmp_path: Pa
     assert "cca-pipe: error: rank 1 found a bad input: /data/missing.pt" in proc.stdout + proc.stderr
 
 
-def torchrun(script: Path, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+def torchrun(script: Path, *args, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "--max-restarts", "0", str(script), *map(str, args)],
-                          capture_output=True, text=True, env=ENV, timeout=timeout)
+                          capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=timeout)
 
 
 def test_ranks_given_other_settings_or_inputs_stop_at_once_naming_the_rank_and_keys(tmp_path: Path):
