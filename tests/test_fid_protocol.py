@@ -89,9 +89,9 @@ def _eval_world(tmp_path):
 
 
 def _run(tmp_path, reference, out: str) -> dict:
-    cfg = eval_stage.EvalConfig(samples_per_class=8, seeds=[0], cfg_scales=[], batch_size=24, grid_per_class=0)
+    cfg = eval_stage.EvalConfig(samples_per_class=8, seeds=[0], methods=["base"], cfg_scales=[], batch_size=24, grid_per_class=0)
     return eval_stage.run(cfg, tmp_path / "vq.pt", tmp_path / "gpt.pt", None, reference, tmp_path / "clf.pt", tmp_path / out, CPU,
-                          methods=("base",), fidelity_cache=tmp_path / "fc")
+                          fidelity_cache=tmp_path / "fc")
 
 
 def test_eval_scores_fid_against_the_batch_statistics(tmp_path):

@@ -330,7 +330,7 @@ def test_out_of_memory_in_tokenize_and_eval_names_the_batch_size(monkeypatch):
     monkeypatch.setattr(eval_stage, "generate_images", lambda *a, **k: (_ for _ in ()).throw(cpu_oom))
     cfg = eval_stage.EvalConfig(batch_size=64)
     unit = eval_stage.Unit("cfg_1", "base", 1.0, 0)
-    world = SimpleNamespace(share=lambda rows: rows, device=torch.device("cpu"))
+    world = SimpleNamespace(share=lambda rows: rows, device=torch.device("cpu"), size=1, rank=0)
     with pytest.raises(OutOfMemory, match=r"sampling or decoding cfg_1 .*eval\.batch_size = 64 \(2 x 64 sequences.*e\.g\. to 32"):
         eval_stage.sample_unit(unit, SimpleNamespace(sample=None), None, None, cfg, torch.zeros(4, dtype=torch.long), Path("."), world)
 

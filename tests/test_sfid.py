@@ -145,7 +145,7 @@ def test_score_unit_scores_sfid_against_the_batch_mu_s_sigma_s(tmp_path):
     stats = _stats(extract_features(extractor, images)["features"])
     d = np.linspace(-1.0, 1.0, 16) * 3 * np.sqrt(float(np.trace(stats["sigma"])) / 16)
     ref = eval_stage.Reference(images, stats, "batch.npz", {"mu": stats["mu"] + d, "sigma": stats["sigma"]})
-    cfg = eval_stage.EvalConfig(samples_per_class=16, seeds=[0], cfg_scales=[], grid_per_class=0)
+    cfg = eval_stage.EvalConfig(samples_per_class=16, seeds=[0], methods=["base"], cfg_scales=[], grid_per_class=0)
     unit = eval_stage.Unit("base", "base", 0.0, 0)
     (tmp_path / "work" / "samples").mkdir(parents=True)
     ref_features = extract_features(extractor, images)
