@@ -129,9 +129,18 @@ def extract_state_dict(obj: dict, path: str | os.PathLike = "<memory>",
 
 
 def save_torch(path: str | os.PathLike, obj) -> None:
-    """torch.save atomically (temporary name, then rename): a kill or a full disk never leaves half a file."""
+    """torch.save atomically (temporary name, then rename): a kill or a full disk never leaves half a file.
+
+    Same object => same bytes: torch.save given a file name records that name (our temporary one, with the
+    pid) as the archive's folder, so it writes through a file object instead (entries `archive/...`, dated
+    1980 like every torch.save). Writing through Python also keeps a full disk an OSError (ENOSPC) naming
+    the file, where torch's own file writer reports "unexpected pos"."""
     with atomic_file(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def save_checkpoint(path: str | os.PathLike, state_dict: dict, config: dict, family: str, **extra) -> None:

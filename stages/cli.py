@@ -51,7 +51,7 @@ def resolved_config(ctx: click.Context, stage: str):
     for name in (stage, *(s for s in STAGES if s != stage)):
         module, cls, section = STAGES[name]
         config_class = getattr(importlib.import_module(f"stages.{module}"), cls)
-        configs[name] = build(config_class, params, section, ctx.obj["preset"], overrides)
+        configs[name] = build(config_class, params, section, ctx.obj["preset"], overrides, source=ctx.obj["params"])
     return configs[stage]
 
 
@@ -124,7 +124,8 @@ def _launch_config(ctx: click.Context, nproc_per_node, nnodes, rdzv_endpoint, rd
     overrides = parse_overrides(ctx.obj["overrides"], params, ctx.obj["params"])
     flags = {k: v for k, v in (("nproc_per_node", nproc_per_node), ("nnodes", nnodes), ("rdzv_endpoint", rdzv_endpoint),
                                ("rdzv_id", rdzv_id)) if v is not None}
-    return build(LaunchConfig, params, "launch", overrides={"launch": {**overrides.get("launch", {}), **flags}})
+    return build(LaunchConfig, params, "launch", overrides={"launch": {**overrides.get("launch", {}), **flags}},
+                 source=ctx.obj["params"])
 
 
 @main.command()
@@ -392,7 +393,7 @@ def plan(ctx, preset, nproc_per_node, nnodes, gpu_memory, strategy, micro_batch_
             stage_module.make_eval_report(name, cfg, launch.nproc_per_node * launch.nnodes, gpu_memory, device_type, vq_model)
         click.echo(stage_module.format_stage_report(report))
         return
-    cfg = build(TrainConfig, params, "train", ctx.obj["preset"], overrides)  # as `cca-pipe train` resolves it
+    cfg = build(TrainConfig, params, "train", ctx.obj["preset"], overrides, source=ctx.obj["params"])  # as `cca-pipe train` does
     report = stage_module.make_report(name, cfg, launch.nproc_per_node * launch.nnodes, gpu_memory,
                                       (strategy,) if strategy else ("ddp", "fsdp"), device_type)
     click.echo(stage_module.format_report(report))

@@ -98,7 +98,8 @@ class EvalConfig:
 
 
 def save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    """ADM-evaluator layout (arr_0 uint8 NHWC images, arr_1 labels), written atomically."""
+    """ADM-evaluator layout (arr_0 uint8 NHWC images, arr_1 labels), written atomically. Same samples => same
+    bytes: np.savez names its zip entries with ZipInfo's fixed date (1980-01-01), not the time of writing."""
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, arr_0=images, arr_1=labels)
 

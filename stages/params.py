@@ -5,6 +5,7 @@ wrong types and out-of-range values refused, naming the key)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,13 +20,33 @@ class ParamsError(ConfigError):
     pass
 
 
+# Every section a params file may hold (a `--set` into any other is a typo, e.g. `trian.lambda`); a project's
+# params.yaml may add top-level entries of its own (pipelines/*: data_dir, vq_ckpt, ...).
+SECTIONS = ("launch", "prepare", "pretrain_vq", "pretrain_classifier", "tokenize", "import_codes", "pretrain_ar",
+            "reflogp", "train", "eval", "sweep", "paper")
+# A params file is a few hundred values; a document whose aliases (*name) expand to more is a "billion laughs"
+# bomb: every later step (merging, checking, the settings digest, an error's repr) would expand it.
+MAX_EXPANDED_NODES = 100_000
+# YAML 1.2 floats YAML 1.1 reads as strings: 1e-5, 1E5, 2.5e-3, .5e1 (a mantissa without a dot, or any exponent)
+_FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key written twice in one mapping (PyYAML silently keeps the last)."""
+    """SafeLoader that refuses a key written twice in one mapping (PyYAML silently keeps the last) and keys
+    that are not plain values, and reads the floats people write (1e-5) as floats."""
+
+
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
 
 
 def _mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
     seen: dict = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *common`: construct_mapping merges it
+            continue
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key must be a plain value (a name or a number), not a list or a mapping", key_node.start_mark)
         key = loader.construct_object(key_node)
         if key in seen:
             raise yaml.constructor.ConstructorError(
@@ -38,10 +59,40 @@ def _mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 
 
+def _expanded_size(root: yaml.Node, where: str) -> int:
+    """How many nodes the document holds with every alias expanded (counted once per node, so the count of
+    a bomb costs what its text does); refuses more than MAX_EXPANDED_NODES and recursive aliases."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise ParamsError(f"{where} line {node.start_mark.line + 1}: an alias refers to a value that contains it "
+                              "(a recursive structure); write the values out")
+        open_nodes.add(id(node))
+        children = node.value if isinstance(node.value, list) else []
+        total = 1 + sum(size(c) for item in children for c in (item if isinstance(item, tuple) else (item,)))
+        if total > MAX_EXPANDED_NODES:
+            raise ParamsError(f"{where}: its aliases (*name) expand to more than {MAX_EXPANDED_NODES} values (an alias bomb?); "
+                              "a params file needs far fewer: write the values out or use fewer aliases")
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    return size(root)
+
+
 def parse_yaml(text: str, where: str):
-    """YAML -> Python with duplicate keys refused; errors name `where` and the line."""
+    """YAML -> Python with duplicate keys, non-scalar keys and alias bombs refused; errors name `where` and the line."""
+    loader = _StrictLoader(text)
     try:
-        return yaml.load(text, Loader=_StrictLoader)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, where)
+        return loader.construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -49,6 +100,8 @@ def parse_yaml(text: str, where: str):
         hint = " (YAML indents with spaces, never tabs)" if "\t" in text and "tab" in str(problem).lower() or \
             "found character '\\t'" in str(e) else ""
         raise ParamsError(f"{where}{at}: invalid YAML: {' '.join(str(problem).split())}{hint}") from None
+    finally:
+        loader.dispose()
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> dict:
@@ -67,21 +120,31 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
 
 
 def parse_overrides(items: list[str], params: dict | None = None, path: Path | str = "params.yaml") -> dict:
-    """`section.key=value` items (values parsed as YAML) as a nested dict; a key that is a value in params.yaml
-    cannot hold keys."""
+    """`section.key=value` items (values parsed as YAML) as a nested dict. Refused: a section no params file
+    has (a typo), a key that is a value in params.yaml given keys, a section given a value."""
     out: dict = {}
+    params = params or {}
     for item in items:
         if "=" not in item or not item.split("=", 1)[0]:
             raise ParamsError(f"override {item!r} is not of the form section.key=value")
         dotted, value = item.split("=", 1)
-        node, existing = out, params or {}
+        node, existing = out, params
         *parents, leaf = dotted.split(".")
+        top = dotted.split(".")[0]
+        if parents and top not in params and top not in SECTIONS:
+            raise ParamsError(f"override {item!r}: {path} has no section {top!r}; sections: "
+                              f"{', '.join(sorted(set(SECTIONS) | {k for k, v in params.items() if isinstance(v, dict)}))}")
         for key in parents:
             existing = existing.get(key, {}) if isinstance(existing, dict) else None
             if not isinstance(existing, dict):
                 raise ParamsError(f"override {item!r}: {key!r} is a value in {path}, not a section")
             node = node.setdefault(key, {})
-        node[leaf] = parse_yaml(value, f"override --set {item}")
+        parsed = parse_yaml(value, f"override --set {item}")
+        is_section = isinstance(existing.get(leaf), dict) or (not parents and leaf in SECTIONS)
+        if is_section and not isinstance(parsed, dict):
+            raise ParamsError(f"override {item!r}: {dotted!r} is a section of settings, not a value; set one of its keys: "
+                              f"--set {dotted}.KEY=VALUE")
+        node[leaf] = parsed
     return out
 
 
@@ -93,16 +156,18 @@ def merge(base: dict, top: dict) -> dict:
     return out
 
 
-def build(cls: type[T], params: dict, section: str, preset: str | None = None, overrides: dict | None = None) -> T:
+def build(cls: type[T], params: dict, section: str, preset: str | None = None, overrides: dict | None = None,
+          source: str | Path = "params.yaml") -> T:
     """The section's config: defaults <- preset <- params.yaml <- --preset <- --set (stages/presets.py), with
-    unknown keys refused (listing the valid ones), types and ranges checked."""
+    unknown keys refused (listing the valid ones), types and ranges checked; errors name `source`, the
+    params file the values came from (--params)."""
     from .presets import resolve
 
     try:
-        values = resolve(section, params, preset, (overrides or {}).get(section))
+        values = resolve(section, params, preset, (overrides or {}).get(section), source=str(source))
     except ConfigError as e:
         raise ParamsError(str(e)) from e
-    return build_dataclass(cls, values, f"params.yaml [{section}]", error=ParamsError, source="params.yaml")
+    return build_dataclass(cls, values, f"{source} [{section}]", error=ParamsError, source=str(source))
 
 
 def as_params(cfg) -> dict:

@@ -115,16 +115,18 @@ def _preset_section(name: str, section: str, loss: str | None) -> dict:
     return {**recipe.get(section, {}), **recipe.get("per_loss", {}).get(loss, {}).get(section, {})}
 
 
-def resolve(section: str, params: dict, cli_preset: str | None = None, overrides: dict | None = None) -> dict:
+def resolve(section: str, params: dict, cli_preset: str | None = None, overrides: dict | None = None,
+            source: str = "params.yaml") -> dict:
     """The section's values (params.yaml spelling) after presets and overrides; defaults are the config
     class's own and fill whatever is missing when it is built. A preset's values for a loss (DPO's beta_d,
-    Unlearning's lambda_u) stand at the preset's own level once the resolved `loss` names it."""
+    Unlearning's lambda_u) stand at the preset's own level once the resolved `loss` names it. `source`: the
+    params file, for errors."""
     file_preset = params.get("preset") or None
     if file_preset is not None and not isinstance(file_preset, str):
-        raise ConfigError(f"params.yaml: preset must be a name, not {file_preset!r}")
+        raise ConfigError(f"{source}: preset must be a name, not {file_preset!r}")
     written = params.get(section)
     if written is not None and not isinstance(written, dict):
-        raise ConfigError(f"params.yaml section {section!r} must be a mapping of settings, not {written!r}")
+        raise ConfigError(f"{source} section {section!r} must be a mapping of settings, not {written!r}")
 
     def layers(loss: str | None) -> dict:
         values: dict = {}

@@ -121,3 +121,21 @@ def test_slow_throughputs_keep_significant_digits():
     assert [significant(x) for x in (0.4, 0.0123, 4.567, 45.67, 1000.0, 12345.6)] == \
         ["0.400", "0.0123", "4.57", "45.7", "1000", "12346"]
     assert "| 0.250 |" in results_table([("cca", {"images_per_s": 0.25})])
+
+
+def test_two_evals_write_the_same_bytes(tmp_path):
+    """Same models and settings => byte-identical ADM npz, grids and reference-feature cache (np.savez dated
+    every zip entry with the time of writing: issue 21 item 5)."""
+    from pipeline.checkpoint import file_sha256
+
+    _world(tmp_path)
+    cfg = eval_stage.EvalConfig(samples_per_class=2, seeds=[0], cfg_scales=[1.0], batch_size=6, grid_per_class=1)
+    digests = []
+    for run in ("a", "b"):
+        eval_stage.run(cfg, tmp_path / "vq.pt", tmp_path / "gpt.pt", tmp_path / "gpt.pt", tmp_path / "ref", tmp_path / "clf.pt",
+                       tmp_path / f"eval_{run}", CPU, methods=("base", "cca"), fidelity_cache=tmp_path / f"fidelity_{run}")
+        files = [*sorted((tmp_path / f"eval_{run}").glob("*/*.npz")), *sorted((tmp_path / f"eval_{run}").glob("grids/*.png")),
+                 *sorted((tmp_path / f"fidelity_{run}").glob("*.npz"))]
+        digests.append({p.name: file_sha256(p) for p in files})
+    assert len(digests[0]) == 5  # base and cca samples, their grids, the reference features
+    assert digests[0] == digests[1]

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.checkpoint import save_checkpoint
+from pipeline.checkpoint import file_sha256, save_checkpoint
 from pipeline.formats import read_ref_cache
 from pipeline.models.llamagen import GPT, GPTConfig
 from pipeline.tokenstore import write_token_store
@@ -104,6 +104,12 @@ def test_train_resumes_to_identical_weights(world: Path):
     resumed = torch.load(out / "policy.pt", weights_only=True)["model"]
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
+    # byte for byte (issue 21 item 5): the policy and every numbered checkpoint, as DVC and sha256-keyed caches see them
+    assert file_sha256(out / "policy.pt") == file_sha256(world / "train_full/policy.pt")
+    numbered = sorted(p.name for p in (world / "train_full/checkpoints").glob("[0-9]*.pt"))
+    assert numbered and numbered == sorted(p.name for p in (out / "checkpoints").glob("[0-9]*.pt"))
+    for name in numbered:
+        assert file_sha256(out / "checkpoints" / name) == file_sha256(world / "train_full/checkpoints" / name), name
     log_full = [json.loads(line) for line in (world / "train_full/log.jsonl").read_text().splitlines()]
     log_resumed = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log_resumed] == [r["step"] for r in log_full]
@@ -145,6 +151,8 @@ def test_second_writer_fails_at_once_and_the_first_equals_a_solo_run(world: Path
     shared = torch.load(out / "policy.pt", weights_only=True)["model"]
     alone = torch.load(solo / "policy.pt", weights_only=True)["model"]
     assert all(torch.equal(shared[k], alone[k]) for k in alone)
+    for name in ["policy.pt", *(f"checkpoints/{p.name}" for p in (solo / "checkpoints").glob("[0-9]*.pt"))]:
+        assert file_sha256(out / name) == file_sha256(solo / name), name  # two runs, the same bytes
     assert (out / "log.jsonl").read_text() == (solo / "log.jsonl").read_text()
     assert not (world / ".train_shared.lock").exists()
 
