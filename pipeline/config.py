@@ -44,6 +44,9 @@ def _bounds(meta: dict) -> str:
 
 def _check_value(value: Any, meta: dict) -> str | None:
     """Why `value` is outside the field's declared range, or None."""
+    if isinstance(value, dict):  # e.g. train.lambda_conditioning {min, max}: the class checks the rest
+        bad = [k for k, v in value.items() if isinstance(v, float) and meta.get("finite", True) and not math.isfinite(v)]
+        return f"{bad[0]} must be a finite number" if bad else None
     items = value if isinstance(value, (list, tuple)) else [value]
     if meta.get("nonempty") and isinstance(value, (list, tuple, str)) and len(value) == 0:
         return "must not be empty"

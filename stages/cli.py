@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,40 @@ from .launch import DISTRIBUTED, LaunchConfig, relaunch
 from .params import as_params, build, load_params, parse_overrides
 
 PathType = click.Path(path_type=Path)
+# what cca-pipe writes beside an output: `.<name>.lock`, `<name>.partial`, `<name>.old`, `.<name>.<pid>.tmp`
+COMPANION_BYTES = len("..4194304.tmp")
+
+
+class OutputPathType(click.Path):
+    """An output path (--out), checked when the command line is read, before any work: a name whose companions
+    stay within the file system's name limit, parents that are directories, and places this user may write."""
+
+    def convert(self, value, param, ctx):
+        path = super().convert(value, param, ctx)
+        check_output_path(path)
+        return path
+
+
+def check_output_path(path: Path) -> None:
+    from pipeline.outputs import OutputError
+
+    existing = next(p for p in (path, *path.parents) if p.exists())  # the nearest existing one ("." or "/" at worst)
+    if not existing.is_dir():
+        if existing != path:
+            raise OutputError(f"--out {path}: {existing} is a file, not a directory, so nothing can be written under it; "
+                              "choose another output path")
+        existing = existing.parent  # a file output: it is replaced by a rename in its directory
+    limit = os.pathconf(existing, "PC_NAME_MAX")
+    if len(os.fsencode(path.name)) + COMPANION_BYTES > limit:
+        raise OutputError(f"--out {path}: the name is {len(os.fsencode(path.name))} bytes; cca-pipe writes companions beside "
+                          f"it (.<name>.lock, <name>.partial) that must stay within this file system's {limit}-byte "
+                          f"limit: choose a name of at most {limit - COMPANION_BYTES} bytes")
+    if not os.access(existing, os.W_OK | os.X_OK):  # a read-only target directory or parent fails only at the commit
+        raise OutputError(f"--out {path}: {existing} is not writable by this user (read-only): make it writable or choose "
+                          "another output path")
+
+
+OutPath = OutputPathType(path_type=Path)
 GPT_MODEL_HELP = "GPT config for upstream checkpoints (they carry none): a name (GPT-B ... GPT-3B) or a JSON file"
 VAE_HELP = "VAR only: the VQVAE checkpoint (vae_ch160v4096z32.pth) whose quantiser builds VAR's input"
 VAE_MODEL_HELP = "VAR only: the VQVAE's config, a name (vae_ch160v4096z32, the default) or a JSON file"
@@ -148,7 +183,7 @@ def config(ctx, stage, preset):
 
 
 @main.command()
-@click.option("--out", default="data/images", type=PathType, show_default=True)
+@click.option("--out", default="data/images", type=OutPath, show_default=True)
 @click.pass_context
 def prepare(ctx, out):
     """Write scikit-learn's digits as class folders (embedded default)."""
@@ -160,7 +195,7 @@ def prepare(ctx, out):
 
 @main.command("pretrain-vq")
 @click.option("--images", default="data/images/train", type=PathType, show_default=True)
-@click.option("--out", default="data/vq/vq.pt", type=PathType, show_default=True)
+@click.option("--out", default="data/vq/vq.pt", type=OutPath, show_default=True)
 @click.pass_context
 def pretrain_vq(ctx, images, out):
     """Train a small LlamaGen-design VQ tokenizer (embedded default)."""
@@ -173,7 +208,7 @@ def pretrain_vq(ctx, images, out):
 @main.command("pretrain-classifier")
 @click.option("--train", "train_dir", default="data/images/train", type=PathType, show_default=True)
 @click.option("--test", "test_dir", default="data/images/test", type=PathType, show_default=True)
-@click.option("--out", default="data/classifier/classifier.pt", type=PathType, show_default=True)
+@click.option("--out", default="data/classifier/classifier.pt", type=OutPath, show_default=True)
 @click.pass_context
 def pretrain_classifier(ctx, train_dir, test_dir, out):
     """Train the evaluator's classifier (embedded default)."""
@@ -188,7 +223,7 @@ def pretrain_classifier(ctx, train_dir, test_dir, out):
 @click.option("--vq", "vq_path", default="data/vq/vq.pt", type=PathType, show_default=True,
               help="the tokenizer: LlamaGen's VQ or VAR's VQVAE (told apart by its keys)")
 @click.option("--vq-model", default=None, help="VQ config for upstream files: a name (VQ-16) or a JSON file")
-@click.option("--out", default="data/tokens/train.zarr", type=PathType, show_default=True)
+@click.option("--out", default="data/tokens/train.zarr", type=OutPath, show_default=True)
 @click.pass_context
 def tokenize(ctx, images, vq_path, vq_model, out):
     """Images -> frozen VQ tokenizer -> Zarr token store (resumable)."""
@@ -204,7 +239,7 @@ def tokenize(ctx, images, vq_path, vq_model, out):
 @click.option("--vq", "vq_path", required=True, type=PathType, help="the tokenizer the codes came from (provenance)")
 @click.option("--vq-model", default="VQ-16", show_default=True, help="VQ config: a name or a JSON file")
 @click.option("--class-names-from", default=None, type=PathType, help="ImageNet train folder: class names = sorted sub-folders")
-@click.option("--out", required=True, type=PathType)
+@click.option("--out", required=True, type=OutPath)
 @click.pass_context
 def import_codes(ctx, codes_dir, labels_dir, vq_path, vq_model, class_names_from, out):
     """Import codes extracted by LlamaGen's extract_codes_c2i.py (no re-encoding); settings: import_codes."""
@@ -217,7 +252,7 @@ def import_codes(ctx, codes_dir, labels_dir, vq_path, vq_model, class_names_from
 
 @main.command("pretrain-ar")
 @click.option("--tokens", "tokens_path", default="data/tokens/train.zarr", type=PathType, show_default=True)
-@click.option("--out", default="data/ar/gpt.pt", type=PathType, show_default=True)
+@click.option("--out", default="data/ar/gpt.pt", type=OutPath, show_default=True)
 @click.pass_context
 def pretrain_ar(ctx, tokens_path, out):
     """Train a small class-conditional GPT with class dropout (embedded default)."""
@@ -234,7 +269,7 @@ def pretrain_ar(ctx, tokens_path, out):
 @click.option("--vae", default=None, type=PathType, help=VAE_HELP)
 @click.option("--vae-model", default=None, help=VAE_MODEL_HELP)
 @click.option("--depth", default=None, type=int, help=DEPTH_HELP)
-@click.option("--out", default="data/reflogp/ref_logp.parquet", type=PathType, show_default=True)
+@click.option("--out", default="data/reflogp/ref_logp.parquet", type=OutPath, show_default=True)
 @click.pass_context
 def reflogp(ctx, tokens_path, ref_path, gpt_model, vae, vae_model, depth, out):
     """Cache the frozen reference model's log-likelihoods (Parquet)."""
@@ -253,7 +288,7 @@ def reflogp(ctx, tokens_path, ref_path, gpt_model, vae, vae_model, depth, out):
 @click.option("--vae", default=None, type=PathType, help=VAE_HELP)
 @click.option("--vae-model", default=None, help=VAE_MODEL_HELP)
 @click.option("--depth", default=None, type=int, help=DEPTH_HELP)
-@click.option("--out", default="data/train", type=PathType, show_default=True)
+@click.option("--out", default="data/train", type=OutPath, show_default=True)
 @click.pass_context
 def train(ctx, tokens_path, cache_path, init, gpt_model, vae, vae_model, depth, out):
     """Fine-tune the policy with CCA over the cached reference log-probs."""
@@ -280,8 +315,9 @@ def train(ctx, tokens_path, cache_path, init, gpt_model, vae, vae_model, depth, 
                    "overrides eval.methods (default base,cfg,cca)")
 @click.option("--cfg-scale", "cfg_scales", multiple=True, type=float, help="guidance scale s (repeatable); overrides eval.cfg_scales")
 @click.option("--fidelity-cache", default=None, type=PathType,
-              help="torch-fidelity statistics cache shared by evaluations (default: <out>/fidelity_cache)")
-@click.option("--out", default="data/eval", type=PathType, show_default=True)
+              help="cache of the reference images' features, shared by evaluations (default: $XDG_CACHE_HOME/cca-pipe/fidelity, "
+                   "else ~/.cache/cca-pipe/fidelity)")
+@click.option("--out", default="data/eval", type=OutPath, show_default=True)
 @click.pass_context
 def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_model, vq_model, depth, methods, cfg_scales,
           fidelity_cache, out):
@@ -306,7 +342,7 @@ def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_
 @click.option("--eval", "eval_dir", default="data/eval", type=PathType, show_default=True)
 @click.option("--train", "train_dir", default="data/train", type=PathType, show_default=True)
 @click.option("--sweep", "sweep_dir", default="data/sweep", type=PathType, show_default=True)
-@click.option("--out", default="data/report", type=PathType, show_default=True)
+@click.option("--out", default="data/report", type=OutPath, show_default=True)
 @click.pass_context
 def report(ctx, eval_dir, train_dir, sweep_dir, out):
     """Figures (FID-IS trade-off, training curves, sample comparison) and a table of every evaluated point
@@ -322,7 +358,7 @@ def report(ctx, eval_dir, train_dir, sweep_dir, out):
 @click.option("--sweep", "sweep_dir", default="data/sweep", type=PathType, show_default=True)
 @click.option("--paper-dir", default="data/paper", type=PathType, show_default=True, help="the runs of pipelines/paper")
 @click.option("--paper-params", default="pipelines/paper/params.yaml", type=PathType, show_default=True)
-@click.option("--out", default="data/paper/report", type=PathType, show_default=True)
+@click.option("--out", default="data/paper/report", type=OutPath, show_default=True)
 @click.pass_context
 def paper(ctx, eval_dir, train_dir, sweep_dir, paper_dir, paper_params, out):
     """The paper's Table 3 (DPO, Unlearning), Figures 5-6 (CCA+CFG) and Table 5 (a lambda-conditioned policy)
@@ -423,19 +459,42 @@ def upgrade_store(path):
 @click.argument("path", default="data/report/results.md", type=PathType)
 def results(path):
     """Print a results table: a report's results.md, or an eval's metrics.json."""
-    import json
-
     from .eval import format_results
+    from .report import read_results
 
     if not path.is_file():
         raise click.ClickException(f"{path} not found: run `dvc repro` first")
-    click.echo(format_results(json.loads(path.read_text())) if path.suffix == ".json" else path.read_text())
+    if path.suffix == ".json":
+        click.echo(format_results(read_results(path, ("methods", "checks", "seeds", "samples_per_method"))))
+    else:
+        click.echo(path.read_text())
+
+
+MAX_MESSAGE = 2000  # characters: a message quoting a value (an expanded YAML alias) is cut, never megabytes
 
 
 def _fail(message: str) -> None:
-    """One line on stderr (whatever the message's own line breaks), exit status 2."""
-    click.echo("cca-pipe: error: " + " ".join(str(message).split()), err=True)
+    """One line on stderr (whatever the message's own line breaks, at most MAX_MESSAGE characters), exit status 2."""
+    text = " ".join(str(message).split())
+    if len(text) > MAX_MESSAGE:
+        text = f"{text[:MAX_MESSAGE]} ... (cut: {len(text)} characters; -v shows the whole error)"
+    click.echo("cca-pipe: error: " + text, err=True)
     sys.exit(2)
+
+
+def _disk_full(e: OSError) -> str:
+    """Which file could not be written, on which disk, and how much space that disk has left."""
+    import shutil
+
+    target = Path(e.filename) if e.filename else None
+    folder = target.parent if target is not None else None
+    try:
+        free = f"; {shutil.disk_usage(folder).free / 1e9:.2f} GB free there now" if folder is not None else ""
+    except OSError:
+        free = ""
+    where = f"the disk holding {folder} is full" if folder is not None else "the disk is full"
+    return (f"cannot write {target or 'an output file'}: {where} ({e.strerror}{free}). Free space on it, or write to "
+            "another disk (--out), then rerun.")
 
 
 @contextlib.contextmanager
@@ -461,6 +520,8 @@ def guarded():
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT) or verbose:
             raise
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            _fail(_disk_full(e))
         _fail(f"cannot write {e.filename or 'an output file'}: {e.strerror}. "
               "Choose a writable output location (--out) or free disk space, then rerun.")
 

@@ -349,6 +349,19 @@ def on_device(model: torch.nn.Module, device: torch.device, role: str) -> torch.
                           "--methods base,cfg) or use GPUs with more memory") from e
 
 
+def check_models_fit(models: dict, roles: dict[str, tuple[str, Path | None]], vq, vq_path: Path, cfg: EvalConfig) -> None:
+    """Before any sampling: every model's codes must be ones the tokenizer decodes, and eval.num_classes
+    classes the model knows (else an IndexError after the first batch was drawn)."""
+    for name, model in models.items():
+        role, path = roles[name]
+        if model.cfg.vocab_size > vq.cfg.codebook_size:
+            raise ValueError(f"{role} {path} draws codes from a vocabulary of {model.cfg.vocab_size} but the tokenizer {vq_path} "
+                             f"decodes only {vq.cfg.codebook_size}: pass the tokenizer the model was trained with (--vq)")
+        if cfg.num_classes > model.cfg.num_classes:
+            raise ValueError(f"eval.num_classes = {cfg.num_classes} but {role} {path} has {model.cfg.num_classes} classes: "
+                             f"set eval.num_classes to at most {model.cfg.num_classes} (0: every class of the model)")
+
+
 def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Path | None, reference: Path,
         classifier_path: Path | None, out: Path, device: torch.device,
         gpt_model: str | None = None, vq_model: str | None = None,
@@ -382,6 +395,7 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Pat
                 raise ValueError(f"--policy {policy_path} is {'' if conditioned else 'not '}lambda-conditioned but eval.lambdas "
                                  f"is {cfg.lambdas}: list the lambdas to sample a lambda-conditioned policy at (and only "
                                  "for one, without cca_cfg)")
+        check_models_fit(models, {"base": ("--base", base_path), "cca": ("--policy", policy_path)}, vq, vq_path, cfg)
         some_model = next(iter(models.values()))
         num_classes = cfg.num_classes or some_model.cfg.num_classes
         labels = torch.arange(num_classes).repeat_interleave(cfg.samples_per_class)

@@ -25,7 +25,7 @@ from pipeline.config import check_ranges, setting
 from pipeline.outputs import StageDir, write_json, write_text
 from pipeline.report import Point, plot_fid_is, read_log, results_table
 
-from .report import SweepConfig, collect
+from .report import SweepConfig, collect, read_results
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,7 @@ class PaperConfig:
 
 
 def _methods(eval_dir: Path) -> dict[str, dict]:
-    path = eval_dir / "metrics.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run `dvc repro` (or `make paper`) first")
-    return json.loads(path.read_text())["methods"]
+    return read_results(eval_dir / "metrics.json", ("methods",))["methods"]
 
 
 def _only_method(eval_dir: Path) -> dict:
@@ -115,7 +112,7 @@ def table3(base: Point, main: Point, grid: list[Point], out: Path, checks: dict)
 
 def cca_cfg_points(paper_dir: Path, sweep: SweepConfig) -> list[Point]:
     """CCA+CFG: the policy trained at paper.cca_cfg_lambda, sampled with guidance at each sweep.cfg_scales."""
-    trained = json.loads((paper_dir / "cca_cfg" / "train" / "summary.json").read_text())["params"]
+    trained = read_results(paper_dir / "cca_cfg" / "train" / "summary.json", ("params",))["params"]
     return [Point("cca_cfg", _only_method(paper_dir / "cca_cfg" / "eval" / f"s{s}"), cfg_scale=float(s),
                   lam=trained["lam"], beta=trained["beta"]) for s in sweep.cfg_scales]
 

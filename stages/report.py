@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import check_ranges, setting
+from pipeline.formats import FormatError
 from pipeline.outputs import StageDir, write_text
 from pipeline.report import Point, comparison_grid, markdown_table, plot_fid_is, plot_training_curves
 
@@ -38,8 +39,24 @@ class SweepConfig:
         check_ranges(self, "sweep")
 
 
+def read_results(path: Path, needs: tuple[str, ...] = ()) -> dict:
+    """A JSON object another stage wrote (metrics.json, summary.json) holding the keys `needs`, or one error
+    naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: run `dvc repro` (or the stage that writes it) first") from None
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{path} cannot be read as JSON ({e}): it is damaged; rerun the stage that wrote it "
+                          "(e.g. `dvc repro -f` of it) or restore the file") from None
+    missing = [k for k in needs if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise FormatError(f"{path} is not a results file of cca-pipe (no {missing}): rerun the stage that wrote it")
+    return data
+
+
 def _points_from_eval(eval_dir: Path, train_dir: Path | None) -> list[Point]:
-    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    metrics = read_results(eval_dir / "metrics.json", ("methods", "seeds"))
     points = []
     for name, m in metrics["methods"].items():
         extra = {"samples": eval_dir / "samples" / f"{name}_seed{metrics['seeds'][0]}.npz"}
@@ -48,7 +65,7 @@ def _points_from_eval(eval_dir: Path, train_dir: Path | None) -> list[Point]:
         elif name.startswith("cfg_"):
             points.append(Point("cfg", m, cfg_scale=float(name[4:]), extra=extra))
         elif name == "cca" and train_dir is not None and (train_dir / "summary.json").is_file():
-            params = json.loads((train_dir / "summary.json").read_text())["params"]
+            params = read_results(train_dir / "summary.json", ("params",))["params"]
             points.append(Point("cca", m, lam=params["lam"], beta=params["beta"], train_log=train_dir / "log.csv", extra=extra))
     return points
 
@@ -87,15 +104,15 @@ def collect(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None, swee
 
 def run(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None, out: Path, sweep: SweepConfig | None = None) -> str:
     """`out` must be absent, empty or a report directory of ours; built beside it and moved in at the end."""
+    points = collect(eval_dir, train_dir, sweep_dir, sweep)  # before the output is claimed: a damaged input changes nothing
     with StageDir(out, "report") as claim:
-        text = _report(eval_dir, train_dir, sweep_dir, claim.open_partial(), sweep)
+        text = _report(points, train_dir, claim.open_partial())
         claim.commit()
     log.info("report -> %s", out)
     return text
 
 
-def _report(eval_dir: Path, train_dir: Path | None, sweep_dir: Path | None, out: Path, sweep: SweepConfig | None) -> str:
-    points = collect(eval_dir, train_dir, sweep_dir, sweep)
+def _report(points: list[Point], train_dir: Path | None, out: Path) -> str:
     plot_fid_is(points, out / "fid_is.png")
     plot_training_curves(points, out / "training_curves.png")
     base = next(p for p in points if p.kind == "base")

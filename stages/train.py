@@ -155,6 +155,9 @@ def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, cl
     cache, provenance = read_ref_cache(cache_path, expect=expect, store=store)
     cache_noise = ReferenceNoise.of_cache(provenance)
     check_reference_noise(cfg, cache_noise, cache_path)
+    if cfg.batch_size > len(cache["row"]):  # before any work: a step's index lists would be built first
+        raise ValueError(f"train.batch_size = {cfg.batch_size} is larger than the {len(cache['row'])} rows of the reference "
+                         f"cache {cache_path}: a step cannot take more rows than an epoch holds; choose at most {len(cache['row'])}")
     store.tokens.cache_chunks = cfg.shuffle_buffer_chunks  # a batch touches at most this many chunks
     family, policy = load_for_store(init, "--init", store, tokens_path, world, cfg.strategy, preset,
                                     spec=gpt_model, vae=vae, vae_model=vae_model, depth=depth)

@@ -577,3 +577,173 @@ def test_an_unreadable_image_is_called_unreadable_not_corrupt(world: Path, tmp_p
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
     assert "2.png" in errors[0] and "unreadable" in errors[0] and "corrupt" not in errors[0].replace("not corrupt", "")
     assert not out.exists() and not out.with_name("tok.zarr.partial").exists()
+
+
+# ------------------------------------------------------------------------------------------------ issue 21, items 10-14
+# (checked by test_hostile_input_is_one_clear_error_and_changes_nothing, case by case)
+
+# a 9-level "billion laughs": 9**9 values from ~500 bytes
+ALIAS_BOMB = "".join(f"{k}: &{k} [{', '.join([f'*{p}'] * 9 if p else ['lol'] * 9)}]\n"
+                     for p, k in zip(["", *"abcdefgh"], "abcdefghi", strict=True))
+
+
+def big_vocab_policy(tmp: Path) -> Path:
+    """A GPT drawing codes from a vocabulary of 64, twice the VQ's codebook."""
+    from dataclasses import replace
+
+    cfg = replace(GPT_CFG, vocab_size=64)
+    save_checkpoint(tmp / "big_vocab.pt", GPT(cfg).state_dict(), cfg.to_dict(), family="llamagen-gpt")
+    return tmp / "big_vocab.pt"
+
+
+def other_params(world: Path, tmp: Path, edit: Callable[[dict], None]) -> Path:
+    params = yaml.safe_load((world / "params.yaml").read_text())
+    edit(params)
+    (tmp / "other.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return tmp / "other.yaml"
+
+
+def safetensors_gpt(world: Path, tmp: Path) -> Path:
+    from safetensors.torch import save_file
+
+    save_file(torch.load(world / "gpt.pt", weights_only=True)["model"], tmp / "gpt.safetensors")
+    return tmp / "gpt.safetensors"
+
+
+def eval_dir_with(tmp: Path, metrics: bytes) -> Path:
+    (tmp / "done_eval").mkdir()
+    (tmp / "done_eval" / "metrics.json").write_bytes(metrics)
+    return tmp / "done_eval"
+
+
+def report(world: Path, tmp: Path, eval_dir: Path) -> tuple[list, Path]:
+    return [*with_params(world, tmp), "report", "--eval", eval_dir, "--train", tmp / "no_train", "--sweep", tmp / "no_sweep",
+            "--out", tmp / "report"], tmp / "report"
+
+
+ISSUE_21_CASES = [
+    Case("policy vocabulary larger than the VQ codebook", lambda w, t: evaluate(w, t, policy=big_vocab_policy(t), methods="cca"),
+         "vocabulary of 64"),
+    Case("eval.num_classes larger than the model's", lambda w, t: evaluate(w, t, edit=lambda p: p["eval"].update(num_classes=5)),
+         "eval.num_classes = 5"),
+    Case("a parent of --out is a file", lambda w, t: train(w, t, out=file_with(t, "afile", b"mine") / "train"), "afile is a file"),
+    Case("--set train=5", lambda w, t: train(w, t, extra=["--set", "train=5"]), "train=5"),
+    Case("a list as a YAML key", lambda w, t: ([*with_params(w, t, text="? [a, b]: 1\n" + (w / "params.yaml").read_text()),
+                                               "config", "train"], t / "nothing"), "params.yaml line 1"),
+    Case("batch_size 10**12", lambda w, t: train(w, t, edit=lambda p: p["train"].update(batch_size=10**12)),
+         "train.batch_size = 1000000000000"),
+    Case("lambda_conditioning max .inf", lambda w, t: train(w, t, edit=lambda p: p["train"].update(
+        lambda_conditioning={"min": 1.0, "max": float("inf")})), "train.lambda_conditioning"),
+    Case("alias bomb", lambda w, t: ([*with_params(w, t, text=ALIAS_BOMB + (w / "params.yaml").read_text()), "config", "train"],
+                                     t / "nothing"), "expand to more than"),
+    Case("recursive alias", lambda w, t: ([*with_params(w, t, text="loop: &loop [*loop]\n" + (w / "params.yaml").read_text()),
+                                           "config", "train"], t / "nothing"), "recursive"),
+    Case("--set into an unknown section", lambda w, t: train(w, t, extra=["--set", "trian.lambda=30"]), "no section 'trian'"),
+    Case("a config error in --params other.yaml", lambda w, t: ([
+        "--params", other_params(w, t, lambda p: p["train"].update(batch_size=0)), "config", "train"], t / "nothing"),
+        "other.yaml: train.batch_size"),
+    Case("an unknown key in --params other.yaml", lambda w, t: ([
+        "--params", other_params(w, t, lambda p: p["train"].update(lamda=3)), "config", "train"], t / "nothing"),
+        "other.yaml [train]: unknown keys"),
+    Case("corrupt metrics.json (results)", lambda w, t: (["results", file_with(t, "metrics.json", b'{"methods": {')],
+                                                       t / "nothing"), "metrics.json cannot be read"),
+    Case("corrupt metrics.json (report)", lambda w, t: report(w, t, eval_dir_with(t, b"\x00\x00garbage")), "metrics.json cannot be read"),
+    Case(".safetensors without a config", lambda w, t: reflogp(w, t, ref=safetensors_gpt(w, t)), "--gpt-model"),
+]
+
+
+@pytest.mark.parametrize("case", ISSUE_21_CASES, ids=[c.name for c in ISSUE_21_CASES])
+def test_issue_21_input_is_one_clear_error_and_changes_nothing(case: Case, world: Path, tmp_path: Path, monkeypatch, capsys):
+    import signal
+
+    def too_slow(*_):
+        raise TimeoutError("no answer within 60 s")  # an alias bomb hung config for minutes
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(60)
+    try:
+        test_hostile_input_is_one_clear_error_and_changes_nothing(case, world, tmp_path, monkeypatch, capsys)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_an_error_quoting_an_expanded_alias_stays_short(world: Path, tmp_path: Path, monkeypatch, capsys):
+    """A 4-level bomb (9**4 values: within the expansion bound) as train.lr: the error quoting the value is one
+    short line (50 kB before; 1.7 MB at 700 MB of memory from a 278-byte file)."""
+    bomb = "".join(f"{k}: &{k} [{', '.join([f'*{p}'] * 9 if p else ['lol'] * 9)}]\n" for p, k in zip(["", *"abc"], "abcd", strict=True))
+    params = yaml.safe_load((world / "params.yaml").read_text())
+    params["train"]["lr"] = "BOMB"
+    text = bomb + yaml.safe_dump(params, sort_keys=False).replace("lr: BOMB", "lr: *d")
+    code, err = invoke([*with_params(world, tmp_path, text=text), "config", "train"], monkeypatch, capsys)
+    errors = [line for line in err.splitlines() if line.startswith("cca-pipe: error:")]
+    assert code == 2 and len(errors) == 1 and "train].lr" in errors[0] and "Traceback" not in err
+    assert len(err) < 2200, len(err)
+
+
+@pytest.mark.parametrize("length", [246, 250])
+def test_an_out_name_too_long_for_its_companions_is_refused(length: int, world: Path, tmp_path: Path, monkeypatch, capsys):
+    """`<name>.partial`, `.<name>.lock` must fit the file system's 255 bytes (stat of `<name>.partial` itself
+    fails at 250, so the generic check cannot snapshot it)."""
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv, _ = train(world, tmp_path, out=tmp_path / ("x" * length))
+    code, err = invoke(argv, monkeypatch, capsys)
+    errors = [line for line in err.splitlines() if line.startswith("cca-pipe: error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert "choose a name of at most" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "params.yaml"])
+
+
+def test_yaml_merge_keys_and_the_floats_people_write(tmp_path: Path):
+    from stages.eval import EvalConfig
+    from stages.params import build, load_params, parse_overrides
+    from stages.train import TrainConfig
+
+    (tmp_path / "params.yaml").write_text("common: &common\n  beta: 0.7\n  lr: 1e-3\ntrain:\n  <<: *common\n  lambda: 30\n")
+    params = load_params(tmp_path / "params.yaml", ["train.weight_decay=5E-2"])
+    cfg = build(TrainConfig, params, "train")
+    assert (cfg.beta, cfg.lr, cfg.lam, cfg.weight_decay) == (0.7, 1e-3, 30.0, 0.05)
+    # what `eval --cfg-scale 0.00001` hands on (the float's str is '1e-05'), and `--set train.lr=1e-5`
+    scales = build(EvalConfig, {}, "eval", overrides=parse_overrides([f"eval.cfg_scales={[0.00001]}"]))
+    assert scales.cfg_scales == [1e-05]
+    assert build(TrainConfig, {}, "train", overrides=parse_overrides(["train.lr=1e-5"])).lr == 1e-5
+    assert parse_overrides(["eval.feature_extractor=classifier", "launch.rdzv_endpoint=1e5"]) == {
+        "eval": {"feature_extractor": "classifier"}, "launch": {"rdzv_endpoint": 1e5}}
+
+
+def test_fidelity_cache_help_states_the_real_default():
+    from click.testing import CliRunner
+
+    from stages.eval import default_fidelity_cache
+
+    text = "".join(CliRunner().invoke(cli.main, ["eval", "--help"]).output.split())  # as wrapped: no spaces
+    assert "<out>/fidelity_cache" not in text
+    assert "$XDG_CACHE_HOME/cca-pipe/fidelity" in text and "~/.cache/cca-pipe/fidelity" in text
+    assert default_fidelity_cache().parts[-2:] == ("cca-pipe", "fidelity")
+
+
+def test_a_read_only_train_directory_is_refused_before_training(world: Path, tmp_path: Path, monkeypatch, capsys):
+    argv, out = train(world, tmp_path)
+    out.mkdir()
+    out.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: make the one directory read-only as an unprivileged user sees it
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == out and mode & os.W_OK
+                            else real_access(p, mode, **kw))
+    try:
+        test_hostile_input_is_one_clear_error_and_changes_nothing(Case("", lambda w, t: (argv, out), "not writable"),
+                                                                  world, tmp_path, monkeypatch, capsys)
+    finally:
+        out.chmod(0o755)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_full_disk_during_train_names_the_disk_and_the_file(world: Path, tmp_path: Path, monkeypatch, capsys):
+    """The first checkpoint's temporary file is /dev/full (every write: ENOSPC), as on a disk that fills up."""
+    argv, checkpoints, _ = _resume_partial(world, tmp_path)
+    (checkpoints / f".0000001.pt.{os.getpid()}.tmp").symlink_to("/dev/full")
+    code, err = invoke(argv, monkeypatch, capsys)
+    errors = [line for line in err.splitlines() if "cca-pipe: error:" in line]  # mid-run: after the progress bar
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert f"cannot write {checkpoints / '0000001.pt'}: the disk holding {checkpoints} is full" in errors[0]
+    assert not (tmp_path / "train").exists() and not list(checkpoints.glob(".*.tmp"))
