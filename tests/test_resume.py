@@ -169,3 +169,13 @@ def test_a_killed_writer_never_blocks_the_next_run(world: Path):
     result = subprocess.run(_train(world, cache, out), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "policy.pt").is_file() and not lock.exists()
+
+
+def test_same_weights_are_the_same_bytes_under_any_name_and_process(tmp_path: Path):
+    """torch.save given a path recorded the temporary name (`.<name>.<pid>.tmp/data.pkl`) in the zip: identical
+    weights then had another sha256 per file name and per process (issue 21 item 5)."""
+    torch.manual_seed(0)
+    state = GPT(GPT_CFG).state_dict()
+    save_checkpoint(tmp_path / "a.pt", state, GPT_CFG.to_dict(), family="llamagen-gpt", steps=3)
+    save_checkpoint(tmp_path / "sub" / "0000003.pt", state, GPT_CFG.to_dict(), family="llamagen-gpt", steps=3)
+    assert file_sha256(tmp_path / "a.pt") == file_sha256(tmp_path / "sub" / "0000003.pt")
