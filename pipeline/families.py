@@ -16,6 +16,7 @@ store, samples, builds the optimiser's parameter groups, and writes checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import ClassVar
@@ -23,7 +24,7 @@ from typing import ClassVar
 import torch
 
 from . import sampling
-from .checkpoint import expect_kind, save_checkpoint
+from .checkpoint import CheckpointError, expect_kind, save_checkpoint
 from .codefiles import code_digest
 from .models.llamagen import GPT, config_from_spec, load_gpt
 from .models.var import VARModel, config_from_state_dict, load_var
@@ -95,11 +96,24 @@ class Family:
         return None
 
 
+@contextlib.contextmanager
+def _config_hint(spec: str | None, option: str):
+    """An upstream file (.pt, .safetensors) carries no config: say which command-line option names it (the
+    loaders, in the model files, speak of their Python arguments; their wording is part of the cache's code digest)."""
+    try:
+        yield
+    except CheckpointError as e:
+        if spec is None and "carries no" in str(e):
+            raise CheckpointError(f"{e}; on the command line: {option}") from e
+        raise
+
+
 class LlamaGenFamily(Family):
     name, model_kind, tokenizer_kind, model_module = "llamagen", "llamagen-gpt", "llamagen-vq", "pipeline.models.llamagen"
 
     def load_tokenizer(self, path, spec=None):
-        return load_vq(path, vq_config_from_spec(spec))
+        with _config_hint(spec, "--vq-model VQ-16 (or a JSON file of VQConfig fields)"):
+            return load_vq(path, vq_config_from_spec(spec))
 
     def tokenizer_layout(self, tokenizer, image_size: int) -> dict:
         if image_size % tokenizer.cfg.downsample:
@@ -111,7 +125,8 @@ class LlamaGenFamily(Family):
     def load_model(self, path, *, spec=None, seq_len=None, tokenizer=None, vae=None, vae_model=None, depth=None,
                    patch_nums=None) -> GPT:
         """`spec` names the config of upstream files (they carry none): GPT-B ... GPT-3B, or a JSON file."""
-        return load_gpt(path, config_from_spec(spec, seq_len))
+        with _config_hint(spec, "--gpt-model GPT-B (GPT-B ... GPT-3B, or a JSON file of GPTConfig fields)"):
+            return load_gpt(path, config_from_spec(spec, seq_len))
 
     def sample(self, model, labels, **kwargs):
         if kwargs.pop("cfg_schedule", "constant") != "constant":

@@ -348,8 +348,7 @@ def load_gpt(path: str | os.PathLike, cfg: GPTConfig | None = None) -> GPT:
     if cfg is None:
         if stored is None:
             raise CheckpointError(
-                f"checkpoint {path} carries no model config (upstream .pt and .safetensors files do not): name it with "
-                "--gpt-model GPT-B (GPT-B ... GPT-3B) or a JSON file of GPTConfig fields; in code gpt_config('GPT-B', block_size=256)"
+                f"checkpoint {path} carries no model config: pass one, e.g. gpt_config('GPT-B', block_size=256)"
             )
         cfg = stored
     elif stored is not None and stored != cfg:

@@ -267,8 +267,7 @@ def load_vq(path: str | os.PathLike, cfg: VQConfig | None = None) -> VQModel:
     saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
     if cfg is None:
         if saved is None:
-            raise CheckpointError(f"checkpoint {path} carries no VQ config (upstream files do not): name it with "
-                                  "--vq-model VQ-16 or a JSON file of VQConfig fields; in code vq_config('VQ-16')")
+            raise CheckpointError(f"checkpoint {path} carries no VQ config: pass one, e.g. vq_config('VQ-16')")
         cfg = build_dataclass(VQConfig, saved, f"checkpoint {path}: its config", CheckpointError)
     model = VQModel(cfg)
     load_strict(model, extract_state_dict(obj, path), path)
