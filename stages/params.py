@@ -140,7 +140,7 @@ def parse_overrides(items: list[str], params: dict | None = None, path: Path | s
                 raise ParamsError(f"override {item!r}: {key!r} is a value in {path}, not a section")
             node = node.setdefault(key, {})
         parsed = parse_yaml(value, f"override --set {item}")
-        is_section = isinstance(existing.get(leaf), dict) or (not parents and leaf in SECTIONS)
+        is_section = not parents and (isinstance(params.get(leaf), dict) or leaf in SECTIONS)  # not a mapping setting
         if is_section and not isinstance(parsed, dict):
             raise ParamsError(f"override {item!r}: {dotted!r} is a section of settings, not a value; set one of its keys: "
                               f"--set {dotted}.KEY=VALUE")

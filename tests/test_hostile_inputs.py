@@ -709,6 +709,9 @@ def test_yaml_merge_keys_and_the_floats_people_write(tmp_path: Path):
     assert build(TrainConfig, {}, "train", overrides=parse_overrides(["train.lr=1e-5"])).lr == 1e-5
     assert parse_overrides(["eval.feature_extractor=classifier", "launch.rdzv_endpoint=1e5"]) == {
         "eval": {"feature_extractor": "classifier"}, "launch": {"rdzv_endpoint": 1e5}}
+    # a setting that is a mapping is still a value: it may be switched off
+    written = {"train": {"lambda_conditioning": {"min": 1, "max": 8103}}}
+    assert parse_overrides(["train.lambda_conditioning=null"], written) == {"train": {"lambda_conditioning": None}}
 
 
 def test_fidelity_cache_help_states_the_real_default():
