@@ -234,5 +234,5 @@ def test_full_disk_is_one_clear_message_and_no_partial_file(tmp_path, monkeypatc
         cli.run()
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "No space left on device" in err and "free disk space" in err and "c.parquet" in err
+    assert "No space left on device" in err and "Free space on it" in err and "c.parquet" in err
     assert not list((tmp_path / "out").rglob("*.tmp")) and not (tmp_path / "out/c.parquet").exists()
