@@ -91,7 +91,7 @@ def repo(tmp_path_factory) -> Path:
                   gpt_model=str(ckpts / "gpt_tiny.json"), image_size=64, eval_reference=str(root / "imagenet/train"))
     params["tokenize"].update(batch_size=4, chunk_rows=4, num_workers=0)
     params["train"].update(batch_size=4, micro_batch_size=2, save_every=2, beta=0.5, lr=1e-3)
-    params["eval"].update(samples_per_class=4, cfg_scales=[1.0], batch_size=8, resize_to=32,
+    params["eval"].update(samples_per_class=4, methods=["base", "cfg", "cca"], cfg_scales=[1.0], batch_size=8, resize_to=32,
                           inception_weights=str(ckpts / "inception.pth"))
     return init_pipeline_repo(root / "repo", "imagenet-llamagen", params)
 
