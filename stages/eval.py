@@ -406,8 +406,9 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Pat
             ref = load_reference(reference, cfg.resize_to or family.image_size(some_model, vq))
             # Each unit's samples (.npz) and scores (.json) are written atomically, keyed by everything that
             # determines them, so a rerun after an interruption (or with other scales) skips finished units.
-            paths = {"vq": vq_path, "base": base_path, "cca": policy_path}
-            digests = {k: file_sha256(v) if v is not None and Path(v).is_file() else str(v) for k, v in paths.items()}
+            # only the models these methods sample: a sweep-cfg point must not depend on whether a policy exists yet
+            paths = {"vq": vq_path, **{role: path for role, path in (("base", base_path), ("cca", policy_path)) if role in models}}
+            digests = {k: file_sha256(v) for k, v in paths.items()}
             digests.update(reference=ref.digest(), extractor=extractor.weights_sha256)
             claim.key = settings_digest([cfg.sampling_settings(), digests, list(methods)])
             work = claim.open_partial()

@@ -123,6 +123,22 @@ def test_slow_throughputs_keep_significant_digits():
     assert "| 0.250 |" in results_table([("cca", {"images_per_s": 0.25})])
 
 
+def test_the_output_key_depends_only_on_the_models_evaluated(tmp_path):
+    """An eval of the base model alone (dvc.yaml's sweep-cfg stages) is keyed the same whether or not a policy file
+    exists at --policy yet: two fresh `dvc repro -f` ran sweep-cfg before or after train and keyed it differently."""
+    from pipeline.outputs import read_json
+
+    _world(tmp_path)
+    cfg = eval_stage.EvalConfig(samples_per_class=2, seeds=[0], methods=["cfg"], cfg_scales=[1.0], batch_size=6, grid_per_class=0)
+    keys = []
+    for run in ("before", "after"):
+        eval_stage.run(cfg, tmp_path / "vq.pt", tmp_path / "gpt.pt", tmp_path / "policy.pt", tmp_path / "ref", tmp_path / "clf.pt",
+                       tmp_path / f"eval_{run}", CPU, fidelity_cache=tmp_path / "fidelity")
+        keys.append(read_json(tmp_path / f"eval_{run}" / ".cca-pipe.json")["key"])
+        (tmp_path / "policy.pt").write_bytes((tmp_path / "gpt.pt").read_bytes())  # train has written a policy meanwhile
+    assert keys[0] == keys[1]
+
+
 def test_two_evals_write_the_same_bytes(tmp_path):
     """Same models and settings => byte-identical ADM npz, grids and reference-feature cache (np.savez dated
     every zip entry with the time of writing: issue 21 item 5)."""
