@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from worlds import invoke
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.metrics import ClassifierConfig, ImageClassifier, save_classifier
@@ -35,17 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 GPT_CFG = GPTConfig(dim=32, n_layer=1, n_head=2, vocab_size=32, num_classes=2, block_size=16, multiple_of=16)
 VQ_CFG = VQConfig(codebook_size=32, codebook_embed_dim=4, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16,
                   norm_groups=8, codebook_used_size=32)
-
-
-def invoke(argv: list, monkeypatch, capsys) -> tuple[int, str]:
-    """Run `cca-pipe argv` in this process: (exit status, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["cca-pipe", *map(str, argv)])
-    code = 0
-    try:
-        cli.run()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ and the step-0 check replays the cache's draw with the policy, which at step 0 i
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from worlds import invoke
 
 from pipeline.alignment import make_batch, policy_logps, visit_keys
 from pipeline.checkpoint import save_checkpoint
@@ -206,13 +206,7 @@ def world(tmp_path_factory, trained):
 def _train(world, cache, out, monkeypatch, capsys, *sets: str) -> tuple[int, str]:
     argv = ["--params", world / "params.yaml", *[a for s in sets for a in ("--set", s)], "train", "--tokens",
             world / "tokens.zarr", "--cache", cache, "--init", world / "gpt.pt", "--out", out]
-    monkeypatch.setattr(sys, "argv", ["cca-pipe", *map(str, argv)])
-    code = 0
-    try:
-        cli.run()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    return code, capsys.readouterr().err
+    return invoke(argv, monkeypatch, capsys)
 
 
 def _corrupt(world, tmp_path, edit) -> tuple:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,3 +18,17 @@ def write_reference_images(folder: Path, rng: np.random.Generator, classes: int 
         for i in range(per_class):
             Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / str(c) / f"{i}.png")
     return folder
+
+
+def invoke(argv: list, monkeypatch, capsys) -> tuple[int, str]:
+    """Run `cca-pipe argv` in this process, as its console script does (errors become one line and an exit
+    status): (exit status, stderr)."""
+    from stages import cli
+
+    monkeypatch.setattr(sys, "argv", ["cca-pipe", *map(str, argv)])
+    code = 0
+    try:
+        cli.run()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    return code, capsys.readouterr().err
