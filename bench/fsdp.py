@@ -51,6 +51,7 @@ def worker(out: Path, strategy: str, checkpointing: bool, quick: bool) -> None:
     from pipeline.alignment import train_policy
     from pipeline.device import local_bytes, rss_mb
     from pipeline.distributed import init_world, shutdown_world
+    from pipeline.families import LLAMAGEN
     from pipeline.models.llamagen import GPT
     from pipeline.parallel import distribute, place
     from stages.train import TrainConfig
@@ -82,7 +83,7 @@ def worker(out: Path, strategy: str, checkpointing: bool, quick: bool) -> None:
         torch.cuda.reset_peak_memory_stats(world.device)
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS (Linux)
         f.write("5")
-    train_policy(policy, tokens, cache, align, world.device, world=world)
+    train_policy(policy, tokens, cache, align, world.device, LLAMAGEN.param_groups, world=world)
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
     trained = [p for p in policy.parameters() if p.requires_grad]

@@ -9,6 +9,7 @@ groups, a constant or VAR's `lin0` learning rate, cosine-annealed weight decay, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,12 +19,12 @@ import torch
 
 from .device import OutOfMemory, autocast, is_out_of_memory
 from .distributed import World
-from .families import family_of_model
 from .logprobs import sequence_logp
-from .losses import LOSSES
+from .losses import LOSSES, LossOutput
 from .models.layers import noise_keys, noise_rates
-from .parallel import TrainState, accumulating, clip_grad_norm, distribute, full_state_dict
+from .parallel import accumulating, clip_grad_norm, deal_micro_batches, distribute, full_state_dict
 from .refcache import CHECK_ROWS, ReferenceNoise, check_cache_rows
+from .resume import TrainState
 
 LR_SCHEDULES = ("constant", "lin0")
 
@@ -213,6 +214,7 @@ def train_policy(
     cache: dict[str, np.ndarray],
     cfg: AlignConfig,
     device: torch.device,
+    param_groups: Callable[[torch.nn.Module, float], list[dict]],
     on_step: Callable[[int, dict], None] | None = None,
     progress: Callable[[int], object] | None = None,  # total steps -> a bar with update()/close()
     on_checkpoint: Callable[[int, dict], None] | None = None,
@@ -225,7 +227,9 @@ def train_policy(
     """Fine-tune `policy` in place for cfg.epochs passes over the cache rows; returns it (under FSDP,
     sharded: pipeline.parallel.full_state_dict gathers its weights).
 
-    AdamW's parameter groups are the family's (pipeline.families: which parameters are decayed).
+    `param_groups(policy, weight_decay)`: AdamW's parameter groups, the policy family's rule for which
+    parameters are decayed (pipeline.families: `Family.param_groups`); called after the policy is
+    distributed, since FSDP replaces its parameters by shards in place.
     Row order and unconditional rows are drawn from a numpy generator seeded with cfg.seed; dropout and
     drop-path masks are keyed by (cfg.seed, the row's position in the epoch order, pos/neg): visit_keys,
     the same whatever the micro-batch size, process count or strategy, so a run is reproducible on CPU.
@@ -234,124 +238,188 @@ def train_policy(
     the cache's columns on the first CHECK_ROWS rows of the epoch order with the cache's masks), except on
     resume, where the policy is no longer the reference. Every `checkpoint_every`
     steps the main process gets `on_checkpoint(step, full policy state dict)` and every process saves the
-    resumable `train_state` (policy, optimizer moments, step, data-order RNG; pipeline.parallel.TrainState);
+    resumable `train_state` (policy, optimizer moments, step, data-order RNG; pipeline.resume.TrainState);
     a run given a `train_state` holding a point for its settings continues exactly where it stopped, with
     any number of processes and either strategy: same data order, unconditional rows and dropout masks,
     same optimiser moments, hence the same final weights as an uninterrupted run.
     A non-finite loss or gradient raises FloatingPointError naming the step, before the update is applied.
-
-    Under torchrun (`world` of N processes) the global batch and its sequence are the same as with one
-    process; its micro-batches are dealt out round robin. cfg.strategy "ddp": each process accumulates its
-    own (no_sync) and the last backward averages the gradients; "fsdp": each micro-batch's gradients are
-    reduce-scattered into the shards (pipeline.parallel). Either way the loss is weighted so the result is
-    the one-process gradient. Only the main process gets `on_step` (metrics of all rows, gathered).
+    Under torchrun (`world` of N processes) the result is the one-process run's (AlignmentRun); only the
+    main process gets `on_step` (metrics of all rows, gathered).
     """
     world = world or World(device=device)
-    if cfg.batch_size % cfg.micro_batch_size:
-        raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro_batch_size}")
-    n_micro = cfg.batch_size // cfg.micro_batch_size
-    if n_micro % world.size:
-        raise ValueError(f"train.batch_size / train.micro_batch_size = {n_micro} micro-batches per step cannot be shared "
-                         f"equally by {world.size} processes: choose a micro_batch_size that makes it a multiple of "
-                         f"{world.size} (e.g. {cfg.batch_size // (world.size * max(1, n_micro // world.size))})")
-    mine = list(range(world.rank, n_micro, world.size))
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"unknown loss {cfg.loss!r}; known: {sorted(LOSSES)}")
-    if cfg.uncond_ratio > 0 and not policy.cfg.has_null_class:
-        raise ValueError("train.uncond_ratio > 0 needs a model with a null class (trained with class dropout); set it to 0")
-    rng = np.random.default_rng(cfg.seed)
-    n_rows = len(cache["row"])
-    total_steps = run_steps(cfg.epochs, n_rows, cfg.batch_size, cfg.max_steps)
-    chunk_rows = getattr(tokens, "chunk_rows", len(tokens))
-    order = np.concatenate([epoch_order(rng, cache["row"], chunk_rows, cfg.shuffle_buffer_chunks)
-                            for _ in range(math.ceil(cfg.epochs) + 1)])
-    null_class = policy.cfg.null_class
-    policy.set_activation_checkpointing(cfg.activation_checkpointing)
-    policy.train()
-    model = distribute(policy, world, cfg.strategy)  # FSDP shards `policy` in place: groups are built after it
-    param_groups = family_of_model(policy).param_groups(policy, cfg.weight_decay)
-    for group in param_groups:
-        group["base_weight_decay"] = group["weight_decay"]
-    # in the model's order (the clipping norm sums over them: another order rounds differently)
-    trainable = [p for p in policy.parameters() if p.requires_grad]  # VAR: not its frozen quantiser
-    opt = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas))
-    first_step = 0
-    saved = train_state.restore(policy, opt) if train_state is not None else None
-    if saved is not None:
-        rng.bit_generator.state = saved["rng"]
-        first_step = int(saved["step"])
-    if cache_noise is not None and saved is None:
-        with noise_rates(policy, cache_noise.dropout, cache_noise.drop_path, "reflogp"):
-            check_cache_rows(model, policy, tokens, cache, order[: min(CHECK_ROWS, n_rows)], cache_noise, cfg.micro_batch_size,
-                             device, world, cache_name)
-        policy.train()
-    bar = progress(total_steps) if progress else None
-    if bar is not None and first_step:
-        bar.update(first_step)
-    loader = torch.utils.data.DataLoader(
-        StepRows(tokens, cache, order, cfg.batch_size, cfg.micro_batch_size, mine), batch_size=None,
-        sampler=range(first_step, total_steps),
-        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-        multiprocessing_context="spawn" if cfg.num_workers else None)  # zarr's threads make fork unsafe
-    for step, step_tokens in zip(range(first_step, total_steps), loader, strict=True):
-        rows = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-        step_tokens = step_tokens.numpy()
-        uncond = rng.random(len(rows)) < cfg.uncond_ratio
-        lams = None if cfg.lambda_range is None else np.exp(rng.uniform(*np.log(cfg.lambda_range), size=len(rows)))
-        lr = cfg.lr * lr_factor(cfg.lr_schedule, step, total_steps, cfg.warmup_fraction, cfg.warmup_start, cfg.end_ratio)
-        decay = weight_decay_at(step, total_steps, cfg.weight_decay, cfg.weight_decay_end)
-        for group in opt.param_groups:
-            group["lr"] = lr
-            group["weight_decay"] = decay if group["base_weight_decay"] else 0.0
-        opt.zero_grad(set_to_none=True)
-        outs = []
-        for j, i in enumerate(mine):
-            part, m = slice(i * cfg.micro_batch_size, (i + 1) * cfg.micro_batch_size), cfg.micro_batch_size
-            batch = make_batch(rows[part], tokens, cache, uncond[part], null_class, step_tokens[j * m : (j + 1) * m],
-                               None if lams is None else lams[part],
-                               visit_keys(cfg.seed, step * cfg.batch_size + np.arange(part.start, part.stop)))
-            try:
-                with accumulating(model, last=j == len(mine) - 1):
-                    out = loss_for_batch(model, batch, cfg.loss, cfg.beta, cfg.lam, device)
-                    if not torch.isfinite(out.loss):
-                        raise FloatingPointError(f"non-finite loss at step {step}; lower train.lr or train.beta")
-                    # the batch mean over all processes' rows: DDP's (FSDP's) average over N processes, times N
-                    (out.loss * (cfg.loss_scale * len(batch.positive_twice) / len(rows) * world.size)).backward()
-            except (RuntimeError, MemoryError) as e:
-                if not is_out_of_memory(e):
-                    raise
-                raise OutOfMemory(
-                    f"out of memory at step {step} with train.micro_batch_size = {cfg.micro_batch_size} rows per forward "
-                    f"({2 * cfg.micro_batch_size} sequences): lower train.micro_batch_size, e.g. to {max(1, cfg.micro_batch_size // 2)}; "
-                    f"the global train.batch_size ({cfg.batch_size}) is kept by gradient accumulation") from e
-            outs.append((i, out.per_row.cpu(), out.ratio_pos.cpu(), out.ratio_neg.cpu(), out.logp_pos.cpu(), batch.positive_twice))
-        grad_norm = clip_grad_norm(trainable, cfg.grad_clip)
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"non-finite gradient norm at step {step}; lower train.lr or train.beta")
-        opt.step()
-        every = sorted((o for rank_outs in world.gather(outs) for o in rank_outs), key=lambda o: o[0])  # micro order
+    run = AlignmentRun(policy, tokens, cache, cfg, device, world, param_groups)
+    if not run.resume(train_state) and cache_noise is not None:
+        run.check_cache(cache_noise, cache_name)
+    bar = progress(run.total_steps) if progress else None
+    if bar is not None and run.first_step:
+        bar.update(run.first_step)
+    for step, step_tokens in zip(range(run.first_step, run.total_steps), run.loader(), strict=True):
+        parts, grad_norm, lr = run.step(step, step_tokens.numpy())
+        every = [part for rank_parts in world.gather(parts) for part in rank_parts]
         if on_step and world.main:
-            on_step(step, _step_metrics(every, grad_norm.item(), lr))
+            on_step(step, step_metrics(every, grad_norm, lr))
         if bar is not None:
             bar.update(1)
-        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
-            if on_checkpoint is not None:
-                full = full_state_dict(policy)  # every process takes part under FSDP
-                if world.main:
-                    on_checkpoint(step + 1, full)
-            if train_state is not None:
-                train_state.save(step + 1, policy, opt, rng.bit_generator.state)
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < run.total_steps:
+            run.checkpoint(step + 1, on_checkpoint, train_state)
     if bar is not None:
         bar.close()
     policy.eval()
     return policy
 
 
-def _step_metrics(outs: list[tuple], grad_norm: float, lr: float) -> dict[str, float]:
-    """The step's metrics over all its rows: outs = (micro index, per_row, ratio_pos, ratio_neg, logp_pos, mask)."""
-    from .losses import LossOutput
+@dataclass
+class MicroBatchRows:
+    """One micro-batch's per-row results (detached, on CPU): what every process sends the main process, which
+    logs the step's metrics over all its rows (step_metrics)."""
 
-    per_row = torch.cat([o[1] for o in outs])
-    merged = LossOutput(loss=per_row.mean(), per_row=per_row, ratio_pos=torch.cat([o[2] for o in outs]),
-                        ratio_neg=torch.cat([o[3] for o in outs]), logp_pos=torch.cat([o[4] for o in outs]))
-    return {**merged.metrics(torch.cat([o[5] for o in outs])), "lr": lr, "grad_norm": grad_norm}
+    index: int  # the micro-batch's place in its step: rows are concatenated in this order, whichever process ran it
+    per_row: torch.Tensor  # (B,) the loss of each row
+    ratio_pos: torch.Tensor  # (B,) log p_theta(x|c) - log p_ref(x|c)
+    ratio_neg: torch.Tensor  # (B,) log p_theta(x|c_neg) - log p_ref(x|c_neg)
+    logp_pos: torch.Tensor  # (B,) log p_theta(x|c)
+    positive_twice: torch.Tensor  # (B,) bool: AlignBatch.positive_twice
+
+    @classmethod
+    def of(cls, index: int, out: LossOutput, batch: AlignBatch) -> MicroBatchRows:
+        return cls(index, out.per_row.cpu(), out.ratio_pos.cpu(), out.ratio_neg.cpu(), out.logp_pos.cpu(), batch.positive_twice)
+
+
+def step_metrics(parts: list[MicroBatchRows], grad_norm: float, lr: float) -> dict[str, float]:
+    """The step's metrics over all its rows, from its micro-batches (any order), with its lr and gradient norm."""
+    parts = sorted(parts, key=lambda part: part.index)
+
+    def rows(name: str) -> torch.Tensor:
+        return torch.cat([getattr(part, name) for part in parts])
+
+    per_row = rows("per_row")
+    merged = LossOutput(loss=per_row.mean(), per_row=per_row, ratio_pos=rows("ratio_pos"), ratio_neg=rows("ratio_neg"),
+                        logp_pos=rows("logp_pos"))
+    return {**merged.metrics(rows("positive_twice")), "lr": lr, "grad_norm": grad_norm}
+
+
+class AlignmentRun:
+    """train_policy's recipe, torchtune-style: set up (settings checked, data order, the distributed policy
+    and its AdamW), resume, one optimiser step, a checkpoint.
+
+    Under torchrun (`world` of N processes) the global batch and its sequence are the same as with one
+    process; its micro-batches are dealt out round robin (pipeline.parallel.deal_micro_batches).
+    cfg.strategy "ddp": each process accumulates its own (no_sync) and the last backward averages the
+    gradients; "fsdp": each micro-batch's gradients are reduce-scattered into the shards (pipeline.parallel).
+    Either way the loss is weighted so the result is the one-process gradient."""
+
+    def __init__(self, policy, tokens, cache: dict[str, np.ndarray], cfg: AlignConfig, device: torch.device, world: World,
+                 param_groups: Callable[[torch.nn.Module, float], list[dict]]):
+        self.mine = deal_micro_batches(cfg.batch_size, cfg.micro_batch_size, world)  # this process's micro-batches
+        if cfg.loss not in LOSSES:
+            raise ValueError(f"unknown loss {cfg.loss!r}; known: {sorted(LOSSES)}")
+        if cfg.uncond_ratio > 0 and not policy.cfg.has_null_class:
+            raise ValueError("train.uncond_ratio > 0 needs a model with a null class (trained with class dropout); set it to 0")
+        self.policy, self.tokens, self.cache, self.cfg, self.device, self.world = policy, tokens, cache, cfg, device, world
+        self.rng = np.random.default_rng(cfg.seed)
+        self.total_steps = run_steps(cfg.epochs, len(cache["row"]), cfg.batch_size, cfg.max_steps)
+        chunk_rows = getattr(tokens, "chunk_rows", len(tokens))
+        self.order = np.concatenate([epoch_order(self.rng, cache["row"], chunk_rows, cfg.shuffle_buffer_chunks)
+                                     for _ in range(math.ceil(cfg.epochs) + 1)])
+        policy.set_activation_checkpointing(cfg.activation_checkpointing)
+        policy.train()
+        self.model = distribute(policy, world, cfg.strategy)  # FSDP shards `policy` in place: groups are built after it
+        groups = param_groups(policy, cfg.weight_decay)
+        for group in groups:
+            group["base_weight_decay"] = group["weight_decay"]  # nonzero: decayed, on weight_decay_at's schedule
+        # in the model's order (the clipping norm sums over them: another order rounds differently)
+        self.trainable = [p for p in policy.parameters() if p.requires_grad]  # VAR: not its frozen quantiser
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        self.first_step = 0
+
+    def resume(self, train_state: TrainState | None) -> bool:
+        """Continue from the train state's point, if it holds one for these settings (whether it did)."""
+        saved = train_state.restore(self.policy, self.opt) if train_state is not None else None
+        if saved is None:
+            return False
+        self.rng.bit_generator.state = saved["rng"]
+        self.first_step = int(saved["step"])
+        return True
+
+    def check_cache(self, cache_noise: ReferenceNoise, cache_name: str) -> None:
+        """The step-0 check: the policy, still the reference, reproduces the cache (pipeline.refcache)."""
+        cfg = self.cfg
+        with noise_rates(self.policy, cache_noise.dropout, cache_noise.drop_path, "reflogp"):
+            check_cache_rows(self.model, self.policy, self.tokens, self.cache, self.order[: min(CHECK_ROWS, len(self.cache["row"]))],
+                             cache_noise, cfg.micro_batch_size, self.device, self.world, cache_name)
+        self.policy.train()
+
+    def loader(self) -> torch.utils.data.DataLoader:
+        """This process's tokens of each remaining step, read by cfg.num_workers processes ahead of the model."""
+        cfg = self.cfg
+        return torch.utils.data.DataLoader(
+            StepRows(self.tokens, self.cache, self.order, cfg.batch_size, cfg.micro_batch_size, self.mine), batch_size=None,
+            sampler=range(self.first_step, self.total_steps),
+            num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
+            multiprocessing_context="spawn" if cfg.num_workers else None)  # zarr's threads make fork unsafe
+
+    def step(self, step: int, step_tokens: np.ndarray) -> tuple[list[MicroBatchRows], float, float]:
+        """One optimiser step over this process's micro-batches (their tokens `step_tokens`, from the loader):
+        its micro-batches' rows, the gradient norm before clipping and the learning rate."""
+        cfg = self.cfg
+        rows = self.order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        uncond = self.rng.random(len(rows)) < cfg.uncond_ratio
+        lams = None if cfg.lambda_range is None else np.exp(self.rng.uniform(*np.log(cfg.lambda_range), size=len(rows)))
+        lr = self._schedule(step)
+        self.opt.zero_grad(set_to_none=True)
+        parts = [self._micro_batch(step, j, rows, uncond, lams, step_tokens) for j in range(len(self.mine))]
+        grad_norm = clip_grad_norm(self.trainable, cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient norm at step {step}; lower train.lr or train.beta")
+        self.opt.step()
+        return parts, grad_norm.item(), lr
+
+    def _schedule(self, step: int) -> float:
+        """Set the step's learning rate and weight decay (decayed groups only) in the optimiser; returns the lr."""
+        cfg = self.cfg
+        lr = cfg.lr * lr_factor(cfg.lr_schedule, step, self.total_steps, cfg.warmup_fraction, cfg.warmup_start, cfg.end_ratio)
+        decay = weight_decay_at(step, self.total_steps, cfg.weight_decay, cfg.weight_decay_end)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+            group["weight_decay"] = decay if group["base_weight_decay"] else 0.0
+        return lr
+
+    def _micro_batch(self, step: int, j: int, rows: np.ndarray, uncond: np.ndarray, lams: np.ndarray | None,
+                     step_tokens: np.ndarray) -> MicroBatchRows:
+        """Forward and backward of this process's j-th micro-batch of the step (micro-batch self.mine[j] of `rows`)."""
+        cfg, m, i = self.cfg, self.cfg.micro_batch_size, self.mine[j]
+        part = slice(i * m, (i + 1) * m)
+        batch = make_batch(rows[part], self.tokens, self.cache, uncond[part], self.policy.cfg.null_class,
+                           step_tokens[j * m : (j + 1) * m], None if lams is None else lams[part],
+                           visit_keys(cfg.seed, step * cfg.batch_size + np.arange(part.start, part.stop)))
+        with _out_of_memory_hint(step, cfg), accumulating(self.model, last=j == len(self.mine) - 1):
+            out = loss_for_batch(self.model, batch, cfg.loss, cfg.beta, cfg.lam, self.device)
+            if not torch.isfinite(out.loss):
+                raise FloatingPointError(f"non-finite loss at step {step}; lower train.lr or train.beta")
+            # the batch mean over all processes' rows: DDP's (FSDP's) average over N processes, times N
+            (out.loss * (cfg.loss_scale * len(batch.positive_twice) / len(rows) * self.world.size)).backward()
+        return MicroBatchRows.of(i, out, batch)
+
+    def checkpoint(self, step: int, on_checkpoint: Callable[[int, dict], None] | None, train_state: TrainState | None) -> None:
+        """The main process's `on_checkpoint(step, full state dict)`; every process's share of the resume point."""
+        if on_checkpoint is not None:
+            full = full_state_dict(self.policy)  # every process takes part under FSDP
+            if self.world.main:
+                on_checkpoint(step, full)
+        if train_state is not None:
+            train_state.save(step, self.policy, self.opt, self.rng.bit_generator.state)
+
+
+@contextlib.contextmanager
+def _out_of_memory_hint(step: int, cfg: AlignConfig):
+    """An out-of-memory error in a micro-batch's forward or backward, re-raised saying which setting to lower."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        m = cfg.micro_batch_size
+        raise OutOfMemory(
+            f"out of memory at step {step} with train.micro_batch_size = {m} rows per forward "
+            f"({2 * m} sequences): lower train.micro_batch_size, e.g. to {max(1, m // 2)}; "
+            f"the global train.batch_size ({cfg.batch_size}) is kept by gradient accumulation") from e

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.alignment import LR_SCHEDULES, AlignConfig, run_steps, train_policy
@@ -22,14 +23,15 @@ from pipeline.checkpoint import file_sha256
 from pipeline.config import ConfigError, check_ranges, setting, settings_digest
 from pipeline.device import local_bytes, peak_rss_mb, rss_mb
 from pipeline.distributed import World
-from pipeline.families import family_of, family_of_model
+from pipeline.families import Family, family_of, family_of_model
 from pipeline.formats import read_ref_cache
 from pipeline.losses import LOSSES
 from pipeline.outputs import StageDir, write_json
-from pipeline.parallel import STRATEGIES, TrainState, full_state_dict
+from pipeline.parallel import STRATEGIES, full_state_dict
 from pipeline.progress import progress
 from pipeline.refcache import CacheMismatch, ReferenceNoise
-from pipeline.tokenstore import open_token_store
+from pipeline.resume import TrainState
+from pipeline.tokenstore import TokenStore, open_token_store
 
 from .common import StepLog
 from .loading import load_for_store
@@ -147,7 +149,48 @@ def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: 
 
 def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, claim: StageDir, world: World,
            gpt_model, vae, vae_model, depth, preset) -> None:
-    device = world.device
+    inputs = _open_inputs(cfg, tokens_path, cache_path, init)
+    family, policy = load_for_store(init, "--init", inputs.store, tokens_path, world, cfg.strategy, preset,
+                                    spec=gpt_model, vae=vae, vae_model=vae_model, depth=depth)
+    policy.set_dropout(cfg.dropout, cfg.drop_path)
+    if cfg.lambda_conditioning is not None:
+        policy.enable_lambda_conditioning(seed=cfg.seed)
+    claim.key = run_key(cfg, inputs.provenance, inputs.init_sha)
+    folder = _RunFolder.open(claim, world)
+    total = run_steps(cfg.epochs, len(inputs.cache["row"]), cfg.batch_size, cfg.max_steps)
+    if world.main:
+        log.info("training %d steps: %g epochs x %d cache rows / batch_size %d%s", total, cfg.epochs, len(inputs.cache["row"]),
+                 cfg.batch_size, "" if cfg.max_steps is None else f", capped at train.max_steps = {cfg.max_steps}")
+    baseline_rss_mb = rss_mb()
+    started = time.perf_counter()
+    _fit(cfg, inputs, family, policy, claim, folder, world, init, preset)
+    seconds = time.perf_counter() - started
+    full = full_state_dict(policy)  # every process takes part under FSDP
+    # per process: RSS before the training loop and at its peak (CUDA: peak allocated), the bytes of its
+    # trainable weights (1/N of the model's under FSDP; gradients as many, AdamW's moments twice): `cca-pipe plan`
+    memory = world.gather({"baseline_rss_mb": baseline_rss_mb, "peak_rss_mb": peak_rss_mb(),
+                           "weight_bytes": local_bytes(p for p in policy.parameters() if p.requires_grad),
+                           **({"cuda_peak_mb": torch.cuda.max_memory_allocated(world.device) / 2**20}
+                              if world.device.type == "cuda" else {})})
+    if world.main:
+        folder.steps.save()
+        save_policy(folder.work / "policy.pt", policy, full, cfg, inputs.init_sha, len(folder.steps.rows), preset)
+        _write_summary(cfg, claim, folder, seconds, memory, preset)
+
+
+@dataclass
+class _Inputs:
+    """The token store and the reference cache made from it and the initial weights (checked)."""
+
+    store: TokenStore
+    cache_path: Path
+    cache: dict[str, np.ndarray]
+    provenance: dict
+    cache_noise: ReferenceNoise
+    init_sha: str
+
+
+def _open_inputs(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path) -> _Inputs:
     family = family_of(init, "--init")  # the kind, before the cache, whose provenance would only say "stale"
     store = open_token_store(tokens_path)
     init_sha = file_sha256(init)
@@ -159,64 +202,69 @@ def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, cl
         raise ValueError(f"train.batch_size = {cfg.batch_size} is larger than the {len(cache['row'])} rows of the reference "
                          f"cache {cache_path}: a step cannot take more rows than an epoch holds; choose at most {len(cache['row'])}")
     store.tokens.cache_chunks = cfg.shuffle_buffer_chunks  # a batch touches at most this many chunks
-    family, policy = load_for_store(init, "--init", store, tokens_path, world, cfg.strategy, preset,
-                                    spec=gpt_model, vae=vae, vae_model=vae_model, depth=depth)
-    policy.set_dropout(cfg.dropout, cfg.drop_path)
-    if cfg.lambda_conditioning is not None:
-        policy.enable_lambda_conditioning(seed=cfg.seed)
-    claim.key = key = run_key(cfg, provenance, init_sha)
-    work = claim.open_partial() if world.main else claim.partial
-    world.barrier()  # every process resumes from what the main process kept (a filesystem they all see)
-    steps = StepLog(work, "log")
-    ckpt_dir = work / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state = TrainState(ckpt_dir, key, world, extra=lambda: {"log_rows": steps.rows})
-    if (saved := state.saved()) is not None:
-        steps.rows = saved["log_rows"]
-        log.info("resuming %s from step %d", claim.target, saved["step"])
+    return _Inputs(store, cache_path, cache, provenance, cache_noise, init_sha)
 
+
+@dataclass
+class _RunFolder:
+    """`<out>.partial` while the run lasts: its step log, checkpoints and resume point."""
+
+    work: Path
+    steps: StepLog
+    checkpoints: Path
+    state: TrainState
+
+    @classmethod
+    def open(cls, claim: StageDir, world: World) -> _RunFolder:
+        """The claim's partial folder (the main process opens it), with the step log of its resume point if any."""
+        work = claim.open_partial() if world.main else claim.partial
+        world.barrier()  # every process resumes from what the main process kept (a filesystem they all see)
+        steps = StepLog(work, "log")
+        checkpoints = work / "checkpoints"
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        state = TrainState(checkpoints, claim.key, world, extra=lambda: {"log_rows": steps.rows})
+        if (saved := state.saved()) is not None:
+            steps.rows = saved["log_rows"]
+            log.info("resuming %s from step %d", claim.target, saved["step"])
+        return cls(work, steps, checkpoints, state)
+
+
+def _fit(cfg: TrainConfig, inputs: _Inputs, family: Family, policy, claim: StageDir, folder: _RunFolder, world: World,
+         init: Path, preset: str | None) -> None:
+    """train_policy over the inputs, checkpointing into the run folder; a failed step-0 check leaves no trace,
+    a non-finite step names the last good checkpoint."""
     def checkpoint(step: int, full: dict) -> None:
-        save_policy(ckpt_dir / f"{step:07d}.pt", policy, full, cfg, init_sha, step, preset)
+        save_policy(folder.checkpoints / f"{step:07d}.pt", policy, full, cfg, inputs.init_sha, step, preset)
 
-    total = run_steps(cfg.epochs, len(cache["row"]), cfg.batch_size, cfg.max_steps)
-    if world.main:
-        log.info("training %d steps: %g epochs x %d cache rows / batch_size %d%s", total, cfg.epochs, len(cache["row"]),
-                 cfg.batch_size, "" if cfg.max_steps is None else f", capped at train.max_steps = {cfg.max_steps}")
-    baseline_rss_mb = rss_mb()
-    started = time.perf_counter()
     try:
         train_policy(
-            policy, store.tokens, cache, cfg.align_config(), device, on_step=steps,
-            progress=lambda total: progress(total=total, desc="train", unit="step"),
-            on_checkpoint=checkpoint, checkpoint_every=cfg.save_every, train_state=state, world=world,
-            cache_noise=cache_noise, cache_name=str(cache_path),
+            policy, inputs.store.tokens, inputs.cache, cfg.align_config(), world.device, family.param_groups,
+            on_step=folder.steps, progress=lambda total: progress(total=total, desc="train", unit="step"),
+            on_checkpoint=checkpoint, checkpoint_every=cfg.save_every, train_state=folder.state, world=world,
+            cache_noise=inputs.cache_noise, cache_name=str(inputs.cache_path),
         )
     except CacheMismatch:  # the step-0 check, before any update: a bad input leaves no trace
         if world.main:
             claim.discard_partial()
         raise
     except FloatingPointError as e:
-        steps.save()
-        good = sorted(ckpt_dir.glob("[0-9]*.pt"))
+        folder.steps.save()
+        good = sorted(folder.checkpoints.glob("[0-9]*.pt"))
         raise FloatingPointError(f"training stopped: {e}. Last good checkpoint: {good[-1] if good else init} "
-                                 f"(the step log is in {work / 'log.csv'}).") from e
-    seconds = time.perf_counter() - started
-    full = full_state_dict(policy)  # every process takes part under FSDP
-    memory = world.gather({"baseline_rss_mb": baseline_rss_mb, "peak_rss_mb": peak_rss_mb(),
-                           "weight_bytes": local_bytes(p for p in policy.parameters() if p.requires_grad),
-                           **({"cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20} if device.type == "cuda" else {})})
-    if not world.main:
-        return
-    steps.save()
-    save_policy(work / "policy.pt", policy, full, cfg, init_sha, len(steps.rows), preset)
-    state.clear()
+                                 f"(the step log is in {folder.work / 'log.csv'}).") from e
+
+
+def _write_summary(cfg: TrainConfig, claim: StageDir, folder: _RunFolder, seconds: float, memory: list[dict],
+                   preset: str | None) -> None:
+    """The main process's end of a run (after its step log and policy.pt): summary.json, settings.yaml, the
+    run moved into place."""
+    steps = folder.steps
+    folder.state.clear()
     last = steps.rows[-1]
-    # per process: RSS before the training loop and at its peak (CUDA: peak allocated), the bytes of its
-    # trainable weights (1/N of the model's under FSDP; gradients as many, AdamW's moments twice): `cca-pipe plan`
     summary = {"steps": len(steps.rows), "seconds": seconds, "peak_rss_mb": memory[0]["peak_rss_mb"], "memory": memory,
                "final": last, "params": asdict(cfg)}
-    write_json(work / "summary.json", summary)
-    save_settings(work, "train", cfg, preset)
+    write_json(folder.work / "summary.json", summary)
+    save_settings(folder.work, "train", cfg, preset)
     claim.commit()
     log.info("peak RSS %.0f MB", memory[0]["peak_rss_mb"])
     log.info("trained %d steps in %.1fs: loss %.4f, rewards/pos %.3f, rewards/neg %.3f, accuracy %.3f -> %s",

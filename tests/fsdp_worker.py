@@ -25,8 +25,9 @@ from pipeline.distributed import init_world, shutdown_world
 from pipeline.families import family_of_model
 from pipeline.models.llamagen import GPT, GPTConfig
 from pipeline.models.var import VAR, VARConfig, VARModel
-from pipeline.parallel import TrainState, full_state_dict
+from pipeline.parallel import full_state_dict
 from pipeline.refcache import draw_pairs, reference_logps
+from pipeline.resume import TrainState
 from pipeline.tokenizers.msvq import MSVQConfig, MSVQModel
 from stages.train import TrainConfig
 
@@ -93,7 +94,7 @@ def main(out: Path, jobs: list[str]) -> None:
             state = TrainState(out / action.split("=", 1)[1], family, world)
             assert state.saved() is not None and state.saved()["step"] == 2, "no resume point of step 2"
         try:
-            train_policy(policy, tokens, cache, cfg, world.device, progress=bar and (lambda total: bar),
+            train_policy(policy, tokens, cache, cfg, world.device, family_of_model(policy).param_groups, progress=bar and (lambda total: bar),
                          checkpoint_every=2 if state else 0, train_state=state, world=world)
         except Stop:
             continue

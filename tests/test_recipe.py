@@ -83,7 +83,7 @@ def test_training_applies_the_lin0_lr_per_step(tmp_path):
     cfg = TrainConfig(lr=1e-3, lr_schedule="lin0", warmup_fraction=0.5, warmup_start=0.005, end_ratio=0.1, epochs=4.0,
                       batch_size=len(cache["row"]), micro_batch_size=len(cache["row"]), uncond_ratio=0.0).align_config()
     logged = []
-    train_policy(policy, tokens, cache, cfg, CPU, on_step=lambda s, m: logged.append(m["lr"]))
+    train_policy(policy, tokens, cache, cfg, CPU, LLAMAGEN.param_groups, on_step=lambda s, m: logged.append(m["lr"]))
     assert logged == pytest.approx([0.005e-3, 0.5025e-3, 1e-3, 0.1e-3], rel=1e-12)
 
 
@@ -157,7 +157,7 @@ def _losses(base: GPT, tokens, cache, dropout: float, seed: int) -> list[float]:
     cfg = TrainConfig(dropout=dropout, beta=1.0, lam=1.0, lr=1e-3, epochs=2.0, batch_size=12, micro_batch_size=6,
                       uncond_ratio=0.0, seed=seed).align_config()
     logged = []
-    train_policy(policy, tokens, cache, cfg, CPU, on_step=lambda s, m: logged.append(m["loss"]))
+    train_policy(policy, tokens, cache, cfg, CPU, LLAMAGEN.param_groups, on_step=lambda s, m: logged.append(m["loss"]))
     assert len(logged) == 2  # 2 epochs of 12 rows, one 12-row batch each
     return logged
 
@@ -417,5 +417,5 @@ def test_max_steps_caps_the_run_and_the_schedule_spans_the_capped_run():
     logged = []
     cfg = TrainConfig(lr_schedule="lin0", end_ratio=0.1, lr=1e-3, epochs=2.0, max_steps=4, batch_size=4,
                       micro_batch_size=4, uncond_ratio=0.0).align_config()
-    train_policy(copy.deepcopy(base), tokens, cache, cfg, CPU, on_step=lambda s, m: logged.append(m["lr"]))
+    train_policy(copy.deepcopy(base), tokens, cache, cfg, CPU, LLAMAGEN.param_groups, on_step=lambda s, m: logged.append(m["lr"]))
     assert len(logged) == 4 and logged[-1] == pytest.approx(1e-4)

@@ -340,7 +340,7 @@ def test_var_policy_trains_with_a_frozen_quantiser(world):
     quantizer_before = {k: v.clone() for k, v in policy.quantizer.state_dict().items()}
     logged = []
     cfg = TrainConfig(beta=0.5, lam=10.0, lr=1e-3, epochs=6.0, batch_size=8, micro_batch_size=4, uncond_ratio=0.0).align_config()
-    train_policy(policy, tokens, cache, cfg, CPU, on_step=lambda step, m: logged.append(m))
+    train_policy(policy, tokens, cache, cfg, CPU, VAR_FAMILY.param_groups, on_step=lambda step, m: logged.append(m))
     assert math.isclose(logged[0]["loss"], 11 * math.log(2) / 10, rel_tol=1e-4)
     assert logged[-1]["rewards/margin"] > logged[0]["rewards/margin"] + 1.0
     assert all(torch.equal(quantizer_before[k], v) for k, v in policy.quantizer.state_dict().items())
@@ -386,7 +386,7 @@ def test_var_training_resumes_to_identical_weights(world, tmp_path):
     """The resume point of a VAR policy (transformer + frozen quantiser) restarts training exactly."""
     from pipeline.alignment import train_policy
     from pipeline.distributed import World
-    from pipeline.parallel import TrainState
+    from pipeline.resume import TrainState
 
     vae, model = world
     tokens = vae.encode(torch.rand(8, 3, 64, 64) * 2 - 1).numpy().astype(np.uint16).reshape(8, 1, 30)
@@ -401,7 +401,7 @@ def test_var_training_resumes_to_identical_weights(world, tmp_path):
         return policy
 
     def train(policy, **kwargs):
-        return train_policy(policy, tokens, cache, cfg, CPU, **kwargs)
+        return train_policy(policy, tokens, cache, cfg, CPU, VAR_FAMILY.param_groups, **kwargs)
 
     full = train(fresh())
     train(fresh(), checkpoint_every=2, train_state=TrainState(tmp_path, "run", World()))  # leaves the point of step 2
