@@ -25,7 +25,7 @@ from pipeline.config import check_ranges, setting
 from pipeline.outputs import StageDir, write_json, write_text
 from pipeline.report import Point, plot_fid_is, read_log, results_table
 
-from .report import SweepConfig, collect, read_results
+from .report import SweepConfig, collect, read_results, trained_settings
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,9 @@ def table3(base: Point, main: Point, grid: list[Point], out: Path, checks: dict)
 
 def cca_cfg_points(paper_dir: Path, sweep: SweepConfig) -> list[Point]:
     """CCA+CFG: the policy trained at paper.cca_cfg_lambda, sampled with guidance at each sweep.cfg_scales."""
-    trained = read_results(paper_dir / "cca_cfg" / "train" / "summary.json", ("params",))["params"]
+    trained = trained_settings(paper_dir / "cca_cfg" / "train")
     return [Point("cca_cfg", _only_method(paper_dir / "cca_cfg" / "eval" / f"s{s}"), cfg_scale=float(s),
-                  lam=trained["lam"], beta=trained["beta"]) for s in sweep.cfg_scales]
+                  lam=trained["lambda"], beta=trained["beta"]) for s in sweep.cfg_scales]
 
 
 def table5(paper_dir: Path, paper: PaperConfig, cca_points: list[Point], beta: float, checks: dict) -> tuple[str, list[Point]]:

@@ -65,9 +65,18 @@ def _points_from_eval(eval_dir: Path, train_dir: Path | None) -> list[Point]:
         elif name.startswith("cfg_"):
             points.append(Point("cfg", m, cfg_scale=float(name[4:]), extra=extra))
         elif name == "cca" and train_dir is not None and (train_dir / "summary.json").is_file():
-            params = read_results(train_dir / "summary.json", ("params",))["params"]
-            points.append(Point("cca", m, lam=params["lam"], beta=params["beta"], train_log=train_dir / "log.csv", extra=extra))
+            params = trained_settings(train_dir)
+            points.append(Point("cca", m, lam=params["lambda"], beta=params["beta"], train_log=train_dir / "log.csv", extra=extra))
     return points
+
+
+def trained_settings(train_dir: Path) -> dict:
+    """The train settings a train folder's summary.json records, keyed as in params.yaml (`lambda`); a summary
+    written before it spelled them so has `lam`, read the same."""
+    params = read_results(train_dir / "summary.json", ("params",))["params"]
+    if "lam" in params and "lambda" not in params:
+        params = {("lambda" if k == "lam" else k): v for k, v in params.items()}
+    return params
 
 
 def sweep_dirs(sweep_dir: Path, sweep: SweepConfig | None) -> tuple[list[Path], list[Path]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ from pipeline.tokenstore import TokenStore, open_token_store
 
 from .common import StepLog
 from .loading import load_for_store
-from .params import save_settings
+from .params import as_params, save_settings
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class TrainConfig:
 def save_policy(path: Path, policy, state: dict, cfg: TrainConfig, init_sha256: str, step: int, preset: str | None) -> None:
     """The peer's layout ({"model": upstream state dict, ...}: LlamaGen c2i / VAR), plus our config and
     provenance; `state`: the policy's full state dict (gathered from its shards under FSDP)."""
-    family_of_model(policy).save(path, policy, state, init_sha256=init_sha256, train_params=asdict(cfg), preset=preset, steps=step)
+    family_of_model(policy).save(path, policy, state, init_sha256=init_sha256, train_params=as_params(cfg), preset=preset, steps=step)
 
 
 def check_reference_noise(cfg: TrainConfig, cache_noise: ReferenceNoise, cache_path: Path) -> None:
@@ -262,7 +262,7 @@ def _write_summary(cfg: TrainConfig, claim: StageDir, folder: _RunFolder, second
     folder.state.clear()
     last = steps.rows[-1]
     summary = {"steps": len(steps.rows), "seconds": seconds, "peak_rss_mb": memory[0]["peak_rss_mb"], "memory": memory,
-               "final": last, "params": asdict(cfg)}
+               "final": last, "params": as_params(cfg)}
     write_json(folder.work / "summary.json", summary)
     save_settings(folder.work, "train", cfg, preset)
     claim.commit()

@@ -30,7 +30,8 @@ SLOW_TESTS = {
     *(f"test_reference_noise.py::{name}" for name in (
         "test_the_cache_records_its_dropout", "test_a_clean_cache_with_dropout_passes_the_step0_check",
         "test_a_self_contradicting_cache_stops_train_naming_cache_column_and_rows",
-        "test_train_refuses_a_cache_of_other_dropout_unless_told", "test_train_prints_its_step_count_and_max_steps_caps_it")),
+        "test_train_refuses_a_cache_of_other_dropout_unless_told", "test_train_prints_its_step_count_and_max_steps_caps_it",
+        "test_train_records_its_settings_spelled_as_params_yaml")),
     "test_plan.py::test_tokenize_and_eval_plans_match_measured_peaks_on_cpu",  # a process measuring 4 models, InceptionV3
 }
 

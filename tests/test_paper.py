@@ -23,7 +23,7 @@ def _eval(folder: Path, methods: dict[str, tuple[float, float, float]]) -> None:
 
 def _train(folder: Path, loss: str, lam: float, logps: list[float]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "summary.json").write_text(json.dumps({"params": {"loss": loss, "lam": lam, "beta": 0.5}}))
+    (folder / "summary.json").write_text(json.dumps({"params": {"loss": loss, "lambda": lam, "beta": 0.5}}))
     lines = ["step,loss,rewards/pos,rewards/neg,logps/pos"] + [f"{i},0.5,0.0,0.0,{v}" for i, v in enumerate(logps)]
     (folder / "log.csv").write_text("\n".join(lines) + "\n")
 

@@ -33,9 +33,10 @@ def _eval_dir(path: Path, methods: dict[str, dict]) -> None:
     (path / "metrics.json").write_text(json.dumps({"methods": methods, "seeds": [0], "checks": {}}))
 
 
-def _train_dir(path: Path, lam: float, beta: float) -> None:
+def _train_dir(path: Path, lam: float, beta: float, lambda_key: str = "lambda") -> None:
+    """lambda_key "lam": a summary.json written before train spelled its params as params.yaml does."""
     path.mkdir(parents=True)
-    (path / "summary.json").write_text(json.dumps({"params": {"lam": lam, "beta": beta}}))
+    (path / "summary.json").write_text(json.dumps({"params": {lambda_key: lam, "beta": beta}}))
     rows = ["step,loss,rewards/pos,rewards/neg"] + [f"{s},{1 / (s + 1)},{0.1 * s},{-s}" for s in range(5)]
     (path / "log.csv").write_text("\n".join(rows) + "\n")
 
@@ -47,7 +48,7 @@ def test_report_draws_figures_and_tabulates_every_point(tmp_path: Path):
         _eval_dir(tmp_path / f"sweep/cfg/s{s}", {f"cfg_{s:g}": _metrics(fid, 7 + s)})
     for lam, fid in ((1, 8.0), (30, 5.0)):
         _eval_dir(tmp_path / f"sweep/cca/lam{lam}-beta0.5/eval", {"cca": _metrics(fid, 7 + lam / 100)})
-        _train_dir(tmp_path / f"sweep/cca/lam{lam}-beta0.5/train", lam, 0.5)
+        _train_dir(tmp_path / f"sweep/cca/lam{lam}-beta0.5/train", lam, 0.5, "lam" if lam == 30 else "lambda")
 
     _eval_dir(tmp_path / "sweep/cca/lam5-beta0.5/eval", {"cca": _metrics(99.0, 1.0)})  # stale: not in params
     _train_dir(tmp_path / "sweep/cca/lam5-beta0.5/train", 5, 0.5)

@@ -74,7 +74,7 @@ def test_var_four_stages_through_dvc(repo: Path):
     state = torch.load(repo / "data/train/policy.pt", map_location="cpu", weights_only=True)
     VAR(VARConfig(**{**TINY_VAR, "num_classes": 1000})).load_state_dict(state["model"], strict=True)
     assert state["family"] == "var" and state["preset"] == "var-d16"
-    assert state["train_params"]["lam"] == 50.0  # from the preset (not overridden in params.yaml)
+    assert state["train_params"]["lambda"] == 50.0  # from the preset (not overridden in params.yaml)
     assert state["train_params"]["lr_schedule"] == "lin0" and state["train_params"]["grad_clip"] == 2.0
     assert "is the recipe for VAR-d16, but this checkpoint is VAR-d2" in log  # flagged, from the preset's own data
     steps = [json.loads(line) for line in (repo / "data/train/log.jsonl").read_text().splitlines()]
