@@ -185,11 +185,14 @@ def comparison_grid(panels: list[tuple[str, np.ndarray, np.ndarray]], path: str 
     plt.close(fig)
 
 
-def results_table(rows: list[tuple[str, dict[str, float]]], first: str = "point") -> str:
+def results_table(rows: list[tuple[str, dict[str, float]]], first: str = "point",
+                  extra: dict[str, str] | None = None) -> str:
     """Markdown table, one row per (name, metrics); mean ± std where the std is known. An sFID column only
-    when some row has one (Inception scoring: the classifier of the embedded default has no sFID layer)."""
-    keys = ("fid", "sfid", *TABLE_KEYS[1:]) if any("sfid" in m for _, m in rows) else TABLE_KEYS
-    head = f"| {first} | " + " | ".join(TABLE_HEADS[k] for k in keys) + " |\n|---" + "|---" * len(keys) + "|\n"
+    when some row has one (Inception scoring: the classifier of the embedded default has no sFID layer).
+    `extra`: {metric key: column head} of more columns, shown before the scores."""
+    heads = {**(extra or {}), **TABLE_HEADS}
+    keys = (*(extra or {}), *(("fid", "sfid", *TABLE_KEYS[1:]) if any("sfid" in m for _, m in rows) else TABLE_KEYS))
+    head = f"| {first} | " + " | ".join(heads[k] for k in keys) + " |\n|---" + "|---" * len(keys) + "|\n"
     lines = []
     for name, metrics in rows:
         cells = []

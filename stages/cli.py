@@ -358,15 +358,17 @@ def report(ctx, eval_dir, train_dir, sweep_dir, out):
 @click.option("--sweep", "sweep_dir", default="data/sweep", type=PathType, show_default=True)
 @click.option("--paper-dir", default="data/paper", type=PathType, show_default=True, help="the runs of pipelines/paper")
 @click.option("--paper-params", default="pipelines/paper/params.yaml", type=PathType, show_default=True)
+@click.option("--cache", default="data/reflogp/ref_logp.parquet", type=PathType, show_default=True,
+              help="the main run's reference cache (eval mode), against which the dropout experiment's is compared")
 @click.option("--out", default="data/paper/report", type=OutPath, show_default=True)
 @click.pass_context
-def paper(ctx, eval_dir, train_dir, sweep_dir, paper_dir, paper_params, out):
+def paper(ctx, eval_dir, train_dir, sweep_dir, paper_dir, paper_params, cache, out):
     """The paper's Table 3 (DPO, Unlearning), Figures 5-6 (CCA+CFG) and Table 5 (a lambda-conditioned policy)
     on the embedded default, from the runs of pipelines/paper (`make paper`)."""
     from . import paper as stage
 
     paper = build(stage.PaperConfig, load_params(paper_params), "paper")
-    click.echo(stage.run(eval_dir, train_dir, sweep_dir, paper_dir, out, resolved_config(ctx, "report"), paper))
+    click.echo(stage.run(eval_dir, train_dir, sweep_dir, paper_dir, cache, out, resolved_config(ctx, "report"), paper))
 
 
 class MemorySize(click.ParamType):

@@ -10,7 +10,11 @@
   policy trained with unconditional rows, sampled with guidance at each s) -> fid_is.png.
 - Table 5: one lambda-conditioned policy sampled at test-time lambdas next to the policies trained at each
   fixed lambda.
-Writes table3.md (best points), table3_grid.md (every point), table5.md, fid_is.png, logps_pos.png, results.md
+- The reference's dropout (the released recipe runs the reference in train mode): the policy trained with
+  dropout against the eval-mode cache and against a cache with the same dropout; D, the log-likelihood the
+  dropout costs, and the step-0 log-ratios, which start at about -D against the eval-mode cache and at 0
+  against the matched one.
+Writes table3.md (best points), table3_grid.md (every point), table5.md, dropout.md, fid_is.png, logps_pos.png, results.md
 and checks.json (each claim of the paper as measured here, true or false, with the numbers).
 """
 
@@ -21,7 +25,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.config import check_ranges, setting
+from pipeline.formats import read_ref_cache
 from pipeline.outputs import StageDir, write_json, write_text
 from pipeline.report import Point, plot_fid_is, read_log, results_table
 
@@ -39,6 +46,7 @@ class PaperConfig:
     dpo_betas: list[int | float] = setting(default_factory=lambda: [0.25, 2.5, 25, 250], nonempty=True, unique=True, gt=0.0)
     unlearning_lambdas: list[int | float] = setting(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1],
                                                     nonempty=True, unique=True, gt=0.0)
+    dropout: int | float = setting(0.1, ge=0.0, lt=1.0)  # the reference-dropout experiment's train.dropout
     cca_cfg_lambda: int | float = setting(1, ge=0.0)  # Figures 5-6: CCA+CFG trained at this lambda
     lambda_min: int | float = setting(1, gt=0.0)  # Table 5: the lambda-conditioned policy's range ...
     lambda_max: int | float = setting(8103, gt=0.0)  # ... e^9, as the paper
@@ -76,12 +84,13 @@ def plot_logps(runs: list[tuple[str, Path]], path: Path) -> None:
     plt.close(fig)
 
 
-def run(eval_dir: Path, train_dir: Path, sweep_dir: Path, paper_dir: Path, out: Path, sweep: SweepConfig,
+def run(eval_dir: Path, train_dir: Path, sweep_dir: Path, paper_dir: Path, cache: Path, out: Path, sweep: SweepConfig,
         paper: PaperConfig) -> str:
-    """`sweep`, `paper`: the settings naming the points (params.yaml, pipelines/paper/params.yaml). `out` must be
-    absent, empty or a paper report of ours; built beside it and moved in at the end."""
+    """`sweep`, `paper`: the settings naming the points (params.yaml, pipelines/paper/params.yaml); `cache`: the
+    main run's (eval-mode) reference cache. `out` must be absent, empty or a paper report of ours; built beside
+    it and moved in at the end."""
     with StageDir(out, "paper") as claim:
-        text = _paper(eval_dir, train_dir, sweep_dir, paper_dir, claim.open_partial(), sweep, paper)
+        text = _paper(eval_dir, train_dir, sweep_dir, paper_dir, cache, claim.open_partial(), sweep, paper)
         claim.commit()
     return text
 
@@ -137,7 +146,34 @@ def table5(paper_dir: Path, paper: PaperConfig, cca_points: list[Point], beta: f
     return results_table(rows, first="Table 5: λ at test time"), conditioned
 
 
-def _paper(eval_dir: Path, train_dir: Path, sweep_dir: Path, paper_dir: Path, out: Path, sweep: SweepConfig,
+DROPOUT_RUNS = {"eval_mode": "eval-mode reference (the cache without dropout)",
+                "matched": "reference with the same dropout (the release)"}
+
+
+def reference_dropout(paper_dir: Path, cache: Path, paper: PaperConfig, checks: dict) -> str:
+    """The policy trained at train.dropout = paper.dropout against the eval-mode cache `cache` and against
+    `<paper_dir>/dropout/ref_logp.parquet` (the same rows, with that dropout): D = the mean over the cache
+    rows of log p_phi(x|c) without dropout minus with it, and each run's mean step-0 log-ratios."""
+    eval_mode, _ = read_ref_cache(cache)
+    dropped, _ = read_ref_cache(paper_dir / "dropout" / "ref_logp.parquet")
+    for column in ("row", "view", "label", "neg_label"):
+        if not np.array_equal(eval_mode[column], dropped[column]):
+            raise ValueError(f"{paper_dir / 'dropout' / 'ref_logp.parquet'} and {cache} differ in `{column}`: the two "
+                             "caches must hold the same pairs (same tokens and reflogp.seed/views/negatives)")
+    cost = eval_mode["ref_logp_pos"] - dropped["ref_logp_pos"]
+    checks["dropout"] = {"train_dropout": paper.dropout, "D_nats_mean": float(cost.mean()), "D_nats_std": float(cost.std()),
+                         "rows": len(cost)}
+    rows = []
+    for name, label in DROPOUT_RUNS.items():
+        first = read_log(paper_dir / "dropout" / name / "train" / "log.csv")
+        step0 = {"ratio_pos": float(first["rewards/pos"][0]), "ratio_neg": float(first["rewards/neg"][0])}
+        checks["dropout"][name] = {**step0, "fid": _only_method(paper_dir / "dropout" / name / "eval")["fid"]}
+        rows.append((label, {**_only_method(paper_dir / "dropout" / name / "eval"), **step0}))
+    title = f"train.dropout {paper.dropout:g}; D = {cost.mean():.2f} ± {cost.std():.2f} nats over {len(cost)} rows"
+    return results_table(rows, first=title, extra={"ratio_pos": "step-0 ratio pos", "ratio_neg": "step-0 ratio neg"})
+
+
+def _paper(eval_dir: Path, train_dir: Path, sweep_dir: Path, paper_dir: Path, cache: Path, out: Path, sweep: SweepConfig,
            paper: PaperConfig) -> str:
     points = collect(eval_dir, train_dir, sweep_dir, sweep)
     base = next(p for p in points if p.kind == "base")
@@ -154,12 +190,14 @@ def _paper(eval_dir: Path, train_dir: Path, sweep_dir: Path, paper_dir: Path, ou
     checks["cca_cfg_best_fid_at_most_best_cca"] = bool(best_guided.metrics["fid"] <= min(p.metrics["fid"] for p in cca_points))
 
     text5, conditioned = table5(paper_dir, paper, cca_points, main.beta, checks)
+    text_dropout = reference_dropout(paper_dir, cache, paper, checks)
     plot_fid_is([p for p in points if p.kind in ("base", "cfg", "cca")] + guided + conditioned, out / "fid_is.png")
     write_text(out / "table3.md", text3)
     write_text(out / "table5.md", text5)
+    write_text(out / "dropout.md", text_dropout)
     write_json(out / "checks.json", checks)
     text = (text3 + "\n" + results_table([(p.label, p.metrics) for p in guided], first="Figures 5/6: CCA+CFG")
-            + "\n" + text5)
+            + "\n" + text5 + "\n" + text_dropout)
     write_text(out / "results.md", text)
     log.info("paper comparisons -> %s: %s", out, json.dumps(checks))
     return text + "\n" + json.dumps(checks, indent=1) + "\n"

@@ -1,5 +1,6 @@
-"""End to end: `dvc repro` of the real dvc.yaml at tiny scale in a temporary git repo, then a lambda
-experiment that must reuse the tokens and the reference cache (only train and eval rerun)."""
+"""End to end: `dvc repro` of the real dvc.yaml at tiny scale in a temporary git repo, then pipelines/paper as
+shipped on its outputs (`make paper`), then a lambda experiment that must reuse the tokens and the reference
+cache (only train and eval rerun)."""
 
 from __future__ import annotations
 
@@ -84,6 +85,29 @@ def test_repro_writes_every_output(repo: Path):
     status = _run(["git", "status", "--porcelain", "--untracked-files=all"], repo)
     assert not [line for line in status.splitlines() if line.startswith("??") and "/.gitignore" not in line and "dvc.lock" not in line
                 and "repro.log" not in line]
+
+
+@pytest.mark.slow
+def test_the_paper_pipeline_runs_as_shipped(repo: Path):
+    """pipelines/paper with its own params.yaml as shipped (only the main pipeline's settings are tiny), run the
+    way `make paper` runs it; every table of the report is written and each training stage ran."""
+    shutil.copytree(ROOT / "pipelines/paper", repo / "pipelines/paper", ignore=shutil.ignore_patterns("dvc.lock"))
+    paper_dir = repo / "pipelines/paper"
+    log = _run([str(BIN / "dvc"), "repro"], paper_dir)
+    shipped = yaml.safe_load((paper_dir / "params.yaml").read_text())["paper"]
+    runs = [f"dpo/beta{b}" for b in shipped["dpo_betas"]] + [f"unlearning/lam{lam}" for lam in shipped["unlearning_lambdas"]] \
+        + ["cca_cfg", "lambda", "dropout/eval_mode", "dropout/matched"]
+    for run in runs:
+        assert (repo / "data/paper" / run / "train/policy.pt").is_file(), run
+    assert "Running stage 'dropout-reflogp'" in log and "Running stage 'paper'" in log
+    assert not any(f"Running stage '{stage}'" in log for stage in ("tokenize", "reflogp", "train", "eval"))
+    report = repo / "data/paper/report"
+    checks = json.loads((report / "checks.json").read_text())
+    assert set(checks["dropout"]) >= {"D_nats_mean", "eval_mode", "matched"} and checks["dropout"]["D_nats_mean"] > 0
+    assert set(checks["table3_best"]) == {"dpo", "unlearning"}
+    assert set(checks["lambda_fid_over_fixed"]) <= {f"{lam:g}" for lam in shipped["lambdas"]}
+    for name in ("table3.md", "table3_grid.md", "table5.md", "dropout.md", "fid_is.png", "logps_pos.png", "results.md"):
+        assert (report / name).is_file(), name
 
 
 @pytest.mark.slow

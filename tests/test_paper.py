@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import yaml
 
+from pipeline.formats import write_ref_cache
 from stages import paper
 from stages.report import SweepConfig
 
@@ -21,10 +23,10 @@ def _eval(folder: Path, methods: dict[str, tuple[float, float, float]]) -> None:
         name: {"fid": fid, "is": is_, "class_accuracy": acc} for name, (fid, is_, acc) in methods.items()}}))
 
 
-def _train(folder: Path, loss: str, lam: float, logps: list[float]) -> None:
+def _train(folder: Path, loss: str, lam: float, logps: list[float], ratio_pos: float = 0.0) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "summary.json").write_text(json.dumps({"params": {"loss": loss, "lambda": lam, "beta": 0.5}}))
-    lines = ["step,loss,rewards/pos,rewards/neg,logps/pos"] + [f"{i},0.5,0.0,0.0,{v}" for i, v in enumerate(logps)]
+    lines = ["step,loss,rewards/pos,rewards/neg,logps/pos"] + [f"{i},0.5,{ratio_pos},0.0,{v}" for i, v in enumerate(logps)]
     (folder / "log.csv").write_text("\n".join(lines) + "\n")
 
 
@@ -53,7 +55,24 @@ def test_the_paper_tables_and_checks(tmp_path: Path):
     for lam, fid, acc in ((1, 5.5, 0.85), (10, 5.4, 0.88), (30, 6.5, 0.91)):  # lambda 30: 25% worse than alone
         _eval(data / "paper/lambda/eval" / f"lam{lam}", {f"cca_lam{lam:g}": (fid, 7.5 + lam / 100, acc)})
 
-    text = paper.run(data / "eval", data / "train", data / "sweep", data / "paper", data / "paper/report", sweep, cfg)
+    # the reference-dropout experiment: dropout costs each row 2 or 4 nats (D = 3 ± 1); against the eval-mode
+    # cache the policy's step-0 ratio is about -D, against the matched one about 0
+    rows = 8
+    columns = {"row": np.arange(rows), "label": np.zeros(rows, np.int32), "neg_label": np.ones(rows, np.int32),
+               "view": np.zeros(rows, np.int16), "ref_logp_pos": np.full(rows, -50.0), "ref_logp_neg": np.full(rows, -55.0),
+               "ref_logp_null": np.full(rows, -52.0)}
+    provenance = {"tokens_fingerprint": "f" * 64, "ref_ckpt_sha256": "c" * 64, "seed": 0, "num_classes": 3, "null_class": 3,
+                  "seq_len": 4}
+    write_ref_cache(data / "reflogp.parquet", columns, provenance)
+    (data / "paper/dropout").mkdir(parents=True)
+    write_ref_cache(data / "paper/dropout/ref_logp.parquet",
+                    {**columns, "ref_logp_pos": -50.0 - np.array([2.0, 4.0] * (rows // 2))}, {**provenance, "dropout": 0.1})
+    for name, ratio, fid in (("eval_mode", -3.1, 5.4), ("matched", 0.05, 5.1)):
+        _train(data / "paper/dropout" / name / "train", "cca", 10.0, [-56.0, -55.0], ratio_pos=ratio)
+        _eval(data / "paper/dropout" / name / "eval", {"cca": (fid, 7.9, 0.9)})
+
+    text = paper.run(data / "eval", data / "train", data / "sweep", data / "paper", data / "reflogp.parquet",
+                     data / "paper/report", sweep, cfg)
     out = data / "paper/report"
     checks = json.loads((out / "checks.json").read_text())
     assert checks["table3_best"] == {"dpo": {"point": "DPO β=2.5", "fid": 9.0}, "unlearning": {"point": "Unlearning λ=0.1", "fid": 11.0}}
@@ -63,7 +82,13 @@ def test_the_paper_tables_and_checks(tmp_path: Path):
     assert checks["lambda_fid_over_fixed"] == {"1": 5.5 / 5.6, "10": 5.4 / 5.0, "30": 6.5 / 5.2}
     assert checks["lambda_within_15_percent"] is False  # 6.5 / 5.2 = 1.25
     assert checks["lambda_class_accuracy_rises"] is True and checks["lambda_is_rises"] is True
-    for name in ("table3.md", "table3_grid.md", "table5.md", "fid_is.png", "logps_pos.png", "results.md"):
+    assert checks["dropout"] == {"train_dropout": 0.1, "D_nats_mean": 3.0, "D_nats_std": 1.0, "rows": rows,
+                                 "eval_mode": {"ratio_pos": -3.1, "ratio_neg": 0.0, "fid": 5.4},
+                                 "matched": {"ratio_pos": 0.05, "ratio_neg": 0.0, "fid": 5.1}}
+    dropout = (out / "dropout.md").read_text()
+    assert "D = 3.00 ± 1.00 nats over 8 rows" in dropout and "| step-0 ratio pos | step-0 ratio neg | FID |" in dropout
+    assert "| eval-mode reference (the cache without dropout) | -3.100 | 0.000 | 5.400 |" in dropout
+    for name in ("table3.md", "table3_grid.md", "table5.md", "dropout.md", "fid_is.png", "logps_pos.png", "results.md"):
         assert (out / name).is_file(), name
     table3 = (out / "table3.md").read_text()
     assert "| DPO β=2.5 (best of its grid) | 9.000 |" in table3 and "| Unlearning λ=0.1 (best of its grid) | 11.000 |" in table3
@@ -76,11 +101,19 @@ def test_the_paper_tables_and_checks(tmp_path: Path):
 
 
 def test_the_paper_pipeline_reuses_the_main_reference_cache():
-    """No stage of pipelines/paper computes reference log-probs; every training stage reads the main cache."""
+    """No stage of pipelines/paper computes reference log-probs but the dropout experiment's one, whose point
+    is a cache with the reference's dropout; every other training stage reads the main cache."""
     stages = yaml.safe_load((ROOT / "pipelines/paper/dvc.yaml").read_text())["stages"]
     trains = {name: s.get("do", s) for name, s in stages.items() if " train " in s.get("do", s)["cmd"]}
-    assert set(trains) == {"dpo-train", "unlearning-train", "cca-cfg-train", "lambda-train"}
+    assert set(trains) == {"dpo-train", "unlearning-train", "cca-cfg-train", "lambda-train", "dropout-train"}
     for name, stage in trains.items():
+        if name == "dropout-train":  # against the main cache (eval mode) and against the dropout one
+            caches = {item["cache"] for item in stages[name]["foreach"].values()}
+            assert caches == {"../../data/reflogp/ref_logp.parquet", "../../data/paper/dropout/ref_logp.parquet"}
+            assert "--cache ${item.cache}" in stage["cmd"] and "${item.cache}" in stage["deps"]
+            continue
         assert "../../data/reflogp/ref_logp.parquet" in stage["deps"], name
         assert "--cache ../../data/reflogp/ref_logp.parquet" in stage["cmd"], name
-    assert not any(" reflogp " in s.get("do", s)["cmd"] for s in stages.values())
+    reflogps = [name for name, s in stages.items() if " reflogp " in s.get("do", s)["cmd"]]
+    assert reflogps == ["dropout-reflogp"]
+    assert "--set reflogp.dropout=${paper.dropout}" in stages["dropout-reflogp"]["cmd"]
