@@ -104,7 +104,7 @@ def build_world(root: Path, cfg: GPTConfig, rows: int, batch: int, micro: int, d
              "augmentations": ["center"], "class_names": [str(c) for c in range(cfg.num_classes)]}
     write_token_store(root / "tokens.zarr", tokens, labels, attrs, chunk_rows=64)
     torch.manual_seed(0)
-    save_checkpoint(root / "gpt.pt", GPT(cfg).state_dict(), cfg.to_dict(), family="llamagen-gpt")
+    save_checkpoint(root / "gpt.pt", GPT(cfg).state_dict(), cfg.to_dict(), kind="llamagen-gpt")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["reflogp"].update(views="all", batch_size=32, part_rows=4096)
     params["train"].update(batch_size=batch, micro_batch_size=micro, lr=1e-4, dropout=0.0, uncond_ratio=0.1, num_workers=0,

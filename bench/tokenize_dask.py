@@ -41,7 +41,7 @@ def main(args) -> dict:
             for i in range(images // 4):
                 Image.fromarray(rng.integers(0, 255, (160, 200, 3), dtype=np.uint8)).save(tmp / "img" / f"n{c:08d}" / f"{i}.JPEG", format="JPEG")
         torch.manual_seed(0)
-        save_checkpoint(tmp / "vq.pt", VQModel(VQ).state_dict(), VQ.to_dict(), family="llamagen-vq")
+        save_checkpoint(tmp / "vq.pt", VQModel(VQ).state_dict(), VQ.to_dict(), kind="llamagen-vq")
         settings = [(f"in process ({torch.get_num_threads()} threads)", 0), ("dask, 1 worker (1 thread)", 1), ("dask, 2 workers (1 thread each)", 2)]
         for name, workers in settings:
             cfg = tokenize.TokenizeConfig(image_size=128, augment="flip", batch_size=16, chunk_rows=32, dask_workers=workers)

@@ -3,6 +3,8 @@
 Format we write (LlamaGen's c2i layout, so upstream scripts load it with `checkpoint["model"]`):
     {"model": state_dict, "config": {...model config fields...},
      "family": "llamagen-gpt" | "llamagen-vq" | "var" | "var-vqvae" | "classifier", ...}
+The "family" entry holds the checkpoint's kind (KINDS below; a model family has two kinds, its generator and
+its tokenizer): the key keeps its first name so that files already written stay readable.
 For "var" the state dict is exactly the VAR transformer's (what `var_d16.pth` holds); the quantiser it
 reads its input from stays in the VQVAE file.
 Extra keys hold only plain Python values, so `torch.load(..., weights_only=True)` reads the file.
@@ -143,9 +145,12 @@ def save_torch(path: str | os.PathLike, obj) -> None:
             raise OSError(e.errno, e.strerror, str(path)) from e
 
 
-def save_checkpoint(path: str | os.PathLike, state_dict: dict, config: dict, family: str, **extra) -> None:
+KIND_KEY = "family"  # the entry naming a checkpoint's kind (its on-disk name predates the word "kind")
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: dict, config: dict, kind: str, **extra) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    save_torch(path, {"model": state, "config": config, "family": family, **extra})
+    save_torch(path, {"model": state, "config": config, KIND_KEY: kind, **extra})
 
 
 def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | os.PathLike = "<memory>") -> None:
@@ -179,9 +184,9 @@ def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], pat
 
 
 def peek(path: str | os.PathLike) -> tuple[str | None, set[str]]:
-    """(the file's "family" entry if it is one of ours, its state-dict keys) without reading the tensors'
-    data where the format allows (memory-mapped zip checkpoints, safetensors headers): a multi-GB
-    checkpoint's family is known before it is loaded once, for real."""
+    """(the kind our files name in their KIND_KEY entry, None for others; the state-dict keys) without reading
+    the tensors' data where the format allows (memory-mapped zip checkpoints, safetensors headers): a
+    multi-GB checkpoint's kind is known before it is loaded once, for real."""
     path = Path(path)
     if not path.is_file() or (path.suffix != ".safetensors" and not _looks_like_torch_file(path)):
         load_file(path)  # raises its clear error
@@ -199,7 +204,7 @@ def peek(path: str | os.PathLike) -> tuple[str | None, set[str]]:
         obj = load_file(path)  # legacy (non-zip) files cannot be memory-mapped; also gives the clear errors
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict (state dict)")
-    family = obj.get("family") if isinstance(obj.get("family"), str) else None
+    saved_kind = obj.get(KIND_KEY) if isinstance(obj.get(KIND_KEY), str) else None
     keys: set[str] = set()
     stack = [obj]
     while stack:  # any nesting ({"model": ...}, {"trainer": {"var_wo_ddp": ...}}): collect tensor keys
@@ -209,7 +214,7 @@ def peek(path: str | os.PathLike) -> tuple[str | None, set[str]]:
                 keys.add(k)
             elif isinstance(v, dict):
                 stack.append(v)
-    return family, keys
+    return saved_kind, keys
 
 
 # ----------------------------------------------------------------------------- what a checkpoint is
@@ -224,10 +229,10 @@ KINDS = {
 }
 
 
-def kind_from(saved_family: str | None, keys: set[str]) -> str | None:
+def kind_from(saved_kind: str | None, keys: set[str]) -> str | None:
     """Which KINDS entry a checkpoint is: our files name it; upstream files are told apart by their keys."""
-    if saved_family in KINDS:
-        return saved_family
+    if saved_kind in KINDS:
+        return saved_kind
     if any(k.endswith("attn.scale_mul_1H11") for k in keys):
         return "var"
     if any("quant_resi.qresi_ls" in k for k in keys):
@@ -255,7 +260,7 @@ def expect_kind(path: str | os.PathLike, allowed: tuple[str, ...], role: str) ->
         return kind
     wanted = " or ".join(KINDS[k] for k in allowed)
     if kind is None:
-        what = (f"its 'family' entry {saved!r} is unknown" if saved is not None
+        what = (f"its {KIND_KEY!r} entry {saved!r} is unknown" if saved is not None
                 else f"its keys (e.g. {sorted(keys)[:4]}) belong to no model cca-pipe knows")
         raise CheckpointError(f"{role} expects {wanted}, but {path} is not one: {what}")
     raise CheckpointError(f"{role} expects {wanted}, but {path} is {KINDS[kind]} checkpoint")

@@ -89,7 +89,7 @@ class Family:
     def save(self, path: str | os.PathLike, model, state: dict[str, torch.Tensor] | None = None, **extra) -> None:
         """The peer's layout ({"model": upstream state dict}) plus our config and provenance. `state`: the
         model's whole state dict when its live weights are shards (pipeline.parallel.full_state_dict)."""
-        save_checkpoint(path, model.upstream_state_dict(state), model.cfg.to_dict(), family=self.model_kind, **extra)
+        save_checkpoint(path, model.upstream_state_dict(state), model.cfg.to_dict(), kind=self.model_kind, **extra)
 
     def describe_weights(self, state: dict[str, torch.Tensor]) -> str | None:
         """The config readable from an upstream file's weights (for `cca-pipe info`), if any."""

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, extract_state_dict, load_file, load_strict, save_checkpoint
+from .checkpoint import KIND_KEY, CheckpointError, extract_state_dict, load_file, load_strict, save_checkpoint
 from .config import build_dataclass
 from .progress import progress
 
@@ -119,13 +119,13 @@ def classify(model: ImageClassifier, images: np.ndarray, batch_size: int = 512) 
 
 
 def save_classifier(path: str | os.PathLike, model: ImageClassifier, **extra) -> None:
-    save_checkpoint(path, model.state_dict(), model.cfg.to_dict(), family="classifier", **extra)
+    save_checkpoint(path, model.state_dict(), model.cfg.to_dict(), kind="classifier", **extra)
 
 
 def load_classifier(path: str | os.PathLike) -> ImageClassifier:
     obj = load_file(path)
-    if obj.get("family") != "classifier":
-        raise CheckpointError(f"{path} is not a cca-pipe classifier checkpoint (family {obj.get('family')!r})")
+    if obj.get(KIND_KEY) != "classifier":
+        raise CheckpointError(f"{path} is not a cca-pipe classifier checkpoint (kind {obj.get(KIND_KEY)!r})")
     model = ImageClassifier(build_dataclass(ClassifierConfig, obj.get("config"), f"checkpoint {path}: its config", CheckpointError))
     load_strict(model, extract_state_dict(obj, path), path)
     return model.eval()

@@ -63,6 +63,6 @@ def _pretrain(cfg: PretrainARConfig, tokens_path: Path, out: Path, device: torch
         weight_decay=cfg.weight_decay, class_dropout=cfg.class_dropout, seed=cfg.seed, device=device, on_step=steps,
     )
     steps.save()
-    save_checkpoint(out, model.state_dict(), gpt_cfg.to_dict(), family="llamagen-gpt", tokens_fingerprint=store.fingerprint,
+    save_checkpoint(out, model.state_dict(), gpt_cfg.to_dict(), kind="llamagen-gpt", tokens_fingerprint=store.fingerprint,
                     settings=as_params(cfg))
     log.info("GPT with %.2fM parameters, final loss %.3f -> %s", model.num_params() / 1e6, steps.rows[-1]["loss"], out)

@@ -65,7 +65,7 @@ def _pretrain(cfg: PretrainVQConfig, images: Path, out: Path, metrics: Path, dev
         x = to_unit_range(data).to(device)
         codes = model.encode(x)
         mse = torch.nn.functional.mse_loss(model.decode_codes(codes), x).item()
-    save_checkpoint(out, model.state_dict(), vq_cfg.to_dict(), family="llamagen-vq", settings=as_params(cfg))
+    save_checkpoint(out, model.state_dict(), vq_cfg.to_dict(), kind="llamagen-vq", settings=as_params(cfg))
     stats = {"recon_mse": mse, "codes_used": int(codes.unique().numel()), "codebook_size": cfg.codebook_size}
     write_json(metrics, stage_json("pretrain-vq", stats))
     log.info("VQ: reconstruction MSE %.4f, %d/%d codes used -> %s", mse, stats["codes_used"], cfg.codebook_size, out)

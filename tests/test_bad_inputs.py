@@ -42,7 +42,7 @@ def _folder(root: Path, per_class: int = 3) -> Path:
 
 def _vq(tmp_path: Path) -> Path:
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "vq.pt", VQModel(VQ_CFG).state_dict(), VQ_CFG.to_dict(), family="llamagen-vq")
+    save_checkpoint(tmp_path / "vq.pt", VQModel(VQ_CFG).state_dict(), VQ_CFG.to_dict(), kind="llamagen-vq")
     return tmp_path / "vq.pt"
 
 
@@ -140,7 +140,7 @@ def _world(tmp_path: Path, codebook: int = 64, labels=None):
              "augmentations": ["center"], "class_names": ["a", "b", "c"]}
     write_token_store(tmp_path / "t.zarr", tokens, labels, attrs)
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), family="llamagen-gpt")
+    save_checkpoint(tmp_path / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), kind="llamagen-gpt")
     return tmp_path / "t.zarr", tmp_path / "gpt.pt"
 
 
@@ -173,7 +173,7 @@ def test_train_refuses_a_cache_made_from_other_tokens_or_weights(tmp_path):
     cache = _cache(tmp_path, tokens, gpt)
     cfg = train_stage.TrainConfig(batch_size=4, micro_batch_size=2)
     torch.manual_seed(1)
-    save_checkpoint(tmp_path / "other.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), family="llamagen-gpt")
+    save_checkpoint(tmp_path / "other.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), kind="llamagen-gpt")
     with pytest.raises(FormatError, match=r"c\.parquet is stale: its ref_ckpt_sha256 .*`cca-pipe reflogp`"):
         train_stage.run(cfg, tokens, cache, tmp_path / "other.pt", tmp_path / "train", CPU)
     _world(tmp_path / "new", labels=np.array([1, 1, 2, 0, 1, 2, 0, 1], np.int32))

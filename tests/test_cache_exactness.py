@@ -25,7 +25,7 @@ def _world(tiny_gpt, tmp_path):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 64, size=(12, 3, 16), dtype=np.uint16)
     labels = rng.integers(0, 5, size=12).astype(np.int32)
-    save_checkpoint(tmp_path / "ref.pt", tiny_gpt.state_dict(), tiny_gpt.cfg.to_dict(), family="llamagen-gpt")
+    save_checkpoint(tmp_path / "ref.pt", tiny_gpt.state_dict(), tiny_gpt.cfg.to_dict(), kind="llamagen-gpt")
     pairs = draw_pairs(labels, 3, 5, seed=1, views="all")
     cache = {**pairs, **reference_logps(load_gpt(tmp_path / "ref.pt"), tokens, pairs, batch_size=7, device=CPU)}
     return tokens, cache
@@ -149,7 +149,7 @@ def test_a_policy_given_the_caches_masks_reproduces_a_cache_computed_with_dropou
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 64, size=(12, 3, 16), dtype=np.uint16)
     pairs = draw_pairs(rng.integers(0, 5, size=12).astype(np.int32), 3, 5, seed=1, views="all")
-    save_checkpoint(tmp_path / "ref.pt", tiny_gpt.state_dict(), tiny_gpt.cfg.to_dict(), family="llamagen-gpt")
+    save_checkpoint(tmp_path / "ref.pt", tiny_gpt.state_dict(), tiny_gpt.cfg.to_dict(), kind="llamagen-gpt")
     reference = load_gpt(tmp_path / "ref.pt")
     reference.set_dropout(0.5, 0.5)
     noise = ReferenceNoise(seed=4, dropout=0.5, drop_path=0.5)

@@ -46,8 +46,8 @@ def world(tmp_path_factory) -> Path:
              "augmentations": ["center", "center_flip"], "class_names": ["a", "b", "c"]}
     write_token_store(root / "tokens.zarr", tokens, labels, attrs, chunk_rows=8)
     torch.manual_seed(0)
-    save_checkpoint(root / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), family="llamagen-gpt")
-    save_checkpoint(root / "vq.pt", VQModel(VQ_CFG).state_dict(), VQ_CFG.to_dict(), family="llamagen-vq")
+    save_checkpoint(root / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), kind="llamagen-gpt")
+    save_checkpoint(root / "vq.pt", VQModel(VQ_CFG).state_dict(), VQ_CFG.to_dict(), kind="llamagen-vq")
     save_classifier(root / "clf.pt", ImageClassifier(ClassifierConfig(num_classes=3)).eval())
     write_reference_images(root / "ref", rng)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

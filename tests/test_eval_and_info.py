@@ -24,8 +24,8 @@ VQ_CFG = VQConfig(codebook_size=32, codebook_embed_dim=4, ch=16, ch_mult=(1, 2, 
 
 def _world(tmp_path):
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "vq.pt", VQModel(VQ_CFG).state_dict(), VQ_CFG.to_dict(), family="llamagen-vq")
-    save_checkpoint(tmp_path / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), family="llamagen-gpt")
+    save_checkpoint(tmp_path / "vq.pt", VQModel(VQ_CFG).state_dict(), VQ_CFG.to_dict(), kind="llamagen-vq")
+    save_checkpoint(tmp_path / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), kind="llamagen-gpt")
     save_classifier(tmp_path / "clf.pt", ImageClassifier(ClassifierConfig(num_classes=3)).eval())
     rng = np.random.default_rng(0)
     write_reference_images(tmp_path / "ref", rng)

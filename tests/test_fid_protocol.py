@@ -81,8 +81,8 @@ def _eval_world(tmp_path):
     """VQ (16x16 images from 4x4 codes), GPT, and an 8-d-feature classifier (24 samples > 8 dimensions);
     a reference folder of 12 random images."""
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "vq.pt", VQModel(VQ_CFG).state_dict(), VQ_CFG.to_dict(), family="llamagen-vq")
-    save_checkpoint(tmp_path / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), family="llamagen-gpt")
+    save_checkpoint(tmp_path / "vq.pt", VQModel(VQ_CFG).state_dict(), VQ_CFG.to_dict(), kind="llamagen-vq")
+    save_checkpoint(tmp_path / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), kind="llamagen-gpt")
     save_classifier(tmp_path / "clf.pt", ImageClassifier(ClassifierConfig(num_classes=3, feature_dim=8)).eval())
     rng = np.random.default_rng(0)
     write_reference_images(tmp_path / "ref", rng)

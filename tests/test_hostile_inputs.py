@@ -47,8 +47,8 @@ def world(tmp_path_factory) -> Path:
         for i in range(4):
             Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "images" / c / f"{i}.png")
     torch.manual_seed(0)
-    save_checkpoint(root / "vq.pt", VQModel(VQ_CFG).state_dict(), VQ_CFG.to_dict(), family="llamagen-vq")
-    save_checkpoint(root / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), family="llamagen-gpt")
+    save_checkpoint(root / "vq.pt", VQModel(VQ_CFG).state_dict(), VQ_CFG.to_dict(), kind="llamagen-vq")
+    save_checkpoint(root / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), kind="llamagen-gpt")
     save_classifier(root / "clf.pt", ImageClassifier(ClassifierConfig(num_classes=2)).eval())
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["tokenize"].update(image_size=16, augment="flip", batch_size=4, chunk_rows=4)
@@ -581,7 +581,7 @@ def big_vocab_policy(tmp: Path) -> Path:
     from dataclasses import replace
 
     cfg = replace(GPT_CFG, vocab_size=64)
-    save_checkpoint(tmp / "big_vocab.pt", GPT(cfg).state_dict(), cfg.to_dict(), family="llamagen-gpt")
+    save_checkpoint(tmp / "big_vocab.pt", GPT(cfg).state_dict(), cfg.to_dict(), kind="llamagen-gpt")
     return tmp / "big_vocab.pt"
 
 

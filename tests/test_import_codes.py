@@ -27,7 +27,7 @@ def test_imported_codes_make_the_store_tokenize_makes(tmp_path: Path):
         for i in range(3):
             Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "images" / c / f"{i}.png")
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "vq.pt", VQModel(VQ_CFG).state_dict(), VQ_CFG.to_dict(), family="llamagen-vq")
+    save_checkpoint(tmp_path / "vq.pt", VQModel(VQ_CFG).state_dict(), VQ_CFG.to_dict(), kind="llamagen-vq")
     cfg = tokenize.TokenizeConfig(image_size=16, augment="flip", batch_size=3, chunk_rows=3)
     tokenize.run(cfg, tmp_path / "images", tmp_path / "vq.pt", tmp_path / "tokenized.zarr", CPU)
     made = open_token_store(tmp_path / "tokenized.zarr")

@@ -188,9 +188,9 @@ def world(tmp_path_factory, trained):
     vq_cfg = VQConfig(codebook_size=32, codebook_embed_dim=4, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16,
                       norm_groups=8, codebook_used_size=32)
     torch.manual_seed(0)
-    save_checkpoint(root / "vq.pt", VQModel(vq_cfg).state_dict(), vq_cfg.to_dict(), family="llamagen-vq")
+    save_checkpoint(root / "vq.pt", VQModel(vq_cfg).state_dict(), vq_cfg.to_dict(), kind="llamagen-vq")
     gpt = _gpt(trained)
-    save_checkpoint(root / "gpt.pt", gpt.state_dict(), gpt.cfg.to_dict(), family="llamagen-gpt")
+    save_checkpoint(root / "gpt.pt", gpt.state_dict(), gpt.cfg.to_dict(), kind="llamagen-gpt")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["tokenize"].update(image_size=16, augment="flip", batch_size=8, chunk_rows=8)
     params["reflogp"].update(views="all", batch_size=8, part_rows=16, dropout=0.1)

@@ -37,7 +37,7 @@ def world(tmp_path_factory) -> Path:
              "augmentations": ["center", "center_flip"], "class_names": [str(i) for i in range(5)]}
     write_token_store(root / "tokens.zarr", tokens, labels, attrs)
     torch.manual_seed(0)
-    save_checkpoint(root / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), family="llamagen-gpt")
+    save_checkpoint(root / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), kind="llamagen-gpt")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["reflogp"].update(views="all", batch_size=20, part_rows=40)
     params["train"].update(epochs=1, batch_size=16, micro_batch_size=8, save_every=3, lr=1e-3)
@@ -176,6 +176,6 @@ def test_same_weights_are_the_same_bytes_under_any_name_and_process(tmp_path: Pa
     weights then had another sha256 per file name and per process (issue 21 item 5)."""
     torch.manual_seed(0)
     state = GPT(GPT_CFG).state_dict()
-    save_checkpoint(tmp_path / "a.pt", state, GPT_CFG.to_dict(), family="llamagen-gpt", steps=3)
-    save_checkpoint(tmp_path / "sub" / "0000003.pt", state, GPT_CFG.to_dict(), family="llamagen-gpt", steps=3)
+    save_checkpoint(tmp_path / "a.pt", state, GPT_CFG.to_dict(), kind="llamagen-gpt", steps=3)
+    save_checkpoint(tmp_path / "sub" / "0000003.pt", state, GPT_CFG.to_dict(), kind="llamagen-gpt", steps=3)
     assert file_sha256(tmp_path / "a.pt") == file_sha256(tmp_path / "sub" / "0000003.pt")

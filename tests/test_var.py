@@ -320,7 +320,7 @@ def test_saved_policy_is_an_upstream_state_dict(world, tmp_path):
     assert state["family"] == "var" and set(state["model"]) == set(VAR(VARConfig(**TINY_VAR)).state_dict())
     VAR(VARConfig(**TINY_VAR)).load_state_dict(state["model"], strict=True)
     assert load_var(tmp_path / "policy.pt").cfg == model.cfg
-    save_checkpoint(tmp_path / "other.pt", {}, {}, family="classifier")
+    save_checkpoint(tmp_path / "other.pt", {}, {}, kind="classifier")
     with pytest.raises(CheckpointError, match="classifier"):
         family_of(tmp_path / "other.pt", "--ref")
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict
+from ..checkpoint import KIND_KEY, CheckpointError, extract_state_dict, load_file, load_strict
 from ..config import ConfigError, build_dataclass
 from ..logprobs import token_logp
 from ..tokenizers.msvq import VAR_PATCH_NUMS, MultiScaleQuantizer, scale_bounds
@@ -320,8 +320,8 @@ NESTINGS = (("trainer", "var_wo_ddp"), ("trainer",))  # VAR's own / CCA's traine
 def load_var_state_dict(path: str | os.PathLike) -> tuple[dict, dict | None]:
     obj = load_file(path)
     saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
-    if saved is not None and obj.get("family") != "var":
-        raise CheckpointError(f"checkpoint {path} is a {obj.get('family')!r} checkpoint, not a VAR transformer")
+    if saved is not None and obj.get(KIND_KEY) != "var":
+        raise CheckpointError(f"checkpoint {path} is a {obj.get(KIND_KEY)!r} checkpoint, not a VAR transformer")
     return extract_state_dict(obj, path, NESTINGS), saved
 
 

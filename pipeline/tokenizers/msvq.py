@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict
+from ..checkpoint import KIND_KEY, CheckpointError, extract_state_dict, load_file, load_strict
 from ..config import build_dataclass, config_from_json, named_config
 
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -365,8 +365,8 @@ NESTINGS = (("trainer", "vae_wo_ddp"), ("trainer", "vae_local"), ("trainer",))
 def _load_msvq_sd(path, cfg: MSVQConfig | None) -> tuple[dict, MSVQConfig]:
     obj = load_file(path)
     saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
-    if saved is not None and obj.get("family") != "var-vqvae":
-        raise CheckpointError(f"checkpoint {path} is a {obj.get('family')!r} checkpoint, not VAR's VQVAE")
+    if saved is not None and obj.get(KIND_KEY) != "var-vqvae":
+        raise CheckpointError(f"checkpoint {path} is a {obj.get(KIND_KEY)!r} checkpoint, not VAR's VQVAE")
     stored = build_dataclass(MSVQConfig, saved, f"checkpoint {path}: its config", CheckpointError) if saved is not None else None
     if cfg is None:
         cfg = stored if stored is not None else MSVQConfig()
