@@ -7,8 +7,8 @@ The shipped train batch is 256 rows (the presets' global batch), so the stand-in
 (2 classes x 128, 24 px, upscaled by tokenize to 64 px: tiny VQ, 16 or 30 tokens), which makes exactly one
 training step; eval draws the shipped 50 samples per class of the stand-in model's 2 classes.
 
-pipelines/paper is not run here: it starts from the embedded default's outputs (`make demo`), which the
-slow tests of tests/test_dvc_smoke.py and tests/test_paper.py build.
+pipelines/paper is not run here: it starts from the embedded default's outputs (`make demo`);
+tests/test_dvc_smoke.py runs it as shipped on a tiny `dvc repro` of the main pipeline.
 """
 
 from __future__ import annotations
