@@ -244,7 +244,7 @@ def planned_inference(s: dict) -> tuple[int, str]:
     if s["stage"] == "scoring":
         return inception_peak_elements() * s["batch_size"] * 4, "scoring"
     p = eval_plan([gpt], t, s["image_size"], s["batch_size"], s["guided"], s["samples"] * 10, "cpu", extractor_elements=0)
-    phases = {k: v - p.rows["weights"] for k, v in p.phases.items() if k in ("sampling", "decoding", "collecting samples")}
+    phases = {k: v - p.rows["weights"] for k, v in p.phases.items() if k in ("sampling", "decoding")}
     phase = max(phases, key=phases.get)
     return phases[phase], phase
 

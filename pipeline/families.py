@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -220,6 +221,22 @@ def family_of_store(attrs: dict) -> Family:
 
 def family_of_model(model: torch.nn.Module) -> Family:
     return FAMILIES[type(model).family]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What reading a generator takes besides its checkpoint path (the CLI's --gpt-model, --vae, --vae-model,
+    --depth, and the active preset): upstream files carry no config."""
+
+    gpt_model: str | None = None  # LlamaGen: the config of an upstream GPT (GPT-B ... GPT-3B, or a JSON file)
+    vae: Path | None = None  # VAR: the VQVAE whose quantiser builds the model's input
+    vae_model: str | None = None  # VAR: that VQVAE's config
+    depth: int | None = None  # VAR: the expected depth, checked against the checkpoint
+    preset: str | None = None  # the recipe the settings were resolved with, which the model must match (None: any)
+
+    def load_options(self) -> dict:
+        """Family.load_model's keywords."""
+        return {"spec": self.gpt_model, "vae": self.vae, "vae_model": self.vae_model, "depth": self.depth}
 
 
 def load_model(path: str | os.PathLike, role: str, **kwargs) -> tuple[Family, torch.nn.Module]:

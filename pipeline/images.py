@@ -129,6 +129,14 @@ def to_unit_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """LlamaGen's evaluation resize (e.g. 384 -> 256): bicubic on [-1, 1] floats; size <= 0 keeps them. Per
+    image: a batch gives the same images as the whole set."""
+    if size <= 0 or images.shape[-1] == size:
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -579,21 +579,21 @@ def eval_plan(models: list[nn.Module], t: ConvTokenizer, image_size: int, batch_
     every rank (stages/eval.py), and three moments that never coexist: sampling a batch (KV caches +
     logits), decoding it (the VQ decoder at eval.batch_size, counted in float32: an upper bound under CUDA's
     bf16 autocast, where the group norms still run in float32) and scoring (InceptionV3 at its batch of 256).
-    `samples`: one unit's images on this rank; generate_images keeps them as float32 (N, 3, S, S) on the host
-    and concatenates them (2 copies), and precision/recall holds two (10000 x N) float32 distance blocks."""
+    `samples`: one unit's images on this rank; generate_images turns each decoded batch to uint8 as it comes
+    and keeps the set as one uint8 (N, S, S, 3) array on the host, and precision/recall holds two (10000 x N)
+    float32 distance blocks."""
     model = max(models, key=lambda m: sum(p.numel() for p in m.parameters()))
     sequences = 2 * batch_size if guided else batch_size
     weights = (sum(sum(p.numel() for p in m.parameters()) for m in models) + t.params + extractor_elements) * FP32
     sampling = kv_cache_bytes(model, sequences, device) + sampling_step_bytes(model, batch_size, sequences, device)
     decode = decoder_peak_elements(t, image_size) * batch_size * FP32
     scoring = inception_peak_elements() * min(INCEPTION_BATCH, samples) * FP32
-    held = 2 * samples * 3 * image_size**2 * FP32
+    held = samples * 3 * image_size**2  # uint8
     distances = 2 * min(10_000, samples) * samples * FP32
     rows = {"weights": weights, "KV caches + logits": sampling, "decoder forward": decode, "feature extractor": scoring,
             "samples held (host)": held, "precision/recall (host)": distances}
     on_device = {"sampling": weights + sampling, "decoding": weights + decode, "scoring": weights + scoring}
-    if device == "cpu":  # the host is the device: the samples drawn so far are alive while a batch is decoded
-        return StagePlan("eval", rows, {"sampling": weights + sampling + held // 2, "decoding": weights + decode + held // 2,
-                                        "collecting samples": weights + held, "scoring": weights + scoring,
-                                        "precision/recall": weights + distances})
+    if device == "cpu":  # the host is the device: the samples drawn so far (at most the set) are alive beside
+        return StagePlan("eval", rows, {"sampling": weights + sampling + held, "decoding": weights + decode + held,
+                                        "scoring": weights + scoring, "precision/recall": weights + distances})
     return StagePlan("eval", rows, on_device, host=max(held, distances))

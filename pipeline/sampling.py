@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from .images import resize_images, to_uint8
 from .logprobs import token_logp
 from .models.llamagen import GPT
 from .tokenizers.msvq import scale_bounds
@@ -134,30 +136,38 @@ def generate_images(
     batch_size: int,
     indices: list[int] | None = None,
     on_batch=None,
+    resize_to: int = 0,
     **sampler_kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample codes for every label (in batches) and decode them: -> (images (B, 3, H, W) float in
-    [-1, 1] on CPU, codes (B, N)). `sampler(model, labels, uniforms=, **kwargs) -> Samples` is the model
-    family's (pipeline.families), `decoder` its tokenizer. `indices`: the samples' indices in the set
-    (default 0..B-1); sample i is drawn from its own stream seeded by (seed, i), so the images are the same
-    however the set is split over batches or processes. `on_batch(n)` is called after each batch with its
-    number of samples (a progress bar's update: a 50,000-sample set takes hours)."""
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Sample codes for every label (in batches) and decode them: -> (images uint8 (B, H, W, 3) on the host,
+    codes (B, N)). Each decoded batch is resized (`resize_to` > 0: pipeline.images.resize_images) and turned to
+    uint8 as it is drawn, into one array: the host never holds the set as floats (4x the bytes).
+    `sampler(model, labels, uniforms=, **kwargs) -> Samples` is the model family's (pipeline.families),
+    `decoder` its tokenizer. `indices`: the samples' indices in the set (default 0..B-1); sample i is drawn
+    from its own stream seeded by (seed, i), so the images are the same however the set is split over batches
+    or processes. `on_batch(n)` is called after each batch with its number of samples (a progress bar's
+    update: a 50,000-sample set takes hours)."""
     from .device import autocast
 
     device = next(model.parameters()).device
     indices = list(range(len(labels))) if indices is None else indices
-    images, codes = [], []
+    images, codes = None, []
     for start in range(0, len(labels), batch_size):
         part = labels[start : start + batch_size].to(device)
         uniforms = sample_uniforms(seed, indices[start : start + batch_size], model.cfg.seq_len).to(device)
         with autocast(device):
             out = sampler(model, part, uniforms=uniforms, **sampler_kwargs)
             with torch.no_grad():
-                images.append(decoder.decode_codes(out.tokens).float().cpu())
+                decoded = decoder.decode_codes(out.tokens).float().cpu()
+        batch = to_uint8(resize_images(decoded, resize_to))
+        del decoded
+        if images is None:
+            images = np.empty((len(labels), *batch.shape[1:]), np.uint8)
+        images[start : start + len(part)] = batch
         codes.append(out.tokens.cpu())
         if on_batch is not None:
             on_batch(len(part))
-    return torch.cat(images), torch.cat(codes)
+    return images, torch.cat(codes)
 
 
 def filter_logits_var(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

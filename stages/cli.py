@@ -12,11 +12,15 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .launch import DISTRIBUTED, LaunchConfig, relaunch
 from .params import as_params, build, load_params, parse_overrides
+
+if TYPE_CHECKING:
+    from pipeline.families import ModelSource
 
 PathType = click.Path(path_type=Path)
 # what cca-pipe writes beside an output: `.<name>.lock`, `<name>.partial`, `<name>.old`, `.<name>.<pid>.tmp`
@@ -116,6 +120,13 @@ def _job_facts(ctx: click.Context, stage: str, cfg) -> dict[str, object]:
         if isinstance(value, Path):
             facts[f"{name} (what is there)"] = file_identity(value)
     return facts
+
+
+def _model_source(ctx: click.Context, gpt_model: str | None, vae: Path | None, vae_model: str | None,
+                  depth: int | None) -> ModelSource:
+    from pipeline.families import ModelSource
+
+    return ModelSource(gpt_model, vae, vae_model, depth, active_preset(ctx))
 
 
 def active_preset(ctx: click.Context) -> str | None:
@@ -276,8 +287,7 @@ def reflogp(ctx, tokens_path, ref_path, gpt_model, vae, vae_model, depth, out):
     from . import reflogp as stage
 
     cfg, world = _setup(ctx, "reflogp")
-    stage.run(cfg, tokens_path, ref_path, out, world.device, gpt_model, vae=vae, vae_model=vae_model, depth=depth,
-              preset=active_preset(ctx), world=world)
+    stage.run(cfg, tokens_path, ref_path, out, _model_source(ctx, gpt_model, vae, vae_model, depth), world)
 
 
 @main.command()
@@ -295,8 +305,7 @@ def train(ctx, tokens_path, cache_path, init, gpt_model, vae, vae_model, depth, 
     from . import train as stage
 
     cfg, world = _setup(ctx, "train")
-    stage.run(cfg, tokens_path, cache_path, init, out, world.device, gpt_model, vae=vae, vae_model=vae_model, depth=depth,
-              preset=active_preset(ctx), world=world)
+    stage.run(cfg, tokens_path, cache_path, init, out, _model_source(ctx, gpt_model, vae, vae_model, depth), world)
 
 
 @main.command("eval")
@@ -324,6 +333,8 @@ def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_
     """Sample base (with/without CFG) and CCA policy, score with torch-fidelity, print the table."""
     import json
 
+    from pipeline.families import ModelSource
+
     from . import eval as stage
 
     if cfg_scales:  # the one --set it stands for, so the config is still built (and checked) in one place
@@ -331,9 +342,8 @@ def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_
     if methods is not None:  # likewise
         ctx.obj["overrides"].append(f"eval.methods={json.dumps([m.strip() for m in methods.split(',') if m.strip()])}")
     cfg, world = _setup(ctx, "eval")
-    metrics = stage.run(cfg, vq_path, base_path, policy_path, reference, classifier_path, out, world.device, gpt_model, vq_model,
-                        fidelity_cache=fidelity_cache,
-                        depth=depth, world=world)
+    metrics = stage.run(cfg, vq_path, base_path, policy_path, reference, classifier_path, out,
+                        ModelSource(gpt_model=gpt_model, depth=depth), vq_model, fidelity_cache, world)
     if metrics is not None:  # the main process's
         click.echo(stage.format_results(metrics))
 

@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +28,9 @@ from pipeline.checkpoint import file_sha256
 from pipeline.config import ConfigError, check_ranges, setting, settings_digest
 from pipeline.device import OutOfMemory, is_out_of_memory
 from pipeline.distributed import World
-from pipeline.families import load_model, load_tokenizer
+from pipeline.families import Family, ModelSource, load_model, load_tokenizer
 from pipeline.formats import FormatError
-from pipeline.images import IMAGE_EXTENSIONS, center_crop_arr, open_rgb, to_uint8
+from pipeline.images import IMAGE_EXTENSIONS, center_crop_arr, open_rgb
 from pipeline.metrics import (
     FeatureExtractor,
     classify,
@@ -180,13 +180,6 @@ def load_reference(path: Path, size: int) -> Reference:
     return Reference(out, None, str(path))
 
 
-def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """LlamaGen's evaluation resize (e.g. 384 -> 256): bicubic on [-1, 1] floats."""
-    if size <= 0 or images.shape[-1] == size:
-        return images
-    return torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic", align_corners=False)
-
-
 def scorer_weights(cfg: EvalConfig, classifier_path: Path | None) -> Path:
     """The feature extractor's weights file, with a clear error when it is missing."""
     if cfg.feature_extractor == "classifier":
@@ -251,87 +244,18 @@ def finished_unit(unit: Unit, key: str, work: Path, committed: Path) -> dict | N
     return None
 
 
-def sample_unit(unit: Unit, family, model, vq, cfg: EvalConfig, labels: torch.Tensor, work: Path,
-                world: World) -> tuple[np.ndarray, float] | None:
-    """Draw the unit's samples, this rank its share (sample i from its own stream: the set is the same for
-    any number of processes); on the main process -> (all images uint8 in sample order, images/s)."""
-    mine = world.share(list(range(len(labels))))
-    started = time.perf_counter()
-    counter = SampleCounter(len(labels), world.size, desc=f"{unit.name} seed {unit.seed}")
-    try:
-        images, _ = generate_images(
-            family.sample, model, vq, labels[mine], seed=unit.seed, batch_size=cfg.batch_size, indices=mine,
-            on_batch=counter, cfg_scale=unit.scale, lam=unit.lam, temperature=cfg.temperature, top_k=cfg.top_k,
-            top_p=cfg.top_p, cfg_schedule=cfg.cfg_schedule,
-        )
-        images = to_uint8(resize_images(images, cfg.resize_to))
-    except (RuntimeError, MemoryError) as e:
-        if not is_out_of_memory(e):
-            raise
-        raise OutOfMemory(f"out of memory sampling or decoding {unit.name} on {world.device} with eval.batch_size = {cfg.batch_size} "
-                          f"({'2 x ' if unit.scale else ''}{cfg.batch_size} sequences with KV caches, then {cfg.batch_size} images "
-                          f"decoded at once): lower eval.batch_size, e.g. to {max(1, cfg.batch_size // 2)}; `cca-pipe plan "
-                          "--stage eval` gives the memory of each part (the images drawn are kept on the host)") from e
-    finally:
-        counter.close()
-    seconds = max(world.gather(time.perf_counter() - started))
-    if world.size == 1:
-        return images, len(images) / seconds
-    shard = lambda r: work / "samples" / f".{unit.stem}.rank{r}.npy"  # noqa: E731
-    with atomic_file(shard(world.rank)) as tmp, open(tmp, "wb") as f:
-        np.save(f, images)
-    world.barrier()
-    if not world.main:
-        return None
-    full = np.empty((len(labels), *images.shape[1:]), np.uint8)
-    for r in range(world.size):
-        full[r :: world.size] = np.load(shard(r), allow_pickle=False)
-        shard(r).unlink()
-    return full, len(labels) / seconds
+# ---------------------------------------------------------------------------------------------- every rank: sampling
 
 
-def score_unit(unit: Unit, images: np.ndarray, images_per_s: float, cfg: EvalConfig, labels: torch.Tensor,
-               extractor: FeatureExtractor, ref_features: dict, ref: Reference, classifier, work: Path) -> dict:
-    """Save the unit's ADM npz (and the grid for the first seed) and score it."""
-    save_npz(work / "samples" / f"{unit.stem}.npz", images, labels.numpy())
-    if unit.seed == cfg.seeds[0] and cfg.grid_per_class:
-        save_grid(work / "grids" / f"{unit.name}.png", images, labels.numpy(), cfg.grid_per_class, cfg.grid_classes)
-    try:
-        features = extract_features(extractor, images)
-    except (RuntimeError, MemoryError) as e:
-        if not is_out_of_memory(e):
-            raise
-        raise OutOfMemory(f"out of memory scoring {unit.name}: the feature extractor ({extractor.name}) runs batches of 256 "
-                          "images at 299px (InceptionV3: 3.5 GB in float32 beside the models eval holds; `cca-pipe plan "
-                          "--stage eval`): free that memory on the device, or evaluate one model at a time (--methods cca, "
-                          "then --methods base,cfg)") from e
-    scores = fidelity_scores(extractor, features, ref_features, ref.fid_stats, ref.sfid_stats)
-    if classifier is not None:
-        scores["class_accuracy"] = float((classify(classifier, images) == labels.numpy()).mean())
-    scores["images_per_s"] = images_per_s
-    return scores
+@dataclass
+class EvalModels:
+    """What every rank samples with: the tokenizer, the models the units sample ("base", "cca"), on this
+    rank's device, and the labels of each unit's set (eval.samples_per_class of each class, in order)."""
 
-
-def summarise(per_seed: dict[str, list[dict]], seeds: list[int], samples_per_method: int, reference: str) -> dict:
-    """Mean and std over seeds per method, and CCA's FID relative to the base model's and the best CFG's."""
-    summary = {
-        name: {
-            **{k: float(np.mean([r[k] for r in runs])) for k in METRIC_KEYS if k in runs[0]},
-            **{f"{k}_std": float(np.std([r[k] for r in runs])) for k in METRIC_KEYS if k in runs[0]},
-        }
-        for name, runs in per_seed.items()
-    }
-    cfg_names = [n for n in summary if n.startswith("cfg_")]
-    best_cfg = min(cfg_names, key=lambda n: summary[n]["fid"]) if cfg_names else None
-    checks = {}
-    if "cca" in summary and "base" in summary:
-        checks["cca_fid_over_base_fid"] = summary["cca"]["fid"] / summary["base"]["fid"]
-    if "cca" in summary and best_cfg:
-        checks["best_cfg"] = best_cfg
-        checks["cca_fid_over_best_cfg_fid"] = summary["cca"]["fid"] / summary[best_cfg]["fid"]
-    return {"methods": summary, "checks": checks, "seeds": list(seeds), "samples_per_method": samples_per_method,
-            "fid_reference": reference, "per_seed": per_seed}
-
+    family: Family
+    vq: torch.nn.Module
+    by_role: dict[str, torch.nn.Module]
+    labels: torch.Tensor
 
 
 def on_device(model: torch.nn.Module, device: torch.device, role: str) -> torch.nn.Module:
@@ -362,81 +286,226 @@ def check_models_fit(models: dict, roles: dict[str, tuple[str, Path | None]], vq
                              f"set eval.num_classes to at most {model.cfg.num_classes} (0: every class of the model)")
 
 
+def check_lambda_conditioning(policy: torch.nn.Module, policy_path: Path | None, cfg: EvalConfig) -> None:
+    """eval.lambdas lists the lambdas a lambda-conditioned policy is sampled at; any other policy takes none."""
+    conditioned = policy.cfg.lambda_conditioning
+    if conditioned != bool(cfg.lambdas) or (conditioned and "cca_cfg" in cfg.methods):
+        raise ValueError(f"--policy {policy_path} is {'' if conditioned else 'not '}lambda-conditioned but eval.lambdas "
+                         f"is {cfg.lambdas}: list the lambdas to sample a lambda-conditioned policy at (and only "
+                         "for one, without cca_cfg)")
+
+
+def load_models(cfg: EvalConfig, units: list[Unit], vq_path: Path, vq_model: str | None, paths: dict[str, Path | None],
+                source: ModelSource, device: torch.device) -> EvalModels:
+    """The tokenizer and the models of `units` (`paths`: "base" -> --base, "cca" -> --policy), checked to fit
+    together. The tokenizer is passed on: VAR builds its input with the loaded VQVAE's quantiser (no re-read)."""
+    family, vq = load_tokenizer(vq_path, vq_model)
+    vq = vq.to(device).eval()
+    grid = cfg.image_size // vq.cfg.downsample if cfg.image_size else None
+    models = {}
+    if any(u.model == "base" for u in units):
+        models["base"] = on_device(load_model(paths["base"], "--base", seq_len=grid * grid if grid else None, tokenizer=vq,
+                                              **source.load_options())[1], device, "--base")
+    if any(u.model == "cca" for u in units):
+        models["cca"] = on_device(load_model(paths["cca"], "--policy", tokenizer=vq, depth=source.depth)[1], device, "--policy")
+        check_lambda_conditioning(models["cca"], paths["cca"], cfg)
+    check_models_fit(models, {"base": ("--base", paths["base"]), "cca": ("--policy", paths["cca"])}, vq, vq_path, cfg)
+    num_classes = cfg.num_classes or next(iter(models.values())).cfg.num_classes
+    return EvalModels(family, vq, models, torch.arange(num_classes).repeat_interleave(cfg.samples_per_class))
+
+
+def sample_unit(unit: Unit, models: EvalModels, cfg: EvalConfig, work: Path, world: World) -> tuple[np.ndarray, float] | None:
+    """Draw the unit's samples, this rank its share (sample i from its own stream: the set is the same for
+    any number of processes); on the main process -> (all images uint8 in sample order, images/s)."""
+    labels = models.labels
+    mine = world.share(list(range(len(labels))))
+    started = time.perf_counter()
+    counter = SampleCounter(len(labels), world.size, desc=f"{unit.name} seed {unit.seed}")
+    try:
+        images, _ = generate_images(
+            models.family.sample, models.by_role[unit.model], models.vq, labels[mine], seed=unit.seed,
+            batch_size=cfg.batch_size, indices=mine, on_batch=counter, resize_to=cfg.resize_to, cfg_scale=unit.scale,
+            lam=unit.lam, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, cfg_schedule=cfg.cfg_schedule,
+        )
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise OutOfMemory(f"out of memory sampling or decoding {unit.name} on {world.device} with eval.batch_size = {cfg.batch_size} "
+                          f"({'2 x ' if unit.scale else ''}{cfg.batch_size} sequences with KV caches, then {cfg.batch_size} images "
+                          f"decoded at once): lower eval.batch_size, e.g. to {max(1, cfg.batch_size // 2)}; `cca-pipe plan "
+                          "--stage eval` gives the memory of each part (the images drawn are kept on the host)") from e
+    finally:
+        counter.close()
+    seconds = max(world.gather(time.perf_counter() - started))
+    full = gather_samples(images, len(labels), work / "samples" / f".{unit.stem}", world)
+    return None if full is None else (full, len(labels) / seconds)
+
+
+def gather_samples(images: np.ndarray, total: int, shard_stem: Path, world: World) -> np.ndarray | None:
+    """Every rank's share (round robin) of a set of `total` images, in sample order, on the main process (None
+    on the others). Through files `<shard_stem>.rank<r>.npy` in the output the main process prepared (a
+    filesystem every node sees): no collective of the whole set's size."""
+    if world.size == 1:
+        return images
+    shard = lambda r: shard_stem.with_name(f"{shard_stem.name}.rank{r}.npy")  # noqa: E731
+    with atomic_file(shard(world.rank)) as tmp, open(tmp, "wb") as f:
+        np.save(f, images)
+    world.barrier()
+    if not world.main:
+        return None
+    full = np.empty((total, *images.shape[1:]), np.uint8)
+    for r in range(world.size):
+        full[r :: world.size] = np.load(shard(r), allow_pickle=False)
+        shard(r).unlink()
+    return full
+
+
+def evaluate_units(units: list[Unit], models: EvalModels, cfg: EvalConfig, scorer: Scorer | None, work: Path,
+                   world: World) -> dict[str, list[dict]]:
+    """Every unit in turn, on every rank: the main process (`scorer`) says whether it was evaluated already,
+    else every rank draws its share and the main process scores the set. -> each method's scores per seed (on
+    the main process; empty on the others)."""
+    per_seed: dict[str, list[dict]] = {}
+    for unit in progress(units, desc="eval", unit="unit"):
+        scores = world.broadcast(scorer.finished(unit) if scorer else None)
+        if scores is not None:
+            log.info("seed %d %-8s already evaluated, reusing it", unit.seed, unit.name)
+        else:
+            drawn = sample_unit(unit, models, cfg, work, world)
+            scores = scorer.score(unit, *drawn) if scorer else None
+        if scorer:
+            per_seed.setdefault(unit.name, []).append(scores)
+    return per_seed
+
+
+# ------------------------------------------------------------------------------------- main process only: scoring
+
+
+@dataclass
+class Scorer:
+    """The main process's part: the feature extractor, the classifier (class accuracy), the reference and
+    its features, and the digests of the inputs that key each unit's results in the output being built."""
+
+    cfg: EvalConfig
+    labels: torch.Tensor
+    extractor: FeatureExtractor
+    classifier: torch.nn.Module | None
+    ref: Reference
+    ref_features: dict
+    digests: dict[str, str]  # "vq", the models ("base", "cca"), "reference", "extractor"
+    work: Path  # the partial output
+    committed: Path  # the previous run's output (its finished units are reused)
+
+    def key(self, unit: Unit) -> str:
+        """Everything that determines a unit's samples and scores."""
+        d = self.digests
+        return settings_digest([self.cfg.sampling_settings(), d["vq"], d[unit.model], d["reference"], d["extractor"],
+                                unit.scale, unit.seed])
+
+    def finished(self, unit: Unit) -> dict | None:
+        return finished_unit(unit, self.key(unit), self.work, self.committed)
+
+    def score(self, unit: Unit, images: np.ndarray, images_per_s: float) -> dict:
+        """Save, score and record the unit (atomically: a rerun after an interruption skips it)."""
+        scores = score_unit(unit, images, images_per_s, self.cfg, self.labels, self.extractor, self.ref_features, self.ref,
+                            self.classifier, self.work)
+        write_json(self.work / "samples" / f"{unit.stem}.json", {"key": self.key(unit), "scores": scores})
+        log.info("seed %d %-8s FID %.3f IS %.3f acc %.3f (%s images/s)", unit.seed, unit.name, scores["fid"],
+                 scores["is"], scores.get("class_accuracy", float("nan")), significant(scores["images_per_s"]))
+        return scores
+
+
+def open_scorer(cfg: EvalConfig, claim: StageDir, models: EvalModels, inputs: dict[str, Path], weights: Path,
+                classifier_path: Path | None, fidelity_cache: Path | None, device: torch.device) -> Scorer:
+    """Load what scores, key the output by every input (`inputs`: "vq", "reference" and the models sampled:
+    a sweep-cfg point must not depend on whether a policy exists yet) and open its partial directory."""
+    extractor = load_feature_extractor(cfg.feature_extractor, weights, device)
+    classifier = load_classifier(classifier_path).to(device) if classifier_path and classifier_path.is_file() else None
+    some_model = next(iter(models.by_role.values()))
+    ref = load_reference(inputs["reference"], cfg.resize_to or models.family.image_size(some_model, models.vq))
+    digests = {k: file_sha256(v) for k, v in inputs.items() if k != "reference"}
+    digests.update(reference=ref.digest(), extractor=extractor.weights_sha256)
+    claim.key = settings_digest([cfg.sampling_settings(), digests, list(cfg.methods)])
+    work = claim.open_partial()
+    ref_features = reference_features(extractor, ref.images, fidelity_cache or default_fidelity_cache())
+    return Scorer(cfg, models.labels, extractor, classifier, ref, ref_features, digests, work, claim.target)
+
+
+def score_unit(unit: Unit, images: np.ndarray, images_per_s: float, cfg: EvalConfig, labels: torch.Tensor,
+               extractor: FeatureExtractor, ref_features: dict, ref: Reference, classifier, work: Path) -> dict:
+    """Save the unit's ADM npz (and the grid for the first seed) and score it."""
+    save_npz(work / "samples" / f"{unit.stem}.npz", images, labels.numpy())
+    if unit.seed == cfg.seeds[0] and cfg.grid_per_class:
+        save_grid(work / "grids" / f"{unit.name}.png", images, labels.numpy(), cfg.grid_per_class, cfg.grid_classes)
+    try:
+        features = extract_features(extractor, images)
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise OutOfMemory(f"out of memory scoring {unit.name}: the feature extractor ({extractor.name}) runs batches of 256 "
+                          "images at 299px (InceptionV3: 3.5 GB in float32 beside the models eval holds; `cca-pipe plan "
+                          "--stage eval`): free that memory on the device, or evaluate one model at a time (--methods cca, "
+                          "then --methods base,cfg)") from e
+    scores = fidelity_scores(extractor, features, ref_features, ref.fid_stats, ref.sfid_stats)
+    if classifier is not None:
+        scores["class_accuracy"] = float((classify(classifier, images) == labels.numpy()).mean())
+    scores["images_per_s"] = images_per_s
+    return scores
+
+
+def summarise(per_seed: dict[str, list[dict]], units: list[Unit], seeds: list[int], samples_per_method: int,
+              reference: str) -> dict:
+    """Mean and std over seeds per method, what each method sampled (its model, guidance scale and lambda:
+    numbers, not parsed back from its name), and CCA's FID relative to the base model's and the best CFG's."""
+    summary = {
+        name: {
+            **{k: float(np.mean([r[k] for r in runs])) for k in METRIC_KEYS if k in runs[0]},
+            **{f"{k}_std": float(np.std([r[k] for r in runs])) for k in METRIC_KEYS if k in runs[0]},
+        }
+        for name, runs in per_seed.items()
+    }
+    sampled = {u.name: {"model": u.model, "cfg_scale": u.scale, "lam": u.lam} for u in units}
+    cfg_names = [n for n in summary if n.startswith("cfg_")]
+    best_cfg = min(cfg_names, key=lambda n: summary[n]["fid"]) if cfg_names else None
+    checks = {}
+    if "cca" in summary and "base" in summary:
+        checks["cca_fid_over_base_fid"] = summary["cca"]["fid"] / summary["base"]["fid"]
+    if "cca" in summary and best_cfg:
+        checks["best_cfg"] = best_cfg
+        checks["cca_fid_over_best_cfg_fid"] = summary["cca"]["fid"] / summary[best_cfg]["fid"]
+    return {"methods": summary, "sampled": sampled, "checks": checks, "seeds": list(seeds),
+            "samples_per_method": samples_per_method, "fid_reference": reference, "per_seed": per_seed}
+
+
+# ------------------------------------------------------------------------------------------------------------ the stage
+
+
 def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Path | None, reference: Path,
-        classifier_path: Path | None, out: Path, device: torch.device,
-        gpt_model: str | None = None, vq_model: str | None = None,
-        methods: tuple[str, ...] | None = None, fidelity_cache: Path | None = None, depth: int | None = None,
-        world: World | None = None) -> dict | None:
-    """Evaluate eval.methods (or `methods`): base (no guidance), cfg (base at each eval.cfg_scales), cca (the policy).
+        classifier_path: Path | None, out: Path, source: ModelSource = ModelSource(), vq_model: str | None = None,
+        fidelity_cache: Path | None = None, world: World | None = None) -> dict | None:
+    """Evaluate eval.methods: base (no guidance), cfg (base at each eval.cfg_scales), cca (the policy), cca_cfg.
     Either family: with VAR, `vq_path` is the VQVAE (it decodes, and its quantiser builds VAR's input).
-    `out` must be absent, empty or an eval directory of ours; it is built in `<out>.partial`. Under torchrun
-    (`world`) the samples of each unit are shared by the ranks; the main process scores and writes, and
-    returns the metrics (the others None)."""
-    world = world or World(device=device)
-    device = world.device
-    if methods is not None:
-        cfg = replace(cfg, methods=list(methods))  # checked again, as the one --set it stands for
-    methods = tuple(cfg.methods)
+    `source`: how to read the base model (--gpt-model, --depth). `out` must be absent, empty or an eval
+    directory of ours; it is built in `<out>.partial`. Under torchrun (`world`) every rank samples its share
+    of each unit; the main process alone scores and writes, and returns the metrics (the others None)."""
+    world = world or World()
     units = plan_units(cfg)
     weights = scorer_weights(cfg, classifier_path)
     with world.main_only(StageDir(out, "eval")) as claim:
-        family, vq = load_tokenizer(vq_path, vq_model)
-        vq = vq.to(device).eval()
-        grid = cfg.image_size // vq.cfg.downsample if cfg.image_size else None
-        models = {}
-        # the tokenizer is passed on: VAR builds its input with the loaded VQVAE's quantiser (no re-read)
-        if any(u.model == "base" for u in units):
-            models["base"] = on_device(load_model(base_path, "--base", spec=gpt_model, seq_len=grid * grid if grid else None,
-                                                  tokenizer=vq, depth=depth)[1], device, "--base")
-        if any(u.model == "cca" for u in units):
-            models["cca"] = on_device(load_model(policy_path, "--policy", tokenizer=vq, depth=depth)[1], device, "--policy")
-            conditioned = models["cca"].cfg.lambda_conditioning
-            if conditioned != bool(cfg.lambdas) or (conditioned and "cca_cfg" in methods):
-                raise ValueError(f"--policy {policy_path} is {'' if conditioned else 'not '}lambda-conditioned but eval.lambdas "
-                                 f"is {cfg.lambdas}: list the lambdas to sample a lambda-conditioned policy at (and only "
-                                 "for one, without cca_cfg)")
-        check_models_fit(models, {"base": ("--base", base_path), "cca": ("--policy", policy_path)}, vq, vq_path, cfg)
-        some_model = next(iter(models.values()))
-        num_classes = cfg.num_classes or some_model.cfg.num_classes
-        labels = torch.arange(num_classes).repeat_interleave(cfg.samples_per_class)
-        work = claim.partial
-        if world.main:  # scoring is the main process's: the others only sample
-            extractor = load_feature_extractor(cfg.feature_extractor, weights, device)
-            classifier = load_classifier(classifier_path).to(device) if classifier_path and classifier_path.is_file() else None
-            ref = load_reference(reference, cfg.resize_to or family.image_size(some_model, vq))
-            # Each unit's samples (.npz) and scores (.json) are written atomically, keyed by everything that
-            # determines them, so a rerun after an interruption (or with other scales) skips finished units.
-            # only the models these methods sample: a sweep-cfg point must not depend on whether a policy exists yet
-            paths = {"vq": vq_path, **{role: path for role, path in (("base", base_path), ("cca", policy_path)) if role in models}}
-            digests = {k: file_sha256(v) for k, v in paths.items()}
-            digests.update(reference=ref.digest(), extractor=extractor.weights_sha256)
-            claim.key = settings_digest([cfg.sampling_settings(), digests, list(methods)])
-            work = claim.open_partial()
-            ref_features = reference_features(extractor, ref.images, fidelity_cache or default_fidelity_cache())
+        models = load_models(cfg, units, vq_path, vq_model, {"base": base_path, "cca": policy_path}, source, world.device)
+        scorer = None
+        if world.main:
+            sampled = {role: path for role, path in (("base", base_path), ("cca", policy_path)) if role in models.by_role}
+            scorer = open_scorer(cfg, claim, models, {"vq": vq_path, **sampled, "reference": reference}, weights,
+                                 classifier_path, fidelity_cache, world.device)
         world.barrier()  # the others write their shards into the partial the main process prepared
-        per_seed: dict[str, list[dict]] = {}
-        for unit in progress(units, desc="eval", unit="unit"):
-            if world.main:
-                key = settings_digest([cfg.sampling_settings(), digests["vq"], digests[unit.model], digests["reference"],
-                                       digests["extractor"], unit.scale, unit.seed])
-            scores = world.broadcast(finished_unit(unit, key, work, claim.target) if world.main else None)
-            if scores is not None:
-                log.info("seed %d %-8s already evaluated, reusing it", unit.seed, unit.name)
-            else:
-                drawn = sample_unit(unit, family, models[unit.model], vq, cfg, labels, work, world)
-                if not world.main:
-                    continue
-                scores = score_unit(unit, *drawn, cfg, labels, extractor, ref_features, ref, classifier, work)
-                write_json(work / "samples" / f"{unit.stem}.json", {"key": key, "scores": scores})
-                log.info("seed %d %-8s FID %.3f IS %.3f acc %.3f (%s images/s)", unit.seed, unit.name, scores["fid"],
-                         scores["is"], scores.get("class_accuracy", float("nan")), significant(scores["images_per_s"]))
-            per_seed.setdefault(unit.name, []).append(scores)
-        if not world.main:
+        per_seed = evaluate_units(units, models, cfg, scorer, claim.partial, world)
+        if scorer is None:
             return None
-        metrics = summarise(per_seed, cfg.seeds, len(labels), ref.describe())
-        write_json(work / "metrics.json", metrics)
-        write_text(work / "results.md", format_results(metrics))
-        save_settings(work, "eval", cfg)
+        metrics = summarise(per_seed, units, cfg.seeds, len(models.labels), scorer.ref.describe())
+        write_json(claim.partial / "metrics.json", metrics)
+        write_text(claim.partial / "results.md", format_results(metrics))
+        save_settings(claim.partial, "eval", cfg)
         claim.commit()
     return metrics
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from pipeline.distributed import World
-from pipeline.families import Family, load_model
+from pipeline.families import Family, ModelSource, load_model
 from pipeline.parallel import place
 from pipeline.tokenstore import TokenStore
 
@@ -15,14 +15,14 @@ from . import presets
 
 
 def load_for_store(path: Path, role: str, store: TokenStore, tokens_path: Path, world: World, strategy: str,
-                   preset: str | None, **model_options) -> tuple[Family, torch.nn.Module]:
-    """Loaded with the store's sequence length and scales (`model_options` as Family.load_model), placed for
-    `strategy`, checked against the store and the preset. Rank 0 also checks every chunk: the other ranks
-    stop with it if one is damaged."""
-    family, model = load_model(path, role, seq_len=store.seq_len, patch_nums=store.attrs.get("patch_nums"), **model_options)
+                   source: ModelSource) -> tuple[Family, torch.nn.Module]:
+    """Loaded with the store's sequence length and scales, placed for `strategy`, checked against the store
+    and `source`'s preset. Rank 0 also checks every chunk: the other ranks stop with it if one is damaged."""
+    family, model = load_model(path, role, seq_len=store.seq_len, patch_nums=store.attrs.get("patch_nums"),
+                               **source.load_options())
     model = place(model, world, strategy)
     family.check_fits(model, store.attrs, tokens_path, path)
     if world.main:
         store.check_chunks()
-    presets.check_model(preset, family.name, model.cfg)
+    presets.check_model(source.preset, family.name, model.cfg)
     return family, model

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pipeline.checkpoint import file_sha256
 from pipeline.config import check_ranges, setting
 from pipeline.distributed import World
+from pipeline.families import ModelSource
 from pipeline.formats import RefCacheParts, claim_ref_cache, read_ref_cache
 from pipeline.parallel import STRATEGIES, distribute
 from pipeline.progress import progress
@@ -51,24 +51,21 @@ class RefLogpConfig:
         check_ranges(self, "reflogp")
 
 
-def run(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, out: Path, device: torch.device, gpt_model: str | None = None,
-        vae: Path | None = None, vae_model: str | None = None, depth: int | None = None, preset: str | None = None,
+def run(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, out: Path, source: ModelSource = ModelSource(),
         world: World | None = None) -> None:
     """`out` and its parts directory `<out>.partial` must be absent or caches of ours (checked first). Under
     torchrun (`world`) the batches of each part still to compute are dealt out to the processes, and the main
     process writes the part (the resume unit) from what they return, then merges the parts: every process
     works whatever the number of parts, and the cache is the one-process cache, whatever the world size."""
-    world = world or World(device=device)
+    world = world or World()
     with world.main_only(claim_ref_cache(out)) as claim:
-        _reflogp(cfg, tokens_path, ref_path, claim, world, gpt_model, vae, vae_model, depth, preset)
+        _reflogp(cfg, tokens_path, ref_path, claim, world, source)
 
 
-def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world: World, gpt_model, vae, vae_model,
-             depth, preset) -> None:
+def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world: World, source: ModelSource) -> None:
     out = claim.target
     store = open_token_store(tokens_path)
-    family, model = load_for_store(ref_path, "--ref", store, tokens_path, world, cfg.strategy, preset,
-                                   spec=gpt_model, vae=vae, vae_model=vae_model, depth=depth)
+    family, model = load_for_store(ref_path, "--ref", store, tokens_path, world, cfg.strategy, source)
     model.set_dropout(cfg.dropout, cfg.drop_path, section="reflogp")  # before any work: VAR has no dropout
     noise = ReferenceNoise(cfg.seed, cfg.dropout, cfg.drop_path)
     pairs = draw_pairs(store.labels, store.tokens.shape[1], store.num_classes, cfg.seed, cfg.views, cfg.negatives)

@@ -23,7 +23,7 @@ from pipeline.checkpoint import file_sha256
 from pipeline.config import ConfigError, check_ranges, setting, settings_digest
 from pipeline.device import local_bytes, peak_rss_mb, rss_mb
 from pipeline.distributed import World
-from pipeline.families import Family, family_of, family_of_model
+from pipeline.families import Family, ModelSource, family_of, family_of_model
 from pipeline.formats import read_ref_cache
 from pipeline.losses import LOSSES
 from pipeline.outputs import StageDir, write_json
@@ -134,24 +134,23 @@ def run_key(cfg: TrainConfig, provenance: dict, init_sha: str) -> str:
     return settings_digest([cfg, provenance, init_sha])
 
 
-def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: Path, device: torch.device,
-        gpt_model: str | None = None, vae: Path | None = None, vae_model: str | None = None, depth: int | None = None,
-        preset: str | None = None, world: World | None = None) -> None:
+def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: Path, source: ModelSource = ModelSource(),
+        world: World | None = None) -> None:
     """`out` must be absent, empty or a train directory of ours; the run is built in `<out>.partial`
     (checkpoints, resume state, logs) and moved into `out` when it finishes (pipeline/outputs.py).
-    `preset`: the name of the recipe `cfg` was resolved with (checked against the model, recorded).
+    `source.preset`: the name of the recipe `cfg` was resolved with (checked against the model, recorded).
     Under torchrun (`world`), every process trains its share of each batch (DDP); the main process claims
     the output, logs, checkpoints and commits."""
-    world = world or World(device=device)
+    world = world or World()
     with world.main_only(StageDir(out, "train")) as claim:
-        _train(cfg, tokens_path, cache_path, init, claim, world, gpt_model, vae, vae_model, depth, preset)
+        _train(cfg, tokens_path, cache_path, init, claim, world, source)
 
 
 def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, claim: StageDir, world: World,
-           gpt_model, vae, vae_model, depth, preset) -> None:
+           source: ModelSource) -> None:
+    preset = source.preset
     inputs = _open_inputs(cfg, tokens_path, cache_path, init)
-    family, policy = load_for_store(init, "--init", inputs.store, tokens_path, world, cfg.strategy, preset,
-                                    spec=gpt_model, vae=vae, vae_model=vae_model, depth=depth)
+    family, policy = load_for_store(init, "--init", inputs.store, tokens_path, world, cfg.strategy, source)
     policy.set_dropout(cfg.dropout, cfg.drop_path)
     if cfg.lambda_conditioning is not None:
         policy.enable_lambda_conditioning(seed=cfg.seed)

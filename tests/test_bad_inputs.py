@@ -147,7 +147,7 @@ def _world(tmp_path: Path, codebook: int = 64, labels=None):
 def test_vocabulary_mismatch_names_both_files(tmp_path):
     tokens, gpt = _world(tmp_path, codebook=16384)
     with pytest.raises(ValueError, match=r"t\.zarr uses a codebook of 16384 codes but the model .*gpt\.pt has a vocabulary of 64"):
-        reflogp_stage.run(reflogp_stage.RefLogpConfig(batch_size=4, part_rows=8), tokens, gpt, tmp_path / "c.parquet", CPU)
+        reflogp_stage.run(reflogp_stage.RefLogpConfig(batch_size=4, part_rows=8), tokens, gpt, tmp_path / "c.parquet")
     assert not (tmp_path / "c.parquet").exists()
 
 
@@ -164,7 +164,7 @@ def test_labels_out_of_range_are_refused(tmp_path):
 
 
 def _cache(tmp_path: Path, tokens: Path, gpt: Path) -> Path:
-    reflogp_stage.run(reflogp_stage.RefLogpConfig(batch_size=4, part_rows=8), tokens, gpt, tmp_path / "c.parquet", CPU)
+    reflogp_stage.run(reflogp_stage.RefLogpConfig(batch_size=4, part_rows=8), tokens, gpt, tmp_path / "c.parquet")
     return tmp_path / "c.parquet"
 
 
@@ -175,10 +175,10 @@ def test_train_refuses_a_cache_made_from_other_tokens_or_weights(tmp_path):
     torch.manual_seed(1)
     save_checkpoint(tmp_path / "other.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), kind="llamagen-gpt")
     with pytest.raises(FormatError, match=r"c\.parquet is stale: its ref_ckpt_sha256 .*`cca-pipe reflogp`"):
-        train_stage.run(cfg, tokens, cache, tmp_path / "other.pt", tmp_path / "train", CPU)
+        train_stage.run(cfg, tokens, cache, tmp_path / "other.pt", tmp_path / "train")
     _world(tmp_path / "new", labels=np.array([1, 1, 2, 0, 1, 2, 0, 1], np.int32))
     with pytest.raises(FormatError, match=r"stale: its tokens_fingerprint"):
-        train_stage.run(cfg, tmp_path / "new/t.zarr", cache, gpt, tmp_path / "train", CPU)
+        train_stage.run(cfg, tmp_path / "new/t.zarr", cache, gpt, tmp_path / "train")
     assert not (tmp_path / "train/policy.pt").exists()
 
 
@@ -198,7 +198,7 @@ def test_non_finite_loss_stops_and_names_the_step_and_checkpoint(tmp_path, monke
     monkeypatch.setitem(alignment.LOSSES, "cca", diverging)
     cfg = train_stage.TrainConfig(batch_size=2, micro_batch_size=2, epochs=1, uncond_ratio=0.0, save_every=1)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2.*Last good checkpoint: .*0000002\.pt"):
-        train_stage.run(cfg, tokens, cache, gpt, tmp_path / "train", CPU)
+        train_stage.run(cfg, tokens, cache, gpt, tmp_path / "train")
     assert not (tmp_path / "train/policy.pt").exists()
 
 
@@ -213,7 +213,7 @@ def test_out_of_memory_says_which_batch_size_to_lower(tmp_path, monkeypatch):
 
     monkeypatch.setattr(alignment, "loss_for_batch", oom)
     with pytest.raises(OutOfMemory, match=r"train\.micro_batch_size = 4 .*e\.g\. to 2"):
-        train_stage.run(train_stage.TrainConfig(batch_size=8, micro_batch_size=4), tokens, cache, gpt, tmp_path / "train", CPU)
+        train_stage.run(train_stage.TrainConfig(batch_size=8, micro_batch_size=4), tokens, cache, gpt, tmp_path / "train")
 
 
 def test_full_disk_is_one_clear_message_and_no_partial_file(tmp_path, monkeypatch, capsys):

@@ -16,7 +16,6 @@ from pipeline.tokenstore import write_token_store
 from stages import eval as eval_stage
 from stages.cli import main
 
-CPU = torch.device("cpu")
 GPT_CFG = GPTConfig(dim=32, n_layer=1, n_head=2, vocab_size=32, num_classes=3, block_size=16, multiple_of=16)
 VQ_CFG = VQConfig(codebook_size=32, codebook_embed_dim=4, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16,
                   norm_groups=8, codebook_used_size=32)
@@ -34,7 +33,7 @@ def _world(tmp_path):
 def _eval(tmp_path, caplog=None):
     cfg = eval_stage.EvalConfig(samples_per_class=4, seeds=[0, 1], cfg_scales=[1.0, 1.5], batch_size=12, grid_per_class=2)
     return eval_stage.run(cfg, tmp_path / "vq.pt", tmp_path / "gpt.pt", tmp_path / "gpt.pt", tmp_path / "ref",
-                          tmp_path / "clf.pt", tmp_path / "eval", CPU)
+                          tmp_path / "clf.pt", tmp_path / "eval")
 
 
 def test_eval_reuses_finished_units(tmp_path, caplog):
@@ -94,7 +93,7 @@ def test_eval_reports_progress_per_batch_of_samples(tmp_path, monkeypatch):
     _world(tmp_path)
     cfg = eval_stage.EvalConfig(samples_per_class=4, seeds=[0], methods=["base"], batch_size=5, grid_per_class=0)
     eval_stage.run(cfg, tmp_path / "vq.pt", tmp_path / "gpt.pt", tmp_path / "gpt.pt", tmp_path / "ref",
-                   tmp_path / "clf.pt", tmp_path / "eval", CPU)
+                   tmp_path / "clf.pt", tmp_path / "eval")
     sampling = [b for b in bars if b.kwargs.get("unit") == "img"]
     assert len(sampling) == 1 and sampling[0].kwargs["total"] == 12  # 3 classes x 4
     assert sampling[0].updates == [5, 5, 2]
@@ -133,7 +132,7 @@ def test_the_output_key_depends_only_on_the_models_evaluated(tmp_path):
     keys = []
     for run in ("before", "after"):
         eval_stage.run(cfg, tmp_path / "vq.pt", tmp_path / "gpt.pt", tmp_path / "policy.pt", tmp_path / "ref", tmp_path / "clf.pt",
-                       tmp_path / f"eval_{run}", CPU, fidelity_cache=tmp_path / "fidelity")
+                       tmp_path / f"eval_{run}", fidelity_cache=tmp_path / "fidelity")
         keys.append(read_json(tmp_path / f"eval_{run}" / ".cca-pipe.json")["key"])
         (tmp_path / "policy.pt").write_bytes((tmp_path / "gpt.pt").read_bytes())  # train has written a policy meanwhile
     assert keys[0] == keys[1]
@@ -145,11 +144,12 @@ def test_two_evals_write_the_same_bytes(tmp_path):
     from pipeline.checkpoint import file_sha256
 
     _world(tmp_path)
-    cfg = eval_stage.EvalConfig(samples_per_class=2, seeds=[0], cfg_scales=[1.0], batch_size=6, grid_per_class=1)
+    cfg = eval_stage.EvalConfig(samples_per_class=2, seeds=[0], methods=["base", "cca"], cfg_scales=[1.0], batch_size=6,
+                                grid_per_class=1)
     digests = []
     for run in ("a", "b"):
         eval_stage.run(cfg, tmp_path / "vq.pt", tmp_path / "gpt.pt", tmp_path / "gpt.pt", tmp_path / "ref", tmp_path / "clf.pt",
-                       tmp_path / f"eval_{run}", CPU, methods=("base", "cca"), fidelity_cache=tmp_path / f"fidelity_{run}")
+                       tmp_path / f"eval_{run}", fidelity_cache=tmp_path / f"fidelity_{run}")
         files = [*sorted((tmp_path / f"eval_{run}").glob("*/*.npz")), *sorted((tmp_path / f"eval_{run}").glob("grids/*.png")),
                  *sorted((tmp_path / f"fidelity_{run}").glob("*.npz"))]
         digests.append({p.name: file_sha256(p) for p in files})

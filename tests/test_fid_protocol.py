@@ -90,7 +90,7 @@ def _eval_world(tmp_path):
 
 def _run(tmp_path, reference, out: str) -> dict:
     cfg = eval_stage.EvalConfig(samples_per_class=8, seeds=[0], methods=["base"], cfg_scales=[], batch_size=24, grid_per_class=0)
-    return eval_stage.run(cfg, tmp_path / "vq.pt", tmp_path / "gpt.pt", None, reference, tmp_path / "clf.pt", tmp_path / out, CPU,
+    return eval_stage.run(cfg, tmp_path / "vq.pt", tmp_path / "gpt.pt", None, reference, tmp_path / "clf.pt", tmp_path / out,
                           fidelity_cache=tmp_path / "fc")
 
 

@@ -294,8 +294,8 @@ def test_plan_stage_tokenize_says_what_fits():
 def test_plan_stage_eval_counts_each_part():
     """GPT-B at 384px, 1000 classes x 1 sample, eval.batch_size 8 with guidance (16 sequences): KV caches 12 layers x
     2 x 16 x 577 x 768 x 4 B = 0.68 GB; VQ-16's decoder at 384px: its last level's res block (128 + 3 x 128) x 384^2
-    floats per image, x 8 images x 4 B = 2.42 GB; the samples as float32 and their concatenation on the host:
-    2 x 1000 x 3 x 384^2 x 4 B = 3.54 GB."""
+    floats per image, x 8 images x 4 B = 2.42 GB; the samples on the host, uint8 as each batch is decoded:
+    1000 x 3 x 384^2 B = 0.44 GB."""
     result = CliRunner().invoke(main, ["--params", "/nonexistent/params.yaml", "--set", "eval.batch_size=8", "--set",
                                        "eval.samples_per_class=1", "plan", "--preset", "llamagen-B", "--stage", "eval",
                                        "--gpu-memory", "80GB"])
@@ -303,7 +303,7 @@ def test_plan_stage_eval_counts_each_part():
     out = result.output
     assert _gb_row(out, "KV caches + logits") == [pytest.approx(12 * 2 * 16 * 577 * 768 * 4 / 1e9, abs=0.01)]
     assert _gb_row(out, "decoder forward") == [pytest.approx(8 * 512 * 384**2 * 4 / 1e9, abs=0.01)]
-    assert _gb_row(out, "samples held (host)") == [pytest.approx(2 * 1000 * 3 * 384**2 * 4 / 1e9, abs=0.01)]
+    assert _gb_row(out, "samples held (host)") == [pytest.approx(1000 * 3 * 384**2 / 1e9, abs=0.01)]
     assert "peak during scoring" in out and "of host memory" in out and "fits in 80 GB" in out  # InceptionV3 at 256 images
 
 
@@ -332,7 +332,8 @@ def test_out_of_memory_in_tokenize_and_eval_names_the_batch_size(monkeypatch):
     unit = eval_stage.Unit("cfg_1", "base", 1.0, 0)
     world = SimpleNamespace(share=lambda rows: rows, device=torch.device("cpu"), size=1, rank=0)
     with pytest.raises(OutOfMemory, match=r"sampling or decoding cfg_1 .*eval\.batch_size = 64 \(2 x 64 sequences.*e\.g\. to 32"):
-        eval_stage.sample_unit(unit, SimpleNamespace(sample=None), None, None, cfg, torch.zeros(4, dtype=torch.long), Path("."), world)
+        models = eval_stage.EvalModels(SimpleNamespace(sample=None), None, {"base": None}, torch.zeros(4, dtype=torch.long))
+        eval_stage.sample_unit(unit, models, cfg, Path("."), world)
 
     monkeypatch.setattr(eval_stage, "extract_features", oom)
     monkeypatch.setattr(eval_stage, "save_npz", lambda *a: None)

@@ -151,7 +151,7 @@ def test_score_unit_scores_sfid_against_the_batch_mu_s_sigma_s(tmp_path):
     ref_features = extract_features(extractor, images)
     scores = eval_stage.score_unit(unit, images, 1.0, cfg, labels, extractor, ref_features, ref, None, tmp_path / "work")
     assert scores["sfid"] == pytest.approx(float(d @ d), rel=1e-5) and abs(scores["fid"]) < 1e-3
-    metrics = eval_stage.summarise({"base": [scores]}, [0], 48, ref.describe())
+    metrics = eval_stage.summarise({"base": [scores]}, [unit], [0], 48, ref.describe())
     assert metrics["methods"]["base"]["sfid"] == scores["sfid"]
     table = eval_stage.format_results(metrics)
     assert "| method | FID | sFID | IS |" in table and f"{scores['sfid']:.3f}" in table
