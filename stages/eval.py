@@ -7,8 +7,9 @@ cfg-scale = 1 + s), `cca` (the policy, no guidance), `cca_cfg_<s>` (the policy w
 paper Fig. 5-6; its training kept the unconditional rows). Each is sampled with every seed in eval.seeds and
 scored with torch-fidelity (FID, IS, precision, recall) against the held-out reference images, plus
 class accuracy (the classifier's agreement with the intended label) and sampling throughput.
-Writes metrics.json (mean and std over seeds), results.md, grids/<method>.png, samples/<method>_seed<k>.npz
-(ADM-evaluator layout: arr_0 uint8 NHWC images, arr_1 intended labels).
+Writes metrics.json (mean and std over seeds; `sampled`: each method's model, cfg_scale and lam as numbers),
+results.md, grids/<method>.png, samples/<method>_seed<k>.npz (ADM-evaluator layout: arr_0 uint8 NHWC images,
+arr_1 intended labels). Every rank samples its share of each unit; the main process alone scores (Scorer).
 """
 
 from __future__ import annotations
@@ -222,28 +223,6 @@ def plan_units(cfg: EvalConfig) -> list[Unit]:
     return [Unit(name, model, scale, seed, lam) for seed in cfg.seeds for name, model, scale, lam in per_seed]
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
-def finished_unit(unit: Unit, key: str, work: Path, committed: Path) -> dict | None:
-    """Scores of a unit already evaluated with this key: in this run's work directory, or in the previous
-    run's committed output (linked into the work directory, so the new output holds it too)."""
-    for where in (work, committed):
-        done = read_json(where / "samples" / f"{unit.stem}.json")
-        samples = where / "samples" / f"{unit.stem}.npz"
-        if done and done.get("key") == key and samples.is_file():
-            if where is committed:
-                for suffix in (".npz", ".json"):
-                    _link_or_copy(committed / "samples" / f"{unit.stem}{suffix}", work / "samples" / f"{unit.stem}{suffix}")
-            return done["scores"]
-    return None
-
-
 # ---------------------------------------------------------------------------------------------- every rank: sampling
 
 
@@ -431,6 +410,28 @@ def open_scorer(cfg: EvalConfig, claim: StageDir, models: EvalModels, inputs: di
     return Scorer(cfg, models.labels, extractor, classifier, ref, ref_features, digests, work, claim.target)
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def finished_unit(unit: Unit, key: str, work: Path, committed: Path) -> dict | None:
+    """Scores of a unit already evaluated with this key: in this run's work directory, or in the previous
+    run's committed output (linked into the work directory, so the new output holds it too)."""
+    for where in (work, committed):
+        done = read_json(where / "samples" / f"{unit.stem}.json")
+        samples = where / "samples" / f"{unit.stem}.npz"
+        if done and done.get("key") == key and samples.is_file():
+            if where is committed:
+                for suffix in (".npz", ".json"):
+                    _link_or_copy(committed / "samples" / f"{unit.stem}{suffix}", work / "samples" / f"{unit.stem}{suffix}")
+            return done["scores"]
+    return None
+
+
 def score_unit(unit: Unit, images: np.ndarray, images_per_s: float, cfg: EvalConfig, labels: torch.Tensor,
                extractor: FeatureExtractor, ref_features: dict, ref: Reference, classifier, work: Path) -> dict:
     """Save the unit's ADM npz (and the grid for the first seed) and score it."""
@@ -492,12 +493,11 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Pat
     units = plan_units(cfg)
     weights = scorer_weights(cfg, classifier_path)
     with world.main_only(StageDir(out, "eval")) as claim:
-        models = load_models(cfg, units, vq_path, vq_model, {"base": base_path, "cca": policy_path}, source, world.device)
-        scorer = None
-        if world.main:
-            sampled = {role: path for role, path in (("base", base_path), ("cca", policy_path)) if role in models.by_role}
-            scorer = open_scorer(cfg, claim, models, {"vq": vq_path, **sampled, "reference": reference}, weights,
-                                 classifier_path, fidelity_cache, world.device)
+        paths = {"base": base_path, "cca": policy_path}
+        models = load_models(cfg, units, vq_path, vq_model, paths, source, world.device)
+        inputs = {"vq": vq_path, **{role: paths[role] for role in models.by_role}, "reference": reference}
+        scorer = open_scorer(cfg, claim, models, inputs, weights, classifier_path, fidelity_cache, world.device) \
+            if world.main else None
         world.barrier()  # the others write their shards into the partial the main process prepared
         per_seed = evaluate_units(units, models, cfg, scorer, claim.partial, world)
         if scorer is None:

@@ -67,6 +67,14 @@ def _only_method(eval_dir: Path) -> dict:
     return metrics
 
 
+def _sampled_lambda(eval_dir: Path) -> Point:
+    """The point of an eval of a lambda-conditioned policy at one test-time lambda: the lambda its metrics.json
+    records as sampled (a number; the method's name `cca_lam<lambda>` is only its table label)."""
+    results = read_results(eval_dir / "metrics.json", ("methods", "sampled"))
+    ((name, metrics),) = results["methods"].items()
+    return Point("lambda", metrics, lam=float(results["sampled"][name]["lam"]))
+
+
 def plot_logps(runs: list[tuple[str, Path]], path: Path) -> None:
     """Mean log p_theta(x|c) of the positives over training steps, one line per run (paper Sec. 5.3)."""
     from pipeline.report import _agg
@@ -128,8 +136,8 @@ def cca_cfg_points(paper_dir: Path, sweep: SweepConfig) -> list[Point]:
 
 def table5(paper_dir: Path, paper: PaperConfig, cca_points: list[Point], beta: float, checks: dict) -> tuple[str, list[Point]]:
     """One lambda-conditioned policy at each test-time lambda next to the policy trained at that lambda alone."""
-    conditioned = sorted((Point("lambda", _only_method(paper_dir / "lambda" / "eval" / f"lam{lam}"), lam=float(lam))
-                          for lam in paper.lambdas), key=lambda p: p.lam)
+    conditioned = sorted((_sampled_lambda(paper_dir / "lambda" / "eval" / f"lam{lam}") for lam in paper.lambdas),
+                         key=lambda p: p.lam)
     fixed = {p.lam: p for p in cca_points if p.beta == beta}
     rows, ratios = [], {}
     for p in conditioned:

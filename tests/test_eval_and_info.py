@@ -155,3 +155,19 @@ def test_two_evals_write_the_same_bytes(tmp_path):
         digests.append({p.name: file_sha256(p) for p in files})
     assert len(digests[0]) == 5  # base and cca samples, their grids, the reference features
     assert digests[0] == digests[1]
+
+
+def test_metrics_record_what_each_method_sampled():
+    """metrics.json carries each method's model, guidance scale and lambda as numbers (stages/paper.py reads the
+    lambda there): a lambda-conditioned policy's units hold their lambda as a field, the name is a label."""
+    cfg = eval_stage.EvalConfig(seeds=[0, 1], methods=["base", "cfg", "cca"], cfg_scales=[1.5], lambdas=[10.0, 0.25])
+    units = eval_stage.plan_units(cfg)
+    assert [(u.name, u.lam) for u in units if u.seed == 1] == [("base", None), ("cfg_1.5", None), ("cca_lam10", 10.0),
+                                                               ("cca_lam0.25", 0.25)]
+    per_seed = {name: [{"fid": 2.0 + i, "is": 3.0} for i in range(2)] for name in ("base", "cfg_1.5", "cca_lam10", "cca_lam0.25")}
+    metrics = eval_stage.summarise(per_seed, units, cfg.seeds, 8, "ref")
+    assert metrics["sampled"] == {"base": {"model": "base", "cfg_scale": 0.0, "lam": None},
+                                  "cfg_1.5": {"model": "base", "cfg_scale": 1.5, "lam": None},
+                                  "cca_lam10": {"model": "cca", "cfg_scale": 0.0, "lam": 10.0},
+                                  "cca_lam0.25": {"model": "cca", "cfg_scale": 0.0, "lam": 0.25}}
+    assert metrics["methods"]["cca_lam10"]["fid"] == 2.5 and metrics["methods"]["cca_lam10"]["fid_std"] == 0.5

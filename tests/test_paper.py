@@ -8,19 +8,22 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
-from pipeline.formats import write_ref_cache
+from pipeline.formats import FormatError, write_ref_cache
 from stages import paper
 from stages.report import SweepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _eval(folder: Path, methods: dict[str, tuple[float, float, float]]) -> None:
+def _eval(folder: Path, methods: dict[str, tuple[float, float, float]], lam: float | None = None) -> None:
+    """An eval's metrics.json; `lam`: the lambda its (one) method sampled a lambda-conditioned policy at."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "metrics.json").write_text(json.dumps({"seeds": [0], "methods": {
-        name: {"fid": fid, "is": is_, "class_accuracy": acc} for name, (fid, is_, acc) in methods.items()}}))
+        name: {"fid": fid, "is": is_, "class_accuracy": acc} for name, (fid, is_, acc) in methods.items()},
+        "sampled": {name: {"model": "cca", "cfg_scale": 0.0, "lam": lam} for name in methods}}))
 
 
 def _train(folder: Path, loss: str, lam: float, logps: list[float], ratio_pos: float = 0.0) -> None:
@@ -53,7 +56,7 @@ def test_the_paper_tables_and_checks(tmp_path: Path):
     for s, fid in ((0.5, 4.6), (1.0, 5.9)):  # the best CCA+CFG point (4.6) beats CCA without guidance (5.0)
         _eval(data / "paper/cca_cfg/eval" / f"s{s}", {f"cca_cfg_{s:g}": (fid, 8.0 + s, 0.9)})
     for lam, fid, acc in ((1, 5.5, 0.85), (10, 5.4, 0.88), (30, 6.5, 0.91)):  # lambda 30: 25% worse than alone
-        _eval(data / "paper/lambda/eval" / f"lam{lam}", {f"cca_lam{lam:g}": (fid, 7.5 + lam / 100, acc)})
+        _eval(data / "paper/lambda/eval" / f"lam{lam}", {f"cca_lam{lam:g}": (fid, 7.5 + lam / 100, acc)}, lam=lam)
 
     # the reference-dropout experiment: dropout costs each row 2 or 4 nats (D = 3 ± 1); against the eval-mode
     # cache the policy's step-0 ratio is about -D, against the matched one about 0
@@ -117,3 +120,15 @@ def test_the_paper_pipeline_reuses_the_main_reference_cache():
     reflogps = [name for name, s in stages.items() if " reflogp " in s.get("do", s)["cmd"]]
     assert reflogps == ["dropout-reflogp"]
     assert "--set reflogp.dropout=${paper.dropout}" in stages["dropout-reflogp"]["cmd"]
+
+
+def test_a_lambda_conditioned_point_takes_its_lambda_from_what_eval_recorded(tmp_path: Path):
+    """Table 5's lambda is the number eval recorded as sampled, neither parsed from the method's name nor from the
+    folder's; a metrics.json without that record is refused by name."""
+    _eval(tmp_path / "any", {"cca_lam0.3": (5.0, 7.0, 0.8)}, lam=1 / 3)
+    point = paper._sampled_lambda(tmp_path / "any")
+    assert point.kind == "lambda" and point.lam == 1 / 3 and point.metrics["fid"] == 5.0
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old/metrics.json").write_text(json.dumps({"methods": {"cca_lam0.3": {"fid": 5.0}}}))
+    with pytest.raises(FormatError, match=r"old/metrics.json .*no \['sampled'\]"):
+        paper._sampled_lambda(tmp_path / "old")
