@@ -593,7 +593,7 @@ def eval_plan(models: list[nn.Module], t: ConvTokenizer, image_size: int, batch_
     rows = {"weights": weights, "KV caches + logits": sampling, "decoder forward": decode, "feature extractor": scoring,
             "samples held (host)": held, "precision/recall (host)": distances}
     on_device = {"sampling": weights + sampling, "decoding": weights + decode, "scoring": weights + scoring}
-    if device == "cpu":  # the host is the device: the samples drawn so far (at most the set) are alive beside
+    if device == "cpu":  # the host is the device: the uint8 samples drawn so far (at most the set) are alive too
         return StagePlan("eval", rows, {"sampling": weights + sampling + held, "decoding": weights + decode + held,
                                         "scoring": weights + scoring, "precision/recall": weights + distances})
     return StagePlan("eval", rows, on_device, host=max(held, distances))

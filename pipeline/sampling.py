@@ -160,7 +160,7 @@ def generate_images(
             with torch.no_grad():
                 decoded = decoder.decode_codes(out.tokens).float().cpu()
         batch = to_uint8(resize_images(decoded, resize_to))
-        del decoded
+        del decoded  # not alive while the next batch decodes
         if images is None:
             images = np.empty((len(labels), *batch.shape[1:]), np.uint8)
         images[start : start + len(part)] = batch

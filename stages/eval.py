@@ -322,18 +322,20 @@ def sample_unit(unit: Unit, models: EvalModels, cfg: EvalConfig, work: Path, wor
 
 def gather_samples(images: np.ndarray, total: int, shard_stem: Path, world: World) -> np.ndarray | None:
     """Every rank's share (round robin) of a set of `total` images, in sample order, on the main process (None
-    on the others). Through files `<shard_stem>.rank<r>.npy` in the output the main process prepared (a
-    filesystem every node sees): no collective of the whole set's size."""
+    on the others). The other ranks' shares come through files `<shard_stem>.rank<r>.npy` in the output the
+    main process prepared (a filesystem every node sees): no collective of the whole set's size."""
     if world.size == 1:
         return images
     shard = lambda r: shard_stem.with_name(f"{shard_stem.name}.rank{r}.npy")  # noqa: E731
-    with atomic_file(shard(world.rank)) as tmp, open(tmp, "wb") as f:
-        np.save(f, images)
+    if not world.main:
+        with atomic_file(shard(world.rank)) as tmp, open(tmp, "wb") as f:
+            np.save(f, images)
     world.barrier()
     if not world.main:
         return None
     full = np.empty((total, *images.shape[1:]), np.uint8)
-    for r in range(world.size):
+    full[0 :: world.size] = images
+    for r in range(1, world.size):
         full[r :: world.size] = np.load(shard(r), allow_pickle=False)
         shard(r).unlink()
     return full
