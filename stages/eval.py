@@ -181,17 +181,17 @@ def load_reference(path: Path, size: int) -> Reference:
     return Reference(out, None, str(path))
 
 
-def scorer_weights(cfg: EvalConfig, classifier_path: Path | None) -> Path:
+def scorer_weights(settings: EvalConfig, classifier_path: Path | None) -> Path:
     """The feature extractor's weights file, with a clear error when it is missing."""
-    if cfg.feature_extractor == "classifier":
+    if settings.feature_extractor == "classifier":
         if classifier_path is None or not classifier_path.is_file():
             raise FileNotFoundError(f"eval.feature_extractor is 'classifier' but the classifier checkpoint {classifier_path} "
                                     "does not exist: run `cca-pipe pretrain-classifier` or pass --classifier")
         return classifier_path
-    weights = Path(cfg.inception_weights) if cfg.inception_weights else None
+    weights = Path(settings.inception_weights) if settings.inception_weights else None
     if weights is None or not weights.is_file():
         raise FileNotFoundError(
-            f"eval.inception_weights {cfg.inception_weights!r} is not a file. Inception weights cannot be downloaded "
+            f"eval.inception_weights {settings.inception_weights!r} is not a file. Inception weights cannot be downloaded "
             "here: copy torch-fidelity's weights-inception-2015-12-05-6726825d.pth to this machine and set "
             "eval.inception_weights to its path")
     return weights
@@ -212,15 +212,15 @@ class Unit:
         return f"{self.name}_seed{self.seed}"
 
 
-def plan_units(cfg: EvalConfig) -> list[Unit]:
+def plan_units(settings: EvalConfig) -> list[Unit]:
     """Every (method, scale, seed) of eval.methods, seed-major (the first seed's units write the grids)."""
-    methods = cfg.methods
+    methods = settings.methods
     per_seed = ([("base", "base", 0.0, None)] if "base" in methods else []) \
-        + ([(f"cfg_{s:g}", "base", s, None) for s in cfg.cfg_scales] if "cfg" in methods else []) \
-        + ([("cca", "cca", 0.0, None)] if "cca" in methods and not cfg.lambdas else []) \
-        + ([(f"cca_lam{lam:g}", "cca", 0.0, lam) for lam in cfg.lambdas] if "cca" in methods else []) \
-        + ([(f"cca_cfg_{s:g}", "cca", s, None) for s in cfg.cfg_scales] if "cca_cfg" in methods else [])
-    return [Unit(name, model, scale, seed, lam) for seed in cfg.seeds for name, model, scale, lam in per_seed]
+        + ([(f"cfg_{s:g}", "base", s, None) for s in settings.cfg_scales] if "cfg" in methods else []) \
+        + ([("cca", "cca", 0.0, None)] if "cca" in methods and not settings.lambdas else []) \
+        + ([(f"cca_lam{lam:g}", "cca", 0.0, lam) for lam in settings.lambdas] if "cca" in methods else []) \
+        + ([(f"cca_cfg_{s:g}", "cca", s, None) for s in settings.cfg_scales] if "cca_cfg" in methods else [])
+    return [Unit(name, model, scale, seed, lam) for seed in settings.seeds for name, model, scale, lam in per_seed]
 
 
 # ---------------------------------------------------------------------------------------------- every rank: sampling
@@ -252,7 +252,7 @@ def on_device(model: torch.nn.Module, device: torch.device, role: str) -> torch.
                           "--methods base,cfg) or use GPUs with more memory") from e
 
 
-def check_models_fit(models: dict, roles: dict[str, tuple[str, Path | None]], vq, vq_path: Path, cfg: EvalConfig) -> None:
+def check_models_fit(models: dict, roles: dict[str, tuple[str, Path | None]], vq, vq_path: Path, settings: EvalConfig) -> None:
     """Before any sampling: every model's codes must be ones the tokenizer decodes, and eval.num_classes
     classes the model knows (else an IndexError after the first batch was drawn)."""
     for name, model in models.items():
@@ -260,40 +260,40 @@ def check_models_fit(models: dict, roles: dict[str, tuple[str, Path | None]], vq
         if model.cfg.vocab_size > vq.cfg.codebook_size:
             raise ValueError(f"{role} {path} draws codes from a vocabulary of {model.cfg.vocab_size} but the tokenizer {vq_path} "
                              f"decodes only {vq.cfg.codebook_size}: pass the tokenizer the model was trained with (--vq)")
-        if cfg.num_classes > model.cfg.num_classes:
-            raise ValueError(f"eval.num_classes = {cfg.num_classes} but {role} {path} has {model.cfg.num_classes} classes: "
+        if settings.num_classes > model.cfg.num_classes:
+            raise ValueError(f"eval.num_classes = {settings.num_classes} but {role} {path} has {model.cfg.num_classes} classes: "
                              f"set eval.num_classes to at most {model.cfg.num_classes} (0: every class of the model)")
 
 
-def check_lambda_conditioning(policy: torch.nn.Module, policy_path: Path | None, cfg: EvalConfig) -> None:
+def check_lambda_conditioning(policy: torch.nn.Module, policy_path: Path | None, settings: EvalConfig) -> None:
     """eval.lambdas lists the lambdas a lambda-conditioned policy is sampled at; any other policy takes none."""
     conditioned = policy.cfg.lambda_conditioning
-    if conditioned != bool(cfg.lambdas) or (conditioned and "cca_cfg" in cfg.methods):
+    if conditioned != bool(settings.lambdas) or (conditioned and "cca_cfg" in settings.methods):
         raise ValueError(f"--policy {policy_path} is {'' if conditioned else 'not '}lambda-conditioned but eval.lambdas "
-                         f"is {cfg.lambdas}: list the lambdas to sample a lambda-conditioned policy at (and only "
+                         f"is {settings.lambdas}: list the lambdas to sample a lambda-conditioned policy at (and only "
                          "for one, without cca_cfg)")
 
 
-def load_models(cfg: EvalConfig, units: list[Unit], vq_path: Path, vq_model: str | None, paths: dict[str, Path | None],
+def load_models(settings: EvalConfig, units: list[Unit], vq_path: Path, vq_model: str | None, paths: dict[str, Path | None],
                 source: ModelSource, device: torch.device) -> EvalModels:
     """The tokenizer and the models of `units` (`paths`: "base" -> --base, "cca" -> --policy), checked to fit
     together. The tokenizer is passed on: VAR builds its input with the loaded VQVAE's quantiser (no re-read)."""
     family, vq = load_tokenizer(vq_path, vq_model)
     vq = vq.to(device).eval()
-    grid = cfg.image_size // vq.cfg.downsample if cfg.image_size else None
+    grid = settings.image_size // vq.cfg.downsample if settings.image_size else None
     models = {}
     if any(u.model == "base" for u in units):
         models["base"] = on_device(load_model(paths["base"], "--base", seq_len=grid * grid if grid else None, tokenizer=vq,
                                               **source.load_options())[1], device, "--base")
     if any(u.model == "cca" for u in units):
         models["cca"] = on_device(load_model(paths["cca"], "--policy", tokenizer=vq, depth=source.depth)[1], device, "--policy")
-        check_lambda_conditioning(models["cca"], paths["cca"], cfg)
-    check_models_fit(models, {"base": ("--base", paths["base"]), "cca": ("--policy", paths["cca"])}, vq, vq_path, cfg)
-    num_classes = cfg.num_classes or next(iter(models.values())).cfg.num_classes
-    return EvalModels(family, vq, models, torch.arange(num_classes).repeat_interleave(cfg.samples_per_class))
+        check_lambda_conditioning(models["cca"], paths["cca"], settings)
+    check_models_fit(models, {"base": ("--base", paths["base"]), "cca": ("--policy", paths["cca"])}, vq, vq_path, settings)
+    num_classes = settings.num_classes or next(iter(models.values())).cfg.num_classes
+    return EvalModels(family, vq, models, torch.arange(num_classes).repeat_interleave(settings.samples_per_class))
 
 
-def sample_unit(unit: Unit, models: EvalModels, cfg: EvalConfig, work: Path, world: World) -> tuple[np.ndarray, float] | None:
+def sample_unit(unit: Unit, models: EvalModels, settings: EvalConfig, work: Path, world: World) -> tuple[np.ndarray, float] | None:
     """Draw the unit's samples, this rank its share (sample i from its own stream: the set is the same for
     any number of processes); on the main process -> (all images uint8 in sample order, images/s)."""
     labels = models.labels
@@ -303,15 +303,15 @@ def sample_unit(unit: Unit, models: EvalModels, cfg: EvalConfig, work: Path, wor
     try:
         images, _ = generate_images(
             models.family.sample, models.by_role[unit.model], models.vq, labels[mine], seed=unit.seed,
-            batch_size=cfg.batch_size, indices=mine, on_batch=counter, resize_to=cfg.resize_to, cfg_scale=unit.scale,
-            lam=unit.lam, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, cfg_schedule=cfg.cfg_schedule,
+            batch_size=settings.batch_size, indices=mine, on_batch=counter, resize_to=settings.resize_to, cfg_scale=unit.scale,
+            lam=unit.lam, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, cfg_schedule=settings.cfg_schedule,
         )
     except (RuntimeError, MemoryError) as e:
         if not is_out_of_memory(e):
             raise
-        raise OutOfMemory(f"out of memory sampling or decoding {unit.name} on {world.device} with eval.batch_size = {cfg.batch_size} "
-                          f"({'2 x ' if unit.scale else ''}{cfg.batch_size} sequences with KV caches, then {cfg.batch_size} images "
-                          f"decoded at once): lower eval.batch_size, e.g. to {max(1, cfg.batch_size // 2)}; `cca-pipe plan "
+        raise OutOfMemory(f"out of memory sampling or decoding {unit.name} on {world.device} with eval.batch_size = {settings.batch_size} "
+                          f"({'2 x ' if unit.scale else ''}{settings.batch_size} sequences with KV caches, then {settings.batch_size} images "
+                          f"decoded at once): lower eval.batch_size, e.g. to {max(1, settings.batch_size // 2)}; `cca-pipe plan "
                           "--stage eval` gives the memory of each part (the images drawn are kept on the host)") from e
     finally:
         counter.close()
@@ -341,7 +341,7 @@ def gather_samples(images: np.ndarray, total: int, shard_stem: Path, world: Worl
     return full
 
 
-def evaluate_units(units: list[Unit], models: EvalModels, cfg: EvalConfig, scorer: Scorer | None, work: Path,
+def evaluate_units(units: list[Unit], models: EvalModels, settings: EvalConfig, scorer: Scorer | None, work: Path,
                    world: World) -> dict[str, list[dict]]:
     """Every unit in turn, on every rank: the main process (`scorer`) says whether it was evaluated already,
     else every rank draws its share and the main process scores the set. -> each method's scores per seed (on
@@ -352,7 +352,7 @@ def evaluate_units(units: list[Unit], models: EvalModels, cfg: EvalConfig, score
         if scores is not None:
             log.info("seed %d %-8s already evaluated, reusing it", unit.seed, unit.name)
         else:
-            drawn = sample_unit(unit, models, cfg, work, world)
+            drawn = sample_unit(unit, models, settings, work, world)
             scores = scorer.score(unit, *drawn) if scorer else None
         if scorer:
             per_seed.setdefault(unit.name, []).append(scores)
@@ -367,7 +367,7 @@ class Scorer:
     """The main process's part: the feature extractor, the classifier (class accuracy), the reference and
     its features, and the digests of the inputs that key each unit's results in the output being built."""
 
-    cfg: EvalConfig
+    settings: EvalConfig
     labels: torch.Tensor
     extractor: FeatureExtractor
     classifier: torch.nn.Module | None
@@ -380,7 +380,7 @@ class Scorer:
     def key(self, unit: Unit) -> str:
         """Everything that determines a unit's samples and scores."""
         d = self.digests
-        return settings_digest([self.cfg.sampling_settings(), d["vq"], d[unit.model], d["reference"], d["extractor"],
+        return settings_digest([self.settings.sampling_settings(), d["vq"], d[unit.model], d["reference"], d["extractor"],
                                 unit.scale, unit.seed])
 
     def finished(self, unit: Unit) -> dict | None:
@@ -388,7 +388,7 @@ class Scorer:
 
     def score(self, unit: Unit, images: np.ndarray, images_per_s: float) -> dict:
         """Save, score and record the unit (atomically: a rerun after an interruption skips it)."""
-        scores = score_unit(unit, images, images_per_s, self.cfg, self.labels, self.extractor, self.ref_features, self.ref,
+        scores = score_unit(unit, images, images_per_s, self.settings, self.labels, self.extractor, self.ref_features, self.ref,
                             self.classifier, self.work)
         write_json(self.work / "samples" / f"{unit.stem}.json", {"key": self.key(unit), "scores": scores})
         log.info("seed %d %-8s FID %.3f IS %.3f acc %.3f (%s images/s)", unit.seed, unit.name, scores["fid"],
@@ -396,20 +396,20 @@ class Scorer:
         return scores
 
 
-def open_scorer(cfg: EvalConfig, claim: StageDir, models: EvalModels, inputs: dict[str, Path], weights: Path,
+def open_scorer(settings: EvalConfig, claim: StageDir, models: EvalModels, inputs: dict[str, Path], weights: Path,
                 classifier_path: Path | None, fidelity_cache: Path | None, device: torch.device) -> Scorer:
     """Load what scores, key the output by every input (`inputs`: "vq", "reference" and the models sampled:
     a sweep-cfg point must not depend on whether a policy exists yet) and open its partial directory."""
-    extractor = load_feature_extractor(cfg.feature_extractor, weights, device)
+    extractor = load_feature_extractor(settings.feature_extractor, weights, device)
     classifier = load_classifier(classifier_path).to(device) if classifier_path and classifier_path.is_file() else None
     some_model = next(iter(models.by_role.values()))
-    ref = load_reference(inputs["reference"], cfg.resize_to or models.family.image_size(some_model, models.vq))
+    ref = load_reference(inputs["reference"], settings.resize_to or models.family.image_size(some_model, models.vq))
     digests = {k: file_sha256(v) for k, v in inputs.items() if k != "reference"}
     digests.update(reference=ref.digest(), extractor=extractor.weights_sha256)
-    claim.key = settings_digest([cfg.sampling_settings(), digests, list(cfg.methods)])
+    claim.key = settings_digest([settings.sampling_settings(), digests, list(settings.methods)])
     work = claim.open_partial()
     ref_features = reference_features(extractor, ref.images, fidelity_cache or default_fidelity_cache())
-    return Scorer(cfg, models.labels, extractor, classifier, ref, ref_features, digests, work, claim.target)
+    return Scorer(settings, models.labels, extractor, classifier, ref, ref_features, digests, work, claim.target)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -434,12 +434,12 @@ def finished_unit(unit: Unit, key: str, work: Path, committed: Path) -> dict | N
     return None
 
 
-def score_unit(unit: Unit, images: np.ndarray, images_per_s: float, cfg: EvalConfig, labels: torch.Tensor,
+def score_unit(unit: Unit, images: np.ndarray, images_per_s: float, settings: EvalConfig, labels: torch.Tensor,
                extractor: FeatureExtractor, ref_features: dict, ref: Reference, classifier, work: Path) -> dict:
     """Save the unit's ADM npz (and the grid for the first seed) and score it."""
     save_npz(work / "samples" / f"{unit.stem}.npz", images, labels.numpy())
-    if unit.seed == cfg.seeds[0] and cfg.grid_per_class:
-        save_grid(work / "grids" / f"{unit.name}.png", images, labels.numpy(), cfg.grid_per_class, cfg.grid_classes)
+    if unit.seed == settings.seeds[0] and settings.grid_per_class:
+        save_grid(work / "grids" / f"{unit.name}.png", images, labels.numpy(), settings.grid_per_class, settings.grid_classes)
     try:
         features = extract_features(extractor, images)
     except (RuntimeError, MemoryError) as e:
@@ -483,7 +483,7 @@ def summarise(per_seed: dict[str, list[dict]], units: list[Unit], seeds: list[in
 # ------------------------------------------------------------------------------------------------------------ the stage
 
 
-def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Path | None, reference: Path,
+def run(settings: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Path | None, reference: Path,
         classifier_path: Path | None, out: Path, source: ModelSource = ModelSource(), vq_model: str | None = None,
         fidelity_cache: Path | None = None, world: World | None = None) -> dict | None:
     """Evaluate eval.methods: base (no guidance), cfg (base at each eval.cfg_scales), cca (the policy), cca_cfg.
@@ -492,22 +492,22 @@ def run(cfg: EvalConfig, vq_path: Path, base_path: Path | None, policy_path: Pat
     directory of ours; it is built in `<out>.partial`. Under torchrun (`world`) every rank samples its share
     of each unit; the main process alone scores and writes, and returns the metrics (the others None)."""
     world = world or World()
-    units = plan_units(cfg)
-    weights = scorer_weights(cfg, classifier_path)
+    units = plan_units(settings)
+    weights = scorer_weights(settings, classifier_path)
     with world.main_only(StageDir(out, "eval")) as claim:
         paths = {"base": base_path, "cca": policy_path}
-        models = load_models(cfg, units, vq_path, vq_model, paths, source, world.device)
+        models = load_models(settings, units, vq_path, vq_model, paths, source, world.device)
         inputs = {"vq": vq_path, **{role: paths[role] for role in models.by_role}, "reference": reference}
-        scorer = open_scorer(cfg, claim, models, inputs, weights, classifier_path, fidelity_cache, world.device) \
+        scorer = open_scorer(settings, claim, models, inputs, weights, classifier_path, fidelity_cache, world.device) \
             if world.main else None
         world.barrier()  # the others write their shards into the partial the main process prepared
-        per_seed = evaluate_units(units, models, cfg, scorer, claim.partial, world)
+        per_seed = evaluate_units(units, models, settings, scorer, claim.partial, world)
         if scorer is None:
             return None
-        metrics = summarise(per_seed, units, cfg.seeds, len(models.labels), scorer.ref.describe())
+        metrics = summarise(per_seed, units, settings.seeds, len(models.labels), scorer.ref.describe())
         write_json(claim.partial / "metrics.json", metrics)
         write_text(claim.partial / "results.md", format_results(metrics))
-        save_settings(claim.partial, "eval", cfg)
+        save_settings(claim.partial, "eval", settings)
         claim.commit()
     return metrics
 

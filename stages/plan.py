@@ -183,7 +183,7 @@ def make_tokenize_report(name: str, cfg, gpu_memory: int | None, device: str, vq
                        gpu_memory, _largest_fitting(plan_at, cfg.batch_size, gpu_memory))
 
 
-def make_eval_report(name: str, cfg, world_size: int, gpu_memory: int | None, device: str,
+def make_eval_report(name: str, settings, world_size: int, gpu_memory: int | None, device: str,
                      vq_model: str | None = None, models: int = 2) -> StageReport:
     import math
 
@@ -194,16 +194,16 @@ def make_eval_report(name: str, cfg, world_size: int, gpu_memory: int | None, de
     model = build_meta(family, **description)
     t = conv_tokenizer(tokenizer_for(family, vq_model))
     side = t.downsample * (model.cfg.patch_nums[-1] if family == "var" else int(round(model.cfg.seq_len ** 0.5)))
-    image_size = cfg.image_size or side
-    classes = cfg.num_classes or model.cfg.num_classes
-    samples = math.ceil(classes * cfg.samples_per_class / world_size)
-    guided = bool(cfg.cfg_scales)
+    image_size = settings.image_size or side
+    classes = settings.num_classes or model.cfg.num_classes
+    samples = math.ceil(classes * settings.samples_per_class / world_size)
+    guided = bool(settings.cfg_scales)
     plan_at = lambda b: eval_plan([model] * models, t, image_size, b, guided, samples, device)  # noqa: E731
     described = [f"eval: {models} model(s) of {sum(p.numel() for p in model.parameters()) / 1e9:.3f}B, eval.batch_size "
-                 f"{cfg.batch_size} ({'x 2 sequences: guided' if guided else 'no guidance'}), {image_size}px samples, "
+                 f"{settings.batch_size} ({'x 2 sequences: guided' if guided else 'no guidance'}), {image_size}px samples, "
                  f"{samples} per unit on each of {world_size} process(es); {device}"]
-    return StageReport(name, "eval", plan_at(cfg.batch_size), described, "eval.batch_size", cfg.batch_size, device,
-                       gpu_memory, _largest_fitting(plan_at, cfg.batch_size, gpu_memory))
+    return StageReport(name, "eval", plan_at(settings.batch_size), described, "eval.batch_size", settings.batch_size, device,
+                       gpu_memory, _largest_fitting(plan_at, settings.batch_size, gpu_memory))
 
 
 def format_stage_report(report: StageReport) -> str:
