@@ -63,6 +63,14 @@ def test_the_sfid_features_are_the_first_7_channels_of_mixed_6d_branch1x1_in_nhw
     assert feats["2048"].shape == (2, 2048)  # FID's features still come with them
 
 
+def test_the_random_inception_stand_in_tells_images_apart(inception):
+    """The stand-in for the real weights file gives unit-scale features that differ between images (with
+    PyTorch's default init they were ~1e-8 and the same for every image: every FID 0)."""
+    images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    feats = extract_features(inception, images)["2048"]
+    assert feats.abs().mean() > 0.01 and feats.std(0).mean() > 0.01 * feats.abs().mean()
+
+
 def _routed_extractor(tmp_path) -> FeatureExtractor:
     """The classifier's module with its 16-d features also routed as the sFID layer: cheap closed-form Frechet
     values through the same code path as Inception's 2023-d features."""
