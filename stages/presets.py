@@ -156,4 +156,8 @@ def check_model(name: str | None, family: str, model_cfg) -> None:
                           f"{', '.join(n for n, p in PRESETS.items() if p.get('model', {}).get('family') == family)}")
     depth = meant.get("depth")
     if depth is not None and getattr(model_cfg, "depth", depth) != depth:
-        log.warning("preset %s is the recipe for VAR-d%d, but this checkpoint is VAR-d%d", name, depth, model_cfg.depth)
+        fitting = f"var-d{model_cfg.depth}"
+        fix = (f"set `preset: {fitting}` in params.yaml" if fitting in PRESETS
+               else f"no released recipe for VAR-d{model_cfg.depth}: {name}'s settings are used")
+        log.warning("preset %s is the recipe for VAR-d%d, but this checkpoint is VAR-d%d: %s", name, depth,
+                    model_cfg.depth, fix)

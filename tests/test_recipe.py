@@ -419,3 +419,18 @@ def test_max_steps_caps_the_run_and_the_schedule_spans_the_capped_run():
                       micro_batch_size=4, uncond_ratio=0.0).align_config()
     train_policy(copy.deepcopy(base), tokens, cache, cfg, CPU, LLAMAGEN.param_groups, on_step=lambda s, m: logged.append(m["lr"]))
     assert len(logged) == 4 and logged[-1] == pytest.approx(1e-4)
+
+
+def test_a_preset_for_another_var_depth_is_flagged_with_the_fix(caplog):
+    """The warning names the preset to set when the checkpoint's depth has one, and says so when none exists."""
+    from types import SimpleNamespace
+
+    from stages.presets import check_model
+
+    with caplog.at_level("WARNING", logger="stages.presets"):
+        check_model("var-d16", "var", SimpleNamespace(depth=20))
+        check_model("var-d16", "var", SimpleNamespace(depth=2))
+        check_model("var-d16", "var", SimpleNamespace(depth=16))
+    first, second = (r.getMessage() for r in caplog.records)
+    assert first.endswith("this checkpoint is VAR-d20: set `preset: var-d20` in params.yaml")
+    assert second.endswith("no released recipe for VAR-d2: var-d16's settings are used")
