@@ -43,7 +43,7 @@ class PaperConfig:
     keep their written type (DVC names the matrix stages' folders with the value as written)."""
 
     # Table 3: DPO over beta_d, Unlearning over lambda_u (pipelines/paper/params.yaml says how they map to the paper's)
-    dpo_betas: list[int | float] = setting(default_factory=lambda: [0.25, 2.5, 25, 250], nonempty=True, unique=True, gt=0.0)
+    dpo_betas: list[int | float] = setting(default_factory=lambda: [0.1, 0.25, 2.5, 25, 250], nonempty=True, unique=True, gt=0.0)
     unlearning_lambdas: list[int | float] = setting(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1],
                                                     nonempty=True, unique=True, gt=0.0)
     dropout: int | float = setting(0.1, ge=0.0, lt=1.0)  # the reference-dropout experiment's train.dropout
