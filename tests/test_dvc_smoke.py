@@ -25,6 +25,8 @@ TINY = {
     "reflogp": {"views": "one"},
     "train": {"epochs": 0.2, "batch_size": 32, "micro_batch_size": 16},
     "eval": {"samples_per_class": 6, "seeds": [0, 1], "cfg_scales": [1.0], "batch_size": 64, "grid_per_class": 4},
+    # one point of each sweep (the stages' wiring is what is tested; every stage is a few seconds of process start)
+    "sweep": {"lambdas": [30], "cfg_scales": [1.0]},
 }
 
 
@@ -61,7 +63,8 @@ def repo(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_repro_writes_every_output(repo: Path):
     log = (repo / "repro.log").read_text()
-    for stage in ("prepare", "pretrain-vq", "pretrain-classifier", "tokenize", "pretrain-ar", "reflogp", "train", "eval"):
+    for stage in ("prepare", "pretrain-vq", "pretrain-classifier", "tokenize", "pretrain-ar", "reflogp", "train", "eval",
+                  "sweep-train@30-0.5", "sweep-eval@30-0.5", "sweep-cfg@1.0", "report"):
         assert f"Running stage '{stage}'" in log
     data = repo / "data"
     for path in ("vq/vq.pt", "ar/gpt.pt", "classifier/classifier.pt", "tokens/train.zarr/zarr.json",
