@@ -181,11 +181,19 @@ def as_params(cfg) -> dict:
 SETTINGS_FILE = "settings.yaml"
 
 
+class _SettingsDumper(yaml.SafeDumper):
+    """params.yaml's own layout: one key per line (a section of scalars too), lists on one line ([0.5, 1.0])."""
+
+
+_SettingsDumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
+
+
 def settings_yaml(settings: dict[str, object], preset: str | None = None) -> str:
     """Resolved settings as params.yaml text: {section: config} (and the preset they were resolved with)."""
     record = {"preset": preset} if preset else {}
     record.update({section: as_params(cfg) for section, cfg in settings.items()})
-    return yaml.safe_dump(record, sort_keys=False, default_flow_style=None)
+    return yaml.dump(record, Dumper=_SettingsDumper, sort_keys=False, default_flow_style=False)
 
 
 def save_settings(directory: Path, section: str, cfg, preset: str | None = None) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from stages import eval as eval_stage
 from stages import prepare, pretrain_ar, pretrain_classifier, pretrain_vq, reflogp, tokenize, train
-from stages.params import ParamsError, build, load_params
+from stages.params import ParamsError, as_params, build, load_params, settings_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,6 +91,20 @@ def test_params_yaml_agrees_with_the_config_defaults():
         cls = getattr(importlib.import_module(f"stages.{module}"), cls_name)
         assert set(params[section]) == {key_of(f) for f in dataclasses.fields(cls)}, section
         assert as_params(build(cls, params, section)) == as_params(cls()), section
+
+
+def test_resolved_settings_print_like_params_yaml():
+    """`cca-pipe config` and settings.yaml: a key per line (a section of scalars is not squeezed onto one flow line),
+    lists on one line, and the text reads back as the same settings."""
+    import yaml
+
+    cfg = eval_stage.EvalConfig(cfg_scales=[0.5, 1.0])
+    text = settings_yaml({"tokenize": tokenize.TokenizeConfig(), "eval": cfg}, preset="llamagen-B")
+    lines = text.splitlines()
+    assert lines[:3] == ["preset: llamagen-B", "tokenize:", f"  image_size: {tokenize.TokenizeConfig().image_size}"]
+    assert "  cfg_scales: [0.5, 1.0]" in lines and "{" not in text
+    assert yaml.safe_load(text) == {"preset": "llamagen-B", "tokenize": as_params(tokenize.TokenizeConfig()),
+                                    "eval": as_params(cfg)}
 
 
 def test_sweep_and_paper_sections_are_configs_like_the_stages():
