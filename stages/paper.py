@@ -175,8 +175,9 @@ def reference_dropout(paper_dir: Path, cache: Path, paper: PaperConfig, checks: 
     for name, label in DROPOUT_RUNS.items():
         first = read_log(paper_dir / "dropout" / name / "train" / "log.csv")
         step0 = {"ratio_pos": float(first["rewards/pos"][0]), "ratio_neg": float(first["rewards/neg"][0])}
-        checks["dropout"][name] = {**step0, "fid": _only_method(paper_dir / "dropout" / name / "eval")["fid"]}
-        rows.append((label, {**_only_method(paper_dir / "dropout" / name / "eval"), **step0}))
+        metrics = _only_method(paper_dir / "dropout" / name / "eval")
+        checks["dropout"][name] = {**step0, "fid": metrics["fid"]}
+        rows.append((label, {**metrics, **step0}))
     title = f"train.dropout {paper.dropout:g}; D = {cost.mean():.2f} ± {cost.std():.2f} nats over {len(cost)} rows"
     return results_table(rows, first=title, extra={"ratio_pos": "step-0 ratio pos", "ratio_neg": "step-0 ratio neg"})
 
