@@ -42,6 +42,16 @@ Reference log-prob cache (stage `reflogp`), a Parquet file, e.g. `data/reflogp/r
              dropout and drop_path (the reference's rates; 0: eval mode; absent in older caches: 0), mask_rule
              ("eval", or how the train-mode masks were drawn: one draw per cache row keyed by (seed, row,
              pos|neg|null), pipeline.models.layers.noise_keys; independent of batch_size, parts and processes)
+
+Sample batch (stage `eval`, read by `score` and `report`), the ADM evaluator's `.npz`, e.g.
+`data/eval/samples/cca_seed0.npz`:
+    arr_0         (N, H, W, 3) uint8   the images, in a shuffled order: the ADM evaluator's IS takes
+                                       contiguous splits of arr_0 (docs/imagenet.md, "Evaluation protocol")
+    arr_1         (N,) int64           each image's intended class, paired with arr_0 row by row
+    sample_index  (N,) int64           row i of arr_0/arr_1 is sample sample_index[i] of the set's sampling
+                                       order (class by class); absent in files of other samplers
+arr_0 and arr_1 come first (the evaluator reads arr_0 by name and ignores the other arrays); np.savez dates
+every entry 1980-01-01, so the same samples give the same bytes.
 """
 
 from __future__ import annotations
@@ -278,3 +288,54 @@ def validate_ref_cache(path: Path, columns: dict[str, np.ndarray], meta: dict, s
         unit = "(row, view) pairs" if meta.get("views") == "all" else "rows"
         raise FormatError(f"{path}: {len(keys)} cache rows for {expected} token-store {unit}: {missing} missing, {repeated} "
                           f"present more than once; {REBUILD_CACHE}")
+
+
+# ----------------------------------------------------------------------------- sample batch (ADM evaluator)
+
+SAMPLE_INDEX = "sample_index"
+ADM_LAYOUT = "the ADM evaluator's layout: arr_0 uint8 N x H x W x 3 images, 0-255"
+
+
+def write_sample_batch(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray, sample_index: np.ndarray) -> None:
+    """The batch atomically, arrays in the documented order (arr_0, arr_1 first)."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, arr_0=images, arr_1=labels, **{SAMPLE_INDEX: sample_index})
+
+
+def read_sample_batch(path: str | os.PathLike, labels: bool = False,
+                      sample_order: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(arr_0 checked to be uint8 N x H x W x 3, arr_1 checked to pair with it if `labels` and the file has it,
+    else None), in the file's order, or with `sample_order` in sampling order (sorted back by sample_index,
+    when the file has one)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            names = list(f.files)
+            if "arr_0" not in names:
+                raise FormatError(f"samples {path} has no arr_0 (it holds {', '.join(names) or 'no arrays'}): expected "
+                                  f"{ADM_LAYOUT}; save them with np.savez(path, arr_0=images)")
+            images = f["arr_0"]
+            found = f["arr_1"] if labels and "arr_1" in names else None
+            index = f[SAMPLE_INDEX] if sample_order and SAMPLE_INDEX in names else None
+    except (OSError, ValueError, EOFError, AttributeError) as e:  # a .npy or a pickle: np.load returns no NpzFile
+        if isinstance(e, FormatError):
+            raise
+        raise FormatError(f"samples {path} is not a readable .npz of arrays ({' '.join(str(e).split())[:200]}): expected "
+                          f"{ADM_LAYOUT}") from e
+    if images.dtype != np.uint8:
+        raise FormatError(f"samples {path}: arr_0 is {images.dtype}, expected uint8 pixels 0-255 ({ADM_LAYOUT}): "
+                          "convert the images to uint8 before saving")
+    if images.ndim != 4 or images.shape[-1] != 3:
+        hint = ("it looks channels-first (N x 3 x H x W): save arr_0.transpose(0, 2, 3, 1)"
+                if images.ndim == 4 and images.shape[1] == 3 else "save the images as one N x H x W x 3 array")
+        raise FormatError(f"samples {path}: arr_0 has shape {images.shape}, expected N x H x W x 3 (channels last); {hint}")
+    if found is not None and (found.shape != (len(images),) or found.dtype.kind not in "iu"):
+        raise FormatError(f"samples {path}: arr_1 is {found.dtype} {found.shape}, expected the {len(images)} integer labels "
+                          "of arr_0's images, or no arr_1")
+    if index is not None:
+        if index.shape != (len(images),) or not np.array_equal(np.sort(index), np.arange(len(images))):
+            raise FormatError(f"samples {path}: {SAMPLE_INDEX} is not a permutation of the {len(images)} rows: rewrite "
+                              "the file with `cca-pipe eval`, or drop that array")
+        rows = np.argsort(index)
+        images, found = images[rows], None if found is None else found[rows]
+    return images, found

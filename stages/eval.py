@@ -9,7 +9,8 @@ scored with torch-fidelity (FID, IS, precision, recall) against the held-out ref
 class accuracy (the classifier's agreement with the intended label) and sampling throughput.
 Writes metrics.json (mean and std over seeds; `sampled`: each method's model, cfg_scale and lam as numbers),
 results.md, grids/<method>.png, samples/<method>_seed<k>.npz (ADM-evaluator layout: arr_0 uint8 NHWC images,
-arr_1 intended labels). Every rank samples its share of each unit; the main process alone scores (Scorer).
+arr_1 intended labels, rows in a seeded random order: sample_order). Every rank samples its share of each unit;
+the main process alone scores (Scorer), the rows in the file's order: `cca-pipe score` of the file gives its numbers.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pipeline.config import ConfigError, check_ranges, setting, settings_digest
 from pipeline.device import OutOfMemory, is_out_of_memory
 from pipeline.distributed import World
 from pipeline.families import Family, ModelSource, load_model, load_tokenizer
-from pipeline.formats import FormatError
+from pipeline.formats import FormatError, write_sample_batch
 from pipeline.images import IMAGE_EXTENSIONS, center_crop_arr, open_rgb
 from pipeline.metrics import (
     FeatureExtractor,
@@ -98,11 +99,41 @@ class EvalConfig:
         return {k: v for k, v in asdict(self).items() if k not in ("methods", "grid_classes")}
 
 
-def save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    """ADM-evaluator layout (arr_0 uint8 NHWC images, arr_1 labels), written atomically. Same samples => same
-    bytes: np.savez names its zip entries with ZipInfo's fixed date (1980-01-01), not the time of writing."""
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, arr_0=images, arr_1=labels)
+# Written in each unit's key: files of the class-sorted order (before 2026-12-07) are sampled and scored again.
+NPZ_ORDER = "shuffled"
+ORDER_STREAM = 0x5A3D  # keeps the order's random stream apart from the samples' own (seeded by the same eval seed)
+
+
+def sample_order(n: int, seed: int) -> np.ndarray:
+    """The order a set of n samples is written and scored in: a permutation seeded by the eval seed (a rerun
+    writes the same bytes, another seed another order; every method of a seed the same one, so their rows
+    pair up). The sampling order is class by class, and the ADM evaluator's IS averages over contiguous
+    splits of 5,000 rows: on a class-sorted file each split would hold 100 classes (docs/imagenet.md)."""
+    return np.random.default_rng([ORDER_STREAM, seed]).permutation(n)
+
+
+def permute_rows(rows: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """rows[:] = rows[order], in place: no second copy of the set (9.8 GB at 50,000 256px images). Follows
+    each cycle of the permutation holding one row aside."""
+    done = np.zeros(len(order), bool)
+    for start in range(len(order)):
+        if done[start]:
+            continue
+        held, i = rows[start].copy(), start
+        while True:
+            done[i], j = True, order[i]
+            if j == start:
+                rows[i] = held
+                break
+            rows[i] = rows[j]
+            i = j
+    return rows
+
+
+def save_npz(path: Path, images: np.ndarray, labels: np.ndarray, sample_index: np.ndarray) -> None:
+    """ADM-evaluator layout (arr_0 uint8 NHWC images, arr_1 labels, sample_index: pipeline/formats.py), written
+    atomically. Same samples => same bytes (np.savez dates its zip entries 1980-01-01)."""
+    write_sample_batch(path, images, labels, sample_index)
 
 
 def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, per_class: int, max_classes: int = GRID_CLASSES) -> None:
@@ -229,7 +260,8 @@ def plan_units(settings: EvalConfig) -> list[Unit]:
 @dataclass
 class EvalModels:
     """What every rank samples with: the tokenizer, the models the units sample ("base", "cca"), on this
-    rank's device, and the labels of each unit's set (eval.samples_per_class of each class, in order)."""
+    rank's device, and the labels of each unit's set in sampling order (eval.samples_per_class of each class,
+    class by class; the file's order is shuffled when it is written: sample_order)."""
 
     family: Family
     vq: torch.nn.Module
@@ -381,7 +413,7 @@ class Scorer:
         """Everything that determines a unit's samples and scores."""
         d = self.digests
         return settings_digest([self.settings.sampling_settings(), d["vq"], d[unit.model], d["reference"], d["extractor"],
-                                unit.scale, unit.seed])
+                                unit.scale, unit.seed, NPZ_ORDER])
 
     def finished(self, unit: Unit) -> dict | None:
         return finished_unit(unit, self.key(unit), self.work, self.committed)
@@ -436,23 +468,36 @@ def finished_unit(unit: Unit, key: str, work: Path, committed: Path) -> dict | N
 
 def score_unit(unit: Unit, images: np.ndarray, images_per_s: float, settings: EvalConfig, labels: torch.Tensor,
                extractor: FeatureExtractor, ref_features: dict, ref: Reference, classifier, work: Path) -> dict:
-    """Save the unit's ADM npz (and the grid for the first seed) and score it."""
-    save_npz(work / "samples" / f"{unit.stem}.npz", images, labels.numpy())
+    """Save the grid (first seed; sampling order) and the unit's ADM npz, its rows (`images`, permuted in
+    place) in sample_order, and score them in that order."""
+    labels = labels.numpy()
     if unit.seed == settings.seeds[0] and settings.grid_per_class:
-        save_grid(work / "grids" / f"{unit.name}.png", images, labels.numpy(), settings.grid_per_class, settings.grid_classes)
+        save_grid(work / "grids" / f"{unit.name}.png", images, labels, settings.grid_per_class, settings.grid_classes)
+    order = sample_order(len(images), unit.seed)
+    images, labels = permute_rows(images, order), labels[order]
+    save_npz(work / "samples" / f"{unit.stem}.npz", images, labels, order)
+    scores = score_images(images, labels, extractor, ref_features, ref, classifier, unit.name)
+    scores["images_per_s"] = images_per_s
+    return scores
+
+
+def score_images(images: np.ndarray, labels: np.ndarray | None, extractor: FeatureExtractor, ref_features: dict,
+                 ref: Reference, classifier, what: str) -> dict:
+    """FID (sFID with Inception), IS, precision and recall of uint8 NHWC images in the order given (torch-fidelity's
+    IS splits depend on it), and class accuracy against `labels` with a classifier: eval's scores of a unit and
+    `cca-pipe score`'s of a file (stages/score.py)."""
     try:
         features = extract_features(extractor, images)
     except (RuntimeError, MemoryError) as e:
         if not is_out_of_memory(e):
             raise
-        raise OutOfMemory(f"out of memory scoring {unit.name}: the feature extractor ({extractor.name}) runs batches of 256 "
+        raise OutOfMemory(f"out of memory scoring {what}: the feature extractor ({extractor.name}) runs batches of 256 "
                           "images at 299px (InceptionV3: 3.5 GB in float32 beside the models eval holds; `cca-pipe plan "
                           "--stage eval`): free that memory on the device, or evaluate one model at a time (--methods cca, "
                           "then --methods base,cfg)") from e
     scores = fidelity_scores(extractor, features, ref_features, ref.fid_stats, ref.sfid_stats)
-    if classifier is not None:
-        scores["class_accuracy"] = float((classify(classifier, images) == labels.numpy()).mean())
-    scores["images_per_s"] = images_per_s
+    if classifier is not None and labels is not None:
+        scores["class_accuracy"] = float((classify(classifier, images) == labels).mean())
     return scores
 
 
@@ -477,7 +522,9 @@ def summarise(per_seed: dict[str, list[dict]], units: list[Unit], seeds: list[in
         checks["best_cfg"] = best_cfg
         checks["cca_fid_over_best_cfg_fid"] = summary["cca"]["fid"] / summary[best_cfg]["fid"]
     return {"methods": summary, "sampled": sampled, "checks": checks, "seeds": list(seeds),
-            "samples_per_method": samples_per_method, "fid_reference": reference, "per_seed": per_seed}
+            "samples_per_method": samples_per_method, "fid_reference": reference, "per_seed": per_seed,
+            "npz_order": {"order": NPZ_ORDER, "permutation_seed": "the set's eval seed (stages/eval.py sample_order)",
+                          "sample_index": "each npz's array: row i is sample sample_index[i] of the sampling order"}}
 
 
 # ------------------------------------------------------------------------------------------------------------ the stage

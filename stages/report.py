@@ -15,10 +15,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.config import check_ranges, setting
-from pipeline.formats import FormatError
+from pipeline.formats import FormatError, read_sample_batch
 from pipeline.outputs import StageDir, write_text
 from pipeline.report import Point, comparison_grid, markdown_table, plot_fid_is, plot_training_curves
 
@@ -132,9 +130,8 @@ def _report(points: list[Point], train_dir: Path | None, out: Path) -> str:
     panels = [("base, no guidance", base)] + ([(f"CCA, no guidance (λ={main_cca.lam:g})", main_cca)] if main_cca else []) \
         + ([(f"base + CFG (s={best_cfg.cfg_scale:g}, best FID)", best_cfg)] if best_cfg else [])
     arrays = []
-    for title, p in panels:
-        with np.load(p.extra["samples"], allow_pickle=False) as f:
-            arrays.append((title, f["arr_0"], f["arr_1"]))
+    for title, p in panels:  # in sampling order: each panel shows the first samples of each class, as eval's grids
+        arrays.append((title, *read_sample_batch(p.extra["samples"], labels=True, sample_order=True)))
     comparison_grid(arrays, out / "comparison.png")
     text = "All evaluated points (mean ± std over sampling seeds).\n\n" + markdown_table(points)
     if main_cca is not None:

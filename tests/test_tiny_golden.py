@@ -8,6 +8,11 @@ sampling moved to one random stream per sample, seeded by (seed, sample index) (
 before, one generator per set was consumed batch after batch. The cache and the training values are still
 those of commit 6d518ed. On 2026-12-02 the digest of each sampled image (`sample_digests`) was added, from
 a run whose whole sets still had the recorded sha256 (so they are the same images), to compare across CPUs.
+On 2026-12-07 eval began writing each set in a seeded random order (issue 28: the ADM evaluator's IS takes
+contiguous splits of the file): `sample_digests` stay those of 2026-12-02, in sampling order (the file's rows
+sorted back by their sample_index), and every one of the 72 images was the recorded one; `sample_sha256` (of
+arr_0 as written) and the metrics were re-recorded (`--record-eval`): FID moved by at most 8e-8 relative (features
+summed in another order), IS by 3e-8 (12 images in 10 splits: IS ~1 in any order), the others not at all.
 
 What is compared, and how closely (the suite must pass on any CPU the README's install reaches: runs are
 deterministic on one machine, but another CPU's kernels (AVX-512, AVX2, or none: try
@@ -82,6 +87,7 @@ def run_pipeline(root: Path) -> dict:
     """reflogp -> train -> eval through the CLI; returns what is compared."""
     from click.testing import CliRunner
 
+    from stages import eval as eval_stage
     from stages.cli import main
 
     def cli(*args):
@@ -103,8 +109,12 @@ def run_pipeline(root: Path) -> dict:
     samples, digests = {}, {}
     for path in sorted((root / "eval/samples").glob("*.npz")):
         with np.load(path, allow_pickle=False) as f:
-            samples[path.stem] = hashlib.sha256(f["arr_0"].tobytes()).hexdigest()
-            digests[path.stem] = [hashlib.sha256(image.tobytes()).hexdigest()[:16] for image in f["arr_0"]]
+            samples[path.stem] = hashlib.sha256(f["arr_0"].tobytes()).hexdigest()  # as written
+            seed = int(path.stem.rsplit("_seed", 1)[1])
+            assert np.array_equal(f["sample_index"], eval_stage.sample_order(len(f["arr_0"]), seed)), path.name
+            labels, sampled = f["arr_1"][np.argsort(f["sample_index"])], f["arr_0"][np.argsort(f["sample_index"])]
+            assert labels.tolist() == np.repeat(np.arange(3), 4).tolist(), path.name  # paired with their images
+            digests[path.stem] = [hashlib.sha256(image.tobytes()).hexdigest()[:16] for image in sampled]
     return {
         "cache": {k: [float(x) for x in v] if k.startswith("ref_logp") else [int(x) for x in v] for k, v in cache.items()},
         "train_loss": [r["loss"] for r in log],
@@ -113,7 +123,7 @@ def run_pipeline(root: Path) -> dict:
         "eval": {name: {k: m[k] for k in ("fid", "is", "precision", "recall", "class_accuracy")}
                  for name, m in metrics["methods"].items()},
         "sample_sha256": samples,  # of each whole set: equal on the recording machine's kind of CPU
-        "sample_digests": digests,  # of each image: what is compared across CPUs
+        "sample_digests": digests,  # of each image, in sampling order: what is compared across CPUs
     }
 
 
