@@ -349,6 +349,27 @@ def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_
 
 
 @main.command()
+@click.argument("samples", type=PathType)
+@click.option("--reference", required=True, type=PathType,
+              help="an ADM reference batch (VIRTUAL_imagenet256_labeled.npz: FID/sFID against its mu/sigma, mu_s/sigma_s) "
+                   "or a folder of real images")
+@click.option("--classifier", "classifier_path", default=None, type=PathType,
+              help="classifier checkpoint: the feature extractor (eval.feature_extractor: classifier) and class accuracy "
+                   "(against the file's arr_1)")
+@click.option("--fidelity-cache", default=None, type=PathType, help="cache of the reference images' features, as eval's")
+@click.option("--json", "json_out", default=None, type=OutPath, help="also write the metrics to this JSON file")
+@click.pass_context
+def score(ctx, samples, reference, classifier_path, fidelity_cache, json_out):
+    """Score a sample file (an ADM `.npz`: arr_0 uint8 N x H x W x 3, e.g. the release's own) against a reference:
+    FID, sFID (Inception), IS, precision, recall, exactly as eval scores its sets, with eval's settings."""
+    from . import score as stage
+
+    cfg = resolved_config(ctx, "eval")
+    _, world = _setup(ctx)
+    click.echo(stage.format_scores(stage.run(cfg, samples, reference, classifier_path, world.device, fidelity_cache, json_out)))
+
+
+@main.command()
 @click.option("--eval", "eval_dir", default="data/eval", type=PathType, show_default=True)
 @click.option("--train", "train_dir", default="data/train", type=PathType, show_default=True)
 @click.option("--sweep", "sweep_dir", default="data/sweep", type=PathType, show_default=True)

@@ -1,4 +1,5 @@
-"""eval's sample files are what the ADM evaluator expects (issue 28, point 1).
+"""eval's sample files are what the ADM evaluator expects (issue 28, point 1), and `cca-pipe score` scores any
+such file as eval scores its own (point 5).
 
 The ADM evaluator computes IS over contiguous splits of the file's rows (10 splits of 5,000 of a 50,000-sample
 file), so a file written class by class scores each split on a tenth of the classes and IS collapses. eval
@@ -7,12 +8,14 @@ writes its sets in a seeded random order instead, each row's sampling index besi
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from worlds import write_reference_images
+from worlds import invoke, write_reference_images
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.distributed import World
@@ -22,7 +25,9 @@ from pipeline.metrics import ClassifierConfig, ImageClassifier, extract_features
 from pipeline.models.llamagen import GPT, GPTConfig
 from pipeline.tokenizers.vq import VQConfig, VQModel
 from stages import eval as eval_stage
+from stages import score as score_stage
 
+ROOT = Path(__file__).resolve().parents[1]
 CLASSES = 10
 GPT_CFG = GPTConfig(dim=32, n_layer=1, n_head=2, vocab_size=32, num_classes=CLASSES, block_size=16, multiple_of=16)
 VQ_CFG = VQConfig(codebook_size=32, codebook_embed_dim=4, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16,
@@ -134,3 +139,60 @@ def test_eval_writes_the_samplers_images_in_the_new_order(tmp_path):
     assert np.array_equal(images, drawn) and np.array_equal(labels, models.labels.numpy())
     as_written, _ = read_sample_batch(tmp_path / "eval/samples/base_seed2.npz")
     assert not np.array_equal(as_written, drawn)  # and the file's order is another one
+
+
+# ------------------------------------------------------------------------------------------ cca-pipe score
+
+
+def _score(tmp_path, monkeypatch, capsys, samples: Path, reference: Path, *extra) -> tuple[int, str]:
+    return invoke(["--params", ROOT / "params.yaml", "score", samples, "--reference", reference, "--classifier",
+                   tmp_path / "clf.pt", "--fidelity-cache", tmp_path / "fc", *extra], monkeypatch, capsys)
+
+
+def test_score_of_evals_own_npz_gives_evals_numbers(tmp_path, monkeypatch, capsys):
+    _world(tmp_path)
+    metrics = _eval(tmp_path, samples_per_class=4, seeds=[0, 1])
+    for seed in (0, 1):
+        code, err = _score(tmp_path, monkeypatch, capsys, tmp_path / f"eval/samples/base_seed{seed}.npz", tmp_path / "ref",
+                           "--json", tmp_path / f"score{seed}.json")
+        assert code == 0, err
+        result = json.loads((tmp_path / f"score{seed}.json").read_text())
+        expected = {k: v for k, v in metrics["per_seed"]["base"][seed].items() if k != "images_per_s"}
+        assert set(expected) == {"fid", "is", "precision", "recall", "class_accuracy"}
+        assert result["scores"] == expected  # exactly: the same code, features and order
+        assert result["num_samples"] == 40 and result["feature_extractor"] == "classifier"
+        assert len(list((tmp_path / "fc").glob("ref-*.npz"))) == 1  # eval's reference features, read from its cache
+    printed = score_stage.format_scores(result)  # what the command prints: eval's table, one row
+    assert f"| base_seed1.npz | {expected['fid']:.3f} | {expected['is']:.3f} |" in printed, printed
+
+
+def _bad_samples(tmp_path: Path, kind: str) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path / f"{kind}.npz"
+    images = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    if kind == "float":
+        np.savez(path, arr_0=images.astype(np.float32) / 255)
+    elif kind == "nchw":
+        np.savez(path, arr_0=images.transpose(0, 3, 1, 2))
+    elif kind == "no_arr_0":
+        np.savez(path, images=images)
+    elif kind == "size":
+        np.savez(path, arr_0=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    elif kind == "not_npz":
+        path.write_text("not an archive\n")
+    return path
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("float", r"float\.npz: arr_0 is float32, expected uint8 pixels 0-255 .* convert the images to uint8"),
+    ("nchw", r"nchw\.npz: arr_0 has shape \(8, 3, 16, 16\), expected N x H x W x 3 .* channels-first .*arr_0\.transpose\(0, 2, 3, 1\)"),
+    ("no_arr_0", r"no_arr_0\.npz has no arr_0 \(it holds images\): expected .* np\.savez\(path, arr_0=images\)"),
+    ("size", r"size\.npz: arr_0 holds 32 x 32 images but the reference .*batch\.npz 16 x 16: resize the samples to 16 x 16"),
+    ("not_npz", r"not_npz\.npz is not a readable \.npz of arrays"),
+])
+def test_score_refuses_a_malformed_npz_in_one_line(tmp_path, monkeypatch, capsys, kind, message):
+    _world(tmp_path)
+    np.savez(tmp_path / "batch.npz", arr_0=np.random.default_rng(1).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
+    code, err = _score(tmp_path, monkeypatch, capsys, _bad_samples(tmp_path, kind), tmp_path / "batch.npz")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("cca-pipe: error: samples "), err
+    assert re.search(message, err), err
