@@ -59,6 +59,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -308,20 +309,25 @@ def read_sample_batch(path: str | os.PathLike, labels: bool = False,
     else None), in the file's order, or with `sample_order` in sampling order (sorted back by sample_index,
     when the file has one)."""
     path = Path(path)
+    unreadable = f"samples {path} is not a readable .npz of arrays ({{}}): expected {ADM_LAYOUT}"
     try:
-        with np.load(path, allow_pickle=False) as f:
-            names = list(f.files)
-            if "arr_0" not in names:
-                raise FormatError(f"samples {path} has no arr_0 (it holds {', '.join(names) or 'no arrays'}): expected "
+        f = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # not an archive, or a pickle
+        raise FormatError(unreadable.format(" ".join(str(e).split())[:200])) from e
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise FormatError(unreadable.format("it holds one bare array, a .npy") + "; save it with np.savez(path, arr_0=images)")
+    try:
+        with f:
+            if "arr_0" not in f.files:
+                raise FormatError(f"samples {path} has no arr_0 (it holds {', '.join(f.files) or 'no arrays'}): expected "
                                   f"{ADM_LAYOUT}; save them with np.savez(path, arr_0=images)")
             images = f["arr_0"]
-            found = f["arr_1"] if labels and "arr_1" in names else None
-            index = f[SAMPLE_INDEX] if sample_order and SAMPLE_INDEX in names else None
-    except (OSError, ValueError, EOFError, AttributeError) as e:  # a .npy or a pickle: np.load returns no NpzFile
+            found = f["arr_1"] if labels and "arr_1" in f.files else None
+            index = f[SAMPLE_INDEX] if sample_order and SAMPLE_INDEX in f.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a damaged member
         if isinstance(e, FormatError):
             raise
-        raise FormatError(f"samples {path} is not a readable .npz of arrays ({' '.join(str(e).split())[:200]}): expected "
-                          f"{ADM_LAYOUT}") from e
+        raise FormatError(unreadable.format(" ".join(str(e).split())[:200])) from e
     if images.dtype != np.uint8:
         raise FormatError(f"samples {path}: arr_0 is {images.dtype}, expected uint8 pixels 0-255 ({ADM_LAYOUT}): "
                           "convert the images to uint8 before saving")

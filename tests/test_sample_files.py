@@ -180,6 +180,9 @@ def _bad_samples(tmp_path: Path, kind: str) -> Path:
         np.savez(path, arr_0=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
     elif kind == "not_npz":
         path.write_text("not an archive\n")
+    elif kind == "npy":  # np.save's one bare array, under an .npz name
+        with open(path, "wb") as f:
+            np.save(f, images)
     return path
 
 
@@ -189,6 +192,7 @@ def _bad_samples(tmp_path: Path, kind: str) -> Path:
     ("no_arr_0", r"no_arr_0\.npz has no arr_0 \(it holds images\): expected .* np\.savez\(path, arr_0=images\)"),
     ("size", r"size\.npz: arr_0 holds 32 x 32 images but the reference .*batch\.npz 16 x 16: resize the samples to 16 x 16"),
     ("not_npz", r"not_npz\.npz is not a readable \.npz of arrays"),
+    ("npy", r"npy\.npz is not a readable \.npz of arrays \(it holds one bare array, a \.npy\).*np\.savez\(path, arr_0=images\)"),
 ])
 def test_score_refuses_a_malformed_npz_in_one_line(tmp_path, monkeypatch, capsys, kind, message):
     _world(tmp_path)
