@@ -99,7 +99,8 @@ def test_eval_files_score_the_adm_way_like_a_shuffled_copy(tmp_path):
     ImageNet's IS. The file scores as its shuffled copies do (within their spread over 200 reshuffles); the same
     rows class by class (the order eval wrote before) collapse to ~1."""
     _world(tmp_path)
-    _eval(tmp_path, samples_per_class=20, seeds=[0, 1])
+    metrics = _eval(tmp_path, samples_per_class=20, seeds=[0, 1])
+    assert metrics["npz_order"]["order"] == "shuffled"  # recorded beside the scores, as in every npz (sample_index)
     extractor = load_feature_extractor("classifier", tmp_path / "clf.pt", torch.device("cpu"))
     rng = np.random.default_rng(1)
     orders = []
