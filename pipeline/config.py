@@ -139,7 +139,7 @@ def config_from_json(cls: type[T], path: str, error: type[ValueError] = ConfigEr
     from pathlib import Path
 
     try:
-        values = json.loads(Path(path).read_text())
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
         raise error(f"model config {path} cannot be read: {e.strerror or e}") from e
     except ValueError as e:

@@ -34,7 +34,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 def rss_mb() -> float:
     """This process's resident memory now (MiB; Linux /proc, else its peak)."""
     try:
-        with open("/proc/self/status") as f:
+        with open("/proc/self/status", encoding="utf-8") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
     except (OSError, StopIteration):
         return peak_rss_mb()

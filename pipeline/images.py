@@ -43,8 +43,9 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, 
     paths, labels, strays = [], [], []
     for index, name in enumerate(class_names):
         entries = sorted(p for p in (root / name).iterdir() if not p.name.startswith("."))
-        files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-        strays += [p for p in entries if p not in files]
+        is_image = [p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in entries]  # one stat each
+        files = [p for p, ok in zip(entries, is_image) if ok]
+        strays += [p for p, ok in zip(entries, is_image) if not ok]
         if not files:
             raise ImageFolderError(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
                                    "add its images or remove the folder (it would shift every later class index)")
@@ -54,6 +55,13 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, 
         raise ImageFolderError(f"{len(strays)} non-image entries in class folders of {root}, e.g. "
                                f"{[str(p) for p in strays[:5]]}: move them out (accepted: {', '.join(IMAGE_EXTENSIONS)})")
     return paths, np.asarray(labels, dtype=np.int32), class_names
+
+
+def path_key(path: str | os.PathLike) -> str:
+    """A path as the same string whatever the locale: its bytes read as UTF-8, any undecodable byte as a
+    surrogate escape. Python decodes file names with the locale's encoding (ASCII under a strict C locale,
+    docs/safety.md), so str(path) of "café.png" differs between locales and would change a content key."""
+    return os.fsencode(path).decode("utf-8", "surrogateescape")
 
 
 def _resolves(link: Path) -> bool:

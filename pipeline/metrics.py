@@ -328,7 +328,7 @@ def reference_features(extractor: FeatureExtractor, images: np.ndarray, cache_di
                               "delete it and it will be recomputed") from e
     features = extract_features(extractor, images, batch_size)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    (cache.parent / ".gitignore").write_text("# statistics cache, regenerated on demand\n*\n")  # as .pytest_cache does
+    (cache.parent / ".gitignore").write_text("# statistics cache, regenerated on demand\n*\n", encoding="utf-8")  # as .pytest_cache does
     with atomic_file(cache) as tmp, open(tmp, "wb") as f:
         np.savez(f, **{layer: features[layer].numpy() for layer in layers})
     return {layer: features[layer] for layer in layers}

@@ -479,7 +479,7 @@ def results(path):
     if path.suffix == ".json":
         click.echo(format_results(read_results(path, ("methods", "checks", "seeds", "samples_per_method"))))
     else:
-        click.echo(path.read_text())
+        click.echo(path.read_text(encoding="utf-8"))
 
 
 MAX_MESSAGE = 2000  # characters: a message quoting a value (an expanded YAML alias) is cut, never megabytes

@@ -110,7 +110,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     if not path.is_file():
         raise ParamsError(f"params file {path} not found (run from the project root, or pass --params)")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ParamsError(f"params file {path} cannot be read: {e}") from e
     params = parse_yaml(text, str(path)) or {}

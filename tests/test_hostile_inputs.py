@@ -739,3 +739,127 @@ def test_a_full_disk_during_train_names_the_disk_and_the_file(world: Path, tmp_p
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
     assert f"cannot write {checkpoints / '0000001.pt'}: the disk holding {checkpoints} is full" in errors[0]
     assert not (tmp_path / "train").exists() and not list(checkpoints.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------------------------------------ issue 29, items 5-10 and smaller
+# (hostile-inputs helper's block: work lost or a loop, one line where a traceback was)
+
+
+def test_every_text_file_is_read_and_written_as_utf8():
+    """open / read_text / write_text in text mode name their encoding: under a strict C locale the default is
+    ASCII, and eval lost its whole run writing "±" (issue 29, item 5)."""
+    import ast
+
+    for path in [*(ROOT / "pipeline").rglob("*.py"), *(ROOT / "stages").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name) \
+                    and node.func.value.id in ("os", "Image", "zarr", "gzip", "fcntl"):
+                continue  # not a text open
+            kwargs = {k.arg for k in node.keywords}
+            mode = node.args[1] if name == "open" and len(node.args) > 1 else next(
+                (k.value for k in node.keywords if k.arg == "mode"), None)
+            binary = isinstance(mode, ast.Constant) and "b" in str(mode.value)
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            if name == "open" and not binary and not isinstance(node.func, ast.Attribute):
+                assert "encoding" in kwargs, f"open() in text mode without encoding= at {where}"
+            if name in ("read_text", "write_text") and isinstance(node.func, ast.Attribute) and not (
+                    isinstance(node.func.value, ast.Name) and node.func.value.id in ("outputs",)):
+                args = len(node.args) + len(kwargs)
+                if name == "read_text" or args >= 2 or "encoding" in kwargs:
+                    assert "encoding" in kwargs, f"{name}() without encoding= at {where}"
+
+
+def _strict_c_locale_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LC_") and k not in ("LANG", "LANGUAGE")}
+    return {**env, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT)}
+
+
+def test_a_strict_c_locale_loses_no_work(world: Path, tmp_path: Path, monkeypatch, capsys):
+    """Under LC_ALL=C (ASCII file names and text files): eval writes its "±" table, and a tokenize of a folder
+    with non-ASCII names built under UTF-8 is up to date, not encoded again (issue 29, item 5). One process
+    runs both commands."""
+    import subprocess
+    import sys
+
+    images = tmp_path / "images"
+    shutil.copytree(world / "images", images)
+    (images / "a").rename(images / "café")
+    (images / "café" / "0.png").rename(images / "café" / "ünï.png")
+    tok_argv, store = tokenize(world, tmp_path, tmp_path / "tok.zarr", images=images)
+    assert invoke(tok_argv, monkeypatch, capsys)[0] == 0  # this process: a UTF-8 locale
+    inode = (store / "zarr.json").stat().st_ino
+    eval_argv, out = evaluate(world, tmp_path, methods="base")
+    script = ("import sys\nfrom stages import cli\ncodes = []\n"
+              f"for argv in {[[str(a) for a in tok_argv], [str(a) for a in eval_argv]]!r}:\n"
+              "    sys.argv = ['cca-pipe', *argv]\n"
+              "    try:\n        cli.run()\n        codes.append(0)\n"
+              "    except SystemExit as e:\n        codes.append(e.code)\n"
+              "print('exit codes', codes, sys.getfilesystemencoding())\n")
+    done = subprocess.run([sys.executable, "-c", script], env=_strict_c_locale_env(), capture_output=True, timeout=300,
+                          cwd=tmp_path)
+    stdout, stderr = done.stdout.decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace")
+    assert "exit codes [0, 0] ascii" in stdout, stderr[-3000:]
+    assert "is up to date" in stderr and "encoding" not in stderr.split("is up to date")[0][-300:], stderr[-3000:]
+    assert (store / "zarr.json").stat().st_ino == inode  # not rebuilt
+    assert "Mean ± std" in (out / "results.md").read_text(encoding="utf-8")
+    assert not out.with_name("eval.partial").exists()
+
+
+@pytest.mark.parametrize("array", ["tokens", "labels"])
+def test_tokenize_repairs_a_store_with_a_deleted_chunk(array: str, world: Path, tmp_path: Path, monkeypatch, capsys, caplog):
+    """train and reflogp send a store with a missing chunk back to tokenize, which said "up to date": a loop
+    (issue 29, item 6). Now it encodes the missing chunk again (only that one) and the store is whole."""
+    from pipeline.tokenstore import verify_token_store
+
+    store = copy_store(world, tmp_path)
+    fingerprint = json.loads((store / "zarr.json").read_text())["attributes"]["fingerprint"]
+    chunk = store / "tokens" / "c" / "1" / "0" / "0" if array == "tokens" else store / "labels" / "c" / "1"
+    chunk.unlink()  # rows 4..7
+    assert verify_token_store(store)  # damaged
+    argv, _ = tokenize(world, tmp_path, store)
+    with caplog.at_level(logging.INFO):
+        code, err = invoke(argv, monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    assert "up to date" not in caplog.text and "missing or damaged" in caplog.text
+    if array == "tokens":  # the one chunk is encoded again, the other kept
+        assert "resuming" in caplog.text and "1 of 2 chunks already done" in caplog.text
+    assert verify_token_store(store) == []
+    assert json.loads((store / "zarr.json").read_text())["attributes"]["fingerprint"] == fingerprint
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert invoke(argv, monkeypatch, capsys)[0] == 0
+    assert "is up to date" in caplog.text
+
+
+def test_listing_a_class_of_100k_files_is_linear(tmp_path: Path):
+    """A class folder of 100,000 files was listed in quadratic time (a list membership test per file: 10k files
+    38 s, 100k never finished); issue 29, item 7. A hang guard, not a timing target (bench/ has none needed)."""
+    import signal
+
+    from pipeline.images import list_image_folder
+
+    for c, count in (("a", 100_000), ("b", 3)):
+        (tmp_path / c).mkdir()
+        for i in range(count):
+            (tmp_path / c / f"{i:06d}.png").touch()
+    (tmp_path / "b" / "notes.txt").touch()
+
+    def too_slow(*_):
+        raise TimeoutError("listing 100,000 files took more than 60 s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(60)
+    try:
+        with pytest.raises(ValueError, match=r"1 non-image entries .*notes\.txt"):
+            list_image_folder(tmp_path)
+        (tmp_path / "b" / "notes.txt").unlink()
+        paths, labels, classes = list_image_folder(tmp_path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert classes == ["a", "b"] and len(paths) == 100_003
+    assert paths[0].name == "000000.png" and paths[99_999].name == "099999.png" and labels.tolist().count(1) == 3
