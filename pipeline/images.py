@@ -28,6 +28,9 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, 
     set is never tokenized silently.
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ImageFolderError(f"image folder {root} is a file, not a folder: pass the folder that holds the class "
+                               "folders (<root>/<class>/<image files>)")
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     # a symbolic link that leads nowhere (dangling, or a loop) would drop out of is_dir() and silently shift
@@ -38,6 +41,12 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, 
                                f"{f' (and {len(broken) - 1} more)' if len(broken) > 1 else ''}: fix or remove it "
                                "(dropping it would shift every later class index)")
     class_names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    # an image beside the class folders has no class: it would be left out without a word
+    loose = sorted(str(p) for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+                   and p.is_file())
+    if loose:
+        raise ImageFolderError(f"{len(loose)} image files at the top level of {root}, outside any class folder, e.g. "
+                               f"{loose[:3]}: move each into its class folder (<root>/<class>/), or out of {root}")
     if not class_names:
         raise ImageFolderError(f"{root} has no class sub-folders; expected <root>/<class>/<image files>")
     paths, labels, strays = [], [], []
@@ -100,7 +109,12 @@ def open_rgb(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, as an error
-            im = Image.open(io.BytesIO(data))
+            # PIL refuses twice its limit with an error we would call corrupt: `max_pixels` is checked below instead
+            pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                im = Image.open(io.BytesIO(data))
+            finally:
+                Image.MAX_IMAGE_PIXELS = pil_limit
         with im:
             if im.size[0] * im.size[1] > max_pixels:
                 raise ImageFolderError(

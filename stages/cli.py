@@ -40,7 +40,13 @@ class OutputPathType(click.Path):
 def check_output_path(path: Path) -> None:
     from pipeline.outputs import OutputError
 
-    existing = next(p for p in (path, *path.parents) if p.exists())  # the nearest existing one ("." or "/" at worst)
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())  # the nearest existing one ("." or "/" at worst)
+    except OSError as e:  # ENAMETOOLONG: a name of more than 255 bytes, or a path of more than PATH_MAX
+        longest = max(path.parts, key=lambda part: len(os.fsencode(part)))
+        raise OutputError(f"--out {path}: {e.strerror} for this file system: its name {longest[:40]!r}... is "
+                          f"{len(os.fsencode(longest))} bytes (the usual limit: 255 per name, 4096 for the whole path); "
+                          "choose a shorter output path") from None
     if not existing.is_dir():
         if existing != path:
             raise OutputError(f"--out {path}: {existing} is a file, not a directory, so nothing can be written under it; "

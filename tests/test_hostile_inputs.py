@@ -8,6 +8,7 @@ user's file, and pickles that would run a command through torch-fidelity.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -863,3 +864,206 @@ def test_listing_a_class_of_100k_files_is_linear(tmp_path: Path):
         signal.signal(signal.SIGALRM, previous)
     assert classes == ["a", "b"] and len(paths) == 100_003
     assert paths[0].name == "000000.png" and paths[99_999].name == "099999.png" and labels.tolist().count(1) == 3
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, free_bytes: int):
+    """A 1 MiB tmpfs at `folder` with about `free_bytes` left (a filler file takes the rest); skips where it
+    cannot be mounted (not root, no tmpfs)."""
+    import subprocess
+
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs a tmpfs mount (root)")
+    try:
+        with open(folder / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+        size = (folder / "filler").stat().st_size
+        os.truncate(folder / "filler", max(0, size - free_bytes))
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_train_on_a_full_disk_is_one_line(world: Path, tmp_path: Path, monkeypatch, capsys):
+    """A real full disk (tmpfs) under train's checkpoint: one line naming the disk, as reflogp and tokenize
+    say it (was: OSError 28 and torch's inline_container.cc traceback); issue 29, item 8."""
+    with small_disk(tmp_path / "disk", 16 * 1024) as disk:
+        argv, out = train(world, tmp_path, out=disk / "train", edit=lambda p: p["train"].update(save_every=1))
+        code, err = invoke(argv, monkeypatch, capsys)
+        errors = [line for line in err.splitlines() if "cca-pipe: error:" in line]
+        assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+        assert f"the disk holding {disk / 'train.partial'}" in errors[0] and "is full" in errors[0], errors[0]
+        assert not out.exists()
+
+
+def few_class_policy(tmp: Path) -> Path:
+    """A GPT of 1 class (the base has 2)."""
+    from dataclasses import replace
+
+    cfg = replace(GPT_CFG, num_classes=1)
+    save_checkpoint(tmp / "few.pt", GPT(cfg).state_dict(), cfg.to_dict(), kind="llamagen-gpt")
+    return tmp / "few.pt"
+
+
+def damaged_fidelity_cache(world: Path, tmp: Path, how: str) -> Path:
+    """A copy of the features cache an eval of the world wrote (made once), damaged `how`."""
+    from click.testing import CliRunner
+
+    if not (world / "fidelity").is_dir():
+        (world / "eval_run").mkdir()
+        argv, _ = evaluate(world, world / "eval_run", methods="base")
+        argv[argv.index("--fidelity-cache") + 1] = world / "fidelity"
+        result = CliRunner().invoke(cli.main, list(map(str, argv)), catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    shutil.copytree(world / "fidelity", tmp / "fidelity")
+    (cache,) = (tmp / "fidelity").glob("ref-*.npz")
+    if how == "truncate":
+        cache.write_bytes(cache.read_bytes()[:200])
+    else:
+        with np.load(cache) as f:
+            arrays = {k: f[k].copy() for k in f.files}
+        for k, v in arrays.items():
+            if how == "shape":
+                arrays[k] = v[:, :-1]
+            else:
+                v[1, 0] = np.nan
+        with open(cache, "wb") as f:
+            np.savez(f, **arrays)
+    return cache
+
+
+def top_level_image(world: Path, tmp: Path) -> Path:
+    images = tmp / "loose"
+    shutil.copytree(world / "images", images)
+    shutil.copy(images / "a" / "0.png", images / "stray.png")
+    (images / "README.txt").write_text("a data set's readme is not an image: allowed")
+    return images
+
+
+def png_header_only(tmp: Path, width: int, height: int) -> Path:
+    """A class folder set whose `b/wide.png` declares width x height in its header (a few bytes on disk)."""
+    import struct
+    import zlib
+
+    images = tmp / "wide"
+    for c in ("a", "b"):
+        (images / c).mkdir(parents=True)
+        Image.new("L", (16, 16)).save(images / c / "0.png")
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))  # 1-bit grayscale
+    (images / "b" / "wide.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+                                             + chunk(b"IEND", b""))
+    return images
+
+
+NESTED = "deep: " + "[" * 20_000 + "]" * 20_000 + "\n"
+
+ISSUE_29_CASES = [
+    Case("policy of fewer classes than the base", lambda w, t: evaluate(w, t, policy=few_class_policy(t), methods="base,cca"),
+         "has 1 classes but --base"),
+    Case("truncated fidelity cache", lambda w, t: evaluate(w, t, methods="base") if damaged_fidelity_cache(w, t, "truncate") else None,
+         "/fidelity/ref-"),
+    Case("fidelity cache of the wrong shape", lambda w, t: evaluate(w, t, methods="base") if damaged_fidelity_cache(w, t, "shape")
+         else None, "has shape"),
+    Case("NaN in the fidelity cache", lambda w, t: evaluate(w, t, methods="base") if damaged_fidelity_cache(w, t, "nan") else None,
+         "non-finite values"),
+    Case("a YAML list nested 20,000 deep", lambda w, t: ([*with_params(w, t, text=NESTED + (w / "params.yaml").read_text()),
+                                                        "config", "train"], t / "nothing"), "nested too deeply"),
+    Case("--device tpu", lambda w, t: train(w, t, extra=["--device", "tpu"]), "--device tpu"),
+    Case("--device cuda:99", lambda w, t: train(w, t, extra=["--device", "cuda:99"]), "--device cuda:99"),
+    Case("image folder is a file", lambda w, t: tokenize(w, t, t / "tok.zarr", images=file_with(t, "imgs.tar", b"x")),
+         "imgs.tar is a file, not a folder"),
+    Case("400-megapixel image", lambda w, t: tokenize(w, t, t / "tok.zarr", images=png_header_only(t, 20_000, 20_000)),
+         "wide.png is 20000x20000 = 400 megapixels"),
+    Case("an image at the top level of the folder", lambda w, t: tokenize(w, t, t / "tok.zarr", images=top_level_image(w, t)),
+         "stray.png"),
+    Case("unknown top-level section trian:", lambda w, t: (
+        [*with_params(w, t, text=(w / "params.yaml").read_text() + "trian:\n  lambda: 3\n"), "config", "train"], t / "nothing"),
+        "unknown section 'trian' (did you mean 'train'?)"),
+    Case("empty params file", lambda w, t: ([*with_params(w, t, text="# nothing yet\n"), "config", "train"], t / "nothing"),
+         "is empty"),
+    Case("reflogp model vocabulary larger than the store's codebook", lambda w, t: reflogp(w, t, ref=big_vocab_policy(t)),
+         "has a vocabulary of 64"),
+]
+
+
+@pytest.mark.parametrize("case", ISSUE_29_CASES, ids=[c.name for c in ISSUE_29_CASES])
+def test_issue_29_input_is_one_clear_error_and_changes_nothing(case: Case, world: Path, tmp_path: Path, monkeypatch, capsys):
+    test_issue_21_input_is_one_clear_error_and_changes_nothing(case, world, tmp_path, monkeypatch, capsys)
+
+
+def test_device_cuda_without_a_gpu_is_one_line(world: Path, tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    test_hostile_input_is_one_clear_error_and_changes_nothing(
+        Case("", lambda w, t: train(w, t, extra=["--device", "cuda"]), "--device cuda: this machine has no CUDA GPU"),
+        world, tmp_path, monkeypatch, capsys)
+
+
+def test_a_refused_pickle_is_one_line_without_a_protocol_warning(world: Path, tmp_path: Path, monkeypatch, capsys):
+    """torch warned "Detected pickle protocol 4" before our error line (issue 29, smaller)."""
+    import warnings
+
+    obj = torch.load(world / "gpt.pt", weights_only=True)
+    obj["args"] = Payload(tmp_path / "PWNED")
+    torch.save(obj, tmp_path / "p4.pt", pickle_protocol=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        test_hostile_input_is_one_clear_error_and_changes_nothing(
+            Case("", lambda w, t: reflogp(w, t, ref=t / "p4.pt"), "refused to load"), world, tmp_path, monkeypatch, capsys)
+    assert not [str(w.message) for w in caught if "pickle protocol" in str(w.message)]
+
+
+@pytest.mark.parametrize("where", ["a parent", "the name"])
+def test_an_out_name_over_255_bytes_is_one_line(where: str, world: Path, tmp_path: Path, monkeypatch, capsys):
+    """A name of more than 255 bytes anywhere in --out: Errno 36 from Path.exists was a traceback (issue 29, item 8)."""
+    out = tmp_path / ("é" * 150) / "train" if where == "a parent" else tmp_path / ("x" * 300)
+    argv, _ = train(world, tmp_path, out=out)
+    code, err = invoke(argv, monkeypatch, capsys)
+    errors = [line for line in err.splitlines() if line.startswith("cca-pipe: error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert f"is {300} bytes" in errors[0] and "choose a shorter output path" in errors[0], errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def eval_with_default_cache(world: Path, tmp: Path) -> tuple[list, Path]:
+    argv, out = evaluate(world, tmp, methods="base")
+    i = argv.index("--fidelity-cache")
+    return argv[:i] + argv[i + 2 :], out
+
+
+def test_an_empty_home_is_refused_not_a_cache_at_the_root(world: Path, tmp_path: Path, monkeypatch, capsys):
+    """HOME="" put the features cache at /.cache (issue 29, item 10)."""
+    monkeypatch.setenv("HOME", "")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    root_cache = Path("/.cache/cca-pipe")
+    existed = root_cache.exists()
+    test_hostile_input_is_one_clear_error_and_changes_nothing(
+        Case("", lambda w, t: eval_with_default_cache(w, t), "pass --fidelity-cache DIR or set XDG_CACHE_HOME"),
+        world, tmp_path, monkeypatch, capsys)
+    assert root_cache.exists() == existed
+
+
+def test_a_read_only_home_names_the_cache_fix_and_leaves_no_partial(world: Path, tmp_path: Path, monkeypatch, capsys):
+    """A read-only HOME said "choose ... (--out)" and left an empty eval.partial (issue 29, item 10)."""
+    import subprocess
+
+    home = tmp_path / "home"
+    home.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(home)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs a read-only tmpfs mount (root)")
+    try:
+        monkeypatch.setenv("HOME", str(home))
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        test_hostile_input_is_one_clear_error_and_changes_nothing(
+            Case("", lambda w, t: eval_with_default_cache(w, t), "--fidelity-cache DIR, or set XDG_CACHE_HOME"),
+            world, tmp_path, monkeypatch, capsys)
+        assert not (tmp_path / "eval.partial").exists() and not (tmp_path / "eval").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(home)], check=False)
