@@ -167,6 +167,11 @@ def main(ctx: click.Context, params: Path, overrides: tuple[str, ...], preset: s
     if ctx.invoked_subcommand in DISTRIBUTED and not launched():
         launch = _launch_config(ctx, nproc_per_node, nnodes, rdzv_endpoint, rdzv_id)
         if launch.nproc_per_node > 1 or launch.nnodes > 1:
+            if ctx.invoked_subcommand == "train":  # settings that cannot work with this many processes: before any starts
+                from pipeline.parallel import check_micro_batches
+
+                cfg = resolved_config(ctx, "train")
+                check_micro_batches(cfg.batch_size, cfg.micro_batch_size, launch.nproc_per_node * launch.nnodes)
             ctx.exit(relaunch(launch, sys.argv[1:]))
 
 
@@ -515,6 +520,20 @@ def _disk_full(e: OSError) -> str:
             "another disk (--out), then rerun.")
 
 
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def _leave_it_to_rank_zero(wait_s: float = 60.0) -> None:
+    """A JobError on a rank but 0: rank 0 raises the same and reports it. Exiting now could end the job (torchrun
+    stops every rank once one fails) before rank 0 has said why, so wait for torchrun to stop this process (or
+    exit quietly after `wait_s`)."""
+    import time
+
+    time.sleep(wait_s)
+    sys.exit(2)
+
+
 @contextlib.contextmanager
 def guarded():
     """Known input errors become one clear message and exit status 2 (with -v, the traceback too); under
@@ -522,8 +541,9 @@ def guarded():
     import errno
 
     from pipeline.checkpoint import CheckpointError
-    from pipeline.config import ConfigError
+    from pipeline.config import ConfigError, JobError
     from pipeline.device import OutOfMemory
+    from pipeline.distributed import launched, rank_zero
     from pipeline.formats import FormatError
     from pipeline.outputs import OutputError
 
@@ -534,7 +554,16 @@ def guarded():
             OutOfMemory) as e:
         if verbose:
             raise
+        if isinstance(e, JobError) and not rank_zero():
+            _leave_it_to_rank_zero()
         _fail(str(e))
+    except RuntimeError as e:  # after OutOfMemory (above)
+        if verbose or not (launched() and "timed out" in str(e).lower()):
+            raise
+        _fail(f"rank {os.environ.get('RANK', '?')} of the job waited "
+              f"{os.environ.get('CCA_PIPE_DIST_TIMEOUT_S', '1800')} s (CCA_PIPE_DIST_TIMEOUT_S) for another process, which "
+              "stopped answering (stopped with SIGSTOP or Ctrl-Z, hung, or its node went away): the job stops "
+              f"uncommitted; rerun the command to resume ({_first_line(e)[:200]})")
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT) or verbose:
             raise

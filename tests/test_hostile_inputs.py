@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import shutil
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -1067,3 +1069,151 @@ def test_a_read_only_home_names_the_cache_fix_and_leaves_no_partial(world: Path,
         assert not (tmp_path / "eval.partial").exists() and not (tmp_path / "eval").exists()
     finally:
         subprocess.run(["umount", "-l", str(home)], check=False)
+
+
+# ------------------------------------------------------------------------------------------------ issue 29, item 9: torchrun
+
+
+def torchrun_cca(argv: list, nproc: int, timeout: float = 240, env: dict | None = None, direct: bool = False):
+    """`cca-pipe --params P --nproc-per-node nproc STAGE ...` (`direct`: the torchrun command it runs, without the
+    launcher's own checks) in a process group of its own (killed whole on a timeout), one thread per rank, a
+    60 s process-group timeout: (exit status, stdout + stderr)."""
+    import subprocess
+    import sys
+
+    from stages.launch import LaunchConfig, torchrun_command
+
+    cmd = torchrun_command(LaunchConfig(nproc_per_node=nproc), list(map(str, argv))) if direct else \
+        [str(Path(sys.executable).parent / "cca-pipe"), *map(str, argv[:2]), "--nproc-per-node", str(nproc), *map(str, argv[2:])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60", "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, err = proc.communicate()
+        pytest.fail(f"no end within {timeout} s: {err[-3000:]}")
+    return proc.returncode, out + err
+
+
+@pytest.mark.parametrize("via", ["cca-pipe", "torchrun"])
+def test_micro_batches_three_processes_cannot_share_is_one_line_with_a_working_fix(via: str, world: Path, tmp_path: Path):
+    """2 micro-batches (16 rows of 8) for 3 processes: the error was printed by each rank, then torch's failure
+    summary, and suggested micro_batch_size 5, which batch_size 16 refuses (issue 29, item 9). Now one line:
+    from the launcher before any rank starts (cca-pipe), or from rank 0 (the ranks' own check, under the
+    torchrun command cca-pipe runs)."""
+    import re
+
+    from pipeline.distributed import World
+    from pipeline.parallel import deal_micro_batches
+
+    argv, out = train(world, tmp_path, edit=lambda p: p["train"].update(batch_size=16, micro_batch_size=8))
+    code, text = torchrun_cca(argv, 3, direct=via == "torchrun")
+    errors = [line for line in text.splitlines() if "cca-pipe: error:" in line]
+    assert code == 2 and len(errors) == 1, text[-3000:]
+    noise = [line for line in text.splitlines() if re.search(r"Traceback|ChildFailedError|Root Cause|error|exitcode", line, re.I)
+             and "cca-pipe: error:" not in line]
+    assert not noise, text[-3000:]
+    fix = re.search(r"train\.batch_size to (\d+)", errors[0])
+    assert fix, errors[0]
+    deal_micro_batches(int(fix.group(1)), 8, World(rank=0, size=3))  # the suggestion works
+    assert not out.exists() and not out.with_name("train.partial").exists()
+
+
+def test_micro_batch_advice_is_settings_that_work():
+    """Hand-derived: 12 rows of 4 (3 micro-batches) for 2 processes: micro 3 (4 micro-batches, 2 each); 16 of 8 for
+    4: micro 4; 16 of 8 for 3: no micro_batch_size divides 16 into a multiple of 3 micro-batches: batch 24, or 2
+    processes (which share 2 micro-batches)."""
+    from pipeline.config import JobError
+    from pipeline.parallel import check_micro_batches
+
+    check_micro_batches(16, 8, 2)
+    with pytest.raises(JobError, match=r"set train.micro_batch_size to 3 \(4 micro-batches, 2 per process\)"):
+        check_micro_batches(12, 4, 2)
+    with pytest.raises(JobError, match=r"set train.micro_batch_size to 4 \(4 micro-batches, 1 per process\)"):
+        check_micro_batches(16, 8, 4)
+    with pytest.raises(JobError, match=r"set train.batch_size to 24 \(a multiple of 3 x 8\), or run 2 processes in all"):
+        check_micro_batches(16, 8, 3)
+    with pytest.raises(JobError, match=r"set train.batch_size to 10 \(a multiple of 2 x 5\), or run 1 process in all"):
+        check_micro_batches(5, 5, 2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_during_fsdp_checkpoints_ends_the_job_quietly(world: Path, tmp_path: Path):
+    """SIGTERM to the launcher while 2 FSDP ranks save a resume point every step: the job stops (128 + 15),
+    resumable, with no SignalException traceback from torchrun (issue 29, item 9)."""
+    import signal
+    import subprocess
+
+    argv, out = train(world, tmp_path, edit=lambda p: p["train"].update(save_every=1, epochs=50, strategy="fsdp"))
+    resume = tmp_path / "train.partial" / "checkpoints" / "resume.json"
+    cmd = [str(Path(sys.executable).parent / "cca-pipe"), *map(str, argv[:2]), "--nproc-per-node", "2", *map(str, argv[2:])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None and not resume.is_file():
+            time.sleep(0.01)
+        assert proc.poll() is None, "the job ended before it could be stopped"
+        time.sleep(0.5)  # a few more resume points: the signal lands in the middle of saving one, or close to it
+        os.kill(proc.pid, signal.SIGTERM)
+        text, _ = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
+    assert "Traceback" not in text and "SignalException" not in text and "ChildFailedError" not in text, text[-3000:]
+    assert not out.exists() and resume.is_file()
+
+
+def _rank_pids(pid: int) -> dict[int, int]:
+    """rank -> pid of the processes below `pid` that torchrun started (their RANK), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+    ranks, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            with contextlib.suppress(OSError):
+                env = dict(e.split("=", 1) for e in Path(f"/proc/{child}/environ").read_text().split("\0") if "=" in e)
+                if "RANK" in env and "LOCAL_RANK" in env:
+                    ranks[int(env["RANK"])] = child
+    return ranks
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_stopped_rank_ends_the_job_in_one_line_after_the_timeout(world: Path, tmp_path: Path):
+    """SIGSTOP of rank 1 mid-training: rank 0 waits CCA_PIPE_DIST_TIMEOUT_S (10 s here) in a collective, then the
+    job ends with one line from rank 0, not gloo's "Timed out" traceback (issue 29, item 9); nothing is left
+    running."""
+    import signal
+    import subprocess
+
+    argv, out = train(world, tmp_path, edit=lambda p: p["train"].update(epochs=2000))
+    cmd = [str(Path(sys.executable).parent / "cca-pipe"), *map(str, argv[:2]), "--nproc-per-node", "2", *map(str, argv[2:])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "10", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    ranks: dict[int, int] = {}
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not (tmp_path / "train.partial").is_dir():
+            time.sleep(0.05)
+        time.sleep(2)  # in the training loop
+        ranks = _rank_pids(proc.pid)
+        assert proc.poll() is None and set(ranks) == {0, 1}, "the job ended before a rank could be stopped"
+        os.kill(ranks[1], signal.SIGSTOP)
+        text, _ = proc.communicate(timeout=150)
+    finally:
+        for pid in ranks.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    errors = [line for line in text.splitlines() if "cca-pipe: error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in text, text[-3000:]
+    assert "rank 0 of the job waited 10 s (CCA_PIPE_DIST_TIMEOUT_S)" in errors[0], errors[0]
+    assert not out.exists()
