@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .launch import DISTRIBUTED, LaunchConfig, relaunch
+from .launch import DISTRIBUTED, QUIET_PEERS, LaunchConfig, relaunch
 from .params import as_params, build, load_params, parse_overrides
 
 if TYPE_CHECKING:
@@ -558,8 +558,15 @@ def guarded():
             _leave_it_to_rank_zero()
         _fail(str(e))
     except RuntimeError as e:  # after OutOfMemory (above)
-        if verbose or not (launched() and "timed out" in str(e).lower()):
+        text = str(e).lower()
+        if verbose or not launched() or not any(s in text for s in ("timed out", "connection closed by peer",
+                                                                    "connection reset by peer")):
             raise
+        if "timed out" not in text:  # a process of the job ended first, and said why (or, killed, stages.launch does)
+            if os.environ.get(QUIET_PEERS) == "1":
+                sys.exit(2)
+            _fail(f"rank {os.environ.get('RANK', '?')}: another process of the job ended while this one waited for it "
+                  f"({_first_line(e)[:200]}): see its message above; the job stops uncommitted, rerun to resume")
         _fail(f"rank {os.environ.get('RANK', '?')} of the job waited "
               f"{os.environ.get('CCA_PIPE_DIST_TIMEOUT_S', '1800')} s (CCA_PIPE_DIST_TIMEOUT_S) for another process, which "
               "stopped answering (stopped with SIGSTOP or Ctrl-Z, hung, or its node went away): the job stops "

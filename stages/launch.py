@@ -30,6 +30,9 @@ from pipeline.config import ConfigError, check_ranges, setting
 log = logging.getLogger(__name__)
 
 DISTRIBUTED = ("reflogp", "train", "eval")  # the stages that share their work over processes
+# set for the ranks by torchrun_main, which names a rank killed by a signal: the ranks that lose their connection
+# to it then exit without a line of their own
+QUIET_PEERS = "CCA_PIPE_QUIET_PEERS"
 _OPTIONS = ("--nproc-per-node", "--nnodes", "--rdzv-endpoint", "--rdzv-id")
 # job ids of the schedulers (SLURM, PBS/Torque, LSF, Flux): the same on every node of a job, unique among jobs
 _SCHEDULER_JOB_IDS = ("PBS_JOBID", "LSB_JOBID", "FLUX_JOB_ID")
@@ -155,6 +158,7 @@ def torchrun_main(args: list[str]) -> int:
     if "-v" in args or "--verbose" in args:
         run(parse_args(args))
         return 0
+    os.environ[QUIET_PEERS] = "1"  # the ranks inherit it
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the loggers LOGLEVEL does not set
     try:
         run(parse_args(args))

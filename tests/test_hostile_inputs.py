@@ -1217,3 +1217,37 @@ def test_a_stopped_rank_ends_the_job_in_one_line_after_the_timeout(world: Path, 
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in text, text[-3000:]
     assert "rank 0 of the job waited 10 s (CCA_PIPE_DIST_TIMEOUT_S)" in errors[0], errors[0]
     assert not out.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_rank_killed_by_a_signal_is_named_in_one_line(world: Path, tmp_path: Path):
+    """SIGKILL of rank 1 mid-training (the out-of-memory killer): one line naming the rank and the signal, no
+    torchrun summary, no traceback (issue 29, item 9)."""
+    import signal
+    import subprocess
+
+    argv, out = train(world, tmp_path, edit=lambda p: p["train"].update(epochs=2000))
+    cmd = [str(Path(sys.executable).parent / "cca-pipe"), *map(str, argv[:2]), "--nproc-per-node", "2", *map(str, argv[2:])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    ranks: dict[int, int] = {}
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not (tmp_path / "train.partial").is_dir():
+            time.sleep(0.05)
+        time.sleep(2)  # in the training loop
+        ranks = _rank_pids(proc.pid)
+        assert proc.poll() is None and set(ranks) == {0, 1}, "the job ended before a rank could be killed"
+        os.kill(ranks[1], signal.SIGKILL)
+        text, _ = proc.communicate(timeout=120)
+    finally:
+        for pid in ranks.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    errors = [line for line in text.splitlines() if "cca-pipe: error:" in line]
+    assert proc.returncode == 128 + signal.SIGKILL and "Traceback" not in text and "ChildFailedError" not in text, text[-3000:]
+    assert len(errors) == 1 and "rank 1 of the job was killed by SIGKILL" in errors[0], text[-3000:]
+    assert not out.exists()
