@@ -19,8 +19,9 @@ def pick_device(name: str = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name}: cca-pipe runs on auto, cpu, cuda or cuda:N (N: a GPU's index)")
+    mps = device is not None and device.type == "mps" and torch.backends.mps.is_available()  # Apple GPUs, as before
+    if device is None or (device.type not in ("cpu", "cuda") and not mps):
+        raise ConfigError(f"--device {name}: cca-pipe runs on auto, cpu, cuda or cuda:N (N: a GPU's index), or mps on a Mac with one")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
