@@ -769,10 +769,8 @@ def test_every_text_file_is_read_and_written_as_utf8():
             if name == "open" and not binary and not isinstance(node.func, ast.Attribute):
                 assert "encoding" in kwargs, f"open() in text mode without encoding= at {where}"
             if name in ("read_text", "write_text") and isinstance(node.func, ast.Attribute) and not (
-                    isinstance(node.func.value, ast.Name) and node.func.value.id in ("outputs",)):
-                args = len(node.args) + len(kwargs)
-                if name == "read_text" or args >= 2 or "encoding" in kwargs:
-                    assert "encoding" in kwargs, f"{name}() without encoding= at {where}"
+                    isinstance(node.func.value, ast.Name) and node.func.value.id == "outputs"):  # Path's, not our helper
+                assert "encoding" in kwargs, f"{name}() without encoding= at {where}"
 
 
 def _strict_c_locale_env() -> dict:
