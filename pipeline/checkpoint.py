@@ -19,9 +19,11 @@ Nothing is ever unpickled beyond tensors and plain containers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -36,6 +38,16 @@ _DROPPED_KEYS = ("freqs_cis",)
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the fix."""
+
+
+@contextlib.contextmanager
+def _quiet_pickle_protocol():
+    """torch's weights_only unpickler warns about any pickle protocol but 2 (files saved with
+    pickle_protocol=4, most pickles) before it loads them or we refuse them: a warning line that told the
+    user nothing ahead of our one-line error."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        yield
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -84,7 +96,8 @@ def load_file(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); "
                               "pass the .pt/.pth/.safetensors file of the model")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with _quiet_pickle_protocol():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refused to load {path}: it contains objects other than tensors and plain containers "
@@ -141,8 +154,22 @@ def save_torch(path: str | os.PathLike, obj) -> None:
         try:
             with open(tmp, "wb") as f:
                 torch.save(obj, f)
-        except OSError as e:
-            raise OSError(e.errno, e.strerror, str(path)) from e
+        except (OSError, RuntimeError) as e:
+            # torch's zip writer turns a failed write (a full disk) into "inline_container.cc ... unexpected pos"
+            # as it closes; the OSError it hides is in the chain
+            cause = next((c for c in _chain(e) if isinstance(c, OSError)), None)
+            if cause is None:
+                raise
+            raise OSError(cause.errno, cause.strerror, str(path)) from e
+
+
+def _chain(error: BaseException):
+    """An exception and those it was raised from or during, nearest first."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 KIND_KEY = "family"  # the entry naming a checkpoint's kind (its on-disk name predates the word "kind")
@@ -199,7 +226,8 @@ def peek(path: str | os.PathLike) -> tuple[str | None, set[str]]:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read {path}: not a valid .safetensors file ({_first_line(e)})") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with _quiet_pickle_protocol():
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, zipfile.BadZipFile):
         obj = load_file(path)  # legacy (non-zip) files cannot be memory-mapped; also gives the clear errors
     if not isinstance(obj, dict):

@@ -22,6 +22,11 @@ class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names where it came from and what is valid."""
 
 
+class JobError(ConfigError):
+    """A ConfigError that every process of a torchrun job raises alike (it follows from the settings and the
+    number of processes alone): rank 0 reports it, in one line for the job, the others exit quietly (stages/cli.py)."""
+
+
 def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, key: str | None = None,
             ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
             choices: tuple | None = None, nonempty: bool = False, unique: bool = False, finite: bool = True,
@@ -139,7 +144,7 @@ def config_from_json(cls: type[T], path: str, error: type[ValueError] = ConfigEr
     from pathlib import Path
 
     try:
-        values = json.loads(Path(path).read_text())
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
         raise error(f"model config {path} cannot be read: {e.strerror or e}") from e
     except ValueError as e:

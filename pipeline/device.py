@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """"auto" (a GPU if there is one), "cpu", "cuda" or "cuda:N"; a device this machine lacks is a ConfigError
+    saying so (torch would fail later, with a traceback, at the first tensor moved there)."""
+    from .config import ConfigError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    mps = device is not None and device.type == "mps" and torch.backends.mps.is_available()  # Apple GPUs, as before
+    if device is None or (device.type not in ("cpu", "cuda") and not mps):
+        raise ConfigError(f"--device {name}: cca-pipe runs on auto, cpu, cuda or cuda:N (N: a GPU's index), or mps on a Mac with one")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {name}: this machine has no CUDA GPU that PyTorch can use (torch "
+                              f"{torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
+                              "run with --device cpu (or auto), or on a GPU node")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"--device {name}: this machine has {count} CUDA GPU{'s' if count > 1 else ''} (cuda:0"
+                              f"{f' ... cuda:{count - 1}' if count > 1 else ''}): choose one of them")
+    return device
 
 
 def autocast(device: torch.device):
@@ -34,7 +55,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 def rss_mb() -> float:
     """This process's resident memory now (MiB; Linux /proc, else its peak)."""
     try:
-        with open("/proc/self/status") as f:
+        with open("/proc/self/status", encoding="utf-8") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
     except (OSError, StopIteration):
         return peak_rss_mb()

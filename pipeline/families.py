@@ -69,7 +69,7 @@ class Family:
         if family != self.name:
             raise ValueError(f"token store {tokens_path} holds {family} tokens but {ckpt} is a {self.name} model: "
                              "tokenize with the tokenizer of the model's family")
-        if int(store_attrs["codebook_size"]) > model.cfg.vocab_size:
+        if int(store_attrs["codebook_size"]) != model.cfg.vocab_size:  # a larger vocabulary draws codes eval cannot decode
             raise ValueError(f"token store {tokens_path} uses a codebook of {store_attrs['codebook_size']} codes but the model "
                              f"{ckpt} has a vocabulary of {model.cfg.vocab_size}: tokenize with the tokenizer the model was trained on")
         if store_attrs["num_classes"] > model.cfg.num_classes:

@@ -142,7 +142,7 @@ class RefCacheParts:
         self.dir = parts_dir
         if create:  # by one process (the main one under torchrun)
             self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / ".gitignore").write_text("# partial reference cache, merged and removed when complete\n*\n")
+            (self.dir / ".gitignore").write_text("# partial reference cache, merged and removed when complete\n*\n", encoding="utf-8")
 
     @property
     def num_parts(self) -> int:

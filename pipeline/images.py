@@ -28,6 +28,9 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, 
     set is never tokenized silently.
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ImageFolderError(f"image folder {root} is a file, not a folder: pass the folder that holds the class "
+                               "folders (<root>/<class>/<image files>)")
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     # a symbolic link that leads nowhere (dangling, or a loop) would drop out of is_dir() and silently shift
@@ -38,13 +41,20 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, 
                                f"{f' (and {len(broken) - 1} more)' if len(broken) > 1 else ''}: fix or remove it "
                                "(dropping it would shift every later class index)")
     class_names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    # an image beside the class folders has no class: it would be left out without a word
+    loose = sorted(str(p) for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+                   and p.is_file())
+    if loose:
+        raise ImageFolderError(f"{len(loose)} image files at the top level of {root}, outside any class folder, e.g. "
+                               f"{loose[:3]}: move each into its class folder (<root>/<class>/), or out of {root}")
     if not class_names:
         raise ImageFolderError(f"{root} has no class sub-folders; expected <root>/<class>/<image files>")
     paths, labels, strays = [], [], []
     for index, name in enumerate(class_names):
         entries = sorted(p for p in (root / name).iterdir() if not p.name.startswith("."))
-        files = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-        strays += [p for p in entries if p not in files]
+        is_image = [p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in entries]  # one stat each
+        files = [p for p, ok in zip(entries, is_image) if ok]
+        strays += [p for p, ok in zip(entries, is_image) if not ok]
         if not files:
             raise ImageFolderError(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
                                    "add its images or remove the folder (it would shift every later class index)")
@@ -54,6 +64,13 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Path], np.ndarray, 
         raise ImageFolderError(f"{len(strays)} non-image entries in class folders of {root}, e.g. "
                                f"{[str(p) for p in strays[:5]]}: move them out (accepted: {', '.join(IMAGE_EXTENSIONS)})")
     return paths, np.asarray(labels, dtype=np.int32), class_names
+
+
+def path_key(path: str | os.PathLike) -> str:
+    """A path as the same string whatever the locale: its bytes read as UTF-8, any undecodable byte as a
+    surrogate escape. Python decodes file names with the locale's encoding (ASCII under a strict C locale,
+    docs/safety.md), so str(path) of "café.png" differs between locales and would change a content key."""
+    return os.fsencode(path).decode("utf-8", "surrogateescape")
 
 
 def _resolves(link: Path) -> bool:
@@ -92,7 +109,12 @@ def open_rgb(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, as an error
-            im = Image.open(io.BytesIO(data))
+            # PIL refuses twice its limit with an error we would call corrupt: `max_pixels` is checked below instead
+            pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                im = Image.open(io.BytesIO(data))
+            finally:
+                Image.MAX_IMAGE_PIXELS = pil_limit
         with im:
             if im.size[0] * im.size[1] > max_pixels:
                 raise ImageFolderError(

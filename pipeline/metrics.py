@@ -15,6 +15,7 @@ such layer: no sfid is reported with it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
@@ -319,19 +320,48 @@ def reference_features(extractor: FeatureExtractor, images: np.ndarray, cache_di
     cache = Path(cache_dir) / f"ref-{content_hash(images)}-{extractor.name}-{extractor.weights_sha256[:16]}.npz"
     layers = sorted(set(extractor.layers.values()))
     if cache.is_file():
+        import zipfile
+
         try:
             with np.load(cache, allow_pickle=False) as f:
                 if set(layers) <= set(f.files):  # else written before a layer was scored (sfid): recompute
-                    return {layer: torch.from_numpy(f[layer]) for layer in layers}
-        except (ValueError, OSError, KeyError, EOFError) as e:
-            raise FormatError(f"fidelity statistics cache {cache} is not a file cca-pipe wrote ({e}); "
+                    cached = {layer: f[layer] for layer in layers}
+                    _check_cached_features(cached, extractor, images, cache)
+                    return {layer: torch.from_numpy(v) for layer, v in cached.items()}
+        except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:  # a truncated npz: BadZipFile
+            if isinstance(e, FormatError):
+                raise
+            raise FormatError(f"fidelity statistics cache {cache} is not a file cca-pipe wrote ({type(e).__name__}: {e}); "
                               "delete it and it will be recomputed") from e
     features = extract_features(extractor, images, batch_size)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    (cache.parent / ".gitignore").write_text("# statistics cache, regenerated on demand\n*\n")  # as .pytest_cache does
-    with atomic_file(cache) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **{layer: features[layer].numpy() for layer in layers})
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        (cache.parent / ".gitignore").write_text("# statistics cache, regenerated on demand\n*\n", encoding="utf-8")  # as .pytest_cache does
+        with atomic_file(cache) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **{layer: features[layer].numpy() for layer in layers})
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        from .outputs import OutputError
+
+        raise OutputError(f"cannot write the fidelity statistics cache {cache.parent} ({e.strerror}: {e.filename}): choose "
+                          "a writable cache folder: cca-pipe eval --fidelity-cache DIR, or set XDG_CACHE_HOME") from e
     return {layer: features[layer] for layer in layers}
+
+
+def _check_cached_features(cached: dict[str, np.ndarray], extractor: FeatureExtractor, images: np.ndarray, cache: Path) -> None:
+    """Cached features must be what this extractor gives these images: one finite row per image, as wide as
+    its features of the first image (computed now: one forward), else FID would assert or be NaN later."""
+    from .formats import FormatError
+
+    first = extract_features(extractor, images[:1])
+    for layer, values in cached.items():
+        want = (len(images), *first[layer].shape[1:])
+        problem = (f"{layer} has shape {values.shape}, not {want}" if values.shape != want else
+                   f"{layer} holds {np.size(values) - np.isfinite(values).sum()} non-finite values"
+                   if values.dtype.kind == "f" and not np.isfinite(values).all() else None)
+        if problem:
+            raise FormatError(f"fidelity statistics cache {cache} is damaged ({problem}); delete it and it will be recomputed")
 
 
 def frechet_distance(metric: str, extractor: FeatureExtractor, generated: torch.Tensor, reference: torch.Tensor,

@@ -59,7 +59,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_file(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
@@ -69,7 +69,7 @@ def write_json(path: str | os.PathLike, data: dict) -> None:
 def read_json(path: str | os.PathLike) -> dict | None:
     """A JSON object, or None if the file is missing, unreadable or not an object."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

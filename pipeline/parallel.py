@@ -71,14 +71,32 @@ def deal_micro_batches(batch_size: int, micro_batch_size: int, world: World) -> 
     """The indices of the micro-batches of each step that this process trains: of the step's
     batch_size / micro_batch_size micro-batches, every world.size-th from its rank on (round robin), so
     every process has as many and the global batch is the one-process batch."""
+    check_micro_batches(batch_size, micro_batch_size, world.size)
+    return list(range(world.rank, batch_size // micro_batch_size, world.size))
+
+
+def check_micro_batches(batch_size: int, micro_batch_size: int, processes: int) -> None:
+    """A step's micro-batches must be shared equally by the processes; else a JobError suggesting settings that
+    work: the largest micro_batch_size up to this one that does, or, where none can (batch_size is not a multiple
+    of the process count), the next batch_size that is, or a process count that divides the micro-batches."""
+    from .config import JobError
+
     if batch_size % micro_batch_size:
-        raise ValueError(f"batch_size {batch_size} is not a multiple of micro_batch_size {micro_batch_size}")
+        raise JobError(f"train.batch_size {batch_size} is not a multiple of train.micro_batch_size {micro_batch_size}")
     n_micro = batch_size // micro_batch_size
-    if n_micro % world.size:
-        raise ValueError(f"train.batch_size / train.micro_batch_size = {n_micro} micro-batches per step cannot be shared "
-                         f"equally by {world.size} processes: choose a micro_batch_size that makes it a multiple of "
-                         f"{world.size} (e.g. {batch_size // (world.size * max(1, n_micro // world.size))})")
-    return list(range(world.rank, n_micro, world.size))
+    if n_micro % processes == 0:
+        return
+    problem = (f"train.batch_size / train.micro_batch_size = {batch_size} / {micro_batch_size} = {n_micro} micro-batches per "
+               f"step cannot be shared equally by {processes} processes")
+    fits = [m for m in range(micro_batch_size, 0, -1) if batch_size % m == 0 and (batch_size // m) % processes == 0]
+    if fits:
+        raise JobError(f"{problem}: set train.micro_batch_size to {fits[0]} ({batch_size // fits[0]} micro-batches, "
+                       f"{batch_size // fits[0] // processes} per process)")
+    fewer = max(p for p in range(1, processes) if n_micro % p == 0)
+    bigger = -(-batch_size // (processes * micro_batch_size)) * processes * micro_batch_size
+    raise JobError(f"{problem}, whatever the micro_batch_size ({batch_size} is not a multiple of {processes}): set "
+                   f"train.batch_size to {bigger} (a multiple of {processes} x {micro_batch_size}), or run {fewer} "
+                   f"process{'es' if fewer > 1 else ''} in all")
 
 
 def accumulating(model: nn.Module, last: bool):

@@ -98,7 +98,7 @@ def plot_fid_is(points: list[Point], path: str | os.PathLike) -> None:
 
 
 def read_log(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     return {k: np.array([float(r[k]) for r in rows]) for k in rows[0]} if rows else {}
 

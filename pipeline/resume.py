@@ -112,7 +112,7 @@ class TrainState:
         if not self.index.is_file():
             return None
         try:
-            saved = json.loads(self.index.read_text())
+            saved = json.loads(self.index.read_text(encoding="utf-8"))
             if not isinstance(saved, dict) or not {"key", "step", "rng", "state"} <= set(saved):
                 raise ValueError("not a train resume point")
         except (ValueError, UnicodeDecodeError) as e:

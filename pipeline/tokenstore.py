@@ -45,7 +45,7 @@ def store_attrs(path: str | os.PathLike) -> dict | None:
     """The zarr attributes of a directory if it is a cca-pipe token store (complete or not), else None."""
     meta = Path(path) / "zarr.json"
     try:
-        attrs = json.loads(meta.read_text()).get("attributes", {})
+        attrs = json.loads(meta.read_text(encoding="utf-8")).get("attributes", {})
     except (OSError, ValueError, AttributeError):
         return None
     return attrs if isinstance(attrs, dict) and attrs.get("format") == TOKENS_FORMAT else None
@@ -267,19 +267,32 @@ def stream_fingerprint(path: Path, tokens, labels, shape: tuple[int, int, int], 
     return h.hexdigest()
 
 
+def damaged_chunks(path: str | os.PathLike, desc: str | None = None) -> list[str]:
+    """The chunk files of a store (tokens and labels) that are missing or fail to decode (their checksums),
+    one message each; empty: every chunk is intact. Reads every chunk once."""
+    import zarr
+
+    path = Path(path)
+    group = zarr.open_group(str(path), mode="r")
+    problems = []
+    for name in ("tokens", "labels"):
+        array = group[name]
+        for k in progress(range(-(-array.shape[0] // array.chunks[0])), desc=desc and f"{desc} {name}", unit="chunk",
+                          disable=desc is None):
+            try:
+                _read_chunk(path, array, k)
+            except FormatError as e:
+                problems.append(str(e))
+    return problems
+
+
 def verify_token_store(path: str | os.PathLike) -> list[str]:
     """Problems found by reading every chunk and recomputing the fingerprint (empty: the store is intact)."""
     import zarr
 
     store = open_token_store(path)
     group = zarr.open_group(str(store.path), mode="r")
-    problems = []
-    for name in ("tokens", "labels"):
-        for k in progress(range(store.tokens.num_chunks), desc=f"verify {name}", unit="chunk"):
-            try:
-                _read_chunk(store.path, group[name], k)
-            except FormatError as e:
-                problems.append(str(e))
+    problems = damaged_chunks(store.path, desc="verify")
     if not problems:
         fingerprint = stream_fingerprint(store.path, group["tokens"], group["labels"], store.tokens.shape, store.tokens.chunk_rows)
         if fingerprint != store.fingerprint:
@@ -398,7 +411,8 @@ class TokenStoreWriter:
             return
         if same and self.progress_file.is_file():
             self.group = zarr.open_group(str(self.path), mode="r+")
-            saved = json.loads(self.progress_file.read_text())
+            saved = json.loads(self.progress_file.read_text(encoding="utf-8"))
+            self._repair_labels(labels)
             self.done = self._verified(set(saved["done_chunks"]))
             self.chunk_inputs = {int(k): v for k, v in saved.get("chunk_inputs", {}).items() if int(k) in self.done}
             return
@@ -414,6 +428,17 @@ class TokenStoreWriter:
                                 compressors=_codecs(), fill_value=0, config=config)
         self.group.create_array("labels", data=labels.astype(np.int32), chunks=(rows,), compressors=_codecs(), config=config)
         self._save_progress()
+
+    def _repair_labels(self, labels: np.ndarray) -> None:
+        """Write the labels again if a chunk of them is missing or damaged (they are known: no encoding)."""
+        array = self.group["labels"]
+        for chunk in range(-(-array.shape[0] // array.chunks[0])):
+            try:
+                _read_chunk(self.path, array, chunk)
+            except FormatError as e:
+                log.warning("%s; writing the labels again", e)
+                array.with_config({"write_empty_chunks": True})[:] = labels.astype(np.int32)
+                return
 
     def _verified(self, done: set[int]) -> set[int]:
         """The chunks of the progress file whose files exist and decode; the others are redone."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .launch import DISTRIBUTED, LaunchConfig, relaunch
+from .launch import DISTRIBUTED, QUIET_PEERS, LaunchConfig, relaunch
 from .params import as_params, build, load_params, parse_overrides
 
 if TYPE_CHECKING:
@@ -40,7 +40,13 @@ class OutputPathType(click.Path):
 def check_output_path(path: Path) -> None:
     from pipeline.outputs import OutputError
 
-    existing = next(p for p in (path, *path.parents) if p.exists())  # the nearest existing one ("." or "/" at worst)
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())  # the nearest existing one ("." or "/" at worst)
+    except OSError as e:  # ENAMETOOLONG: a name of more than 255 bytes, or a path of more than PATH_MAX
+        longest = max(path.parts, key=lambda part: len(os.fsencode(part)))
+        raise OutputError(f"--out {path}: {e.strerror} for this file system: its name {longest[:40]!r}... is "
+                          f"{len(os.fsencode(longest))} bytes (the usual limit: 255 per name, 4096 for the whole path); "
+                          "choose a shorter output path") from None
     if not existing.is_dir():
         if existing != path:
             raise OutputError(f"--out {path}: {existing} is a file, not a directory, so nothing can be written under it; "
@@ -161,6 +167,11 @@ def main(ctx: click.Context, params: Path, overrides: tuple[str, ...], preset: s
     if ctx.invoked_subcommand in DISTRIBUTED and not launched():
         launch = _launch_config(ctx, nproc_per_node, nnodes, rdzv_endpoint, rdzv_id)
         if launch.nproc_per_node > 1 or launch.nnodes > 1:
+            if ctx.invoked_subcommand == "train":  # settings that cannot work with this many processes: before any starts
+                from pipeline.parallel import check_micro_batches
+
+                cfg = resolved_config(ctx, "train")
+                check_micro_batches(cfg.batch_size, cfg.micro_batch_size, launch.nproc_per_node * launch.nnodes)
             ctx.exit(relaunch(launch, sys.argv[1:]))
 
 
@@ -500,7 +511,7 @@ def results(path):
     if path.suffix == ".json":
         click.echo(format_results(read_results(path, ("methods", "checks", "seeds", "samples_per_method"))))
     else:
-        click.echo(path.read_text())
+        click.echo(path.read_text(encoding="utf-8"))
 
 
 MAX_MESSAGE = 2000  # characters: a message quoting a value (an expanded YAML alias) is cut, never megabytes
@@ -530,6 +541,20 @@ def _disk_full(e: OSError) -> str:
             "another disk (--out), then rerun.")
 
 
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def _leave_it_to_rank_zero(wait_s: float = 60.0) -> None:
+    """A JobError on a rank but 0: rank 0 raises the same and reports it. Exiting now could end the job (torchrun
+    stops every rank once one fails) before rank 0 has said why, so wait for torchrun to stop this process (or
+    exit quietly after `wait_s`)."""
+    import time
+
+    time.sleep(wait_s)
+    sys.exit(2)
+
+
 @contextlib.contextmanager
 def guarded():
     """Known input errors become one clear message and exit status 2 (with -v, the traceback too); under
@@ -537,8 +562,9 @@ def guarded():
     import errno
 
     from pipeline.checkpoint import CheckpointError
-    from pipeline.config import ConfigError
+    from pipeline.config import ConfigError, JobError
     from pipeline.device import OutOfMemory
+    from pipeline.distributed import launched, rank_zero
     from pipeline.formats import FormatError
     from pipeline.outputs import OutputError
 
@@ -549,7 +575,23 @@ def guarded():
             OutOfMemory) as e:
         if verbose:
             raise
+        if isinstance(e, JobError) and not rank_zero():
+            _leave_it_to_rank_zero()
         _fail(str(e))
+    except RuntimeError as e:  # after OutOfMemory (above)
+        text = str(e).lower()
+        if verbose or not launched() or not any(s in text for s in ("timed out", "connection closed by peer",
+                                                                    "connection reset by peer")):
+            raise
+        if "timed out" not in text:  # a process of the job ended first, and said why (or, killed, stages.launch does)
+            if os.environ.get(QUIET_PEERS) == "1":
+                sys.exit(2)
+            _fail(f"rank {os.environ.get('RANK', '?')}: another process of the job ended while this one waited for it "
+                  f"({_first_line(e)[:200]}): see its message above; the job stops uncommitted, rerun to resume")
+        _fail(f"rank {os.environ.get('RANK', '?')} of the job waited "
+              f"{os.environ.get('CCA_PIPE_DIST_TIMEOUT_S', '1800')} s (CCA_PIPE_DIST_TIMEOUT_S) for another process, which "
+              "stopped answering (stopped with SIGSTOP or Ctrl-Z, hung, or its node went away): the job stops "
+              f"uncommitted; rerun the command to resume ({_first_line(e)[:200]})")
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT) or verbose:
             raise

@@ -24,7 +24,7 @@ class StepLog:
     def owns(path: Path) -> bool:
         """Whether an existing file is a step log (a CSV or JSONL whose first record starts with "step")."""
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 first = f.readline()
         except (OSError, UnicodeDecodeError):
             return False

@@ -28,7 +28,7 @@ def _variables(folder: Path, spec: dict) -> dict:
     for entry in spec.get("vars") or []:
         if isinstance(entry, str):
             path = folder / entry.split(":")[0]
-            values.update(yaml.safe_load(path.read_text()) or {} if path.is_file() else {})
+            values.update(yaml.safe_load(path.read_text(encoding="utf-8")) or {} if path.is_file() else {})
         elif isinstance(entry, dict):
             values.update(entry)
     return values
@@ -69,7 +69,7 @@ def stage_options(folder: Path, command: str) -> tuple[str, list[str]] | None:
     dvc_yaml = folder / "dvc.yaml"
     if not dvc_yaml.is_file():
         return None
-    spec = yaml.safe_load(dvc_yaml.read_text()) or {}
+    spec = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}
     values = _variables(folder, spec)
     stages = spec.get("stages") or {}
     for name in sorted(stages, key=lambda n: n != command):

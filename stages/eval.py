@@ -295,6 +295,12 @@ def check_models_fit(models: dict, roles: dict[str, tuple[str, Path | None]], vq
         if settings.num_classes > model.cfg.num_classes:
             raise ValueError(f"eval.num_classes = {settings.num_classes} but {role} {path} has {model.cfg.num_classes} classes: "
                              f"set eval.num_classes to at most {model.cfg.num_classes} (0: every class of the model)")
+    counts = {name: model.cfg.num_classes for name, model in models.items()}
+    if not settings.num_classes and len(set(counts.values())) > 1:  # 0 means the first model's classes: an IndexError
+        (a, b) = sorted(counts, key=counts.get)[:2]
+        raise ValueError(f"{roles[a][0]} {roles[a][1]} has {counts[a]} classes but {roles[b][0]} {roles[b][1]} has "
+                         f"{counts[b]}: compare models of the same classes (the policy fine-tuned from the base), or set "
+                         f"eval.num_classes to at most {counts[a]} to sample their first {counts[a]} classes")
 
 
 def check_lambda_conditioning(policy: torch.nn.Module, policy_path: Path | None, settings: EvalConfig) -> None:
@@ -439,8 +445,8 @@ def open_scorer(settings: EvalConfig, claim: StageDir, models: EvalModels, input
     digests = {k: file_sha256(v) for k, v in inputs.items() if k != "reference"}
     digests.update(reference=ref.digest(), extractor=extractor.weights_sha256)
     claim.key = settings_digest([settings.sampling_settings(), digests, list(settings.methods)])
+    ref_features = reference_features(extractor, ref.images, fidelity_cache or default_fidelity_cache())  # may fail: first
     work = claim.open_partial()
-    ref_features = reference_features(extractor, ref.images, fidelity_cache or default_fidelity_cache())
     return Scorer(settings, models.labels, extractor, classifier, ref, ref_features, digests, work, claim.target)
 
 
@@ -560,8 +566,19 @@ def run(settings: EvalConfig, vq_path: Path, base_path: Path | None, policy_path
 
 
 def default_fidelity_cache() -> Path:
-    """Reference features are a cache (recomputable): the user's cache directory, as torch-fidelity's own."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cca-pipe" / "fidelity"
+    """Reference features are a cache (recomputable): the user's cache directory, as torch-fidelity's own:
+    $XDG_CACHE_HOME (an absolute path; the XDG spec ignores a relative one), else $HOME/.cache. An empty or
+    relative HOME is refused (it would put the cache at /.cache or under the working directory)."""
+    from pipeline.config import ConfigError
+
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "cca-pipe" / "fidelity"
+    home = os.environ.get("HOME")
+    if home is not None and not os.path.isabs(home):
+        raise ConfigError(f"HOME is {home!r}, not an absolute path, so eval has no cache folder for the reference "
+                          "features: pass --fidelity-cache DIR or set XDG_CACHE_HOME to a writable folder")
+    return Path.home() / ".cache" / "cca-pipe" / "fidelity"
 
 
 def format_results(metrics: dict) -> str:

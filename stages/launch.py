@@ -1,5 +1,6 @@
 """`cca-pipe --nproc-per-node N STAGE ...` (or params.yaml's `launch:` section): the command re-executes
-itself under PyTorch's own launcher, `python -m torch.distributed.run`, which starts the processes, sets
+itself under PyTorch's own launcher, `python -m torch.distributed.run` (through `python -m stages.launch`,
+which leaves out its failure summaries: `torchrun_main`), which starts the processes, sets
 RANK/WORLD_SIZE/LOCAL_RANK and stops every process as soon as one fails (max restarts 0). Multi-node: run
 the same command on each node with `--nnodes` and a shared `--rdzv-endpoint host:port` (torchrun's c10d
 rendezvous; README shows a SLURM script).
@@ -29,6 +30,9 @@ from pipeline.config import ConfigError, check_ranges, setting
 log = logging.getLogger(__name__)
 
 DISTRIBUTED = ("reflogp", "train", "eval")  # the stages that share their work over processes
+# set for the ranks by torchrun_main, which names a rank killed by a signal: the ranks that lose their connection
+# to it then exit without a line of their own
+QUIET_PEERS = "CCA_PIPE_QUIET_PEERS"
 _OPTIONS = ("--nproc-per-node", "--nnodes", "--rdzv-endpoint", "--rdzv-id")
 # job ids of the schedulers (SLURM, PBS/Torque, LSF, Flux): the same on every node of a job, unique among jobs
 _SCHEDULER_JOB_IDS = ("PBS_JOBID", "LSB_JOBID", "FLUX_JOB_ID")
@@ -79,7 +83,7 @@ def torchrun_command(cfg: LaunchConfig, argv: list[str]) -> list[str]:
     else:
         where = ["--nnodes", str(cfg.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", cfg.rdzv_endpoint or "localhost:29400",
                  "--rdzv-id", rendezvous_id(cfg, argv)]
-    return [sys.executable, "-m", "torch.distributed.run", *where, "--nproc-per-node", str(cfg.nproc_per_node),
+    return [sys.executable, "-m", "stages.launch", *where, "--nproc-per-node", str(cfg.nproc_per_node),
             "--max-restarts", "0", "-m", "stages.cli", *rest]
 
 
@@ -137,3 +141,39 @@ def relaunch(cfg: LaunchConfig, argv: list[str]) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
     return 128 + received[0] if received else returncode
+
+
+def torchrun_main(args: list[str]) -> int:
+    """torchrun (`torch.distributed.run`'s own launcher, its arguments) without its noise: the failed rank has
+    said what went wrong in one line (rank 0 for the job, stages/cli.py), so torchrun's failure summary (a
+    ChildFailedError traceback), its agent's log lines, and the SignalException traceback of a stopped job
+    are left out; a rank killed by a signal, which could say nothing itself, gets one line here. Returns the
+    exit status: the first failed rank's, or 128 + the signal's number. With -v (in `args`) torchrun speaks."""
+    if "-v" not in args and "--verbose" not in args:
+        os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torch.distributed.elastic's loggers read it as they are made
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    if "-v" in args or "--verbose" in args:
+        run(parse_args(args))
+        return 0
+    os.environ[QUIET_PEERS] = "1"  # the ranks inherit it
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the loggers LOGLEVEL does not set
+    try:
+        run(parse_args(args))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode >= 0:
+            return failure.exitcode or 1
+        name = failure.signal_name()
+        print(f"cca-pipe: error: rank {rank} of the job was killed by {name} (the out-of-memory killer, a scheduler, a "
+              "user): the job stopped uncommitted; rerun the command to resume", file=sys.stderr)
+        return 128 - failure.exitcode
+    except SignalException as e:  # the launcher was told to stop (relaunch passes the signal on): so were the ranks
+        return 128 + int(e.sigval)
+    return 0
+
+
+if __name__ == "__main__":  # `python -m stages.launch <torchrun arguments>`: how relaunch runs torchrun
+    sys.exit(torchrun_main(sys.argv[1:]))

@@ -93,6 +93,9 @@ def parse_yaml(text: str, where: str):
             return None
         _expanded_size(node, where)
         return loader.construct_document(node)
+    except RecursionError:  # lists nested thousands deep: PyYAML composes recursively
+        raise ParamsError(f"{where}: values nested too deeply to read (thousands of levels); a params file needs a "
+                          "few: write the values out") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -110,13 +113,46 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     if not path.is_file():
         raise ParamsError(f"params file {path} not found (run from the project root, or pass --params)")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ParamsError(f"params file {path} cannot be read: {e}") from e
-    params = parse_yaml(text, str(path)) or {}
+    params = parse_yaml(text, str(path))
+    if params is None:  # an empty file (or comments only) would silently run every stage on its defaults
+        raise ParamsError(f"params file {path} is empty: write the sections to set (prepare:, train:, ...), e.g. start "
+                          "from the project's params.yaml")
     if not isinstance(params, dict):
         raise ParamsError(f"{path}: expected a mapping of sections (prepare:, train:, ...), found {type(params).__name__}")
+    _check_sections(text, params, path)
     return merge(params, parse_overrides(overrides or [], params, path))
+
+
+def _check_sections(text: str, params: dict, path: Path) -> None:
+    """A top-level mapping that no stage reads is a misspelt section (`trian:`), whose settings would be
+    ignored: refused, unless it only holds values for aliases elsewhere (`common: &common`, merged with
+    `<<: *common`). Top-level plain values (a pipeline's data_dir, vq_ckpt) are DVC's, and stay allowed."""
+    import difflib
+
+    unknown = [k for k, v in params.items() if isinstance(v, dict) and k not in SECTIONS]
+    if not unknown:
+        return
+    root = yaml.compose(text, Loader=_StrictLoader)  # already checked by parse_yaml: no bomb, no recursion
+    referenced: dict[int, int] = {}
+    stack, seen = [root], {id(root)}
+    while stack:
+        node = stack.pop()
+        for item in node.value if isinstance(node.value, list) else []:
+            for child in item if isinstance(item, tuple) else (item,):
+                referenced[id(child)] = referenced.get(id(child), 0) + 1
+                if id(child) not in seen:
+                    seen.add(id(child))
+                    stack.append(child)
+    values = {key.value: value for key, value in root.value if isinstance(key, yaml.ScalarNode)}
+    for name in unknown:
+        if name in values and referenced.get(id(values[name]), 0) > 1:
+            continue  # an anchor's holder
+        close = difflib.get_close_matches(str(name), SECTIONS, n=1)
+        raise ParamsError(f"{path}: unknown section {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; no stage reads "
+                          f"it, so its settings would be ignored. Sections: {', '.join(SECTIONS)}: rename it, or remove it")
 
 
 def parse_overrides(items: list[str], params: dict | None = None, path: Path | str = "params.yaml") -> dict:

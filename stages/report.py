@@ -41,7 +41,7 @@ def read_results(path: Path, needs: tuple[str, ...] = ()) -> dict:
     """A JSON object another stage wrote (metrics.json, summary.json) holding the keys `needs`, or one error
     naming the file."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing: run `dvc repro` (or the stage that writes it) first") from None
     except (OSError, ValueError) as e:

@@ -34,13 +34,14 @@ from pipeline.checkpoint import file_sha256
 from pipeline.config import ConfigError, check_ranges, setting, settings_digest
 from pipeline.device import OutOfMemory, is_out_of_memory
 from pipeline.families import load_tokenizer
-from pipeline.images import ImageFolderError, ImageViews, list_image_folder, open_rgb, view_names
+from pipeline.images import ImageFolderError, ImageViews, list_image_folder, open_rgb, path_key, view_names
 from pipeline.progress import progress
 from pipeline.tokenstore import (
     InputFile,
     TokenStoreWriter,
     chunk_inputs_digest,
     claim_token_store,
+    damaged_chunks,
     inputs_digest,
     known_inputs,
     read_input_record,
@@ -87,7 +88,7 @@ class TokenizeConfig:
 
 def build_key(cfg: TokenizeConfig, paths: list[Path], labels: np.ndarray, tokenizer_sha256: str) -> str:
     """Everything that determines the tokens; a store with another key is not resumed but rebuilt."""
-    return settings_digest([cfg, tokenizer_sha256, [str(p) for p in paths], hashlib.sha256(labels.tobytes()).hexdigest()])
+    return settings_digest([cfg, tokenizer_sha256, [path_key(p) for p in paths], hashlib.sha256(labels.tobytes()).hexdigest()])
 
 
 def drop_bad_images(paths: list[Path], labels: np.ndarray, max_fraction: float,
@@ -274,11 +275,18 @@ def _tokenize(cfg: TokenizeConfig, images: Path, vq_path: Path, claim, device: t
     inputs = known_inputs(paths, rel_names, input_record(claim, key))
     existing = store_attrs(claim.target) or {}
     if existing.get("build_key") == key and "fingerprint" in existing:
-        if existing.get("inputs_digest") == whole_inputs_digest(inputs, cfg.chunk_rows):
+        unchanged = existing.get("inputs_digest") == whole_inputs_digest(inputs, cfg.chunk_rows)
+        # vouch only for chunks that are there and decode: train and reflogp send a damaged store back here
+        damaged = damaged_chunks(claim.target) if unchanged else []
+        if unchanged and not damaged:
             log.info("%s is up to date (same image contents, tokenizer and settings)", claim.target)
             return existing["fingerprint"]
-        log.info("%s: images changed since it was built (or it has no input record): encoding the chunks that "
-                 "hold them again", claim.target)
+        if damaged:
+            log.warning("%s: %d chunk files are missing or damaged (%s): encoding them again", claim.target,
+                        len(damaged), damaged[0])
+        else:
+            log.info("%s: images changed since it was built (or it has no input record): encoding the chunks that "
+                     "hold them again", claim.target)
         if (store_attrs(claim.partial) or {}).get("build_key") != key:  # else: resume the unfinished update
             reopen_for_update(claim.target, claim.partial)
     out = claim.partial
@@ -321,7 +329,7 @@ def input_record(claim, key: str) -> dict:
 
 
 def relative_names(root: Path, paths: list[Path]) -> list[str]:
-    return [p.relative_to(root).as_posix() for p in paths]
+    return [path_key(p.relative_to(root).as_posix()) for p in paths]
 
 
 def chunk_digest(inputs: list, rows: tuple[int, int]) -> str | None:

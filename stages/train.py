@@ -27,7 +27,7 @@ from pipeline.families import Family, ModelSource, family_of, family_of_model
 from pipeline.formats import read_ref_cache
 from pipeline.losses import LOSSES
 from pipeline.outputs import StageDir, write_json
-from pipeline.parallel import STRATEGIES, full_state_dict
+from pipeline.parallel import STRATEGIES, check_micro_batches, full_state_dict
 from pipeline.progress import progress
 from pipeline.refcache import CacheMismatch, ReferenceNoise
 from pipeline.resume import TrainState
@@ -142,6 +142,7 @@ def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: 
     Under torchrun (`world`), every process trains its share of each batch (DDP); the main process claims
     the output, logs, checkpoints and commits."""
     world = world or World()
+    check_micro_batches(cfg.batch_size, cfg.micro_batch_size, world.size)  # before anything is claimed or read
     with world.main_only(StageDir(out, "train")) as claim:
         _train(cfg, tokens_path, cache_path, init, claim, world, source)
 

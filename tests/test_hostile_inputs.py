@@ -8,11 +8,14 @@ user's file, and pickles that would run a command through torch-fidelity.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -739,3 +742,510 @@ def test_a_full_disk_during_train_names_the_disk_and_the_file(world: Path, tmp_p
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
     assert f"cannot write {checkpoints / '0000001.pt'}: the disk holding {checkpoints} is full" in errors[0]
     assert not (tmp_path / "train").exists() and not list(checkpoints.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------------------------------------ issue 29, items 5-10 and smaller
+# (hostile-inputs helper's block: work lost or a loop, one line where a traceback was)
+
+
+def test_every_text_file_is_read_and_written_as_utf8():
+    """open / read_text / write_text in text mode name their encoding: under a strict C locale the default is
+    ASCII, and eval lost its whole run writing "±" (issue 29, item 5)."""
+    import ast
+
+    for path in [*(ROOT / "pipeline").rglob("*.py"), *(ROOT / "stages").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name) \
+                    and node.func.value.id in ("os", "Image", "zarr", "gzip", "fcntl"):
+                continue  # not a text open
+            kwargs = {k.arg for k in node.keywords}
+            mode = node.args[1] if name == "open" and len(node.args) > 1 else next(
+                (k.value for k in node.keywords if k.arg == "mode"), None)
+            binary = isinstance(mode, ast.Constant) and "b" in str(mode.value)
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            if name == "open" and not binary and not isinstance(node.func, ast.Attribute):
+                assert "encoding" in kwargs, f"open() in text mode without encoding= at {where}"
+            if name in ("read_text", "write_text") and isinstance(node.func, ast.Attribute) and not (
+                    isinstance(node.func.value, ast.Name) and node.func.value.id == "outputs"):  # Path's, not our helper
+                assert "encoding" in kwargs, f"{name}() without encoding= at {where}"
+
+
+def _strict_c_locale_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LC_") and k not in ("LANG", "LANGUAGE")}
+    return {**env, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT)}
+
+
+def test_a_strict_c_locale_loses_no_work(world: Path, tmp_path: Path, monkeypatch, capsys):
+    """Under LC_ALL=C (ASCII file names and text files): eval writes its "±" table, and a tokenize of a folder
+    with non-ASCII names built under UTF-8 is up to date, not encoded again (issue 29, item 5). One process
+    runs both commands."""
+    import subprocess
+    import sys
+
+    images = tmp_path / "images"
+    shutil.copytree(world / "images", images)
+    (images / "a").rename(images / "café")
+    (images / "café" / "0.png").rename(images / "café" / "ünï.png")
+    tok_argv, store = tokenize(world, tmp_path, tmp_path / "tok.zarr", images=images)
+    assert invoke(tok_argv, monkeypatch, capsys)[0] == 0  # this process: a UTF-8 locale
+    inode = (store / "zarr.json").stat().st_ino
+    eval_argv, out = evaluate(world, tmp_path, methods="base")
+    script = ("import sys\nfrom stages import cli\ncodes = []\n"
+              f"for argv in {[[str(a) for a in tok_argv], [str(a) for a in eval_argv]]!r}:\n"
+              "    sys.argv = ['cca-pipe', *argv]\n"
+              "    try:\n        cli.run()\n        codes.append(0)\n"
+              "    except SystemExit as e:\n        codes.append(e.code)\n"
+              "print('exit codes', codes, sys.getfilesystemencoding())\n")
+    done = subprocess.run([sys.executable, "-c", script], env=_strict_c_locale_env(), capture_output=True, timeout=300,
+                          cwd=tmp_path)
+    stdout, stderr = done.stdout.decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace")
+    assert "exit codes [0, 0] ascii" in stdout, stderr[-3000:]
+    assert "is up to date" in stderr and "encoding" not in stderr.split("is up to date")[0][-300:], stderr[-3000:]
+    assert (store / "zarr.json").stat().st_ino == inode  # not rebuilt
+    assert "Mean ± std" in (out / "results.md").read_text(encoding="utf-8")
+    assert not out.with_name("eval.partial").exists()
+
+
+@pytest.mark.parametrize("array", ["tokens", "labels"])
+def test_tokenize_repairs_a_store_with_a_deleted_chunk(array: str, world: Path, tmp_path: Path, monkeypatch, capsys, caplog):
+    """train and reflogp send a store with a missing chunk back to tokenize, which said "up to date": a loop
+    (issue 29, item 6). Now it encodes the missing chunk again (only that one) and the store is whole."""
+    from pipeline.tokenstore import verify_token_store
+
+    store = copy_store(world, tmp_path)
+    fingerprint = json.loads((store / "zarr.json").read_text())["attributes"]["fingerprint"]
+    chunk = store / "tokens" / "c" / "1" / "0" / "0" if array == "tokens" else store / "labels" / "c" / "1"
+    chunk.unlink()  # rows 4..7
+    assert verify_token_store(store)  # damaged
+    argv, _ = tokenize(world, tmp_path, store)
+    with caplog.at_level(logging.INFO):
+        code, err = invoke(argv, monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    assert "up to date" not in caplog.text and "missing or damaged" in caplog.text
+    if array == "tokens":  # the one chunk is encoded again, the other kept
+        assert "resuming" in caplog.text and "1 of 2 chunks already done" in caplog.text
+    assert verify_token_store(store) == []
+    assert json.loads((store / "zarr.json").read_text())["attributes"]["fingerprint"] == fingerprint
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert invoke(argv, monkeypatch, capsys)[0] == 0
+    assert "is up to date" in caplog.text
+
+
+def test_listing_a_class_of_100k_files_is_linear(tmp_path: Path):
+    """A class folder of 100,000 files was listed in quadratic time (a list membership test per file: 10k files
+    38 s, 100k never finished); issue 29, item 7. A hang guard, not a timing target (bench/ has none needed)."""
+    import signal
+
+    from pipeline.images import list_image_folder
+
+    for c, count in (("a", 100_000), ("b", 3)):
+        (tmp_path / c).mkdir()
+        for i in range(count):
+            (tmp_path / c / f"{i:06d}.png").touch()
+    (tmp_path / "b" / "notes.txt").touch()
+
+    def too_slow(*_):
+        raise TimeoutError("listing 100,000 files took more than 60 s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(60)
+    try:
+        with pytest.raises(ValueError, match=r"1 non-image entries .*notes\.txt"):
+            list_image_folder(tmp_path)
+        (tmp_path / "b" / "notes.txt").unlink()
+        paths, labels, classes = list_image_folder(tmp_path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert classes == ["a", "b"] and len(paths) == 100_003
+    assert paths[0].name == "000000.png" and paths[99_999].name == "099999.png" and labels.tolist().count(1) == 3
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, free_bytes: int):
+    """A 1 MiB tmpfs at `folder` with about `free_bytes` left (a filler file takes the rest); skips where it
+    cannot be mounted (not root, no tmpfs)."""
+    import subprocess
+
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs a tmpfs mount (root)")
+    try:
+        with open(folder / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+        size = (folder / "filler").stat().st_size
+        os.truncate(folder / "filler", max(0, size - free_bytes))
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_train_on_a_full_disk_is_one_line(world: Path, tmp_path: Path, monkeypatch, capsys):
+    """A real full disk (tmpfs) under train's checkpoint: one line naming the disk, as reflogp and tokenize
+    say it (was: OSError 28 and torch's inline_container.cc traceback); issue 29, item 8."""
+    with small_disk(tmp_path / "disk", 16 * 1024) as disk:
+        argv, out = train(world, tmp_path, out=disk / "train", edit=lambda p: p["train"].update(save_every=1))
+        code, err = invoke(argv, monkeypatch, capsys)
+        errors = [line for line in err.splitlines() if "cca-pipe: error:" in line]
+        assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+        assert f"the disk holding {disk / 'train.partial'}" in errors[0] and "is full" in errors[0], errors[0]
+        assert not out.exists()
+
+
+def few_class_policy(tmp: Path) -> Path:
+    """A GPT of 1 class (the base has 2)."""
+    from dataclasses import replace
+
+    cfg = replace(GPT_CFG, num_classes=1)
+    save_checkpoint(tmp / "few.pt", GPT(cfg).state_dict(), cfg.to_dict(), kind="llamagen-gpt")
+    return tmp / "few.pt"
+
+
+def damaged_fidelity_cache(world: Path, tmp: Path, how: str) -> Path:
+    """A copy of the features cache an eval of the world wrote (made once), damaged `how`."""
+    from click.testing import CliRunner
+
+    if not (world / "fidelity").is_dir():
+        (world / "eval_run").mkdir()
+        argv, _ = evaluate(world, world / "eval_run", methods="base")
+        argv[argv.index("--fidelity-cache") + 1] = world / "fidelity"
+        result = CliRunner().invoke(cli.main, list(map(str, argv)), catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    shutil.copytree(world / "fidelity", tmp / "fidelity")
+    (cache,) = (tmp / "fidelity").glob("ref-*.npz")
+    if how == "truncate":
+        cache.write_bytes(cache.read_bytes()[:200])
+    else:
+        with np.load(cache) as f:
+            arrays = {k: f[k].copy() for k in f.files}
+        for k, v in arrays.items():
+            if how == "shape":
+                arrays[k] = v[:, :-1]
+            else:
+                v[1, 0] = np.nan
+        with open(cache, "wb") as f:
+            np.savez(f, **arrays)
+    return cache
+
+
+def top_level_image(world: Path, tmp: Path) -> Path:
+    images = tmp / "loose"
+    shutil.copytree(world / "images", images)
+    shutil.copy(images / "a" / "0.png", images / "stray.png")
+    (images / "README.txt").write_text("a data set's readme is not an image: allowed")
+    return images
+
+
+def png_header_only(tmp: Path, width: int, height: int) -> Path:
+    """A class folder set whose `b/wide.png` declares width x height in its header (a few bytes on disk)."""
+    import struct
+    import zlib
+
+    images = tmp / "wide"
+    for c in ("a", "b"):
+        (images / c).mkdir(parents=True)
+        Image.new("L", (16, 16)).save(images / c / "0.png")
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))  # 1-bit grayscale
+    (images / "b" / "wide.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+                                             + chunk(b"IEND", b""))
+    return images
+
+
+NESTED = "deep: " + "[" * 20_000 + "]" * 20_000 + "\n"
+
+ISSUE_29_CASES = [
+    Case("policy of fewer classes than the base", lambda w, t: evaluate(w, t, policy=few_class_policy(t), methods="base,cca"),
+         "has 1 classes but --base"),
+    Case("truncated fidelity cache", lambda w, t: evaluate(w, t, methods="base") if damaged_fidelity_cache(w, t, "truncate") else None,
+         "/fidelity/ref-"),
+    Case("fidelity cache of the wrong shape", lambda w, t: evaluate(w, t, methods="base") if damaged_fidelity_cache(w, t, "shape")
+         else None, "has shape"),
+    Case("NaN in the fidelity cache", lambda w, t: evaluate(w, t, methods="base") if damaged_fidelity_cache(w, t, "nan") else None,
+         "non-finite values"),
+    Case("a YAML list nested 20,000 deep", lambda w, t: ([*with_params(w, t, text=NESTED + (w / "params.yaml").read_text()),
+                                                        "config", "train"], t / "nothing"), "nested too deeply"),
+    Case("--device tpu", lambda w, t: train(w, t, extra=["--device", "tpu"]), "--device tpu"),
+    Case("--device cuda:99", lambda w, t: train(w, t, extra=["--device", "cuda:99"]), "--device cuda:99"),
+    Case("image folder is a file", lambda w, t: tokenize(w, t, t / "tok.zarr", images=file_with(t, "imgs.tar", b"x")),
+         "imgs.tar is a file, not a folder"),
+    Case("400-megapixel image", lambda w, t: tokenize(w, t, t / "tok.zarr", images=png_header_only(t, 20_000, 20_000)),
+         "wide.png is 20000x20000 = 400 megapixels"),
+    Case("an image at the top level of the folder", lambda w, t: tokenize(w, t, t / "tok.zarr", images=top_level_image(w, t)),
+         "stray.png"),
+    Case("unknown top-level section trian:", lambda w, t: (
+        [*with_params(w, t, text=(w / "params.yaml").read_text() + "trian:\n  lambda: 3\n"), "config", "train"], t / "nothing"),
+        "unknown section 'trian' (did you mean 'train'?)"),
+    Case("empty params file", lambda w, t: ([*with_params(w, t, text="# nothing yet\n"), "config", "train"], t / "nothing"),
+         "is empty"),
+    Case("reflogp model vocabulary larger than the store's codebook", lambda w, t: reflogp(w, t, ref=big_vocab_policy(t)),
+         "has a vocabulary of 64"),
+]
+
+
+@pytest.mark.parametrize("case", ISSUE_29_CASES, ids=[c.name for c in ISSUE_29_CASES])
+def test_issue_29_input_is_one_clear_error_and_changes_nothing(case: Case, world: Path, tmp_path: Path, monkeypatch, capsys):
+    test_issue_21_input_is_one_clear_error_and_changes_nothing(case, world, tmp_path, monkeypatch, capsys)
+
+
+def test_device_cuda_without_a_gpu_is_one_line(world: Path, tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    test_hostile_input_is_one_clear_error_and_changes_nothing(
+        Case("", lambda w, t: train(w, t, extra=["--device", "cuda"]), "--device cuda: this machine has no CUDA GPU"),
+        world, tmp_path, monkeypatch, capsys)
+
+
+def test_a_refused_pickle_is_one_line_without_a_protocol_warning(world: Path, tmp_path: Path, monkeypatch, capsys):
+    """torch warned "Detected pickle protocol 4" before our error line (issue 29, smaller)."""
+    import warnings
+
+    obj = torch.load(world / "gpt.pt", weights_only=True)
+    obj["args"] = Payload(tmp_path / "PWNED")
+    torch.save(obj, tmp_path / "p4.pt", pickle_protocol=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        test_hostile_input_is_one_clear_error_and_changes_nothing(
+            Case("", lambda w, t: reflogp(w, t, ref=t / "p4.pt"), "refused to load"), world, tmp_path, monkeypatch, capsys)
+    assert not [str(w.message) for w in caught if "pickle protocol" in str(w.message)]
+
+
+@pytest.mark.parametrize("where", ["a parent", "the name"])
+def test_an_out_name_over_255_bytes_is_one_line(where: str, world: Path, tmp_path: Path, monkeypatch, capsys):
+    """A name of more than 255 bytes anywhere in --out: Errno 36 from Path.exists was a traceback (issue 29, item 8)."""
+    out = tmp_path / ("é" * 150) / "train" if where == "a parent" else tmp_path / ("x" * 300)
+    argv, _ = train(world, tmp_path, out=out)
+    code, err = invoke(argv, monkeypatch, capsys)
+    errors = [line for line in err.splitlines() if line.startswith("cca-pipe: error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert f"is {300} bytes" in errors[0] and "choose a shorter output path" in errors[0], errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def eval_with_default_cache(world: Path, tmp: Path) -> tuple[list, Path]:
+    argv, out = evaluate(world, tmp, methods="base")
+    i = argv.index("--fidelity-cache")
+    return argv[:i] + argv[i + 2 :], out
+
+
+def test_an_empty_home_is_refused_not_a_cache_at_the_root(world: Path, tmp_path: Path, monkeypatch, capsys):
+    """HOME="" put the features cache at /.cache (issue 29, item 10)."""
+    monkeypatch.setenv("HOME", "")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    root_cache = Path("/.cache/cca-pipe")
+    existed = root_cache.exists()
+    test_hostile_input_is_one_clear_error_and_changes_nothing(
+        Case("", lambda w, t: eval_with_default_cache(w, t), "pass --fidelity-cache DIR or set XDG_CACHE_HOME"),
+        world, tmp_path, monkeypatch, capsys)
+    assert root_cache.exists() == existed
+
+
+def test_a_read_only_home_names_the_cache_fix_and_leaves_no_partial(world: Path, tmp_path: Path, monkeypatch, capsys):
+    """A read-only HOME said "choose ... (--out)" and left an empty eval.partial (issue 29, item 10)."""
+    import subprocess
+
+    home = tmp_path / "home"
+    home.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(home)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs a read-only tmpfs mount (root)")
+    try:
+        monkeypatch.setenv("HOME", str(home))
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        test_hostile_input_is_one_clear_error_and_changes_nothing(
+            Case("", lambda w, t: eval_with_default_cache(w, t), "--fidelity-cache DIR, or set XDG_CACHE_HOME"),
+            world, tmp_path, monkeypatch, capsys)
+        assert not (tmp_path / "eval.partial").exists() and not (tmp_path / "eval").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(home)], check=False)
+
+
+# ------------------------------------------------------------------------------------------------ issue 29, item 9: torchrun
+
+
+def torchrun_cca(argv: list, nproc: int, timeout: float = 240, env: dict | None = None, direct: bool = False):
+    """`cca-pipe --params P --nproc-per-node nproc STAGE ...` (`direct`: the torchrun command it runs, without the
+    launcher's own checks) in a process group of its own (killed whole on a timeout), one thread per rank, a
+    60 s process-group timeout: (exit status, stdout + stderr)."""
+    import subprocess
+    import sys
+
+    from stages.launch import LaunchConfig, torchrun_command
+
+    cmd = torchrun_command(LaunchConfig(nproc_per_node=nproc), list(map(str, argv))) if direct else \
+        [str(Path(sys.executable).parent / "cca-pipe"), *map(str, argv[:2]), "--nproc-per-node", str(nproc), *map(str, argv[2:])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60", "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, err = proc.communicate()
+        pytest.fail(f"no end within {timeout} s: {err[-3000:]}")
+    return proc.returncode, out + err
+
+
+@pytest.mark.parametrize("via", ["cca-pipe", "torchrun"])
+def test_micro_batches_three_processes_cannot_share_is_one_line_with_a_working_fix(via: str, world: Path, tmp_path: Path):
+    """2 micro-batches (16 rows of 8) for 3 processes: the error was printed by each rank, then torch's failure
+    summary, and suggested micro_batch_size 5, which batch_size 16 refuses (issue 29, item 9). Now one line:
+    from the launcher before any rank starts (cca-pipe), or from rank 0 (the ranks' own check, under the
+    torchrun command cca-pipe runs)."""
+    import re
+
+    from pipeline.distributed import World
+    from pipeline.parallel import deal_micro_batches
+
+    argv, out = train(world, tmp_path, edit=lambda p: p["train"].update(batch_size=16, micro_batch_size=8))
+    code, text = torchrun_cca(argv, 3, direct=via == "torchrun")
+    errors = [line for line in text.splitlines() if "cca-pipe: error:" in line]
+    assert code == 2 and len(errors) == 1, text[-3000:]
+    noise = [line for line in text.splitlines() if re.search(r"Traceback|ChildFailedError|Root Cause|error|exitcode", line, re.I)
+             and "cca-pipe: error:" not in line]
+    assert not noise, text[-3000:]
+    fix = re.search(r"train\.batch_size to (\d+)", errors[0])
+    assert fix, errors[0]
+    deal_micro_batches(int(fix.group(1)), 8, World(rank=0, size=3))  # the suggestion works
+    assert not out.exists() and not out.with_name("train.partial").exists()
+
+
+def test_micro_batch_advice_is_settings_that_work():
+    """Hand-derived: 12 rows of 4 (3 micro-batches) for 2 processes: micro 3 (4 micro-batches, 2 each); 16 of 8 for
+    4: micro 4; 16 of 8 for 3: no micro_batch_size divides 16 into a multiple of 3 micro-batches: batch 24, or 2
+    processes (which share 2 micro-batches)."""
+    from pipeline.config import JobError
+    from pipeline.parallel import check_micro_batches
+
+    check_micro_batches(16, 8, 2)
+    with pytest.raises(JobError, match=r"set train.micro_batch_size to 3 \(4 micro-batches, 2 per process\)"):
+        check_micro_batches(12, 4, 2)
+    with pytest.raises(JobError, match=r"set train.micro_batch_size to 4 \(4 micro-batches, 1 per process\)"):
+        check_micro_batches(16, 8, 4)
+    with pytest.raises(JobError, match=r"set train.batch_size to 24 \(a multiple of 3 x 8\), or run 2 processes in all"):
+        check_micro_batches(16, 8, 3)
+    with pytest.raises(JobError, match=r"set train.batch_size to 10 \(a multiple of 2 x 5\), or run 1 process in all"):
+        check_micro_batches(5, 5, 2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_during_fsdp_checkpoints_ends_the_job_quietly(world: Path, tmp_path: Path):
+    """SIGTERM to the launcher while 2 FSDP ranks save a resume point every step: the job stops (128 + 15),
+    resumable, with no SignalException traceback from torchrun (issue 29, item 9)."""
+    import signal
+    import subprocess
+
+    argv, out = train(world, tmp_path, edit=lambda p: p["train"].update(save_every=1, epochs=50, strategy="fsdp"))
+    resume = tmp_path / "train.partial" / "checkpoints" / "resume.json"
+    cmd = [str(Path(sys.executable).parent / "cca-pipe"), *map(str, argv[:2]), "--nproc-per-node", "2", *map(str, argv[2:])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None and not resume.is_file():
+            time.sleep(0.01)
+        assert proc.poll() is None, "the job ended before it could be stopped"
+        time.sleep(0.5)  # a few more resume points: the signal lands in the middle of saving one, or close to it
+        os.kill(proc.pid, signal.SIGTERM)
+        text, _ = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
+    assert "Traceback" not in text and "SignalException" not in text and "ChildFailedError" not in text, text[-3000:]
+    assert not out.exists() and resume.is_file()
+
+
+def _rank_pids(pid: int) -> dict[int, int]:
+    """rank -> pid of the processes below `pid` that torchrun started (their RANK), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+    ranks, todo = {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            with contextlib.suppress(OSError):
+                env = dict(e.split("=", 1) for e in Path(f"/proc/{child}/environ").read_text().split("\0") if "=" in e)
+                if "RANK" in env and "LOCAL_RANK" in env:
+                    ranks[int(env["RANK"])] = child
+    return ranks
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_stopped_rank_ends_the_job_in_one_line_after_the_timeout(world: Path, tmp_path: Path):
+    """SIGSTOP of rank 1 mid-training: rank 0 waits CCA_PIPE_DIST_TIMEOUT_S (5 s here) in a collective, then the
+    job ends with one line from rank 0, not gloo's "Timed out" traceback (issue 29, item 9); nothing is left
+    running."""
+    import signal
+    import subprocess
+
+    argv, out = train(world, tmp_path, edit=lambda p: p["train"].update(epochs=2000))
+    cmd = [str(Path(sys.executable).parent / "cca-pipe"), *map(str, argv[:2]), "--nproc-per-node", "2", *map(str, argv[2:])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "5", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    ranks: dict[int, int] = {}
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not (tmp_path / "train.partial").is_dir():
+            time.sleep(0.05)
+        time.sleep(2)  # in the training loop
+        ranks = _rank_pids(proc.pid)
+        assert proc.poll() is None and set(ranks) == {0, 1}, "the job ended before a rank could be stopped"
+        os.kill(ranks[1], signal.SIGSTOP)
+        text, _ = proc.communicate(timeout=150)
+    finally:
+        for pid in ranks.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    errors = [line for line in text.splitlines() if "cca-pipe: error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in text, text[-3000:]
+    assert "rank 0 of the job waited 5 s (CCA_PIPE_DIST_TIMEOUT_S)" in errors[0], errors[0]
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_rank_killed_by_a_signal_is_named_in_one_line(world: Path, tmp_path: Path):
+    """SIGKILL of rank 1 mid-training (the out-of-memory killer): one line naming the rank and the signal, no
+    torchrun summary, no traceback (issue 29, item 9)."""
+    import signal
+    import subprocess
+
+    argv, out = train(world, tmp_path, edit=lambda p: p["train"].update(epochs=2000))
+    cmd = [str(Path(sys.executable).parent / "cca-pipe"), *map(str, argv[:2]), "--nproc-per-node", "2", *map(str, argv[2:])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    ranks: dict[int, int] = {}
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not (tmp_path / "train.partial").is_dir():
+            time.sleep(0.05)
+        time.sleep(2)  # in the training loop
+        ranks = _rank_pids(proc.pid)
+        assert proc.poll() is None and set(ranks) == {0, 1}, "the job ended before a rank could be killed"
+        os.kill(ranks[1], signal.SIGKILL)
+        text, _ = proc.communicate(timeout=120)
+    finally:
+        for pid in ranks.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    errors = [line for line in text.splitlines() if "cca-pipe: error:" in line]
+    assert proc.returncode == 128 + signal.SIGKILL and "Traceback" not in text and "ChildFailedError" not in text, text[-3000:]
+    assert len(errors) == 1 and "rank 1 of the job was killed by SIGKILL" in errors[0], text[-3000:]
+    assert not out.exists()
