@@ -79,11 +79,13 @@ _LLAMAGEN_DATA = {
     "import_codes": {"augment": "tencrop"},
 }
 _VAR_DATA = {"tokenize": {"augment": "randcrop:1"}}  # VAR's loader: resize 288, one random 256 crop, no flip
-# One cache row per image with a seeded view: the scripts' loaders give each visit of an image one random
-# view (ten crops: 10 rows per image would make "1 epoch" 10 epochs of steps). The reference in train mode
-# with the policy's dropout (--keep_dropout) / drop path, one draw per cache row.
-# reflogp.visits (draws per row; default train.epochs) belongs here too once it exists.
-_LLAMAGEN_REFLOGP = {**_ROLL, "views": "one", "dropout": _LLAMAGEN_TRAIN["dropout"], "drop_path": _LLAMAGEN_TRAIN["drop_path"]}
+# Both families' cache: one row per image with a seeded view (the scripts' loaders give each visit of an
+# image one random view; ten crops as 10 rows per image would make "1 epoch" 10 epochs of steps), rolled
+# negatives, and the reference in train mode with the policy's dropout (--keep_dropout) / drop path, one draw
+# per cache row. reflogp.visits (draws per row, = the recipe's train.epochs) is to be set in _llamagen and
+# _var, beside the dropout, once that setting exists.
+_REFLOGP = {**_ROLL, "views": "one"}
+_LLAMAGEN_REFLOGP = {**_REFLOGP, "dropout": _LLAMAGEN_TRAIN["dropout"], "drop_path": _LLAMAGEN_TRAIN["drop_path"]}
 # LLamaGen_sample_ddp.py as CCA's README runs it: temperature 1, top-k 0 and top-p 1.0 (off), constant
 # guidance (cfg-scale 1.0 for CCA: none), 384px samples resized to 256 (--image-size-eval 256)
 _LLAMAGEN_EVAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_schedule": "constant", "resize_to": 256}
@@ -111,7 +113,7 @@ def _var(depth: int) -> dict:
     lam, end, dpr = _VAR[depth]
     dpr = round(dpr, 6)
     return {"model": {"family": "var", "depth": depth}, **_VAR_DATA,
-            "reflogp": {**_ROLL, "views": "one", "dropout": 0.0, "drop_path": dpr},  # as _LLAMAGEN_REFLOGP
+            "reflogp": {**_REFLOGP, "dropout": 0.0, "drop_path": dpr},
             "train": {**_VAR_TRAIN, "lambda": lam, "end_ratio": end, "drop_path": dpr,
                       "weight_decay_end": 0.08 if depth == 30 else 0.05,  # d30: wd annealed 0.05 -> 0.08
                       "micro_batch_size": _VAR_MICRO_BATCH[depth]},
