@@ -193,8 +193,9 @@ def _run_inference(s: dict, vq, gpt, extractor, count: int | None = None) -> Non
     import numpy as np
     import torch
 
+    from pipeline.families import LLAMAGEN
     from pipeline.metrics import extract_features
-    from pipeline.sampling import generate_images, sample
+    from pipeline.sampling import generate_images
     from stages.tokenize import encode_views
 
     gen = torch.Generator().manual_seed(0)
@@ -204,7 +205,7 @@ def _run_inference(s: dict, vq, gpt, extractor, count: int | None = None) -> Non
         encode_views(vq, views, torch.device("cpu"))
     elif s["stage"] == "eval":
         labels = torch.arange(10).repeat(s["samples"])[:count]  # `samples` per class of 10
-        generate_images(sample, gpt, vq, labels, seed=0, batch_size=s["batch_size"], cfg_scale=1.0 if s["guided"] else 0.0)
+        generate_images(LLAMAGEN, gpt, vq, labels, seed=0, batch_size=s["batch_size"], cfg_scale=1.0 if s["guided"] else 0.0)
     else:
         images = np.random.default_rng(0).integers(0, 256, (count or s["batch_size"], s["image_size"], s["image_size"], 3), np.uint8)
         extract_features(extractor, images, batch_size=s["batch_size"])

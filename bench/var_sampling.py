@@ -40,6 +40,7 @@ from bench.common import (  # noqa: E402
     write_results,
 )
 from pipeline.device import autocast  # noqa: E402
+from pipeline.families import VAR as VAR_FAMILY  # noqa: E402
 from pipeline.models.var import VAR, VARModel, var_config  # noqa: E402
 from pipeline.sampling import sample_var  # noqa: E402
 from pipeline.tokenizers.msvq import MSVQConfig, MSVQModel  # noqa: E402
@@ -94,14 +95,15 @@ def main(args) -> dict:
     codes = torch.randint(0, 4096, (batches[0], 680)).to(device)
 
     def decode_run():
-        with autocast(device):
+        with VAR_FAMILY.decode_precision(device):  # as eval decodes: the release's fp16 autocast on CUDA
             vae.decode_codes(codes)
 
     with torch.inference_mode():
         decode = summary(timed(decode_run, 1, warmup=1, device=device))
     results["decode_images_per_s"] = batches[0] / decode["median_s"]
     print(f"VAR sampling on {device} ({'bf16 autocast' if device.type == 'cuda' else 'float32'}), 10 scales / 680 tokens per image, "
-          f"tokens only, median of {repeats} after a warm-up; VQVAE decode alone: {results['decode_images_per_s']:.1f} images/s "
+          f"tokens only, median of {repeats} after a warm-up; VQVAE decode alone "
+          f"({'fp16 autocast, as eval' if device.type == 'cuda' else 'float32'}): {results['decode_images_per_s']:.1f} images/s "
           f"(batch {batches[0]}), the same for every row")
     print(peak_label(device) + "; transformer matmuls as run (the null half counted where computed)")
     print(table(rows, ["model", "sampler", "images/s", "time range s", "MFU", "ratio"]))

@@ -46,10 +46,24 @@ class Family:
     model_kind: ClassVar[str]  # pipeline.checkpoint.KINDS of its generator and its tokenizer
     tokenizer_kind: ClassVar[str]
     model_module: ClassVar[str]  # where its forward is: with pipeline.refcache, the code that computes log-probs
+    # the precision its release decodes sampled codes to pixels in on CUDA (every pixel feeds FID and sFID):
+    # float32 means no autocast; see decode_precision and docs/imagenet.md "What differs from the release"
+    decode_dtype: ClassVar[torch.dtype]
 
     def logp_code(self) -> dict[str, str]:
         """Digest of the code that computes its log-probs (recorded by the cache, checked by train)."""
         return code_digest([self.model_module, "pipeline.refcache"], within=LOGP_CODE)
+
+    def decode_precision(self, device: torch.device):
+        """The context eval decodes codes to pixels in (pipeline.sampling.generate_images, after the sampler's
+        bf16 autocast has closed). On CUDA the release's precision, `decode_dtype` (float32: autocast off, even
+        inside an outer one); elsewhere nothing: float32, as every CPU computation here (pipeline.device), so
+        CPU samples are bitwise what they were."""
+        if device.type != "cuda":
+            return contextlib.nullcontext()
+        if self.decode_dtype == torch.float32:
+            return torch.autocast("cuda", enabled=False)
+        return torch.autocast("cuda", dtype=self.decode_dtype)
 
     def load_tokenizer(self, path: str | os.PathLike, spec: str | None = None):
         raise NotImplementedError
@@ -111,6 +125,7 @@ def _config_hint(spec: str | None, option: str):
 
 class LlamaGenFamily(Family):
     name, model_kind, tokenizer_kind, model_module = "llamagen", "llamagen-gpt", "llamagen-vq", "pipeline.models.llamagen"
+    decode_dtype = torch.float32  # LlamaGen_sample_ddp.py: the VQ model in float32, decode_code outside any autocast
 
     def load_tokenizer(self, path, spec=None):
         with _config_hint(spec, "--vq-model VQ-16 (or a JSON file of VQConfig fields)"):
@@ -146,6 +161,7 @@ class LlamaGenFamily(Family):
 
 class VARFamily(Family):
     name, model_kind, tokenizer_kind, model_module = "var", "var", "var-vqvae", "pipeline.models.var"
+    decode_dtype = torch.float16  # VAR_sample.py: autoregressive_infer_cfg, decode included, under fp16 autocast
     # VAR's train.py (and CCA's VAR_finetune.py) never decay 1-d parameters, biases, or these names
     NO_DECAY = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
                 "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")

@@ -82,9 +82,12 @@ def dpo_loss(
         L = -log sig(beta * (r_pos - r_neg))
 
     It has no lambda (the argument is ignored) and no unconditional-row rule: in a row that is a positive
-    twice the two sequences and labels are the same, so r_pos = r_neg and the row costs ln 2 with no
-    gradient, exactly as in the script. Only the margin is pushed: both likelihoods may fall together,
-    which is DPO's failure here (the positive log-likelihood keeps falling)."""
+    twice the two sequences and labels are the same. Without dropout r_pos = r_neg, so the row costs ln 2
+    with no gradient. With dropout or drop path (the recipes') the policy's two forwards draw different
+    masks, so d = r_pos - r_neg is noise and the row's gradient, -beta sig(-beta d) grad d, is zero only in
+    the mean at first order in beta (the two draws are exchangeable); what is left, about beta^2/8 grad
+    E[d^2], pulls the two draws together. Both as in the script. Only the margin is pushed: both likelihoods
+    may fall together, which is DPO's failure here (the positive log-likelihood keeps falling)."""
     positive_twice, ratio_pos, ratio_neg = _ratios(policy_logp_pos, policy_logp_neg, ref_logp_pos, ref_logp_neg, positive_twice)
     per_row = -F.logsigmoid(beta * (ratio_pos - ratio_neg))
     return _output(per_row, ratio_pos, ratio_neg, policy_logp_pos)

@@ -577,8 +577,8 @@ def eval_plan(models: list[nn.Module], t: ConvTokenizer, image_size: int, batch_
               samples: int, device: str, extractor_elements: int = INCEPTION_V3_ELEMENTS) -> StagePlan:
     """eval: the models sampled (base and policy), the tokenizer and the feature extractor, all whole on
     every rank (stages/eval.py), and three moments that never coexist: sampling a batch (KV caches +
-    logits), decoding it (the VQ decoder at eval.batch_size, counted in float32: an upper bound under CUDA's
-    bf16 autocast, where the group norms still run in float32) and scoring (InceptionV3 at its batch of 256).
+    logits), decoding it (the VQ decoder at eval.batch_size, counted in float32: LlamaGen's decode precision,
+    an upper bound under VAR's fp16 autocast, where the group norms still run in float32; pipeline.families) and scoring (InceptionV3 at its batch of 256).
     `samples`: one unit's images on this rank; generate_images turns each decoded batch to uint8 as it comes
     and keeps the set as one uint8 (N, S, S, 3) array on the host, and precision/recall holds two (10000 x N)
     float32 distance blocks."""

@@ -127,7 +127,7 @@ def sample_uniforms(seed: int, indices: list[int], length: int) -> torch.Tensor:
 
 
 def generate_images(
-    sampler,
+    family,
     model,
     decoder,
     labels: torch.Tensor,
@@ -142,9 +142,10 @@ def generate_images(
     """Sample codes for every label (in batches) and decode them: -> (images uint8 (B, H, W, 3) on the host,
     codes (B, N)). Each decoded batch is resized (`resize_to` > 0: pipeline.images.resize_images) and turned to
     uint8 as it is drawn, into one array: the host never holds the set as floats (4x the bytes).
-    `sampler(model, labels, uniforms=, **kwargs) -> Samples` is the model family's (pipeline.families),
-    `decoder` its tokenizer. `indices`: the samples' indices in the set (default 0..B-1); sample i is drawn
-    from its own stream seeded by (seed, i), so the images are the same however the set is split over batches
+    `family` is the model's (pipeline.families): its `sample(model, labels, uniforms=, **kwargs) -> Samples`
+    draws the codes (under bf16 autocast on CUDA) and `decoder`, its tokenizer, decodes them at the release's
+    precision (`family.decode_precision`). `indices`: the samples' indices in the set (default 0..B-1); sample
+    i is drawn from its own stream seeded by (seed, i), so the images are the same however the set is split over batches
     or processes. `on_batch(n)` is called after each batch with its number of samples (a progress bar's
     update: a 50,000-sample set takes hours)."""
     from .device import autocast
@@ -156,9 +157,9 @@ def generate_images(
         part = labels[start : start + batch_size].to(device)
         uniforms = sample_uniforms(seed, indices[start : start + batch_size], model.cfg.seq_len).to(device)
         with autocast(device):
-            out = sampler(model, part, uniforms=uniforms, **sampler_kwargs)
-            with torch.no_grad():
-                decoded = decoder.decode_codes(out.tokens).float().cpu()
+            out = family.sample(model, part, uniforms=uniforms, **sampler_kwargs)
+        with torch.no_grad(), family.decode_precision(device):
+            decoded = decoder.decode_codes(out.tokens).float().cpu()
         batch = to_uint8(resize_images(decoded, resize_to))
         del decoded  # not alive while the next batch decodes
         if images is None:

@@ -23,8 +23,10 @@ _VALUED = {"--params", "--set", "--preset", "--device", "--nproc-per-node", "--n
 
 
 def _variables(folder: Path, spec: dict) -> dict:
-    """dvc.yaml's `vars` (files of variables, relative to its folder), merged in order."""
-    values: dict = {}
+    """The variables dvc.yaml's ${...} see: its folder's params.yaml, which DVC always loads, then its `vars`
+    (files of variables, relative to its folder), merged in order."""
+    default = folder / "params.yaml"
+    values: dict = dict(yaml.safe_load(default.read_text()) or {}) if default.is_file() else {}
     for entry in spec.get("vars") or []:
         if isinstance(entry, str):
             path = folder / entry.split(":")[0]

@@ -340,7 +340,7 @@ def sample_unit(unit: Unit, models: EvalModels, settings: EvalConfig, work: Path
     counter = SampleCounter(len(labels), world.size, desc=f"{unit.name} seed {unit.seed}")
     try:
         images, _ = generate_images(
-            models.family.sample, models.by_role[unit.model], models.vq, labels[mine], seed=unit.seed,
+            models.family, models.by_role[unit.model], models.vq, labels[mine], seed=unit.seed,
             batch_size=settings.batch_size, indices=mine, on_batch=counter, resize_to=settings.resize_to, cfg_scale=unit.scale,
             lam=unit.lam, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, cfg_schedule=settings.cfg_schedule,
         )

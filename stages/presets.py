@@ -3,8 +3,9 @@
 Values from the paper (Appendix E, Table 4) and the released scripts, written out in
 shared/reference/cca_official.md: LlamaGen_finetune.py (B, L, XL), LlamaGen_finetune_fsdp.py (XXL, 3B),
 VAR_finetune.py with VAR's lr_control.py. A preset is named by the top-level `preset:` of params.yaml or by
-`cca-pipe --preset NAME`; it sets the sections it lists (in params.yaml spelling) and may say which model it
-is meant for (`model`), which the stages check against the checkpoint they load.
+`cca-pipe --preset NAME`; it sets every section the recipe concerns (SECTIONS, in params.yaml spelling: the
+training data's views, the reference cache, train, eval's sampler) and may say which model it is meant for
+(`model`), which the stages check against the checkpoint they load.
 
 Resolution, lowest to highest: the stage config's defaults <- the preset named in params.yaml <- the keys
 written in the params.yaml section <- a `--preset` given on the command line <- `--set` overrides. A preset
@@ -68,8 +69,29 @@ _BASELINES = {"dpo": {"train": {"beta": 0.1}}, "unlearning": {"train": {"lambda"
 # Table 5: one LlamaGen-L policy for every lambda, sampled at the paper's test-time lambdas
 _LAMBDA_CONDITIONED = {"lambda_conditioning": {"min": 1.0, "max": 8103.0},  # [e^0, e^9]
                        "epochs": 3.0}  # 3x the fixed-lambda recipe's 1 epoch
-# the reference in train mode with the policy's dropout (--keep_dropout) / drop path, one draw per cache row
-_LLAMAGEN_REFLOGP = {**_ROLL, "dropout": _LLAMAGEN_TRAIN["dropout"], "drop_path": _LLAMAGEN_TRAIN["drop_path"]}
+# What a recipe sets besides train, per family: the data the released command trains on (tokenize, and the
+# views of codes imported from LlamaGen's extract_codes_c2i.py), the reference cache (reflogp) and eval's
+# sampler as the released sampling scripts run it. Every section a recipe concerns is set here, so `--preset X`
+# resolves the same keys to the same values from any folder (tests/test_recipe.py), whatever its params.yaml.
+_LLAMAGEN_DATA = {
+    # CCA's README: --code-path .../imagenet384_train_code_c2i_flip_ten_crop/ (extract_codes_c2i.py --ten-crop)
+    "tokenize": {"augment": "tencrop"},
+    "import_codes": {"augment": "tencrop"},
+}
+_VAR_DATA = {"tokenize": {"augment": "randcrop:1"}}  # VAR's loader: resize 288, one random 256 crop, no flip
+# Both families' cache: one row per image with a seeded view (the scripts' loaders give each visit of an
+# image one random view; ten crops as 10 rows per image would make "1 epoch" 10 epochs of steps), rolled
+# negatives, and the reference in train mode with the policy's dropout (--keep_dropout) / drop path, one draw
+# per cache row. reflogp.visits (draws per row, = the recipe's train.epochs) is to be set in _llamagen and
+# _var, beside the dropout, once that setting exists.
+_REFLOGP = {**_ROLL, "views": "one"}
+_LLAMAGEN_REFLOGP = {**_REFLOGP, "dropout": _LLAMAGEN_TRAIN["dropout"], "drop_path": _LLAMAGEN_TRAIN["drop_path"]}
+# LLamaGen_sample_ddp.py as CCA's README runs it: temperature 1, top-k 0 and top-p 1.0 (off), constant
+# guidance (cfg-scale 1.0 for CCA: none), 384px samples resized to 256 (--image-size-eval 256)
+_LLAMAGEN_EVAL = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_schedule": "constant", "resize_to": 256}
+# VAR_sample.py: top-k 900, top-p 0.96, guidance rising linearly over the scales (cfg 0 for CCA: none), no
+# temperature, 256px samples kept
+_VAR_EVAL = {"temperature": 1.0, "top_k": 900, "top_p": 0.96, "cfg_schedule": "linear", "resize_to": 0}
 
 
 def _llamagen_model(size: str) -> dict:
@@ -78,29 +100,36 @@ def _llamagen_model(size: str) -> dict:
     return {"family": "llamagen", "gpt_model": f"GPT-{size}", "block_size": 576}
 
 
-def _llamagen_train(size: str, values: dict) -> dict:
-    return {**_LLAMAGEN_TRAIN, **({"strategy": "fsdp"} if size in _LLAMAGEN_FSDP else {}), **values}
+def _llamagen(size: str, train: dict, eval_: dict | None = None, per_loss: dict | None = None) -> dict:
+    """A LlamaGen recipe: every section it sets."""
+    fsdp = {"strategy": "fsdp"} if size in _LLAMAGEN_FSDP else {}
+    return {"model": _llamagen_model(size), **_LLAMAGEN_DATA, "reflogp": _LLAMAGEN_REFLOGP,
+            "train": {**_LLAMAGEN_TRAIN, **fsdp, **train}, "eval": {**_LLAMAGEN_EVAL, **(eval_ or {})},
+            **({"per_loss": per_loss} if per_loss else {})}
+
+
+def _var(depth: int) -> dict:
+    """A VAR recipe (VAR_finetune.py at this depth): every section it sets."""
+    lam, end, dpr = _VAR[depth]
+    dpr = round(dpr, 6)
+    return {"model": {"family": "var", "depth": depth}, **_VAR_DATA,
+            "reflogp": {**_REFLOGP, "dropout": 0.0, "drop_path": dpr},
+            "train": {**_VAR_TRAIN, "lambda": lam, "end_ratio": end, "drop_path": dpr,
+                      "weight_decay_end": 0.08 if depth == 30 else 0.05,  # d30: wd annealed 0.05 -> 0.08
+                      "micro_batch_size": _VAR_MICRO_BATCH[depth]},
+            "eval": _VAR_EVAL, "per_loss": _BASELINES}
 
 
 PRESETS: dict[str, dict] = {
-    **{f"llamagen-{size}": {"model": _llamagen_model(size), "reflogp": _LLAMAGEN_REFLOGP,
-                            "train": _llamagen_train(size, {"lambda": lam}), "per_loss": _BASELINES}
-       for size, lam in _LLAMAGEN_LAMBDA.items()},
-    "llamagen-L-lambda": {"model": _llamagen_model("L"), "reflogp": _LLAMAGEN_REFLOGP,
-                          "train": _llamagen_train("L", {"lambda": 300.0, **_LAMBDA_CONDITIONED}),
-                          "eval": {"lambdas": [10.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0]}},
+    **{f"llamagen-{size}": _llamagen(size, {"lambda": lam}, per_loss=_BASELINES) for size, lam in _LLAMAGEN_LAMBDA.items()},
+    "llamagen-L-lambda": _llamagen("L", {"lambda": 300.0, **_LAMBDA_CONDITIONED},
+                                   {"lambdas": [10.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0]}),
     # CCA+CFG (Table 4): trained with the unconditional rows, sampled with guidance; lambda 1
-    **{f"llamagen-{size}-cca-cfg": {"model": _llamagen_model(size), "reflogp": _LLAMAGEN_REFLOGP,
-                                    "train": _llamagen_train(size, {"lambda": 1.0, "beta": beta})}
-       for size, beta in _LLAMAGEN_CCA_CFG_BETA.items()},
-    **{f"var-d{depth}": {"model": {"family": "var", "depth": depth},
-                         "reflogp": {**_ROLL, "dropout": 0.0, "drop_path": round(dpr, 6)},
-                         "train": {**_VAR_TRAIN, "lambda": lam, "end_ratio": end, "drop_path": round(dpr, 6),
-                                   "weight_decay_end": 0.08 if depth == 30 else 0.05,  # d30: wd annealed 0.05 -> 0.08
-                                   "micro_batch_size": _VAR_MICRO_BATCH[depth]},
-                         "per_loss": _BASELINES}
-       for depth, (lam, end, dpr) in _VAR.items()},
+    **{f"llamagen-{size}-cca-cfg": _llamagen(size, {"lambda": 1.0, "beta": beta}) for size, beta in _LLAMAGEN_CCA_CFG_BETA.items()},
+    **{f"var-d{depth}": _var(depth) for depth in _VAR},
 }
+# The params.yaml sections a preset may set (besides `model` and `per_loss`, which are not sections).
+SECTIONS = ("tokenize", "import_codes", "reflogp", "train", "eval")
 
 
 def preset(name: str) -> dict:

@@ -25,8 +25,9 @@ from pipeline.models.var import VAR as VARNet
 from pipeline.models.var import VARConfig, VARModel
 from pipeline.refcache import draw_pairs, reference_logps
 from pipeline.tokenizers.msvq import MSVQConfig, MSVQModel
-from stages.cli import main
-from stages.presets import PRESETS
+from stages.cli import STAGES, main
+from stages.dvcstage import stage_options
+from stages.presets import PRESETS, SECTIONS
 from stages.train import TrainConfig
 
 CPU = torch.device("cpu")
@@ -265,6 +266,100 @@ def test_lambda_conditioned_recipe():
     train = _train_section("imagenet-llamagen", "config", "train", "--preset", "llamagen-L-lambda")
     assert train["lambda_conditioning"] == {"min": 1.0, "max": 8103.0} and train["epochs"] == 3
     assert train["lr"] == 1e-5 and train["dropout"] == 0.1 and train["batch_size"] == 256
+
+
+FOLDERS = [REPO, *sorted(p.parent for p in (REPO / "pipelines").glob("*/dvc.yaml"))]
+COMMAND = {section: command for command, (_, _, section) in STAGES.items()}  # params section -> cca-pipe stage
+
+
+def _stage_sets(folder: Path, command: str) -> set[str]:
+    """`section.key`s the folder's dvc.yaml stage for `command` sets with its own --set: over any preset, as
+    every --set is (`cca-pipe config` there shows what `dvc repro` runs)."""
+    found = stage_options(folder, command)
+    options = found[1] if found else []
+    return {value.split("=", 1)[0] for flag, value in zip(options, options[1:]) if flag == "--set"}
+
+
+def test_every_preset_sets_every_section_it_concerns():
+    """The training data's views, the reference cache, train and eval's sampler: a preset that left one to the
+    folder's params.yaml would mean another recipe in another folder (the root's `views: all`: 10 cache rows
+    per ten-crop image, 10x the release's steps for "1 epoch")."""
+    for name, recipe in PRESETS.items():
+        assert set(recipe) - {"model", "per_loss"} <= set(SECTIONS), name
+        assert recipe["reflogp"]["views"] == "one" and recipe["reflogp"]["negatives"] == "roll", name
+        assert {"augment"} <= set(recipe["tokenize"]), name
+        assert {"temperature", "top_k", "top_p", "cfg_schedule", "resize_to"} <= set(recipe["eval"]), name
+        if recipe["model"]["family"] == "llamagen":
+            assert recipe["tokenize"]["augment"] == recipe["import_codes"]["augment"] == "tencrop", name
+            assert (recipe["eval"]["top_k"], recipe["eval"]["top_p"], recipe["eval"]["resize_to"]) == (0, 1.0, 256), name
+        else:
+            assert recipe["tokenize"]["augment"] == "randcrop:1" and "import_codes" not in recipe, name
+            assert (recipe["eval"]["top_k"], recipe["eval"]["top_p"], recipe["eval"]["cfg_schedule"]) == (900, 0.96, "linear")
+
+
+def test_a_preset_resolves_the_same_in_every_folder(monkeypatch):
+    """`cca-pipe config <stage> --preset X`, in process, from the repository root and from each pipeline
+    folder: every key the preset sets resolves to the preset's value, whatever the folder's params.yaml writes
+    (the root's `reflogp.views: all`, `tokenize.augment: shift1`, `eval.cfg_schedule`, ...). Only a key the
+    folder's dvc.yaml stage sets on its own command line is over it (pipelines/paper's CCA+CFG train stage
+    sets train.lambda, its dropout-reference stage reflogp.dropout), listed here so none is added unseen."""
+    import stages.params
+
+    # YAML parsing is pure and three quarters of each command's time: parse each file once (copies handed out)
+    for module, name in ((yaml, "safe_load"), (stages.params, "parse_yaml")):
+        monkeypatch.setattr(module, name, _memoised(getattr(module, name)))
+    over_preset = set()
+    runner = CliRunner()
+    for folder in FOLDERS:
+        monkeypatch.chdir(folder)
+        for name, recipe in PRESETS.items():
+            for section in SECTIONS:
+                if section not in recipe:
+                    continue
+                result = runner.invoke(main, ["config", COMMAND[section], "--preset", name])
+                assert result.exit_code == 0, f"{folder}: {name} {section}: {result.output}{result.exception!r}"
+                resolved = yaml.safe_load(result.output)[section]
+                stage_sets = _stage_sets(folder, COMMAND[section])
+                for key, value in recipe[section].items():
+                    if f"{section}.{key}" in stage_sets:
+                        over_preset.add((folder.name, f"{section}.{key}"))
+                    else:
+                        assert resolved[key] == value, (folder.name, name, section, key)
+    assert over_preset == {("paper", "train.lambda"), ("paper", "reflogp.dropout")}
+
+
+def _memoised(parse):
+    seen: dict = {}
+
+    def parsed(text, *args):
+        key = (text if isinstance(text, str) else text.read(), *args)
+        if key not in seen:
+            seen[key] = parse(*key)
+        return copy.deepcopy(seen[key])
+
+    return parsed
+
+
+def test_shipped_pipelines_leave_their_presets_keys_to_the_preset():
+    """One source of truth: a shipped params.yaml does not write again a value its preset sets, and each dvc
+    stage whose section the preset sets depends on `preset` (so changing it reruns the stage)."""
+    for folder in FOLDERS:
+        params = yaml.safe_load((folder / "params.yaml").read_text()) or {}
+        if not params.get("preset"):
+            continue
+        recipe = PRESETS[params["preset"]]
+        repeated = [f"{section}.{key}" for section in SECTIONS for key, value in recipe.get(section, {}).items()
+                    if (params.get(section) or {}).get(key, object()) == value]
+        assert not repeated, f"{folder.name}/params.yaml repeats its preset's {repeated}"
+        stages = yaml.safe_load((folder / "dvc.yaml").read_text())["stages"]
+        for name, stage in stages.items():
+            if STAGES[_command_of(stage["cmd"])][2] in recipe:
+                assert "preset" in stage.get("params", []), f"{folder.name}/dvc.yaml stage {name} lacks params: preset"
+
+
+def _command_of(cmd: str) -> str:
+    """The cca-pipe subcommand of a dvc.yaml stage's command line."""
+    return next(a for a in cmd.split()[1:] if a in STAGES)
 
 
 # ------------------------------------------------------------------------------- negatives
