@@ -13,12 +13,21 @@ docs/safety.md ("What is and is not detected") states what these tests measure.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from PIL import Image
 from worlds import invoke
+
+from pipeline.formats import FormatError, RefCacheParts, read_cache_provenance, read_ref_cache, write_ref_cache
+from pipeline.refcache import CHECK_ROWS, draw_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -75,24 +84,140 @@ def test_dvc_yaml_variables_read_numbers_as_params_do(tmp_path):
 # ------------------------------------------------------------------------------------- 2. the reference cache
 
 
+PROV = {"tokens_fingerprint": "f" * 64, "ref_ckpt_sha256": "c" * 64, "seed": 0, "num_classes": 10, "null_class": 10,
+        "seq_len": 4}
 
 
+def _cache_columns(n: int = 1438) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    pairs = draw_pairs(rng.integers(0, 10, n).astype(np.int32), 1, 10, seed=0)
+    return {**pairs, "ref_logp_pos": rng.normal(-300, 5, n), "ref_logp_neg": rng.normal(-310, 5, n),
+            "ref_logp_null": rng.normal(-305, 5, n)}
 
 
+def _edited_copy(path: Path, out: Path, edit) -> Path:
+    """The cache with `edit(columns)` applied in place, its metadata (provenance and digest) kept: what an
+    edit of the file after `reflogp` wrote it looks like."""
+    table = pq.read_table(path)
+    columns = {k: table.column(k).to_numpy().copy() for k in table.column_names}
+    edit(columns)
+    pq.write_table(pa.Table.from_pydict(columns, schema=table.schema), out)
+    return out
 
 
+def _swap_pos_neg(row: int):
+    def edit(c):
+        c["ref_logp_pos"][row], c["ref_logp_neg"][row] = c["ref_logp_neg"][row], c["ref_logp_pos"][row]
+    return edit
 
 
+@pytest.mark.parametrize("row", [5, 700, 1437])
+def test_a_cache_edited_in_one_row_is_refused_on_read(row, tmp_path):
+    """The issue's case: ref_logp_pos and ref_logp_neg swapped in one row of a 1,438-row cache. Every check
+    but the digest passes it (finite, labels in range, rows complete)."""
+    write_ref_cache(tmp_path / "c.parquet", _cache_columns(), PROV)
+    read_ref_cache(tmp_path / "c.parquet")  # as written: accepted
+    bad = _edited_copy(tmp_path / "c.parquet", tmp_path / "bad.parquet", _swap_pos_neg(row))
+    with pytest.raises(FormatError) as e:
+        read_ref_cache(bad)
+    message = str(e.value)
+    assert "bad.parquet" in message and "ref_logp_pos, ref_logp_neg" in message and "cca-pipe reflogp" in message
+    assert "ref_logp_null" not in message and "\n" not in message
 
 
+def test_the_digest_is_of_the_values_in_row_order_and_a_merged_cache_has_the_whole_ones(tmp_path):
+    """content_sha256[column] = sha256 of the column's little-endian bytes (derived here with hashlib, not
+    the code's helper); a cache merged from parts records the digest of all its rows, not of part 0's."""
+    from pipeline.formats import CONTENT_KEY
+
+    columns = _cache_columns()
+    expected = {name: hashlib.sha256(np.asarray(columns[name]).astype(dtype).tobytes()).hexdigest() for name, dtype in (
+        ("row", "<i8"), ("label", "<i4"), ("neg_label", "<i4"), ("view", "<i2"),
+        ("ref_logp_pos", "<f8"), ("ref_logp_neg", "<f8"), ("ref_logp_null", "<f8"))}
+    write_ref_cache(tmp_path / "one.parquet", columns, PROV)
+    assert read_cache_provenance(tmp_path / "one.parquet")[CONTENT_KEY] == expected
+    parts = RefCacheParts(tmp_path / "merged.parquet", 1438, 500, PROV, tmp_path / "merged.parquet.partial")
+    for k in parts.pending():
+        start, stop = parts.part_range(k)
+        parts.write_part(k, {name: v[start:stop] for name, v in columns.items()})
+    _edited_copy(parts.part_path(1), parts.part_path(1), _swap_pos_neg(3))  # a part damaged before the merge
+    assert parts.pending() == [1]
+    parts.write_part(1, {name: v[500:1000] for name, v in columns.items()})
+    parts.merge()
+    assert pq.ParquetFile(tmp_path / "merged.parquet").metadata.num_row_groups == 3
+    assert read_cache_provenance(tmp_path / "merged.parquet")[CONTENT_KEY] == expected
+    read_ref_cache(tmp_path / "merged.parquet")
+    with pytest.raises(FormatError, match="ref_logp_null"):  # a row in the last part
+        read_ref_cache(_edited_copy(tmp_path / "merged.parquet", tmp_path / "bad.parquet",
+                                    lambda c: c["ref_logp_null"].__setitem__(1400, c["ref_logp_null"][1400] + 1.0)))
 
 
+def test_a_cache_written_before_the_digest_is_accepted_with_a_note(tmp_path, caplog):
+    """Refusing would throw away the GPU-hours of every older cache: it is read, with one warning line."""
+    from pipeline.formats import CONTENT_KEY
+
+    write_ref_cache(tmp_path / "c.parquet", _cache_columns(), PROV)
+    table = pq.read_table(tmp_path / "c.parquet")
+    meta = {k: v for k, v in table.schema.metadata.items() if k != CONTENT_KEY.encode()}
+    pq.write_table(table.replace_schema_metadata(meta), tmp_path / "old.parquet")
+    with caplog.at_level(logging.WARNING):
+        columns, provenance = read_ref_cache(tmp_path / "old.parquet")
+    assert CONTENT_KEY not in provenance and np.array_equal(columns["ref_logp_pos"], _cache_columns()["ref_logp_pos"])
+    notes = [r.getMessage() for r in caplog.records if "no content digest" in r.getMessage()]
+    assert len(notes) == 1 and "old.parquet" in notes[0] and "\n" not in notes[0]
 
 
+def test_step0_rows_cover_the_whole_cache_one_per_span():
+    from pipeline.alignment import step0_rows
+
+    n = 1438
+    rows = step0_rows(n, seed=0)
+    assert len(rows) == CHECK_ROWS == 64
+    spans = np.floor(np.arange(65) * n / 64).astype(int)  # span k = [spans[k], spans[k+1])
+    assert all(spans[k] <= r < spans[k + 1] for k, r in enumerate(rows))
+    assert np.array_equal(rows, step0_rows(n, seed=0)) and not np.array_equal(rows, step0_rows(n, seed=1))
+    assert step0_rows(10, seed=0).tolist() == list(range(10))  # a cache smaller than the sample: every row
 
 
+class _ChunkedTokens(np.ndarray):
+    """A token array that says it is stored in chunks of `chunk_rows` rows, as a TokenStore does."""
+
+    chunk_rows = 50
 
 
+def test_the_step0_check_sees_damage_where_the_first_batch_does_not_reach(tiny_gpt, tmp_path):
+    """600 cache rows in 12 store chunks of 50, shuffle_buffer_chunks 2: the epoch order's first 64 rows come
+    from 2 chunks. Swapping pos/neg over a chunk they do not visit (values rewritten with a valid digest:
+    a cache computed wrong, or written by a tool that recomputed the digest) passed the step-0 check on
+    ad9fd3b; it samples every 1/64th of the cache now, so it stops train naming the column."""
+    from pipeline.alignment import AlignmentRun
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.distributed import World
+    from pipeline.families import LLAMAGEN
+    from pipeline.models.llamagen import load_gpt
+    from pipeline.refcache import CacheMismatch, ReferenceNoise, reference_logps
+    from stages.train import TrainConfig
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, size=(600, 1, 16), dtype=np.uint16).view(_ChunkedTokens)
+    pairs = draw_pairs(rng.integers(0, 5, size=600).astype(np.int32), 1, 5, seed=1)
+    save_checkpoint(tmp_path / "ref.pt", tiny_gpt.state_dict(), tiny_gpt.cfg.to_dict(), kind="llamagen-gpt")
+    cache = {**pairs, **reference_logps(load_gpt(tmp_path / "ref.pt"), np.asarray(tokens), pairs, batch_size=100, device=CPU)}
+    cfg = TrainConfig(batch_size=8, micro_batch_size=8, shuffle_buffer_chunks=2, uncond_ratio=0.0).align_config()
+
+    def run() -> AlignmentRun:
+        return AlignmentRun(load_gpt(tmp_path / "ref.pt"), tokens, cache, cfg, CPU, World(), LLAMAGEN.param_groups)
+
+    run().check_cache(ReferenceNoise(), "cache.parquet")  # the clean cache passes
+    first_batch_chunks = set(run().order[:CHECK_ROWS] // 50)
+    assert len(first_batch_chunks) <= 2
+    damaged = max(set(range(12)) - first_batch_chunks)
+    span = slice(50 * damaged, 50 * damaged + 50)
+    cache["ref_logp_pos"][span], cache["ref_logp_neg"][span] = cache["ref_logp_neg"][span].copy(), cache["ref_logp_pos"][span].copy()
+    with pytest.raises(CacheMismatch, match=r"cache\.parquet: column ref_logp_pos .* at its cache rows ") as e:
+        run().check_cache(ReferenceNoise(), "cache.parquet")
+    named = [int(r) for r in str(e.value).split("cache rows ")[1].split(" (")[0].split(", ")]
+    assert named and all(span.start <= r < span.stop for r in named), named
 
 
 # ------------------------------------------------------------------------------------- 3. tokenize's stat key
@@ -122,12 +247,59 @@ def test_dvc_yaml_variables_read_numbers_as_params_do(tmp_path):
 # ------------------------------------------------------------------------------------- the issue's cases end to end
 
 
+def _gpt_cfg():
+    from pipeline.models.llamagen import GPTConfig
+
+    return GPTConfig(dim=32, n_layer=1, n_head=2, vocab_size=32, num_classes=2, block_size=16, multiple_of=16)
 
 
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """Images (2 classes x 4, equal-size PNGs), a VQ, a GPT, a token store, a cache and params.yaml, all tiny."""
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.models.llamagen import GPT
+    from pipeline.tokenizers.vq import VQConfig, VQModel
+    from stages import cli
+
+    root = tmp_path_factory.mktemp("integrity")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / "images" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "images" / c / f"{i}.png")
+    torch.manual_seed(0)
+    vq_cfg = VQConfig(codebook_size=32, codebook_embed_dim=4, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16,
+                      norm_groups=8, codebook_used_size=32)
+    save_checkpoint(root / "vq.pt", VQModel(vq_cfg).state_dict(), vq_cfg.to_dict(), kind="llamagen-vq")
+    save_checkpoint(root / "gpt.pt", GPT(_gpt_cfg()).state_dict(), _gpt_cfg().to_dict(), kind="llamagen-gpt")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["tokenize"].update(image_size=16, augment="flip", batch_size=4, chunk_rows=4)
+    params["reflogp"].update(views="all", batch_size=4, part_rows=8)
+    params["train"].update(epochs=1, batch_size=4, micro_batch_size=2, save_every=0)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for args in (["tokenize", "--images", root / "images", "--vq", root / "vq.pt", "--out", root / "tokens.zarr"],
+                 ["reflogp", "--tokens", root / "tokens.zarr", "--ref", root / "gpt.pt", "--out", root / "cache.parquet"]):
+        result = __import__("click.testing").testing.CliRunner().invoke(
+            cli.main, ["--params", str(root / "params.yaml"), *map(str, args)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    return root
 
 
+def _train_argv(world: Path, cache: Path, out: Path) -> list:
+    return ["--params", world / "params.yaml", "train", "--tokens", world / "tokens.zarr", "--cache", cache,
+            "--init", world / "gpt.pt", "--out", out]
 
 
+def test_train_refuses_a_cache_with_one_row_swapped(world, tmp_path, monkeypatch, capsys):
+    """The issue's repro through the command line: pos/neg swapped in cache row 5 of 16; exit 2, one line
+    naming the cache, no train output."""
+    bad = _edited_copy(world / "cache.parquet", tmp_path / "bad.parquet", _swap_pos_neg(5))
+    code, err = invoke(_train_argv(world, bad, tmp_path / "train"), monkeypatch, capsys)
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1 and "bad.parquet" in lines[0] and "ref_logp_pos, ref_logp_neg" in lines[0], err
+    assert not (tmp_path / "train").exists() and not (tmp_path / "train.partial").exists()
+    code, err = invoke(_train_argv(world, world / "cache.parquet", tmp_path / "train"), monkeypatch, capsys)
+    assert code == 0, err
 
 
 
