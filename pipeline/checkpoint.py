@@ -19,7 +19,6 @@ Nothing is ever unpickled beyond tensors and plain containers.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import zipfile
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .outputs import atomic_file
+from .outputs import atomic_file, file_sha256  # noqa: F401 (file_sha256: imported from here by stages)
 
 _WRAPPER_KEYS = ("model", "module", "state_dict", "ema")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -36,14 +35,6 @@ _DROPPED_KEYS = ("freqs_cis",)
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the fix."""
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _first_line(error: BaseException) -> str:

@@ -14,7 +14,9 @@ docs/safety.md ("What is and is not detected") states what these tests measure.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ from PIL import Image
 from worlds import invoke
 
 from pipeline.formats import FormatError, RefCacheParts, read_cache_provenance, read_ref_cache, write_ref_cache
+from pipeline.outputs import MARKER, OutputError, StageDir, read_json
 from pipeline.refcache import CHECK_ROWS, draw_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,6 +230,16 @@ def test_the_step0_check_sees_damage_where_the_first_batch_does_not_reach(tiny_g
 
 
 
+def _cp_p(source: Path, target: Path) -> None:
+    """`cp source tmp; touch -r target tmp; cp -p tmp target`: target's inode, size and mtime, source's bytes."""
+    st = target.stat()
+    data = source.read_bytes()
+    assert len(data) == st.st_size
+    with open(target, "r+b") as f:
+        f.write(data)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = target.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 
@@ -236,12 +249,55 @@ def test_the_step0_check_sees_damage_where_the_first_batch_does_not_reach(tiny_g
 # ------------------------------------------------------------------------------------- 4. files listed as ours
 
 
+def _commit(out: Path, files: dict[str, bytes]) -> None:
+    with StageDir(out, "train", key="k") as claim:
+        work = claim.open_partial()
+        for name, data in files.items():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            (work / name).write_bytes(data)
+        claim.commit()
 
 
+def test_our_file_overwritten_by_the_user_is_refused_not_replaced(tmp_path):
+    """The user's bytes in policy.pt (same size and mtime as ours, as `cp -p` leaves them): the next commit
+    stops before moving anything, naming the file; the user's bytes stay."""
+    out = tmp_path / "train"
+    _commit(out, {"policy.pt": b"ours-1", "log.csv": b"a"})
+    (tmp_path / "mine.pt").write_bytes(b"theirs")
+    _cp_p(tmp_path / "mine.pt", out / "policy.pt")
+    with pytest.raises(OutputError) as e:
+        _commit(out, {"policy.pt": b"ours-2", "log.csv": b"b"})
+    assert str(e.value).startswith(f"{out / 'policy.pt'} was written by cca-pipe but its bytes have changed since")
+    assert "move it away and rerun" in str(e.value) and "\n" not in str(e.value)
+    assert (out / "policy.pt").read_bytes() == b"theirs" and (out / "log.csv").read_bytes() == b"a"
 
 
+def test_our_file_changed_by_the_user_is_kept_when_a_run_no_longer_writes_it(tmp_path):
+    out = tmp_path / "train"
+    _commit(out, {"policy.pt": b"v1", "checkpoints/0000010.pt": b"c10", "checkpoints/0000020.pt": b"c20"})
+    (out / "checkpoints" / "0000010.pt").write_bytes(b"my fine-tune")  # changed: the user's now
+    copy = (out / "checkpoints" / "0000020.pt").read_bytes()  # copied back (new inode, same bytes): still ours
+    (out / "checkpoints" / "0000020.pt").unlink()
+    (out / "checkpoints" / "0000020.pt").write_bytes(copy)
+    _commit(out, {"policy.pt": b"v2"})
+    assert (out / "checkpoints" / "0000010.pt").read_bytes() == b"my fine-tune"
+    assert not (out / "checkpoints" / "0000020.pt").exists() and (out / "policy.pt").read_bytes() == b"v2"
+    marker = read_json(out / MARKER)
+    assert marker["files"] == ["policy.pt"] and list(marker["written"]) == ["policy.pt"]
+    assert marker["written"]["policy.pt"][4] == hashlib.sha256(b"v2").hexdigest()
+    with pytest.raises(OutputError, match="0000010.pt is not cca-pipe's own"):  # no longer ours: as any user file
+        _commit(out, {"policy.pt": b"v3", "checkpoints/0000010.pt": b"c10"})
 
 
+def test_a_marker_of_the_earlier_format_still_owns_its_files(tmp_path):
+    """No recorded bytes (a directory written before this change): listed files stay ours, as before."""
+    out = tmp_path / "train"
+    _commit(out, {"policy.pt": b"v1", "old.pt": b"o"})
+    marker = read_json(out / MARKER)
+    (out / MARKER).write_text(json.dumps({k: v for k, v in marker.items() if k != "written"}))
+    (out / "old.pt").write_bytes(b"changed, but nothing says so")
+    _commit(out, {"policy.pt": b"v2"})
+    assert not (out / "old.pt").exists() and (out / "policy.pt").read_bytes() == b"v2"
 
 
 # ------------------------------------------------------------------------------------- the issue's cases end to end
@@ -302,5 +358,15 @@ def test_train_refuses_a_cache_with_one_row_swapped(world, tmp_path, monkeypatch
     assert code == 0, err
 
 
+def test_train_keeps_a_policy_the_user_put_in_place_of_ours(world, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "train"
+    assert invoke(_train_argv(world, world / "cache.parquet", out), monkeypatch, capsys)[0] == 0
+    theirs = b"x" * (out / "policy.pt").stat().st_size
+    (tmp_path / "theirs.pt").write_bytes(theirs)
+    _cp_p(tmp_path / "theirs.pt", out / "policy.pt")
+    code, err = invoke(_train_argv(world, world / "cache.parquet", out), monkeypatch, capsys)
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1 and "policy.pt was written by cca-pipe but its bytes have changed" in lines[0], err
+    assert (out / "policy.pt").read_bytes() == theirs
 
 
