@@ -15,10 +15,13 @@ Token store (stage `tokenize`; code in pipeline/tokenstore.py), a Zarr v3 group,
              fingerprint (sha256 of the shapes/dtypes header + tokens bytes + labels bytes, computed chunk by
              chunk when the store is finished; present only once it is complete)
     inputs/<k>.json  the input record of chunk k: {"digest": sha256 of its [[path, sha256], ...],
-             "files": [[path relative to the image folder, size, mtime_ns, sha256 of the file's bytes], ...]}
-             one entry per row. tokenize re-checks an unchanged tree with one stat() per image (size and
-             mtime_ns equal to the record: its digest is reused, DVC's rule), hashes only images whose stat
-             changed, and is "up to date" only if build_key and inputs_digest both match.
+             "files": [[path relative to the image folder, size, mtime_ns, sha256 of the file's bytes, ctime_ns,
+             inode (signed 64-bit)], ...]} one entry per row (entries written before ctime and inode were kept
+             have the first four only). tokenize re-checks an unchanged tree with one stat() per image (size,
+             mtime_ns, ctime_ns and inode equal to the record: its digest is reused; DVC's rule, plus ctime and
+             inode, which a rewrite keeping size and mtime moves), hashes only images whose stat changed (or all,
+             with --rehash), records the new stat of those whose bytes had not changed, and is "up to date"
+             only if build_key and inputs_digest both match.
 Chunked along N (chunk_rows rows; labels chunked alike), codecs: Blosc zstd + bitshuffle, then crc32c (a
 checksum zarr verifies on every read); every chunk is written (a missing chunk file is damage). While being
 written, `progress.json` lists finished chunks and the digest of each one's inputs ({"done_chunks": [k, ...],

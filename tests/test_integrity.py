@@ -226,8 +226,22 @@ def test_the_step0_check_sees_damage_where_the_first_batch_does_not_reach(tiny_g
 # ------------------------------------------------------------------------------------- 3. tokenize's stat key
 
 
+def _tree(root: Path, n: int = 6) -> tuple[list[Path], list[str]]:
+    (root / "a").mkdir(parents=True)
+    paths = []
+    for i in range(n):
+        (root / "a" / f"{i}.bin").write_bytes(bytes([i]) * 1000)
+        paths.append(root / "a" / f"{i}.bin")
+    return paths, [p.relative_to(root).as_posix() for p in paths]
 
 
+def _record(store: Path, inputs: list, chunk_rows: int = 4) -> None:
+    from pipeline.outputs import write_json
+    from pipeline.tokenstore import INPUTS_DIR, chunk_inputs_digest
+
+    for k, start in enumerate(range(0, len(inputs), chunk_rows)):
+        files = inputs[start : start + chunk_rows]
+        write_json(store / INPUTS_DIR / f"{k}.json", {"digest": chunk_inputs_digest(files), "files": [list(f) for f in files]})
 
 
 def _cp_p(source: Path, target: Path) -> None:
@@ -242,8 +256,46 @@ def _cp_p(source: Path, target: Path) -> None:
     assert (after.st_ino, after.st_size, after.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def test_a_rewrite_keeping_size_and_mtime_is_hashed_again(tmp_path, monkeypatch):
+    """On ad9fd3b the record's size + mtime_ns matched and the old digest was reused; the ctime moved."""
+    import pipeline.tokenstore as ts
+    from pipeline.images import content_digest
+
+    paths, names = _tree(tmp_path / "images")
+    first = ts.known_inputs(paths, names, {})
+    assert first == [None] * 6  # not in a record: hashed by the encoder's loader
+    inputs = [ts.input_file(name, ts.read_image_file(p)[1], content_digest(p.read_bytes())) for p, name in zip(paths, names)]
+    _record(tmp_path / "store", inputs)
+    record = ts.read_input_record(tmp_path / "store")
+    reads = []
+    real = ts.read_image_file
+    monkeypatch.setattr(ts, "read_image_file", lambda p: reads.append(Path(p).name) or real(p))
+    assert ts.known_inputs(paths, names, record) == inputs and reads == []  # unchanged: stat() only
+    _cp_p(paths[5], paths[1])
+    now = ts.known_inputs(paths, names, record)
+    assert reads == ["1.bin"] and now[1][3] == content_digest(bytes([5]) * 1000) != inputs[1][3]
+    assert now[:1] + now[2:] == inputs[:1] + inputs[2:]
+    reads.clear()
+    assert ts.known_inputs(paths, names, record, rehash=True)[2:] == inputs[2:] and len(reads) == 6  # --rehash
 
 
+def test_an_earlier_record_is_hashed_once_then_known_from_stat_again(tmp_path, monkeypatch):
+    """A record without ctime and inode (written before them) matches no stat: each image is hashed once,
+    refresh_input_record stores the full keys (same digests), and the next run reads nothing."""
+    import pipeline.tokenstore as ts
+    from pipeline.images import content_digest
+
+    paths, names = _tree(tmp_path / "images")
+    inputs = [ts.input_file(name, ts.read_image_file(p)[1], content_digest(p.read_bytes())) for p, name in zip(paths, names)]
+    _record(tmp_path / "store", [f[:4] for f in inputs])  # the earlier format: path, size, mtime_ns, sha256
+    before = {f: json.loads(f.read_text())["digest"] for f in (tmp_path / "store" / "inputs").glob("*.json")}
+    again = ts.known_inputs(paths, names, ts.read_input_record(tmp_path / "store"))
+    assert again == inputs
+    assert ts.refresh_input_record(tmp_path / "store", again, 4) == 6
+    assert {f: json.loads(f.read_text())["digest"] for f in before} == before  # what the chunks were encoded from
+    monkeypatch.setattr(ts, "read_image_file", lambda p: pytest.fail(f"{p} was read"))
+    assert ts.known_inputs(paths, names, ts.read_input_record(tmp_path / "store")) == inputs
+    assert ts.refresh_input_record(tmp_path / "store", inputs, 4) == 0  # nothing to rewrite: nothing written
 
 
 # ------------------------------------------------------------------------------------- 4. files listed as ours
@@ -370,3 +422,36 @@ def test_train_keeps_a_policy_the_user_put_in_place_of_ours(world, tmp_path, mon
     assert (out / "policy.pt").read_bytes() == theirs
 
 
+def test_tokenize_sees_a_cp_p_rewrite_and_rehash_rereads_everything(world, tmp_path, monkeypatch, capsys, caplog):
+    """`cp other.png tmp; touch -r a.png tmp; cp -p tmp a.png`: the store is rebuilt equal to a fresh one's
+    (ad9fd3b: "up to date"); a plain rerun then reads no image; --rehash reads every image."""
+    import shutil
+
+    import pipeline.tokenstore as ts
+
+    images = tmp_path / "images"
+    shutil.copytree(world / "images", images)
+    target, source = images / "a" / "1.png", images / "b" / "2.png"
+    assert target.stat().st_size == source.stat().st_size  # random 16x16 PNGs: equal sizes
+    argv = ["--params", world / "params.yaml", "tokenize", "--images", images, "--vq", world / "vq.pt", "--out", tmp_path / "t.zarr"]
+    assert invoke(argv, monkeypatch, capsys)[0] == 0
+    _cp_p(source, target)
+    with caplog.at_level(logging.INFO):
+        assert invoke(argv, monkeypatch, capsys)[0] == 0
+    assert "up to date" not in caplog.text and "the images of 1 finished chunks changed" in caplog.text
+    fresh = ["--params", world / "params.yaml", "tokenize", "--images", images, "--vq", world / "vq.pt", "--out", tmp_path / "f.zarr"]
+    assert invoke(fresh, monkeypatch, capsys)[0] == 0
+
+    def fingerprint(store: Path) -> str:
+        return json.loads((store / "zarr.json").read_text())["attributes"]["fingerprint"]
+
+    assert fingerprint(tmp_path / "t.zarr") == fingerprint(tmp_path / "f.zarr") != fingerprint(world / "tokens.zarr")
+    reads = []
+    real = ts.read_image_file
+    monkeypatch.setattr(ts, "read_image_file", lambda p: reads.append(p) or real(p))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert invoke(argv, monkeypatch, capsys)[0] == 0
+    assert "is up to date" in caplog.text and reads == []
+    assert invoke([*argv, "--rehash"], monkeypatch, capsys)[0] == 0
+    assert len(reads) == 8 and fingerprint(tmp_path / "t.zarr") == fingerprint(tmp_path / "f.zarr")
