@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import parse_args, table, write_results  # noqa: E402
 from pipeline.images import content_digest, read_image_file  # noqa: E402
 from pipeline.outputs import write_json  # noqa: E402
-from pipeline.tokenstore import INPUTS_DIR, chunk_inputs_digest, known_inputs, read_input_record  # noqa: E402
+from pipeline.tokenstore import INPUTS_DIR, chunk_inputs_digest, input_file, known_inputs, read_input_record  # noqa: E402
 
 FILE_BYTES = 110_000  # ImageNet train JPEGs: about 110 KB on average
 IMAGENET_FILES = 1_281_167
@@ -52,8 +52,8 @@ def make_tree(root: Path, files: int) -> tuple[list[Path], list[str]]:
 def hash_all(paths: list[Path], names: list[str]) -> list[tuple]:
     inputs = []
     for path, name in zip(paths, names):
-        data, size, mtime_ns = read_image_file(path)
-        inputs.append((name, size, mtime_ns, content_digest(data)))
+        data, key = read_image_file(path)
+        inputs.append(input_file(name, key, content_digest(data)))
     return inputs
 
 

@@ -235,7 +235,7 @@ def train_policy(
     the same whatever the micro-batch size, process count or strategy, so a run is reproducible on CPU.
     `cache_noise`: the cache's reference dropout (its provenance); given, the first step is preceded by
     the step-0 check (pipeline.refcache.check_cache_rows: the policy, still the reference, must reproduce
-    the cache's columns on the first CHECK_ROWS rows of the epoch order with the cache's masks), except on
+    the cache's columns on CHECK_ROWS rows spread over the whole cache, step0_rows, with the cache's masks), except on
     resume, where the policy is no longer the reference. Every `checkpoint_every`
     steps the main process gets `on_checkpoint(step, full policy state dict)` and every process saves the
     resumable `train_state` (policy, optimizer moments, step, data-order RNG; pipeline.resume.TrainState);
@@ -266,6 +266,20 @@ def train_policy(
         bar.close()
     policy.eval()
     return policy
+
+
+STEP0_STREAM = 0x5EED0  # the step-0 check's own random stream: drawing its rows leaves the data order as it was
+
+
+def step0_rows(num_rows: int, seed: int, count: int = CHECK_ROWS) -> np.ndarray:
+    """The cache rows the step-0 check scores: one drawn (seeded) in each of `count` equal spans of the
+    cache, so damage to any span of num_rows / count consecutive rows is seen wherever it lies (the first
+    rows of the epoch order come from a few chunks: damage elsewhere went unseen). Single rows are the
+    content digest's to catch (pipeline.formats.verify_cache_content)."""
+    count = min(count, num_rows)
+    edges = np.linspace(0, num_rows, count + 1).astype(np.int64)  # spans of >= 1 row
+    offsets = np.random.default_rng([seed, STEP0_STREAM]).random(count) * (edges[1:] - edges[:-1])
+    return edges[:-1] + offsets.astype(np.int64)
 
 
 @dataclass
@@ -345,7 +359,7 @@ class AlignmentRun:
         """The step-0 check: the policy, still the reference, reproduces the cache (pipeline.refcache)."""
         cfg = self.cfg
         with noise_rates(self.policy, cache_noise.dropout, cache_noise.drop_path, "reflogp"):
-            check_cache_rows(self.model, self.policy, self.tokens, self.cache, self.order[: min(CHECK_ROWS, len(self.cache["row"]))],
+            check_cache_rows(self.model, self.policy, self.tokens, self.cache, step0_rows(len(self.cache["row"]), cfg.seed),
                              cache_noise, cfg.micro_batch_size, self.device, self.world, cache_name)
         self.policy.train()
 

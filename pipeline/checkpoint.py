@@ -20,7 +20,6 @@ Nothing is ever unpickled beyond tensors and plain containers.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import pickle
 import warnings
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .outputs import atomic_file
+from .outputs import atomic_file, file_sha256  # noqa: F401 (file_sha256: imported from here by stages)
 
 _WRAPPER_KEYS = ("model", "module", "state_dict", "ema")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -48,14 +47,6 @@ def _quiet_pickle_protocol():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
         yield
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _first_line(error: BaseException) -> str:

@@ -15,10 +15,13 @@ Token store (stage `tokenize`; code in pipeline/tokenstore.py), a Zarr v3 group,
              fingerprint (sha256 of the shapes/dtypes header + tokens bytes + labels bytes, computed chunk by
              chunk when the store is finished; present only once it is complete)
     inputs/<k>.json  the input record of chunk k: {"digest": sha256 of its [[path, sha256], ...],
-             "files": [[path relative to the image folder, size, mtime_ns, sha256 of the file's bytes], ...]}
-             one entry per row. tokenize re-checks an unchanged tree with one stat() per image (size and
-             mtime_ns equal to the record: its digest is reused, DVC's rule), hashes only images whose stat
-             changed, and is "up to date" only if build_key and inputs_digest both match.
+             "files": [[path relative to the image folder, size, mtime_ns, sha256 of the file's bytes, ctime_ns,
+             inode (signed 64-bit)], ...]} one entry per row (entries written before ctime and inode were kept
+             have the first four only). tokenize re-checks an unchanged tree with one stat() per image (size,
+             mtime_ns, ctime_ns and inode equal to the record: its digest is reused; DVC's rule, plus ctime and
+             inode, which a rewrite keeping size and mtime moves), hashes only images whose stat changed (or all,
+             with --rehash), records the new stat of those whose bytes had not changed, and is "up to date"
+             only if build_key and inputs_digest both match.
 Chunked along N (chunk_rows rows; labels chunked alike), codecs: Blosc zstd + bitshuffle, then crc32c (a
 checksum zarr verifies on every read); every chunk is written (a missing chunk file is damage). While being
 written, `progress.json` lists finished chunks and the digest of each one's inputs ({"done_chunks": [k, ...],
@@ -41,7 +44,10 @@ Reference log-prob cache (stage `reflogp`), a Parquet file, e.g. `data/reflogp/r
              sha256} of the code that computes log-probs: editing it makes the cache stale), settings,
              dropout and drop_path (the reference's rates; 0: eval mode; absent in older caches: 0), mask_rule
              ("eval", or how the train-mode masks were drawn: one draw per cache row keyed by (seed, row,
-             pos|neg|null), pipeline.models.layers.noise_keys; independent of batch_size, parts and processes)
+             pos|neg|null), pipeline.models.layers.noise_keys; independent of batch_size, parts and processes),
+             content_sha256 ({column: sha256 of its values in row order, as little-endian bytes of the schema's
+             type}, of the whole file, written with it; verified on every whole read, so any change to the values
+             after they were written is refused; absent in caches written before it existed: accepted with a note)
 
 Sample batch (stage `eval`, read by `score` and `report`), the ADM evaluator's `.npz`, e.g.
 `data/eval/samples/cca_seed0.npz`:
@@ -56,7 +62,9 @@ every entry 1980-01-01, so the same samples give the same bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import zipfile
@@ -67,6 +75,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .outputs import Claim, atomic_file
+
+log = logging.getLogger(__name__)
 
 TOKENS_FORMAT = "cca-pipe/tokens"
 TOKENS_FORMAT_VERSION = 2
@@ -94,15 +104,39 @@ CACHE_SCHEMA = pa.schema(
 LOGP_COLUMNS = ("ref_logp_pos", "ref_logp_neg", "ref_logp_null")
 _CACHE_META = ("tokens_fingerprint", "ref_ckpt_sha256", "seed", "num_classes", "null_class", "seq_len")
 REBUILD_CACHE = "rebuild it with `cca-pipe reflogp` (or `dvc repro reflogp`)"
+CONTENT_KEY = "content_sha256"  # provenance key: the digest of each column's values, written with the cache
+
+
+class ColumnDigests:
+    """sha256 of each cache column's values in row order, as little-endian bytes of its schema type: what
+    a cache's CONTENT_KEY records. Fed part by part (update), it gives the digest of the concatenation."""
+
+    def __init__(self):
+        self.hashes = {f.name: hashlib.sha256() for f in CACHE_SCHEMA}
+
+    def update(self, columns: dict[str, np.ndarray]) -> ColumnDigests:
+        for f in CACHE_SCHEMA:
+            dtype = np.dtype(f.type.to_pandas_dtype()).newbyteorder("<")
+            self.hashes[f.name].update(np.ascontiguousarray(np.asarray(columns[f.name]), dtype=dtype).tobytes())
+        return self
+
+    def hexdigests(self) -> dict[str, str]:
+        return {name: h.hexdigest() for name, h in self.hashes.items()}
+
+
+def _with_meta(schema: pa.Schema, meta: dict) -> pa.Schema:
+    return schema.with_metadata({k.encode(): json.dumps(v).encode() for k, v in meta.items()})
 
 
 def _cache_table(columns: dict[str, np.ndarray], provenance: dict) -> pa.Table:
     missing = [k for k in _CACHE_META if k not in provenance]
     if missing:
         raise ValueError(f"cache provenance missing: {missing}")
-    meta = {**provenance, "format": CACHE_FORMAT, "format_version": CACHE_FORMAT_VERSION}
-    schema = CACHE_SCHEMA.with_metadata({k.encode(): json.dumps(v).encode() for k, v in meta.items()})
-    return pa.Table.from_pydict({f.name: np.asarray(columns[f.name]) for f in CACHE_SCHEMA}, schema=schema)
+    columns = {f.name: np.asarray(columns[f.name]) for f in CACHE_SCHEMA}
+    # the digest is always of these columns (a provenance read from another cache may carry that one's)
+    meta = {**{k: v for k, v in provenance.items() if k != CONTENT_KEY}, "format": CACHE_FORMAT,
+            "format_version": CACHE_FORMAT_VERSION, CONTENT_KEY: ColumnDigests().update(columns).hexdigests()}
+    return pa.Table.from_pydict(columns, schema=_with_meta(CACHE_SCHEMA, meta))
 
 
 def write_ref_cache(path: str | os.PathLike, columns: dict[str, np.ndarray], provenance: dict) -> None:
@@ -132,7 +166,7 @@ def claim_ref_cache(path: str | os.PathLike) -> Claim:
 class RefCacheParts:
     """Resumable computation of a cache: rows are computed in parts of `part_rows`, each written atomically
     to `<dir>/part-<k>.parquet` with the provenance (`dir`: the Claim's `.partial` directory); a rerun keeps
-    the parts whose provenance matches and computes the rest; `merge()` writes the single cache file and
+    the parts whose provenance matches and whose values match their digest, and computes the rest; `merge()` writes the single cache file and
     removes the parts."""
 
     def __init__(self, path: str | os.PathLike, num_rows: int, part_rows: int, provenance: dict, parts_dir: Path,
@@ -161,7 +195,11 @@ class RefCacheParts:
             if p.is_file():
                 try:
                     meta = read_cache_provenance(p)
-                    rows = pq.ParquetFile(p).metadata.num_rows
+                    table = pq.read_table(p)
+                    rows = table.num_rows
+                    if CONTENT_KEY in meta and ColumnDigests().update(
+                            {name: table.column(name).to_numpy() for name in table.column_names}).hexdigests() != meta[CONTENT_KEY]:
+                        rows = -1  # its values are not those written: the merged cache's digest would vouch for them
                 except Exception:  # a damaged part is recomputed
                     meta, rows = {}, -1
                 if all(meta.get(key) == value for key, value in self.provenance.items()) and \
@@ -173,8 +211,15 @@ class RefCacheParts:
         write_ref_cache(self.part_path(k), columns, self.provenance)
 
     def merge(self) -> None:
-        """One file, each part a Parquet row group (so a range of rows is read without the rest)."""
+        """One file, each part a Parquet row group (so a range of rows is read without the rest), with the
+        content digest of all its rows (a first pass over the parts: they are small next to the tokens)."""
+        digests = ColumnDigests()
+        for k in range(self.num_parts):
+            table = pq.read_table(self.part_path(k))
+            digests.update({name: table.column(name).to_numpy() for name in table.column_names})
         schema = pq.read_schema(self.part_path(0))
+        meta = {k.decode(): json.loads(v) for k, v in (schema.metadata or {}).items()}
+        schema = _with_meta(schema, {**meta, CONTENT_KEY: digests.hexdigests()})
         with atomic_file(self.path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for k in range(self.num_parts):
                 writer.write_table(pq.read_table(self.part_path(k)))
@@ -224,7 +269,25 @@ def read_ref_cache(path: str | os.PathLike, expect: dict | None = None, store=No
                           f"schema ({', '.join(f'{f.name}: {f.type}' for f in CACHE_SCHEMA)}); {REBUILD_CACHE}")
     columns = {name: table.column(name).to_numpy() for name in table.column_names}
     validate_ref_cache(path, columns, meta, store, complete=rows is None)
+    if rows is None:
+        verify_cache_content(path, columns, meta)
     return columns, meta
+
+
+def verify_cache_content(path: Path, columns: dict[str, np.ndarray], meta: dict) -> None:
+    """Refuse a cache whose values are not the ones written with it (its CONTENT_KEY): a cell edited, rows
+    swapped, a column replaced. A cache written before the digest existed is accepted with a note."""
+    recorded = meta.get(CONTENT_KEY)
+    if recorded is None:
+        log.warning("%s has no content digest (written before cca-pipe recorded one): its values cannot be checked "
+                    "against what was written; %s to add one", path, REBUILD_CACHE)
+        return
+    now = ColumnDigests().update(columns).hexdigests()
+    changed = [name for name in now if not isinstance(recorded, dict) or recorded.get(name) != now[name]]
+    if changed:
+        raise FormatError(f"{path}: the values of column(s) {', '.join(changed)} are not those written with the cache "
+                          f"(its {CONTENT_KEY} differs): it was edited or damaged after `cca-pipe reflogp` wrote it; "
+                          f"{REBUILD_CACHE}")
 
 
 def _read_rows(parquet: pq.ParquetFile, start: int, stop: int) -> pa.Table:

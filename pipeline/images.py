@@ -81,14 +81,25 @@ def _resolves(link: Path) -> bool:
     return True
 
 
-def read_image_file(path: str | os.PathLike) -> tuple[bytes, int, int]:
-    """(bytes, size, mtime_ns) of an image file, from one open: the content key of tokenize hashes these
-    bytes, the decoder reads them, so a first run reads each image once. An unreadable file (permissions,
-    an I/O error) is an ImageFolderError saying so: it is not corrupt."""
+StatKey = tuple[int, int, int, int]  # (size, mtime_ns, ctime_ns, inode): what tokenize's stat shortcut compares
+
+
+def stat_key(st: os.stat_result) -> StatKey:
+    """A file's stat key. Size and mtime alone miss a rewrite that keeps both (`cp -p`, `touch -r`); the
+    ctime moves on every write and no one can set it, and a replaced file has another inode. The inode
+    as a signed 64-bit number (one to one), so that it fits a tensor."""
+    ino = st.st_ino - (1 << 64) if st.st_ino >= 1 << 63 else st.st_ino
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, ino
+
+
+def read_image_file(path: str | os.PathLike) -> tuple[bytes, StatKey]:
+    """(bytes, stat key) of an image file, from one open (the key from fstat: that of the bytes read): the
+    content key of tokenize hashes these bytes, the decoder reads them, so a first run reads each image
+    once. An unreadable file (permissions, an I/O error) is an ImageFolderError saying so: it is not corrupt."""
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
-            return f.read(), st.st_size, st.st_mtime_ns
+            return f.read(), stat_key(st)
     except OSError as e:
         raise ImageFolderError(f"cannot read image {path} ({type(e).__name__}: {e.strerror or e}): it is unreadable, "
                                "not corrupt; check its permissions (or the disk) and rerun") from e
@@ -284,8 +295,8 @@ def content_digest(data: bytes) -> str:
 
 
 class ImageViews(torch.utils.data.Dataset):
-    """(views uint8 (A, size, size, 3), row index, size, mtime_ns, content digest) per image file; for a
-    DataLoader in tokenize. The digest is of the bytes that were decoded (one read per image)."""
+    """(views uint8 (A, size, size, 3), row index, stat key (4,) int64, content digest) per image file; for
+    a DataLoader in tokenize. The digest is of the bytes that were decoded (one read per image)."""
 
     def __init__(self, paths: list[Path], size: int, mode: str, rows: list[int] | None = None,
                  max_pixels: int = MAX_IMAGE_PIXELS):
@@ -295,8 +306,9 @@ class ImageViews(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int, int, str]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor, str]:
         row = self.rows[i]
-        data, size, mtime_ns = read_image_file(self.paths[row])
+        data, key = read_image_file(self.paths[row])
         views = image_views(open_rgb(self.paths[row], self.max_pixels, data=data), self.size, self.mode, row)
-        return torch.from_numpy(np.array(views)), row, size, mtime_ns, content_digest(data)  # a writable copy
+        # a writable copy of the views
+        return torch.from_numpy(np.array(views)), row, torch.tensor(key, dtype=torch.int64), content_digest(data)

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -64,6 +66,14 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_json(path: str | os.PathLike) -> dict | None:
@@ -261,7 +271,9 @@ class StageDir(Claim):
     files (relative paths) and directories this stage wrote, so a later commit replaces and removes only
     those; anything else a user keeps there, at any depth (`checkpoints/notes.txt`), is left alone, and a
     directory of ours is removed only once it is empty. A user's file where this run would write one of
-    ours is an OutputError naming it, raised before anything is moved.
+    ours is an OutputError naming it, raised before anything is moved. The marker also records what each
+    file of ours held ("written": size, mtime, ctime, inode, sha256): one whose bytes changed since is the
+    user's (_changed_since_written), kept like any file of theirs, and refused where this run writes one.
 
     A kill in the middle of `commit` leaves every file whole (each is renamed into place), some of them
     from the new run and some from the old one; the target's marker then claims both sets and the
@@ -306,10 +318,13 @@ class StageDir(Claim):
 
     def commit(self) -> None:
         """Move every file of the partial directory into the target; remove our files of an earlier run
-        that this run did not write; record the new set in the marker."""
+        that this run did not write; record the new set in the marker. A file of ours whose bytes changed
+        since we wrote it is the user's now: kept (no longer listed), or refused where this run writes."""
         files, dirs = _tree(self.partial)
         old_files, old_dirs = _owned_tree(self.target)
-        _check_commit(self.target, files, dirs, set(old_files), set(old_dirs))
+        changed = _changed_since_written(self.target, old_files)
+        old_files = [f for f in old_files if f not in changed]
+        _check_commit(self.target, files, dirs, set(old_files), set(old_dirs), changed)
         plan = {"files": files, "dirs": dirs, "old_files": old_files, "old_dirs": old_dirs}
         marker = {"stage": self.stage, "key": self.key, "partial": True, "committing": plan}
         write_json(self.partial / MARKER, marker)  # from here on, a killed commit is rolled forward
@@ -345,8 +360,9 @@ class StageDir(Claim):
                 pass
             except OSError:
                 kept.append(name)
+        written = {name: record for name in files if (record := _written_record(self.target / name)) is not None}
         write_json(self.target / MARKER, {"stage": self.stage, "key": marker["key"], "files": files,
-                                          "dirs": sorted({*dirs, *kept})})
+                                          "dirs": sorted({*dirs, *kept}), "written": written})
         remove_path(self.partial)
         self.committed = True
 
@@ -382,12 +398,49 @@ def _owned_tree(target: Path) -> tuple[list[str], list[str]]:
     return files, dirs
 
 
-def _check_commit(target: Path, files: list[str], dirs: list[str], old_files: set[str], old_dirs: set[str]) -> None:
-    """Refuse, before anything is moved, to put a file or directory of ours where a user's thing is."""
+def _written_record(path: Path) -> list | None:
+    """What the marker records of a regular file we wrote: [size, mtime_ns, ctime_ns, inode, sha256]."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, file_sha256(path)]
+
+
+def _changed_since_written(target: Path, names: list[str]) -> set[str]:
+    """The files of ours (`names`, from the target's marker) whose bytes are no longer what we wrote: the
+    user's now. A file whose stat is as recorded is unchanged without a read (a write, even one that keeps
+    size and mtime, moves the ctime, which no one can set); any other is hashed (a copy or a DVC checkout
+    of our bytes is still ours). A marker of the earlier format records no bytes: its files stay ours."""
+    written = (stage_marker(target) or {}).get("written")
+    if not isinstance(written, dict):
+        return set()
+    changed = set()
+    for name in names:
+        record, path = written.get(name), target / name
+        if not (isinstance(record, list) and len(record) == 5) or not (path.exists() or path.is_symlink()):
+            continue  # not recorded (a link of ours), or gone: nothing of anyone's to keep
+        try:
+            st = os.lstat(path)
+            same = stat.S_ISREG(st.st_mode) and ([st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino] == record[:4] or (
+                st.st_size == record[0] and file_sha256(path) == record[4]))
+        except OSError:
+            same = False  # unreadable: not provably ours
+        if not same:
+            changed.add(name)
+    return changed
+
+
+def _check_commit(target: Path, files: list[str], dirs: list[str], old_files: set[str], old_dirs: set[str],
+                  changed: set[str] = frozenset()) -> None:
+    """Refuse, before anything is moved, to put a file or directory of ours where a user's thing is (`changed`:
+    files we wrote whose bytes the user has since replaced)."""
     for name in dirs:
         dest = target / name
         if (dest.is_symlink() or (dest.exists() and not dest.is_dir())) and name not in old_files:
-            _refuse(dest, "a directory")
+            _refuse(dest, "a directory", name in changed)
     for name in files:
         dest = target / name
         if dest.is_dir() and not dest.is_symlink():
@@ -395,11 +448,13 @@ def _check_commit(target: Path, files: list[str], dirs: list[str], old_files: se
             if name in old_dirs and all(f"{name}/{f}" in old_files for f in inner_files) \
                     and all(f"{name}/{d}" in old_dirs for d in inner_dirs):
                 continue
-            _refuse(dest, "a file")
+            _refuse(dest, "a file", any(f"{name}/{f}" in changed for f in inner_files))
         elif (dest.exists() or dest.is_symlink()) and name not in old_files:
-            _refuse(dest, "a file")
+            _refuse(dest, "a file", name in changed)
 
 
-def _refuse(dest: Path, kind: str) -> None:
-    raise OutputError(f"{dest} is not cca-pipe's own (it is {_describe(dest)}) but this run writes {kind} there: "
+def _refuse(dest: Path, kind: str, changed: bool = False) -> None:
+    what = ("was written by cca-pipe but its bytes have changed since, so it is yours now" if changed else
+            f"is not cca-pipe's own (it is {_describe(dest)})")
+    raise OutputError(f"{dest} {what} but this run writes {kind} there: "
                       "move it away and rerun (the finished run waits in the .partial directory beside it)")

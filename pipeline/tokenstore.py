@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .formats import TOKENS_FORMAT, TOKENS_FORMAT_VERSION, FormatError
-from .images import content_digest, read_image_file
+from .images import StatKey, content_digest, read_image_file, stat_key
 from .outputs import Claim, read_json, write_json, write_text
 from .progress import progress
 
@@ -303,7 +303,14 @@ def verify_token_store(path: str | os.PathLike) -> list[str]:
 # ----------------------------------------------------------------------------------------- the input record
 
 INPUTS_DIR = "inputs"  # <store>/inputs/<chunk>.json: the input record of each chunk (pipeline/formats.py)
-InputFile = tuple[str, int, int, str]  # (path relative to the image folder, size, mtime_ns, sha256 of the bytes)
+# (path relative to the image folder, size, mtime_ns, sha256 of the bytes, ctime_ns, inode): the record of
+# one image (input_file); records written before ctime and inode were kept hold the first four only
+InputFile = tuple[str, int, int, str, int, int]
+
+
+def input_file(name: str, key: StatKey, digest: str) -> InputFile:
+    size, mtime_ns, ctime_ns, ino = key
+    return name, size, mtime_ns, digest, ctime_ns, ino
 
 
 def chunk_inputs_digest(files: list[InputFile]) -> str:
@@ -316,21 +323,25 @@ def inputs_digest(chunk_digests: list[str]) -> str:
     return hashlib.sha256(json.dumps(chunk_digests).encode()).hexdigest()
 
 
-def read_input_record(store: str | os.PathLike) -> dict[str, tuple[int, int, str]]:
-    """relative path -> (size, mtime_ns, digest), from a store's input record (empty if it has none);
-    an unreadable or malformed entry is skipped (its image is then hashed again)."""
-    record: dict[str, tuple[int, int, str]] = {}
+def read_input_record(store: str | os.PathLike) -> dict[str, tuple[tuple, str]]:
+    """relative path -> (stat key, digest), from a store's input record (empty if it has none); an
+    unreadable or malformed entry is skipped (its image is then hashed again). An entry of the earlier
+    format (no ctime, no inode) has None in their places: it matches no file's key, so it is hashed once."""
+    record: dict[str, tuple[tuple, str]] = {}
     for file in sorted((Path(store) / INPUTS_DIR).glob("*.json")):
         for entry in (read_json(file) or {}).get("files", []):
-            if isinstance(entry, list) and len(entry) == 4 and isinstance(entry[3], str):
+            if isinstance(entry, list) and len(entry) in (4, 6) and isinstance(entry[3], str):
                 with contextlib.suppress(TypeError, ValueError):
-                    record[str(entry[0])] = (int(entry[1]), int(entry[2]), entry[3])
+                    rest = (int(entry[4]), int(entry[5])) if len(entry) == 6 else (None, None)
+                    record[str(entry[0])] = ((int(entry[1]), int(entry[2]), *rest), entry[3])
     return record
 
 
-def known_inputs(paths: list[Path], names: list[str], record: dict[str, tuple[int, int, str]]) -> list[InputFile | None]:
-    """Each image's input record as far as it can be known before encoding, DVC's way: an image whose size
-    and mtime_ns match the record keeps its digest (one stat, no read); one whose stat changed is hashed now;
+def known_inputs(paths: list[Path], names: list[str], record: dict[str, tuple[tuple, str]],
+                 rehash: bool = False) -> list[InputFile | None]:
+    """Each image's input record as far as it can be known before encoding, DVC's way but stricter: an
+    image whose stat key (size, mtime_ns, ctime_ns, inode: pipeline.images.stat_key) matches the record
+    keeps its digest (one stat, no read); one whose key changed, or every one with `rehash`, is hashed now;
     one the record does not hold is None (hashed from the bytes the encoder's loader reads). `names`: the
     paths relative to the image folder, the record's keys."""
     out: list[InputFile | None] = []
@@ -343,12 +354,35 @@ def known_inputs(paths: list[Path], names: list[str], record: dict[str, tuple[in
             st = os.stat(path)
         except OSError:
             st = None  # read_image_file names the problem
-        if st is not None and (st.st_size, st.st_mtime_ns) == known[:2]:
-            out.append((rel, *known))
+        if not rehash and st is not None and stat_key(st) == known[0]:
+            out.append(input_file(rel, known[0], known[1]))
         else:
-            data, size, mtime_ns = read_image_file(path)
-            out.append((rel, size, mtime_ns, content_digest(data)))
+            data, key = read_image_file(path)
+            out.append(input_file(rel, key, content_digest(data)))
     return out
+
+
+def refresh_input_record(store: str | os.PathLike, inputs: list[InputFile | None], chunk_rows: int) -> int:
+    """Rewrite, in a store's input record, the stat keys of images whose bytes are as recorded but whose
+    stat changed (touched, copied, the tree moved to another disk, a record of the earlier format), so
+    that the next run knows them from stat() again instead of hashing them on every run. Only a chunk
+    whose every path and digest equals `inputs` is touched; its digest stays the same. Returns how many
+    images' entries were rewritten."""
+    rewritten = 0
+    for file in sorted((Path(store) / INPUTS_DIR).glob("*.json")):
+        saved = read_json(file) or {}
+        files = saved.get("files")
+        if not file.stem.isdigit() or not isinstance(files, list):
+            continue
+        now = inputs[int(file.stem) * chunk_rows : (int(file.stem) + 1) * chunk_rows]
+        if len(now) != len(files) or any(f is None for f in now) or \
+                any(not isinstance(e, list) or len(e) < 4 or [e[0], e[3]] != [f[0], f[3]] for e, f in zip(files, now)):
+            continue
+        fresh = [list(f) for f in now]
+        if fresh != files:
+            rewritten += sum(e != f for e, f in zip(files, fresh))
+            write_json(file, {**saved, "files": fresh})
+    return rewritten
 
 
 def reopen_for_update(store: Path, partial: Path) -> None:

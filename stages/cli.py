@@ -246,13 +246,16 @@ def pretrain_classifier(ctx, train_dir, test_dir, out):
               help="the tokenizer: LlamaGen's VQ or VAR's VQVAE (told apart by its keys)")
 @click.option("--vq-model", default=None, help="VQ config for upstream files: a name (VQ-16) or a JSON file")
 @click.option("--out", default="data/tokens/train.zarr", type=OutPath, show_default=True)
+@click.option("--rehash", is_flag=True,
+              help="hash every image again instead of trusting an unchanged stat (size, mtime, ctime, inode): after "
+                   "edits that keep all four, e.g. on a file system that does not keep ctime (docs/safety.md)")
 @click.pass_context
-def tokenize(ctx, images, vq_path, vq_model, out):
+def tokenize(ctx, images, vq_path, vq_model, out, rehash):
     """Images -> frozen VQ tokenizer -> Zarr token store (resumable)."""
     from . import tokenize as stage
 
     cfg, world = _setup(ctx, "tokenize")
-    stage.run(cfg, images, vq_path, out, world.device, vq_model)
+    stage.run(cfg, images, vq_path, out, world.device, vq_model, rehash)
 
 
 @main.command("import-codes")

@@ -18,6 +18,8 @@ import yaml
 
 from pipeline.config import ConfigError
 
+from .params import parse_yaml
+
 # global options of `cca-pipe` that take a value (stages/cli.py main)
 _VALUED = {"--params", "--set", "--preset", "--device", "--nproc-per-node", "--nnodes", "--rdzv-endpoint"}
 
@@ -30,7 +32,8 @@ def _variables(folder: Path, spec: dict) -> dict:
     for entry in spec.get("vars") or []:
         if isinstance(entry, str):
             path = folder / entry.split(":")[0]
-            values.update(yaml.safe_load(path.read_text(encoding="utf-8")) or {} if path.is_file() else {})
+            # read as cca-pipe reads params (YAML 1.2 numbers, as DVC's ruamel.yaml does: `010` is 10)
+            values.update(parse_yaml(path.read_text(encoding="utf-8"), str(path)) or {} if path.is_file() else {})
         elif isinstance(entry, dict):
             values.update(entry)
     return values

@@ -27,16 +27,42 @@ SECTIONS = ("launch", "prepare", "pretrain_vq", "pretrain_classifier", "tokenize
 # A params file is a few hundred values; a document whose aliases (*name) expand to more is a "billion laughs"
 # bomb: every later step (merging, checking, the settings digest, an error's repr) would expand it.
 MAX_EXPANDED_NODES = 100_000
-# YAML 1.2 floats YAML 1.1 reads as strings: 1e-5, 1E5, 2.5e-3, .5e1 (a mantissa without a dot, or any exponent)
-_FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+# Numbers are read as YAML 1.2 (its core schema) reads them, not as PyYAML's YAML 1.1: DVC reads the same
+# params.yaml with ruamel.yaml (YAML 1.2) for `${...}` and `dvc params diff`, and both must see one number.
+# YAML 1.1 reads `010` as octal 8 and `1:30` as base 60 (90); 1.2 reads 10 and the text '1:30' (which a
+# numeric setting then refuses, naming its key), and `0o10` for octal. 1e-5, 1E5, .5e1 are floats (1.1: text).
+# Underscores (1_000) are kept: both readers take them as digit separators.
+_INT_12 = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$")
+_FLOAT_12 = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?
+                           |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+                           |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X)
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 
 
 class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key written twice in one mapping (PyYAML silently keeps the last) and keys
-    that are not plain values, and reads the floats people write (1e-5) as floats."""
+    that are not plain values, and reads numbers as YAML 1.2 does (_INT_12, _FLOAT_12)."""
 
 
-_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+_StrictLoader.yaml_implicit_resolvers = {  # SafeLoader's, less its YAML 1.1 int and float forms
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_StrictLoader.add_implicit_resolver(_INT, _INT_12, list("-+0123456789"))
+_StrictLoader.add_implicit_resolver(_FLOAT, _FLOAT_12, list("-+0123456789."))
+
+
+def _int_12(loader: _StrictLoader, node: yaml.ScalarNode) -> int:
+    """An int as YAML 1.2 reads it: `010` is 10 (SafeLoader's constructor: octal 8), 0o/0x prefixes."""
+    text = loader.construct_scalar(node).replace("_", "")
+    sign, digits = (-1, text[1:]) if text[:1] == "-" else (1, text.lstrip("+"))
+    base = {"0o": 8, "0x": 16, "0b": 2}.get(digits[:2].lower())  # 0b: only through an explicit !!int tag
+    try:
+        return sign * (int(digits[2:], base) if base else int(digits, 10))
+    except ValueError:
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not an integer", node.start_mark) from None
+
+
+_StrictLoader.add_constructor(_INT, _int_12)
 
 
 def _mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:

@@ -7,10 +7,11 @@ Preprocessing is LlamaGen's (ADM center crop, [-1, 1]); `tokenize.augment` picks
 flip (A=2), tencrop (A=10, of a 1.1x center crop), shift1 (A=9, the embedded default). Class index =
 sorted folder order (torchvision ImageFolder). Resumable: finished chunks are kept, so rerunning after
 an interruption continues and gives the same arrays as an uninterrupted run (encode batches never
-straddle chunks). Keyed by content: the store keeps each image's size, mtime_ns and sha256 (its input
-record), so a rerun on an unchanged tree is "up to date" after one stat() per image, an image whose bytes
-changed (same name) makes it encode again, and a resumed run re-encodes every finished chunk whose images
-changed (a store never mixes old and new encodings). Runs on CUDA when present (float32, as LlamaGen's
+straddle chunks). Keyed by content: the store keeps each image's size, mtime_ns, ctime_ns, inode and
+sha256 (its input record), so a rerun on an unchanged tree is "up to date" after one stat() per image, an
+image whose bytes changed (same name) makes it encode again, and a resumed run re-encodes every finished
+chunk whose images changed (a store never mixes old and new encodings). `--rehash` hashes every image
+whatever its stat (docs/safety.md says which edits the stat shortcut sees). Runs on CUDA when present (float32, as LlamaGen's
 extract_codes_c2i.py).
 Format: pipeline/formats.py.
 """
@@ -42,9 +43,11 @@ from pipeline.tokenstore import (
     chunk_inputs_digest,
     claim_token_store,
     damaged_chunks,
+    input_file,
     inputs_digest,
     known_inputs,
     read_input_record,
+    refresh_input_record,
     reopen_for_update,
     store_attributes,
     store_attrs,
@@ -135,9 +138,9 @@ def encode_chunks(loader, vq, writer: TokenStoreWriter, chunk_rows: int, total: 
     chunk_tokens: list[np.ndarray] = []
     chunk_inputs: list[InputFile] = []
     with progress(total=total, desc="tokenize", unit="img") as bar:
-        for batch, row_index, sizes, mtimes, digests in loader:
+        for batch, row_index, keys, digests in loader:
             chunk_tokens.append(encode_views(vq, batch, device))
-            chunk_inputs += [(names[int(r)], int(n), int(t), d) for r, n, t, d in zip(row_index, sizes, mtimes, digests)]
+            chunk_inputs += [input_file(names[int(r)], tuple(k), d) for r, k, d in zip(row_index, keys.tolist(), digests)]
             bar.update(len(batch))
             chunk = int(row_index[0]) // chunk_rows
             if int(row_index[-1]) + 1 == writer.chunk_range(chunk)[1]:  # chunk complete: write it, record it done
@@ -162,7 +165,7 @@ def worker_device(device: str) -> str:
 def encode_rows(paths: list[Path], rows: list[int], cfg: TokenizeConfig, vq_path: str, vq_model: str | None,
                 device: str) -> tuple[np.ndarray, list[tuple[int, int, str]]]:
     """One chunk on a dask worker: decode the images, encode them in cfg.batch_size batches (as the
-    in-process path does), return uint16 (rows, A, L) and each image's (size, mtime_ns, digest). The tokenizer is loaded once per worker process; on a
+    in-process path does), return uint16 (rows, A, L) and each image's (stat key, digest). The tokenizer is loaded once per worker process; on a
     machine with several GPUs each worker encodes on its own (worker k on GPU k mod the GPU count)."""
     device = worker_device(device)
     key = (vq_path, vq_model, device)
@@ -175,7 +178,7 @@ def encode_rows(paths: list[Path], rows: list[int], cfg: TokenizeConfig, vq_path
     for start in range(0, len(rows), cfg.batch_size):
         items = [dataset[i] for i in range(start, min(start + cfg.batch_size, len(rows)))]
         out.append(encode_views(vq, torch.stack([item[0] for item in items]), torch.device(device)))
-        files += [item[2:] for item in items]
+        files += [(tuple(item[2].tolist()), item[3]) for item in items]
     return np.concatenate(out), files
 
 
@@ -246,18 +249,21 @@ def _run_dask_chunks(client, cfg: TokenizeConfig, paths: list[Path], vq_path: Pa
             tokens, files = future.result()  # errors in a task re-raise here
             chunk = futures[future]
             start = writer.chunk_range(chunk)[0]
-            writer.write_chunk(chunk, tokens, [(names[start + i], *f) for i, f in enumerate(files)])
+            writer.write_chunk(chunk, tokens, [input_file(names[start + i], *f) for i, f in enumerate(files)])
             bar.update(1)
 
 
-def run(cfg: TokenizeConfig, images: Path, vq_path: Path, out: Path, device: torch.device, vq_model: str | None = None) -> str:
+def run(cfg: TokenizeConfig, images: Path, vq_path: Path, out: Path, device: torch.device, vq_model: str | None = None,
+        rehash: bool = False) -> str:
     """Build the store at `<out>.partial` (resumable) and swap it into `out` when complete; `out` and the
-    partial store must be absent or token stores of ours (pipeline/outputs.py), checked before any work."""
+    partial store must be absent or token stores of ours (pipeline/outputs.py), checked before any work.
+    `rehash`: hash every image the store's record holds, whatever its stat (pipeline.tokenstore.known_inputs)."""
     with claim_token_store(out) as claim:
-        return _tokenize(cfg, images, vq_path, claim, device, vq_model)
+        return _tokenize(cfg, images, vq_path, claim, device, vq_model, rehash)
 
 
-def _tokenize(cfg: TokenizeConfig, images: Path, vq_path: Path, claim, device: torch.device, vq_model: str | None) -> str:
+def _tokenize(cfg: TokenizeConfig, images: Path, vq_path: Path, claim, device: torch.device, vq_model: str | None,
+              rehash: bool = False) -> str:
     names = view_names(cfg.augment)
     paths, labels, class_names = list_image_folder(images)
     skipped: list[str] = []
@@ -272,13 +278,15 @@ def _tokenize(cfg: TokenizeConfig, images: Path, vq_path: Path, claim, device: t
                              as_params(cfg), skipped)
     key = build_key(cfg, paths, labels, sha)
     rel_names = relative_names(images, paths)
-    inputs = known_inputs(paths, rel_names, input_record(claim, key))
+    record = input_record(claim, key)
+    inputs = known_inputs(paths, rel_names, record, rehash)
     existing = store_attrs(claim.target) or {}
     if existing.get("build_key") == key and "fingerprint" in existing:
         unchanged = existing.get("inputs_digest") == whole_inputs_digest(inputs, cfg.chunk_rows)
         # vouch only for chunks that are there and decode: train and reflogp send a damaged store back here
         damaged = damaged_chunks(claim.target) if unchanged else []
         if unchanged and not damaged:
+            refresh_stat_keys(claim.target, inputs, record, cfg.chunk_rows)
             log.info("%s is up to date (same image contents, tokenizer and settings)", claim.target)
             return existing["fingerprint"]
         if damaged:
@@ -310,6 +318,7 @@ def _tokenize(cfg: TokenizeConfig, images: Path, vq_path: Path, claim, device: t
         raise
     fingerprint = writer.finish()
     claim.commit_path()
+    refresh_stat_keys(claim.target, inputs, record, cfg.chunk_rows)  # chunks kept whose images were touched
     log.info("tokenized %d images x %d views x %d tokens -> %s (fingerprint %s)", len(paths), len(names), seq_len,
              claim.target, fingerprint[:12])
     return fingerprint
@@ -326,6 +335,15 @@ def input_record(claim, key: str) -> dict:
         if (store_attrs(store) or {}).get("build_key") == key:
             record.update(read_input_record(store))
     return record
+
+
+def refresh_stat_keys(store: Path, inputs: list, record: dict, chunk_rows: int) -> None:
+    """Record the new stat keys of images hashed again with unchanged bytes (only when there are any: an
+    unchanged tree's rerun writes nothing)."""
+    if any(f is not None and record.get(f[0]) != ((f[1], f[2], f[4], f[5]), f[3]) for f in inputs):
+        if n := refresh_input_record(store, inputs, chunk_rows):
+            log.info("%s: recorded the new stat of %d images whose bytes are unchanged (touched, copied or moved; "
+                     "they are known from stat() again)", store, n)
 
 
 def relative_names(root: Path, paths: list[Path]) -> list[str]:
