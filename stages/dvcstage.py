@@ -26,13 +26,13 @@ _VALUED = {"--params", "--set", "--preset", "--device", "--nproc-per-node", "--n
 
 def _variables(folder: Path, spec: dict) -> dict:
     """The variables dvc.yaml's ${...} see: its folder's params.yaml, which DVC always loads, then its `vars`
-    (files of variables, relative to its folder), merged in order."""
+    (files of variables, relative to its folder), merged in order; read as cca-pipe reads params (YAML 1.2
+    numbers, as DVC's ruamel.yaml does: `010` is 10)."""
     default = folder / "params.yaml"
-    values: dict = dict(yaml.safe_load(default.read_text()) or {}) if default.is_file() else {}
+    values: dict = dict(parse_yaml(default.read_text(encoding="utf-8"), str(default)) or {}) if default.is_file() else {}
     for entry in spec.get("vars") or []:
         if isinstance(entry, str):
             path = folder / entry.split(":")[0]
-            # read as cca-pipe reads params (YAML 1.2 numbers, as DVC's ruamel.yaml does: `010` is 10)
             values.update(parse_yaml(path.read_text(encoding="utf-8"), str(path)) or {} if path.is_file() else {})
         elif isinstance(entry, dict):
             values.update(entry)
