@@ -391,20 +391,87 @@ def read_sample_batch(path: str | os.PathLike, labels: bool = False,
         if isinstance(e, FormatError):
             raise
         raise FormatError(unreadable.format(" ".join(str(e).split())[:200])) from e
-    if images.dtype != np.uint8:
-        raise FormatError(f"samples {path}: arr_0 is {images.dtype}, expected uint8 pixels 0-255 ({ADM_LAYOUT}): "
-                          "convert the images to uint8 before saving")
-    if images.ndim != 4 or images.shape[-1] != 3:
-        hint = ("it looks channels-first (N x 3 x H x W): save arr_0.transpose(0, 2, 3, 1)"
-                if images.ndim == 4 and images.shape[1] == 3 else "save the images as one N x H x W x 3 array")
-        raise FormatError(f"samples {path}: arr_0 has shape {images.shape}, expected N x H x W x 3 (channels last); {hint}")
-    if found is not None and (found.shape != (len(images),) or found.dtype.kind not in "iu"):
-        raise FormatError(f"samples {path}: arr_1 is {found.dtype} {found.shape}, expected the {len(images)} integer labels "
-                          "of arr_0's images, or no arr_1")
+    _check_sample_images(path, images.shape, images.dtype)
+    if found is not None:
+        _check_sample_labels(path, found.shape, found.dtype, len(images))
     if index is not None:
-        if index.shape != (len(images),) or not np.array_equal(np.sort(index), np.arange(len(images))):
-            raise FormatError(f"samples {path}: {SAMPLE_INDEX} is not a permutation of the {len(images)} rows: rewrite "
-                              "the file with `cca-pipe eval`, or drop that array")
+        _check_sample_index(path, index, len(images))
         rows = np.argsort(index)
         images, found = images[rows], None if found is None else found[rows]
     return images, found
+
+
+def _check_sample_images(path: Path, shape: tuple, dtype: np.dtype) -> None:
+    if dtype != np.uint8:
+        raise FormatError(f"samples {path}: arr_0 is {dtype}, expected uint8 pixels 0-255 ({ADM_LAYOUT}): "
+                          "convert the images to uint8 before saving")
+    if len(shape) != 4 or shape[-1] != 3:
+        hint = ("it looks channels-first (N x 3 x H x W): save arr_0.transpose(0, 2, 3, 1)"
+                if len(shape) == 4 and shape[1] == 3 else "save the images as one N x H x W x 3 array")
+        raise FormatError(f"samples {path}: arr_0 has shape {shape}, expected N x H x W x 3 (channels last); {hint}")
+
+
+def _check_sample_labels(path: Path, shape: tuple, dtype: np.dtype, n: int) -> None:
+    if tuple(shape) != (n,) or dtype.kind not in "iu":
+        raise FormatError(f"samples {path}: arr_1 is {dtype} {tuple(shape)}, expected the {n} integer labels "
+                          "of arr_0's images, or no arr_1")
+
+
+def _check_sample_index(path: Path, index: np.ndarray, n: int) -> None:
+    if index.shape != (n,) or not np.array_equal(np.sort(index), np.arange(n)):
+        raise FormatError(f"samples {path}: {SAMPLE_INDEX} is not a permutation of the {n} rows: rewrite "
+                          "the file with `cca-pipe eval`, or drop that array")
+
+
+def sample_batch_header(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each array of an .npz as (shape, dtype), from the .npy headers alone: arr_0 of 50,000 256px images is
+    9.8 GB, never read to describe the file. One FormatError naming the file if it is not an .npz of arrays."""
+    path = Path(path)
+    unreadable = f"samples {path} is not a readable .npz of arrays ({{}}): expected {ADM_LAYOUT}"
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with open(path, "rb") as f:
+            if f.read(6) == b"\x93NUMPY":
+                raise FormatError(unreadable.format("it holds one bare array, a .npy") +
+                                  "; save it with np.savez(path, arr_0=images)")
+        arrays = {}
+        with zipfile.ZipFile(path) as z:
+            for name in z.namelist():
+                if not name.endswith(".npy"):
+                    continue
+                with z.open(name) as member:
+                    version = np.lib.format.read_magic(member)
+                    if version not in readers:
+                        raise ValueError(f"{name}: .npy format version {version}")
+                    shape, _, dtype = readers[version](member)
+                arrays[name[: -len(".npy")]] = (tuple(shape), dtype)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        if isinstance(e, FormatError):
+            raise
+        raise FormatError(unreadable.format(" ".join(str(e).split())[:200])) from e
+    return arrays
+
+
+def inspect_sample_batch(path: str | os.PathLike) -> tuple[dict[str, tuple[tuple[int, ...], np.dtype]], np.ndarray | None,
+                                                          np.ndarray | None]:
+    """(sample_batch_header, arr_1 or None, sample_index or None), checked as read_sample_batch checks them,
+    without reading arr_0: what `cca-pipe info` describes."""
+    path = Path(path)
+    arrays = sample_batch_header(path)
+    if "arr_0" not in arrays:
+        raise FormatError(f"samples {path} has no arr_0 (it holds {', '.join(arrays) or 'no arrays'}): expected "
+                          f"{ADM_LAYOUT}; save them with np.savez(path, arr_0=images)")
+    _check_sample_images(path, *arrays["arr_0"])
+    n = arrays["arr_0"][0][0]
+    if "arr_1" in arrays:
+        _check_sample_labels(path, *arrays["arr_1"], n)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            labels = f["arr_1"] if "arr_1" in arrays else None
+            index = f[SAMPLE_INDEX] if SAMPLE_INDEX in arrays else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise FormatError(f"samples {path}: an array cannot be read ({' '.join(str(e).split())[:200]}): the file is "
+                          "damaged; write it again") from e
+    if index is not None:
+        _check_sample_index(path, index, n)
+    return arrays, labels, index

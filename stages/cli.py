@@ -486,7 +486,7 @@ def plan(ctx, preset, nproc_per_node, nnodes, gpu_memory, strategy, micro_batch_
 @click.argument("path", type=PathType)
 @click.option("--verify", is_flag=True, help="token stores: read every chunk (checksums) and recompute the fingerprint")
 def info(path, verify):
-    """Print what a token store, reference cache or checkpoint holds."""
+    """Print what a token store, reference cache, checkpoint, sample batch (.npz) or eval folder holds."""
     from .info import describe
 
     click.echo(describe(path, verify))

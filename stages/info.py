@@ -1,4 +1,5 @@
-"""`cca-pipe info PATH`: what a token store, reference cache or checkpoint holds (shapes, fingerprints, provenance)."""
+"""`cca-pipe info PATH`: what a token store, reference cache, checkpoint, sample batch (.npz) or eval output folder
+holds (shapes, fingerprints, provenance; a sample batch's count, classes and order; an eval's methods, seeds and scores)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,12 @@ def describe(path: Path, verify: bool = False) -> str:
         return _cache(path)
     if path.suffix in (".pt", ".pth", ".safetensors", ".bin"):
         return _checkpoint(path)
-    raise ValueError(f"{path}: not a token store (directory with zarr.json), reference cache (.parquet) or checkpoint (.pt/.pth/.safetensors)")
+    if path.suffix == ".npz":
+        return _samples(path)
+    if path.is_dir() and _eval_marker(path):
+        return _eval_folder(path)
+    raise ValueError(f"{path}: not a token store (directory with zarr.json), reference cache (.parquet), checkpoint "
+                     "(.pt/.pth/.safetensors), sample batch (.npz) or eval output folder (with metrics.json)")
 
 
 def _token_store(path: Path) -> str:
@@ -97,3 +103,141 @@ def _checkpoint(path: Path) -> str:
     else:
         lines.append("  config             none stored (upstream file): pass --gpt-model / --vq-model")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- eval's outputs (stages/eval.py)
+
+SAMPLER_KEYS = ("samples_per_class", "num_classes", "temperature", "top_k", "top_p", "cfg_schedule", "image_size",
+                "resize_to", "batch_size", "feature_extractor")
+
+
+def _eval_marker(path: Path) -> bool:
+    """An eval's output (its .cca-pipe.json names the stage), finished or being built (`<out>.partial`)."""
+    from pipeline.outputs import MARKER, read_json
+
+    return (read_json(path / MARKER) or {}).get("stage") == "eval"
+
+
+def _histogram(labels) -> str:
+    """'3 classes (0-2), 4 samples each' or '3 classes (0-7), 2 to 5 samples per class (fewest: class 2)'."""
+    import numpy as np
+
+    classes, counts = np.unique(labels, return_counts=True)
+    head = f"{len(classes)} class{'es' if len(classes) != 1 else ''} ({classes[0]}-{classes[-1]})"
+    if counts.min() == counts.max():
+        return f"{head}, {counts[0]} sample{'s' if counts[0] != 1 else ''} each"
+    return (f"{head}, {counts.min()} to {counts.max()} samples per class (fewest: class {classes[counts.argmin()]}, "
+            f"most: class {classes[counts.argmax()]})")
+
+
+def _order(labels, index) -> str:
+    """Shuffled (eval's files: sample_index beside the rows) or class-sorted (other samplers, eval before
+    2026-12-07): the ADM evaluator's IS takes contiguous splits of the rows (docs/imagenet.md)."""
+    import numpy as np
+
+    if index is not None:
+        if np.array_equal(index, np.arange(len(index))):
+            return "sampling order (sample_index is the identity)"
+        text = "shuffled: row i is sample sample_index[i] of the sampling order"
+        if labels is not None and np.all(np.diff(labels[np.argsort(index)]) >= 0):
+            text += " (class by class)"
+        return text
+    if labels is None:
+        return "unknown (no arr_1 labels, no sample_index)"
+    if np.all(np.diff(labels) >= 0):
+        return ("class-sorted (no sample_index; labels non-decreasing): the ADM evaluator's IS splits contiguous rows, "
+                "each split then holds a few classes")
+    return "no sample_index; labels not sorted (a shuffled file of another sampler)"
+
+
+def _samples(path: Path) -> str:
+    from pipeline.formats import SAMPLE_INDEX, inspect_sample_batch
+
+    arrays, labels, index = inspect_sample_batch(path)
+    (n, height, width, _), _ = arrays["arr_0"]
+    meaning = {"arr_0": "images", "arr_1": "intended labels", SAMPLE_INDEX: "each row's place in the sampling order"}
+    lines = [f"sample batch {path} (the ADM evaluator's layout)"]
+    lines += [f"  {name:<19}{shape} {dtype}  {meaning.get(name, '')}".rstrip() for name, (shape, dtype) in arrays.items()]
+    lines += [f"  {'samples':<19}{n}", f"  {'image size':<19}{height} x {width}",
+              f"  {'labels':<19}{_histogram(labels) if labels is not None and n else 'none (no arr_1)'}",
+              f"  {'order':<19}{_order(labels, index)}"]
+    return "\n".join(lines + _made_by(path))
+
+
+def _read_eval(folder: Path) -> tuple[dict | None, dict | None]:
+    """(metrics.json, the eval section of settings.yaml) of an eval folder, each None when absent; a damaged
+    one is one error naming it."""
+    from .params import SETTINGS_FILE, parse_yaml
+    from .report import read_results
+
+    settings_file = folder / SETTINGS_FILE
+    settings = parse_yaml(settings_file.read_text(encoding="utf-8"), str(settings_file)) if settings_file.is_file() else None
+    metrics_file = folder / "metrics.json"
+    metrics = read_results(metrics_file, ("methods", "sampled", "checks", "seeds", "samples_per_method")) \
+        if metrics_file.is_file() else None
+    return metrics, settings.get("eval") if isinstance(settings, dict) else None
+
+
+def _made_by(path: Path) -> list[str]:
+    """The records of the eval that wrote `path` (<eval>/samples/<method>_seed<k>.npz): method, seed, what was
+    sampled, the sampler's settings and the unit's scores."""
+    folder = path.parent.parent
+    if path.parent.name != "samples" or not _eval_marker(folder):
+        return ["  made by            unknown: not in an eval output's samples/ folder (no records of its settings)"]
+    metrics, settings = _read_eval(folder)
+    unit = (metrics or {}).get("sampled", {})
+    seeds = (metrics or {}).get("seeds", settings.get("seeds", []) if settings else [])
+    match = [(name, seed) for name in unit for seed in seeds if f"{name}_seed{seed}.npz" == path.name]
+    lines = [f"  made by            eval {folder}"]
+    if match:
+        name, seed = match[0]
+        lines.append(f"  method             {name} ({_sampled(unit[name])}), seed {seed}")
+    if settings:
+        lines.append("  settings           " + ", ".join(f"{k} {settings[k]}" for k in SAMPLER_KEYS if k in settings))
+    from pipeline.outputs import read_json
+
+    scores = (read_json(path.with_name(path.name[: -len(".npz")] + ".json")) or {}).get("scores")
+    if scores:
+        lines.append("  scores             " + _scores(scores))
+    return lines
+
+
+def _sampled(what: dict) -> str:
+    """What a method sampled (metrics.json's `sampled`): 'model cca, cfg_scale 1.5' (and the lambda of a
+    lambda-conditioned policy)."""
+    lam = f", lam {what['lam']:g}" if what.get("lam") is not None else ""
+    guidance = f"cfg_scale {what['cfg_scale']:g}" if what["cfg_scale"] else "no guidance"
+    return f"model {what['model']}, {guidance}{lam}"
+
+
+def _scores(scores: dict) -> str:
+    from pipeline.progress import significant
+    from pipeline.report import TABLE_HEADS
+
+    return ", ".join(f"{TABLE_HEADS.get(k, k)} {significant(v) if k == 'images_per_s' else f'{v:.3f}'}"
+                     for k, v in scores.items() if isinstance(v, (int, float)))
+
+
+def _eval_folder(path: Path) -> str:
+    from .eval import format_results
+
+    metrics, settings = _read_eval(path)
+    npz = sorted(p.name for p in (path / "samples").glob("*.npz")) if (path / "samples").is_dir() else []
+    lines = [f"eval output {path}"]
+    if metrics is None:
+        from pipeline.outputs import read_json
+
+        lines.append("  status             INCOMPLETE (no metrics.json: an eval running or interrupted; rerun it to resume)")
+        for name in npz:
+            scores = (read_json(path / "samples" / (name[: -len(".npz")] + ".json")) or {}).get("scores")
+            lines.append(f"  {name:<19}{_scores(scores) if scores else 'not scored'}")
+        return "\n".join(lines)
+    sampled = metrics.get("sampled", {})
+    lines += [f"  methods            {', '.join(sampled or metrics['methods'])}",
+              f"  seeds              {metrics.get('seeds')}",
+              f"  samples            {metrics.get('samples_per_method')} per method and seed, {len(npz)} sample files in samples/",
+              f"  reference          {metrics.get('fid_reference')}"]
+    lines += [f"  {name:<19}{_sampled(what)}" for name, what in sampled.items()]
+    if settings:
+        lines.append("  settings           " + ", ".join(f"{k} {settings[k]}" for k in SAMPLER_KEYS if k in settings))
+    return "\n".join(lines) + "\n\n" + format_results(metrics)

@@ -171,3 +171,67 @@ def test_metrics_record_what_each_method_sampled():
                                   "cca_lam10": {"model": "cca", "cfg_scale": 0.0, "lam": 10.0},
                                   "cca_lam0.25": {"model": "cca", "cfg_scale": 0.0, "lam": 0.25}}
     assert metrics["methods"]["cca_lam10"]["fid"] == 2.5 and metrics["methods"]["cca_lam10"]["fid_std"] == 0.5
+
+
+def test_info_describes_an_eval_folder_and_its_sample_files(tmp_path):
+    """`cca-pipe info` of eval's outputs (issue 30 point 3): a sample npz's layout, count, classes, order and the
+    records of the eval that made it; the eval folder's methods, seeds and score table."""
+    _world(tmp_path)
+    metrics = _eval(tmp_path)  # 3 classes x 4 samples, seeds 0 and 1, base + cfg_1 + cfg_1.5 + cca
+    runner = CliRunner()
+    npz = runner.invoke(main, ["info", str(tmp_path / "eval/samples/cfg_1.5_seed1.npz")])
+    assert npz.exit_code == 0, npz.output
+    text = npz.output
+    assert "arr_0              (12, 16, 16, 3) uint8" in text and "arr_1              (12,) int64" in text
+    assert "sample_index       (12,) int64" in text and "samples            12\n" in text
+    assert "image size         16 x 16" in text and "3 classes (0-2), 4 samples each" in text
+    assert "shuffled: row i is sample sample_index[i] of the sampling order (class by class)" in text
+    assert "method             cfg_1.5 (model base, cfg_scale 1.5), seed 1" in text
+    assert "samples_per_class 4" in text and "temperature 1.0" in text and "cfg_schedule constant" in text
+    unit = metrics["per_seed"]["cfg_1.5"][1]
+    assert f"FID {unit['fid']:.3f}, IS {unit['is']:.3f}" in text and f"class acc. {unit['class_accuracy']:.3f}" in text
+    base = runner.invoke(main, ["info", str(tmp_path / "eval/samples/base_seed0.npz")]).output
+    assert "method             base (model base, no guidance), seed 0" in base
+
+    folder = runner.invoke(main, ["info", str(tmp_path / "eval")])
+    assert folder.exit_code == 0, folder.output
+    text = folder.output
+    assert "methods            base, cfg_1, cfg_1.5, cca" in text and "seeds              [0, 1]" in text
+    assert "12 per method and seed, 8 sample files in samples/" in text
+    assert "cca                model cca, no guidance" in text and "cfg_1.5            model base, cfg_scale 1.5" in text
+    for name in ("base", "cfg_1", "cfg_1.5", "cca"):
+        m = metrics["methods"][name]
+        assert f"| {name} | {m['fid']:.3f} ± {m['fid_std']:.3f} | {m['is']:.3f} ± {m['is_std']:.3f} |" in text
+
+    (tmp_path / "eval/metrics.json").write_text("{", encoding="utf-8")  # damaged
+    damaged = runner.invoke(main, ["info", str(tmp_path / "eval")])
+    assert damaged.exit_code != 0 and "metrics.json cannot be read as JSON" in str(damaged.exception)
+
+
+def test_info_describes_a_foreign_sample_file_and_refuses_a_malformed_one(tmp_path, monkeypatch, capsys):
+    """A file of another sampler (no sample_index, rows class by class) is described as class-sorted; one that
+    is not an ADM batch is one line naming the file and what is expected."""
+    from worlds import invoke
+
+    images = np.zeros((6, 8, 8, 3), np.uint8)
+    np.savez(tmp_path / "sorted.npz", arr_0=images, arr_1=np.array([0, 0, 0, 1, 2, 2]))
+    np.savez(tmp_path / "mixed.npz", arr_0=images, arr_1=np.array([2, 0, 1, 0, 2, 1]))
+    runner = CliRunner()
+    text = runner.invoke(main, ["info", str(tmp_path / "sorted.npz")]).output
+    assert "samples            6\n" in text and "image size         8 x 8" in text and "sample_index       (" not in text
+    assert "3 classes (0-2), 1 to 3 samples per class (fewest: class 1, most: class 0)" in text
+    assert "order              class-sorted (no sample_index; labels non-decreasing)" in text
+    assert "made by            unknown" in text
+    assert "labels not sorted" in runner.invoke(main, ["info", str(tmp_path / "mixed.npz")]).output
+
+    np.savez(tmp_path / "nchw.npz", arr_0=np.zeros((6, 3, 8, 8), np.uint8))
+    (tmp_path / "junk.npz").write_text("not an archive", encoding="utf-8")
+    np.save(tmp_path / "bare.npy", images)
+    (tmp_path / "bare.npy").rename(tmp_path / "bare.npz")
+    for name, expected in (("nchw", "looks channels-first"), ("junk", "is not a readable .npz of arrays"),
+                           ("bare", "one bare array")):
+        code, err = invoke(["info", tmp_path / f"{name}.npz"], monkeypatch, capsys)
+        assert code == 2 and err.count("\n") == 1 and f"{name}.npz" in err and expected in err, err
+    (tmp_path / "folder").mkdir()
+    code, err = invoke(["info", tmp_path / "folder"], monkeypatch, capsys)
+    assert code == 2 and "eval output folder" in err
