@@ -49,6 +49,7 @@ class Family:
     # the precision its release decodes sampled codes to pixels in on CUDA (every pixel feeds FID and sFID):
     # float32 means no autocast; see decode_precision and docs/imagenet.md "What differs from the release"
     decode_dtype: ClassVar[torch.dtype]
+    step_unit: ClassVar[str]  # what its sampler draws per step (its `on_step` calls): a token, or a scale of tokens
 
     def logp_code(self) -> dict[str, str]:
         """Digest of the code that computes its log-probs (recorded by the cache, checked by train)."""
@@ -126,6 +127,7 @@ def _config_hint(spec: str | None, option: str):
 class LlamaGenFamily(Family):
     name, model_kind, tokenizer_kind, model_module = "llamagen", "llamagen-gpt", "llamagen-vq", "pipeline.models.llamagen"
     decode_dtype = torch.float32  # LlamaGen_sample_ddp.py: the VQ model in float32, decode_code outside any autocast
+    step_unit = "token"
 
     def load_tokenizer(self, path, spec=None):
         with _config_hint(spec, "--vq-model VQ-16 (or a JSON file of VQConfig fields)"):
@@ -162,6 +164,7 @@ class LlamaGenFamily(Family):
 class VARFamily(Family):
     name, model_kind, tokenizer_kind, model_module = "var", "var", "var-vqvae", "pipeline.models.var"
     decode_dtype = torch.float16  # VAR_sample.py: autoregressive_infer_cfg, decode included, under fp16 autocast
+    step_unit = "scale"
     # VAR's train.py (and CCA's VAR_finetune.py) never decay 1-d parameters, biases, or these names
     NO_DECAY = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
                 "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")

@@ -38,6 +38,24 @@ class SampleCounter:
         self.bar.close()
 
 
+class StepCounter:
+    """Progress within the batch being sampled: its tokens (LlamaGen) or scales (VAR) drawn so far, a second
+    bar under SampleCounter's (a unit of 20 samples of a large model sat at 0/20 for 15 minutes: issue 30).
+    Called by the sampler after every step as (done, total); tqdm redraws at most every mininterval, so a
+    call costs a clock read. Starts over with each batch."""
+
+    def __init__(self, unit: str, desc: str = "batch"):
+        self.bar = progress(total=0, desc=desc, unit=unit, leave=False)
+
+    def __call__(self, done: int, total: int) -> None:
+        if done <= self.bar.n or self.bar.total != total:  # a new batch
+            self.bar.reset(total=total)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def significant(value: float, digits: int = 3) -> str:
     """A rate with at least `digits` significant digits and no exponent: 0.000123, 0.400, 45.7, 123, 12345
     (`%.0f` prints a slow 0.4 images/s as 0)."""

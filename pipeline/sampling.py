@@ -78,10 +78,12 @@ def sample(
     uniforms: torch.Tensor | None = None,
     use_cache: bool = True,
     lam: float | None = None,
+    on_step=None,
 ) -> Samples:
     """Sample N = model.cfg.block_size codes per label. labels (B,) on the model's device. The draws use
     `uniforms` (B, N), token t of sample b from uniforms[b, t] (so a sample does not depend on its batch),
-    or uniforms from `generator`. `lam`: the lambda to sample a lambda-conditioned policy at."""
+    or uniforms from `generator`. `lam`: the lambda to sample a lambda-conditioned policy at. `on_step(t, N)`
+    is called after each token t = 1..N of the batch is drawn (progress within a batch: hours on a large model)."""
     cfg = model.cfg
     B, N = labels.shape[0], cfg.block_size
     guided = cfg_scale != 0.0
@@ -104,6 +106,8 @@ def sample(
             nxt = draw(probs, uniforms[:, t])  # (B,)
             tokens[:, t] = nxt
             logps[:, t] = token_logp(cond[:, None], nxt[:, None])[:, 0]
+            if on_step is not None:
+                on_step(t + 1, N)
             if t == N - 1:
                 break
             feed = nxt.repeat(2 if guided else 1)
@@ -147,7 +151,7 @@ def generate_images(
     precision (`family.decode_precision`). `indices`: the samples' indices in the set (default 0..B-1); sample
     i is drawn from its own stream seeded by (seed, i), so the images are the same however the set is split over batches
     or processes. `on_batch(n)` is called after each batch with its number of samples (a progress bar's
-    update: a 50,000-sample set takes hours)."""
+    update: a 50,000-sample set takes hours); `on_step`, passed on to the sampler, within each batch."""
     from .device import autocast
 
     device = next(model.parameters()).device
@@ -197,6 +201,7 @@ def sample_var(
     uniforms: torch.Tensor | None = None,
     upstream_null_half: bool = False,
     lam: float | None = None,
+    on_step=None,
 ) -> Samples:
     """Next-scale sampling for a VARModel with a KV cache per scale: -> Samples (B, L).
 
@@ -204,7 +209,8 @@ def sample_var(
     with cfg_schedule "linear" (VAR's sampler; the CCA paper's CFGv2) or t = cfg_scale ("constant").
     Without guidance the unconditional half is not computed at all; upstream_null_half=True computes it
     anyway, as VAR's `autoregressive_infer_cfg` does at cfg 0 (for the benchmark; same samples). Draws as
-    `sample`'s: position p of sample b from uniforms[b, p] (B, L), or from `generator`.
+    `sample`'s: position p of sample b from uniforms[b, p] (B, L), or from `generator`. `on_step(k, S)` is
+    called after each scale k = 1..S is drawn.
     """
     if cfg_schedule not in ("linear", "constant"):
         raise ValueError(f"cfg_schedule {cfg_schedule!r}: valid are 'linear' (VAR, CFGv2) and 'constant'")
@@ -232,6 +238,8 @@ def sample_var(
             logps[:, begin:end] = token_logp(cond_logits, codes)
             with torch.autocast(device.type, enabled=False):  # the running f_hat stays float32, as upstream
                 f_hat, nxt = quantizer.next_input(si, f_hat, codes)
+            if on_step is not None:
+                on_step(si + 1, S)
             if nxt is not None:
                 x = var.scale_tokens(si + 1, nxt)
                 if doubled:

@@ -44,7 +44,7 @@ from pipeline.metrics import (
     reference_features,
 )
 from pipeline.outputs import StageDir, atomic_file, read_json, write_json, write_text
-from pipeline.progress import SampleCounter, progress, significant
+from pipeline.progress import SampleCounter, StepCounter, progress, significant
 from pipeline.report import GRID_CLASSES, grid_canvas, grid_classes, results_table, tile_scale
 from pipeline.sampling import generate_images
 
@@ -338,10 +338,12 @@ def sample_unit(unit: Unit, models: EvalModels, settings: EvalConfig, work: Path
     mine = world.share(list(range(len(labels))))
     started = time.perf_counter()
     counter = SampleCounter(len(labels), world.size, desc=f"{unit.name} seed {unit.seed}")
+    steps = StepCounter(models.family.step_unit, desc="batch")
     try:
         images, _ = generate_images(
             models.family, models.by_role[unit.model], models.vq, labels[mine], seed=unit.seed,
-            batch_size=settings.batch_size, indices=mine, on_batch=counter, resize_to=settings.resize_to, cfg_scale=unit.scale,
+            batch_size=settings.batch_size, indices=mine, on_batch=counter, on_step=steps, resize_to=settings.resize_to,
+            cfg_scale=unit.scale,
             lam=unit.lam, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p, cfg_schedule=settings.cfg_schedule,
         )
     except (RuntimeError, MemoryError) as e:
@@ -352,6 +354,7 @@ def sample_unit(unit: Unit, models: EvalModels, settings: EvalConfig, work: Path
                           f"decoded at once): lower eval.batch_size, e.g. to {max(1, settings.batch_size // 2)}; `cca-pipe plan "
                           "--stage eval` gives the memory of each part (the images drawn are kept on the host)") from e
     finally:
+        steps.close()
         counter.close()
     seconds = max(world.gather(time.perf_counter() - started))
     full = gather_samples(images, len(labels), work / "samples" / f".{unit.stem}", world)
@@ -429,8 +432,9 @@ class Scorer:
         scores = score_unit(unit, images, images_per_s, self.settings, self.labels, self.extractor, self.ref_features, self.ref,
                             self.classifier, self.work)
         write_json(self.work / "samples" / f"{unit.stem}.json", {"key": self.key(unit), "scores": scores})
-        log.info("seed %d %-8s FID %.3f IS %.3f acc %.3f (%s images/s)", unit.seed, unit.name, scores["fid"],
-                 scores["is"], scores.get("class_accuracy", float("nan")), significant(scores["images_per_s"]))
+        accuracy = f" acc {scores['class_accuracy']:.3f}" if "class_accuracy" in scores else ""  # no classifier: none
+        log.info("seed %d %-8s FID %.3f IS %.3f%s (%s images/s)", unit.seed, unit.name, scores["fid"], scores["is"], accuracy,
+                 significant(scores["images_per_s"]))
         return scores
 
 

@@ -70,21 +70,28 @@ def test_info_describes_each_kind(tmp_path):
 
 
 def test_eval_reports_progress_per_batch_of_samples(tmp_path, monkeypatch):
-    """A unit's samples advance a bar batch by batch (tqdm's rate and ETA), not only per finished unit."""
+    """A unit's samples advance a bar batch by batch (tqdm's rate and ETA), not only per finished unit, and a
+    second bar token by token within each batch."""
     import pipeline.progress
 
     bars = []
 
     class FakeBar:
         def __init__(self, iterable=None, **kwargs):
-            self.iterable, self.kwargs, self.updates = iterable, kwargs, []
+            self.iterable, self.kwargs, self.updates, self.n, self.total = iterable, kwargs, [], 0, kwargs.get("total")
+            self.totals = []  # at each reset
             bars.append(self)
 
         def __iter__(self):
             return iter(self.iterable)
 
+        def reset(self, total=None):
+            self.n, self.total = 0, total
+            self.totals.append(total)
+
         def update(self, n):
             self.updates.append(n)
+            self.n += n
 
         def close(self):
             pass
@@ -97,6 +104,9 @@ def test_eval_reports_progress_per_batch_of_samples(tmp_path, monkeypatch):
     sampling = [b for b in bars if b.kwargs.get("unit") == "img"]
     assert len(sampling) == 1 and sampling[0].kwargs["total"] == 12  # 3 classes x 4
     assert sampling[0].updates == [5, 5, 2]
+    # within each batch, a bar of its tokens (16 per sample), one update per token drawn (issue 30 point 3)
+    tokens = [b for b in bars if b.kwargs.get("unit") == "token"]
+    assert len(tokens) == 1 and tokens[0].totals == [16, 16, 16] and tokens[0].updates == [1] * 48
 
 
 def test_sample_counter_counts_every_rank_on_rank_zero(monkeypatch):
@@ -235,3 +245,27 @@ def test_info_describes_a_foreign_sample_file_and_refuses_a_malformed_one(tmp_pa
     (tmp_path / "folder").mkdir()
     code, err = invoke(["info", tmp_path / "folder"], monkeypatch, capsys)
     assert code == 2 and "eval output folder" in err
+
+
+def test_the_score_line_has_no_accuracy_without_a_classifier(tmp_path, caplog):
+    """Without a classifier eval logged `acc nan` (issue 30 point 3): it prints no accuracy; with one, its value."""
+    from pipeline.metrics import load_feature_extractor, reference_features
+
+    _world(tmp_path)
+    settings = eval_stage.EvalConfig(samples_per_class=2, seeds=[0], methods=["base"], batch_size=6, grid_per_class=0)
+    extractor = load_feature_extractor("classifier", tmp_path / "clf.pt", torch.device("cpu"))
+    ref = eval_stage.load_reference(tmp_path / "ref", 16)
+    features = reference_features(extractor, ref.images, tmp_path / "fc")
+    labels = torch.arange(3).repeat_interleave(2)
+    images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    caplog.set_level("INFO")
+    lines = {}
+    for name, classifier in (("without", None), ("with", eval_stage.load_classifier(tmp_path / "clf.pt"))):
+        (tmp_path / name / "samples").mkdir(parents=True)
+        scorer = eval_stage.Scorer(settings, labels, extractor, classifier, ref, features,
+                                   {"vq": "a", "base": "b", "reference": "c", "extractor": "d"}, tmp_path / name, tmp_path / "none")
+        caplog.clear()
+        scores = scorer.score(eval_stage.Unit("base", "base", 0.0, 0), images.copy(), 2.0)
+        lines[name] = [r.getMessage() for r in caplog.records if "FID" in r.getMessage()]
+    assert len(lines["without"]) == 1 and " acc " not in lines["without"][0]
+    assert len(lines["with"]) == 1 and f"acc {scores['class_accuracy']:.3f} (2.00 images/s)" in lines["with"][0]

@@ -62,3 +62,17 @@ def test_inverse_cdf_draw_matches_the_distribution():
     freq = torch.bincount(picks, minlength=4).float() / len(picks)
     assert freq[1] == 0
     torch.testing.assert_close(freq, probs[0], atol=0.015, rtol=0)
+
+
+def test_on_step_sees_every_token_and_changes_no_sample(tiny_gpt):
+    """eval's progress within a batch (issue 30 point 3): the sampler reports each token of the batch as it is
+    drawn, and the tokens are bitwise those drawn without the callback."""
+    labels = torch.arange(5)
+    n = tiny_gpt.cfg.block_size
+    for scale in (0.0, 1.5):
+        steps = []
+        seen = sample(tiny_gpt, labels, cfg_scale=scale, generator=torch.Generator().manual_seed(2),
+                      on_step=lambda done, total: steps.append((done, total)))
+        plain = sample(tiny_gpt, labels, cfg_scale=scale, generator=torch.Generator().manual_seed(2))
+        assert steps == [(t, n) for t in range(1, n + 1)]
+        assert torch.equal(seen.tokens, plain.tokens) and torch.equal(seen.token_logp, plain.token_logp)

@@ -265,6 +265,19 @@ def test_guidance_changes_samples_and_upstream_null_half_does_not(world):
     assert torch.equal(via_family.tokens, free.tokens)
 
 
+def test_on_step_sees_every_scale_and_changes_no_sample(world):
+    """eval's progress within a batch (issue 30 point 3): one call per scale drawn, samples bitwise unchanged."""
+    _, model = world
+    labels = torch.arange(5)
+    for scale in (0.0, 2.0):
+        steps = []
+        seen = VAR_FAMILY.sample(model, labels, cfg_scale=scale, generator=torch.Generator().manual_seed(4),
+                                 on_step=lambda done, total: steps.append((done, total)))
+        plain = sample_var(model, labels, cfg_scale=scale, generator=torch.Generator().manual_seed(4))
+        assert steps == [(k, len(PN)) for k in range(1, len(PN) + 1)]
+        assert torch.equal(seen.tokens, plain.tokens) and torch.equal(seen.token_logp, plain.token_logp)
+
+
 def test_top_k_top_p_as_upstream_by_hand():
     logits = torch.log(torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]]))
     kept = lambda t: torch.isfinite(t)[0].tolist()  # noqa: E731
