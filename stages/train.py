@@ -29,7 +29,7 @@ from pipeline.losses import LOSSES
 from pipeline.outputs import StageDir, write_json
 from pipeline.parallel import STRATEGIES, check_micro_batches, full_state_dict
 from pipeline.progress import progress
-from pipeline.refcache import CacheMismatch, ReferenceNoise
+from pipeline.refcache import CHECK_ROWS, CacheMismatch, ReferenceNoise
 from pipeline.resume import TrainState
 from pipeline.tokenstore import TokenStore, open_token_store
 
@@ -70,6 +70,9 @@ class TrainConfig:
     # reflogp.drop_path), as the released scripts' train-mode reference; "any": accept another (e.g. an
     # eval-mode cache under a policy with dropout, whose step-0 ratios then average -D, not 0)
     reference_noise: str = setting("matched", choices=("matched", "any"))
+    # cache rows the step-0 check scores (spread over the cache), a reflogp pass over them before the first step;
+    # 0: no check (a warning says what is given up)
+    step0_rows: int = setting(CHECK_ROWS, ge=0)
     epochs: float = setting(3.0, gt=0.0)
     # a cap on the optimiser steps: a run trains ceil(epochs x cache rows / batch_size) steps, at most this
     # many (smoke runs and budgets; the schedules span the capped run); null: no cap. train prints the count

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +222,61 @@ def test_the_step0_check_sees_damage_where_the_first_batch_does_not_reach(tiny_g
         run().check_cache(ReferenceNoise(), "cache.parquet")
     named = [int(r) for r in str(e.value).split("cache rows ")[1].split(" (")[0].split(", ")]
     assert named and all(span.start <= r < span.stop for r in named), named
+
+
+def test_train_step0_rows_sets_the_check_and_its_cost_is_logged(tiny_gpt, tmp_path, caplog, monkeypatch):
+    """train.step0_rows (issue 30 point 3: the check took 8 min 45 s of a 15-minute VAR trial on CPU) is the number
+    of rows the step-0 check scores, its cost is logged, 0 turns it off with a warning (a damaged cache then
+    trains), and the trained weights are the same whatever it is."""
+    import pipeline.alignment
+    from pipeline.alignment import AlignmentRun, train_policy
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.config import ConfigError
+    from pipeline.distributed import World
+    from pipeline.families import LLAMAGEN
+    from pipeline.models.llamagen import load_gpt
+    from pipeline.refcache import ReferenceNoise, check_cache_rows, reference_logps
+    from stages.train import TrainConfig
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, size=(200, 1, 16), dtype=np.uint16).view(_ChunkedTokens)
+    pairs = draw_pairs(rng.integers(0, 5, size=200).astype(np.int32), 1, 5, seed=1)
+    save_checkpoint(tmp_path / "ref.pt", tiny_gpt.state_dict(), tiny_gpt.cfg.to_dict(), kind="llamagen-gpt")
+    cache = {**pairs, **reference_logps(load_gpt(tmp_path / "ref.pt"), np.asarray(tokens), pairs, batch_size=100, device=CPU)}
+    scored = []
+    monkeypatch.setattr(pipeline.alignment, "check_cache_rows", lambda *a, **k: (scored.append(len(a[4])), check_cache_rows(*a, **k)))
+    caplog.set_level("INFO")
+
+    def check(step0_rows: int) -> list[str]:
+        caplog.clear()
+        cfg = TrainConfig(batch_size=8, micro_batch_size=8, uncond_ratio=0.0, step0_rows=step0_rows).align_config()
+        AlignmentRun(load_gpt(tmp_path / "ref.pt"), tokens, cache, cfg, CPU, World(), LLAMAGEN.param_groups
+                     ).check_cache(ReferenceNoise(), "cache.parquet")
+        return [r.getMessage() for r in caplog.records if "step-0 check" in r.getMessage()]
+
+    assert TrainConfig().step0_rows == CHECK_ROWS == 64
+    for rows in (64, 10):
+        lines = check(rows)
+        assert scored[-1] == rows
+        assert any(re.fullmatch(rf"step-0 check: {rows} rows scored in \d+\.\d s \(a reflogp pass: 3 sequences per row\); "
+                                r"train.step0_rows sets it \(0: off\)", line) for line in lines), lines
+    calls = len(scored)
+    cache["ref_logp_pos"], cache["ref_logp_neg"] = cache["ref_logp_neg"], cache["ref_logp_pos"]  # damaged: the check's to see
+    lines = check(0)  # no CacheMismatch: the damage goes unseen, as the warning says
+    assert len(scored) == calls  # not scored at all
+    assert len(lines) == 1 and "step-0 check off (train.step0_rows = 0)" in lines[0] and "trains without an error" in lines[0]
+    with pytest.raises(ConfigError, match=r"train.step0_rows"):
+        TrainConfig(step0_rows=-1)
+
+    cache["ref_logp_pos"], cache["ref_logp_neg"] = cache["ref_logp_neg"], cache["ref_logp_pos"]
+    weights = []
+    for rows in (0, 64):
+        cfg = TrainConfig(batch_size=8, micro_batch_size=8, uncond_ratio=0.0, epochs=0.2, lr=1e-2, step0_rows=rows).align_config()
+        policy = train_policy(load_gpt(tmp_path / "ref.pt"), tokens, cache, cfg, CPU, LLAMAGEN.param_groups,
+                              cache_noise=ReferenceNoise(), cache_name="cache.parquet")
+        weights.append(policy.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], tiny_gpt.state_dict()[k]) for k in weights[0])  # it trained
 
 
 # ------------------------------------------------------------------------------------- 3. tokenize's stat key
