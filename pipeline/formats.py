@@ -49,7 +49,7 @@ Reference log-prob cache (stage `reflogp`), a Parquet file, e.g. `data/reflogp/r
              type}, of the whole file, written with it; verified on every whole read, so any change to the values
              after they were written is refused; absent in caches written before it existed: accepted with a note)
 
-Sample batch (stage `eval`, read by `score` and `report`), the ADM evaluator's `.npz`, e.g.
+Sample batch (stage `eval`, read by `score`, `report` and `info`), the ADM evaluator's `.npz`, e.g.
 `data/eval/samples/cca_seed0.npz`:
     arr_0         (N, H, W, 3) uint8   the images, in a shuffled order: the ADM evaluator's IS takes
                                        contiguous splits of arr_0 (docs/imagenet.md, "Evaluation protocol")

@@ -336,7 +336,7 @@ def test_out_of_memory_in_tokenize_and_eval_names_the_batch_size(monkeypatch):
     unit = eval_stage.Unit("cfg_1", "base", 1.0, 0)
     world = SimpleNamespace(share=lambda rows: rows, device=torch.device("cpu"), size=1, rank=0)
     with pytest.raises(OutOfMemory, match=r"sampling or decoding cfg_1 .*eval\.batch_size = 64 \(2 x 64 sequences.*e\.g\. to 32"):
-        models = eval_stage.EvalModels(SimpleNamespace(sample=None), None, {"base": None}, torch.zeros(4, dtype=torch.long))
+        models = eval_stage.EvalModels(SimpleNamespace(sample=None, step_unit="token"), None, {"base": None}, torch.zeros(4, dtype=torch.long))
         eval_stage.sample_unit(unit, models, cfg, Path("."), world)
 
     monkeypatch.setattr(eval_stage, "extract_features", oom)
