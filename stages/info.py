@@ -107,19 +107,25 @@ def _checkpoint(path: Path) -> str:
 
 # ------------------------------------------------------------------------- eval's outputs (stages/eval.py)
 
+# the eval settings shown beside a sample file or an eval folder: what the samples and their scores depend on
 SAMPLER_KEYS = ("samples_per_class", "num_classes", "temperature", "top_k", "top_p", "cfg_schedule", "image_size",
                 "resize_to", "batch_size", "feature_extractor")
 
 
 def _eval_marker(path: Path) -> bool:
-    """An eval's output (its .cca-pipe.json names the stage), finished or being built (`<out>.partial`)."""
+    """An eval's output: its .cca-pipe.json names the stage (finished, or being built: `<out>.partial`), or,
+    copied without that hidden file, its metrics.json is an eval's."""
     from pipeline.outputs import MARKER, read_json
 
-    return (read_json(path / MARKER) or {}).get("stage") == "eval"
+    if (read_json(path / MARKER) or {}).get("stage") == "eval":
+        return True
+    metrics = read_json(path / "metrics.json") or {}
+    return "methods" in metrics and "sampled" in metrics
 
 
 def _histogram(labels) -> str:
-    """'3 classes (0-2), 4 samples each' or '3 classes (0-7), 2 to 5 samples per class (fewest: class 2)'."""
+    """'3 classes (0-2), 4 samples each', or '3 classes (0-7), 2 to 5 samples per class (fewest: class 2, most:
+    class 0)'."""
     import numpy as np
 
     classes, counts = np.unique(labels, return_counts=True)
@@ -159,7 +165,7 @@ def _samples(path: Path) -> str:
     lines = [f"sample batch {path} (the ADM evaluator's layout)"]
     lines += [f"  {name:<19}{shape} {dtype}  {meaning.get(name, '')}".rstrip() for name, (shape, dtype) in arrays.items()]
     lines += [f"  {'samples':<19}{n}", f"  {'image size':<19}{height} x {width}",
-              f"  {'labels':<19}{_histogram(labels) if labels is not None and n else 'none (no arr_1)'}",
+              f"  {'labels':<19}{'none (no arr_1)' if labels is None else _histogram(labels) if n else 'none (no rows)'}",
               f"  {'order':<19}{_order(labels, index)}"]
     return "\n".join(lines + _made_by(path))
 
@@ -181,6 +187,8 @@ def _read_eval(folder: Path) -> tuple[dict | None, dict | None]:
 def _made_by(path: Path) -> list[str]:
     """The records of the eval that wrote `path` (<eval>/samples/<method>_seed<k>.npz): method, seed, what was
     sampled, the sampler's settings and the unit's scores."""
+    from pipeline.outputs import read_json
+
     folder = path.parent.parent
     if path.parent.name != "samples" or not _eval_marker(folder):
         return ["  made by            unknown: not in an eval output's samples/ folder (no records of its settings)"]
@@ -194,8 +202,6 @@ def _made_by(path: Path) -> list[str]:
         lines.append(f"  method             {name} ({_sampled(unit[name])}), seed {seed}")
     if settings:
         lines.append("  settings           " + ", ".join(f"{k} {settings[k]}" for k in SAMPLER_KEYS if k in settings))
-    from pipeline.outputs import read_json
-
     scores = (read_json(path.with_name(path.name[: -len(".npz")] + ".json")) or {}).get("scores")
     if scores:
         lines.append("  scores             " + _scores(scores))
@@ -219,14 +225,14 @@ def _scores(scores: dict) -> str:
 
 
 def _eval_folder(path: Path) -> str:
+    from pipeline.outputs import read_json
+
     from .eval import format_results
 
     metrics, settings = _read_eval(path)
     npz = sorted(p.name for p in (path / "samples").glob("*.npz")) if (path / "samples").is_dir() else []
     lines = [f"eval output {path}"]
     if metrics is None:
-        from pipeline.outputs import read_json
-
         lines.append("  status             INCOMPLETE (no metrics.json: an eval running or interrupted; rerun it to resume)")
         for name in npz:
             scores = (read_json(path / "samples" / (name[: -len(".npz")] + ".json")) or {}).get("scores")

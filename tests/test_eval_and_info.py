@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import torch
 from click.testing import CliRunner
@@ -213,9 +215,17 @@ def test_info_describes_an_eval_folder_and_its_sample_files(tmp_path):
         m = metrics["methods"][name]
         assert f"| {name} | {m['fid']:.3f} ± {m['fid_std']:.3f} | {m['is']:.3f} ± {m['is_std']:.3f} |" in text
 
+    # copied without its hidden .cca-pipe.json: still an eval's, by its metrics.json
+    shutil.copytree(tmp_path / "eval", tmp_path / "copy", ignore=shutil.ignore_patterns(".cca-pipe.json"))
+    copy = runner.invoke(main, ["info", str(tmp_path / "copy")]).output
+    assert copy.replace(str(tmp_path / "copy"), str(tmp_path / "eval")) == text
     (tmp_path / "eval/metrics.json").write_text("{", encoding="utf-8")  # damaged
     damaged = runner.invoke(main, ["info", str(tmp_path / "eval")])
     assert damaged.exit_code != 0 and "metrics.json cannot be read as JSON" in str(damaged.exception)
+    (tmp_path / "eval/metrics.json").unlink()  # as in an eval being built (<out>.partial): the units scored so far
+    partial = runner.invoke(main, ["info", str(tmp_path / "eval")]).output
+    assert "INCOMPLETE" in partial and f"  {'cca_seed0.npz':<19}FID {metrics['per_seed']['cca'][0]['fid']:.3f}" in partial
+    assert partial.count(".npz") == 8
 
 
 def test_info_describes_a_foreign_sample_file_and_refuses_a_malformed_one(tmp_path, monkeypatch, capsys):
