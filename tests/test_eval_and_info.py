@@ -1,4 +1,5 @@
-"""eval resumes by (method, seed) unit; `cca-pipe info` describes stores, caches and checkpoints."""
+"""eval resumes by (method, seed) unit and shows its progress; `cca-pipe info` describes stores, caches, checkpoints and
+eval outputs (sample files, eval folders)."""
 
 from __future__ import annotations
 
