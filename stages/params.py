@@ -5,7 +5,6 @@ wrong types and out-of-range values refused, naming the key)."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from pathlib import Path
 from typing import TypeVar
@@ -166,30 +165,9 @@ def build(cls: type[T], params: dict, section: str, preset: str | None = None, o
 
     try:
         values = resolve(section, params, preset, (overrides or {}).get(section), source=str(source))
-        if section == "reflogp" and values.get("visits", VISITS_FROM_TRAIN) == VISITS_FROM_TRAIN:
-            values["visits"] = visits_for_train(params, preset, overrides, source)
     except ConfigError as e:
         raise ParamsError(str(e)) from e
     return build_dataclass(cls, values, f"{source} [{section}]", error=ParamsError, source=str(source))
-
-
-# reflogp.visits "epochs": as many visits as the resolved train settings read epochs (docs/paper.md)
-VISITS_FROM_TRAIN = "epochs"
-
-
-def visits_for_train(params: dict, preset: str | None = None, overrides: dict | None = None,
-                     source: str | Path = "params.yaml") -> int:
-    """ceil(train.epochs) of the resolved train settings (preset, params.yaml, --set), the visits a reference
-    cache needs for train to read a fresh visit at every epoch."""
-    from .presets import resolve
-    from .train import TrainConfig
-
-    epochs = resolve("train", params, preset, (overrides or {}).get("train"), source=str(source)).get(
-        "epochs", TrainConfig.__dataclass_fields__["epochs"].default)
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not 0 < epochs < 1e6:
-        raise ConfigError(f"{source}: train.epochs = {epochs!r} must be a number > 0 (reflogp.visits: "
-                          f"{VISITS_FROM_TRAIN} takes ceil(train.epochs))")
-    return math.ceil(epochs)
 
 
 def as_params(cfg) -> dict:

@@ -7,7 +7,9 @@ into the Parquet schema metadata, and `train` checks it (pipeline/formats.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +26,11 @@ from pipeline.refcache import MASK_RULE, NEGATIVES, ReferenceNoise, draw_pairs, 
 from pipeline.tokenstore import open_token_store
 
 from .loading import load_for_store
-from .params import VISITS_FROM_TRAIN, as_params
+from .params import as_params
 
 log = logging.getLogger(__name__)
+
+VISITS_FROM_TRAIN = "epochs"  # reflogp.visits: as many as the resolved train settings read epochs
 
 
 @dataclass
@@ -43,7 +47,7 @@ class RefLogpConfig:
     drop_path: float = setting(0.0, ge=0.0, lt=1.0)
     # How often train visits each row, each visit with its own view ("one"), negatives and dropout masks (the
     # released scripts redraw them every epoch): "epochs" is ceil(train.epochs), resolved with the settings
-    # (stages/params.py); train refuses a cache with fewer visits than the epochs it reads. Not train.lambda /
+    # (stages/cli.py resolved_config: resolve_visits); train refuses a cache with fewer visits than the epochs it reads. Not train.lambda /
     # beta: a sweep shares one cache. Cost: reflogp's time grows with the visits (docs/performance.md).
     visits: int | str = setting(VISITS_FROM_TRAIN, ge=1)
     batch_size: int = setting(512, ge=1)
@@ -58,10 +62,17 @@ class RefLogpConfig:
             raise ConfigError(f"reflogp.visits = {self.visits!r}: write a number of visits (>= 1) or "
                               f"{VISITS_FROM_TRAIN!r} (ceil(train.epochs))")
 
+    def resolve_visits(self, train_epochs: float) -> RefLogpConfig:
+        """This config with visits "epochs" resolved to ceil(train_epochs), the epochs of the resolved train
+        settings (one visit per epoch, as the released scripts redraw each row's draws every epoch)."""
+        if self.visits != VISITS_FROM_TRAIN:
+            return self
+        return dataclasses.replace(self, visits=math.ceil(train_epochs))
+
     @property
     def num_visits(self) -> int:
-        """visits as a number: "epochs" is resolved when the settings are (stages/params.py); a config built
-        without them (a library call) must say how many."""
+        """visits as a number: "epochs" is resolved with the other stages' settings (resolve_visits); a config
+        built without them (a library call) must say how many."""
         if isinstance(self.visits, str):
             raise ConfigError(f"reflogp.visits = {self.visits!r} is resolved from train.epochs with the settings "
                               "(cca-pipe reflogp); a RefLogpConfig built directly needs a number")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pipeline.alignment import AlignmentRun, loss_for_batch, make_batch, train_policy, visit_rows, with_online_reference
 from pipeline.checkpoint import save_checkpoint
@@ -21,7 +22,7 @@ from pipeline.refcache import ReferenceNoise, check_cache_rows, draw_pairs, refe
 from pipeline.tokenstore import open_token_store, write_token_store
 from stages import reflogp as reflogp_stage
 from stages import train as train_stage
-from stages.params import build, load_params
+from stages.params import load_params
 from stages.reflogp import RefLogpConfig
 
 CPU = torch.device("cpu")
@@ -181,17 +182,26 @@ def test_a_cache_missing_a_visit_block_is_refused(tmp_path):
         read_ref_cache(tmp_path / "cut.parquet", store=open_token_store(tokens))
 
 
+def _resolved_visits(*args: str) -> int:
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    result = CliRunner().invoke(main, ["--params", str(ROOT / "params.yaml"), *args, "config", "reflogp"])
+    assert result.exit_code == 0, result.output
+    return yaml.safe_load(result.output)["reflogp"]["visits"]
+
+
 def test_visits_epochs_resolves_to_the_train_settings_epochs_and_not_to_lambda_or_beta():
-    params = load_params(ROOT / "params.yaml")
-    assert params["reflogp"]["visits"] == "epochs"
-    assert build(RefLogpConfig, params, "reflogp").visits == 3  # train.epochs 3
-    assert build(RefLogpConfig, params, "reflogp", overrides={"train": {"epochs": 2.5}}).visits == 3
-    assert build(RefLogpConfig, params, "reflogp", overrides={"train": {"epochs": 9}}).visits == 9
-    assert build(RefLogpConfig, params, "reflogp", overrides={"reflogp": {"visits": 2}}).visits == 2
-    assert build(RefLogpConfig, params, "reflogp", overrides={"train": {"lambda": 300, "beta": 0.1}}) == \
-        build(RefLogpConfig, params, "reflogp")  # a sweep shares one cache
-    del params["train"]["epochs"]  # the presets' epochs: llamagen-L 1, llamagen-L-lambda 3
-    assert build(RefLogpConfig, params, "reflogp", preset="llamagen-L").visits == 1
-    assert build(RefLogpConfig, params, "reflogp", preset="llamagen-L-lambda").visits == 3
+    assert load_params(ROOT / "params.yaml")["reflogp"]["visits"] == "epochs"
+    assert _resolved_visits() == 3  # train.epochs 3
+    assert _resolved_visits("--set", "train.epochs=2.5") == 3
+    assert _resolved_visits("--set", "train.epochs=9") == 9
+    assert _resolved_visits("--set", "train.epochs=9", "--set", "reflogp.visits=2") == 2
+    assert _resolved_visits("--preset", "llamagen-L") == 1  # the presets' epochs
+    assert _resolved_visits("--preset", "llamagen-L-lambda") == 3
+    assert RefLogpConfig().resolve_visits(3.0) == RefLogpConfig(visits=3)
     with pytest.raises(ConfigError, match=r"reflogp.visits = 'every'"):
         RefLogpConfig(visits="every")
+    with pytest.raises(ConfigError, match=r"needs a number"):
+        RefLogpConfig().num_visits
