@@ -177,9 +177,25 @@ class StepRows(torch.utils.data.Dataset):
 
 def run_steps(epochs: float, n_rows: int, batch_size: int, max_steps: int | None) -> int:
     """Optimiser steps of a run: ceil(epochs x cache rows / batch_size), at most max_steps (None: no cap).
-    The learning-rate and weight-decay schedules span these steps."""
+    `n_rows`: the rows of one visit (an epoch). The learning-rate and weight-decay schedules span these steps."""
     steps = max(1, math.ceil(epochs * n_rows / batch_size))
     return steps if max_steps is None else min(steps, max_steps)
+
+
+def visit_rows(cache: dict[str, np.ndarray], visits: int) -> int:
+    """The rows of one visit (one epoch) of a cache of `visits` visit blocks (pipeline/formats.py)."""
+    n = len(cache["row"])
+    if visits < 1 or n % visits:
+        raise ValueError(f"a cache of {n} rows cannot hold {visits} visits of equal size")
+    return n // visits
+
+
+def epochs_read(epochs: float, n_rows: int, batch_size: int, max_steps: int | None) -> int:
+    """The epochs a run reads rows of, each a visit of the cache: ceil(epochs), fewer under a max_steps cap.
+    The last step's rows past `epochs` x n_rows (filling its batch) are not counted: they come from the
+    visit after the last, i.e. visit 0 again (AlignmentRun)."""
+    steps = run_steps(epochs, n_rows, batch_size, max_steps)
+    return min(math.ceil(epochs), math.ceil(steps * batch_size / n_rows))
 
 
 @dataclass
@@ -228,6 +244,7 @@ def train_policy(
     world: World | None = None,
     cache_noise: ReferenceNoise | None = None,
     cache_name: str = "the reference cache",
+    visits: int = 1,
 ) -> torch.nn.Module:
     """Fine-tune `policy` in place for cfg.epochs passes over the cache rows; returns it (under FSDP,
     sharded: pipeline.parallel.full_state_dict gathers its weights).
@@ -247,12 +264,15 @@ def train_policy(
     a run given a `train_state` holding a point for its settings continues exactly where it stopped, with
     any number of processes and either strategy: same data order, unconditional rows and dropout masks,
     same optimiser moments, hence the same final weights as an uninterrupted run.
+    `visits`: the cache's visit blocks (reflogp.visits, pipeline/formats.py): epoch e reads the rows of visit
+    e mod visits (the train stage refuses fewer visits than epochs unless train.repeat_visits), so with one
+    visit every epoch reads the same draws.
     A non-finite loss or gradient raises FloatingPointError naming the step, before the update is applied.
     Under torchrun (`world` of N processes) the result is the one-process run's (AlignmentRun); only the
     main process gets `on_step` (metrics of all rows, gathered).
     """
     world = world or World(device=device)
-    run = AlignmentRun(policy, tokens, cache, cfg, device, world, param_groups)
+    run = AlignmentRun(policy, tokens, cache, cfg, device, world, param_groups, visits)
     if not run.resume(train_state) and cache_noise is not None:
         run.check_cache(cache_noise, cache_name)
     bar = progress(run.total_steps) if progress else None
@@ -328,7 +348,7 @@ class AlignmentRun:
     Either way the loss is weighted so the result is the one-process gradient."""
 
     def __init__(self, policy, tokens, cache: dict[str, np.ndarray], cfg: AlignConfig, device: torch.device, world: World,
-                 param_groups: Callable[[torch.nn.Module, float], list[dict]]):
+                 param_groups: Callable[[torch.nn.Module, float], list[dict]], visits: int = 1):
         self.mine = deal_micro_batches(cfg.batch_size, cfg.micro_batch_size, world)  # this process's micro-batches
         if cfg.loss not in LOSSES:
             raise ValueError(f"unknown loss {cfg.loss!r}; known: {sorted(LOSSES)}")
@@ -336,10 +356,15 @@ class AlignmentRun:
             raise ValueError("train.uncond_ratio > 0 needs a model with a null class (trained with class dropout); set it to 0")
         self.policy, self.tokens, self.cache, self.cfg, self.device, self.world = policy, tokens, cache, cfg, device, world
         self.rng = np.random.default_rng(cfg.seed)
-        self.total_steps = run_steps(cfg.epochs, len(cache["row"]), cfg.batch_size, cfg.max_steps)
+        self.rows_per_visit = n = visit_rows(cache, visits)
+        self.total_steps = run_steps(cfg.epochs, n, cfg.batch_size, cfg.max_steps)
         chunk_rows = getattr(tokens, "chunk_rows", len(tokens))
-        self.order = np.concatenate([epoch_order(self.rng, cache["row"], chunk_rows, cfg.shuffle_buffer_chunks)
-                                     for _ in range(math.ceil(cfg.epochs) + 1)])
+        # epoch e: a permutation of visit e's rows (each visit holds the same store rows, so the draws of the
+        # order are the one-visit cache's)
+        self.order = np.concatenate([
+            (e % visits) * n + epoch_order(self.rng, cache["row"][(e % visits) * n : (e % visits + 1) * n], chunk_rows,
+                                           cfg.shuffle_buffer_chunks)
+            for e in range(math.ceil(cfg.epochs) + 1)])
         policy.set_activation_checkpointing(cfg.activation_checkpointing)
         policy.train()
         self.model = distribute(policy, world, cfg.strategy)  # FSDP shards `policy` in place: groups are built after it

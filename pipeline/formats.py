@@ -30,7 +30,10 @@ finished chunk whose images changed since.
 Format 1 (no checksums) is converted by `cca-pipe upgrade-store` (same tokens, same fingerprint).
 
 Reference log-prob cache (stage `reflogp`), a Parquet file, e.g. `data/reflogp/ref_logp.parquet`:
-    One cache row per image (reflogp.views = "one") or per (image, view) ("all").
+    One cache row per image (reflogp.views = "one") or per (image, view) ("all"), per visit: a cache of V
+    visits (reflogp.visits) holds V blocks of R rows, visit v at cache rows [v R, (v+1) R), each block
+    every image (view) once with its own seeded views ("one"), negatives and dropout masks; train's
+    epoch e reads visit e. Visit 0 is the one-visit cache row for row (pipeline.refcache.draw_pairs).
     row            int64    index into the token store
     label          int32    c
     neg_label      int32    c_neg, fixed at cache time (seeded); != c unless negatives "roll"
@@ -47,7 +50,8 @@ Reference log-prob cache (stage `reflogp`), a Parquet file, e.g. `data/reflogp/r
              pos|neg|null), pipeline.models.layers.noise_keys; independent of batch_size, parts and processes),
              content_sha256 ({column: sha256 of its values in row order, as little-endian bytes of the schema's
              type}, of the whole file, written with it; verified on every whole read, so any change to the values
-             after they were written is refused; absent in caches written before it existed: accepted with a note)
+             after they were written is refused; absent in caches written before it existed: accepted with a note),
+             visits (the number of visit blocks; absent in older caches: 1)
 
 Sample batch (stage `eval`, read by `score`, `report` and `info`), the ADM evaluator's `.npz`, e.g.
 `data/eval/samples/cca_seed0.npz`:
@@ -344,14 +348,20 @@ def validate_ref_cache(path: Path, columns: dict[str, np.ndarray], meta: dict, s
         fail("have a label different from the token store's", bad)
     if not complete:
         return
+    visits = meta.get("visits", 1)
+    if not isinstance(visits, int) or visits < 1:
+        raise FormatError(f"{path}: provenance visits is {visits!r}; {REBUILD_CACHE}")
+    per_visit = n * a if meta.get("views") == "all" else n
     keys = rows.astype(np.int64) * a + views if meta.get("views") == "all" else rows.astype(np.int64)
-    expected = n * a if meta.get("views") == "all" else n
+    expected = visits * per_visit
+    if len(keys) == expected:  # each visit block holds every (row, view) once
+        keys = keys + np.arange(len(keys)) // per_visit * per_visit
     counts = np.bincount(keys, minlength=expected)
     if len(keys) != expected or (counts != 1).any():
         missing, repeated = int((counts == 0).sum()), int((counts > 1).sum())
         unit = "(row, view) pairs" if meta.get("views") == "all" else "rows"
-        raise FormatError(f"{path}: {len(keys)} cache rows for {expected} token-store {unit}: {missing} missing, {repeated} "
-                          f"present more than once; {REBUILD_CACHE}")
+        raise FormatError(f"{path}: {len(keys)} cache rows for {visits} visit(s) of {per_visit} token-store {unit}: {missing} "
+                          f"missing, {repeated} present more than once; {REBUILD_CACHE}")
 
 
 # ----------------------------------------------------------------------------- sample batch (ADM evaluator)

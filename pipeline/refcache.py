@@ -1,7 +1,9 @@
 """Computing the reference log-prob cache: the frozen model runs once over every training row.
 
 For each row the view and the negative label are fixed here (seeded), so every training run of a
-sweep sees the same pairs, and the cached values are exactly what the loss needs (formats.py).
+sweep sees the same pairs, and the cached values are exactly what the loss needs (formats.py). A cache of
+several visits draws them (and the reference's dropout masks) anew for each visit: train's epoch e reads
+visit e, as the released scripts redraw them at every epoch.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ NEGATIVES = ("other", "roll")
 
 
 def draw_pairs(labels: np.ndarray, num_views: int, num_classes: int, seed: int, views: str = "one",
-               negatives: str = "other") -> dict[str, np.ndarray]:
+               negatives: str = "other", visits: int = 1) -> dict[str, np.ndarray]:
     """The cache's rows: which token-store row and view each uses, and its negative label.
 
     views="one": one cache row per image with a seeded random view; views="all": one cache row per
@@ -33,8 +35,20 @@ def draw_pairs(labels: np.ndarray, num_views: int, num_classes: int, seed: int, 
     closely as a cache allows: the cache rows in a seeded global permutation, each row's negative is the
     label of the next row in it; where that equals the row's own label the row is a positive twice
     (pipeline.losses; the scripts' `shuffled_c_indices == c_indices`).
+    `visits`: the rows are drawn that many times, visit after visit (visit v is cache rows [v R, (v+1) R)),
+    each visit with its own views ("one") and negatives, as the released scripts redraw them at every epoch
+    (docs/paper.md); visit 0 is drawn from default_rng(seed), exactly the one-visit cache, visit v > 0 from
+    default_rng([seed, v]).
     """
-    rng = np.random.default_rng(seed)
+    if visits < 1:
+        raise ValueError(f"visits = {visits}: a cache holds at least one visit")
+    drawn = [_draw_visit(labels, num_views, num_classes, np.random.default_rng(seed if v == 0 else [seed, v]), views,
+                         negatives) for v in range(visits)]
+    return {k: np.concatenate([d[k] for d in drawn]) for k in drawn[0]}
+
+
+def _draw_visit(labels: np.ndarray, num_views: int, num_classes: int, rng: np.random.Generator, views: str,
+                negatives: str) -> dict[str, np.ndarray]:
     n, labels = len(labels), labels.astype(np.int64)
     if views == "one":
         rows = np.arange(n)
@@ -61,6 +75,11 @@ def draw_pairs(labels: np.ndarray, num_views: int, num_classes: int, seed: int, 
     }
 
 
+def cache_visits(provenance: dict) -> int:
+    """How many visits a cache holds (reflogp.visits); caches written before visits existed hold one."""
+    return int(provenance.get("visits", 1))
+
+
 # How a cache with dropout drew its masks (recorded in its provenance, pipeline/formats.py)
 MASK_RULE = "keyed-v1: splitmix64(seed, cache row, role pos|neg|null) per sequence, mix32 per (site, element)"
 
@@ -69,7 +88,8 @@ MASK_RULE = "keyed-v1: splitmix64(seed, cache row, role pos|neg|null) per sequen
 class ReferenceNoise:
     """The reference's dropout as the cache saw it (reflogp.dropout / drop_path / seed, recorded in its
     provenance): rates 0 is eval mode; otherwise the reference ran in train mode with the masks of
-    noise_keys(seed, cache row, role), one draw per cache row (pipeline.models.layers)."""
+    noise_keys(seed, cache row, role), one draw per cache row (pipeline.models.layers): per visit too, since
+    each visit of an image is a cache row of its own."""
 
     seed: int = 0
     dropout: float = 0.0

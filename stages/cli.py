@@ -97,6 +97,9 @@ def resolved_config(ctx: click.Context, stage: str):
         module, cls, section = STAGES[name]
         config_class = getattr(importlib.import_module(f"stages.{module}"), cls)
         configs[name] = build(config_class, params, section, ctx.obj["preset"], overrides, source=ctx.obj["params"])
+    # reflogp.visits "epochs": one visit per epoch of the resolved train settings (not their lambda or beta: a
+    # sweep shares one cache)
+    configs["reflogp"] = configs["reflogp"].resolve_visits(configs["train"].epochs)
     return configs[stage]
 
 

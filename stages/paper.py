@@ -155,7 +155,7 @@ def table5(paper_dir: Path, paper: PaperConfig, cca_points: list[Point], beta: f
 
 
 DROPOUT_RUNS = {"eval_mode": "eval-mode reference (the cache without dropout)",
-                "matched": "reference with the same dropout (the release)"}
+                "matched": "reference with the same dropout, drawn anew each epoch (the release)"}
 
 
 def reference_dropout(paper_dir: Path, cache: Path, paper: PaperConfig, checks: dict) -> str:

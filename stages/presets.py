@@ -16,9 +16,11 @@ Besides the released recipes: `llamagen-L-lambda`, the paper's Table 5 policy (n
 The reference sees the recipe's dropout: the scripts run it in train mode (`ref_model.train()` with
 --keep_dropout; VAR's `ref.train()` with drop path), so at step 0 log p_theta - log p_phi is zero-mean noise.
 The cache reproduces that reference distribution: reflogp.dropout / drop_path equal train's, and each cache
-row is scored with one seeded draw of the masks, keyed by (reflogp.seed, row, pos/neg/null) (pipeline.refcache).
-The scripts redraw the reference's masks at every visit of a row; with 1 epoch (every preset) each row is
-visited once, so that is the same distribution. The policy draws its own masks, keyed by (train.seed, visit).
+row is scored with one seeded draw of the masks, keyed by (reflogp.seed, cache row, pos/neg/null)
+(pipeline.refcache). The scripts redraw the reference's masks (and the row's random crop and rolled negative)
+at every visit of a row; the cache holds reflogp.visits draws per row, by default one per train epoch
+(`visits: epochs`: 1 for the released recipes, 3 for llamagen-L-lambda), and train's epoch e reads visit e,
+so every preset sees the release's distribution. The policy draws its own masks, keyed by (train.seed, visit).
 
 Deliberate departures from the scripts, documented in the README:
 - Negatives `roll` are drawn once per cache row from a seeded global permutation, not re-rolled in each

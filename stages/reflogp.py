@@ -7,14 +7,16 @@ into the Parquet schema metadata, and `train` checks it (pipeline/formats.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.checkpoint import file_sha256
-from pipeline.config import check_ranges, setting
+from pipeline.config import ConfigError, check_ranges, setting
 from pipeline.distributed import World
 from pipeline.families import ModelSource
 from pipeline.formats import RefCacheParts, claim_ref_cache, read_ref_cache
@@ -27,6 +29,8 @@ from .loading import load_for_store
 from .params import as_params
 
 log = logging.getLogger(__name__)
+
+VISITS_FROM_TRAIN = "epochs"  # reflogp.visits: as many as the resolved train settings read epochs
 
 
 @dataclass
@@ -41,6 +45,11 @@ class RefLogpConfig:
     # train refuses a cache whose rates are not its own (train.reference_noise).
     dropout: float = setting(0.0, ge=0.0, lt=1.0)
     drop_path: float = setting(0.0, ge=0.0, lt=1.0)
+    # How often train visits each row, each visit with its own view ("one"), negatives and dropout masks (the
+    # released scripts redraw them every epoch): "epochs" is ceil(train.epochs), resolved with the settings
+    # (stages/cli.py resolved_config: resolve_visits); train refuses a cache with fewer visits than the epochs it reads. Not train.lambda /
+    # beta: a sweep shares one cache. Cost: reflogp's time grows with the visits (docs/performance.md).
+    visits: int | str = setting(VISITS_FROM_TRAIN, ge=1)
     batch_size: int = setting(512, ge=1)
     part_rows: int = setting(4096, ge=1, multiple_of="batch_size")  # resume unit: rows per part file
     # under torchrun: "ddp" holds the whole model on every GPU; "fsdp" shards it (pipeline/parallel.py), the
@@ -49,6 +58,25 @@ class RefLogpConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, "reflogp")
+        if isinstance(self.visits, str) and self.visits != VISITS_FROM_TRAIN:
+            raise ConfigError(f"reflogp.visits = {self.visits!r}: write a number of visits (>= 1) or "
+                              f"{VISITS_FROM_TRAIN!r} (ceil(train.epochs))")
+
+    def resolve_visits(self, train_epochs: float) -> RefLogpConfig:
+        """This config with visits "epochs" resolved to ceil(train_epochs), the epochs of the resolved train
+        settings (one visit per epoch, as the released scripts redraw each row's draws every epoch)."""
+        if self.visits != VISITS_FROM_TRAIN:
+            return self
+        return dataclasses.replace(self, visits=math.ceil(train_epochs))
+
+    @property
+    def num_visits(self) -> int:
+        """visits as a number: "epochs" is resolved with the other stages' settings (resolve_visits); a config
+        built without them (a library call) must say how many."""
+        if isinstance(self.visits, str):
+            raise ConfigError(f"reflogp.visits = {self.visits!r} is resolved from train.epochs with the settings "
+                              "(cca-pipe reflogp); a RefLogpConfig built directly needs a number")
+        return self.visits
 
 
 def run(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, out: Path, source: ModelSource = ModelSource(),
@@ -68,7 +96,8 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
     family, model = load_for_store(ref_path, "--ref", store, tokens_path, world, cfg.strategy, source)
     model.set_dropout(cfg.dropout, cfg.drop_path, section="reflogp")  # before any work: VAR has no dropout
     noise = ReferenceNoise(cfg.seed, cfg.dropout, cfg.drop_path)
-    pairs = draw_pairs(store.labels, store.tokens.shape[1], store.num_classes, cfg.seed, cfg.views, cfg.negatives)
+    pairs = draw_pairs(store.labels, store.tokens.shape[1], store.num_classes, cfg.seed, cfg.views, cfg.negatives,
+                       cfg.num_visits)
     provenance = {
         "tokens_fingerprint": store.fingerprint,
         "ref_ckpt_sha256": file_sha256(ref_path),
@@ -77,6 +106,7 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
         "negatives": cfg.negatives,
         "dropout": cfg.dropout,
         "drop_path": cfg.drop_path,
+        "visits": cfg.num_visits,
         "mask_rule": MASK_RULE if noise.active else "eval",
         "logp_code": family.logp_code(),
         "settings": as_params(cfg),
@@ -114,8 +144,8 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
     claim.committed = True
     logps, _ = read_ref_cache(out, store=store)
     ratio = logps["ref_logp_pos"] - logps["ref_logp_null"]
-    log.info("cached %d rows -> %s; mean log p(x|c) %.2f, mean log p(x|c)-log p(x|null) %.2f nats",
-             len(ratio), out, logps["ref_logp_pos"].mean(), ratio.mean())
+    log.info("cached %d rows (%d visit(s)) -> %s; mean log p(x|c) %.2f, mean log p(x|c)-log p(x|null) %.2f nats",
+             len(ratio), cfg.num_visits, out, logps["ref_logp_pos"].mean(), ratio.mean())
 
 
 def _part_logps(model, tokens, pairs: dict[str, np.ndarray], start: int, stop: int, batch_size: int, dealt: int,

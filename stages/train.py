@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.alignment import LR_SCHEDULES, AlignConfig, run_steps, train_policy
+from pipeline.alignment import LR_SCHEDULES, AlignConfig, epochs_read, run_steps, train_policy, visit_rows
 from pipeline.checkpoint import file_sha256
 from pipeline.config import ConfigError, check_ranges, setting, settings_digest
 from pipeline.device import local_bytes, peak_rss_mb, rss_mb
@@ -29,7 +29,7 @@ from pipeline.losses import LOSSES
 from pipeline.outputs import StageDir, write_json
 from pipeline.parallel import STRATEGIES, check_micro_batches, full_state_dict
 from pipeline.progress import progress
-from pipeline.refcache import CHECK_ROWS, CacheMismatch, ReferenceNoise
+from pipeline.refcache import CHECK_ROWS, CacheMismatch, ReferenceNoise, cache_visits
 from pipeline.resume import TrainState
 from pipeline.tokenstore import TokenStore, open_token_store
 
@@ -73,7 +73,10 @@ class TrainConfig:
     # cache rows the step-0 check scores (spread over the cache), a reflogp pass over them before the first step;
     # 0: no check (a warning says what is given up)
     step0_rows: int = setting(CHECK_ROWS, ge=0)
-    epochs: float = setting(3.0, gt=0.0)
+    epochs: float = setting(3.0, gt=0.0)  # epoch e reads the cache's visit e (reflogp.visits)
+    # false: refuse a cache with fewer visits than the epochs this run reads; true: epoch e reads visit e mod
+    # visits, so each row meets the same view, negative and reference masks again (before issue 28's fix)
+    repeat_visits: bool = False
     # a cap on the optimiser steps: a run trains ceil(epochs x cache rows / batch_size) steps, at most this
     # many (smoke runs and budgets; the schedules span the capped run); null: no cap. train prints the count
     max_steps: int | None = setting(None, ge=1)
@@ -160,10 +163,12 @@ def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, cl
         policy.enable_lambda_conditioning(seed=cfg.seed)
     claim.key = run_key(cfg, inputs.provenance, inputs.init_sha)
     folder = _RunFolder.open(claim, world)
-    total = run_steps(cfg.epochs, len(inputs.cache["row"]), cfg.batch_size, cfg.max_steps)
+    rows = visit_rows(inputs.cache, inputs.visits)
+    total = run_steps(cfg.epochs, rows, cfg.batch_size, cfg.max_steps)
     if world.main:
-        log.info("training %d steps: %g epochs x %d cache rows / batch_size %d%s", total, cfg.epochs, len(inputs.cache["row"]),
-                 cfg.batch_size, "" if cfg.max_steps is None else f", capped at train.max_steps = {cfg.max_steps}")
+        log.info("training %d steps: %g epochs x %d cache rows / batch_size %d%s (the cache holds %d visit(s))", total,
+                 cfg.epochs, rows, cfg.batch_size, "" if cfg.max_steps is None else f", capped at train.max_steps = {cfg.max_steps}",
+                 inputs.visits)
     baseline_rss_mb = rss_mb()
     started = time.perf_counter()
     _fit(cfg, inputs, family, policy, claim, folder, world, init, preset)
@@ -191,6 +196,7 @@ class _Inputs:
     provenance: dict
     cache_noise: ReferenceNoise
     init_sha: str
+    visits: int  # the cache's visit blocks (reflogp.visits)
 
 
 def _open_inputs(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path) -> _Inputs:
@@ -201,11 +207,23 @@ def _open_inputs(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Pa
     cache, provenance = read_ref_cache(cache_path, expect=expect, store=store)
     cache_noise = ReferenceNoise.of_cache(provenance)
     check_reference_noise(cfg, cache_noise, cache_path)
-    if cfg.batch_size > len(cache["row"]):  # before any work: a step's index lists would be built first
-        raise ValueError(f"train.batch_size = {cfg.batch_size} is larger than the {len(cache['row'])} rows of the reference "
-                         f"cache {cache_path}: a step cannot take more rows than an epoch holds; choose at most {len(cache['row'])}")
+    visits = cache_visits(provenance)
+    rows = visit_rows(cache, visits)
+    if cfg.batch_size > rows:  # before any work: a step's index lists would be built first
+        raise ValueError(f"train.batch_size = {cfg.batch_size} is larger than the {rows} rows of an epoch (a visit) of the "
+                         f"reference cache {cache_path}: a step cannot take more rows than an epoch holds; choose at most {rows}")
+    check_visits(cfg, visits, rows, cache_path)
     store.tokens.cache_chunks = cfg.shuffle_buffer_chunks  # a batch touches at most this many chunks
-    return _Inputs(store, cache_path, cache, provenance, cache_noise, init_sha)
+    return _Inputs(store, cache_path, cache, provenance, cache_noise, init_sha, visits)
+
+
+def check_visits(cfg: TrainConfig, visits: int, rows: int, cache_path: Path) -> None:
+    """Each epoch reads a visit of its own (one line otherwise), unless train.repeat_visits."""
+    needed = epochs_read(cfg.epochs, rows, cfg.batch_size, cfg.max_steps)
+    if visits < needed and not cfg.repeat_visits:
+        raise ConfigError(
+            f"{cache_path} holds {visits} visit(s) of each row but train.epochs = {cfg.epochs:g} reads {needed}: rebuild it with "
+            f"reflogp.visits: epochs (or >= {needed}), or set train.repeat_visits: true to read its draws again at every epoch")
 
 
 @dataclass
@@ -244,7 +262,7 @@ def _fit(cfg: TrainConfig, inputs: _Inputs, family: Family, policy, claim: Stage
             policy, inputs.store.tokens, inputs.cache, cfg.align_config(), world.device, family.param_groups,
             on_step=folder.steps, progress=lambda total: progress(total=total, desc="train", unit="step"),
             on_checkpoint=checkpoint, checkpoint_every=cfg.save_every, train_state=folder.state, world=world,
-            cache_noise=inputs.cache_noise, cache_name=str(inputs.cache_path),
+            cache_noise=inputs.cache_noise, cache_name=str(inputs.cache_path), visits=inputs.visits,
         )
     except CacheMismatch:  # the step-0 check, before any update: a bad input leaves no trace
         if world.main:

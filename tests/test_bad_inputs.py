@@ -164,7 +164,7 @@ def test_labels_out_of_range_are_refused(tmp_path):
 
 
 def _cache(tmp_path: Path, tokens: Path, gpt: Path) -> Path:
-    reflogp_stage.run(reflogp_stage.RefLogpConfig(batch_size=4, part_rows=8), tokens, gpt, tmp_path / "c.parquet")
+    reflogp_stage.run(reflogp_stage.RefLogpConfig(batch_size=4, part_rows=8, visits=3), tokens, gpt, tmp_path / "c.parquet")
     return tmp_path / "c.parquet"
 
 

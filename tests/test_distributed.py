@@ -168,6 +168,23 @@ def test_reflogp_with_two_processes_equals_one(caches: Path):
         assert np.abs(one[name] - two[name]).max() < 1e-5, name
 
 
+def test_reflogp_of_several_visits_with_two_processes_equals_one(world: Path, tmp_path: Path):
+    """reflogp.visits 2 (160 cache rows, the reference with dropout): each visit's rows, negatives and keyed
+    masks are the one-process cache's whatever the world size."""
+    for n in (1, 2):
+        cca(world, "--set", "reflogp.visits=2", "reflogp", "--tokens", world / "tokens.zarr", "--ref", world / "gpt.pt",
+            "--out", tmp_path / f"visits{n}.parquet", nproc=n)
+    one, meta_one = read_ref_cache(tmp_path / "visits1.parquet")
+    two, meta_two = read_ref_cache(tmp_path / "visits2.parquet")
+    assert meta_one == meta_two and meta_one["visits"] == 2 and len(one["row"]) == 160
+    for name in ("row", "view", "label", "neg_label"):
+        assert np.array_equal(one[name], two[name]), name
+    for name in ("ref_logp_pos", "ref_logp_neg", "ref_logp_null"):
+        assert np.abs(one[name] - two[name]).max() < 1e-5, name
+    assert (one["neg_label"][:80] != one["neg_label"][80:]).any()  # a visit of its own
+    assert np.abs(one["ref_logp_null"][:80] - one["ref_logp_null"][80:]).max() > 1e-3  # its own masks
+
+
 def one_process_train(caches: Path) -> Path:
     if not (caches / "train1" / "policy.pt").is_file():
         cca(caches, *train_args(caches, caches / "train1"))

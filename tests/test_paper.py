@@ -105,7 +105,8 @@ def test_the_paper_tables_and_checks(tmp_path: Path):
 
 def test_the_paper_pipeline_reuses_the_main_reference_cache():
     """No stage of pipelines/paper computes reference log-probs but the dropout experiment's one, whose point
-    is a cache with the reference's dropout; every other training stage reads the main cache."""
+    is a cache with the reference's dropout, and Table 5's, whose paper.lambda_epochs epochs read as many visits
+    (reflogp.visits: epochs); every other training stage reads the main cache."""
     stages = yaml.safe_load((ROOT / "pipelines/paper/dvc.yaml").read_text())["stages"]
     trains = {name: s.get("do", s) for name, s in stages.items() if " train " in s.get("do", s)["cmd"]}
     assert set(trains) == {"dpo-train", "unlearning-train", "cca-cfg-train", "lambda-train", "dropout-train"}
@@ -115,11 +116,16 @@ def test_the_paper_pipeline_reuses_the_main_reference_cache():
             assert caches == {"../../data/reflogp/ref_logp.parquet", "../../data/paper/dropout/ref_logp.parquet"}
             assert "--cache ${item.cache}" in stage["cmd"] and "${item.cache}" in stage["deps"]
             continue
+        if name == "lambda-train":
+            assert "--cache ../../data/paper/lambda/ref_logp.parquet" in stage["cmd"]
+            continue
         assert "../../data/reflogp/ref_logp.parquet" in stage["deps"], name
         assert "--cache ../../data/reflogp/ref_logp.parquet" in stage["cmd"], name
     reflogps = [name for name, s in stages.items() if " reflogp " in s.get("do", s)["cmd"]]
-    assert reflogps == ["dropout-reflogp"]
+    assert reflogps == ["lambda-reflogp", "dropout-reflogp"]
     assert "--set reflogp.dropout=${paper.dropout}" in stages["dropout-reflogp"]["cmd"]
+    assert "--set train.epochs=${paper.lambda_epochs} reflogp" in stages["lambda-reflogp"]["cmd"]
+    assert stages["lambda-reflogp"]["outs"] == ["../../data/paper/lambda/ref_logp.parquet"]
 
 
 def test_a_lambda_conditioned_point_takes_its_lambda_from_what_eval_recorded(tmp_path: Path):

@@ -76,8 +76,9 @@ def build_world(root: Path) -> Path:
     save_classifier(root / "clf.pt", ImageClassifier(ClassifierConfig(num_classes=3)).eval())
     write_reference_images(root / "ref", rng)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["reflogp"].update(seed=0, views="all", batch_size=8, part_rows=16)
-    params["train"].update(beta=0.5, epochs=2, batch_size=8, micro_batch_size=4, lr=1e-3, uncond_ratio=0.25, save_every=0)
+    # one visit read at both epochs (train.repeat_visits): the cache and training recorded before visits existed
+    params["reflogp"].update(seed=0, views="all", batch_size=8, part_rows=16, visits=1)
+    params["train"].update(beta=0.5, epochs=2, repeat_visits=True, batch_size=8, micro_batch_size=4, lr=1e-3, uncond_ratio=0.25, save_every=0)
     params["eval"].update(samples_per_class=4, seeds=[0, 1], cfg_scales=[1.0], batch_size=6, grid_per_class=2)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
