@@ -47,8 +47,9 @@ class RefLogpConfig:
     drop_path: float = setting(0.0, ge=0.0, lt=1.0)
     # How often train visits each row, each visit with its own view ("one"), negatives and dropout masks (the
     # released scripts redraw them every epoch): "epochs" is ceil(train.epochs), resolved with the settings
-    # (stages/cli.py resolved_config: resolve_visits); train refuses a cache with fewer visits than the epochs it reads. Not train.lambda /
-    # beta: a sweep shares one cache. Cost: reflogp's time grows with the visits (docs/performance.md).
+    # (stages/cli.py resolved_config: resolve_visits); train refuses a cache with fewer visits than the epochs
+    # it reads. Not train.lambda / beta: a sweep shares one cache. Cost: reflogp's time grows with the visits
+    # (docs/performance.md).
     visits: int | str = setting(VISITS_FROM_TRAIN, ge=1)
     batch_size: int = setting(512, ge=1)
     part_rows: int = setting(4096, ge=1, multiple_of="batch_size")  # resume unit: rows per part file
