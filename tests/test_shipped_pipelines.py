@@ -37,10 +37,14 @@ TINY_GPT = dict(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=CLASSES,
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    """Stand-ins for the downloads: class folders, a reference folder, checkpoints in the release layouts."""
-    root = tmp_path_factory.mktemp("shipped")
+    return make_world(tmp_path_factory.mktemp("shipped"), IMAGES_PER_CLASS)
+
+
+def make_world(root: Path, per_class: int, inception: bool = True) -> Path:
+    """Stand-ins for the downloads: class folders (CLASSES x per_class images), a reference folder, checkpoints
+    in the release layouts (without `inception`, an empty file stands for the Inception weights)."""
     rng = np.random.default_rng(0)
-    write_reference_images(root / "imagenet" / "train", rng, classes=CLASSES, per_class=IMAGES_PER_CLASS, size=24)
+    write_reference_images(root / "imagenet" / "train", rng, classes=CLASSES, per_class=per_class, size=24)
     write_reference_images(root / "reference", rng, classes=CLASSES, per_class=4, size=24)
     ckpts = root / "checkpoints"
     ckpts.mkdir()
@@ -54,7 +58,10 @@ def world(tmp_path_factory) -> Path:
     torch.save(vae.state_dict(), ckpts / "vae_tiny.pth")
     (ckpts / "vae_tiny.json").write_text(json.dumps(TINY_VAE))
     torch.save(VAR(VARConfig(**{**TINY_VAR, "num_classes": CLASSES})).state_dict(), ckpts / "var_d2.pth")
-    save_random_inception(ckpts / "inception.pth")
+    if inception:
+        save_random_inception(ckpts / "inception.pth")
+    else:
+        (ckpts / "inception.pth").write_bytes(b"")
     return root
 
 
