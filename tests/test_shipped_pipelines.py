@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,46 @@ def test_shipped_pipeline_runs_as_shipped(pipeline: str, world: Path, tmp_path: 
         assert config_of(stage, folder)[stage] == yaml.safe_load((folder / f"data/{stage}/settings.yaml").read_text())[stage]
     store = json.loads((folder / "data/tokens.zarr/zarr.json").read_text())["attributes"]
     assert config_of("tokenize", folder)["tokenize"]["image_size"] == store["image_size"] == params["image_size"]
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory) -> Path:
+    return make_world(tmp_path_factory.mktemp("small"), per_class=5)  # 10 images
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["imagenet-llamagen", "imagenet-var"])
+def test_ten_images_stop_at_the_check_then_the_trial_profile_runs_to_the_end(pipeline: str, small_world: Path,
+                                                                              tmp_path: Path):
+    """As shipped on 10 images, `dvc repro` stops at its first stage, `check`, in seconds, with one line naming
+    train.batch_size, before tokenize ran; with `profile: trial` (the README's one step) it runs to the end."""
+    params = shipped_params(pipeline, small_world)
+    folder = init_pipeline_repo(tmp_path / "repo", pipeline, params)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    start = time.monotonic()
+    proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    elapsed = time.monotonic() - start
+    print(f"{pipeline}: dvc repro stopped at the check after {elapsed:.1f} s")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and elapsed < 60, (elapsed, output[-3000:])
+    named = [line for line in output.splitlines() if "train.batch_size" in line]
+    assert len(named) == 1 and named[0].startswith("cca-pipe: check: stage 'train': train.batch_size = 256 is larger than "
+                                                   "the 10 rows the reference cache will hold"), output[-3000:]
+    assert "Running stage 'tokenize'" not in output and not (folder / "data/tokens.zarr").exists()
+    assert not (folder / "data/tokens.zarr.partial").exists()
+
+    params["profile"] = "trial"
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run([BIN / "dvc", "repro"], folder)
+    metrics = json.loads((folder / "data/eval/metrics.json").read_text())
+    guided = [f"cfg_{s:g}" for s in params["eval"]["cfg_scales"]] if "cfg" in params["eval"]["methods"] else []
+    assert set(metrics["methods"]) == {"base", "cca", *guided}
+    assert metrics["samples_per_method"] == 4 * CLASSES  # the trial's 4 samples per class
+    summary = json.loads((folder / "data/train/summary.json").read_text())
+    assert summary["steps"] == 2, summary  # the trial's max_steps
+    # the check runs at every repro (always_changed), and its constant record reruns nothing after it
+    again = _run([BIN / "dvc", "repro"], folder)
+    assert "Running stage 'check'" in again and "Running stage 'tokenize'" not in again, again[-3000:]
 
 
 def config_of(stage: str, folder: Path) -> dict:
