@@ -56,12 +56,17 @@ class Known:
     rows_text: str = ""
     facts: list[str] = field(default_factory=list)
     missing: set[str] = field(default_factory=set)  # inputs reported missing already
+    made: set[str] = field(default_factory=set)  # what the pipeline's stages write (unknown until they ran)
 
     def present(self, path: Path | str) -> bool:
-        """Whether `path` is there to read; a missing one not reported yet is reported (FileNotFoundError)."""
+        """Whether `path` is there to read (a stage's output is read only if that stage ran already); a missing
+        input not reported yet is reported (FileNotFoundError)."""
+        where = os.path.normpath(os.path.abspath(path))
+        if where in self.made or any(str(parent) in self.made for parent in Path(where).parents):
+            return os.path.exists(path)
         if os.path.exists(path):
             return True
-        if os.path.normpath(os.path.abspath(path)) not in self.missing:
+        if where not in self.missing:
             raise FileNotFoundError(f"{path} not found: fix the path, or put the file there")
         return False
 
@@ -95,14 +100,15 @@ def _missing_inputs(folder: Path, known: Known) -> list[str]:
     def entries(stage: dict, kind: str) -> list[str]:
         return [str(next(iter(e))) if isinstance(e, dict) else str(e) for e in stage.get(kind) or []]
 
-    made = {os.path.normpath(folder / resolve(o)) for s in stages.values() for kind in ("outs", "metrics", "plots")
+    made = {os.path.normpath(os.path.abspath(folder / resolve(o))) for s in stages.values() for kind in ("outs", "metrics", "plots")
             for o in entries(s, kind)}
+    known.made |= made
     problems, seen = [], set()
     for name, stage in stages.items():
         for dep in entries(stage, "deps"):
             if "${" not in dep:  # the pipeline's code, or a file an earlier stage makes: DVC's to check
                 continue
-            path = os.path.normpath(folder / resolve(dep))
+            path = os.path.normpath(os.path.abspath(folder / resolve(dep)))
             if path in made or path in seen or os.path.exists(path):
                 continue
             seen.add(path)
@@ -216,8 +222,11 @@ def check_folder(folder: Path, obj: dict) -> tuple[list[str], list[str]]:
             a = _arguments(sub, args, ctx_obj)
             if sub in CHECKS:
                 CHECKS[sub](ctx_obj, a, known)
-            else:
-                _settings(ctx_obj, sub)
+            else:  # a stage's settings are built (so checked) by _settings; `paper` has its own params file
+                from .cli import STAGES
+
+                if sub in STAGES:
+                    _settings(ctx_obj, sub)
         except (ConfigError, CheckpointError, FormatError, OutputError, ValueError, FileNotFoundError,
                 click.ClickException) as e:
             found.setdefault(_one_line(e.format_message() if isinstance(e, click.ClickException) else e), []).append(name)
