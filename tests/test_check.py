@@ -13,6 +13,8 @@ from click.testing import CliRunner
 from test_imagenet_pipeline import ROOT
 from test_shipped_pipelines import make_world, shipped_params
 
+from pipeline.config import ConfigError
+from pipeline.parallel import check_batch_rows
 from stages.check import cache_rows, check_folder
 from stages.cli import main
 
@@ -43,6 +45,13 @@ def test_cache_rows_counts_images_times_the_views_a_row_takes():
     # 10 images, tencrop's 10 views: `all` makes a row per (image, view), `one` a row per image
     assert cache_rows(10, 10, SimpleNamespace(views="all"))[0] == 100
     assert cache_rows(10, 10, SimpleNamespace(views="one")) == (10, "the reference cache will hold (10 images x 1 view)")
+
+
+def test_one_rule_for_the_batch_and_the_rows_train_and_check_share():
+    check_batch_rows(10, 10, "of the cache c.parquet")  # a batch of every row: one step an epoch
+    with pytest.raises(ConfigError, match=r"^train.batch_size = 11 is larger than the 10 rows of the cache c.parquet: .*"
+                                          r"set train.batch_size <= 10 "):
+        check_batch_rows(11, 10, "of the cache c.parquet")
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES)

@@ -137,6 +137,7 @@ def test_ten_images_stop_at_the_check_then_the_trial_profile_runs_to_the_end(pip
     # the check runs at every repro (always_changed), and its constant record reruns nothing after it
     again = _run([BIN / "dvc", "repro"], folder)
     assert "Running stage 'check'" in again and "Running stage 'tokenize'" not in again, again[-3000:]
+    assert "check.txt" not in _run(["git", "status", "--porcelain", "--untracked-files=all"], folder)  # DVC ignores it
 
 
 def config_of(stage: str, folder: Path) -> dict:
