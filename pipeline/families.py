@@ -91,14 +91,16 @@ class Family:
         if int(store_attrs["seq_len"]) != model.cfg.seq_len:
             raise ValueError(f"{tokens_path} has sequences of {store_attrs['seq_len']} tokens, model {ckpt} expects {model.cfg.seq_len}")
 
-    def check_file(self, path: Path, source: ModelSource, layout: dict, image_size: int, classes: int) -> None:
+    def check_file(self, path: Path, source: ModelSource, layout: dict, image_size: int, classes: int) -> int | None:
         """Before any stage runs (`cca-pipe check`): the generator file `path` can read the tokens of `layout`
         (tokenizer_layout's, at tokenize.image_size `image_size`) of `classes` classes; from its shapes and
-        stored config alone, tensors memory-mapped, never built. Raises what loading it later would."""
+        stored config alone, tensors memory-mapped, never built. Raises what loading it later would; returns
+        the file's class count where it is known."""
         num_classes = self.file_classes(path, source, layout, image_size)
         if num_classes is not None and classes > num_classes:
             raise ValueError(f"the image folder has {classes} classes but {path} generates {num_classes}: use the model's "
                              "class folders (data_dir) or a checkpoint trained on these classes")
+        return num_classes
 
     def file_classes(self, path: Path, source: ModelSource, layout: dict, image_size: int) -> int | None:
         """check_file's family part: raise on a mismatch; the file's class count where it is known."""

@@ -143,17 +143,19 @@ def _source(ctx_obj: dict, a: dict):
                        active_preset(SimpleNamespace(obj=ctx_obj)))
 
 
-def _check_generator(path: Path, role: str, known: Known, source) -> None:
+def _check_generator(path: Path, role: str, known: Known, source) -> int | None:
+    """The file's class count where it is known."""
     from pipeline.families import family_of
 
     if not known.present(path):
-        return
+        return None
     family = family_of(path, role)
     if known.family is not None and family is not known.family:
         raise ValueError(f"{path} is a {family.name} model but the tokenizer makes {known.family.name} tokens: use the "
                          "tokenizer of the model's family")
-    if known.layout is not None:
-        family.check_file(path, source, known.layout, known.image_size, known.classes or 0)
+    if known.layout is None:
+        return None
+    return family.check_file(path, source, known.layout, known.image_size, known.classes or 0)
 
 
 def _tokenize(ctx_obj: dict, a: dict, known: Known) -> None:
@@ -198,8 +200,12 @@ def _train(ctx_obj: dict, a: dict, known: Known) -> None:
 
 
 def _eval(ctx_obj: dict, a: dict, known: Known) -> None:
-    _settings(ctx_obj, "eval")
-    _check_generator(a["base_path"], "--base", known, _source(ctx_obj, a))
+    from .eval import check_eval_classes
+
+    cfg = _settings(ctx_obj, "eval")
+    classes = _check_generator(a["base_path"], "--base", known, _source(ctx_obj, a))
+    if classes is not None:
+        check_eval_classes(cfg, classes, "--base", a["base_path"])
 
 
 CHECKS = {"tokenize": _tokenize, "reflogp": _reflogp, "train": _train, "eval": _eval}

@@ -118,3 +118,11 @@ def test_micro_batches_that_processes_cannot_share(small, tmp_path):
     assert problems == ["stage 'train': train.batch_size / train.micro_batch_size = 8 / 1 = 8 micro-batches per step cannot "
                         "be shared equally by 3 processes, whatever the micro_batch_size (8 is not a multiple of 3): set "
                         "train.batch_size to 9 (a multiple of 3 x 1), or run 2 processes in all"]
+
+
+def test_eval_classes_the_base_model_does_not_have(small, tmp_path):
+    params = {**shipped_params("imagenet-var", small), "profile": "trial"}
+    params["eval"]["num_classes"] = 3  # the stand-in VAR-d2 has 2
+    assert problems_of(folder_with("imagenet-var", params, tmp_path)) == [
+        f"stage 'eval': eval.num_classes = 3 but --base {small / 'checkpoints/var_d2.pth'} has 2 classes: set "
+        "eval.num_classes to at most 2 (0: every class of the model)"]
