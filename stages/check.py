@@ -67,7 +67,7 @@ class Known:
         if os.path.exists(path):
             return True
         if where not in self.missing:
-            raise FileNotFoundError(f"{path} not found: fix the path, or put the file there")
+            raise FileNotFoundError(f"{where} not found: fix the path, or put the file there")
         return False
 
 
@@ -112,7 +112,7 @@ def _missing_inputs(folder: Path, known: Known) -> list[str]:
             if path in made or path in seen or os.path.exists(path):
                 continue
             seen.add(path)
-            known.missing.add(os.path.normpath(os.path.abspath(path)))
+            known.missing.add(path)
             keys = ", ".join(k.strip() for k in re.findall(r"\$\{([^}]+)\}", dep))
             problems.append(f"{keys} = {path}: not found (an input of stage {name!r}, from params.yaml's {keys}): fix the "
                             "path there, or put the file there")
@@ -125,13 +125,14 @@ def _settings(ctx_obj: dict, stage: str):
     return resolved_config(SimpleNamespace(obj=ctx_obj), stage)
 
 
-def _arguments(sub: str, args: list[str], ctx_obj: dict) -> dict:
-    """The subcommand's options as the stage's command line gives them (click's parsing: defaults filled in)."""
+def _arguments(sub: str, args: list[str], ctx_obj: dict, folder: Path) -> dict:
+    """The subcommand's options as the stage's command line gives them (click's parsing: defaults filled in),
+    paths relative to `folder`, where DVC runs the stage."""
     from .cli import main
 
     command = main.commands[sub]
     with command.make_context(sub, list(args), parent=click.Context(main, obj=ctx_obj)) as sub_ctx:
-        return dict(sub_ctx.params)
+        return {k: folder / v if isinstance(v, Path) else v for k, v in sub_ctx.params.items()}
 
 
 def _source(ctx_obj: dict, a: dict):
@@ -225,7 +226,7 @@ def check_folder(folder: Path, obj: dict) -> tuple[list[str], list[str]]:
     for name, sub, options, args in commands:
         ctx_obj = with_stage_options(obj, options)
         try:
-            a = _arguments(sub, args, ctx_obj)
+            a = _arguments(sub, args, ctx_obj, folder)
             if sub in CHECKS:
                 CHECKS[sub](ctx_obj, a, known)
             else:  # a stage's settings are built (so checked) by _settings; `paper` has its own params file
