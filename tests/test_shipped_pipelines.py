@@ -7,6 +7,10 @@ The shipped train batch is 256 rows (the presets' global batch), so the stand-in
 (2 classes x 128, 24 px, upscaled by tokenize to 64 px: tiny VQ, 16 or 30 tokens), which makes exactly one
 training step; eval draws the shipped 50 samples per class of the stand-in model's 2 classes.
 
+On a folder of 10 images the shipped settings stop at the pipelines' first stage, `check`, naming
+train.batch_size, and `profile: trial` runs each pipeline to the end (tests/test_check.py checks the same
+in process, problem by problem).
+
 pipelines/paper is not run here: it starts from the embedded default's outputs (`make demo`);
 tests/test_dvc_smoke.py runs it as shipped on a tiny `dvc repro` of the main pipeline.
 """
