@@ -134,8 +134,8 @@ PRESETS: dict[str, dict] = {
 # size or on the others is set together, so `cca-pipe check` passes on a 10-image folder (10 cache rows with
 # `reflogp.views: one`) and each stage takes seconds to minutes. It is a layer, not a preset, so it composes
 # with the model's recipe (lr, lambda, dropout, sampler: unchanged) and a trial tests the real settings.
-# train: 8 rows of micro-batches of 1 (shared by 1, 2, 4 or 8 processes), 2 steps; eval: 4 samples per class,
-# one seed. `full` (the default) changes nothing.
+# train: 8 rows of micro-batches of 1 (shared by 1, 2, 4 or 8 processes), 2 steps; eval: 4 samples of each of
+# the model's first 2 classes (not 4 x 1000 of an ImageNet model), one seed. `full` (the default) changes nothing.
 PROFILES: dict[str, dict] = {
     "full": {},
     "trial": {
@@ -143,7 +143,7 @@ PROFILES: dict[str, dict] = {
         "import_codes": {},
         "reflogp": {"batch_size": 4, "part_rows": 8},
         "train": {"batch_size": 8, "micro_batch_size": 1, "max_steps": 2, "num_workers": 0},
-        "eval": {"samples_per_class": 4, "seeds": [0], "batch_size": 8, "grid_per_class": 2},
+        "eval": {"samples_per_class": 4, "num_classes": 2, "seeds": [0], "batch_size": 8, "grid_per_class": 2},
     },
 }
 

@@ -122,7 +122,7 @@ def test_micro_batches_that_processes_cannot_share(small, tmp_path):
 
 def test_eval_classes_the_base_model_does_not_have(small, tmp_path):
     params = {**shipped_params("imagenet-var", small), "profile": "trial"}
-    params["eval"]["num_classes"] = 3  # the stand-in VAR-d2 has 2
-    assert problems_of(folder_with("imagenet-var", params, tmp_path)) == [
+    # the stand-in VAR-d2 has 2 classes; --set is over the profile (which samples 2)
+    assert problems_of(folder_with("imagenet-var", params, tmp_path), "eval.num_classes=3") == [
         f"stage 'eval': eval.num_classes = 3 but --base {small / 'checkpoints/var_d2.pth'} has 2 classes: set "
         "eval.num_classes to at most 2 (0: every class of the model)"]
