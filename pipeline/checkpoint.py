@@ -201,6 +201,22 @@ def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], pat
     model.load_state_dict(state_dict, strict=True)
 
 
+def load_mapped(path: str | os.PathLike) -> dict:
+    """A torch checkpoint's dict with its tensors memory-mapped, not read: their shapes cost a header's read
+    (`cca-pipe check` reads a multi-GB model's shapes so). Legacy (non-zip) files are loaded whole."""
+    path = Path(path)
+    if path.suffix == ".safetensors" or not path.is_file():
+        return load_file(path)
+    try:
+        with _quiet_pickle_protocol():
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, zipfile.BadZipFile):
+        obj = load_file(path)  # legacy (non-zip) files cannot be memory-mapped; also gives the clear errors
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict (state dict)")
+    return obj
+
+
 def peek(path: str | os.PathLike) -> tuple[str | None, set[str]]:
     """(the kind our files name in their KIND_KEY entry, None for others; the state-dict keys) without reading
     the tensors' data where the format allows (memory-mapped zip checkpoints, safetensors headers): a
@@ -216,13 +232,7 @@ def peek(path: str | os.PathLike) -> tuple[str | None, set[str]]:
                 return None, set(f.keys())
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read {path}: not a valid .safetensors file ({_first_line(e)})") from e
-    try:
-        with _quiet_pickle_protocol():
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, zipfile.BadZipFile):
-        obj = load_file(path)  # legacy (non-zip) files cannot be memory-mapped; also gives the clear errors
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict (state dict)")
+    obj = load_mapped(path)
     saved_kind = obj.get(KIND_KEY) if isinstance(obj.get(KIND_KEY), str) else None
     keys: set[str] = set()
     stack = [obj]

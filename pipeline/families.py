@@ -25,10 +25,10 @@ from typing import ClassVar
 import torch
 
 from . import sampling
-from .checkpoint import CheckpointError, expect_kind, save_checkpoint
+from .checkpoint import CheckpointError, expect_kind, extract_state_dict, load_mapped, save_checkpoint
 from .codefiles import code_digest
 from .models.llamagen import GPT, config_from_spec, load_gpt
-from .models.var import VARModel, config_from_state_dict, load_var
+from .models.var import NESTINGS, VARModel, config_from_state_dict, load_var
 from .tokenizers.msvq import load_msvq, load_quantizer, msvq_config_from_spec
 from .tokenizers.vq import load_vq, vq_config_from_spec
 
@@ -92,6 +92,21 @@ class Family:
         if int(store_attrs["seq_len"]) != model.cfg.seq_len:
             raise ValueError(f"{tokens_path} has sequences of {store_attrs['seq_len']} tokens, model {ckpt} expects {model.cfg.seq_len}")
 
+    def check_file(self, path: Path, source: ModelSource, layout: dict, image_size: int, classes: int) -> int | None:
+        """Before any stage runs (`cca-pipe check`): the generator file `path` can read the tokens of `layout`
+        (tokenizer_layout's, at tokenize.image_size `image_size`) of `classes` classes; from its shapes and
+        stored config alone, tensors memory-mapped, never built. Raises what loading it later would; returns
+        the file's class count where it is known."""
+        num_classes = self.file_classes(path, source, layout, image_size)
+        if num_classes is not None and classes > num_classes:
+            raise ValueError(f"the image folder has {classes} classes but {path} generates {num_classes}: use the model's "
+                             "class folders (data_dir) or a checkpoint trained on these classes")
+        return num_classes
+
+    def file_classes(self, path: Path, source: ModelSource, layout: dict, image_size: int) -> int | None:
+        """check_file's family part: raise on a mismatch; the file's class count where it is known."""
+        return None
+
     def sample(self, model, labels: torch.Tensor, **kwargs) -> sampling.Samples:
         raise NotImplementedError
 
@@ -146,6 +161,26 @@ class LlamaGenFamily(Family):
         with _config_hint(spec, "--gpt-model GPT-B (GPT-B ... GPT-3B, or a JSON file of GPTConfig fields)"):
             return load_gpt(path, config_from_spec(spec, seq_len))
 
+    def file_classes(self, path, source, layout, image_size):
+        # upstream files carry no config and no positional weights (2D RoPE): with a named gpt_model (GPT-L) the
+        # block size is the data's, so a c2i_L_256.pt run at 384px cannot be told from its file
+        obj = load_mapped(path)
+        saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
+        if source.gpt_model is not None:
+            cfg = config_from_spec(source.gpt_model, None if source.gpt_model.endswith(".json") else layout["seq_len"])
+            block, classes = cfg.block_size, cfg.num_classes
+        elif saved is None:
+            raise CheckpointError(f"checkpoint {path} carries no model config: name one with gpt_model (--gpt-model GPT-B "
+                                  "... GPT-3B, or a JSON file of GPTConfig fields)")
+        else:
+            block, classes = saved.get("block_size"), saved.get("num_classes")
+        if isinstance(block, int) and block != layout["seq_len"]:
+            fit = image_size // layout["grid"] * int(round(block ** 0.5))
+            raise ValueError(f"{path} generates {block} tokens per image, but tokenize.image_size = {image_size} makes "
+                             f"{layout['seq_len']} ({layout['grid']} x {layout['grid']}): set image_size to {fit} (the "
+                             "checkpoint's resolution), or use the checkpoint made for this one")
+        return classes if isinstance(classes, int) else None
+
     def sample(self, model, labels, **kwargs):
         if kwargs.pop("cfg_schedule", "constant") != "constant":
             raise ValueError("LlamaGen samples with constant guidance: set eval.cfg_schedule to 'constant'")
@@ -198,6 +233,22 @@ class VARFamily(Family):
         super().check_fits(model, store_attrs, tokens_path, ckpt)
         if tuple(store_attrs.get("patch_nums", ())) != model.cfg.patch_nums:
             raise ValueError(f"token store {tokens_path} has scales {store_attrs.get('patch_nums')}, model {ckpt} {model.cfg.patch_nums}")
+
+    def file_classes(self, path, source, layout, image_size):
+        obj = load_mapped(path)
+        saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
+        sd = extract_state_dict(obj, path, NESTINGS)
+        patch_nums = tuple(layout["patch_nums"])
+        depth = saved.get("depth") if saved is not None else config_from_state_dict(sd, patch_nums).depth
+        if source.depth is not None and source.depth != depth:
+            raise CheckpointError(f"checkpoint {path} is VAR-d{depth}, but depth {source.depth} is set: set depth: {depth} "
+                                  f"or use var_d{source.depth}.pth")
+        positions = sd.get("pos_1LC")
+        if positions is not None and positions.shape[1] != layout["seq_len"]:
+            raise CheckpointError(f"checkpoint {path} has {positions.shape[1]} positions but the tokenizer's patch_nums "
+                                  f"{patch_nums} make {layout['seq_len']}: use the VQVAE the model was trained with")
+        classes = sd.get("class_emb.weight")
+        return int(classes.shape[0]) - 1 if classes is not None else None  # its last class is the null class
 
     def sample(self, model, labels, **kwargs):
         return sampling.sample_var(model, labels, **kwargs)

@@ -99,6 +99,18 @@ def check_micro_batches(batch_size: int, micro_batch_size: int, processes: int) 
                    f"process{'es' if fewer > 1 else ''} in all")
 
 
+def check_batch_rows(batch_size: int, rows: int, holding: str, trial: str = "") -> None:
+    """A step takes train.batch_size cache rows: more than an epoch holds cannot work. Raised by train (the
+    cache's real rows) and by `cca-pipe check` (the rows the cache will hold, before any stage runs).
+    `holding`: what the rows are, for the message; `trial`: a further fix to suggest."""
+    from .config import ConfigError
+
+    if batch_size > rows:
+        raise ConfigError(f"train.batch_size = {batch_size} is larger than the {rows} rows {holding}: a step cannot take "
+                          f"more rows than an epoch holds; set train.batch_size <= {rows} (and train.micro_batch_size to "
+                          f"a divisor of it){trial}")
+
+
 def accumulating(model: nn.Module, last: bool):
     """The context of one micro-batch's backward: DDP skips its all-reduce until the step's last one
     (gradients accumulate locally); FSDP reduce-scatters every micro-batch into its sharded gradients,

@@ -208,6 +208,28 @@ def config(ctx, stage, preset):
 
 
 @main.command()
+@click.option("--out", default=None, type=OutPath, help="write a record here when every check passes (the DVC stage's output)")
+@click.pass_context
+def check(ctx, out):
+    """Check every stage of the dvc.yaml in this folder against what is known before the first one runs (images,
+    views, checkpoints' shapes, inputs): one line per problem, naming the key and a fix; exit status 2 if any."""
+    from pipeline.outputs import write_text
+
+    from .check import RECORD, check_folder
+
+    problems, facts = check_folder(Path.cwd(), ctx.obj)
+    for fact in facts:
+        click.echo(f"cca-pipe check: {fact}")
+    for problem in problems:
+        click.echo(f"cca-pipe: check: {problem}", err=True)
+    if problems:
+        sys.exit(2)
+    if out is not None:
+        write_text(out, RECORD)
+    click.echo("cca-pipe check: every stage's settings fit the inputs")
+
+
+@main.command()
 @click.option("--out", default="data/images", type=OutPath, show_default=True)
 @click.pass_context
 def prepare(ctx, out):

@@ -67,29 +67,37 @@ def _subcommand_overrides(args: list[str]) -> list[str]:
     return out + ([f"eval.cfg_scales={scales}"] if scales else [])
 
 
-def stage_options(folder: Path, command: str) -> tuple[str, list[str]] | None:
-    """(the stage's name, its global options with the overrides its subcommand options stand for) of the
-    dvc.yaml stage in `folder` that runs `cca-pipe <command>` (the stage named like the command first;
-    foreach/matrix stages are sweeps, not the main run), with ${...} resolved; None without one."""
+def stage_commands(folder: Path) -> list[tuple[str, str, list[str], list[str]]]:
+    """(stage name, subcommand, global options with the overrides its subcommand options stand for, the
+    subcommand's own arguments) of every dvc.yaml stage in `folder` that runs `cca-pipe`, in file order, with
+    ${...} resolved; foreach/matrix stages (sweeps, not the main run) left out. [] without a dvc.yaml."""
     dvc_yaml = folder / "dvc.yaml"
     if not dvc_yaml.is_file():
-        return None
+        return []
     spec = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}
     values = _variables(folder, spec)
-    stages = spec.get("stages") or {}
-    for name in sorted(stages, key=lambda n: n != command):
-        cmd = stages[name].get("cmd") if isinstance(stages[name], dict) else None
-        if not isinstance(cmd, str) or "foreach" in stages[name] or "matrix" in stages[name]:
+    out = []
+    for name, stage in (spec.get("stages") or {}).items():
+        cmd = stage.get("cmd") if isinstance(stage, dict) else None
+        if not isinstance(cmd, str) or "foreach" in stage or "matrix" in stage:
             continue
         resolved = re.sub(r"\$\{([^}]+)\}", lambda m: _lookup(values, m.group(1), str(dvc_yaml)), cmd)
         args = shlex.split(resolved)
         at = _split(args) if args and Path(args[0]).name == "cca-pipe" else None
-        if at is not None and args[at] == command:
+        if at is not None:
             options = args[1:at]
             for override in _subcommand_overrides(args[at + 1 :]):
                 options += ["--set", override]
-            return name, options
-    return None
+            out.append((name, args[at], options, args[at + 1 :]))
+    return out
+
+
+def stage_options(folder: Path, command: str) -> tuple[str, list[str]] | None:
+    """(the stage's name, its global options with the overrides its subcommand options stand for) of the
+    dvc.yaml stage in `folder` that runs `cca-pipe <command>` (the stage named like the command first), with
+    ${...} resolved; None without one."""
+    found = [(name, options) for name, sub, options, _ in stage_commands(folder) if sub == command]
+    return next((f for f in found if f[0] == command), found[0] if found else None)
 
 
 def with_stage_options(obj: dict, options: list[str]) -> dict:

@@ -284,6 +284,13 @@ def on_device(model: torch.nn.Module, device: torch.device, role: str) -> torch.
                           "--methods base,cfg) or use GPUs with more memory") from e
 
 
+def check_eval_classes(settings: EvalConfig, classes: int, role: str, path: Path | None) -> None:
+    """eval.num_classes must be classes the model knows; also `cca-pipe check`'s, from the file's shapes."""
+    if settings.num_classes > classes:
+        raise ValueError(f"eval.num_classes = {settings.num_classes} but {role} {path} has {classes} classes: "
+                         f"set eval.num_classes to at most {classes} (0: every class of the model)")
+
+
 def check_models_fit(models: dict, roles: dict[str, tuple[str, Path | None]], vq, vq_path: Path, settings: EvalConfig) -> None:
     """Before any sampling: every model's codes must be ones the tokenizer decodes, and eval.num_classes
     classes the model knows (else an IndexError after the first batch was drawn)."""
@@ -292,9 +299,7 @@ def check_models_fit(models: dict, roles: dict[str, tuple[str, Path | None]], vq
         if model.cfg.vocab_size > vq.cfg.codebook_size:
             raise ValueError(f"{role} {path} draws codes from a vocabulary of {model.cfg.vocab_size} but the tokenizer {vq_path} "
                              f"decodes only {vq.cfg.codebook_size}: pass the tokenizer the model was trained with (--vq)")
-        if settings.num_classes > model.cfg.num_classes:
-            raise ValueError(f"eval.num_classes = {settings.num_classes} but {role} {path} has {model.cfg.num_classes} classes: "
-                             f"set eval.num_classes to at most {model.cfg.num_classes} (0: every class of the model)")
+        check_eval_classes(settings, model.cfg.num_classes, role, path)
     counts = {name: model.cfg.num_classes for name, model in models.items()}
     if not settings.num_classes and len(set(counts.values())) > 1:  # 0 means the first model's classes: an IndexError
         (a, b) = sorted(counts, key=counts.get)[:2]

@@ -225,6 +225,8 @@ def build(cls: type[T], params: dict, section: str, preset: str | None = None, o
     params file the values came from (--params)."""
     from .presets import resolve
 
+    if overrides and "profile" in overrides:  # `--set profile=trial`: a top-level value, not a section's
+        params = {**params, "profile": overrides["profile"]}
     try:
         values = resolve(section, params, preset, (overrides or {}).get(section), source=str(source))
     except ConfigError as e:

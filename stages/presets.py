@@ -8,7 +8,8 @@ training data's views, the reference cache, train, eval's sampler) and may say w
 (`model`), which the stages check against the checkpoint they load.
 
 Resolution, lowest to highest: the stage config's defaults <- the preset named in params.yaml <- the keys
-written in the params.yaml section <- a `--preset` given on the command line <- `--set` overrides. A preset
+written in the params.yaml section <- a `--preset` given on the command line <- the profile (`profile: trial`,
+PROFILES) <- `--set` overrides. A preset
 may also carry values for a loss other than CCA (`per_loss`: DPO's beta_d, Unlearning's lambda_u, paper
 Table 3), which join the preset's own level when the resolved `train.loss` names that loss.
 Besides the released recipes: `llamagen-L-lambda`, the paper's Table 5 policy (not in the released code).
@@ -130,6 +131,34 @@ PRESETS: dict[str, dict] = {
     **{f"llamagen-{size}-cca-cfg": _llamagen(size, {"lambda": 1.0, "beta": beta}) for size, beta in _LLAMAGEN_CCA_CFG_BETA.items()},
     **{f"var-d{depth}": _var(depth) for depth in _VAR},
 }
+# Profiles: `profile: trial` (params.yaml's top level, `--set profile=trial`, `dvc exp run -S profile=trial`) shrinks a
+# run to a trial on a few images, over whatever preset and params.yaml say: every key that depends on the data's
+# size or on the others is set together, so `cca-pipe check` passes on a 10-image folder (10 cache rows with
+# `reflogp.views: one`) and each stage takes seconds to minutes. It is a layer, not a preset, so it composes
+# with the model's recipe (lr, lambda, dropout, sampler: unchanged) and a trial tests the real settings.
+# train: 8 rows of micro-batches of 1 (shared by 1, 2, 4 or 8 processes), 2 steps; eval: 4 samples of each of
+# the model's first 2 classes (not 4 x 1000 of an ImageNet model), one seed. `full` (the default) changes nothing.
+PROFILES: dict[str, dict] = {
+    "full": {},
+    "trial": {
+        "tokenize": {"batch_size": 2, "chunk_rows": 4, "num_workers": 0},
+        "import_codes": {},
+        "reflogp": {"batch_size": 4, "part_rows": 8},
+        "train": {"batch_size": 8, "micro_batch_size": 1, "max_steps": 2, "num_workers": 0},
+        "eval": {"samples_per_class": 4, "num_classes": 2, "seeds": [0], "batch_size": 8, "grid_per_class": 2},
+    },
+}
+
+
+def profile_of(params: dict, source: str = "params.yaml") -> str:
+    """The profile params.yaml (or `--set profile=...`) names; `full` when none."""
+    name = params.get("profile") or "full"
+    if name not in PROFILES:
+        raise ConfigError(f"{source}: profile = {name!r} is not a profile; write one of {', '.join(PROFILES)} "
+                          "(trial: a few images, stages/presets.py)")
+    return name
+
+
 # The params.yaml sections a preset may set (besides `model` and `per_loss`, which are not sections).
 SECTIONS = ("tokenize", "import_codes", "reflogp", "train", "eval")
 
@@ -159,6 +188,8 @@ def resolve(section: str, params: dict, cli_preset: str | None = None, overrides
     if written is not None and not isinstance(written, dict):
         raise ConfigError(f"{source} section {section!r} must be a mapping of settings, not {written!r}")
 
+    profile = profile_of(params, source)
+
     def layers(loss: str | None) -> dict:
         values: dict = {}
         if file_preset:
@@ -166,6 +197,7 @@ def resolve(section: str, params: dict, cli_preset: str | None = None, overrides
         values.update(written or {})
         if cli_preset:
             values.update(_preset_section(cli_preset, section, loss))
+        values.update(PROFILES[profile].get(section, {}))
         values.update(overrides or {})
         return values
 

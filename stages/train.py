@@ -27,7 +27,7 @@ from pipeline.families import Family, ModelSource, family_of, family_of_model
 from pipeline.formats import read_ref_cache
 from pipeline.losses import LOSSES
 from pipeline.outputs import StageDir, write_json
-from pipeline.parallel import STRATEGIES, check_micro_batches, full_state_dict
+from pipeline.parallel import STRATEGIES, check_batch_rows, check_micro_batches, full_state_dict
 from pipeline.progress import progress
 from pipeline.refcache import CHECK_ROWS, CacheMismatch, ReferenceNoise, cache_visits
 from pipeline.resume import TrainState
@@ -209,9 +209,8 @@ def _open_inputs(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Pa
     check_reference_noise(cfg, cache_noise, cache_path)
     visits = cache_visits(provenance)
     rows = visit_rows(cache, visits)
-    if cfg.batch_size > rows:  # before any work: a step's index lists would be built first
-        raise ValueError(f"train.batch_size = {cfg.batch_size} is larger than the {rows} rows of an epoch (a visit) of the "
-                         f"reference cache {cache_path}: a step cannot take more rows than an epoch holds; choose at most {rows}")
+    # before any work: a step's index lists would be built first; an epoch reads one visit's rows
+    check_batch_rows(cfg.batch_size, rows, f"of an epoch (a visit) of the reference cache {cache_path}")
     check_visits(cfg, visits, rows, cache_path)
     store.tokens.cache_chunks = cfg.shuffle_buffer_chunks  # a batch touches at most this many chunks
     return _Inputs(store, cache_path, cache, provenance, cache_noise, init_sha, visits)

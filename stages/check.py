@@ -1,0 +1,240 @@
+"""`cca-pipe check`: a DVC pipeline's every stage against what is known before its first one runs.
+
+Run in a folder with a dvc.yaml (the shipped pipelines run it as their first stage, `check`, on which the
+first expensive stage depends), it reads each `cca-pipe` stage's settings as that stage will run them (the
+resolution `cca-pipe config` shows: stages/dvcstage.py applies the stage's command-line options), and checks
+them against what is cheap to know now:
+  - every input a stage names that no stage makes exists (dvc.yaml's deps: checkpoints, tokenizer, image
+    folder, reference batch, Inception weights), naming the params.yaml key it came from;
+  - every section's settings build (ranges, multiples, eval's methods and scales: the stages' own checks);
+  - the image folder's images and classes (by listing, no decoding), the views tokenize makes of each
+    (tokenize.augment), and so the rows an epoch (a visit) of the reference cache will hold (reflogp.views);
+  - the tokenizer's token layout at tokenize.image_size, and each generator checkpoint against it (token count,
+    VAR depth, classes) from its shapes and stored config, tensors memory-mapped (Family.check_file);
+  - train.batch_size against the cache's rows and the micro-batches against the processes
+    (pipeline.parallel's checks, which train itself runs on the real cache).
+Each problem is one line naming the key and a fix; any problem exits 2 before anything expensive ran.
+
+What it cannot know in advance (docs/imagenet.md, "Before the first stage"): images that fail to decode
+(tokenize finds them: tokenize.bad_images), the memory a batch takes on the GPU (`cca-pipe plan`), a named
+upstream GPT's resolution (LlamaGen's files carry no block size: image_size must match it by hand), and
+inputs of a pipeline that starts from imported codes (rows unknown until import-codes ran).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import click
+import yaml
+
+from pipeline.checkpoint import CheckpointError
+from pipeline.config import ConfigError
+from pipeline.formats import FormatError
+from pipeline.outputs import OutputError
+
+TRIAL_FIX = ", or set `profile: trial` in params.yaml for a trial run on a few images (docs/imagenet.md)"
+# a passing check's record: constant, so that a rerun that passes never makes the stages after it stale
+RECORD = "cca-pipe check: every stage's settings fit the inputs (stages/check.py)\n"
+
+
+@dataclass
+class Known:
+    """What the stages checked so far tell the later ones (None: unknown)."""
+
+    images: int | None = None
+    classes: int | None = None
+    views: int | None = None
+    image_size: int | None = None
+    family: object = None
+    layout: dict | None = None
+    rows: int | None = None
+    rows_text: str = ""
+    facts: list[str] = field(default_factory=list)
+    missing: set[str] = field(default_factory=set)  # inputs reported missing already
+    made: set[str] = field(default_factory=set)  # what the pipeline's stages write (unknown until they ran)
+
+    def present(self, path: Path | str) -> bool:
+        """Whether `path` is there to read (a stage's output is read only if that stage ran already); a missing
+        input not reported yet is reported (FileNotFoundError)."""
+        where = os.path.normpath(os.path.abspath(path))
+        if where in self.made or any(str(parent) in self.made for parent in Path(where).parents):
+            return os.path.exists(path)
+        if os.path.exists(path):
+            return True
+        if where not in self.missing:
+            raise FileNotFoundError(f"{where} not found: fix the path, or put the file there")
+        return False
+
+
+def cache_rows(images: int, views: int, reflogp) -> tuple[int, str]:
+    """The rows an epoch (a visit) of the reference cache will hold (pipeline.refcache.draw_pairs): one per image
+    with `reflogp.views: one`, one per (image, view) with `all`; and the words for them."""
+    per_image = views if reflogp.views == "all" else 1
+    # reflogp.visits multiplies the cache's rows, not an epoch's: epoch e reads visit e, the rows counted here
+    return images * per_image, f"an epoch (a visit) of the reference cache will hold ({images} images x {per_image} view{'s' * (per_image > 1)})"
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _missing_inputs(folder: Path, known: Known) -> list[str]:
+    """Every dvc.yaml dep named by a params key (`${vq_ckpt}`) that no stage makes and that is not there."""
+    from .dvcstage import _lookup, _variables
+
+    dvc_yaml = folder / "dvc.yaml"
+    spec = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}
+    values = _variables(folder, spec)
+    stages = {n: s for n, s in (spec.get("stages") or {}).items()
+              if isinstance(s, dict) and "foreach" not in s and "matrix" not in s}
+
+    def resolve(text: str) -> str:
+        return re.sub(r"\$\{([^}]+)\}", lambda m: _lookup(values, m.group(1), str(dvc_yaml)), text)
+
+    def entries(stage: dict, kind: str) -> list[str]:
+        return [str(next(iter(e))) if isinstance(e, dict) else str(e) for e in stage.get(kind) or []]
+
+    made = {os.path.normpath(os.path.abspath(folder / resolve(o))) for s in stages.values() for kind in ("outs", "metrics", "plots")
+            for o in entries(s, kind)}
+    known.made |= made
+    problems, seen = [], set()
+    for name, stage in stages.items():
+        for dep in entries(stage, "deps"):
+            if "${" not in dep:  # the pipeline's code, or a file an earlier stage makes: DVC's to check
+                continue
+            path = os.path.normpath(os.path.abspath(folder / resolve(dep)))
+            if path in made or path in seen or os.path.exists(path):
+                continue
+            seen.add(path)
+            known.missing.add(path)
+            keys = ", ".join(k.strip() for k in re.findall(r"\$\{([^}]+)\}", dep))
+            problems.append(f"{keys} = {path}: not found (an input of stage {name!r}, from params.yaml's {keys}): fix the "
+                            "path there, or put the file there")
+    return problems
+
+
+def _settings(ctx_obj: dict, stage: str):
+    from .cli import resolved_config
+
+    return resolved_config(SimpleNamespace(obj=ctx_obj), stage)
+
+
+def _arguments(sub: str, args: list[str], ctx_obj: dict, folder: Path) -> dict:
+    """The subcommand's options as the stage's command line gives them (click's parsing: defaults filled in),
+    paths relative to `folder`, where DVC runs the stage."""
+    from .cli import main
+
+    command = main.commands[sub]
+    with command.make_context(sub, list(args), parent=click.Context(main, obj=ctx_obj)) as sub_ctx:
+        return {k: folder / v if isinstance(v, Path) else v for k, v in sub_ctx.params.items()}
+
+
+def _source(ctx_obj: dict, a: dict):
+    from pipeline.families import ModelSource
+
+    from .cli import active_preset
+
+    return ModelSource(a.get("gpt_model"), a.get("vae"), a.get("vae_model"), a.get("depth"),
+                       active_preset(SimpleNamespace(obj=ctx_obj)))
+
+
+def _check_generator(path: Path, role: str, known: Known, source) -> int | None:
+    """The file's class count where it is known."""
+    from pipeline.families import family_of
+
+    if not known.present(path):
+        return None
+    family = family_of(path, role)
+    if known.family is not None and family is not known.family:
+        raise ValueError(f"{path} is a {family.name} model but the tokenizer makes {known.family.name} tokens: use the "
+                         "tokenizer of the model's family")
+    if known.layout is None:
+        return None
+    return family.check_file(path, source, known.layout, known.image_size, known.classes or 0)
+
+
+def _tokenize(ctx_obj: dict, a: dict, known: Known) -> None:
+    from pipeline.families import load_tokenizer
+    from pipeline.images import list_image_folder, view_names
+
+    cfg = _settings(ctx_obj, "tokenize")
+    known.views = len(view_names(cfg.augment))
+    if not (known.present(a["images"]) and known.present(a["vq_path"])):
+        return
+    paths, _, classes = list_image_folder(a["images"])
+    known.images, known.classes = len(paths), len(classes)
+    family, tokenizer = load_tokenizer(a["vq_path"], a["vq_model"])
+    try:
+        known.layout = family.tokenizer_layout(tokenizer, cfg.image_size)
+    except ValueError as e:
+        raise ConfigError(f"{e}: set image_size (tokenize.image_size) to the tokenizer's") from None
+    known.family, known.image_size = family, cfg.image_size
+    known.facts.append(f"{a['images']}: {known.images} images of {known.classes} classes, x {known.views} views "
+                       f"(tokenize.augment {cfg.augment}); {known.layout['seq_len']} tokens per view")
+
+
+def _reflogp(ctx_obj: dict, a: dict, known: Known) -> None:
+    cfg = _settings(ctx_obj, "reflogp")
+    _check_generator(a["ref_path"], "--ref", known, _source(ctx_obj, a))
+    if known.images is not None:
+        known.rows, known.rows_text = cache_rows(known.images, known.views, cfg)
+        known.facts.append(f"reference cache: {known.rows} rows (reflogp.views {cfg.views})")
+
+
+def _train(ctx_obj: dict, a: dict, known: Known) -> None:
+    from pipeline.parallel import check_batch_rows, check_micro_batches
+
+    from .cli import _launch_config
+
+    cfg = _settings(ctx_obj, "train")
+    _check_generator(a["init"], "--init", known, _source(ctx_obj, a))
+    if known.rows is not None:
+        check_batch_rows(cfg.batch_size, known.rows, known.rows_text, TRIAL_FIX)
+    launch = _launch_config(SimpleNamespace(obj=ctx_obj), None, None, None)
+    check_micro_batches(cfg.batch_size, cfg.micro_batch_size, launch.nproc_per_node * launch.nnodes)
+
+
+def _eval(ctx_obj: dict, a: dict, known: Known) -> None:
+    from .eval import check_eval_classes
+
+    cfg = _settings(ctx_obj, "eval")
+    classes = _check_generator(a["base_path"], "--base", known, _source(ctx_obj, a))
+    if classes is not None:
+        check_eval_classes(cfg, classes, "--base", a["base_path"])
+
+
+CHECKS = {"tokenize": _tokenize, "reflogp": _reflogp, "train": _train, "eval": _eval}
+
+
+def check_folder(folder: Path, obj: dict) -> tuple[list[str], list[str]]:
+    """(problems, facts) of the dvc.yaml in `folder`, each one line; `obj`: the cca-pipe command's settings
+    context (its --params, --preset, --set), under which every stage's own options are applied."""
+    from .dvcstage import stage_commands, with_stage_options
+
+    commands = [c for c in stage_commands(folder) if c[1] != "check"]
+    if not commands:
+        return [f"{folder / 'dvc.yaml'}: no `cca-pipe` stage to check (run cca-pipe check in a pipeline's folder)"], []
+    known = Known()
+    problems = _missing_inputs(folder, known)
+    found: dict[str, list[str]] = {}  # a problem -> the stages it stops (each said once)
+    for name, sub, options, args in commands:
+        ctx_obj = with_stage_options(obj, options)
+        try:
+            a = _arguments(sub, args, ctx_obj, folder)
+            if sub in CHECKS:
+                CHECKS[sub](ctx_obj, a, known)
+            else:  # a stage's settings are built (so checked) by _settings; `paper` has its own params file
+                from .cli import STAGES
+
+                if sub in STAGES:
+                    _settings(ctx_obj, sub)
+        except (ConfigError, CheckpointError, FormatError, OutputError, ValueError, FileNotFoundError,
+                click.ClickException) as e:
+            found.setdefault(_one_line(e.format_message() if isinstance(e, click.ClickException) else e), []).append(name)
+    problems += [f"stage{'s' * (len(names) > 1)} {', '.join(map(repr, names))}: {text}" for text, names in found.items()]
+    return problems, known.facts
