@@ -223,7 +223,8 @@ def test_fsdp_train_with_two_processes_equals_ddp_with_one(caches: Path):
 def test_a_killed_two_process_train_resumes_with_one(caches: Path):
     """SIGKILL to the launcher's process group (the ranks, in sessions of their own, die with their parent:
     PR_SET_PDEATHSIG), then a rerun with one process ends where the uninterrupted run ends."""
-    longer = ["--set", "train.epochs=2"]  # 20 steps: the kill lands well before the end
+    longer = ["--set", "train.epochs=2", "--set", "train.repeat_visits=true"]  # 20 steps: the kill lands well before the end
+    # (the one-visit cache read again at epoch 2: what is tested is the kill and the resume, not the draws)
     out = caches / "train_killed"
     resume = caches / "train_killed.partial" / "checkpoints" / "resume.json"
     cmd = [str(BIN / "cca-pipe"), "--params", str(caches / "params.yaml"), *longer, "--nproc-per-node", "2",
@@ -276,7 +277,8 @@ def running(pid: int) -> bool:
 def test_a_stop_signal_to_the_launcher_stops_every_rank_uncommitted_and_resumable(caches: Path, signum: int):
     """The launcher alone gets the signal (a scheduler's cancel): it reaches torchrun and both ranks, which
     stop without committing, keeping the resume point; the launcher exits non-zero; a rerun resumes."""
-    longer = ["--set", "train.epochs=4"]  # 40 steps: the signal lands well before the end
+    longer = ["--set", "train.epochs=4", "--set", "train.repeat_visits=true"]  # 40 steps: the signal lands well before
+    # the end (the one-visit cache read again at every epoch: what is tested is the signal, not the draws)
     out = caches / f"train_{signum.name}"
     resume = caches / f"train_{signum.name}.partial" / "checkpoints" / "resume.json"
     cmd = [str(BIN / "cca-pipe"), "--params", str(caches / "params.yaml"), *longer, "--nproc-per-node", "2",

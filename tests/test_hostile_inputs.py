@@ -1143,7 +1143,8 @@ def test_sigterm_during_fsdp_checkpoints_ends_the_job_quietly(world: Path, tmp_p
     import signal
     import subprocess
 
-    argv, out = train(world, tmp_path, edit=lambda p: p["train"].update(save_every=1, epochs=50, strategy="fsdp"))
+    argv, out = train(world, tmp_path, edit=lambda p: p["train"].update(save_every=1, epochs=50, strategy="fsdp",
+                                                                         repeat_visits=True))  # a long run on the one-visit cache
     resume = tmp_path / "train.partial" / "checkpoints" / "resume.json"
     cmd = [str(Path(sys.executable).parent / "cca-pipe"), *map(str, argv[:2]), "--nproc-per-node", "2", *map(str, argv[2:])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60", "PYTHONPATH": str(ROOT)}
@@ -1190,7 +1191,7 @@ def test_a_stopped_rank_ends_the_job_in_one_line_after_the_timeout(world: Path, 
     import signal
     import subprocess
 
-    argv, out = train(world, tmp_path, edit=lambda p: p["train"].update(epochs=2000))
+    argv, out = train(world, tmp_path, edit=lambda p: p["train"].update(epochs=2000, repeat_visits=True))  # long, on the one-visit cache
     cmd = [str(Path(sys.executable).parent / "cca-pipe"), *map(str, argv[:2]), "--nproc-per-node", "2", *map(str, argv[2:])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "5", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
@@ -1224,7 +1225,7 @@ def test_a_rank_killed_by_a_signal_is_named_in_one_line(world: Path, tmp_path: P
     import signal
     import subprocess
 
-    argv, out = train(world, tmp_path, edit=lambda p: p["train"].update(epochs=2000))
+    argv, out = train(world, tmp_path, edit=lambda p: p["train"].update(epochs=2000, repeat_visits=True))  # long, on the one-visit cache
     cmd = [str(Path(sys.executable).parent / "cca-pipe"), *map(str, argv[:2]), "--nproc-per-node", "2", *map(str, argv[2:])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
