@@ -216,11 +216,25 @@ class FamilyMemory:
     block_activations: Callable[..., Activations]
     shape: Callable[..., ModelShape]
     build: Callable[..., nn.Module]  # the model from a description (a preset's `model` keys but `family`)
+    at_grid: Callable[[dict, int], dict]  # the description for images of grid x grid tokens (the store trained on)
+
+
+def llamagen_at_grid(description: dict, grid: int) -> dict:
+    """LlamaGen's GPT runs over as many tokens as the store's images have (block_size = grid^2: 256 at 256px)."""
+    return {**description, "block_size": grid * grid}
+
+
+def var_at_grid(description: dict, grid: int) -> dict:
+    """VAR's token count is its scales' (patch_nums), whatever the store: the last scale is the grid."""
+    last = var_config(description.get("depth", 16), **{k: v for k, v in description.items() if k != "depth"}).patch_nums[-1]
+    if grid != last:
+        raise ValueError(f"VAR's last scale is {last} x {last} tokens, but the tokens are {grid} x {grid}")
+    return description
 
 
 FAMILY_MEMORY: dict[str, FamilyMemory] = {
-    "llamagen": FamilyMemory(llamagen_block_activations, llamagen_shape, build_llamagen),
-    "var": FamilyMemory(var_block_activations, var_shape, build_var),
+    "llamagen": FamilyMemory(llamagen_block_activations, llamagen_shape, build_llamagen, llamagen_at_grid),
+    "var": FamilyMemory(var_block_activations, var_shape, build_var, var_at_grid),
 }
 
 

@@ -71,6 +71,28 @@ def stage_options(folder: Path, command: str) -> tuple[str, list[str]] | None:
     """(the stage's name, its global options with the overrides its subcommand options stand for) of the
     dvc.yaml stage in `folder` that runs `cca-pipe <command>` (the stage named like the command first;
     foreach/matrix stages are sweeps, not the main run), with ${...} resolved; None without one."""
+    found = stage_arguments(folder, command)
+    if found is None:
+        return None
+    name, options, arguments = found
+    for override in _subcommand_overrides(arguments):
+        options = [*options, "--set", override]
+    return name, options
+
+
+def subcommand_option(arguments: list[str], flag: str) -> str | None:
+    """The value of `flag` (e.g. --tokens) among a stage's subcommand arguments, or None."""
+    for i, arg in enumerate(arguments):
+        if arg == flag and i + 1 < len(arguments):
+            return arguments[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.partition("=")[2]
+    return None
+
+
+def stage_arguments(folder: Path, command: str) -> tuple[str, list[str], list[str]] | None:
+    """(the stage's name, its global options, its subcommand's arguments) of the dvc.yaml stage in `folder`
+    that runs `cca-pipe <command>` (see stage_options), with ${...} resolved; None without one."""
     dvc_yaml = folder / "dvc.yaml"
     if not dvc_yaml.is_file():
         return None
@@ -85,10 +107,7 @@ def stage_options(folder: Path, command: str) -> tuple[str, list[str]] | None:
         args = shlex.split(resolved)
         at = _split(args) if args and Path(args[0]).name == "cca-pipe" else None
         if at is not None and args[at] == command:
-            options = args[1:at]
-            for override in _subcommand_overrides(args[at + 1 :]):
-                options += ["--set", override]
-            return name, options
+            return name, args[1:at], args[at + 1 :]
     return None
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import ConfigError
-from pipeline.memplan import RESERVE, MemoryPlan, PlanInputs, StagePlan, build_meta, fits, inputs_from_model, plan
+from pipeline.memplan import FAMILY_MEMORY, RESERVE, MemoryPlan, PlanInputs, StagePlan, build_meta, fits, inputs_from_model, plan
 
 from . import presets
 from .train import TrainConfig
@@ -44,6 +44,7 @@ class PlanReport:
     plans: dict[tuple[str, bool], MemoryPlan]  # (strategy, activation checkpointing) -> plan
     configured: tuple[str, bool]  # the train settings' own (strategy, activation_checkpointing)
     gpu_memory: int | None
+    tokens_from: str = "the preset's model"  # where the token count comes from
 
     def fits(self, column: tuple[str, bool]) -> bool | None:
         return None if self.gpu_memory is None else fits(self.plans[column].peak, self.gpu_memory)
@@ -58,15 +59,22 @@ def model_description(name: str) -> dict:
 
 
 def make_report(name: str, cfg: TrainConfig, world_size: int, gpu_memory: int | None = None,
-                strategies: tuple[str, ...] = ("ddp", "fsdp"), device: str = "cuda") -> PlanReport:
+                strategies: tuple[str, ...] = ("ddp", "fsdp"), device: str = "cuda",
+                grid: tuple[int, str] | None = None) -> PlanReport:
+    """`grid`: (tokens per side of the images trained on, where that comes from), else the preset's model as it is."""
     description = dict(model_description(name))
     family = description.pop("family")
+    if grid is not None:
+        try:
+            description = FAMILY_MEMORY[family].at_grid(description, grid[0])
+        except ValueError as e:
+            raise ConfigError(f"{grid[1]}: {e}") from None
     model = build_meta(family, **description)
     inputs = inputs_from_model(model, cfg.micro_batch_size, world_size=world_size, strategy=cfg.strategy, device=device,
                                dropout=cfg.dropout, activation_checkpointing=cfg.activation_checkpointing)
     plans = {(s, c): plan(inputs.variant(strategy=s, activation_checkpointing=c)) for s, c in COLUMNS if s in strategies}
     return PlanReport(name, {"family": family, **description}, inputs, plans, (cfg.strategy, cfg.activation_checkpointing),
-                      gpu_memory)
+                      gpu_memory, grid[1] if grid else "the preset's model")
 
 
 def column_name(column: tuple[str, bool]) -> str:
@@ -92,6 +100,7 @@ def format_report(report: PlanReport) -> str:
         f"{i.params_largest_block / 1e6:.1f}M, width {i.width}, FFN {i.ffn_hidden}, {i.heads} heads, vocabulary {i.vocab}",
         f"  micro-batch {i.sequences // 2} rows = {i.sequences} sequences x {i.positions} tokens per forward, dropout {i.dropout}; "
         f"{i.world_size} process(es); {i.device}: {mixed}",
+        f"  tokens per image: {report.tokens_from}",
         "",
     ]
     header = ["GB per rank"] + [column_name(c) + (" *" if c == report.configured else "") for c in columns]
@@ -139,6 +148,12 @@ def tokenizer_for(family: str, vq_model: str | None = None):
         if family == "var":
             return MSVQModel(msvq_config_from_spec(vq_model) or MSVQConfig())
         return VQModel(vq_config_from_spec(vq_model or "VQ-16"))
+
+
+def conv_tokenizer_for(family: str, vq_model: str | None = None):
+    from pipeline.memplan import conv_tokenizer
+
+    return conv_tokenizer(tokenizer_for(family, vq_model))
 
 
 @dataclass
@@ -191,8 +206,13 @@ def make_eval_report(name: str, settings, world_size: int, gpu_memory: int | Non
 
     description = dict(model_description(name))
     family = description.pop("family")
-    model = build_meta(family, **description)
     t = conv_tokenizer(tokenizer_for(family, vq_model))
+    if settings.image_size:  # the model samples images of eval.image_size (LlamaGen: block_size (image_size / 16)^2)
+        try:
+            description = FAMILY_MEMORY[family].at_grid(description, settings.image_size // t.downsample)
+        except ValueError as e:
+            raise ConfigError(f"eval.image_size {settings.image_size}: {e}") from None
+    model = build_meta(family, **description)
     side = t.downsample * (model.cfg.patch_nums[-1] if family == "var" else int(round(model.cfg.seq_len ** 0.5)))
     image_size = settings.image_size or side
     classes = settings.num_classes or model.cfg.num_classes

@@ -345,3 +345,68 @@ def test_out_of_memory_in_tokenize_and_eval_names_the_batch_size(monkeypatch):
     with pytest.raises(OutOfMemory, match=r"scoring cfg_1: the feature extractor \(inception-v3-compat\) runs batches of 256"):
         eval_stage.score_unit(unit, np.zeros((4, 8, 8, 3), np.uint8), 1.0, eval_stage.EvalConfig(grid_per_class=0),
                               torch.zeros(4, dtype=torch.long), extractor, {}, None, None, Path("."))
+
+
+# ------------------------------------------------------------------ the settings planned for: those the stage runs
+
+
+def _pipeline_folder(tmp_path: Path, pipeline: str, **changes) -> Path:
+    import yaml
+
+    params = yaml.safe_load((ROOT / "pipelines" / pipeline / "params.yaml").read_text(encoding="utf-8"))
+    params.update(changes)
+    folder = tmp_path / pipeline
+    folder.mkdir()
+    (folder / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    (folder / "dvc.yaml").write_text((ROOT / "pipelines" / pipeline / "dvc.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    return folder
+
+
+def _settings_block(output: str, stage: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(output.split(f"# the {stage} settings planned for", 1)[1].split("\n", 1)[1])
+
+
+@pytest.mark.parametrize("pipeline", ["imagenet-llamagen", "imagenet-var"])
+def test_plan_and_config_agree_on_every_setting_in_each_pipeline_folder(pipeline, tmp_path, monkeypatch):
+    """In a pipeline folder whose image_size differs from its sections' (dvc.yaml passes `--set
+    tokenize.image_size=${image_size}`), `plan --stage S` plans exactly what `config S` shows: every setting."""
+    import yaml
+
+    folder = _pipeline_folder(tmp_path, pipeline, image_size=256, preset="llamagen-B" if "llamagen" in pipeline else "var-d16")
+    monkeypatch.chdir(folder)
+    for stage in ("tokenize", "eval", "train"):
+        config = CliRunner().invoke(main, ["config", stage])
+        assert config.exit_code == 0, config.output + repr(config.exception)
+        planned = CliRunner().invoke(main, ["plan", "--stage", stage, "--device", "cpu"])
+        assert planned.exit_code == 0, planned.output + repr(planned.exception)
+        assert _settings_block(planned.output, stage) == yaml.safe_load(config.output), (stage, planned.output)
+        assert "as dvc.yaml's stage" in planned.output
+    tokenize = CliRunner().invoke(main, ["plan", "--stage", "tokenize", "--device", "cpu"]).output
+    assert "at 256px" in tokenize and "384px" not in tokenize
+
+
+def test_llamagen_train_plan_runs_the_token_count_of_its_store(tmp_path, monkeypatch):
+    """GPT-B at 256px trains on 16 x 16 = 256 tokens (positions 1 + 256 - 1), not the preset's 576: read from the
+    token store the dvc.yaml train stage names once it exists, before that from what its tokenize stage will write."""
+    import json
+
+    from pipeline.tokenstore import TOKENS_FORMAT
+
+    folder = _pipeline_folder(tmp_path, "imagenet-llamagen", image_size=256, preset="llamagen-B")
+    monkeypatch.chdir(folder)
+    before = CliRunner().invoke(main, ["plan", "--device", "cpu"])
+    assert before.exit_code == 0, before.output + repr(before.exception)
+    assert "x 256 tokens per forward" in before.output and "tokenize.image_size 256 / 16" in before.output
+    (folder / "data/tokens.zarr").mkdir(parents=True)  # the store's attributes are all the plan reads
+    (folder / "data/tokens.zarr/zarr.json").write_text(json.dumps({"attributes": {"format": TOKENS_FORMAT, "grid": 12}}))
+    stored = CliRunner().invoke(main, ["plan", "--device", "cpu"])
+    assert "x 144 tokens per forward" in stored.output and "the token store data/tokens.zarr" in stored.output
+    typed = CliRunner().invoke(main, ["--params", "/nonexistent/params.yaml", "plan", "--preset", "llamagen-B", "--tokens",
+                                      str(folder / "data/tokens.zarr")])
+    assert "x 144 tokens per forward" in typed.output, typed.output
+    var = _pipeline_folder(tmp_path, "imagenet-var", image_size=384)  # VAR-d16's last scale is 16: 256px
+    monkeypatch.chdir(var)
+    wrong = CliRunner().invoke(main, ["plan", "--device", "cpu"])
+    assert wrong.exit_code != 0 and "last scale is 16 x 16 tokens, but the tokens are 24 x 24" in str(wrong.exception)
