@@ -15,7 +15,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import ConfigError
-from pipeline.memplan import FAMILY_MEMORY, RESERVE, MemoryPlan, PlanInputs, StagePlan, build_meta, fits, inputs_from_model, plan
+from pipeline.device import loader_workers, usable_cpus
+from pipeline.memplan import (
+    FAMILY_MEMORY,
+    LOADER_WORKER_PRIVATE,
+    PREFETCH_FACTOR,
+    PROCESS_RESIDENT,
+    RESERVE,
+    MemoryPlan,
+    PlanInputs,
+    StagePlan,
+    build_meta,
+    fits,
+    inputs_from_model,
+    plan,
+)
 
 from . import presets
 from .train import TrainConfig
@@ -77,6 +91,20 @@ def make_report(name: str, cfg: TrainConfig, world_size: int, gpu_memory: int | 
                       gpu_memory, grid[1] if grid else "the preset's model")
 
 
+def process_lines(host_tensors: int, device: str, workers: int = 0, worker_bytes: int = 0) -> list[str]:
+    """The process around the tensors (pipeline.memplan.PROCESS_RESIDENT) and its loader workers: on the CPU the
+    process's peak RSS, what `cca-pipe plan` is checked against (docs/performance.md)."""
+    peak = host_tensors + PROCESS_RESIDENT
+    where = "process peak" if device == "cpu" else "process host memory"
+    lines = [f"{where}: {peak / GB:.2f} GB (the tensors above{' on the host' if device != 'cpu' else ''} + "
+             f"{PROCESS_RESIDENT / GB:.2f} GB the process holds before any model: the interpreter, torch and the libraries)"]
+    if workers:
+        total = peak + workers * worker_bytes
+        lines.append(f"with its loader workers: {total / GB:.2f} GB (+ {workers} x {worker_bytes / GB:.2f} GB: each one's "
+                     f"{LOADER_WORKER_PRIVATE / GB:.2f} GB of its own and its {PREFETCH_FACTOR} prefetched batches)")
+    return lines
+
+
 def column_name(column: tuple[str, bool]) -> str:
     strategy, checkpointing = column
     return strategy.upper() + (" + act. ckpt" if checkpointing else "")
@@ -119,6 +147,8 @@ def format_report(report: PlanReport) -> str:
                  "(their temporaries never coexist); GB = 10^9 bytes")
     if i.world_size == 1:
         lines.append("  one process trains the plain module: DDP and FSDP are the same (no buckets, no sharding)")
+    column = report.configured if report.configured in report.plans else columns[0]
+    lines += process_lines(report.plans[column].peak if i.device == "cpu" else 0, i.device)
     if report.gpu_memory is not None:
         usable = (1 - RESERVE) * report.gpu_memory
         lines.append("")
@@ -190,10 +220,13 @@ def make_tokenize_report(name: str, cfg, gpu_memory: int | None, device: str, vq
     family = model_description(name)["family"]
     t = conv_tokenizer(tokenizer_for(family, vq_model))
     views = len(view_names(cfg.augment))
-    plan_at = lambda b: tokenize_plan(t, cfg.image_size, b, views)  # noqa: E731
+    workers = loader_workers(cfg.num_workers)
+    plan_at = lambda b: tokenize_plan(t, cfg.image_size, b, views, workers)  # noqa: E731
     described = [f"tokenize: {cfg.batch_size} images x {views} view(s) ({cfg.augment}) = {cfg.batch_size * views} "
                  f"encodes per forward at {cfg.image_size}px, float32; tokenizer {t.params / 1e6:.1f}M ({family}: "
-                 f"{vq_model or ('VAR VQVAE' if family == 'var' else 'VQ-16')})"]
+                 f"{vq_model or ('VAR VQVAE' if family == 'var' else 'VQ-16')})",
+                 f"{workers} loader worker process(es): tokenize.num_workers {cfg.num_workers}, at most one per CPU this "
+                 f"process may use ({usable_cpus()} here; pipeline.device.loader_workers)"]
     return StageReport(name, "tokenize", plan_at(cfg.batch_size), described, "tokenize.batch_size", cfg.batch_size, device,
                        gpu_memory, _largest_fitting(plan_at, cfg.batch_size, gpu_memory))
 
@@ -235,6 +268,7 @@ def format_stage_report(report: StageReport) -> str:
     lines.append(_table(rows, ["GB", report.stage]))
     lines.append(f"peak during {p.peak_phase}: {p.peak / GB:.1f} GB"
                  + (f" on the GPU, and {p.host / GB:.1f} GB of host memory" if p.host else ""))
+    lines += process_lines(p.peak if report.device == "cpu" else p.host, report.device, p.workers, p.worker_bytes)
     if report.gpu_memory is not None:
         usable = (1 - RESERVE) * report.gpu_memory
         verdict = "fits" if report.fits() else "does not fit"

@@ -33,6 +33,8 @@ SLOW_TESTS = {
         "test_train_refuses_a_cache_of_other_dropout_unless_told", "test_train_prints_its_step_count_and_max_steps_caps_it",
         "test_train_records_its_settings_spelled_as_params_yaml")),
     "test_plan.py::test_tokenize_and_eval_plans_match_measured_peaks_on_cpu",  # a process measuring 4 models, InceptionV3
+    "test_plan.py::test_process_terms_are_what_this_machines_processes_hold",  # 4 fresh Python processes
+    "test_plan.py::test_plan_matches_the_stages_at_the_imagenet_shapes",  # the stages at real shapes: ~20 min on 1 core
     *(f"test_integrity.py::{name}" for name in (  # tokenize, reflogp and train through the CLI (in process)
         "test_train_refuses_a_cache_with_one_row_swapped", "test_train_keeps_a_policy_the_user_put_in_place_of_ours",
         "test_tokenize_sees_a_cp_p_rewrite_and_rehash_rereads_everything")),
