@@ -41,11 +41,11 @@ ROWS = {
 }
 ORDER = ("tokenize", "reflogp", "train", "eval")
 # what every row's folder sets beyond the shipped params.yaml: the micro-batch 2 and eval batch 20 (one batch
-# of 2 classes x 10), a 2-step train, loader workers off (see the docstring)
+# of 2 classes x 10), a 2-step train (the second: AdamW moments alive), loader workers off (see the docstring)
 SECTIONS = {
     "tokenize": {"num_workers": 0},
     "reflogp": {"batch_size": 4},
-    "train": {"micro_batch_size": 2, "batch_size": 4, "max_steps": 2, "save_every": 1000},
+    "train": {"micro_batch_size": 2, "batch_size": 4, "epochs": 2.0, "max_steps": 2, "save_every": 1000},
     "eval": {"batch_size": 20, "samples_per_class": 10, "num_classes": CLASSES, "seeds": [0], "grid_per_class": 1},
 }
 

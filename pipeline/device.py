@@ -75,18 +75,3 @@ def local_bytes(tensors) -> int:
         storage = (t.to_local() if hasattr(t, "to_local") else t).untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask: a batch job's share, not the whole node's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS has no affinity masks
-        return os.cpu_count() or 1
-
-
-def loader_workers(setting: int) -> int:
-    """The DataLoader processes to start for a `num_workers` setting: at most one per usable CPU. Image decoding is
-    CPU-bound, so a worker beyond the CPUs adds no speed, but costs a whole process (torch and PIL imported,
-    its prefetched batches: `cca-pipe plan` counts each); e.g. the ImageNet pipelines' 8 is 2 on a 2-core machine."""
-    return min(setting, usable_cpus())

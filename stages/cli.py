@@ -661,6 +661,9 @@ def guarded():
 
 def run() -> None:
     """Console-script entry (`cca-pipe`)."""
+    from pipeline.host import return_freed_memory
+
+    return_freed_memory()  # the process's memory is its live tensors', as `cca-pipe plan` counts them
     with guarded():
         main(standalone_mode=True)
 

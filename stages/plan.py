@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import ConfigError
-from pipeline.device import loader_workers, usable_cpus
+from pipeline.host import loader_workers, usable_cpus
 from pipeline.memplan import (
     FAMILY_MEMORY,
     LOADER_WORKER_PRIVATE,
@@ -226,7 +226,7 @@ def make_tokenize_report(name: str, cfg, gpu_memory: int | None, device: str, vq
                  f"encodes per forward at {cfg.image_size}px, float32; tokenizer {t.params / 1e6:.1f}M ({family}: "
                  f"{vq_model or ('VAR VQVAE' if family == 'var' else 'VQ-16')})",
                  f"{workers} loader worker process(es): tokenize.num_workers {cfg.num_workers}, at most one per CPU this "
-                 f"process may use ({usable_cpus()} here; pipeline.device.loader_workers)"]
+                 f"process may use ({usable_cpus()} here; pipeline.host.loader_workers)"]
     return StageReport(name, "tokenize", plan_at(cfg.batch_size), described, "tokenize.batch_size", cfg.batch_size, device,
                        gpu_memory, _largest_fitting(plan_at, cfg.batch_size, gpu_memory))
 

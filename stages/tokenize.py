@@ -33,8 +33,9 @@ import torch
 
 from pipeline.checkpoint import file_sha256
 from pipeline.config import ConfigError, check_ranges, setting, settings_digest
-from pipeline.device import OutOfMemory, is_out_of_memory, loader_workers
+from pipeline.device import OutOfMemory, is_out_of_memory
 from pipeline.families import load_tokenizer
+from pipeline.host import loader_workers
 from pipeline.images import ImageFolderError, ImageViews, list_image_folder, open_rgb, path_key, view_names
 from pipeline.progress import progress
 from pipeline.tokenstore import (
@@ -65,7 +66,7 @@ class TokenizeConfig:
     batch_size: int = setting(256, ge=1)  # images per encoder forward
     chunk_rows: int = setting(512, ge=1, multiple_of="batch_size")  # rows per Zarr chunk = resume unit
     # DataLoader processes decoding images (spawned: safe next to zarr's threads); at most one per usable CPU
-    # (pipeline.device.loader_workers: more add memory, not speed)
+    # (pipeline.host.loader_workers: more add memory, not speed)
     num_workers: int = setting(0, ge=0)
     # Corrupt/truncated images: "error" stops at the first one (naming it, leaving no store behind);
     # "skip" decodes every image once up front, drops the bad ones (listed in the store's attribute

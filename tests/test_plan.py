@@ -416,13 +416,13 @@ def test_llamagen_train_plan_runs_the_token_count_of_its_store(tmp_path, monkeyp
 
 
 def test_tokenize_plan_counts_its_loader_workers(monkeypatch):
-    """tokenize.num_workers 8 on a machine of 2 usable CPUs starts 2 workers (pipeline.device.loader_workers), each
+    """tokenize.num_workers 8 on a machine of 2 usable CPUs starts 2 workers (pipeline.host.loader_workers), each
     planned as its own 0.30 GB + 2 prefetched batches: 4 images x 10 views x 3 x 256^2 uint8 = 7,864,320 B each."""
-    import pipeline.device
-    from pipeline.device import loader_workers
+    import pipeline.host
+    from pipeline.host import loader_workers
     from pipeline.memplan import LOADER_WORKER_PRIVATE, ConvTokenizer, tokenize_plan
 
-    monkeypatch.setattr(pipeline.device.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(pipeline.host.os, "sched_getaffinity", lambda pid: {0, 1})
     assert (loader_workers(8), loader_workers(1), loader_workers(0)) == (2, 1, 0)
     t = ConvTokenizer(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, embed_dim=4, codebook_size=16,
                       multi_scale=False, params=1000)
