@@ -20,7 +20,8 @@ The state (weights, gradients, optimizer state, buffers) is present at all three
 alive through forward and backward, as they are from the second micro-batch of a gradient accumulation on.
 
 Not counted: the CUDA context and the caching allocator's fragmentation (the plan's user keeps a margin,
-see `fits`), tensors of a few bytes per token or per sequence where not listed, the data loader.
+see `fits`), tensors of a few bytes per token or per sequence where not listed, train's data loader workers.
+The process around the tensors (PROCESS_RESIDENT) is added by `cca-pipe plan`'s process line (stages/plan.py).
 """
 
 from __future__ import annotations
@@ -426,8 +427,8 @@ RESERVE = 0.10  # of the GPU's memory, kept for the CUDA context, NCCL and the c
 
 # ------------------------------------------------------------------------------ the process around the tensors
 #
-# What a stage's process holds besides its tensors, measured (docs/performance.md, "Planned against measured at
-# the ImageNet shapes"; Linux x86-64, Python 3.11, torch 2.14 CPU; tests/test_plan.py checks both against this
+# What a stage's process holds besides its tensors, measured (docs/performance.md, "Memory plan against the stages
+# at the ImageNet shapes"; Linux x86-64, Python 3.11, torch 2.14 CPU; tests/test_plan.py checks both against this
 # machine's processes):
 #   PROCESS_RESIDENT: the resident memory of `cca-pipe <stage>` before any model is built: the interpreter, torch,
 #     numpy, zarr, pyarrow, PIL and our modules, code and data pages (VmRSS after `import stages.cli,
