@@ -474,9 +474,8 @@ def plan(ctx, preset, nproc_per_node, nnodes, gpu_memory, strategy, micro_batch_
     if preset:
         ctx.obj["preset"] = preset
     base = dict(ctx.obj)
-    has_params = Path(ctx.obj["params"]).is_file()
-    found = as_dvc_stage(ctx, stage) if has_params else None  # without a params file: the preset alone
-    has_params = Path(ctx.obj["params"]).is_file()
+    found = as_dvc_stage(ctx, stage) if Path(ctx.obj["params"]).is_file() else None  # without a params file: the preset alone
+    has_params = Path(ctx.obj["params"]).is_file()  # the stage's --params, if it names one
     name = active_preset(ctx) if has_params else ctx.obj["preset"]
     if not name:
         raise ConfigError(f"cca-pipe plan needs a preset (--preset NAME); known: {', '.join(PRESETS)}")
