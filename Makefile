@@ -2,13 +2,14 @@
 #   make demo   installs the project into .venv, runs `dvc repro` on the embedded default, prints the results table
 #   make test   installs the project with test extras into .venv, runs the test suite
 # (make test-fast: the unit tests only, without the tests marked slow: subprocesses, torchrun, DVC)
+# (make test-shapes: the memory plan against the stages at the ImageNet shapes, skipped by make test)
 # (make paper: after the demo, the paper's other experiments, pipelines/paper)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo paper test test-fast install lint clean
+.PHONY: demo paper test test-fast test-shapes install lint clean
 
 $(BIN)/cca-pipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# the plan against the stages at the ImageNet shapes (stand-in checkpoints; 13 GB of RSS, ~20-35 min on 2 cores)
+test-shapes: install
+	$(BIN)/python -m pytest -q --real-shapes tests/test_plan.py -k imagenet_shapes
 
 lint: install
 	$(BIN)/ruff check pipeline stages tests bench

@@ -20,7 +20,8 @@ The state (weights, gradients, optimizer state, buffers) is present at all three
 alive through forward and backward, as they are from the second micro-batch of a gradient accumulation on.
 
 Not counted: the CUDA context and the caching allocator's fragmentation (the plan's user keeps a margin,
-see `fits`), tensors of a few bytes per token or per sequence where not listed, the data loader.
+see `fits`), tensors of a few bytes per token or per sequence where not listed, train's data loader workers.
+The process around the tensors (PROCESS_RESIDENT) is added by `cca-pipe plan`'s process line (stages/plan.py).
 """
 
 from __future__ import annotations
@@ -216,11 +217,25 @@ class FamilyMemory:
     block_activations: Callable[..., Activations]
     shape: Callable[..., ModelShape]
     build: Callable[..., nn.Module]  # the model from a description (a preset's `model` keys but `family`)
+    at_grid: Callable[[dict, int], dict]  # the description for images of grid x grid tokens (the store trained on)
+
+
+def llamagen_at_grid(description: dict, grid: int) -> dict:
+    """LlamaGen's GPT runs over as many tokens as the store's images have (block_size = grid^2: 256 at 256px)."""
+    return {**description, "block_size": grid * grid}
+
+
+def var_at_grid(description: dict, grid: int) -> dict:
+    """VAR's token count is its scales' (patch_nums), whatever the store: the last scale is the grid."""
+    last = var_config(description.get("depth", 16), **{k: v for k, v in description.items() if k != "depth"}).patch_nums[-1]
+    if grid != last:
+        raise ValueError(f"VAR's last scale is {last} x {last} tokens, but the tokens are {grid} x {grid}")
+    return description
 
 
 FAMILY_MEMORY: dict[str, FamilyMemory] = {
-    "llamagen": FamilyMemory(llamagen_block_activations, llamagen_shape, build_llamagen),
-    "var": FamilyMemory(var_block_activations, var_shape, build_var),
+    "llamagen": FamilyMemory(llamagen_block_activations, llamagen_shape, build_llamagen, llamagen_at_grid),
+    "var": FamilyMemory(var_block_activations, var_shape, build_var, var_at_grid),
 }
 
 
@@ -410,6 +425,27 @@ def parse_memory(text: str) -> int:
 
 RESERVE = 0.10  # of the GPU's memory, kept for the CUDA context, NCCL and the caching allocator's fragmentation
 
+# ------------------------------------------------------------------------------ the process around the tensors
+#
+# What a stage's process holds besides its tensors, measured (docs/performance.md, "Memory plan against the stages
+# at the ImageNet shapes"; Linux x86-64, Python 3.11, torch 2.14 CPU; tests/test_plan.py checks both against this
+# machine's processes):
+#   PROCESS_RESIDENT: the resident memory of `cca-pipe <stage>` before any model is built: the interpreter, torch,
+#     numpy, zarr, pyarrow, PIL and our modules, code and data pages (VmRSS after `import stages.cli,
+#     stages.<stage>`: 0.80 GB for each of tokenize, reflogp, train and eval). On the CPU it is part of the peak
+#     RSS; on CUDA it is host memory beside the GPU's.
+#   LOADER_WORKER_PRIVATE: a spawned DataLoader worker's own memory once it has imported what unpickling its
+#     dataset imports (torch, PIL, pipeline.images): 0.30 GB private (smaps_rollup Private_Dirty; its other
+#     0.45 GB of RSS are library pages shared with the main process, counted once, in PROCESS_RESIDENT).
+PROCESS_RESIDENT = 800_000_000
+LOADER_WORKER_PRIVATE = 300_000_000
+PREFETCH_FACTOR = 2  # torch's DataLoader default: batches each worker holds ready
+
+
+def loader_worker_bytes(batch_bytes: int) -> int:
+    """One DataLoader worker: its private memory and the batches it has made and not yet handed over."""
+    return LOADER_WORKER_PRIVATE + PREFETCH_FACTOR * batch_bytes
+
 
 def fits(peak: int, gpu_memory: int, reserve: float = RESERVE) -> bool:
     return peak <= (1 - reserve) * gpu_memory
@@ -529,6 +565,8 @@ class StagePlan:
     rows: dict[str, int]  # the parts, each at its own largest
     phases: dict[str, int]  # the peak of each moment of the stage on the device: weights + that moment's tensors
     host: int = 0  # on CUDA, the host memory the stage holds beside the device's (0 on the CPU: counted in phases)
+    workers: int = 0  # loader worker processes beside it
+    worker_bytes: int = 0  # each one's (loader_worker_bytes)
 
     @property
     def peak(self) -> int:
@@ -539,15 +577,16 @@ class StagePlan:
         return max(self.phases, key=self.phases.get)
 
 
-def tokenize_plan(t: ConvTokenizer, image_size: int, batch_size: int, views: int) -> StagePlan:
+def tokenize_plan(t: ConvTokenizer, image_size: int, batch_size: int, views: int, workers: int = 0) -> StagePlan:
     """tokenize: the frozen tokenizer (float32, whole) + one encoder forward of batch_size x views images
-    (stages/tokenize.py encode_views), + the uint8 batch the loader hands over."""
+    (stages/tokenize.py encode_views), + the uint8 batch the loader hands over; beside the process, `workers`
+    loader processes (pipeline.host.loader_workers), each with its prefetched batches."""
     images = batch_size * views
     weights = t.params * FP32
     encoder = encoder_peak_elements(t, image_size) * images * FP32
     batch = images * 3 * image_size**2  # uint8
     return StagePlan("tokenize", {"tokenizer weights": weights, "uint8 batch": batch, "encoder forward": encoder},
-                     {"encoder forward": weights + batch + encoder})
+                     {"encoder forward": weights + batch + encoder}, workers=workers, worker_bytes=loader_worker_bytes(batch))
 
 
 def kv_cache_bytes(model: nn.Module, sequences: int, device: str) -> int:

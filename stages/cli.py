@@ -188,6 +188,19 @@ def _launch_config(ctx: click.Context, nproc_per_node, nnodes, rdzv_endpoint, rd
                  source=ctx.obj["params"])
 
 
+def as_dvc_stage(ctx: click.Context, command: str) -> tuple[str, list[str], list[str]] | None:
+    """In a folder with a dvc.yaml, make ctx's settings those its stage running `cca-pipe <command>` passes (stages/
+    dvcstage.py); (the stage's name, its global options, its subcommand's arguments), or None. `config` and `plan`
+    both resolve through this, so what they show and plan is what `dvc repro` runs."""
+    from .dvcstage import stage_arguments, stage_options, with_stage_options
+
+    found = stage_options(Path.cwd(), command)
+    if not found:
+        return None
+    ctx.obj = with_stage_options(ctx.obj, found[1])
+    return found[0], found[1], stage_arguments(Path.cwd(), command)[2]
+
+
 @main.command()
 @click.argument("stage", type=click.Choice(list(STAGES)))
 @click.option("--preset", default=None, metavar="NAME", help="show the settings under this recipe")
@@ -195,14 +208,12 @@ def _launch_config(ctx: click.Context, nproc_per_node, nnodes, rdzv_endpoint, rd
 def config(ctx, stage, preset):
     """Print a stage's fully resolved settings as YAML (defaults <- params.yaml's preset <- params.yaml <- --preset
     <- --set); in a folder with a dvc.yaml, with the options its stage's command line passes: what `dvc repro` runs."""
-    from .dvcstage import stage_options, with_stage_options
     from .params import settings_yaml
 
     if preset:
         ctx.obj["preset"] = preset
-    found = stage_options(Path.cwd(), stage)
+    found = as_dvc_stage(ctx, stage)
     if found:
-        ctx.obj = with_stage_options(ctx.obj, found[1])
         click.echo(f"# as dvc.yaml's stage {found[0]!r} runs it: {' '.join(found[1]) or '(no options)'}")
     click.echo(settings_yaml({STAGES[stage][2]: resolved_config(ctx, stage)}, active_preset(ctx)), nl=False)
 
@@ -469,42 +480,85 @@ class MemorySize(click.ParamType):
                    "eval (sampling, decoding and scoring at eval.batch_size)")
 @click.option("--vq-model", default=None, metavar="NAME|JSON",
               help="tokenize/eval: the tokenizer's config (default: the family's, VQ-16 or VAR's VQVAE)")
+@click.option("--tokens", default=None, type=PathType,
+              help="train: the token store it trains on, whose token count the model runs (default: the dvc.yaml train "
+                   "stage's --tokens; before it exists, what the folder's tokenize stage will write; else the preset's)")
 @click.pass_context
-def plan(ctx, preset, nproc_per_node, nnodes, gpu_memory, strategy, micro_batch_size, device_type, stage, vq_model):
+def plan(ctx, preset, nproc_per_node, nnodes, gpu_memory, strategy, micro_batch_size, device_type, stage, vq_model, tokens):
     """Per-rank memory of a preset's training step (weights, gradients, optimizer state, activations), DDP and
     FSDP, with and without activation checkpointing; with --gpu-memory, whether each fits. --stage tokenize
     or eval: the memory of tokenize's encoder forward, or of eval's sampling, decoding and scoring, and the
-    batch size that fits."""
+    batch size that fits. The settings are resolved as `cca-pipe config STAGE` resolves them (in a folder with
+    a dvc.yaml, with its stage's options): the plan is for what the stage will run."""
     from pipeline.config import ConfigError
 
     from . import plan as stage_module
+    from .dvcstage import subcommand_option
     from .presets import PRESETS
-    from .train import TrainConfig
 
     if preset:
         ctx.obj["preset"] = preset
-    name = active_preset(ctx) if Path(ctx.obj["params"]).is_file() else ctx.obj["preset"]
+    base = dict(ctx.obj)
+    found = as_dvc_stage(ctx, stage) if Path(ctx.obj["params"]).is_file() else None  # without a params file: the preset alone
+    has_params = Path(ctx.obj["params"]).is_file()  # the stage's --params, if it names one
+    name = active_preset(ctx) if has_params else ctx.obj["preset"]
     if not name:
         raise ConfigError(f"cca-pipe plan needs a preset (--preset NAME); known: {', '.join(PRESETS)}")
     if micro_batch_size is not None:  # the one --set it stands for, so the settings are still checked in one place
-        ctx.obj["overrides"].append(f"train.micro_batch_size={micro_batch_size}")
-    params = load_params(ctx.obj["params"]) if Path(ctx.obj["params"]).is_file() else {}
-    overrides = parse_overrides(ctx.obj["overrides"], params, ctx.obj["params"])
+        ctx.obj["overrides"] = [*ctx.obj["overrides"], f"train.micro_batch_size={micro_batch_size}"]
     given = ctx.parent.params  # the global --nproc-per-node / --nnodes, if given there
     launch = _launch_config(ctx, nproc_per_node or given.get("nproc_per_node"), nnodes or given.get("nnodes"), None)
-    if stage != "train":  # the stage's settings as the stage resolves them
-        from .eval import EvalConfig
-        from .tokenize import TokenizeConfig
-
-        cfg = build(TokenizeConfig if stage == "tokenize" else EvalConfig, params, stage, ctx.obj["preset"], overrides)
+    cfg = _plan_settings(ctx, stage)
+    arguments = found[2] if found else []
+    vq_model = vq_model or subcommand_option(arguments, "--vq-model")
+    if stage != "train":
         report = stage_module.make_tokenize_report(name, cfg, gpu_memory, device_type, vq_model) if stage == "tokenize" else \
             stage_module.make_eval_report(name, cfg, launch.nproc_per_node * launch.nnodes, gpu_memory, device_type, vq_model)
         click.echo(stage_module.format_stage_report(report))
-        return
-    cfg = build(TrainConfig, params, "train", ctx.obj["preset"], overrides, source=ctx.obj["params"])  # as `cca-pipe train` does
-    report = stage_module.make_report(name, cfg, launch.nproc_per_node * launch.nnodes, gpu_memory,
-                                      (strategy,) if strategy else ("ddp", "fsdp"), device_type)
-    click.echo(stage_module.format_report(report))
+    else:
+        grid = _planned_grid(ctx, base, name, tokens or subcommand_option(arguments, "--tokens"), vq_model)
+        report = stage_module.make_report(name, cfg, launch.nproc_per_node * launch.nnodes, gpu_memory,
+                                          (strategy,) if strategy else ("ddp", "fsdp"), device_type, grid=grid)
+        click.echo(stage_module.format_report(report))
+    from .params import settings_yaml
+
+    where = f"as dvc.yaml's stage {found[0]!r} runs it" if found else "as `cca-pipe config` resolves them"
+    click.echo(f"\n# the {stage} settings planned for ({where}):")
+    click.echo(settings_yaml({STAGES[stage][2]: cfg}, name), nl=False)
+
+
+def _plan_settings(ctx: click.Context, stage: str):
+    """A stage's settings as the stage resolves them (resolved_config); without a params file, the defaults <-
+    --preset <- --set (plan needs none to plan a preset)."""
+    if Path(ctx.obj["params"]).is_file():
+        return resolved_config(ctx, stage)
+    import importlib
+
+    module, cls, section = STAGES[stage]
+    overrides = parse_overrides(ctx.obj["overrides"], {}, ctx.obj["params"])
+    return build(getattr(importlib.import_module(f"stages.{module}"), cls), {}, section, ctx.obj["preset"], overrides)
+
+
+def _planned_grid(ctx: click.Context, base: dict, name: str, tokens: str | None, vq_model: str | None):
+    """(tokens per side of the images train will see, where that comes from), or None for the preset's: the token
+    store's own grid when it exists; before it does, the grid the folder's dvc.yaml tokenize stage will write
+    (its tokenize.image_size over its tokenizer's downsampling)."""
+    from pipeline.tokenstore import store_attrs
+
+    from . import plan as stage_module
+    from .dvcstage import subcommand_option
+
+    attrs = store_attrs(Path(tokens)) if tokens else None
+    if attrs and attrs.get("grid"):
+        return int(attrs["grid"]), f"the token store {tokens}"
+    tokenize_ctx = click.Context(ctx.command, obj=dict(base))
+    found = as_dvc_stage(tokenize_ctx, "tokenize") if Path(base["params"]).is_file() else None
+    if not found:
+        return None
+    cfg = _plan_settings(tokenize_ctx, "tokenize")
+    family = stage_module.model_description(name)["family"]
+    downsample = stage_module.conv_tokenizer_for(family, subcommand_option(found[2], "--vq-model") or vq_model).downsample
+    return cfg.image_size // downsample, f"dvc.yaml's stage {found[0]!r}: tokenize.image_size {cfg.image_size} / {downsample}"
 
 
 @main.command()
@@ -631,6 +685,9 @@ def guarded():
 
 def run() -> None:
     """Console-script entry (`cca-pipe`)."""
+    from pipeline.host import return_freed_memory
+
+    return_freed_memory()  # the process's memory is its live tensors', as `cca-pipe plan` counts them
     with guarded():
         main(standalone_mode=True)
 

@@ -67,10 +67,10 @@ def _subcommand_overrides(args: list[str]) -> list[str]:
     return out + ([f"eval.cfg_scales={scales}"] if scales else [])
 
 
-def stage_commands(folder: Path) -> list[tuple[str, str, list[str], list[str]]]:
-    """(stage name, subcommand, global options with the overrides its subcommand options stand for, the
-    subcommand's own arguments) of every dvc.yaml stage in `folder` that runs `cca-pipe`, in file order, with
-    ${...} resolved; foreach/matrix stages (sweeps, not the main run) left out. [] without a dvc.yaml."""
+def _cca_pipe_stages(folder: Path) -> list[tuple[str, str, list[str], list[str]]]:
+    """(stage name, subcommand, its global options as written, the subcommand's own arguments) of every dvc.yaml
+    stage in `folder` that runs `cca-pipe`, in file order, with ${...} resolved; foreach/matrix stages (sweeps,
+    not the main run) left out. [] without a dvc.yaml."""
     dvc_yaml = folder / "dvc.yaml"
     if not dvc_yaml.is_file():
         return []
@@ -85,19 +85,47 @@ def stage_commands(folder: Path) -> list[tuple[str, str, list[str], list[str]]]:
         args = shlex.split(resolved)
         at = _split(args) if args and Path(args[0]).name == "cca-pipe" else None
         if at is not None:
-            options = args[1:at]
-            for override in _subcommand_overrides(args[at + 1 :]):
-                options += ["--set", override]
-            out.append((name, args[at], options, args[at + 1 :]))
+            out.append((name, args[at], args[1:at], args[at + 1 :]))
     return out
+
+
+def _with_overrides(options: list[str], arguments: list[str]) -> list[str]:
+    """The global options with the `--set`s the subcommand's own options stand for."""
+    for override in _subcommand_overrides(arguments):
+        options = [*options, "--set", override]
+    return options
+
+
+def stage_commands(folder: Path) -> list[tuple[str, str, list[str], list[str]]]:
+    """(stage name, subcommand, global options with the overrides its subcommand options stand for, the
+    subcommand's own arguments) of every dvc.yaml stage in `folder` that runs `cca-pipe`, in file order."""
+    return [(name, sub, _with_overrides(options, arguments), arguments)
+            for name, sub, options, arguments in _cca_pipe_stages(folder)]
+
+
+def stage_arguments(folder: Path, command: str) -> tuple[str, list[str], list[str]] | None:
+    """(the stage's name, its global options as written, its subcommand's arguments) of the dvc.yaml stage in
+    `folder` that runs `cca-pipe <command>` (the stage named like the command first, else the first in file
+    order), with ${...} resolved; None without one."""
+    found = [(name, options, arguments) for name, sub, options, arguments in _cca_pipe_stages(folder) if sub == command]
+    return next((f for f in found if f[0] == command), found[0] if found else None)
 
 
 def stage_options(folder: Path, command: str) -> tuple[str, list[str]] | None:
     """(the stage's name, its global options with the overrides its subcommand options stand for) of the
-    dvc.yaml stage in `folder` that runs `cca-pipe <command>` (the stage named like the command first), with
-    ${...} resolved; None without one."""
-    found = [(name, options) for name, sub, options, _ in stage_commands(folder) if sub == command]
-    return next((f for f in found if f[0] == command), found[0] if found else None)
+    dvc.yaml stage that runs `cca-pipe <command>` (stage_arguments), None without one."""
+    found = stage_arguments(folder, command)
+    return None if found is None else (found[0], _with_overrides(found[1], found[2]))
+
+
+def subcommand_option(arguments: list[str], flag: str) -> str | None:
+    """The value of `flag` (e.g. --tokens) among a stage's subcommand arguments, or None."""
+    for i, arg in enumerate(arguments):
+        if arg == flag and i + 1 < len(arguments):
+            return arguments[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.partition("=")[2]
+    return None
 
 
 def with_stage_options(obj: dict, options: list[str]) -> dict:

@@ -15,7 +15,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import ConfigError
-from pipeline.memplan import RESERVE, MemoryPlan, PlanInputs, StagePlan, build_meta, fits, inputs_from_model, plan
+from pipeline.host import loader_workers, usable_cpus
+from pipeline.memplan import (
+    FAMILY_MEMORY,
+    LOADER_WORKER_PRIVATE,
+    PREFETCH_FACTOR,
+    PROCESS_RESIDENT,
+    RESERVE,
+    MemoryPlan,
+    PlanInputs,
+    StagePlan,
+    build_meta,
+    fits,
+    inputs_from_model,
+    plan,
+)
 
 from . import presets
 from .train import TrainConfig
@@ -44,6 +58,7 @@ class PlanReport:
     plans: dict[tuple[str, bool], MemoryPlan]  # (strategy, activation checkpointing) -> plan
     configured: tuple[str, bool]  # the train settings' own (strategy, activation_checkpointing)
     gpu_memory: int | None
+    tokens_from: str = "the preset's model"  # where the token count comes from
 
     def fits(self, column: tuple[str, bool]) -> bool | None:
         return None if self.gpu_memory is None else fits(self.plans[column].peak, self.gpu_memory)
@@ -58,15 +73,36 @@ def model_description(name: str) -> dict:
 
 
 def make_report(name: str, cfg: TrainConfig, world_size: int, gpu_memory: int | None = None,
-                strategies: tuple[str, ...] = ("ddp", "fsdp"), device: str = "cuda") -> PlanReport:
+                strategies: tuple[str, ...] = ("ddp", "fsdp"), device: str = "cuda",
+                grid: tuple[int, str] | None = None) -> PlanReport:
+    """`grid`: (tokens per side of the images trained on, where that comes from), else the preset's model as it is."""
     description = dict(model_description(name))
     family = description.pop("family")
+    if grid is not None:
+        try:
+            description = FAMILY_MEMORY[family].at_grid(description, grid[0])
+        except ValueError as e:
+            raise ConfigError(f"{grid[1]}: {e}") from None
     model = build_meta(family, **description)
     inputs = inputs_from_model(model, cfg.micro_batch_size, world_size=world_size, strategy=cfg.strategy, device=device,
                                dropout=cfg.dropout, activation_checkpointing=cfg.activation_checkpointing)
     plans = {(s, c): plan(inputs.variant(strategy=s, activation_checkpointing=c)) for s, c in COLUMNS if s in strategies}
     return PlanReport(name, {"family": family, **description}, inputs, plans, (cfg.strategy, cfg.activation_checkpointing),
-                      gpu_memory)
+                      gpu_memory, grid[1] if grid else "the preset's model")
+
+
+def process_lines(host_tensors: int, device: str, workers: int = 0, worker_bytes: int = 0) -> list[str]:
+    """The process around the tensors (pipeline.memplan.PROCESS_RESIDENT) and its loader workers: on the CPU the
+    process's peak RSS, what `cca-pipe plan` is checked against (docs/performance.md)."""
+    peak = host_tensors + PROCESS_RESIDENT
+    where = "process peak" if device == "cpu" else "process host memory"
+    lines = [f"{where}: {peak / GB:.2f} GB (the tensors above{' on the host' if device != 'cpu' else ''} + "
+             f"{PROCESS_RESIDENT / GB:.2f} GB the process holds before any model: the interpreter, torch and the libraries)"]
+    if workers:
+        total = peak + workers * worker_bytes
+        lines.append(f"with its loader workers: {total / GB:.2f} GB (+ {workers} x {worker_bytes / GB:.2f} GB: each one's "
+                     f"{LOADER_WORKER_PRIVATE / GB:.2f} GB of its own and its {PREFETCH_FACTOR} prefetched batches)")
+    return lines
 
 
 def column_name(column: tuple[str, bool]) -> str:
@@ -92,6 +128,7 @@ def format_report(report: PlanReport) -> str:
         f"{i.params_largest_block / 1e6:.1f}M, width {i.width}, FFN {i.ffn_hidden}, {i.heads} heads, vocabulary {i.vocab}",
         f"  micro-batch {i.sequences // 2} rows = {i.sequences} sequences x {i.positions} tokens per forward, dropout {i.dropout}; "
         f"{i.world_size} process(es); {i.device}: {mixed}",
+        f"  tokens per image: {report.tokens_from}",
         "",
     ]
     header = ["GB per rank"] + [column_name(c) + (" *" if c == report.configured else "") for c in columns]
@@ -110,6 +147,8 @@ def format_report(report: PlanReport) -> str:
                  "(their temporaries never coexist); GB = 10^9 bytes")
     if i.world_size == 1:
         lines.append("  one process trains the plain module: DDP and FSDP are the same (no buckets, no sharding)")
+    column = report.configured if report.configured in report.plans else columns[0]
+    lines += process_lines(report.plans[column].peak if i.device == "cpu" else 0, i.device)
     if report.gpu_memory is not None:
         usable = (1 - RESERVE) * report.gpu_memory
         lines.append("")
@@ -139,6 +178,12 @@ def tokenizer_for(family: str, vq_model: str | None = None):
         if family == "var":
             return MSVQModel(msvq_config_from_spec(vq_model) or MSVQConfig())
         return VQModel(vq_config_from_spec(vq_model or "VQ-16"))
+
+
+def conv_tokenizer_for(family: str, vq_model: str | None = None):
+    from pipeline.memplan import conv_tokenizer
+
+    return conv_tokenizer(tokenizer_for(family, vq_model))
 
 
 @dataclass
@@ -175,10 +220,13 @@ def make_tokenize_report(name: str, cfg, gpu_memory: int | None, device: str, vq
     family = model_description(name)["family"]
     t = conv_tokenizer(tokenizer_for(family, vq_model))
     views = len(view_names(cfg.augment))
-    plan_at = lambda b: tokenize_plan(t, cfg.image_size, b, views)  # noqa: E731
+    workers = loader_workers(cfg.num_workers)
+    plan_at = lambda b: tokenize_plan(t, cfg.image_size, b, views, workers)  # noqa: E731
     described = [f"tokenize: {cfg.batch_size} images x {views} view(s) ({cfg.augment}) = {cfg.batch_size * views} "
                  f"encodes per forward at {cfg.image_size}px, float32; tokenizer {t.params / 1e6:.1f}M ({family}: "
-                 f"{vq_model or ('VAR VQVAE' if family == 'var' else 'VQ-16')})"]
+                 f"{vq_model or ('VAR VQVAE' if family == 'var' else 'VQ-16')})",
+                 f"{workers} loader worker process(es): tokenize.num_workers {cfg.num_workers}, at most one per CPU this "
+                 f"process may use ({usable_cpus()} here; pipeline.host.loader_workers)"]
     return StageReport(name, "tokenize", plan_at(cfg.batch_size), described, "tokenize.batch_size", cfg.batch_size, device,
                        gpu_memory, _largest_fitting(plan_at, cfg.batch_size, gpu_memory))
 
@@ -191,8 +239,13 @@ def make_eval_report(name: str, settings, world_size: int, gpu_memory: int | Non
 
     description = dict(model_description(name))
     family = description.pop("family")
-    model = build_meta(family, **description)
     t = conv_tokenizer(tokenizer_for(family, vq_model))
+    if settings.image_size:  # the model samples images of eval.image_size (LlamaGen: block_size (image_size / 16)^2)
+        try:
+            description = FAMILY_MEMORY[family].at_grid(description, settings.image_size // t.downsample)
+        except ValueError as e:
+            raise ConfigError(f"eval.image_size {settings.image_size}: {e}") from None
+    model = build_meta(family, **description)
     side = t.downsample * (model.cfg.patch_nums[-1] if family == "var" else int(round(model.cfg.seq_len ** 0.5)))
     image_size = settings.image_size or side
     classes = settings.num_classes or model.cfg.num_classes
@@ -215,6 +268,7 @@ def format_stage_report(report: StageReport) -> str:
     lines.append(_table(rows, ["GB", report.stage]))
     lines.append(f"peak during {p.peak_phase}: {p.peak / GB:.1f} GB"
                  + (f" on the GPU, and {p.host / GB:.1f} GB of host memory" if p.host else ""))
+    lines += process_lines(p.peak if report.device == "cpu" else p.host, report.device, p.workers, p.worker_bytes)
     if report.gpu_memory is not None:
         usable = (1 - RESERVE) * report.gpu_memory
         verdict = "fits" if report.fits() else "does not fit"

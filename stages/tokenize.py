@@ -35,6 +35,7 @@ from pipeline.checkpoint import file_sha256
 from pipeline.config import ConfigError, check_ranges, setting, settings_digest
 from pipeline.device import OutOfMemory, is_out_of_memory
 from pipeline.families import load_tokenizer
+from pipeline.host import loader_workers
 from pipeline.images import ImageFolderError, ImageViews, list_image_folder, open_rgb, path_key, view_names
 from pipeline.progress import progress
 from pipeline.tokenstore import (
@@ -64,7 +65,9 @@ class TokenizeConfig:
     augment: str = "shift1"  # none | flip | tencrop | shift1 | randcrop:<A> (VAR's resize 1.125x + random crop, A views)
     batch_size: int = setting(256, ge=1)  # images per encoder forward
     chunk_rows: int = setting(512, ge=1, multiple_of="batch_size")  # rows per Zarr chunk = resume unit
-    num_workers: int = setting(0, ge=0)  # DataLoader processes decoding images (spawned: safe next to zarr's threads)
+    # DataLoader processes decoding images (spawned: safe next to zarr's threads); at most one per usable CPU
+    # (pipeline.host.loader_workers: more add memory, not speed)
+    num_workers: int = setting(0, ge=0)
     # Corrupt/truncated images: "error" stops at the first one (naming it, leaving no store behind);
     # "skip" decodes every image once up front, drops the bad ones (listed in the store's attribute
     # skipped_files) and still fails if more than max_bad_fraction of the images are bad.
@@ -306,7 +309,7 @@ def _tokenize(cfg: TokenizeConfig, images: Path, vq_path: Path, claim, device: t
     rows = [r for k in pending for r in range(*writer.chunk_range(k))]
     loader = torch.utils.data.DataLoader(
         ImageViews(paths, cfg.image_size, cfg.augment, rows, cfg.max_image_pixels), batch_size=cfg.batch_size, shuffle=False,
-        num_workers=cfg.num_workers, multiprocessing_context="spawn" if cfg.num_workers else None,
+        num_workers=loader_workers(cfg.num_workers), multiprocessing_context="spawn" if loader_workers(cfg.num_workers) else None,
     )
     try:
         if cfg.dask_workers or cfg.dask_scheduler:

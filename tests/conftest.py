@@ -33,14 +33,29 @@ SLOW_TESTS = {
         "test_train_refuses_a_cache_of_other_dropout_unless_told", "test_train_prints_its_step_count_and_max_steps_caps_it",
         "test_train_records_its_settings_spelled_as_params_yaml")),
     "test_plan.py::test_tokenize_and_eval_plans_match_measured_peaks_on_cpu",  # a process measuring 4 models, InceptionV3
+    "test_plan.py::test_process_terms_are_what_this_machines_processes_hold",  # 4 fresh Python processes
     *(f"test_integrity.py::{name}" for name in (  # tokenize, reflogp and train through the CLI (in process)
         "test_train_refuses_a_cache_with_one_row_swapped", "test_train_keeps_a_policy_the_user_put_in_place_of_ours",
         "test_tokenize_sees_a_cp_p_rewrite_and_rehash_rereads_everything")),
 }
 
 
+# The stages at the ImageNet shapes (13 GB of RSS, ~20-35 min on this 2-core machine): `make test-shapes` runs
+# them (pytest --real-shapes); `make test` would pass the CI's 90 minutes with them, so it skips them, saying so.
+REAL_SHAPE_TESTS = {"test_plan.py::test_plan_matches_the_stages_at_the_imagenet_shapes"}
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--real-shapes", action="store_true",
+                     help="run the tests of the stages at the ImageNet shapes (make test-shapes)")
+
+
 def pytest_collection_modifyitems(config, items) -> None:
+    real_shapes = pytest.mark.skip(reason="the stages at the ImageNet shapes: run them with `make test-shapes`")
     for item in items:
         module = item.path.stem
-        if module in SLOW_MODULES or f"{item.path.name}::{item.originalname}" in SLOW_TESTS:
+        name = f"{item.path.name}::{item.originalname}"
+        if module in SLOW_MODULES or name in SLOW_TESTS or name in REAL_SHAPE_TESTS:
             item.add_marker(pytest.mark.slow)
+        if name in REAL_SHAPE_TESTS and not config.getoption("--real-shapes"):
+            item.add_marker(real_shapes)

@@ -345,3 +345,144 @@ def test_out_of_memory_in_tokenize_and_eval_names_the_batch_size(monkeypatch):
     with pytest.raises(OutOfMemory, match=r"scoring cfg_1: the feature extractor \(inception-v3-compat\) runs batches of 256"):
         eval_stage.score_unit(unit, np.zeros((4, 8, 8, 3), np.uint8), 1.0, eval_stage.EvalConfig(grid_per_class=0),
                               torch.zeros(4, dtype=torch.long), extractor, {}, None, None, Path("."))
+
+
+# ------------------------------------------------------------------ the settings planned for: those the stage runs
+
+
+def _pipeline_folder(tmp_path: Path, pipeline: str, **changes) -> Path:
+    import yaml
+
+    params = yaml.safe_load((ROOT / "pipelines" / pipeline / "params.yaml").read_text(encoding="utf-8"))
+    params.update(changes)
+    folder = tmp_path / pipeline
+    folder.mkdir()
+    (folder / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    (folder / "dvc.yaml").write_text((ROOT / "pipelines" / pipeline / "dvc.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    return folder
+
+
+def _settings_block(output: str, stage: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(output.split(f"# the {stage} settings planned for", 1)[1].split("\n", 1)[1])
+
+
+@pytest.mark.parametrize("pipeline", ["imagenet-llamagen", "imagenet-var"])
+def test_plan_and_config_agree_on_every_setting_in_each_pipeline_folder(pipeline, tmp_path, monkeypatch):
+    """In a pipeline folder whose image_size differs from its sections' (dvc.yaml passes `--set
+    tokenize.image_size=${image_size}`), `plan --stage S` plans exactly what `config S` shows: every setting."""
+    import yaml
+
+    folder = _pipeline_folder(tmp_path, pipeline, image_size=256, preset="llamagen-B" if "llamagen" in pipeline else "var-d16")
+    monkeypatch.chdir(folder)
+    for stage in ("tokenize", "eval", "train"):
+        config = CliRunner().invoke(main, ["config", stage])
+        assert config.exit_code == 0, config.output + repr(config.exception)
+        planned = CliRunner().invoke(main, ["plan", "--stage", stage, "--device", "cpu"])
+        assert planned.exit_code == 0, planned.output + repr(planned.exception)
+        assert _settings_block(planned.output, stage) == yaml.safe_load(config.output), (stage, planned.output)
+        assert "as dvc.yaml's stage" in planned.output
+    tokenize = CliRunner().invoke(main, ["plan", "--stage", "tokenize", "--device", "cpu"]).output
+    assert "at 256px" in tokenize and "384px" not in tokenize
+
+
+def test_llamagen_train_plan_runs_the_token_count_of_its_store(tmp_path, monkeypatch):
+    """GPT-B at 256px trains on 16 x 16 = 256 tokens (positions 1 + 256 - 1), not the preset's 576: read from the
+    token store the dvc.yaml train stage names once it exists, before that from what its tokenize stage will write."""
+    import json
+
+    from pipeline.tokenstore import TOKENS_FORMAT
+
+    folder = _pipeline_folder(tmp_path, "imagenet-llamagen", image_size=256, preset="llamagen-B")
+    monkeypatch.chdir(folder)
+    before = CliRunner().invoke(main, ["plan", "--device", "cpu"])
+    assert before.exit_code == 0, before.output + repr(before.exception)
+    assert "x 256 tokens per forward" in before.output and "tokenize.image_size 256 / 16" in before.output
+    (folder / "data/tokens.zarr").mkdir(parents=True)  # the store's attributes are all the plan reads
+    (folder / "data/tokens.zarr/zarr.json").write_text(json.dumps({"attributes": {"format": TOKENS_FORMAT, "grid": 12}}))
+    stored = CliRunner().invoke(main, ["plan", "--device", "cpu"])
+    assert "x 144 tokens per forward" in stored.output and "the token store data/tokens.zarr" in stored.output
+    typed = CliRunner().invoke(main, ["--params", "/nonexistent/params.yaml", "plan", "--preset", "llamagen-B", "--tokens",
+                                      str(folder / "data/tokens.zarr")])
+    assert "x 144 tokens per forward" in typed.output, typed.output
+    var = _pipeline_folder(tmp_path, "imagenet-var", image_size=384)  # VAR-d16's last scale is 16: 256px
+    monkeypatch.chdir(var)
+    wrong = CliRunner().invoke(main, ["plan", "--device", "cpu"])
+    assert wrong.exit_code != 0 and "last scale is 16 x 16 tokens, but the tokens are 24 x 24" in str(wrong.exception)
+
+
+# --------------------------------------------------------------- the process around the tensors: baseline, workers
+
+
+def test_tokenize_plan_counts_its_loader_workers(monkeypatch):
+    """tokenize.num_workers 8 on a machine of 2 usable CPUs starts 2 workers (pipeline.host.loader_workers), each
+    planned as its own 0.30 GB + 2 prefetched batches: 4 images x 10 views x 3 x 256^2 uint8 = 7,864,320 B each."""
+    import pipeline.host
+    from pipeline.host import loader_workers
+    from pipeline.memplan import LOADER_WORKER_PRIVATE, ConvTokenizer, tokenize_plan
+
+    monkeypatch.setattr(pipeline.host.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert (loader_workers(8), loader_workers(1), loader_workers(0)) == (2, 1, 0)
+    t = ConvTokenizer(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, embed_dim=4, codebook_size=16,
+                      multi_scale=False, params=1000)
+    p = tokenize_plan(t, 256, batch_size=4, views=10, workers=2)
+    assert p.workers == 2 and p.worker_bytes == LOADER_WORKER_PRIVATE + 2 * 7_864_320 and LOADER_WORKER_PRIVATE == 300_000_000
+    result = CliRunner().invoke(main, ["--params", "/nonexistent/params.yaml", "--set", "tokenize.num_workers=8", "--set",
+                                       "tokenize.image_size=256", "--set", "tokenize.batch_size=4", "--set",
+                                       "tokenize.augment=tencrop", "plan", "--preset", "llamagen-B", "--stage", "tokenize",
+                                       "--device", "cpu"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    peak = float(re.search(r"^process peak: ([0-9.]+) GB", result.output, re.M).group(1))
+    total = float(re.search(r"^with its loader workers: ([0-9.]+) GB \(\+ 2 x 0\.32 GB", result.output, re.M).group(1))
+    assert total == pytest.approx(peak + 2 * 0.3157, abs=0.011)
+    assert "2 loader worker process(es): tokenize.num_workers 8, at most one per CPU" in result.output
+
+
+def _resident(code: str) -> dict[str, int]:
+    """VmRSS and the private bytes of a fresh `python -c code` at its end."""
+    import subprocess
+    import sys
+
+    probe = ("import re\nstatus = open('/proc/self/status').read()\nroll = open('/proc/self/smaps_rollup').read()\n"
+             "print(int(re.search(r'VmRSS:\\s+(\\d+)', status).group(1)) * 1024, "
+             "sum(int(x) * 1024 for x in re.findall(r'Private_\\w+:\\s+(\\d+)', roll)))")
+    out = subprocess.run([sys.executable, "-c", f"{code}\n{probe}"], capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    rss, private = map(int, out.stdout.split())
+    return {"rss": rss, "private": private}
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="Linux's /proc")
+def test_process_terms_are_what_this_machines_processes_hold():
+    """PROCESS_RESIDENT: a stage process's RSS before any model (`import stages.cli, stages.<stage>`); LOADER_WORKER_
+    PRIVATE: what a spawned loader worker adds of its own (it imports torch, PIL and pipeline.images to unpickle
+    the dataset): each within 10% of this machine's."""
+    from pipeline.memplan import LOADER_WORKER_PRIVATE, PROCESS_RESIDENT
+
+    for stage in ("tokenize", "train", "eval"):
+        assert _resident(f"import stages.cli, stages.{stage}")["rss"] == pytest.approx(PROCESS_RESIDENT, rel=0.10), stage
+    worker = _resident("import torch, PIL.Image, pipeline.images")["private"]
+    assert worker == pytest.approx(LOADER_WORKER_PRIVATE, rel=0.10)
+
+
+# ----------------------------------------------------------------- the plan against the stages at the ImageNet shapes
+
+
+@pytest.fixture(scope="module")
+def stage_work(tmp_path_factory):
+    return tmp_path_factory.mktemp("stage_memory")
+
+
+@pytest.mark.parametrize("row", ["tokenize-384", "tokenize-256", "llamagen-train", "llamagen-eval", "var-train"])
+def test_plan_matches_the_stages_at_the_imagenet_shapes(row, stage_work, monkeypatch):
+    """Issue 30's table: each stage run as the pipeline folder's dvc.yaml runs it, with stand-ins at the real shapes
+    (bench/stage_memory.py: VQ-16 + GPT-B at 256 tokens, tokenize ten-crop at 384 and 256px with batch 4, train
+    micro-batch 2, eval batch 20, VAR's VQVAE + d16), its peak RSS within 10% of `cca-pipe plan --stage S --device
+    cpu` run in the same folder."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.stage_memory import measure_rows
+
+    (result,) = measure_rows([row], stage_work)
+    assert abs(result["error"]) <= 0.10, {k: v for k, v in result.items()}

@@ -1,0 +1,44 @@
+"""The host machine around the tensors: the CPUs a process may use and how it returns freed memory.
+
+Kept apart from pipeline/device.py, whose code is part of the reference caches' log-prob code digest
+(pipeline.families.LOGP_CODE): nothing here changes a log-probability.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a batch job's share, not the whole node's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity masks
+        return os.cpu_count() or 1
+
+
+def loader_workers(setting: int) -> int:
+    """The DataLoader processes to start for a `num_workers` setting: at most one per usable CPU. Image decoding is
+    CPU-bound, so a worker beyond the CPUs adds no speed, but costs a whole process (torch and PIL imported,
+    its prefetched batches: `cca-pipe plan` counts each); e.g. the ImageNet pipelines' 8 is 2 on a 2-core machine."""
+    return min(setting, usable_cpus())
+
+
+MMAP_THRESHOLD = 64 * 1024  # bytes: allocations from this size on are mapped on their own and unmapped when freed
+
+
+def return_freed_memory() -> bool:
+    """Make glibc give freed tensors' memory back to the system (mallopt M_MMAP_THRESHOLD; whether it could).
+
+    By default glibc raises its mmap threshold up to 32 MiB as large blocks are freed and keeps blocks under it in
+    its heap: a training step's activations and per-parameter temporaries (each a few MB) then stay resident after
+    they are freed, and the process's RSS follows the largest set ever freed, not the tensors alive: GPT-B's
+    step measured 3.51 GB against 2.93 GB of live tensors (docs/performance.md). A fixed threshold also stops the
+    dynamic raise. Without glibc (macOS, musl) nothing changes."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    return bool(mallopt(-3, MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD (malloc.h)
