@@ -1183,17 +1183,15 @@ def _rank_pids(pid: int) -> dict[int, int]:
     return ranks
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_stopped_rank_ends_the_job_in_one_line_after_the_timeout(world: Path, tmp_path: Path):
-    """SIGSTOP of rank 1 mid-training: rank 0 waits CCA_PIPE_DIST_TIMEOUT_S (5 s here) in a collective, then the
-    job ends with one line from rank 0, not gloo's "Timed out" traceback (issue 29, item 9); nothing is left
-    running."""
+def _signal_rank_1(world: Path, tmp_path: Path, signum: int, dist_timeout_s: int, wait_s: int) -> tuple[int, str, Path]:
+    """A long 2-process train (the one-visit cache read again: it is the signal under test, not the draws); once
+    it is in the training loop, `signum` to rank 1 -> (the launcher's exit code, its output, the run's --out)."""
     import signal
     import subprocess
 
-    argv, out = train(world, tmp_path, edit=lambda p: p["train"].update(epochs=2000, repeat_visits=True))  # long, on the one-visit cache
+    argv, out = train(world, tmp_path, edit=lambda p: p["train"].update(epochs=2000, repeat_visits=True))
     cmd = [str(Path(sys.executable).parent / "cca-pipe"), *map(str, argv[:2]), "--nproc-per-node", "2", *map(str, argv[2:])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "5", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": str(dist_timeout_s), "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     ranks: dict[int, int] = {}
     try:
@@ -1202,9 +1200,9 @@ def test_a_stopped_rank_ends_the_job_in_one_line_after_the_timeout(world: Path, 
             time.sleep(0.05)
         time.sleep(2)  # in the training loop
         ranks = _rank_pids(proc.pid)
-        assert proc.poll() is None and set(ranks) == {0, 1}, "the job ended before a rank could be stopped"
-        os.kill(ranks[1], signal.SIGSTOP)
-        text, _ = proc.communicate(timeout=150)
+        assert proc.poll() is None and set(ranks) == {0, 1}, "the job ended before a rank could be signalled"
+        os.kill(ranks[1], signum)
+        text, _ = proc.communicate(timeout=wait_s)
     finally:
         for pid in ranks.values():
             with contextlib.suppress(ProcessLookupError):
@@ -1212,8 +1210,19 @@ def test_a_stopped_rank_ends_the_job_in_one_line_after_the_timeout(world: Path, 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    return proc.returncode, text, out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_stopped_rank_ends_the_job_in_one_line_after_the_timeout(world: Path, tmp_path: Path):
+    """SIGSTOP of rank 1 mid-training: rank 0 waits CCA_PIPE_DIST_TIMEOUT_S (5 s here) in a collective, then the
+    job ends with one line from rank 0, not gloo's "Timed out" traceback (issue 29, item 9); nothing is left
+    running."""
+    import signal
+
+    returncode, text, out = _signal_rank_1(world, tmp_path, signal.SIGSTOP, dist_timeout_s=5, wait_s=150)
     errors = [line for line in text.splitlines() if "cca-pipe: error:" in line]
-    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in text, text[-3000:]
+    assert returncode == 2 and len(errors) == 1 and "Traceback" not in text, text[-3000:]
     assert "rank 0 of the job waited 5 s (CCA_PIPE_DIST_TIMEOUT_S)" in errors[0], errors[0]
     assert not out.exists()
 
@@ -1223,30 +1232,9 @@ def test_a_rank_killed_by_a_signal_is_named_in_one_line(world: Path, tmp_path: P
     """SIGKILL of rank 1 mid-training (the out-of-memory killer): one line naming the rank and the signal, no
     torchrun summary, no traceback (issue 29, item 9)."""
     import signal
-    import subprocess
 
-    argv, out = train(world, tmp_path, edit=lambda p: p["train"].update(epochs=2000, repeat_visits=True))  # long, on the one-visit cache
-    cmd = [str(Path(sys.executable).parent / "cca-pipe"), *map(str, argv[:2]), "--nproc-per-node", "2", *map(str, argv[2:])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-    ranks: dict[int, int] = {}
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and not (tmp_path / "train.partial").is_dir():
-            time.sleep(0.05)
-        time.sleep(2)  # in the training loop
-        ranks = _rank_pids(proc.pid)
-        assert proc.poll() is None and set(ranks) == {0, 1}, "the job ended before a rank could be killed"
-        os.kill(ranks[1], signal.SIGKILL)
-        text, _ = proc.communicate(timeout=120)
-    finally:
-        for pid in ranks.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    returncode, text, out = _signal_rank_1(world, tmp_path, signal.SIGKILL, dist_timeout_s=60, wait_s=120)
     errors = [line for line in text.splitlines() if "cca-pipe: error:" in line]
-    assert proc.returncode == 128 + signal.SIGKILL and "Traceback" not in text and "ChildFailedError" not in text, text[-3000:]
+    assert returncode == 128 + signal.SIGKILL and "Traceback" not in text and "ChildFailedError" not in text, text[-3000:]
     assert len(errors) == 1 and "rank 1 of the job was killed by SIGKILL" in errors[0], text[-3000:]
     assert not out.exists()
