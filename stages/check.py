@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,9 +43,24 @@ TRIAL_FIX = ", or set `profile: trial` in params.yaml for a trial run on a few i
 RECORD = "cca-pipe check: every stage's settings fit the inputs (stages/check.py)\n"
 
 
+@dataclass(frozen=True)
+class CommandLine:
+    """What check takes of the `cca-pipe` command line, handed over by stages/cli.py (this module never imports
+    cli: no import cycle): its group (a stage's own options parsed as click parses them), the settings resolution
+    `config` uses, the active preset, the launch settings and the table of stages."""
+
+    main: click.Group
+    resolved_config: Callable
+    active_preset: Callable
+    launch_config: Callable
+    stages: dict
+
+
 @dataclass
 class Known:
-    """What the stages checked so far tell the later ones (None: unknown)."""
+    """What the stages checked so far tell the later ones (None: unknown), and the command line it reads them by."""
+
+    cli: CommandLine
 
     images: int | None = None
     classes: int | None = None
@@ -118,29 +134,23 @@ def _missing_inputs(folder: Path, known: Known) -> list[str]:
     return problems
 
 
-def _settings(ctx_obj: dict, stage: str):
-    from .cli import resolved_config
-
-    return resolved_config(SimpleNamespace(obj=ctx_obj), stage)
+def _settings(known: Known, ctx_obj: dict, stage: str):
+    return known.cli.resolved_config(SimpleNamespace(obj=ctx_obj), stage)
 
 
-def _arguments(sub: str, args: list[str], ctx_obj: dict, folder: Path) -> dict:
+def _arguments(main: click.Group, sub: str, args: list[str], ctx_obj: dict, folder: Path) -> dict:
     """The subcommand's options as the stage's command line gives them (click's parsing: defaults filled in),
     paths relative to `folder`, where DVC runs the stage."""
-    from .cli import main
-
     command = main.commands[sub]
     with command.make_context(sub, list(args), parent=click.Context(main, obj=ctx_obj)) as sub_ctx:
         return {k: folder / v if isinstance(v, Path) else v for k, v in sub_ctx.params.items()}
 
 
-def _source(ctx_obj: dict, a: dict):
+def _source(known: Known, ctx_obj: dict, a: dict):
     from pipeline.families import ModelSource
 
-    from .cli import active_preset
-
     return ModelSource(a.get("gpt_model"), a.get("vae"), a.get("vae_model"), a.get("depth"),
-                       active_preset(SimpleNamespace(obj=ctx_obj)))
+                       known.cli.active_preset(SimpleNamespace(obj=ctx_obj)))
 
 
 def _check_generator(path: Path, role: str, known: Known, source) -> int | None:
@@ -162,7 +172,7 @@ def _tokenize(ctx_obj: dict, a: dict, known: Known) -> None:
     from pipeline.families import load_tokenizer
     from pipeline.images import list_image_folder, view_names
 
-    cfg = _settings(ctx_obj, "tokenize")
+    cfg = _settings(known, ctx_obj, "tokenize")
     known.views = len(view_names(cfg.augment))
     if not (known.present(a["images"]) and known.present(a["vq_path"])):
         return
@@ -179,8 +189,8 @@ def _tokenize(ctx_obj: dict, a: dict, known: Known) -> None:
 
 
 def _reflogp(ctx_obj: dict, a: dict, known: Known) -> None:
-    cfg = _settings(ctx_obj, "reflogp")
-    _check_generator(a["ref_path"], "--ref", known, _source(ctx_obj, a))
+    cfg = _settings(known, ctx_obj, "reflogp")
+    _check_generator(a["ref_path"], "--ref", known, _source(known, ctx_obj, a))
     if known.images is not None:
         known.rows, known.rows_text = cache_rows(known.images, known.views, cfg)
         known.facts.append(f"reference cache: {known.rows} rows (reflogp.views {cfg.views})")
@@ -189,21 +199,19 @@ def _reflogp(ctx_obj: dict, a: dict, known: Known) -> None:
 def _train(ctx_obj: dict, a: dict, known: Known) -> None:
     from pipeline.parallel import check_batch_rows, check_micro_batches
 
-    from .cli import _launch_config
-
-    cfg = _settings(ctx_obj, "train")
-    _check_generator(a["init"], "--init", known, _source(ctx_obj, a))
+    cfg = _settings(known, ctx_obj, "train")
+    _check_generator(a["init"], "--init", known, _source(known, ctx_obj, a))
     if known.rows is not None:
         check_batch_rows(cfg.batch_size, known.rows, known.rows_text, TRIAL_FIX)
-    launch = _launch_config(SimpleNamespace(obj=ctx_obj), None, None, None)
+    launch = known.cli.launch_config(SimpleNamespace(obj=ctx_obj), None, None, None)
     check_micro_batches(cfg.batch_size, cfg.micro_batch_size, launch.nproc_per_node * launch.nnodes)
 
 
 def _eval(ctx_obj: dict, a: dict, known: Known) -> None:
     from .eval import check_eval_classes
 
-    cfg = _settings(ctx_obj, "eval")
-    classes = _check_generator(a["base_path"], "--base", known, _source(ctx_obj, a))
+    cfg = _settings(known, ctx_obj, "eval")
+    classes = _check_generator(a["base_path"], "--base", known, _source(known, ctx_obj, a))
     if classes is not None:
         check_eval_classes(cfg, classes, "--base", a["base_path"])
 
@@ -211,28 +219,26 @@ def _eval(ctx_obj: dict, a: dict, known: Known) -> None:
 CHECKS = {"tokenize": _tokenize, "reflogp": _reflogp, "train": _train, "eval": _eval}
 
 
-def check_folder(folder: Path, obj: dict) -> tuple[list[str], list[str]]:
+def check_folder(folder: Path, obj: dict, cli: CommandLine) -> tuple[list[str], list[str]]:
     """(problems, facts) of the dvc.yaml in `folder`, each one line; `obj`: the cca-pipe command's settings
-    context (its --params, --preset, --set), under which every stage's own options are applied."""
+    context (its --params, --preset, --set), under which every stage's own options are applied; `cli`: the
+    command line's parts (stages.cli.command_line())."""
     from .dvcstage import stage_commands, with_stage_options
 
     commands = [c for c in stage_commands(folder) if c[1] != "check"]
     if not commands:
         return [f"{folder / 'dvc.yaml'}: no `cca-pipe` stage to check (run cca-pipe check in a pipeline's folder)"], []
-    known = Known()
+    known = Known(cli)
     problems = _missing_inputs(folder, known)
     found: dict[str, list[str]] = {}  # a problem -> the stages it stops (each said once)
     for name, sub, options, args in commands:
         ctx_obj = with_stage_options(obj, options)
         try:
-            a = _arguments(sub, args, ctx_obj, folder)
+            a = _arguments(cli.main, sub, args, ctx_obj, folder)
             if sub in CHECKS:
                 CHECKS[sub](ctx_obj, a, known)
-            else:  # a stage's settings are built (so checked) by _settings; `paper` has its own params file
-                from .cli import STAGES
-
-                if sub in STAGES:
-                    _settings(ctx_obj, sub)
+            elif sub in cli.stages:  # a stage's settings are built (so checked) by _settings; `paper` has its own params
+                _settings(known, ctx_obj, sub)
         except (ConfigError, CheckpointError, FormatError, OutputError, ValueError, FileNotFoundError,
                 click.ClickException) as e:
             found.setdefault(_one_line(e.format_message() if isinstance(e, click.ClickException) else e), []).append(name)

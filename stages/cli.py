@@ -218,6 +218,13 @@ def config(ctx, stage, preset):
     click.echo(settings_yaml({STAGES[stage][2]: resolved_config(ctx, stage)}, active_preset(ctx)), nl=False)
 
 
+def command_line():
+    """What `cca-pipe check` reads stages by (stages/check.py CommandLine), handed to it from here."""
+    from .check import CommandLine
+
+    return CommandLine(main, resolved_config, active_preset, _launch_config, STAGES)
+
+
 @main.command()
 @click.option("--out", default=None, type=OutPath, help="write a record here when every check passes (the DVC stage's output)")
 @click.pass_context
@@ -228,7 +235,7 @@ def check(ctx, out):
 
     from .check import RECORD, check_folder
 
-    problems, facts = check_folder(Path.cwd(), ctx.obj)
+    problems, facts = check_folder(Path.cwd(), ctx.obj, command_line())
     for fact in facts:
         click.echo(f"cca-pipe check: {fact}")
     for problem in problems:

@@ -16,7 +16,7 @@ from test_shipped_pipelines import make_world, shipped_params
 from pipeline.config import ConfigError
 from pipeline.parallel import check_batch_rows
 from stages.check import cache_rows, check_folder
-from stages.cli import main
+from stages.cli import command_line, main
 
 PIPELINES = ["imagenet-llamagen", "imagenet-var"]
 
@@ -36,7 +36,7 @@ def folder_with(pipeline: str, params: dict, tmp_path: Path) -> Path:
 
 def problems_of(folder: Path, *overrides: str) -> list[str]:
     obj = {"params": folder / "params.yaml", "overrides": list(overrides), "device": "cpu", "preset": None}
-    problems, _ = check_folder(folder, obj)
+    problems, _ = check_folder(folder, obj, command_line())
     assert all("\n" not in p for p in problems)
     return problems
 
