@@ -42,8 +42,12 @@ VQ_CFG = VQConfig(codebook_size=32, codebook_embed_dim=4, ch=16, ch_mult=(1, 2, 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    """Images (2 classes x 4), VQ, GPT, classifier, a token store, a reference cache and a params.yaml, all tiny."""
-    root = tmp_path_factory.mktemp("hostile")
+    return tiny_world(tmp_path_factory.mktemp("hostile"))
+
+
+def tiny_world(root: Path) -> Path:
+    """Images (2 classes x 4), VQ, GPT, classifier, a token store, a reference cache and a params.yaml, all tiny,
+    under `root` (also tests/test_integrity.py's world)."""
     rng = np.random.default_rng(0)
     for c in ("a", "b"):
         (root / "images" / c).mkdir(parents=True)

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from PIL import Image
+from test_hostile_inputs import tiny_world
 from worlds import invoke
 
 from pipeline.formats import FormatError, RefCacheParts, read_cache_provenance, read_ref_cache, write_ref_cache
@@ -411,42 +411,9 @@ def test_a_marker_of_the_earlier_format_still_owns_its_files(tmp_path):
 # ------------------------------------------------------------------------------------- the issue's cases end to end
 
 
-def _gpt_cfg():
-    from pipeline.models.llamagen import GPTConfig
-
-    return GPTConfig(dim=32, n_layer=1, n_head=2, vocab_size=32, num_classes=2, block_size=16, multiple_of=16)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    """Images (2 classes x 4, equal-size PNGs), a VQ, a GPT, a token store, a cache and params.yaml, all tiny."""
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.models.llamagen import GPT
-    from pipeline.tokenizers.vq import VQConfig, VQModel
-    from stages import cli
-
-    root = tmp_path_factory.mktemp("integrity")
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (root / "images" / c).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "images" / c / f"{i}.png")
-    torch.manual_seed(0)
-    vq_cfg = VQConfig(codebook_size=32, codebook_embed_dim=4, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16,
-                      norm_groups=8, codebook_used_size=32)
-    save_checkpoint(root / "vq.pt", VQModel(vq_cfg).state_dict(), vq_cfg.to_dict(), kind="llamagen-vq")
-    save_checkpoint(root / "gpt.pt", GPT(_gpt_cfg()).state_dict(), _gpt_cfg().to_dict(), kind="llamagen-gpt")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["tokenize"].update(image_size=16, augment="flip", batch_size=4, chunk_rows=4)
-    params["reflogp"].update(views="all", batch_size=4, part_rows=8)
-    params["train"].update(epochs=1, batch_size=4, micro_batch_size=2, save_every=0)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for args in (["tokenize", "--images", root / "images", "--vq", root / "vq.pt", "--out", root / "tokens.zarr"],
-                 ["reflogp", "--tokens", root / "tokens.zarr", "--ref", root / "gpt.pt", "--out", root / "cache.parquet"]):
-        result = __import__("click.testing").testing.CliRunner().invoke(
-            cli.main, ["--params", str(root / "params.yaml"), *map(str, args)], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-    return root
+    return tiny_world(tmp_path_factory.mktemp("integrity"))
 
 
 def _train_argv(world: Path, cache: Path, out: Path) -> list:
