@@ -12,6 +12,22 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+CLASSES = 10
+
+
+def _test_count(class_images: int, test_fraction: float) -> int:
+    """How many of a class's images the test split holds."""
+    return int(round(class_images * test_fraction))
+
+
+def split_counts(test_fraction: float) -> dict[str, tuple[int, int]]:
+    """{split: (images, classes)} that write_digits will write, known before it runs (`cca-pipe check`)."""
+    from sklearn.datasets import load_digits
+
+    per_class = np.bincount(load_digits().target, minlength=CLASSES)
+    test = sum(_test_count(int(n), test_fraction) for n in per_class)
+    return {"train": (int(per_class.sum()) - test, CLASSES), "test": (test, CLASSES)}
+
 
 def write_digits(out: str | os.PathLike, image_size: int, test_fraction: float, seed: int) -> dict[str, int]:
     """Upscale (bicubic) to image_size, split per class with a fixed seed. Returns image counts per split."""
@@ -22,10 +38,10 @@ def write_digits(out: str | os.PathLike, image_size: int, test_fraction: float, 
     rng = np.random.default_rng(seed)
     out = Path(out)
     counts = {"train": 0, "test": 0}
-    for label in range(10):
+    for label in range(CLASSES):
         index = np.flatnonzero(digits.target == label)
         index = index[rng.permutation(len(index))]
-        n_test = int(round(len(index) * test_fraction))
+        n_test = _test_count(len(index), test_fraction)
         for split, chosen in (("test", index[:n_test]), ("train", index[n_test:])):
             folder = out / split / str(label)
             folder.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,7 @@ class Known:
     facts: list[str] = field(default_factory=list)
     missing: set[str] = field(default_factory=set)  # inputs reported missing already
     made: set[str] = field(default_factory=set)  # what the pipeline's stages write (unknown until they ran)
+    prepared: dict[str, tuple[int, int]] = field(default_factory=dict)  # a folder prepare writes: (images, classes)
 
     def present(self, path: Path | str) -> bool:
         """Whether `path` is there to read (a stage's output is read only if that stage ran already); a missing
@@ -99,31 +100,56 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-def _missing_inputs(folder: Path, known: Known) -> list[str]:
-    """Every dvc.yaml dep named by a params key (`${vq_ckpt}`) that no stage makes and that is not there."""
-    from .dvcstage import _lookup, _variables
+def _dvc_root(folder: Path) -> Path:
+    """The DVC repository `folder` is in (the nearest folder above holding .dvc/), else `folder` itself."""
+    return next((p for p in [folder, *folder.parents] if (p / ".dvc").is_dir()), folder)
+
+
+def _stage_outputs(folder: Path) -> set[str]:
+    """What the non-foreach stages of `folder`'s dvc.yaml write (outs, metrics, plots), as absolute paths."""
+    from .dvcstage import _variables
 
     dvc_yaml = folder / "dvc.yaml"
     spec = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}
     values = _variables(folder, spec)
-    stages = {n: s for n, s in (spec.get("stages") or {}).items()
-              if isinstance(s, dict) and "foreach" not in s and "matrix" not in s}
+    return {os.path.normpath(os.path.abspath(folder / _resolve(values, dvc_yaml, o))) for s in _plain_stages(spec).values()
+            for kind in ("outs", "metrics", "plots") for o in _entries(s, kind)}
 
-    def resolve(text: str) -> str:
-        return re.sub(r"\$\{([^}]+)\}", lambda m: _lookup(values, m.group(1), str(dvc_yaml)), text)
 
-    def entries(stage: dict, kind: str) -> list[str]:
-        return [str(next(iter(e))) if isinstance(e, dict) else str(e) for e in stage.get(kind) or []]
+def _plain_stages(spec: dict) -> dict:
+    return {n: s for n, s in (spec.get("stages") or {}).items()
+            if isinstance(s, dict) and "foreach" not in s and "matrix" not in s}
 
-    made = {os.path.normpath(os.path.abspath(folder / resolve(o))) for s in stages.values() for kind in ("outs", "metrics", "plots")
-            for o in entries(s, kind)}
+
+def _entries(stage: dict, kind: str) -> list[str]:
+    return [str(next(iter(e))) if isinstance(e, dict) else str(e) for e in stage.get(kind) or []]
+
+
+def _resolve(values: dict, dvc_yaml: Path, text: str) -> str:
+    from .dvcstage import _lookup
+
+    return re.sub(r"\$\{([^}]+)\}", lambda m: _lookup(values, m.group(1), str(dvc_yaml)), text)
+
+
+def _missing_inputs(folder: Path, known: Known) -> list[str]:
+    """Every dvc.yaml dep named by a params key (`${vq_ckpt}`) that no stage makes and that is not there. A stage
+    of any dvc.yaml of the DVC repository makes a file (pipelines/paper reads the main pipeline's outputs, which
+    `dvc repro` there builds first)."""
+    from .dvcstage import _variables
+
+    dvc_yaml = folder / "dvc.yaml"
+    spec = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}
+    values = _variables(folder, spec)
+    root = _dvc_root(folder)
+    made = set().union(_stage_outputs(folder), *(_stage_outputs(f.parent) for pattern in ("dvc.yaml", "*/dvc.yaml", "*/*/dvc.yaml")
+                                                 for f in root.glob(pattern)))
     known.made |= made
     problems, seen = [], set()
-    for name, stage in stages.items():
-        for dep in entries(stage, "deps"):
+    for name, stage in _plain_stages(spec).items():
+        for dep in _entries(stage, "deps"):
             if "${" not in dep:  # the pipeline's code, or a file an earlier stage makes: DVC's to check
                 continue
-            path = os.path.normpath(os.path.abspath(folder / resolve(dep)))
+            path = os.path.normpath(os.path.abspath(folder / _resolve(values, dvc_yaml, dep)))
             if path in made or path in seen or os.path.exists(path):
                 continue
             seen.add(path)
@@ -168,12 +194,26 @@ def _check_generator(path: Path, role: str, known: Known, source) -> int | None:
     return family.check_file(path, source, known.layout, known.image_size, known.classes or 0)
 
 
+def _prepare(ctx_obj: dict, a: dict, known: Known) -> None:
+    """The embedded default's image folders, counted from prepare's settings before it wrote them."""
+    from pipeline.digits import split_counts
+
+    cfg = _settings(known, ctx_obj, "prepare")
+    for split, (images, classes) in split_counts(cfg.test_fraction).items():
+        known.prepared[os.path.normpath(os.path.abspath(a["out"] / split))] = (images, classes)
+
+
 def _tokenize(ctx_obj: dict, a: dict, known: Known) -> None:
     from pipeline.families import load_tokenizer
     from pipeline.images import list_image_folder, view_names
 
     cfg = _settings(known, ctx_obj, "tokenize")
     known.views = len(view_names(cfg.augment))
+    prepared = known.prepared.get(os.path.normpath(os.path.abspath(a["images"])))
+    if prepared is not None and not os.path.exists(a["images"]):  # prepare writes it: its counts are known now
+        known.images, known.classes = prepared
+        known.facts.append(f"{a['images']} (written by prepare): {known.images} images of {known.classes} classes, "
+                           f"x {known.views} views (tokenize.augment {cfg.augment})")
     if not (known.present(a["images"]) and known.present(a["vq_path"])):
         return
     paths, _, classes = list_image_folder(a["images"])
@@ -216,7 +256,7 @@ def _eval(ctx_obj: dict, a: dict, known: Known) -> None:
         check_eval_classes(cfg, classes, "--base", a["base_path"])
 
 
-CHECKS = {"tokenize": _tokenize, "reflogp": _reflogp, "train": _train, "eval": _eval}
+CHECKS = {"prepare": _prepare, "tokenize": _tokenize, "reflogp": _reflogp, "train": _train, "eval": _eval}
 
 
 def check_folder(folder: Path, obj: dict, cli: CommandLine) -> tuple[list[str], list[str]]:

@@ -14,6 +14,7 @@ from test_imagenet_pipeline import ROOT
 from test_shipped_pipelines import make_world, shipped_params
 
 from pipeline.config import ConfigError
+from pipeline.digits import write_digits
 from pipeline.parallel import check_batch_rows
 from stages.check import cache_rows, check_folder
 from stages.cli import command_line, main
@@ -126,3 +127,64 @@ def test_eval_classes_the_base_model_does_not_have(small, tmp_path):
     assert problems_of(folder_with("imagenet-var", params, tmp_path), "eval.num_classes=3") == [
         f"stage 'eval': eval.num_classes = 3 but --base {small / 'checkpoints/var_d2.pth'} has 2 classes: set "
         "eval.num_classes to at most 2 (0: every class of the model)"]
+
+
+# ------------------------------------------------------------ the embedded default's pipelines: root and paper
+
+
+def _repository_copy(tmp_path: Path, with_root_pipeline: bool = True) -> Path:
+    """The dvc.yaml and params.yaml files of the repository root and pipelines/paper, in a DVC repository of
+    their own (.dvc/), nothing built: a fresh clone before `make demo`."""
+    repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True)
+    (repo / "pipelines/paper").mkdir(parents=True)
+    names = ["params.yaml", "pipelines/paper/dvc.yaml", "pipelines/paper/params.yaml"]
+    for name in names + ["dvc.yaml"] * with_root_pipeline:
+        shutil.copy(ROOT / name, repo / name)
+    return repo
+
+
+def test_the_embedded_default_checks_train_against_the_digits_prepare_will_write(tmp_path):
+    """Before prepare ran, check counts the images it will write from prepare's settings (1797 digits less
+    round(20%) of each class = 1438 training images), x 9 shifted views a row each: 12,942 rows an epoch."""
+    repo = _repository_copy(tmp_path)
+    problems, facts = check_folder(repo, {"params": repo / "params.yaml", "overrides": [], "device": "cpu", "preset": None},
+                                   command_line())
+    assert problems == [] and "reference cache: 12942 rows (reflogp.views all)" in facts
+    assert any("1438 images of 10 classes, x 9 views" in f for f in facts), facts
+    (problem,) = problems_of(repo, "train.batch_size=16000")
+    assert problem.startswith("stage 'train': train.batch_size = 16000 is larger than the 12942 rows") and "1438 images x 9 views" in problem
+    written = write_digits(tmp_path / "digits", 8, 0.9, 0)["train"]  # what prepare writes with test_fraction 0.9
+    assert written == 179  # round(90%) of each class's 174..183 digits held out
+    (problem,) = problems_of(repo, "prepare.test_fraction=0.9", "train.batch_size=2048")
+    assert f"train.batch_size = 2048 is larger than the {written * 9} rows" in problem, problem
+
+
+def test_the_paper_pipeline_takes_the_main_pipelines_outputs_as_made(tmp_path):
+    """pipelines/paper reads ../../data/ar/gpt.pt and the main cache, which `dvc repro` there builds first (the
+    root dvc.yaml makes them): not missing. Without the root pipeline nothing makes them, and check says so."""
+    repo = _repository_copy(tmp_path)
+    assert problems_of(repo / "pipelines/paper") == []
+    bare = _repository_copy(tmp_path / "bare", with_root_pipeline=False)
+    problems = problems_of(bare / "pipelines/paper")
+    assert any(f"{bare / 'data/ar/gpt.pt'} not found" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("folder", ["", "pipelines/paper", "pipelines/imagenet-llamagen", "pipelines/imagenet-var"])
+def test_every_shipped_pipeline_checks_before_its_first_stage(folder):
+    """`check` is a stage of every shipped dvc.yaml, and every other stage that depends on no other stage's
+    output of the same dvc.yaml depends on check's record, so DVC runs check first."""
+    spec = yaml.safe_load((ROOT / folder / "dvc.yaml").read_text(encoding="utf-8"))
+    stages = spec["stages"]
+    record = stages["check"]["outs"][0]
+    stages = {n: s.get("do", s) for n, s in stages.items()}  # a foreach's stage is its `do`
+    outs = [o for n, s in stages.items() if n != "check" for o in s.get("outs") or [] if isinstance(o, str)]
+
+    def reads(dep: str, out: str) -> bool:  # the dep is the out, inside it, or a folder holding it (a foreach's
+        out = out.split("${")[0]           # outs compared by their path up to the first ${...})
+        return dep == out or dep.startswith(out.rstrip("/") + "/") or out.startswith(dep.rstrip("/") + "/") or (
+            dep.startswith(out) and out != "")
+
+    first = [n for n, s in stages.items() if n != "check" and not any(
+        reads(d, o) for d in s.get("deps") or [] if isinstance(d, str) for o in outs)]
+    assert first and all(record in (stages[n].get("deps") or []) for n in first), first
