@@ -592,7 +592,8 @@ def upgrade_store(path):
 @click.argument("path", default="data/report/results.md", type=PathType)
 def results(path):
     """Print a results table: a report's results.md, or an eval's metrics.json."""
-    from .eval import format_results
+    from pipeline.evaluation import format_results
+
     from .report import read_results
 
     if not path.is_file():

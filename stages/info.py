@@ -225,9 +225,8 @@ def _scores(scores: dict) -> str:
 
 
 def _eval_folder(path: Path) -> str:
+    from pipeline.evaluation import format_results
     from pipeline.outputs import read_json
-
-    from .eval import format_results
 
     metrics, settings = _read_eval(path)
     npz = sorted(p.name for p in (path / "samples").glob("*.npz")) if (path / "samples").is_dir() else []

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
+from pipeline.evaluation import default_fidelity_cache, load_reference, score_images, scorer_weights
 from pipeline.formats import FormatError, read_sample_batch
 from pipeline.metrics import load_classifier, load_feature_extractor, reference_features
 from pipeline.outputs import write_json
 from pipeline.report import results_table
 
-from .eval import EvalConfig, default_fidelity_cache, load_reference, score_images, scorer_weights
+from .eval import EvalConfig
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 from worlds import write_reference_images
 
+from pipeline import evaluation
 from pipeline.checkpoint import save_checkpoint
 from pipeline.formats import write_ref_cache
 from pipeline.metrics import ClassifierConfig, ImageClassifier, save_classifier
@@ -260,23 +261,23 @@ def test_info_describes_a_foreign_sample_file_and_refuses_a_malformed_one(tmp_pa
 
 def test_the_score_line_has_no_accuracy_without_a_classifier(tmp_path, caplog):
     """Without a classifier eval logged `acc nan` (issue 30 point 3): it prints no accuracy; with one, its value."""
-    from pipeline.metrics import load_feature_extractor, reference_features
+    from pipeline.metrics import load_classifier, load_feature_extractor, reference_features
 
     _world(tmp_path)
     settings = eval_stage.EvalConfig(samples_per_class=2, seeds=[0], methods=["base"], batch_size=6, grid_per_class=0)
     extractor = load_feature_extractor("classifier", tmp_path / "clf.pt", torch.device("cpu"))
-    ref = eval_stage.load_reference(tmp_path / "ref", 16)
+    ref = evaluation.load_reference(tmp_path / "ref", 16)
     features = reference_features(extractor, ref.images, tmp_path / "fc")
     labels = torch.arange(3).repeat_interleave(2)
     images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
     caplog.set_level("INFO")
     lines = {}
-    for name, classifier in (("without", None), ("with", eval_stage.load_classifier(tmp_path / "clf.pt"))):
+    for name, classifier in (("without", None), ("with", load_classifier(tmp_path / "clf.pt"))):
         (tmp_path / name / "samples").mkdir(parents=True)
-        scorer = eval_stage.Scorer(settings, labels, extractor, classifier, ref, features,
+        scorer = evaluation.Scorer(settings, labels, extractor, classifier, ref, features,
                                    {"vq": "a", "base": "b", "reference": "c", "extractor": "d"}, tmp_path / name, tmp_path / "none")
         caplog.clear()
-        scores = scorer.score(eval_stage.Unit("base", "base", 0.0, 0), images.copy(), 2.0)
+        scores = scorer.score(evaluation.Unit("base", "base", 0.0, 0), images.copy(), 2.0)
         lines[name] = [r.getMessage() for r in caplog.records if "FID" in r.getMessage()]
     assert len(lines["without"]) == 1 and " acc " not in lines["without"][0]
     assert len(lines["with"]) == 1 and f"acc {scores['class_accuracy']:.3f} (2.00 images/s)" in lines["with"][0]

@@ -713,7 +713,7 @@ def test_yaml_merge_keys_and_the_floats_people_write(tmp_path: Path):
 def test_fidelity_cache_help_states_the_real_default():
     from click.testing import CliRunner
 
-    from stages.eval import default_fidelity_cache
+    from pipeline.evaluation import default_fidelity_cache
 
     text = "".join(CliRunner().invoke(cli.main, ["eval", "--help"]).output.split())  # as wrapped: no spaces
     assert "<out>/fidelity_cache" not in text

@@ -316,6 +316,7 @@ def test_out_of_memory_in_tokenize_and_eval_names_the_batch_size(monkeypatch):
     setting to lower; other errors pass through."""
     from types import SimpleNamespace
 
+    from pipeline import evaluation
     from pipeline.device import OutOfMemory
     from stages import eval as eval_stage
     from stages.tokenize import encode_views
@@ -333,17 +334,17 @@ def test_out_of_memory_in_tokenize_and_eval_names_the_batch_size(monkeypatch):
     cpu_oom = RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
     monkeypatch.setattr(eval_stage, "generate_images", lambda *a, **k: (_ for _ in ()).throw(cpu_oom))
     cfg = eval_stage.EvalConfig(batch_size=64)
-    unit = eval_stage.Unit("cfg_1", "base", 1.0, 0)
+    unit = evaluation.Unit("cfg_1", "base", 1.0, 0)
     world = SimpleNamespace(share=lambda rows: rows, device=torch.device("cpu"), size=1, rank=0)
     with pytest.raises(OutOfMemory, match=r"sampling or decoding cfg_1 .*eval\.batch_size = 64 \(2 x 64 sequences.*e\.g\. to 32"):
         models = eval_stage.EvalModels(SimpleNamespace(sample=None, step_unit="token"), None, {"base": None}, torch.zeros(4, dtype=torch.long))
         eval_stage.sample_unit(unit, models, cfg, Path("."), world)
 
-    monkeypatch.setattr(eval_stage, "extract_features", oom)
-    monkeypatch.setattr(eval_stage, "save_npz", lambda *a: None)
+    monkeypatch.setattr(evaluation, "extract_features", oom)
+    monkeypatch.setattr(evaluation, "save_npz", lambda *a: None)
     extractor = SimpleNamespace(name="inception-v3-compat")
     with pytest.raises(OutOfMemory, match=r"scoring cfg_1: the feature extractor \(inception-v3-compat\) runs batches of 256"):
-        eval_stage.score_unit(unit, np.zeros((4, 8, 8, 3), np.uint8), 1.0, eval_stage.EvalConfig(grid_per_class=0),
+        evaluation.score_unit(unit, np.zeros((4, 8, 8, 3), np.uint8), 1.0, eval_stage.EvalConfig(grid_per_class=0),
                               torch.zeros(4, dtype=torch.long), extractor, {}, None, None, Path("."))
 
 

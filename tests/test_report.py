@@ -116,8 +116,8 @@ def test_sweep_train_depends_on_every_train_setting_that_changes_the_policy():
 def test_eval_grid_at_imagenet_scale_is_bounded(tmp_path: Path):
     """1000 classes x 4 samples of 256 px: 16 evenly spaced classes, tiles not upscaled (it was a 12.6 GB canvas).
     The 4000 images are one image broadcast (no memory), so only the grid itself is allocated."""
+    from pipeline.evaluation import save_grid
     from pipeline.report import grid_classes, grid_shape, tile_scale
-    from stages.eval import save_grid
 
     labels = np.arange(1000).repeat(4)
     classes = grid_classes(labels)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from worlds import invoke, write_reference_images
 
+from pipeline import evaluation
 from pipeline.checkpoint import save_checkpoint
 from pipeline.distributed import World
 from pipeline.families import ModelSource
@@ -67,13 +68,13 @@ def test_permute_rows_in_place_is_fancy_indexing():
         for order in (np.arange(n), np.roll(np.arange(n), 1), rng.permutation(n)):
             rows = rng.integers(0, 256, (n, 2, 2, 3), dtype=np.uint8)
             expected = rows[order]
-            assert np.array_equal(eval_stage.permute_rows(rows, order), expected) and np.array_equal(rows, expected)
+            assert np.array_equal(evaluation.permute_rows(rows, order), expected) and np.array_equal(rows, expected)
 
 
 def test_the_order_is_seeded_by_the_eval_seed():
-    first = eval_stage.sample_order(1000, 0)
-    assert np.array_equal(first, eval_stage.sample_order(1000, 0))  # a rerun writes the same bytes
-    assert not np.array_equal(first, eval_stage.sample_order(1000, 1))  # another seed, another order
+    first = evaluation.sample_order(1000, 0)
+    assert np.array_equal(first, evaluation.sample_order(1000, 0))  # a rerun writes the same bytes
+    assert not np.array_equal(first, evaluation.sample_order(1000, 1))  # another seed, another order
     assert np.array_equal(np.sort(first), np.arange(1000))
 
 
@@ -111,7 +112,7 @@ def test_eval_files_score_the_adm_way_like_a_shuffled_copy(tmp_path):
             index = f["sample_index"]
         orders.append(index)
         # the file's rows are the sampling order's, permuted by sample_order(seed), labels paired
-        assert np.array_equal(index, eval_stage.sample_order(CLASSES * 20, seed))
+        assert np.array_equal(index, evaluation.sample_order(CLASSES * 20, seed))
         assert np.array_equal(labels, np.repeat(np.arange(CLASSES), 20)[index])
         logits = extract_features(extractor, images)["logits"].double().numpy() + 4.0 * np.eye(CLASSES)[labels]
         probs = np.exp(logits - logits.max(1, keepdims=True))

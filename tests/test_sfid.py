@@ -15,6 +15,7 @@ import pytest
 import torch
 from test_imagenet_pipeline import save_random_inception
 
+from pipeline import evaluation
 from pipeline.formats import FormatError
 from pipeline.metrics import (
     SFID_FEATURES,
@@ -133,15 +134,15 @@ def test_load_reference_reads_mu_s_and_sigma_s(tmp_path):
     arr_0 = np.random.default_rng(3).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
     mu_s, sigma_s = np.arange(2023.0), np.eye(2023) * 2
     _adm_batch(tmp_path / "full.npz", arr_0, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=mu_s, sigma_s=sigma_s)
-    ref = eval_stage.load_reference(tmp_path / "full.npz", 16)
+    ref = evaluation.load_reference(tmp_path / "full.npz", 16)
     assert np.array_equal(ref.sfid_stats["mu"], mu_s) and np.array_equal(ref.sfid_stats["sigma"], sigma_s)
     assert ref.fid_stats["mu"].shape == (2048,) and "mu_s/sigma_s" in ref.describe()
     _adm_batch(tmp_path / "plain.npz", arr_0, mu=np.zeros(2048), sigma=np.eye(2048))
-    plain = eval_stage.load_reference(tmp_path / "plain.npz", 16)
+    plain = evaluation.load_reference(tmp_path / "plain.npz", 16)
     assert plain.sfid_stats is None and plain.digest() != ref.digest()  # mu_s/sigma_s are part of the eval key
     _adm_batch(tmp_path / "bad.npz", arr_0, mu_s=mu_s, sigma_s=np.eye(5))
     with pytest.raises(FormatError, match=r"bad.npz: mu_s \(2023,\) and sigma_s \(5, 5\) are not \(D,\) and \(D, D\)"):
-        eval_stage.load_reference(tmp_path / "bad.npz", 16)
+        evaluation.load_reference(tmp_path / "bad.npz", 16)
 
 
 def test_score_unit_scores_sfid_against_the_batch_mu_s_sigma_s(tmp_path):
@@ -152,16 +153,16 @@ def test_score_unit_scores_sfid_against_the_batch_mu_s_sigma_s(tmp_path):
     labels = torch.arange(3).repeat_interleave(16)
     stats = _stats(extract_features(extractor, images)["features"])
     d = np.linspace(-1.0, 1.0, 16) * 3 * np.sqrt(float(np.trace(stats["sigma"])) / 16)
-    ref = eval_stage.Reference(images, stats, "batch.npz", {"mu": stats["mu"] + d, "sigma": stats["sigma"]})
+    ref = evaluation.Reference(images, stats, "batch.npz", {"mu": stats["mu"] + d, "sigma": stats["sigma"]})
     cfg = eval_stage.EvalConfig(samples_per_class=16, seeds=[0], methods=["base"], cfg_scales=[], grid_per_class=0)
-    unit = eval_stage.Unit("base", "base", 0.0, 0)
+    unit = evaluation.Unit("base", "base", 0.0, 0)
     (tmp_path / "work" / "samples").mkdir(parents=True)
     ref_features = extract_features(extractor, images)
-    scores = eval_stage.score_unit(unit, images, 1.0, cfg, labels, extractor, ref_features, ref, None, tmp_path / "work")
+    scores = evaluation.score_unit(unit, images, 1.0, cfg, labels, extractor, ref_features, ref, None, tmp_path / "work")
     assert scores["sfid"] == pytest.approx(float(d @ d), rel=1e-5) and abs(scores["fid"]) < 1e-3
     metrics = eval_stage.summarise({"base": [scores]}, [unit], [0], 48, ref.describe())
     assert metrics["methods"]["base"]["sfid"] == scores["sfid"]
-    table = eval_stage.format_results(metrics)
+    table = evaluation.format_results(metrics)
     assert "| method | FID | sFID | IS |" in table and f"{scores['sfid']:.3f}" in table
 
 

@@ -88,7 +88,7 @@ def run_pipeline(root: Path) -> dict:
     """reflogp -> train -> eval through the CLI; returns what is compared."""
     from click.testing import CliRunner
 
-    from stages import eval as eval_stage
+    from pipeline import evaluation
     from stages.cli import main
 
     def cli(*args):
@@ -112,7 +112,7 @@ def run_pipeline(root: Path) -> dict:
         with np.load(path, allow_pickle=False) as f:
             samples[path.stem] = hashlib.sha256(f["arr_0"].tobytes()).hexdigest()  # as written
             seed = int(path.stem.rsplit("_seed", 1)[1])
-            assert np.array_equal(f["sample_index"], eval_stage.sample_order(len(f["arr_0"]), seed)), path.name
+            assert np.array_equal(f["sample_index"], evaluation.sample_order(len(f["arr_0"]), seed)), path.name
             labels, sampled = f["arr_1"][np.argsort(f["sample_index"])], f["arr_0"][np.argsort(f["sample_index"])]
             assert labels.tolist() == np.repeat(np.arange(3), 4).tolist(), path.name  # paired with their images
             digests[path.stem] = [hashlib.sha256(image.tobytes()).hexdigest()[:16] for image in sampled]
