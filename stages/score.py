@@ -3,7 +3,7 @@
     cca-pipe score samples.npz --reference VIRTUAL_imagenet256_labeled.npz [--classifier clf.pt] [--json out.json]
 
 `samples.npz` is an ADM-evaluator sample batch (arr_0 uint8 N x H x W x 3: the release's own npz, another
-sampler's, or eval's samples/<method>_seed<k>.npz). It is scored by eval's own code (stages/eval.py
+sampler's, or eval's samples/<method>_seed<k>.npz). It is scored by eval's own code (pipeline/evaluation.py
 load_reference and score_images, pipeline/metrics.py) with eval's settings (params.yaml's eval section:
 feature_extractor, inception_weights) and the same reference-feature cache, its rows in the file's order:
 scoring eval's npz gives eval's numbers. Class accuracy too when a classifier is given and the file has arr_1.
