@@ -196,7 +196,7 @@ def _run_inference(s: dict, vq, gpt, extractor, count: int | None = None) -> Non
     from pipeline.families import LLAMAGEN
     from pipeline.metrics import extract_features
     from pipeline.sampling import generate_images
-    from stages.tokenize import encode_views
+    from pipeline.tokenizers.encode import encode_views
 
     gen = torch.Generator().manual_seed(0)
     if s["stage"] == "tokenize":

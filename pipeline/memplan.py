@@ -579,7 +579,7 @@ class StagePlan:
 
 def tokenize_plan(t: ConvTokenizer, image_size: int, batch_size: int, views: int, workers: int = 0) -> StagePlan:
     """tokenize: the frozen tokenizer (float32, whole) + one encoder forward of batch_size x views images
-    (stages/tokenize.py encode_views), + the uint8 batch the loader hands over; beside the process, `workers`
+    (pipeline/tokenizers/encode.py encode_views), + the uint8 batch the loader hands over; beside the process, `workers`
     loader processes (pipeline.host.loader_workers), each with its prefetched batches."""
     images = batch_size * views
     weights = t.params * FP32

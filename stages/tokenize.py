@@ -33,11 +33,11 @@ import torch
 
 from pipeline.checkpoint import file_sha256
 from pipeline.config import ConfigError, check_ranges, setting, settings_digest
-from pipeline.device import OutOfMemory, is_out_of_memory
 from pipeline.families import load_tokenizer
 from pipeline.host import loader_workers
 from pipeline.images import ImageFolderError, ImageViews, list_image_folder, open_rgb, path_key, view_names
 from pipeline.progress import progress
+from pipeline.tokenizers.encode import encode_views
 from pipeline.tokenstore import (
     InputFile,
     TokenStoreWriter,
@@ -113,25 +113,6 @@ def drop_bad_images(paths: list[Path], labels: np.ndarray, max_fraction: float,
     if bad:
         log.warning("skipping %d undecodable images, e.g. %s", len(bad), [str(paths[i]) for i in bad[:3]])
     return [paths[i] for i in keep], labels[keep], [str(paths[i]) for i in bad]
-
-
-def encode_views(vq, views: torch.Tensor, device: torch.device) -> np.ndarray:
-    """uint8 (B, A, H, W, 3) views -> uint16 codes (B, A, L), in float32 as LlamaGen's extract_codes_c2i.py."""
-    try:
-        x = views.flatten(0, 1).permute(0, 3, 1, 2).to(device).float() / 127.5 - 1.0  # (B*A, 3, H, W) in [-1, 1]
-        with torch.inference_mode():
-            return vq.encode(x).view(views.shape[0], views.shape[1], -1).cpu().numpy().astype(np.uint16)
-    except (RuntimeError, MemoryError) as e:
-        if not is_out_of_memory(e):
-            raise
-        raise encode_out_of_memory(views.shape, device) from e
-
-
-def encode_out_of_memory(shape: tuple[int, ...], device: torch.device) -> OutOfMemory:
-    batch, views, size = shape[0], shape[1], shape[2]
-    return OutOfMemory(f"out of memory on {device} encoding {batch} images x {views} views = {batch * views} per forward at "
-                       f"{size}px: lower tokenize.batch_size, e.g. to {max(1, batch // 2)} (tokenize.chunk_rows must stay a "
-                       "multiple of it); `cca-pipe plan --stage tokenize` gives the memory of a batch")
 
 
 def encode_chunks(loader, vq, writer: TokenStoreWriter, chunk_rows: int, total: int, device: torch.device,

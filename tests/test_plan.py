@@ -318,8 +318,8 @@ def test_out_of_memory_in_tokenize_and_eval_names_the_batch_size(monkeypatch):
 
     from pipeline import evaluation
     from pipeline.device import OutOfMemory
+    from pipeline.tokenizers.encode import encode_views
     from stages import eval as eval_stage
-    from stages.tokenize import encode_views
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
