@@ -1,16 +1,20 @@
 """pipeline.losses.ddo_loss against hand computations (DDO paper Eq. 13 with the released VAR script's weights,
-docs/ddo.md)."""
+docs/ddo.md), and pipeline.ddo: the loss from cached reference log-probs equals the loss with an online
+reference model (two models), gradients included."""
 
 from __future__ import annotations
 
+import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from pipeline.losses import cca_loss, ddo_loss
 
 LN2, LN3 = math.log(2), math.log(3)
+CPU = torch.device("cpu")
 
 
 def test_ratio_zero_gives_ln2_terms():
@@ -114,3 +118,112 @@ def test_logged_metrics_leave_null_label_rows_out_of_the_fakes():
     assert m["rewards/pos"] == pytest.approx(8 / 3)
     assert m["rewards/neg"] == pytest.approx(1.0)  # (-1 + 3) / 2: the null-label row's 9 is left out
     assert m["rewards/accuracy"] == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------- cached == online, on a tiny model
+
+
+def _world(tiny_gpt, noise):
+    """A reference (tiny_gpt, with the noise's dropout), 10 real rows, a fake per row drawn from the reference
+    for the row's label by the project's sampler (guidance-free), and the cache computed once."""
+    from pipeline.ddo import reference_columns
+    from pipeline.families import LLAMAGEN
+    from pipeline.sampling import sample_uniforms
+
+    reference = tiny_gpt
+    rng = np.random.default_rng(0)
+    n, length = 10, reference.cfg.seq_len
+    real = torch.from_numpy(rng.integers(0, reference.cfg.vocab_size, size=(n, length)))
+    labels = torch.from_numpy(rng.integers(0, reference.cfg.num_classes, size=n))
+    drawn = LLAMAGEN.sample(reference.eval(), labels, uniforms=sample_uniforms(7, list(range(n)), length))
+    reference.set_dropout(noise.dropout, noise.drop_path)
+    cache = {"label": labels.numpy(), **reference_columns(reference, real, drawn.tokens, labels, 4, CPU, noise)}
+    return reference, real, drawn, cache
+
+
+def _policy_keys(rows: np.ndarray) -> torch.Tensor:
+    from pipeline.models.layers import noise_keys
+
+    return torch.cat([noise_keys(9, rows, "visit_pos"), noise_keys(9, rows, "visit_neg")])
+
+
+def _grads(model) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1])
+def test_cached_ddo_loss_equals_online_two_model_loss(tiny_gpt, rate: float):
+    """The loss and every parameter's gradient from the cache (pipeline.ddo) equal those of the released
+    script's design computed here directly: a frozen reference forwarded at the step, every fake forwarded
+    (a null-label row's fake under null too, weight 0), with reference dropout (rate 0.1: the cache's keyed
+    masks) and policy dropout alike. Rows in another order and batch than the cache's."""
+    from pipeline.ddo import ddo_loss_for_batch, make_ddo_batch, with_online_reference
+    from pipeline.logprobs import sequence_logp
+    from pipeline.refcache import ReferenceNoise, row_keys
+
+    noise = ReferenceNoise(seed=4, dropout=rate, drop_path=rate)
+    reference, real, drawn, cache = _world(tiny_gpt, noise)
+    if rate == 0.0:  # the sampler's own log-probs are the fake column (teacher forcing of the same tokens)
+        assert np.abs(drawn.token_logp.sum(-1).double().numpy() - cache["ref_logp_fake"]).max() < 1e-3
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():  # move the policy away from the reference so that the ratios are not 0
+        gen = torch.Generator().manual_seed(1)
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    policy.train(rate > 0)
+    rows = np.array([7, 2, 9, 0, 5, 3, 8, 1])
+    uncond = np.arange(len(rows)) % 3 == 1
+    keys = _policy_keys(rows) if rate > 0 else None
+    batch = make_ddo_batch(rows, real[rows], drawn.tokens[rows], cache, uncond, reference.cfg.null_class, keys)
+
+    policy.zero_grad()
+    cached = ddo_loss_for_batch(policy, batch, beta=0.5, alpha=4.0, device=CPU)
+    cached.loss.backward()
+    cached_grads = _grads(policy)
+
+    # the script's way: two models at the step, both sequences of every pair under the pair's label (or null)
+    null = torch.full_like(batch.labels, reference.cfg.null_class)
+    pair_labels = torch.where(batch.uncond, null, batch.labels)
+    x, y = torch.cat([batch.real, batch.fake]), torch.cat([pair_labels, pair_labels])
+    ref_keys = row_keys(noise, rows, CPU)
+    if ref_keys is not None:
+        pos, neg, null_keys = ref_keys.view(3, -1)
+        ref_keys = torch.cat([torch.where(batch.uncond, null_keys, pos), neg])
+    reference.train(noise.active)
+    with torch.no_grad():
+        ref_real, ref_fake = sequence_logp(reference, y, x, dropout_keys=ref_keys).split(len(rows))
+    policy.zero_grad()
+    pol_real, pol_fake = sequence_logp(policy, y, x, dropout_keys=keys).split(len(rows))
+    online = ddo_loss(pol_real, pol_fake, ref_real, ref_fake, beta=0.5, alpha=4.0, uncond=batch.uncond)
+    online.loss.backward()
+
+    assert cached.ratio_pos.abs().max() > 0.1 and cached.ratio_neg.abs().max() > 0.1  # not vacuous
+    torch.testing.assert_close(cached.loss, online.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached.per_row, online.per_row, rtol=1e-5, atol=1e-6)
+    online_grads = _grads(policy)
+    assert len(cached_grads) == len(online_grads) and sum(g.abs().sum() for g in online_grads) > 1e-2
+    for a, b in zip(cached_grads, online_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+    # pipeline.ddo's online path reads the same values as the cache
+    again = with_online_reference(reference, batch, CPU, noise)
+    torch.testing.assert_close(again.ref_logp_real, batch.ref_logp_real, rtol=0, atol=1e-4)
+    torch.testing.assert_close(again.ref_logp_fake, batch.ref_logp_fake, rtol=0, atol=1e-4)
+
+
+def test_a_fresh_policy_reproduces_the_cache_and_costs_the_ratio_zero_loss(tiny_gpt):
+    """Step 0 (train's check for CCA's cache, here for DDO's columns): a copy of the reference reproduces the
+    cached log-probs, so every ratio is 0 and the loss is the hand value: alpha = 4, 2 null-label rows of 6,
+    (4 x (1 + 4) ln 2 / 4 + 2 ln 2) / 6 = 7 ln 2 / 6."""
+    from pipeline.ddo import ddo_loss_for_batch, make_ddo_batch
+    from pipeline.refcache import ReferenceNoise
+
+    reference, real, drawn, cache = _world(tiny_gpt, ReferenceNoise())
+    policy = copy.deepcopy(reference)
+    rows = np.array([4, 1, 6, 0, 9, 2])
+    uncond = np.array([True, False, False, True, False, False])
+    batch = make_ddo_batch(rows, real[rows], drawn.tokens[rows], cache, uncond, reference.cfg.null_class)
+    with torch.no_grad():
+        out = ddo_loss_for_batch(policy, batch, beta=0.5, alpha=4.0, device=CPU)
+    assert out.ratio_pos.abs().max() < 1e-3 and out.ratio_neg.abs().max() < 1e-3
+    assert out.loss.item() == pytest.approx(7 * LN2 / 6, abs=1e-4)
