@@ -3,7 +3,9 @@
 They take policy log-probs (with grad) and reference log-probs (cached or computed online: the same
 tensors either way), so the cached and online reference paths run the same code. CCA (paper Eq. 12) and
 the paper's two baselines of Table 3, DPO and Unlearning, as the released LlamaGen_finetune.py computes
-them, over the same columns; `train.loss` picks one (LOSSES).
+them, over the same columns; `train.loss` picks one (LOSSES). DDO (docs/ddo.md), whose negatives are the
+reference's own samples rather than other labels, is here too, but not in LOSSES: the train stage's rows
+carry CCA's negatives, and DDO on them would be another loss.
 
 `lam` is a float, or a (B,) tensor of per-row lambdas (the lambda-conditioned policy, paper Table 5): each
 row's loss is then normalised by its own max(lambda, 1).
@@ -113,6 +115,36 @@ def unlearning_loss(
     positive_twice, ratio_pos, ratio_neg = _ratios(policy_logp_pos, policy_logp_neg, ref_logp_pos, ref_logp_neg, positive_twice)
     per_row = (-ratio_pos + torch.where(positive_twice, -ratio_neg, lam * ratio_neg)) / _lambda_norm(lam)
     return _output(per_row, ratio_pos, ratio_neg, policy_logp_pos)
+
+
+def ddo_loss(
+    policy_logp_real: torch.Tensor,
+    policy_logp_fake: torch.Tensor,
+    ref_logp_real: torch.Tensor,
+    ref_logp_fake: torch.Tensor,
+    beta: float,
+    alpha: float,
+    uncond: torch.Tensor | None = None,
+) -> LossOutput:
+    """Direct Discriminative Optimization (DDO paper Eq. 13) with the released VAR script's weights
+    (docs/ddo.md). Row k pairs a real sequence x with a sample x_fake the reference drew for x's label c:
+
+        L = [ -log sig(beta * r_real) - alpha * log sig(-beta * r_fake) ] / max(alpha, 1)     (conditional)
+        L = [ -max(alpha, 1) * log sig(beta * r_real) ] / max(alpha, 1) = -log sig(beta * r_real)   (uncond)
+
+    with r_real = log p_theta(x|c) - log p_ref(x|c) and r_fake = log p_theta(x_fake|c) - log p_ref(x_fake|c).
+    Rows with uncond[k] True are null-label rows (c replaced by the null class for the pair): their fake
+    term has weight 0 (the paper keeps the unconditional branch mode-covering for CFG), so policy_logp_fake
+    and ref_logp_fake are not read there (keep them finite: a NaN would still reach the gradient). The
+    per-row values' mean is the loss: with one fake per real row that is the script's mean over reals plus
+    alpha times the mean over fakes, divided by max(alpha, 1). Same shape as cca_loss (docs/ddo.md relates
+    them); ratio_neg / metrics report the fakes. All inputs (B,) per-sequence sums.
+    """
+    uncond, ratio_real, ratio_fake = _ratios(policy_logp_real, policy_logp_fake, ref_logp_real, ref_logp_fake, uncond)
+    norm = _lambda_norm(alpha)
+    loss_real = -F.logsigmoid(beta * ratio_real)
+    per_row = torch.where(uncond, norm * loss_real, loss_real + alpha * -F.logsigmoid(-beta * ratio_fake)) / norm
+    return _output(per_row, ratio_real, ratio_fake, policy_logp_real)
 
 
 def _ratios(policy_pos, policy_neg, ref_pos, ref_neg, positive_twice):
