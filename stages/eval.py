@@ -323,13 +323,13 @@ def load_models(settings: EvalConfig, units: list[Unit], vq_path: Path, vq_model
     together. The tokenizer is passed on: VAR builds its input with the loaded VQVAE's quantiser (no re-read)."""
     family, vq = load_tokenizer(vq_path, vq_model)
     vq = vq.to(device).eval()
-    grid = settings.image_size // vq.cfg.downsample if settings.image_size else None
+    layout = family.sampling_layout(vq, settings.image_size) if settings.image_size else None
     models = {}
     if any(u.model == "base" for u in units):
-        models["base"] = on_device(load_model(paths["base"], "--base", seq_len=grid * grid if grid else None, tokenizer=vq,
-                                              **source.load_options())[1], device, "--base")
+        models["base"] = on_device(load_model(paths["base"], "--base", source, layout=layout, tokenizer=vq)[1], device, "--base")
     if any(u.model == "cca" for u in units):
-        models["cca"] = on_device(load_model(paths["cca"], "--policy", tokenizer=vq, depth=source.depth)[1], device, "--policy")
+        models["cca"] = on_device(load_model(paths["cca"], "--policy", source.for_own_checkpoint(), tokenizer=vq)[1], device,
+                                  "--policy")
         check_lambda_conditioning(models["cca"], paths["cca"], settings)
     check_models_fit(models, {"base": ("--base", paths["base"]), "cca": ("--policy", paths["cca"])}, vq, vq_path, settings)
     num_classes = settings.num_classes or next(iter(models.values())).cfg.num_classes
