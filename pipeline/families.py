@@ -509,7 +509,7 @@ FAMILIES: dict[str, Family] = {}  # name -> family, in registration order: read 
 _BY_KIND: dict[str, Family] = {}
 PLUGINS_ENV = "CCA_PIPE_FAMILIES"  # comma-separated modules that register families when imported
 ENTRY_POINTS = "cca_pipe.families"  # or an installed package's entry points of this group (docs/families.md)
-_plugins_loaded: set[str] = set()
+_entry_points_loaded = False
 
 
 def register_family(family: Family) -> Family:
@@ -534,26 +534,27 @@ def unregister_family(name: str) -> None:
 
 
 def load_plugins() -> None:
-    """Import the family plugins not imported yet: the modules $CCA_PIPE_FAMILIES names and the entry points
-    of group "cca_pipe.families" (each a module, or a Family to register); every registry lookup calls it."""
+    """Import the family plugins not imported yet: the entry points of group "cca_pipe.families" of the
+    installed packages (each a module that registers its families, or a Family) and the modules
+    $CCA_PIPE_FAMILIES names (comma-separated); every registry lookup calls it."""
+    global _entry_points_loaded
     import importlib
+    import sys
     from importlib.metadata import entry_points
 
-    wanted = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
-    if ENTRY_POINTS not in _plugins_loaded:
-        _plugins_loaded.add(ENTRY_POINTS)
+    if not _entry_points_loaded:
+        _entry_points_loaded = True
         for point in entry_points(group=ENTRY_POINTS):
             loaded = point.load()
             if isinstance(loaded, Family) and loaded.name not in FAMILIES:
                 register_family(loaded)
-    for module in wanted:
-        if module not in _plugins_loaded:
+    for module in (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",")):
+        if module and module not in sys.modules:
             try:
                 importlib.import_module(module)
             except ImportError as e:
                 raise ValueError(f"${PLUGINS_ENV} names the family plugin {module!r}, which cannot be imported ({e}): "
                                  "fix the name or the PYTHONPATH") from None
-            _plugins_loaded.add(module)
 
 
 def families() -> dict[str, Family]:
