@@ -201,10 +201,10 @@ class Family:
         """Which of its kinds an upstream file (no kind entry) is, from its state dict's keys; None: neither."""
         return None
 
-    def load_tokenizer(self, path: str | os.PathLike, spec: str | None = None):
+    def load_tokenizer(self, path: str | os.PathLike, spec: str | None = None) -> Tokenizer:
         raise NotImplementedError
 
-    def build_tokenizer(self, spec: str | None = None):
+    def build_tokenizer(self, spec: str | None = None) -> Tokenizer:
         """A freshly built tokenizer of config `spec` (a name or a JSON file, as --vq-model; None: its pipeline's,
         `default_tokenizer`), on torch's current default device (`cca-pipe plan` builds it on the meta device)."""
         raise NotImplementedError
@@ -225,7 +225,7 @@ class Family:
         return None
 
     def load_model(self, path: str | os.PathLike, source: ModelSource = ModelSource(), *, layout: Mapping | None = None,
-                   tokenizer=None) -> torch.nn.Module:
+                   tokenizer=None) -> Model:
         """The generator at `path`. `source`: the command line's model options, of which the family reads its
         own; `layout`: the token layout it must read (a store's attributes, tokenizer_layout's), when known;
         `tokenizer`: the loaded tokenizer, when the stage holds it."""
@@ -604,12 +604,12 @@ def family_of_model(model: torch.nn.Module) -> Family:
 LLAMAGEN, VAR = register_family(LlamaGenFamily()), register_family(VARFamily())
 
 
-def load_model(path: str | os.PathLike, role: str, source: ModelSource = ModelSource(), **kwargs) -> tuple[Family, torch.nn.Module]:
+def load_model(path: str | os.PathLike, role: str, source: ModelSource = ModelSource(), **kwargs) -> tuple[Family, Model]:
     """(family, model) of a generator checkpoint; source and kwargs (layout, tokenizer) as Family.load_model."""
     family = family_of(path, role)
     return family, family.load_model(path, source, **kwargs)
 
 
-def load_tokenizer(path: str | os.PathLike, spec: str | None = None, role: str = "--vq") -> tuple[Family, torch.nn.Module]:
+def load_tokenizer(path: str | os.PathLike, spec: str | None = None, role: str = "--vq") -> tuple[Family, Tokenizer]:
     family = family_of(path, role, models=False)
     return family, family.load_tokenizer(path, spec)

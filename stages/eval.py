@@ -30,7 +30,7 @@ from pipeline.checkpoint import file_sha256
 from pipeline.config import ConfigError, check_ranges, setting, settings_digest
 from pipeline.device import OutOfMemory, is_out_of_memory
 from pipeline.distributed import World
-from pipeline.families import Family, ModelSource, load_model, load_tokenizer
+from pipeline.families import FamilyContract, Model, ModelSource, Tokenizer, load_model, load_tokenizer
 from pipeline.formats import FormatError, write_sample_batch
 from pipeline.images import IMAGE_EXTENSIONS, center_crop_arr, open_rgb
 from pipeline.metrics import (
@@ -263,9 +263,9 @@ class EvalModels:
     rank's device, and the labels of each unit's set in sampling order (eval.samples_per_class of each class,
     class by class; the file's order is shuffled when it is written: sample_order)."""
 
-    family: Family
-    vq: torch.nn.Module
-    by_role: dict[str, torch.nn.Module]
+    family: FamilyContract
+    vq: Tokenizer
+    by_role: dict[str, Model]
     labels: torch.Tensor
 
 
