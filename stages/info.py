@@ -79,9 +79,9 @@ def _layout(obj: dict) -> str:
 
 def _checkpoint(path: Path) -> str:
     from pipeline.checkpoint import KINDS, checkpoint_kind, extract_state_dict, file_sha256, load_file
-    from pipeline.families import family_of_kind
+    from pipeline.families import family_of_kind, load_plugins
 
-    family = family_of_kind(None)  # the families' kinds registered (a plugin's too) before the file's is read
+    load_plugins()  # a plugin family's kinds are known before the file's is read
     kind = checkpoint_kind(path)
     family = family_of_kind(kind)
     obj = load_file(path)

@@ -168,6 +168,15 @@ def test_a_third_family_runs_the_pipeline_end_to_end(toy_plugin, tmp_path, monke
     strips = images.reshape(len(images), 4, 4, 16, 3)
     assert (strips == strips[:, :, :1, :1, :1]).all()
 
+    # without the plugin the store is one clear error naming it and the registration, not a KeyError
+    from pipeline.families import unregister_family
+    from pipeline.formats import FormatError
+
+    unregister_family("toy")
+    monkeypatch.delenv("CCA_PIPE_FAMILIES")
+    with pytest.raises(FormatError, match=r"tokens.zarr: token store family 'toy' is not a registered model family .*CCA_PIPE_FAMILIES"):
+        open_token_store(tmp_path / "tokens.zarr")
+
 
 def test_no_shipped_code_knows_the_third_family():
     """The toy family needed no line outside its module and the registry: pipeline/ and stages/ never name it."""
