@@ -59,7 +59,7 @@ def main() -> None:
     labels_pos = torch.from_numpy(cache["label"][rows].astype(np.int64))
     labels_neg = torch.from_numpy(cache["neg_label"][rows].astype(np.int64))
     ref_pos, ref_neg = (torch.from_numpy(cache[k][rows]) for k in ("ref_logp_pos", "ref_logp_neg"))
-    _, policy = load_model(args.policy, "--policy", seq_len=store.seq_len, patch_nums=store.attrs.get("patch_nums"))
+    _, policy = load_model(args.policy, "--policy", layout=store.attrs)
     policy.eval()
     lambdas = [float(x) for x in args.lambdas.split(",")]
     fixed = [p or None for p in args.against.split(",")] if args.against else [None] * len(lambdas)
@@ -72,7 +72,7 @@ def main() -> None:
         row = [f"{lam:g}", f"{pos:+.3f}", f"{neg:+.3f}", f"{pos - neg:+.3f}", f"{float(embed[lam].norm()):.4f}",
                f"{float((embed[lam] - embed[lambdas[0]]).norm()):.4f}", f"{cls_norm:.3f}"]
         if fixed_path:
-            fixed_model = load_model(fixed_path, "--against", seq_len=store.seq_len, patch_nums=store.attrs.get("patch_nums"))[1].eval()
+            fixed_model = load_model(fixed_path, "--against", layout=store.attrs)[1].eval()
             fpos, fneg = ratios(fixed_model, tokens, labels_pos, labels_neg, ref_pos, ref_neg, None)
             row += [f"{fpos:+.3f}", f"{fneg:+.3f}"]
         else:

@@ -2,9 +2,10 @@
 
 Format we write (LlamaGen's c2i layout, so upstream scripts load it with `checkpoint["model"]`):
     {"model": state_dict, "config": {...model config fields...},
-     "family": "llamagen-gpt" | "llamagen-vq" | "var" | "var-vqvae" | "classifier", ...}
+     "family": "llamagen-gpt" | "llamagen-vq" | "var" | "var-vqvae" | "classifier" | a plugin family's kind, ...}
 The "family" entry holds the checkpoint's kind (KINDS below; a model family has two kinds, its generator and
-its tokenizer): the key keeps its first name so that files already written stay readable.
+its tokenizer, registered by pipeline.families): the key keeps its first name so that files already written
+stay readable.
 For "var" the state dict is exactly the VAR transformer's (what `var_d16.pth` holds); the quantiser it
 reads its input from stays in the VQVAE file.
 Extra keys hold only plain Python values, so `torch.load(..., weights_only=True)` reads the file.
@@ -24,6 +25,7 @@ import os
 import pickle
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -248,28 +250,36 @@ def peek(path: str | os.PathLike) -> tuple[str | None, set[str]]:
 
 # ----------------------------------------------------------------------------- what a checkpoint is
 
+# kind -> what it is, in errors; the model families' kinds (a generator's and a tokenizer's each) are added by
+# their registration (pipeline.families.register_family), which also tells their upstream files apart
 KINDS = {
-    "llamagen-gpt": "a LlamaGen GPT (image generator)",
-    "llamagen-vq": "a LlamaGen VQ tokenizer",
-    "var": "a VAR transformer (image generator)",
-    "var-vqvae": "VAR's multi-scale VQVAE tokenizer",
     "classifier": "a cca-pipe image classifier (evaluator)",
     "inception": "an Inception-v3 feature extractor (torch-fidelity's)",
 }
+_DETECTORS: dict[str, Callable[[set[str]], str | None]] = {}  # kind -> its upstream files' kind from their keys
+
+
+def register_kind(kind: str, description: str, detect: Callable[[set[str]], str | None] | None = None) -> None:
+    """Add a checkpoint kind (`description`: "a LlamaGen GPT (image generator)"); `detect(keys)`: which kind an
+    upstream file (no kind entry) is from its state dict's keys, or None."""
+    KINDS[kind] = description
+    if detect is not None:
+        _DETECTORS[kind] = detect
+
+
+def unregister_kind(kind: str) -> None:
+    KINDS.pop(kind, None)
+    _DETECTORS.pop(kind, None)
 
 
 def kind_from(saved_kind: str | None, keys: set[str]) -> str | None:
     """Which KINDS entry a checkpoint is: our files name it; upstream files are told apart by their keys."""
     if saved_kind in KINDS:
         return saved_kind
-    if any(k.endswith("attn.scale_mul_1H11") for k in keys):
-        return "var"
-    if any("quant_resi.qresi_ls" in k for k in keys):
-        return "var-vqvae"
-    if any(".attention.wqkv." in k for k in keys) or "tok_embeddings.weight" in keys:
-        return "llamagen-gpt"
-    if any("conv_blocks" in k for k in keys):
-        return "llamagen-vq"
+    for detect in list(_DETECTORS.values()):
+        kind = detect(keys)
+        if kind is not None:
+            return kind
     if any(k.startswith("Mixed_5b.") for k in keys):
         return "inception"
     return None

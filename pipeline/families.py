@@ -1,36 +1,48 @@
-"""Model families: everything reflogp, train, eval and info need that differs between LlamaGen and VAR.
+"""Model families: everything reflogp, train, eval, info and plan need that differs between model families.
 
-Each family is one object (LLAMAGEN, VAR); stages get theirs from a checkpoint (`family_of`), a token
-store (`family_of_store`) or a model (`family_of_model`) and never ask which one they hold:
+Each family is one object (LLAMAGEN, VAR, and any a plugin registers: `register_family`, docs/families.md);
+stages get theirs from a checkpoint (`family_of`), a token store (`family_of_store`), a model
+(`family_of_model`) or its registered name (`family_named`) and never ask which one they hold:
   - "llamagen": next-token prediction, GPT (pipeline.models.llamagen) over VQ-16/VQ-8 codes;
   - "var": next-scale prediction, VARModel (pipeline.models.var) over the multi-scale VQVAE's codes.
 
-A family's model has `cfg.num_classes / null_class / has_null_class / vocab_size / seq_len`, a
-`forward(tokens, labels) -> (B, L)` float32 per-token log-probs (teacher forcing: the only way
-likelihoods are computed, so DDP/FSDP wrap it unchanged), `set_dropout(dropout, drop_path)`, `blocks()`
-(the transformer blocks: FSDP's and activation checkpointing's units), `set_activation_checkpointing(on)`
-and `upstream_state_dict()` (what the peer's own code loads). The family object loads tokenizers and
-models from the peers' checkpoint layouts, describes the token layout, checks a model against a token
-store, samples, builds the optimiser's parameter groups, and writes checkpoints.
+The contracts are typing Protocols: `Model` (what a family's model offers every stage: its `cfg`
+(`ModelConfig`), a teacher-forced `forward(tokens, labels) -> (B, L)` float32 per-token log-probs, the only
+way likelihoods are computed, so DDP/FSDP wrap it unchanged, `set_dropout`, `blocks()` (FSDP's and
+activation checkpointing's units), `set_activation_checkpointing(on)` and `upstream_state_dict()`),
+`Tokenizer` (encode images to codes, decode codes to images) and `FamilyContract` (what stages call on a
+family: `Family` below implements it). The family object loads tokenizers and models from the peers'
+checkpoint layouts, describes the token layout, checks a model against a token store, samples, builds the
+optimiser's parameter groups, and writes checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
 from . import sampling
-from .checkpoint import CheckpointError, expect_kind, extract_state_dict, load_mapped, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    expect_kind,
+    extract_state_dict,
+    load_mapped,
+    register_kind,
+    save_checkpoint,
+    unregister_kind,
+)
 from .codefiles import code_digest
+from .formats import TOKENS_LEGACY_FAMILY
 from .models.llamagen import GPT, config_from_spec, load_gpt
 from .models.var import NESTINGS, VARModel, config_from_state_dict, load_var
-from .tokenizers.msvq import load_msvq, load_quantizer, msvq_config_from_spec
-from .tokenizers.vq import load_vq, vq_config_from_spec
+from .tokenizers.msvq import MSVQConfig, MSVQModel, load_msvq, load_quantizer, msvq_config_from_spec
+from .tokenizers.vq import VQModel, load_vq, vq_config_from_spec
 
 # The modules on the path from tokens to log-probs: the models and their layers, the tokenizers (VAR's input is
 # built by its quantiser), the log-softmax sum, the cache's forward loop and autocast. A cache's `logp_code`
@@ -39,8 +51,123 @@ from .tokenizers.vq import load_vq, vq_config_from_spec
 LOGP_CODE = ("pipeline.models", "pipeline.tokenizers", "pipeline.logprobs", "pipeline.refcache", "pipeline.device")
 
 
+# ------------------------------------------------------------------------------------------- the contracts
+
+
+@runtime_checkable
+class ModelConfig(Protocol):
+    """A family model's `cfg`: what the stages read of any family's config."""
+
+    num_classes: int  # classes 0 .. num_classes - 1
+    null_class: int  # the label of the unconditional (class-dropout) condition
+    has_null_class: bool  # trained with class dropout: guidance and train.uncond_ratio need it
+    vocab_size: int  # codes 0 .. vocab_size - 1 (the tokenizer's codebook)
+    seq_len: int  # tokens per image (the token store's L)
+    lambda_conditioning: bool  # has a lambda embedding (train.lambda_conditioning)
+
+    def to_dict(self) -> dict: ...  # saved with the checkpoint, read back by the family's load_model
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What a family's model (an nn.Module) offers the stages beside nn.Module's own methods."""
+
+    cfg: ModelConfig
+    family: ClassVar[str]  # its family's registered name (family_of_model)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, lam: torch.Tensor | None = None,
+                dropout_keys: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced log p(z_t | z_<t, c): tokens (B, L) int64, labels (B,) -> (B, L) float32. `lam` (B,):
+        a lambda-conditioned policy's lambdas; `dropout_keys` (B,) int64: each sequence's dropout key
+        (pipeline.models.layers.noise_keys), so masks do not depend on the batch (train mode, dropout on)."""
+        ...
+
+    def set_dropout(self, dropout: float = 0.0, drop_path: float = 0.0, section: str = "train") -> None: ...
+
+    def blocks(self) -> torch.nn.ModuleList: ...  # FSDP's units of sharding, activation checkpointing's units
+
+    def set_activation_checkpointing(self, enabled: bool) -> None: ...
+
+    def upstream_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]: ...
+
+    def enable_lambda_conditioning(self, seed: int = 0) -> None: ...  # train.lambda_conditioning
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """A family's tokenizer: images (B, 3, H, W) in [-1, 1] -> codes (B, L) (stages/tokenize.py), and back."""
+
+    cfg: Any  # with codebook_size
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor: ...
+
+
+class KVCache(NamedTuple):
+    """The shape of a family's sampling caches (pipeline.memplan.kv_cache_bytes): `layers` caches, each k and
+    v of (sequences, positions, width), in the weights' dtype or (`weights_dtype` False) the compute dtype."""
+
+    layers: int
+    positions: int
+    width: int
+    weights_dtype: bool
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What reading a generator takes besides its checkpoint path (the CLI's --gpt-model, --vae, --vae-model,
+    --depth, and the active preset): upstream files carry no config. Each family reads the fields it needs
+    (Family.load_model); the others leave them alone."""
+
+    gpt_model: str | None = None  # LlamaGen: the config of an upstream GPT (GPT-B ... GPT-3B, or a JSON file)
+    vae: Path | None = None  # VAR: the VQVAE whose quantiser builds the model's input
+    vae_model: str | None = None  # VAR: that VQVAE's config
+    depth: int | None = None  # VAR: the expected depth, checked against the checkpoint
+    preset: str | None = None  # the recipe the settings were resolved with, which the model must match (None: any)
+
+    def for_own_checkpoint(self) -> ModelSource:
+        """For a checkpoint of ours (a trained policy: it carries its config): only the checks (depth) apply."""
+        return ModelSource(depth=self.depth, preset=self.preset)
+
+
+@runtime_checkable
+class FamilyContract(Protocol):
+    """What the stages call on a family (Family implements it; a plugin subclasses Family)."""
+
+    name: str
+    model_kind: str
+    tokenizer_kind: str
+    step_unit: str
+
+    def logp_code(self) -> dict[str, str]: ...
+    def decode_precision(self, device: torch.device) -> contextlib.AbstractContextManager: ...
+    def load_tokenizer(self, path: str | os.PathLike, spec: str | None = None) -> Tokenizer: ...
+    def build_tokenizer(self, spec: str | None = None) -> Tokenizer: ...
+    def tokenizer_layout(self, tokenizer: Tokenizer, image_size: int) -> dict: ...
+    def sampling_layout(self, tokenizer: Tokenizer, image_size: int) -> dict: ...
+    def layout_problem(self, attrs: Mapping, seq_len: int) -> str | None: ...
+    def load_model(self, path: str | os.PathLike, source: ModelSource = ..., *, layout: Mapping | None = None,
+                   tokenizer: Tokenizer | None = None) -> Model: ...
+    def check_fits(self, model: Model, store_attrs: dict, tokens_path: Path, ckpt: Path) -> None: ...
+    def check_file(self, path: Path, source: ModelSource, layout: dict, image_size: int, classes: int) -> int | None: ...
+    def sample(self, model: Model, labels: torch.Tensor, **kwargs) -> sampling.Samples: ...
+    def image_size(self, model: Model, tokenizer: Tokenizer) -> int: ...
+    def grid_side(self, cfg: ModelConfig) -> int: ...
+    def step_tokens(self, cfg: ModelConfig) -> int: ...
+    def sampling_cache(self, cfg: ModelConfig) -> KVCache: ...
+    def param_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict]: ...
+    def save(self, path: str | os.PathLike, model: Model, state: dict[str, torch.Tensor] | None = None, **extra) -> None: ...
+    def checkpoint_nestings(self, kind: str) -> tuple: ...
+    def describe_weights(self, state: dict[str, torch.Tensor]) -> str | None: ...
+
+
+# ------------------------------------------------------------------------------------------- the families
+
+
 class Family:
-    """What differs between model families; one instance per family (LLAMAGEN, VAR)."""
+    """What differs between model families; one instance per family (LLAMAGEN, VAR, a plugin's), registered
+    with `register_family`. Subclasses set the class attributes and implement the methods that raise here."""
 
     name: ClassVar[str]
     model_kind: ClassVar[str]  # pipeline.checkpoint.KINDS of its generator and its tokenizer
@@ -50,6 +177,10 @@ class Family:
     # float32 means no autocast; see decode_precision and docs/imagenet.md "What differs from the release"
     decode_dtype: ClassVar[torch.dtype]
     step_unit: ClassVar[str]  # what its sampler draws per step (its `on_step` calls): a token, or a scale of tokens
+    # pipeline.checkpoint.KINDS' words for its two kinds ("a LlamaGen GPT (image generator)"), in its errors
+    model_described: ClassVar[str]
+    tokenizer_described: ClassVar[str]
+    default_tokenizer: ClassVar[str]  # the tokenizer its pipeline runs (build_tokenizer(None)), as `cca-pipe plan` names it
 
     def logp_code(self) -> dict[str, str]:
         """Digest of the code that computes its log-probs (recorded by the cache, checked by train)."""
@@ -66,21 +197,43 @@ class Family:
             return torch.autocast("cuda", enabled=False)
         return torch.autocast("cuda", dtype=self.decode_dtype)
 
-    def load_tokenizer(self, path: str | os.PathLike, spec: str | None = None):
+    def upstream_kind(self, keys: set[str]) -> str | None:
+        """Which of its kinds an upstream file (no kind entry) is, from its state dict's keys; None: neither."""
+        return None
+
+    def load_tokenizer(self, path: str | os.PathLike, spec: str | None = None) -> Tokenizer:
+        raise NotImplementedError
+
+    def build_tokenizer(self, spec: str | None = None) -> Tokenizer:
+        """A freshly built tokenizer of config `spec` (a name or a JSON file, as --vq-model; None: its pipeline's,
+        `default_tokenizer`), on torch's current default device (`cca-pipe plan` builds it on the meta device)."""
         raise NotImplementedError
 
     def tokenizer_layout(self, tokenizer, image_size: int) -> dict:
-        """Token-store attributes that describe the token layout (pipeline/formats.py)."""
+        """Token-store attributes that describe the token layout (pipeline/formats.py): "family", "seq_len",
+        "grid" (tokens per side of the last token map) and the family's own (VAR: "patch_nums")."""
         raise NotImplementedError
 
-    def load_model(self, path: str | os.PathLike, *, spec: str | None = None, seq_len: int | None = None,
-                   tokenizer=None, vae: str | os.PathLike | None = None, vae_model: str | None = None,
-                   depth: int | None = None, patch_nums: tuple[int, ...] | None = None) -> torch.nn.Module:
+    def sampling_layout(self, tokenizer, image_size: int) -> dict:
+        """The layout a model samples at eval.image_size `image_size` (eval's --base: an upstream file's
+        sequence length); by default the tokenizer's layout at that size."""
+        return self.tokenizer_layout(tokenizer, image_size)
+
+    def layout_problem(self, attrs: Mapping, seq_len: int) -> str | None:
+        """What is wrong with a token store's layout attributes for rows of `seq_len` tokens (None: nothing);
+        pipeline.tokenstore names the store and the fix."""
+        return None
+
+    def load_model(self, path: str | os.PathLike, source: ModelSource = ModelSource(), *, layout: Mapping | None = None,
+                   tokenizer=None) -> Model:
+        """The generator at `path`. `source`: the command line's model options, of which the family reads its
+        own; `layout`: the token layout it must read (a store's attributes, tokenizer_layout's), when known;
+        `tokenizer`: the loaded tokenizer, when the stage holds it."""
         raise NotImplementedError
 
     def check_fits(self, model, store_attrs: dict, tokens_path: Path, ckpt: Path) -> None:
         """The model must read the store's tokens: same layout, sequence length, vocabulary and classes."""
-        family = store_attrs.get("family", "llamagen")
+        family = store_attrs.get("family", TOKENS_LEGACY_FAMILY)
         if family != self.name:
             raise ValueError(f"token store {tokens_path} holds {family} tokens but {ckpt} is a {self.name} model: "
                              "tokenize with the tokenizer of the model's family")
@@ -113,6 +266,19 @@ class Family:
     def image_size(self, model, tokenizer) -> int:
         raise NotImplementedError
 
+    def grid_side(self, cfg) -> int:
+        """Tokens per side of the (last) token map the model generates: its images are that x the tokenizer's
+        downsampling pixels wide."""
+        raise NotImplementedError
+
+    def step_tokens(self, cfg) -> int:
+        """Tokens its sampler draws in its largest step (pipeline.memplan: the step's logits)."""
+        raise NotImplementedError
+
+    def sampling_cache(self, cfg) -> KVCache:
+        """The shape of its sampler's KV caches (pipeline.memplan)."""
+        raise NotImplementedError
+
     def param_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict]:
         """AdamW parameter groups: the peer's rule for which trainable parameters are decayed."""
         raise NotImplementedError
@@ -121,6 +287,10 @@ class Family:
         """The peer's layout ({"model": upstream state dict}) plus our config and provenance. `state`: the
         model's whole state dict when its live weights are shards (pipeline.parallel.full_state_dict)."""
         save_checkpoint(path, model.upstream_state_dict(state), model.cfg.to_dict(), kind=self.model_kind, **extra)
+
+    def checkpoint_nestings(self, kind: str) -> tuple:
+        """Where a training checkpoint of `kind` nests its state dict (pipeline.checkpoint.extract_state_dict)."""
+        return ()
 
     def describe_weights(self, state: dict[str, torch.Tensor]) -> str | None:
         """The config readable from an upstream file's weights (for `cca-pipe info`), if any."""
@@ -143,10 +313,22 @@ class LlamaGenFamily(Family):
     name, model_kind, tokenizer_kind, model_module = "llamagen", "llamagen-gpt", "llamagen-vq", "pipeline.models.llamagen"
     decode_dtype = torch.float32  # LlamaGen_sample_ddp.py: the VQ model in float32, decode_code outside any autocast
     step_unit = "token"
+    model_described, tokenizer_described = "a LlamaGen GPT (image generator)", "a LlamaGen VQ tokenizer"
+    default_tokenizer = "VQ-16"
+
+    def upstream_kind(self, keys):
+        if any(".attention.wqkv." in k for k in keys) or "tok_embeddings.weight" in keys:
+            return self.model_kind
+        if any("conv_blocks" in k for k in keys):
+            return self.tokenizer_kind
+        return None
 
     def load_tokenizer(self, path, spec=None):
         with _config_hint(spec, "--vq-model VQ-16 (or a JSON file of VQConfig fields)"):
             return load_vq(path, vq_config_from_spec(spec))
+
+    def build_tokenizer(self, spec=None):
+        return VQModel(vq_config_from_spec(spec or self.default_tokenizer))
 
     def tokenizer_layout(self, tokenizer, image_size: int) -> dict:
         if image_size % tokenizer.cfg.downsample:
@@ -155,9 +337,10 @@ class LlamaGenFamily(Family):
         grid = image_size // tokenizer.cfg.downsample
         return {"family": self.name, "seq_len": grid * grid, "grid": grid}
 
-    def load_model(self, path, *, spec=None, seq_len=None, tokenizer=None, vae=None, vae_model=None, depth=None,
-                   patch_nums=None) -> GPT:
-        """`spec` names the config of upstream files (they carry none): GPT-B ... GPT-3B, or a JSON file."""
+    def load_model(self, path, source=ModelSource(), *, layout=None, tokenizer=None) -> GPT:
+        """`source.gpt_model` names the config of upstream files (they carry none): GPT-B ... GPT-3B, or a JSON
+        file; its block size is the layout's sequence length."""
+        spec, seq_len = source.gpt_model, (layout or {}).get("seq_len")
         with _config_hint(spec, "--gpt-model GPT-B (GPT-B ... GPT-3B, or a JSON file of GPTConfig fields)"):
             return load_gpt(path, config_from_spec(spec, seq_len))
 
@@ -187,7 +370,17 @@ class LlamaGenFamily(Family):
         return sampling.sample(model, labels, **kwargs)
 
     def image_size(self, model, tokenizer) -> int:
-        return tokenizer.cfg.downsample * int(round(model.cfg.seq_len ** 0.5))
+        return tokenizer.cfg.downsample * self.grid_side(model.cfg)
+
+    def grid_side(self, cfg) -> int:
+        return int(round(cfg.seq_len ** 0.5))  # row-major grid x grid tokens
+
+    def step_tokens(self, cfg) -> int:
+        return 1
+
+    def sampling_cache(self, cfg) -> KVCache:
+        # a static cache per layer of the class tokens and the whole block, in the weights' dtype (float32)
+        return KVCache(cfg.n_layer, cfg.cls_token_num + cfg.block_size, cfg.dim, weights_dtype=True)
 
     def param_groups(self, model, weight_decay):
         # LlamaGen's (and CCA's) creat_optimizer: decay every parameter of dim >= 2 (matmuls and embeddings)
@@ -200,12 +393,35 @@ class VARFamily(Family):
     name, model_kind, tokenizer_kind, model_module = "var", "var", "var-vqvae", "pipeline.models.var"
     decode_dtype = torch.float16  # VAR_sample.py: autoregressive_infer_cfg, decode included, under fp16 autocast
     step_unit = "scale"
+    model_described, tokenizer_described = "a VAR transformer (image generator)", "VAR's multi-scale VQVAE tokenizer"
+    default_tokenizer = "VAR VQVAE"
     # VAR's train.py (and CCA's VAR_finetune.py) never decay 1-d parameters, biases, or these names
     NO_DECAY = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
                 "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")
 
+    def upstream_kind(self, keys):
+        if any(k.endswith("attn.scale_mul_1H11") for k in keys):
+            return self.model_kind
+        if any("quant_resi.qresi_ls" in k for k in keys):
+            return self.tokenizer_kind
+        return None
+
     def load_tokenizer(self, path, spec=None):
         return load_msvq(path, msvq_config_from_spec(spec))
+
+    def build_tokenizer(self, spec=None):
+        return MSVQModel(msvq_config_from_spec(spec) or MSVQConfig())
+
+    def sampling_layout(self, tokenizer, image_size: int) -> dict:
+        # its scales are the VQVAE's (patch_nums), whatever eval.image_size: the model reads them from the quantiser
+        return self.tokenizer_layout(tokenizer, tokenizer.cfg.image_size)
+
+    def layout_problem(self, attrs, seq_len):
+        patch_nums = attrs.get("patch_nums")
+        if not patch_nums or sum(pn * pn for pn in patch_nums) != seq_len:
+            return (f"VAR tokens of length {seq_len} but attribute patch_nums {patch_nums} "
+                    f"gives {sum(pn * pn for pn in patch_nums or [])}")
+        return None
 
     def tokenizer_layout(self, tokenizer, image_size: int) -> dict:
         if image_size != tokenizer.cfg.image_size:
@@ -214,19 +430,20 @@ class VARFamily(Family):
         return {"family": self.name, "patch_nums": list(tokenizer.cfg.patch_nums), "seq_len": tokenizer.cfg.seq_len,
                 "grid": tokenizer.cfg.patch_nums[-1]}
 
-    def load_model(self, path, *, spec=None, seq_len=None, tokenizer=None, vae=None, vae_model=None, depth=None,
-                   patch_nums=None) -> VARModel:
+    def load_model(self, path, source=ModelSource(), *, layout=None, tokenizer=None) -> VARModel:
         """VAR's input is built by its VQVAE's quantiser: from the loaded `tokenizer` when given (eval holds the
-        whole VQVAE anyway), else read from the VQVAE file `vae`; `depth`, when given, is checked."""
+        whole VQVAE anyway), else read from the VQVAE file `source.vae`; `source.depth`, when given, is checked;
+        its scales are the layout's patch_nums, else the quantiser's."""
         if tokenizer is not None:
             quantizer = tokenizer.quantize
-        elif vae is None:
+        elif source.vae is None:
             raise ValueError(f"{path} is a VAR checkpoint: its input is built by the VQVAE's quantiser, so pass the "
                              "VQVAE checkpoint too (--vae / vae_ckpt, e.g. vae_ch160v4096z32.pth)")
         else:
-            expect_kind(vae, (self.tokenizer_kind,), "--vae")
-            quantizer = load_quantizer(vae, msvq_config_from_spec(vae_model))
-        var = load_var(path, depth=depth, patch_nums=patch_nums or quantizer.cfg.patch_nums)
+            expect_kind(source.vae, (self.tokenizer_kind,), "--vae")
+            quantizer = load_quantizer(source.vae, msvq_config_from_spec(source.vae_model))
+        patch_nums = (layout or {}).get("patch_nums")
+        var = load_var(path, depth=source.depth, patch_nums=patch_nums or quantizer.cfg.patch_nums)
         return VARModel(var, quantizer)
 
     def check_fits(self, model, store_attrs, tokens_path, ckpt) -> None:
@@ -256,6 +473,20 @@ class VARFamily(Family):
     def image_size(self, model, tokenizer) -> int:
         return tokenizer.cfg.image_size
 
+    def grid_side(self, cfg) -> int:
+        return cfg.patch_nums[-1]  # its last scale
+
+    def step_tokens(self, cfg) -> int:
+        return cfg.patch_nums[-1] ** 2  # a whole scale per step, the last the largest
+
+    def sampling_cache(self, cfg) -> KVCache:
+        # each block's (and the head's) cache grows by a scale per step to all seq_len positions, in the compute dtype
+        return KVCache(cfg.depth + 1, cfg.seq_len, cfg.width, weights_dtype=False)
+
+    def checkpoint_nestings(self, kind):
+        # a VAR transformer's training checkpoint nests it (["trainer"]["var_wo_ddp"]); its VQVAE's is unwrapped as usual
+        return NESTINGS if kind == self.model_kind else ()
+
     def param_groups(self, model, weight_decay):
         decay, no_decay = [], []
         for name, p in model.var.named_parameters():
@@ -272,49 +503,113 @@ class VARFamily(Family):
                 f"{cfg.num_classes} classes + null, vocabulary {cfg.vocab_size}")
 
 
-LLAMAGEN, VAR = LlamaGenFamily(), VARFamily()
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMAGEN, VAR)}
-_BY_KIND = {kind: f for f in FAMILIES.values() for kind in (f.model_kind, f.tokenizer_kind)}
-MODEL_KINDS = tuple(f.model_kind for f in FAMILIES.values())
-TOKENIZER_KINDS = tuple(f.tokenizer_kind for f in FAMILIES.values())
+# ------------------------------------------------------------------------------------------- the registry
+
+FAMILIES: dict[str, Family] = {}  # name -> family, in registration order: read it through families()
+_BY_KIND: dict[str, Family] = {}
+PLUGINS_ENV = "CCA_PIPE_FAMILIES"  # comma-separated modules that register families when imported
+ENTRY_POINTS = "cca_pipe.families"  # or an installed package's entry points of this group (docs/families.md)
+_entry_points_loaded = False
+
+
+def register_family(family: Family) -> Family:
+    """Make `family` known to every stage: family_of (its checkpoint kinds), family_of_store and
+    family_of_model (its name), `cca-pipe info`, `cca-pipe plan`. Plugins call it when imported."""
+    if family.name in FAMILIES or {family.model_kind, family.tokenizer_kind} & set(_BY_KIND):
+        raise ValueError(f"model family {family.name!r} (kinds {family.model_kind!r}, {family.tokenizer_kind!r}) is "
+                         "already registered: give the new family its own name and kinds")
+    register_kind(family.model_kind, family.model_described, family.upstream_kind)
+    register_kind(family.tokenizer_kind, family.tokenizer_described)
+    FAMILIES[family.name] = family
+    _BY_KIND.update({family.model_kind: family, family.tokenizer_kind: family})
+    return family
+
+
+def unregister_family(name: str) -> None:
+    """Forget a registered family (a test's or a session's plugin)."""
+    family = FAMILIES.pop(name)
+    for kind in (family.model_kind, family.tokenizer_kind):
+        _BY_KIND.pop(kind)
+        unregister_kind(kind)
+
+
+def load_plugins() -> None:
+    """Import the family plugins not imported yet: the entry points of group "cca_pipe.families" of the
+    installed packages (each a module that registers its families, or a Family) and the modules
+    $CCA_PIPE_FAMILIES names (comma-separated); every registry lookup calls it."""
+    global _entry_points_loaded
+    import importlib
+    import sys
+    from importlib.metadata import entry_points
+
+    if not _entry_points_loaded:
+        _entry_points_loaded = True
+        for point in entry_points(group=ENTRY_POINTS):
+            loaded = point.load()
+            if isinstance(loaded, Family) and loaded.name not in FAMILIES:
+                register_family(loaded)
+    for module in (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",")):
+        if module and module not in sys.modules:
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise ValueError(f"${PLUGINS_ENV} names the family plugin {module!r}, which cannot be imported ({e}): "
+                                 "fix the name or the PYTHONPATH") from None
+
+
+def families() -> dict[str, Family]:
+    """The registered families by name (the built-in ones and the plugins'), in registration order."""
+    load_plugins()
+    return FAMILIES
+
+
+def model_kinds() -> tuple[str, ...]:
+    return tuple(f.model_kind for f in families().values())
+
+
+def tokenizer_kinds() -> tuple[str, ...]:
+    return tuple(f.tokenizer_kind for f in families().values())
+
+
+def family_named(name: str, what: str = "model family") -> Family:
+    """The registered family `name`, or one clear error listing the known ones."""
+    known = families()
+    if name not in known:
+        raise ValueError(f"{what} {name!r} is not a registered model family (known: {', '.join(known)}): register it "
+                         f"with a plugin module named in ${PLUGINS_ENV} (docs/families.md)")
+    return known[name]
 
 
 def family_of(path: str | os.PathLike, role: str, models: bool = True) -> Family:
     """The family of a generator checkpoint (`models`) or of a tokenizer checkpoint, ours or upstream, or one
     clear error naming `role` (the option it was passed as) and what the file is instead."""
-    return _BY_KIND[expect_kind(path, MODEL_KINDS if models else TOKENIZER_KINDS, role)]
+    kinds = model_kinds() if models else tokenizer_kinds()
+    return _BY_KIND[expect_kind(path, kinds, role)]
 
 
-def family_of_store(attrs: dict) -> Family:
-    return FAMILIES[attrs.get("family", "llamagen")]
+def family_of_kind(kind: str | None) -> Family | None:
+    """The family a checkpoint kind (pipeline.checkpoint.checkpoint_kind) belongs to, if any."""
+    load_plugins()
+    return _BY_KIND.get(kind)
+
+
+def family_of_store(attrs: Mapping) -> Family:
+    return family_named(attrs.get("family", TOKENS_LEGACY_FAMILY), "token store family")
 
 
 def family_of_model(model: torch.nn.Module) -> Family:
-    return FAMILIES[type(model).family]
+    return family_named(type(model).family)
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """What reading a generator takes besides its checkpoint path (the CLI's --gpt-model, --vae, --vae-model,
-    --depth, and the active preset): upstream files carry no config."""
-
-    gpt_model: str | None = None  # LlamaGen: the config of an upstream GPT (GPT-B ... GPT-3B, or a JSON file)
-    vae: Path | None = None  # VAR: the VQVAE whose quantiser builds the model's input
-    vae_model: str | None = None  # VAR: that VQVAE's config
-    depth: int | None = None  # VAR: the expected depth, checked against the checkpoint
-    preset: str | None = None  # the recipe the settings were resolved with, which the model must match (None: any)
-
-    def load_options(self) -> dict:
-        """Family.load_model's keywords."""
-        return {"spec": self.gpt_model, "vae": self.vae, "vae_model": self.vae_model, "depth": self.depth}
+LLAMAGEN, VAR = register_family(LlamaGenFamily()), register_family(VARFamily())
 
 
-def load_model(path: str | os.PathLike, role: str, **kwargs) -> tuple[Family, torch.nn.Module]:
-    """(family, model) of a generator checkpoint; kwargs as Family.load_model."""
+def load_model(path: str | os.PathLike, role: str, source: ModelSource = ModelSource(), **kwargs) -> tuple[Family, Model]:
+    """(family, model) of a generator checkpoint; source and kwargs (layout, tokenizer) as Family.load_model."""
     family = family_of(path, role)
-    return family, family.load_model(path, **kwargs)
+    return family, family.load_model(path, source, **kwargs)
 
 
-def load_tokenizer(path: str | os.PathLike, spec: str | None = None, role: str = "--vq") -> tuple[Family, torch.nn.Module]:
+def load_tokenizer(path: str | os.PathLike, spec: str | None = None, role: str = "--vq") -> tuple[Family, Tokenizer]:
     family = family_of(path, role, models=False)
     return family, family.load_tokenizer(path, spec)

@@ -6,7 +6,8 @@ Token store (stage `tokenize`; code in pipeline/tokenstore.py), a Zarr v3 group,
                                   "var": L = sum(pn^2) (680), the pn x pn maps of `patch_nums`, each
                                   row-major, concatenated coarse to fine (scale k = tokens[..., b_k:e_k])
     labels   (N,)      int32    class index in [0, num_classes), ImageFolder order (sorted folder names)
-    attrs:   format ("cca-pipe/tokens"), format_version (2), family ("llamagen" | "var"), seq_len (L),
+    attrs:   format ("cca-pipe/tokens"), format_version (2), family ("llamagen" | "var" | a plugin family's
+             registered name, pipeline.families; absent: "llamagen"), seq_len (L),
              patch_nums (var only), tokenizer_sha256, codebook_size, image_size, grid, augmentations
              (list of view names, length A), class_names (list, length num_classes), num_classes,
              build_key (digest of the image paths, labels, tokenizer and settings), settings (the resolved
@@ -84,6 +85,7 @@ log = logging.getLogger(__name__)
 
 TOKENS_FORMAT = "cca-pipe/tokens"
 TOKENS_FORMAT_VERSION = 2
+TOKENS_LEGACY_FAMILY = "llamagen"  # a store without a `family` attribute (written before VAR) holds LlamaGen's tokens
 CACHE_FORMAT = "cca-pipe/ref-logp"
 CACHE_FORMAT_VERSION = 1
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 # imported here, not where the models are built: their module-level tensors cannot be made on the meta device
+from .families import family_of_model
 from .models.llamagen import GPT, gpt_config
 from .models.var import VAR, VARModel, var_config
 from .tokenizers.msvq import MSVQConfig, MultiScaleQuantizer
@@ -593,11 +594,9 @@ def kv_cache_bytes(model: nn.Module, sequences: int, device: str) -> int:
     """Sampling's KV caches for `sequences` (2 x eval.batch_size with guidance): LlamaGen's static
     (B, H, cls + block_size, hd) k and v per layer in the weights' dtype (float32); VAR's per-scale
     concatenation in the compute dtype (bf16 under CUDA autocast), one layer's old cache alive beside the new."""
-    cfg = model.cfg
-    if model.family == "llamagen":
-        return cfg.n_layer * 2 * sequences * (cfg.cls_token_num + cfg.block_size) * cfg.dim * FP32
-    per_layer = 2 * sequences * cfg.seq_len * cfg.width * precision_for(device, "ddp").compute
-    return (cfg.depth + 1) * per_layer
+    cache = family_of_model(model).sampling_cache(model.cfg)
+    dtype_bytes = FP32 if cache.weights_dtype else precision_for(device, "ddp").compute
+    return cache.layers * 2 * sequences * cache.positions * cache.width * dtype_bytes
 
 
 def sampling_step_bytes(model: nn.Module, batch: int, sequences: int, device: str) -> int:
@@ -605,8 +604,8 @@ def sampling_step_bytes(model: nn.Module, batch: int, sequences: int, device: st
     guided mix, its temperature-scaled copy, the filtered logits and the probabilities (4 x batch); and one
     block's transient of the step's tokens (input, qkv, output, FFN hidden and activation). LlamaGen steps
     one token, VAR a whole scale (its last is the largest)."""
-    cfg, shape = model.cfg, FAMILY_MEMORY[model.family].shape(model.cfg)
-    tokens = 1 if model.family == "llamagen" else cfg.patch_nums[-1] ** 2
+    shape = FAMILY_MEMORY[model.family].shape(model.cfg)
+    tokens = family_of_model(model).step_tokens(model.cfg)
     logits = (sequences + 4 * batch) * tokens * shape.vocab * FP32
     block = sequences * tokens * (5 * shape.width + 2 * shape.ffn_hidden) * precision_for(device, "ddp").compute
     return logits + block

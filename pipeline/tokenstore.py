@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import TOKENS_FORMAT, TOKENS_FORMAT_VERSION, FormatError
+from .formats import TOKENS_FORMAT, TOKENS_FORMAT_VERSION, TOKENS_LEGACY_FAMILY, FormatError
 from .images import StatKey, content_digest, read_image_file, stat_key
 from .outputs import Claim, read_json, write_json, write_text
 from .progress import progress
@@ -207,6 +207,17 @@ class TokenStore:
         return labels
 
 
+def _layout_problem(path: Path, attrs: dict, seq_len: int) -> str | None:
+    """The store's family's verdict on its layout attributes (pipeline.families: the family reads its own)."""
+    from .families import family_of_store
+
+    try:
+        family = family_of_store(attrs)
+    except ValueError as e:
+        raise FormatError(f"{path}: {e}") from None
+    return family.layout_problem(attrs, seq_len)
+
+
 def open_token_store(path: str | os.PathLike) -> TokenStore:
     """Open a complete store after checking its metadata (format, version, attributes, shapes, dtypes, the
     checksum codec); no token is read."""
@@ -247,11 +258,9 @@ def open_token_store(path: str | os.PathLike) -> TokenStore:
         raise FormatError(f"{path}: tokens of length {tokens.shape[2]} but attribute seq_len {attrs['seq_len']}; {REBUILD_STORE}")
     if len(attrs["augmentations"]) != tokens.shape[1]:
         raise FormatError(f"{path}: {tokens.shape[1]} views stored but attribute augmentations lists {attrs.get('augmentations')}")
-    if attrs["family"] == "var":
-        patch_nums = attrs.get("patch_nums")
-        if not patch_nums or sum(pn * pn for pn in patch_nums) != tokens.shape[2]:
-            raise FormatError(f"{path}: VAR tokens of length {tokens.shape[2]} but attribute patch_nums {patch_nums} "
-                              f"gives {sum(pn * pn for pn in patch_nums or [])}; {REBUILD_STORE}")
+    problem = _layout_problem(path, attrs, tokens.shape[2])
+    if problem:
+        raise FormatError(f"{path}: {problem}; {REBUILD_STORE}")
     return TokenStore(path, attrs, tuple(tokens.shape), tokens.chunks[0])
 
 
@@ -452,7 +461,7 @@ class TokenStoreWriter:
             return
         if self.path.exists():
             shutil.rmtree(self.path)  # ours (a Claim checked the format marker), from other settings
-        attrs = {"family": "llamagen", **attrs, "seq_len": seq_len, "format": TOKENS_FORMAT,
+        attrs = {"family": TOKENS_LEGACY_FAMILY, **attrs, "seq_len": seq_len, "format": TOKENS_FORMAT,
                  "format_version": TOKENS_FORMAT_VERSION, "num_classes": len(attrs["class_names"]), "build_key": build_key}
         self.group = zarr.open_group(str(self.path), mode="w", attributes=attrs)
         rows = min(self.chunk_rows, max(1, self.num_rows))

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import click
 import yaml
@@ -37,6 +38,9 @@ from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError
 from pipeline.formats import FormatError
 from pipeline.outputs import OutputError
+
+if TYPE_CHECKING:  # pipeline.families loads the models: imported where a check needs it
+    from pipeline.families import FamilyContract
 
 TRIAL_FIX = ", or set `profile: trial` in params.yaml for a trial run on a few images (docs/imagenet.md)"
 # a passing check's record: constant, so that a rerun that passes never makes the stages after it stale
@@ -66,7 +70,7 @@ class Known:
     classes: int | None = None
     views: int | None = None
     image_size: int | None = None
-    family: object = None
+    family: FamilyContract | None = None
     layout: dict | None = None
     rows: int | None = None
     rows_text: str = ""

@@ -27,7 +27,7 @@ from pipeline.config import ConfigError, check_ranges, setting
 from pipeline.device import OutOfMemory, is_out_of_memory
 from pipeline.distributed import World
 from pipeline.evaluation import NPZ_ORDER, Scorer, Unit, format_results, gather_samples, open_scorer, scorer_weights
-from pipeline.families import Family, ModelSource, load_model, load_tokenizer
+from pipeline.families import FamilyContract, Model, ModelSource, Tokenizer, load_model, load_tokenizer
 from pipeline.outputs import StageDir, write_json, write_text
 from pipeline.progress import SampleCounter, StepCounter, progress
 from pipeline.report import GRID_CLASSES
@@ -124,9 +124,9 @@ class EvalModels:
     rank's device, and the labels of each unit's set in sampling order (eval.samples_per_class of each class,
     class by class; the file's order is shuffled when it is written: sample_order)."""
 
-    family: Family
-    vq: torch.nn.Module
-    by_role: dict[str, torch.nn.Module]
+    family: FamilyContract
+    vq: Tokenizer
+    by_role: dict[str, Model]
     labels: torch.Tensor
 
 
@@ -184,13 +184,13 @@ def load_models(settings: EvalConfig, units: list[Unit], vq_path: Path, vq_model
     together. The tokenizer is passed on: VAR builds its input with the loaded VQVAE's quantiser (no re-read)."""
     family, vq = load_tokenizer(vq_path, vq_model)
     vq = vq.to(device).eval()
-    grid = settings.image_size // vq.cfg.downsample if settings.image_size else None
+    layout = family.sampling_layout(vq, settings.image_size) if settings.image_size else None
     models = {}
     if any(u.model == "base" for u in units):
-        models["base"] = on_device(load_model(paths["base"], "--base", seq_len=grid * grid if grid else None, tokenizer=vq,
-                                              **source.load_options())[1], device, "--base")
+        models["base"] = on_device(load_model(paths["base"], "--base", source, layout=layout, tokenizer=vq)[1], device, "--base")
     if any(u.model == "cca" for u in units):
-        models["cca"] = on_device(load_model(paths["cca"], "--policy", tokenizer=vq, depth=source.depth)[1], device, "--policy")
+        models["cca"] = on_device(load_model(paths["cca"], "--policy", source.for_own_checkpoint(), tokenizer=vq)[1], device,
+                                  "--policy")
         check_lambda_conditioning(models["cca"], paths["cca"], settings)
     check_models_fit(models, {"base": ("--base", paths["base"]), "cca": ("--policy", paths["cca"])}, vq, vq_path, settings)
     num_classes = settings.num_classes or next(iter(models.values())).cfg.num_classes

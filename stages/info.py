@@ -79,14 +79,13 @@ def _layout(obj: dict) -> str:
 
 def _checkpoint(path: Path) -> str:
     from pipeline.checkpoint import KINDS, checkpoint_kind, extract_state_dict, file_sha256, load_file
-    from pipeline.families import FAMILIES
-    from pipeline.models.var import NESTINGS
+    from pipeline.families import family_of_kind, load_plugins
 
+    load_plugins()  # a plugin family's kinds are known before the file's is read
     kind = checkpoint_kind(path)
-    family = next((f for f in FAMILIES.values() if kind in (f.model_kind, f.tokenizer_kind)), None)
+    family = family_of_kind(kind)
     obj = load_file(path)
-    # a VAR transformer's training checkpoint nests it (["trainer"]["var_wo_ddp"]); other files are unwrapped as usual
-    state = extract_state_dict(obj, path, NESTINGS if kind == "var" else ())
+    state = extract_state_dict(obj, path, family.checkpoint_nestings(kind) if family else ())
     n_params = sum(v.numel() for v in state.values())
     lines = [f"checkpoint {path}", f"  sha256             {file_sha256(path)}",
              f"  layout             {_layout(obj)}",

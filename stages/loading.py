@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from pipeline.distributed import World
-from pipeline.families import Family, ModelSource, load_model
+from pipeline.families import FamilyContract, Model, ModelSource, load_model
 from pipeline.parallel import place
 from pipeline.tokenstore import TokenStore
 
@@ -15,11 +13,10 @@ from . import presets
 
 
 def load_for_store(path: Path, role: str, store: TokenStore, tokens_path: Path, world: World, strategy: str,
-                   source: ModelSource) -> tuple[Family, torch.nn.Module]:
-    """Loaded with the store's sequence length and scales, placed for `strategy`, checked against the store
+                   source: ModelSource) -> tuple[FamilyContract, Model]:
+    """Loaded with the store's token layout (its attributes), placed for `strategy`, checked against the store
     and `source`'s preset. Rank 0 also checks every chunk: the other ranks stop with it if one is damaged."""
-    family, model = load_model(path, role, seq_len=store.seq_len, patch_nums=store.attrs.get("patch_nums"),
-                               **source.load_options())
+    family, model = load_model(path, role, source, layout=store.attrs)
     model = place(model, world, strategy)
     family.check_fits(model, store.attrs, tokens_path, path)
     if world.main:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import ConfigError
+from pipeline.families import family_named
 from pipeline.host import loader_workers, usable_cpus
 from pipeline.memplan import (
     FAMILY_MEMORY,
@@ -167,17 +168,12 @@ STAGES = ("train", "tokenize", "eval")
 
 
 def tokenizer_for(family: str, vq_model: str | None = None):
-    """The tokenizer a family's pipeline runs (LlamaGen's VQ-16, VAR's VQVAE), or `vq_model` (a name or a
-    JSON config, as --vq-model), on the meta device."""
+    """The tokenizer the family named `family` runs (LlamaGen's VQ-16, VAR's VQVAE: its default_tokenizer), or
+    `vq_model` (a name or a JSON config, as --vq-model), on the meta device."""
     import torch
 
-    from pipeline.tokenizers.msvq import MSVQConfig, MSVQModel, msvq_config_from_spec
-    from pipeline.tokenizers.vq import VQModel, vq_config_from_spec
-
     with torch.device("meta"):
-        if family == "var":
-            return MSVQModel(msvq_config_from_spec(vq_model) or MSVQConfig())
-        return VQModel(vq_config_from_spec(vq_model or "VQ-16"))
+        return family_named(family, "the preset's model family").build_tokenizer(vq_model)
 
 
 def conv_tokenizer_for(family: str, vq_model: str | None = None):
@@ -215,16 +211,16 @@ def _largest_fitting(plan_at, batch_size: int, gpu_memory: int | None) -> int | 
 
 def make_tokenize_report(name: str, cfg, gpu_memory: int | None, device: str, vq_model: str | None = None) -> StageReport:
     from pipeline.images import view_names
-    from pipeline.memplan import conv_tokenizer, tokenize_plan
+    from pipeline.memplan import tokenize_plan
 
     family = model_description(name)["family"]
-    t = conv_tokenizer(tokenizer_for(family, vq_model))
+    t = conv_tokenizer_for(family, vq_model)
     views = len(view_names(cfg.augment))
     workers = loader_workers(cfg.num_workers)
     plan_at = lambda b: tokenize_plan(t, cfg.image_size, b, views, workers)  # noqa: E731
     described = [f"tokenize: {cfg.batch_size} images x {views} view(s) ({cfg.augment}) = {cfg.batch_size * views} "
                  f"encodes per forward at {cfg.image_size}px, float32; tokenizer {t.params / 1e6:.1f}M ({family}: "
-                 f"{vq_model or ('VAR VQVAE' if family == 'var' else 'VQ-16')})",
+                 f"{vq_model or family_named(family).default_tokenizer})",
                  f"{workers} loader worker process(es): tokenize.num_workers {cfg.num_workers}, at most one per CPU this "
                  f"process may use ({usable_cpus()} here; pipeline.host.loader_workers)"]
     return StageReport(name, "tokenize", plan_at(cfg.batch_size), described, "tokenize.batch_size", cfg.batch_size, device,
@@ -235,18 +231,18 @@ def make_eval_report(name: str, settings, world_size: int, gpu_memory: int | Non
                      vq_model: str | None = None, models: int = 2) -> StageReport:
     import math
 
-    from pipeline.memplan import conv_tokenizer, eval_plan
+    from pipeline.memplan import eval_plan
 
     description = dict(model_description(name))
     family = description.pop("family")
-    t = conv_tokenizer(tokenizer_for(family, vq_model))
+    t = conv_tokenizer_for(family, vq_model)
     if settings.image_size:  # the model samples images of eval.image_size (LlamaGen: block_size (image_size / 16)^2)
         try:
             description = FAMILY_MEMORY[family].at_grid(description, settings.image_size // t.downsample)
         except ValueError as e:
             raise ConfigError(f"eval.image_size {settings.image_size}: {e}") from None
     model = build_meta(family, **description)
-    side = t.downsample * (model.cfg.patch_nums[-1] if family == "var" else int(round(model.cfg.seq_len ** 0.5)))
+    side = t.downsample * family_named(family).grid_side(model.cfg)
     image_size = settings.image_size or side
     classes = settings.num_classes or model.cfg.num_classes
     samples = math.ceil(classes * settings.samples_per_class / world_size)

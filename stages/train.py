@@ -23,7 +23,7 @@ from pipeline.checkpoint import file_sha256
 from pipeline.config import ConfigError, check_ranges, setting, settings_digest
 from pipeline.device import local_bytes, peak_rss_mb, rss_mb
 from pipeline.distributed import World
-from pipeline.families import Family, ModelSource, family_of, family_of_model
+from pipeline.families import FamilyContract, Model, ModelSource, family_of, family_of_model
 from pipeline.formats import read_ref_cache
 from pipeline.losses import LOSSES
 from pipeline.outputs import StageDir, write_json
@@ -249,7 +249,7 @@ class _RunFolder:
         return cls(work, steps, checkpoints, state)
 
 
-def _fit(cfg: TrainConfig, inputs: _Inputs, family: Family, policy, claim: StageDir, folder: _RunFolder, world: World,
+def _fit(cfg: TrainConfig, inputs: _Inputs, family: FamilyContract, policy: Model, claim: StageDir, folder: _RunFolder, world: World,
          init: Path, preset: str | None) -> None:
     """train_policy over the inputs, checkpointing into the run folder; a failed step-0 check leaves no trace,
     a non-finite step names the last good checkpoint."""

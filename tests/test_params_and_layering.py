@@ -187,3 +187,47 @@ def test_no_family_dispatch_in_stages():
                 assert not named & classes, f"{path.name}:{node.lineno} dispatches on {named & classes}"
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and path.name != "presets.py":
                 assert node.value not in PRESETS and node.value != "var-d", f"{path.name}:{node.lineno} tests preset name {node.value!r}"
+
+
+def family_name_tests(root: Path, names: set[str], allowed: set[str]) -> list[str]:
+    """Every comparison with a family's name as a string literal (`family == "var"`, `kind in ("var", ...)`,
+    a `case "var":`) in pipeline/ and stages/ under `root`, outside the files in `allowed` (relative paths)."""
+    def literal(node) -> bool:
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return any(literal(e) for e in node.elts)
+        return isinstance(node, ast.Constant) and node.value in names
+
+    found = []
+    for path in sorted([*(root / "pipeline").rglob("*.py"), *(root / "stages").rglob("*.py")]):
+        if str(path.relative_to(root)) in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(literal(n) for n in (node.left, *node.comparators)) \
+                    or isinstance(node, ast.MatchValue) and literal(node.value):
+                found.append(f"{path.relative_to(root)}:{node.lineno}")
+    return found
+
+
+def test_no_family_name_tests_outside_the_family_module():
+    """Every family-dependent decision is the family object's (pipeline/families.py): no code elsewhere tests
+    a registered family's name; a family's own model module (its `model_module`) may speak of itself."""
+    from pipeline.codefiles import module_file
+    from pipeline.families import families
+
+    known = families()
+    allowed = {"pipeline/families.py"} | {str(module_file(f.model_module).relative_to(ROOT)) for f in known.values()}
+    assert {"llamagen", "var"} <= set(known)
+    assert family_name_tests(ROOT, set(known), allowed) == []
+
+
+def test_the_family_name_scan_finds_name_tests(tmp_path):
+    """The scan above catches each form of a name test, and leaves other strings and the allowed files alone."""
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "pipeline" / "a.py").write_text(
+        'if family == "var":\n    pass\nif kind in ("llamagen", "x"):\n    pass\nok = name == "varx"\n'
+        'match f:\n    case "var":\n        pass\n')
+    (tmp_path / "stages" / "b.py").write_text('x = "llamagen" != family.name\ny = {"var": 1}["var"]\n')
+    (tmp_path / "pipeline" / "families.py").write_text('if name == "var":\n    pass\n')
+    found = family_name_tests(tmp_path, {"llamagen", "var"}, {"pipeline/families.py"})
+    assert found == ["pipeline/a.py:1", "pipeline/a.py:3", "pipeline/a.py:7", "stages/b.py:1"]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pipeline.alignment import loss_for_batch, make_batch, policy_logps
 from pipeline.checkpoint import CheckpointError, save_checkpoint
 from pipeline.families import VAR as VAR_FAMILY
-from pipeline.families import family_of, load_model
+from pipeline.families import ModelSource, family_of, load_model
 from pipeline.losses import cca_loss
 from pipeline.models.var import VAR, VARConfig, VARModel, load_var, var_config
 from pipeline.refcache import draw_pairs, reference_logps
@@ -300,8 +300,8 @@ def test_fresh_var_policy_reproduces_cached_reference_and_online_loss(world, tmp
     torch.save(model.var.state_dict(), tmp_path / "var.pth")
     torch.save(vae.state_dict(), tmp_path / "vae.pth")
     (tmp_path / "vae.json").write_text(json.dumps(TINY_VAE))
-    load = lambda: load_model(tmp_path / "var.pth", "--ref", vae=tmp_path / "vae.pth",  # noqa: E731
-                              vae_model=str(tmp_path / "vae.json"), patch_nums=PN)[1].eval()
+    source = ModelSource(vae=tmp_path / "vae.pth", vae_model=str(tmp_path / "vae.json"))
+    load = lambda: load_model(tmp_path / "var.pth", "--ref", source, layout={"patch_nums": PN})[1].eval()  # noqa: E731
     pairs = draw_pairs(labels, 2, 5, seed=3, views="all")
     cache = {**pairs, **reference_logps(load(), tokens, pairs, batch_size=5, device=CPU)}
     policy = load()
