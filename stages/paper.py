@@ -30,7 +30,7 @@ import numpy as np
 from pipeline.config import check_ranges, setting
 from pipeline.formats import read_ref_cache
 from pipeline.outputs import StageDir, write_json, write_text
-from pipeline.report import Point, plot_fid_is, read_log, results_table
+from pipeline.report import Point, headless_pyplot, plot_fid_is, read_log, results_table
 
 from .report import SweepConfig, collect, read_results, trained_settings
 
@@ -77,9 +77,7 @@ def _sampled_lambda(eval_dir: Path) -> Point:
 
 def plot_logps(runs: list[tuple[str, Path]], path: Path) -> None:
     """Mean log p_theta(x|c) of the positives over training steps, one line per run (paper Sec. 5.3)."""
-    from pipeline.report import _agg
-
-    plt = _agg()
+    plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, log_csv in runs:
         steps = read_log(log_csv)
