@@ -12,6 +12,7 @@ import pytest
 from pipeline.formats import TRAIN_METRICS, TRAIN_STEP_CSV, train_run_file
 from pipeline.report import read_log
 from stages import paper, report
+from stages.info import describe
 
 NEW = {"end": "metrics.json", "steps": "metrics.csv"}
 OLD = {"end": "summary.json", "steps": "log.csv"}  # the names before 2026-12-07
@@ -71,3 +72,25 @@ def test_paper_reads_baseline_runs_of_either_naming(tmp_path: Path):
     assert grid["dpo"].train_log == tmp_path / "dpo/beta2.5/train/metrics.csv"
     assert grid["unlearning"].train_log == tmp_path / "unlearning/lam0.1/train/log.csv"
     assert read_log(grid["unlearning"].train_log)["loss"].tolist() == [0.6, 0.2]
+
+
+@pytest.mark.parametrize("names", [NEW, OLD], ids=["metrics", "before the rename"])
+def test_info_describes_a_train_folder_of_either_naming(tmp_path: Path, names: dict):
+    """`cca-pipe info data/train`: steps, time, memory, the last step and the settings, from the end-of-run file
+    under either name; the step log named as the run wrote it."""
+    (tmp_path / names["end"]).write_text(json.dumps({
+        "steps": 607, "seconds": 95.31, "peak_rss_mb": 920.4, "params": {"loss": "cca", "lambda": 10.0, "beta": 0.5, "lr": 1e-4},
+        "final": {"step": 606, "loss": 0.30121, "rewards/pos": 1.5, "rewards/neg": -3.25, "rewards/accuracy": 0.96}}))
+    (tmp_path / names["steps"]).write_text("step,loss\n0,0.9\n")
+    assert describe(tmp_path).splitlines() == [
+        f"train output {tmp_path}",
+        "  steps              607 in 95.3 s, peak RSS 920 MB",
+        "  final step         loss 0.3012, rewards/pos 1.5, rewards/neg -3.25, rewards/accuracy 0.96",
+        "  settings           loss cca, lambda 10.0, beta 0.5, lr 0.0001",
+        f"  run record         {names['end']}, step log {names['steps']}"]
+
+
+def test_info_refuses_a_folder_whose_metrics_json_is_no_runs(tmp_path: Path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"fid": 3.0}))
+    with pytest.raises(ValueError, match="eval output folder or train output folder"):
+        describe(tmp_path)
