@@ -14,7 +14,7 @@ gloo on CPU, NCCL on CUDA with one GPU per rank; OMP_NUM_THREADS=1 in every proc
 and its micro-batches are the same for every N (the train stage deals the micro-batches out round robin),
 so the runs train the same steps.
 
-Per-step time: the train stage's summary.json gives "seconds" (its training loop) and "steps"; each N is
+Per-step time: the train stage's metrics.json gives "seconds" (its training loop) and "steps"; each N is
 trained twice, for a short and a long number of steps, and the steady-state time per step is the
 difference of their seconds over the difference of their steps (bench/common.py per_step_seconds), so the
 DDP set-up, the first step's allocations and the loader's start cancel; the median over --repeats such
@@ -120,7 +120,7 @@ def train(root: Path, nproc: int, steps: int, long_steps: int, device: str, repe
     epochs = (steps - 0.5) / long_steps  # the store holds long_steps batches: ceil(epochs * rows / batch) = steps
     wall = run_cca(root, ["--set", f"train.epochs={epochs!r}", "train", "--tokens", root / "tokens.zarr",
                           "--cache", root / "cache.parquet", "--init", root / "gpt.pt", "--out", out], device, nproc)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "metrics.json").read_text())
     if summary["steps"] != steps:
         sys.exit(f"{out}: trained {summary['steps']} steps, expected {steps}")
     return {"steps": summary["steps"], "seconds": summary["seconds"], "wall_s": wall}

@@ -63,6 +63,14 @@ Sample batch (stage `eval`, read by `score`, `report` and `info`), the ADM evalu
                                        order (class by class); absent in files of other samplers
 arr_0 and arr_1 come first (the evaluator reads arr_0 by name and ignores the other arrays); np.savez dates
 every entry 1980-01-01, so the same samples give the same bytes.
+
+Train run folder (stage `train`, e.g. `data/train`): policy.pt, settings.yaml, checkpoints/ and
+    metrics.jsonl  one JSON object per optimiser step: {"step", "loss", "rewards/pos", "rewards/neg", "lr", ...}
+    metrics.csv    the same rows as CSV (x = step), for `dvc plots`
+    metrics.json   the run's end: steps, seconds, peak_rss_mb, memory, final (the last step's row), params
+                   (train's resolved settings); a dvc.yaml `metrics:` file, as eval's metrics.json (`dvc metrics show`)
+Runs written before 2026-12-07 named these log.jsonl, log.csv and summary.json; readers take either
+(train_run_file).
 """
 
 from __future__ import annotations
@@ -82,6 +90,21 @@ import pyarrow.parquet as pq
 from .outputs import Claim, atomic_file
 
 log = logging.getLogger(__name__)
+
+
+# a train run folder's files (see the module's docstring); StepLog writes TRAIN_STEP_LOG + ".jsonl" / ".csv"
+TRAIN_STEP_LOG = "metrics"
+TRAIN_STEP_CSV = f"{TRAIN_STEP_LOG}.csv"  # what `dvc plots` and the report read
+TRAIN_METRICS = "metrics.json"
+_OLD_TRAIN_NAMES = {"metrics.json": "summary.json", "metrics.jsonl": "log.jsonl", "metrics.csv": "log.csv"}
+
+
+def train_run_file(folder: str | os.PathLike, name: str) -> Path:
+    """`folder/name`, `name` one of a train folder's metrics.json, metrics.jsonl, metrics.csv; in a run written
+    before they had these names, where only the old name (summary.json, log.jsonl, log.csv) exists, that file."""
+    path, old = Path(folder) / name, Path(folder) / _OLD_TRAIN_NAMES[name]
+    return old if not path.exists() and old.exists() else path
+
 
 TOKENS_FORMAT = "cca-pipe/tokens"
 TOKENS_FORMAT_VERSION = 2

@@ -51,7 +51,8 @@ class Point:
         return "base (no guidance)"
 
 
-def _agg():
+def headless_pyplot():
+    """matplotlib's pyplot on the Agg backend: figures go to files, no display is needed (the stages run headless)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +63,7 @@ def _agg():
 
 def plot_fid_is(points: list[Point], path: str | os.PathLike) -> None:
     """Paper Fig. 4: FID against IS; CCA over lambda (one line per beta) vs CFG over the guidance scale."""
-    plt = _agg()
+    plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     cfg = sorted((p for p in points if p.kind == "cfg"), key=lambda p: p.cfg_scale)
     if cfg:
@@ -105,7 +106,7 @@ def read_log(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def plot_training_curves(points: list[Point], path: str | os.PathLike) -> None:
     """Paper Fig. 10: CCA loss, and log p_theta/p_phi of positive and negative pairs, over steps."""
-    plt = _agg()
+    plt = headless_pyplot()
     fig, (ax_loss, ax_ratio) = plt.subplots(1, 2, figsize=(11, 4))
     runs = sorted((p for p in points if p.kind == "cca" and p.train_log and Path(p.train_log).is_file()),
                   key=lambda p: (p.beta, p.lam))
@@ -173,7 +174,7 @@ def comparison_grid(panels: list[tuple[str, np.ndarray, np.ndarray]], path: str 
 
     panels: (title, images uint8 (N, H, W, 3), labels (N,)).
     """
-    plt = _agg()
+    plt = headless_pyplot()
     classes = classes if classes is not None else grid_classes(panels[0][2])
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 0.35 * len(classes) + 1.2))
     for ax, (title, images, labels) in zip(np.atleast_1d(axes), panels):

@@ -1,5 +1,6 @@
-"""`cca-pipe info PATH`: what a token store, reference cache, checkpoint, sample batch (.npz) or eval output folder
-holds (shapes, fingerprints, provenance; a sample batch's count, classes and order; an eval's methods, seeds and scores)."""
+"""`cca-pipe info PATH`: what a token store, reference cache, checkpoint, sample batch (.npz), eval or train output
+folder holds (shapes, fingerprints, provenance; a sample batch's count, classes and order; an eval's methods, seeds
+and scores; a train run's steps, time, last step and settings)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ def describe(path: Path, verify: bool = False) -> str:
         return _samples(path)
     if path.is_dir() and _eval_marker(path):
         return _eval_folder(path)
+    if path.is_dir() and (end := _train_end(path)) is not None:
+        return _train_folder(path, end)
     raise ValueError(f"{path}: not a token store (directory with zarr.json), reference cache (.parquet), checkpoint "
-                     "(.pt/.pth/.safetensors), sample batch (.npz) or eval output folder (with metrics.json)")
+                     "(.pt/.pth/.safetensors), sample batch (.npz), eval output folder or train output folder (with metrics.json)")
 
 
 def _token_store(path: Path) -> str:
@@ -102,6 +105,35 @@ def _checkpoint(path: Path) -> str:
     else:
         lines.append("  config             none stored (upstream file): pass --gpt-model / --vq-model")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- train's outputs (stages/train.py)
+
+
+def _train_end(path: Path) -> tuple[Path, dict] | None:
+    """A finished train run's end-of-run file and its record (steps, seconds, final step, params), under its
+    current name or the one it had before (pipeline/formats.py train_run_file); None for any other folder."""
+    from pipeline.formats import TRAIN_METRICS, train_run_file
+    from pipeline.outputs import read_json
+
+    end = train_run_file(path, TRAIN_METRICS)
+    record = read_json(end) or {}
+    return (end, record) if {"steps", "final", "params"} <= set(record) else None
+
+
+def _train_folder(path: Path, end: tuple[Path, dict]) -> str:
+    from pipeline.formats import TRAIN_STEP_CSV, train_run_file
+
+    file, record = end
+    final, params = record["final"], record["params"]
+    peak = f", peak RSS {record['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in record else ""
+    shown = ("loss", "rewards/pos", "rewards/neg", "rewards/accuracy")
+    return "\n".join([
+        f"train output {path}",
+        f"  steps              {record['steps']} in {record.get('seconds', float('nan')):.1f} s{peak}",
+        "  final step         " + ", ".join(f"{k} {final[k]:.4g}" for k in shown if k in final),
+        "  settings           " + ", ".join(f"{k} {params[k]}" for k in ("loss", "lambda", "beta", "lr", "epochs") if k in params),
+        f"  run record         {file.name}, step log {train_run_file(path, TRAIN_STEP_CSV).name}"])
 
 
 # ------------------------------------------------------------------------- eval's outputs (stages/eval.py)

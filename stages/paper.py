@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import check_ranges, setting
-from pipeline.formats import read_ref_cache
+from pipeline.formats import TRAIN_STEP_CSV, read_ref_cache, train_run_file
 from pipeline.outputs import StageDir, write_json, write_text
-from pipeline.report import Point, plot_fid_is, read_log, results_table
+from pipeline.report import Point, headless_pyplot, plot_fid_is, read_log, results_table
 
 from .report import SweepConfig, collect, read_results, trained_settings
 
@@ -77,9 +77,7 @@ def _sampled_lambda(eval_dir: Path) -> Point:
 
 def plot_logps(runs: list[tuple[str, Path]], path: Path) -> None:
     """Mean log p_theta(x|c) of the positives over training steps, one line per run (paper Sec. 5.3)."""
-    from pipeline.report import _agg
-
-    plt = _agg()
+    plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, log_csv in runs:
         steps = read_log(log_csv)
@@ -108,7 +106,7 @@ def baseline_grid(paper_dir: Path, paper: PaperConfig) -> list[Point]:
     folders = [("dpo", f"beta{b}", None, b) for b in paper.dpo_betas] + \
         [("unlearning", f"lam{lam}", lam, None) for lam in paper.unlearning_lambdas]
     return [Point(loss, _only_method(paper_dir / loss / name / "eval"), lam=lam, beta=beta,
-                  train_log=paper_dir / loss / name / "train" / "log.csv") for loss, name, lam, beta in folders]
+                  train_log=train_run_file(paper_dir / loss / name / "train", TRAIN_STEP_CSV)) for loss, name, lam, beta in folders]
 
 
 def table3(base: Point, main: Point, grid: list[Point], out: Path, checks: dict) -> str:
@@ -173,7 +171,7 @@ def reference_dropout(paper_dir: Path, cache: Path, paper: PaperConfig, checks: 
                          "rows": len(cost)}
     rows = []
     for name, label in DROPOUT_RUNS.items():
-        first = read_log(paper_dir / "dropout" / name / "train" / "log.csv")
+        first = read_log(train_run_file(paper_dir / "dropout" / name / "train", TRAIN_STEP_CSV))
         step0 = {"ratio_pos": float(first["rewards/pos"][0]), "ratio_neg": float(first["rewards/neg"][0])}
         metrics = _only_method(paper_dir / "dropout" / name / "eval")
         checks["dropout"][name] = {**step0, "fid": metrics["fid"]}

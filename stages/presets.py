@@ -75,7 +75,7 @@ _LAMBDA_CONDITIONED = {"lambda_conditioning": {"min": 1.0, "max": 8103.0},  # [e
 # What a recipe sets besides train, per family: the data the released command trains on (tokenize, and the
 # views of codes imported from LlamaGen's extract_codes_c2i.py), the reference cache (reflogp) and eval's
 # sampler as the released sampling scripts run it. Every section a recipe concerns is set here, so `--preset X`
-# resolves the same keys to the same values from any folder (tests/test_recipe.py), whatever its params.yaml.
+# resolves the same keys to the same values from any folder (tests/test_presets.py), whatever its params.yaml.
 _LLAMAGEN_DATA = {
     # CCA's README: --code-path .../imagenet384_train_code_c2i_flip_ten_crop/ (extract_codes_c2i.py --ten-crop)
     "tokenize": {"augment": "tencrop"},

@@ -3,7 +3,7 @@
     cca-pipe report --eval data/eval --train data/train --sweep data/sweep --out data/report
 
 Reads data/eval/metrics.json (base, CFG, main CCA policy), data/sweep/cfg/*/metrics.json (CFG points) and
-data/sweep/cca/*/{eval/metrics.json,train/summary.json,train/log.csv} (CCA points), and writes
+data/sweep/cca/*/{eval/metrics.json,train/metrics.json,train/metrics.csv} (CCA points), and writes
 fid_is.png (paper Fig. 4), training_curves.png (Fig. 10), comparison.png (Fig. 3: base | CCA | CFG, same
 classes and seed) and results.md (all points: FID, IS, precision, recall, class accuracy, images/s).
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import check_ranges, setting
-from pipeline.formats import FormatError, read_sample_batch
+from pipeline.formats import TRAIN_METRICS, TRAIN_STEP_CSV, FormatError, read_sample_batch, train_run_file
 from pipeline.outputs import StageDir, write_text
 from pipeline.report import Point, comparison_grid, markdown_table, plot_fid_is, plot_training_curves
 
@@ -38,7 +38,7 @@ class SweepConfig:
 
 
 def read_results(path: Path, needs: tuple[str, ...] = ()) -> dict:
-    """A JSON object another stage wrote (metrics.json, summary.json) holding the keys `needs`, or one error
+    """A JSON object another stage wrote (eval's or train's metrics.json) holding the keys `needs`, or one error
     naming the file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -62,16 +62,16 @@ def _points_from_eval(eval_dir: Path, train_dir: Path | None) -> list[Point]:
             points.append(Point("base", m, extra=extra))
         elif name.startswith("cfg_"):
             points.append(Point("cfg", m, cfg_scale=float(name[4:]), extra=extra))
-        elif name == "cca" and train_dir is not None and (train_dir / "summary.json").is_file():
+        elif name == "cca" and train_dir is not None and train_run_file(train_dir, TRAIN_METRICS).is_file():
             params = trained_settings(train_dir)
-            points.append(Point("cca", m, lam=params["lambda"], beta=params["beta"], train_log=train_dir / "log.csv", extra=extra))
+            points.append(Point("cca", m, lam=params["lambda"], beta=params["beta"], train_log=train_run_file(train_dir, TRAIN_STEP_CSV), extra=extra))
     return points
 
 
 def trained_settings(train_dir: Path) -> dict:
-    """The train settings a train folder's summary.json records, keyed as in params.yaml (`lambda`); a summary
+    """The train settings a train folder's metrics.json records, keyed as in params.yaml (`lambda`); a summary
     written before it spelled them so has `lam`, read the same."""
-    params = read_results(train_dir / "summary.json", ("params",))["params"]
+    params = read_results(train_run_file(train_dir, TRAIN_METRICS), ("params",))["params"]
     if "lam" in params and "lambda" not in params:
         params = {("lambda" if k == "lam" else k): v for k, v in params.items()}
     return params

@@ -5,7 +5,8 @@
 Only the policy is resident (initialised from the reference checkpoint `--init`); the reference model
 is never constructed. The cache must have been made from these tokens and this checkpoint (checked).
 Either family (LlamaGen GPT, or VAR with --vae giving the quantiser that builds its input).
-Writes policy.pt (the peer's layout: LlamaGen c2i / a VAR state dict under "model"), log.csv + log.jsonl (per step), summary.json.
+Writes policy.pt (the peer's layout: LlamaGen c2i / a VAR state dict under "model"), metrics.jsonl + metrics.csv
+(per step), metrics.json (the run's end; log.jsonl, log.csv, summary.json before 2026-12-07: pipeline/formats.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pipeline.config import ConfigError, check_ranges, setting, settings_digest
 from pipeline.device import local_bytes, peak_rss_mb, rss_mb
 from pipeline.distributed import World
 from pipeline.families import FamilyContract, Model, ModelSource, family_of, family_of_model
-from pipeline.formats import read_ref_cache
+from pipeline.formats import TRAIN_METRICS, TRAIN_STEP_CSV, TRAIN_STEP_LOG, read_ref_cache
 from pipeline.losses import LOSSES
 from pipeline.outputs import StageDir, write_json
 from pipeline.parallel import STRATEGIES, check_batch_rows, check_micro_batches, full_state_dict
@@ -239,7 +240,7 @@ class _RunFolder:
         """The claim's partial folder (the main process opens it), with the step log of its resume point if any."""
         work = claim.open_partial() if world.main else claim.partial
         world.barrier()  # every process resumes from what the main process kept (a filesystem they all see)
-        steps = StepLog(work, "log")
+        steps = StepLog(work, TRAIN_STEP_LOG)
         checkpoints = work / "checkpoints"
         checkpoints.mkdir(parents=True, exist_ok=True)
         state = TrainState(checkpoints, claim.key, world, extra=lambda: {"log_rows": steps.rows})
@@ -271,19 +272,19 @@ def _fit(cfg: TrainConfig, inputs: _Inputs, family: FamilyContract, policy: Mode
         folder.steps.save()
         good = sorted(folder.checkpoints.glob("[0-9]*.pt"))
         raise FloatingPointError(f"training stopped: {e}. Last good checkpoint: {good[-1] if good else init} "
-                                 f"(the step log is in {folder.work / 'log.csv'}).") from e
+                                 f"(the step log is in {folder.work / TRAIN_STEP_CSV}).") from e
 
 
 def _write_summary(cfg: TrainConfig, claim: StageDir, folder: _RunFolder, seconds: float, memory: list[dict],
                    preset: str | None) -> None:
-    """The main process's end of a run (after its step log and policy.pt): summary.json, settings.yaml, the
+    """The main process's end of a run (after its step log and policy.pt): metrics.json, settings.yaml, the
     run moved into place."""
     steps = folder.steps
     folder.state.clear()
     last = steps.rows[-1]
     summary = {"steps": len(steps.rows), "seconds": seconds, "peak_rss_mb": memory[0]["peak_rss_mb"], "memory": memory,
                "final": last, "params": as_params(cfg)}
-    write_json(folder.work / "summary.json", summary)
+    write_json(folder.work / TRAIN_METRICS, summary)
     save_settings(folder.work, "train", cfg, preset)
     claim.commit()
     log.info("peak RSS %.0f MB", memory[0]["peak_rss_mb"])

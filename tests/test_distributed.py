@@ -80,7 +80,7 @@ def train_args(world: Path, out: Path) -> list:
 
 
 def steps(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def policy(out: Path) -> dict[str, torch.Tensor]:
@@ -214,7 +214,7 @@ def test_fsdp_train_with_two_processes_equals_ddp_with_one(caches: Path):
     assert max_diff(torch.load(one / "checkpoints" / "0000002.pt", weights_only=True)["model"],
                     torch.load(out / "checkpoints" / "0000002.pt", weights_only=True)["model"]) < 1e-5
     GPT(GPT_CFG).load_state_dict(policy(out), strict=True)
-    memory = json.loads((out / "summary.json").read_text())["memory"]
+    memory = json.loads((out / "metrics.json").read_text())["memory"]
     total = sum(v.numel() * v.element_size() for v in policy(one).values())
     assert len(memory) == 2 and all(0.45 * total <= m["weight_bytes"] <= 0.55 * total for m in memory), (total, memory)
     assert not list((out / "checkpoints").glob("resume*"))  # the resume point goes once the run is complete

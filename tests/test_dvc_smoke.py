@@ -68,7 +68,7 @@ def test_repro_writes_every_output(repo: Path):
         assert f"Running stage '{stage}'" in log
     data = repo / "data"
     for path in ("vq/vq.pt", "ar/gpt.pt", "classifier/classifier.pt", "tokens/train.zarr/zarr.json",
-                 "reflogp/ref_logp.parquet", "train/policy.pt", "train/log.csv", "eval/results.md"):
+                 "reflogp/ref_logp.parquet", "train/policy.pt", "train/metrics.csv", "eval/results.md"):
         assert (data / path).exists(), path
     metrics = json.loads((data / "eval/metrics.json").read_text())
     assert set(metrics["methods"]) == {"base", "cfg_1", "cca"}
@@ -83,7 +83,7 @@ def test_repro_writes_every_output(repo: Path):
             assert list(in_sampling_order) == [c for c in range(10) for _ in range(6)]
         assert (data / f"eval/grids/{name}.png").is_file()
     # 1438 training images, one cache row each ("one" view), 0.2 epochs of 32 rows -> ceil(287.6 / 32) steps
-    steps = (data / "train/log.csv").read_text().strip().splitlines()[1:]
+    steps = (data / "train/metrics.csv").read_text().strip().splitlines()[1:]
     assert len(steps) == 9
     # generated data stays out of git: DVC wrote .gitignore entries for every output
     status = _run(["git", "status", "--porcelain", "--untracked-files=all"], repo)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from stages import eval as eval_stage
-from stages import prepare, pretrain_ar, pretrain_classifier, pretrain_vq, reflogp, tokenize, train
+from stages import tokenize, train
 from stages.params import ParamsError, as_params, build, load_params, settings_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,17 +64,45 @@ def test_launch_settings_take_set_and_then_the_command_line(tmp_path):
         launch(["launch.nproc_per_node=0"])
 
 
-def test_project_params_build_every_stage():
-    params = load_params(ROOT / "params.yaml")
-    for cls, section in ((prepare.PrepareConfig, "prepare"), (pretrain_vq.PretrainVQConfig, "pretrain_vq"),
-                         (pretrain_classifier.PretrainClassifierConfig, "pretrain_classifier"),
-                         (tokenize.TokenizeConfig, "tokenize"), (pretrain_ar.PretrainARConfig, "pretrain_ar"),
-                         (reflogp.RefLogpConfig, "reflogp"), (train.TrainConfig, "train"), (eval_stage.EvalConfig, "eval")):
-        build(cls, params, section)
-    imagenet = load_params(ROOT / "pipelines/imagenet-llamagen/params.yaml")
-    for cls, section in ((tokenize.TokenizeConfig, "tokenize"), (reflogp.RefLogpConfig, "reflogp"),
-                         (train.TrainConfig, "train"), (eval_stage.EvalConfig, "eval")):
-        build(cls, imagenet, section)
+# every pipeline folder whose stages run `cca-pipe <stage>` with its own params.yaml (pipelines/paper runs the
+# embedded default's; its `paper` section is checked below)
+PIPELINE_PARAMS = ("params.yaml", "pipelines/imagenet-llamagen/params.yaml", "pipelines/imagenet-var/params.yaml")
+
+
+def _resolved(params: Path, stage: str, profile: str):
+    """`cca-pipe --params PARAMS --set profile=PROFILE <stage>`'s settings (stages/cli.py resolved_config)."""
+    from types import SimpleNamespace
+
+    from stages.cli import resolved_config
+
+    ctx = SimpleNamespace(obj={"params": params, "overrides": [f"profile={profile}"], "preset": None})
+    return resolved_config(ctx, stage)
+
+
+@pytest.mark.parametrize("profile", ["full", "trial"])
+@pytest.mark.parametrize("params", PIPELINE_PARAMS)
+def test_every_pipelines_params_resolve_every_stage_the_cli_registers(params: str, profile: str):
+    """The stages are the CLI's registry (stages/cli.py STAGES), not a list kept here: a stage added to the CLI
+    (import-codes, report's sweep) is resolved from every pipeline's params.yaml, preset and profile included."""
+    from stages.cli import STAGES
+
+    for stage, (_module, cls_name, _section) in STAGES.items():
+        assert type(_resolved(ROOT / params, stage, profile)).__name__ == cls_name, (params, stage)
+
+
+def test_every_params_section_is_read_by_a_stage_the_cli_registers():
+    """A section no registered stage reads would be checked by nothing: every mapping of every pipeline's
+    params.yaml is a CLI stage's section (or the launcher's); import_codes and sweep are among them, and VAR's
+    pipeline resolves to VAR's released recipe (stages/presets.py var-d16: lr 2e-5, schedule lin0)."""
+    from stages.cli import STAGES
+
+    sections = {section for _module, _cls, section in STAGES.values()}
+    assert {"import_codes", "sweep"} <= sections
+    for params in PIPELINE_PARAMS:
+        read = load_params(ROOT / params)
+        assert {k for k, v in read.items() if isinstance(v, dict)} - sections - {"launch"} == set(), params
+    var_train = _resolved(ROOT / "pipelines/imagenet-var/params.yaml", "train", "full")
+    assert (var_train.lr, var_train.lr_schedule) == (2e-5, "lin0")
 
 
 def test_params_yaml_agrees_with_the_config_defaults():

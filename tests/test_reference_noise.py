@@ -282,11 +282,11 @@ def test_train_prints_its_step_count_and_max_steps_caps_it(world, tmp_path, monk
         code, err = _train(world, world / "cache.parquet", tmp_path / "t", monkeypatch, capsys, "train.max_steps=2")
     assert code == 0, err
     assert "training 2 steps: 0.5 epochs x 48 cache rows / batch_size 8, capped at train.max_steps = 2" in caplog.text
-    assert json.loads((tmp_path / "t" / "summary.json").read_text())["steps"] == 2
+    assert json.loads((tmp_path / "t" / "metrics.json").read_text())["steps"] == 2
 
 
 def test_train_records_its_settings_spelled_as_params_yaml(world, tmp_path, monkeypatch, capsys):
-    """summary.json's params and the policy's train_params are settings.yaml's train section: keys as params.yaml
+    """metrics.json's params and the policy's train_params are settings.yaml's train section: keys as params.yaml
     spells them (`lambda`, not the field name `lam`), one helper (stages.params.as_params) for all three."""
     import json
 
@@ -294,7 +294,7 @@ def test_train_records_its_settings_spelled_as_params_yaml(world, tmp_path, monk
                        "train.lambda=3.5")
     assert code == 0, err
     settings = yaml.safe_load((tmp_path / "t" / "settings.yaml").read_text())["train"]
-    summary = json.loads((tmp_path / "t" / "summary.json").read_text())["params"]
+    summary = json.loads((tmp_path / "t" / "metrics.json").read_text())["params"]
     train_params = torch.load(tmp_path / "t" / "policy.pt", map_location="cpu", weights_only=True)["train_params"]
     for recorded in (summary, train_params):
         assert "lam" not in recorded and recorded["lambda"] == 3.5

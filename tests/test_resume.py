@@ -110,8 +110,8 @@ def test_train_resumes_to_identical_weights(world: Path):
     assert numbered and numbered == sorted(p.name for p in (out / "checkpoints").glob("[0-9]*.pt"))
     for name in numbered:
         assert file_sha256(out / "checkpoints" / name) == file_sha256(world / "train_full/checkpoints" / name), name
-    log_full = [json.loads(line) for line in (world / "train_full/log.jsonl").read_text().splitlines()]
-    log_resumed = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    log_full = [json.loads(line) for line in (world / "train_full/metrics.jsonl").read_text().splitlines()]
+    log_resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log_resumed] == [r["step"] for r in log_full]
     assert [r["loss"] for r in log_resumed] == [r["loss"] for r in log_full]
     assert not resume.exists()
@@ -153,7 +153,7 @@ def test_second_writer_fails_at_once_and_the_first_equals_a_solo_run(world: Path
     assert all(torch.equal(shared[k], alone[k]) for k in alone)
     for name in ["policy.pt", *(f"checkpoints/{p.name}" for p in (solo / "checkpoints").glob("[0-9]*.pt"))]:
         assert file_sha256(out / name) == file_sha256(solo / name), name  # two runs, the same bytes
-    assert (out / "log.jsonl").read_text() == (solo / "log.jsonl").read_text()
+    assert (out / "metrics.jsonl").read_text() == (solo / "metrics.jsonl").read_text()
     assert not (world / ".train_shared.lock").exists()
 
 

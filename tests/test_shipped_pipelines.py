@@ -136,7 +136,7 @@ def test_ten_images_stop_at_the_check_then_the_trial_profile_runs_to_the_end(pip
     guided = [f"cfg_{s:g}" for s in params["eval"]["cfg_scales"]] if "cfg" in params["eval"]["methods"] else []
     assert set(metrics["methods"]) == {"base", "cca", *guided}
     assert metrics["samples_per_method"] == 4 * CLASSES  # the trial's 4 samples per class
-    summary = json.loads((folder / "data/train/summary.json").read_text())
+    summary = json.loads((folder / "data/train/metrics.json").read_text())
     assert summary["steps"] == 2, summary  # the trial's max_steps
     # the check runs at every repro (always_changed), and its constant record reruns nothing after it
     again = _run([BIN / "dvc", "repro"], folder)

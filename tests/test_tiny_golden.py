@@ -105,7 +105,7 @@ def run_pipeline(root: Path) -> dict:
 
     cache = pq.read_table(root / "cache.parquet").to_pydict()
     policy = torch.load(root / "train/policy.pt", weights_only=True)["model"]
-    log = [json.loads(line) for line in (root / "train/log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (root / "train/metrics.jsonl").read_text().splitlines()]
     metrics = json.loads((root / "eval/metrics.json").read_text())
     samples, digests = {}, {}
     for path in sorted((root / "eval/samples").glob("*.npz")):

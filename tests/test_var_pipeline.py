@@ -77,7 +77,7 @@ def test_var_four_stages_through_dvc(repo: Path):
     assert state["train_params"]["lambda"] == 50.0  # from the preset (not overridden in params.yaml)
     assert state["train_params"]["lr_schedule"] == "lin0" and state["train_params"]["grad_clip"] == 2.0
     assert "is the recipe for VAR-d16, but this checkpoint is VAR-d2" in log  # flagged, from the preset's own data
-    steps = [json.loads(line) for line in (repo / "data/train/log.jsonl").read_text().splitlines()]
+    steps = [json.loads(line) for line in (repo / "data/train/metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 3 and abs(steps[0]["rewards/pos"]) < 1e-3  # step 0: policy == cached reference
     metrics = json.loads((repo / "data/eval/metrics.json").read_text())
     assert set(metrics["methods"]) == {"base", "cfg_1.5", "cca"}

@@ -32,3 +32,40 @@ def invoke(argv: list, monkeypatch, capsys) -> tuple[int, str]:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     return code, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ a tiny LlamaGen GPT and its reference cache
+
+TINY_GPT_CFG = dict(dim=32, n_layer=1, n_head=2, vocab_size=32, num_classes=3, block_size=16, multiple_of=16)
+
+
+def tiny_llamagen_cache_world():
+    """A reference GPT (TINY_GPT_CFG), its cache over 12 rows of 16 tokens (3 classes, 'other' negatives), and a
+    policy copy: (policy, tokens, cache)."""
+    import copy
+
+    import torch
+
+    from pipeline.models.llamagen import GPT, GPTConfig
+    from pipeline.refcache import draw_pairs, reference_logps
+
+    torch.manual_seed(0)
+    ref = GPT(GPTConfig(**TINY_GPT_CFG)).eval()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 32, size=(12, 2, 16), dtype=np.uint16)
+    labels = rng.integers(0, 3, size=12).astype(np.int32)
+    pairs = draw_pairs(labels, 2, 3, seed=1, views="one")
+    cache = {**pairs, **reference_logps(ref, tokens, pairs, batch_size=12, device=torch.device("cpu"))}
+    return copy.deepcopy(ref), tokens, cache
+
+
+# a reference cache's provenance for hand-made caches of 2 classes, 4 tokens
+REF_PROVENANCE = {"tokens_fingerprint": "f" * 64, "ref_ckpt_sha256": "c" * 64, "seed": 0, "num_classes": 2, "null_class": 2,
+                  "seq_len": 4, "logp_code": {"pipeline/refcache.py": "0" * 64}}
+
+
+def ref_columns(pairs: dict) -> dict:
+    """`pairs` with made-up reference log-probs (seeded), as a cache's columns."""
+    n = len(pairs["row"])
+    rng = np.random.default_rng(2)
+    return {**pairs, "ref_logp_pos": rng.normal(-20, 1, n), "ref_logp_neg": rng.normal(-21, 1, n), "ref_logp_null": rng.normal(-20, 1, n)}
