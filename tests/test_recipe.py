@@ -16,7 +16,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline import codefiles
-from pipeline.alignment import lr_factor, make_batch, train_policy, weight_decay_at
+from pipeline.alignment import AlignmentRun, lr_factor, make_batch, weight_decay_at
 from pipeline.families import LLAMAGEN, VAR
 from pipeline.formats import FormatError, read_ref_cache, write_ref_cache
 from pipeline.losses import cca_loss
@@ -82,9 +82,9 @@ def test_training_applies_the_lin0_lr_per_step(tmp_path):
     step 0: 0.005e-3; step 1: (0.005 + 0.995/2) e-3 = 0.5025e-3; step 2: pasd 0/1 -> 1e-3; step 3: pasd 1 -> 0.1e-3."""
     policy, tokens, cache = _llamagen_world()
     cfg = TrainConfig(lr=1e-3, lr_schedule="lin0", warmup_fraction=0.5, warmup_start=0.005, end_ratio=0.1, epochs=4.0,
-                      batch_size=len(cache["row"]), micro_batch_size=len(cache["row"]), uncond_ratio=0.0).align_config()
-    logged = []
-    train_policy(policy, tokens, cache, cfg, CPU, LLAMAGEN.param_groups, on_step=lambda s, m: logged.append(m["lr"]))
+                      batch_size=len(cache["row"]), micro_batch_size=len(cache["row"]), uncond_ratio=0.0)
+    run = AlignmentRun(policy, tokens, cache, cfg, CPU, None, LLAMAGEN.param_groups)
+    logged = [run.step(*batch)["lr"] for batch in run.batches()]
     assert logged == pytest.approx([0.005e-3, 0.5025e-3, 1e-3, 0.1e-3], rel=1e-12)
 
 
@@ -154,11 +154,10 @@ def _llamagen_world():
 
 def _losses(base: GPT, tokens, cache, dropout: float, seed: int) -> list[float]:
     policy = copy.deepcopy(base)
-    policy.set_dropout(dropout, 0.0)  # as stages/train.py does before training
     cfg = TrainConfig(dropout=dropout, beta=1.0, lam=1.0, lr=1e-3, epochs=2.0, batch_size=12, micro_batch_size=6,
-                      uncond_ratio=0.0, seed=seed).align_config()
-    logged = []
-    train_policy(policy, tokens, cache, cfg, CPU, LLAMAGEN.param_groups, on_step=lambda s, m: logged.append(m["loss"]))
+                      uncond_ratio=0.0, seed=seed)
+    run = AlignmentRun(policy, tokens, cache, cfg, CPU, None, LLAMAGEN.param_groups)  # it sets the policy's dropout
+    logged = [run.step(*batch)["loss"] for batch in run.batches()]
     assert len(logged) == 2  # 2 epochs of 12 rows, one 12-row batch each
     return logged
 
@@ -513,8 +512,9 @@ def test_max_steps_caps_the_run_and_the_schedule_spans_the_capped_run():
     base, tokens, cache = _llamagen_world()
     logged = []
     cfg = TrainConfig(lr_schedule="lin0", end_ratio=0.1, lr=1e-3, epochs=2.0, max_steps=4, batch_size=4,
-                      micro_batch_size=4, uncond_ratio=0.0).align_config()
-    train_policy(copy.deepcopy(base), tokens, cache, cfg, CPU, LLAMAGEN.param_groups, on_step=lambda s, m: logged.append(m["lr"]))
+                      micro_batch_size=4, uncond_ratio=0.0)
+    run = AlignmentRun(copy.deepcopy(base), tokens, cache, cfg, CPU, None, LLAMAGEN.param_groups)
+    logged += [run.step(*batch)["lr"] for batch in run.batches()]
     assert len(logged) == 4 and logged[-1] == pytest.approx(1e-4)
 
 
