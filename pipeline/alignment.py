@@ -231,8 +231,8 @@ class AlignConfig:
     # eval-mode cache under a policy with dropout, whose step-0 ratios then average -D, not 0)
     reference_noise: str = setting("matched", choices=("matched", "any"))
     # cache rows the step-0 check scores (spread over the cache), a reflogp pass over them before the first step;
-    # 0: no check (a warning says what is given up)
-    step0_rows: int = setting(CHECK_ROWS, ge=0)
+    # 0: no check (a warning says what is given up); the weights are the same (tests/test_integrity.py)
+    step0_rows: int = setting(CHECK_ROWS, ge=0, same_result=True)
     epochs: float = setting(3.0, gt=0.0)  # epoch e reads the cache's visit e (reflogp.visits)
     # false: refuse a cache with fewer visits than the epochs this run reads; true: epoch e reads visit e mod
     # visits, so each row meets the same view, negative and reference masks again (before issue 28's fix)
@@ -248,12 +248,14 @@ class AlignConfig:
     # data order: token-store chunks are shuffled, then rows within groups of this many chunks (epoch_order);
     # a store of at most this many chunks is shuffled uniformly
     shuffle_buffer_chunks: int = setting(16, ge=1)
-    num_workers: int = setting(0, ge=0)  # DataLoader processes reading tokens while the model trains
+    num_workers: int = setting(0, ge=0, same_result=True)  # DataLoader processes reading tokens while the model trains
     # under torchrun: "ddp" keeps the whole policy and its AdamW state on every GPU (16 bytes per parameter);
-    # "fsdp" shards them over the processes (models larger than a GPU: `cca-pipe plan`; pipeline/parallel.py)
-    strategy: str = setting("ddp", choices=STRATEGIES)
-    # recompute each block's activations in backward instead of keeping them (less memory, ~1/3 more compute)
-    activation_checkpointing: bool = False
+    # "fsdp" shards them over the processes (models larger than a GPU: `cca-pipe plan`; pipeline/parallel.py);
+    # either gives the one-process gradient (tests/test_fsdp.py, within 1e-5)
+    strategy: str = setting("ddp", choices=STRATEGIES, same_result=True)
+    # recompute each block's activations in backward instead of keeping them (less memory, ~1/3 more compute;
+    # the same gradients, tests/test_fsdp.py)
+    activation_checkpointing: bool = setting(False, same_result=True)
     # One policy for a range of lambdas (paper Table 5): {min: 1, max: 8103} draws each row's lambda
     # log-uniformly in it and feeds it to a zero-initialised lambda embedding (train.lambda is then unused);
     # null: the usual fixed-lambda policy

@@ -45,7 +45,7 @@ class TrainConfig(AlignConfig):
     ranges) and what only this stage's recipe uses. params.yaml agrees with the defaults (tested)."""
 
     # steps between checkpoints <out>/checkpoints/<step>.pt and the resume point (0: final only, no resume)
-    save_every: int = setting(0, ge=0)
+    save_every: int = setting(0, ge=0, same_result=True)
 
 
 def save_policy(path: Path, policy, state: dict, cfg: TrainConfig, init_sha256: str, step: int, preset: str | None) -> None:
