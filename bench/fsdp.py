@@ -8,7 +8,7 @@ vocabulary 16384, 1000 classes; 256 tokens).
 
 Each configuration is one `torchrun --standalone --nproc-per-node 2` of this file's worker (OMP_NUM_THREADS=1
 per rank), which builds the model on every rank (seeded), then trains 2 steps of the project's own loop
-(pipeline.alignment.train_policy: distribute, AdamW over the family's groups, clipping) on a synthetic cache
+(pipeline.alignment.AlignmentRun: distribute, AdamW over the family's groups, clipping) on a synthetic cache
 of 8 rows, global batch 4 rows, micro-batch 1 row (2 sequences per forward), so each rank runs 2
 micro-batches per step. Per rank it reports:
   - state: the bytes this process holds of the trained weights, their gradients and AdamW's two moments,
@@ -48,13 +48,12 @@ def worker(out: Path, strategy: str, checkpointing: bool, quick: bool) -> None:
     import numpy as np
     import torch
 
-    from pipeline.alignment import train_policy
+    from pipeline.alignment import AlignConfig, AlignmentRun
     from pipeline.device import local_bytes, rss_mb
     from pipeline.distributed import init_world, shutdown_world
     from pipeline.families import LLAMAGEN
     from pipeline.models.llamagen import GPT
     from pipeline.parallel import distribute, place
-    from stages.train import TrainConfig
 
     world = init_world(os.environ.get("BENCH_DEVICE", "cpu"))
     torch.manual_seed(0)
@@ -69,8 +68,8 @@ def worker(out: Path, strategy: str, checkpointing: bool, quick: bool) -> None:
     labels = (np.arange(rows) % cfg.num_classes).astype(np.int32)
     cache = {"row": np.arange(rows), "view": np.zeros(rows, np.int16), "label": labels, "neg_label": (labels + 1) % cfg.num_classes,
              **{k: np.full(rows, -2000.0) for k in ("ref_logp_pos", "ref_logp_neg", "ref_logp_null")}}
-    align = TrainConfig(beta=0.02, lam=10.0, lr=1e-5, epochs=(1 if quick else 2) * 4 / rows, batch_size=4, micro_batch_size=1,
-                        uncond_ratio=0.0, strategy=strategy, activation_checkpointing=checkpointing).align_config()
+    align = AlignConfig(beta=0.02, lam=10.0, lr=1e-5, epochs=(1 if quick else 2) * 4 / rows, batch_size=4, micro_batch_size=1,
+                        uncond_ratio=0.0, strategy=strategy, activation_checkpointing=checkpointing)
     optimizers = []
 
     class RecordedAdamW(torch.optim.AdamW):  # to count its state after the steps
@@ -83,7 +82,10 @@ def worker(out: Path, strategy: str, checkpointing: bool, quick: bool) -> None:
         torch.cuda.reset_peak_memory_stats(world.device)
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS (Linux)
         f.write("5")
-    train_policy(policy, tokens, cache, align, world.device, LLAMAGEN.param_groups, world=world)
+    run = AlignmentRun(policy, tokens, cache, align, world.device, world, LLAMAGEN.param_groups)
+    for batch in run.batches():
+        run.step(*batch)
+    run.finish()
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
     trained = [p for p in policy.parameters() if p.requires_grad]

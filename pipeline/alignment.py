@@ -19,12 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .config import ConfigError, check_ranges, setting
 from .device import OutOfMemory, autocast, is_out_of_memory
 from .distributed import World
 from .logprobs import sequence_logp
 from .losses import LOSSES, LossOutput
 from .models.layers import noise_keys, noise_rates
-from .parallel import accumulating, clip_grad_norm, deal_micro_batches, distribute, full_state_dict
+from .parallel import STRATEGIES, accumulating, clip_grad_norm, deal_micro_batches, distribute, full_state_dict
 from .refcache import CHECK_ROWS, ReferenceNoise, check_cache_rows
 from .resume import TrainState
 
@@ -200,97 +201,99 @@ def epochs_read(epochs: float, n_rows: int, batch_size: int, max_steps: int | No
 
 @dataclass
 class AlignConfig:
-    """The training loop's settings; no defaults here: the train stage's TrainConfig is their one source."""
+    """Every alignment setting, with its default and range: the train section of params.yaml (the train stage's
+    TrainConfig adds what only its recipe uses; params.yaml agrees, tested). The ImageNet recipes are presets
+    (stages/presets.py). Range errors name the key as `train.<key>`."""
 
-    loss: str
-    beta: float
-    lam: float
-    lr: float
-    lr_schedule: str
-    warmup_fraction: float
-    warmup_start: float
-    end_ratio: float
-    weight_decay: float
-    weight_decay_end: float | None
-    betas: list[float]
-    grad_clip: float
-    loss_scale: float
-    epochs: float
-    max_steps: int | None  # a cap on the steps epochs give (run_steps)
-    batch_size: int  # global batch (rows); each row gives one positive and one negative sequence
-    micro_batch_size: int  # rows per forward; batch_size / micro_batch_size accumulation steps
-    uncond_ratio: float
-    step0_rows: int  # cache rows the step-0 check scores (0: no check)
-    seed: int
-    shuffle_buffer_chunks: int  # epoch_order
-    num_workers: int  # DataLoader processes reading the token store
-    strategy: str  # "ddp" | "fsdp" (pipeline.parallel)
-    activation_checkpointing: bool  # recompute each block's activations in backward (pipeline.models.layers)
-    lambda_range: tuple[float, float] | None  # a lambda-conditioned policy: each row's lambda log-uniform in it
+    loss: str = setting("cca", choices=tuple(LOSSES))
+    beta: float = setting(0.5, gt=0.0)  # > 0: a negative beta would push the policy the wrong way
+    lam: float = setting(10.0, key="lambda", ge=0.0)
+    lr: float = setting(1e-4, gt=0.0)
+    # "constant", or VAR's "lin0": linear warm-up over warmup_fraction of the steps from warmup_start x lr,
+    # 5% of the rest at lr, then linear decay to end_ratio x lr (VAR utils/lr_control.py)
+    lr_schedule: str = setting("constant", choices=LR_SCHEDULES)
+    warmup_fraction: float = setting(0.02, ge=0.0, lt=1.0)
+    warmup_start: float = setting(0.005, ge=0.0, le=1.0)
+    end_ratio: float = setting(0.1, ge=0.0, le=1.0)
+    # AdamW; decay only the family's decayed parameters (LlamaGen: dim >= 2; VAR: not its no-decay set),
+    # cosine-annealed from weight_decay to weight_decay_end (None: constant), as VAR's lr_wd_annealing
+    weight_decay: float = setting(0.0, ge=0.0)
+    weight_decay_end: float | None = setting(None, ge=0.0)
+    betas: list[float] = setting(default_factory=lambda: [0.9, 0.95], ge=0.0, lt=1.0)
+    grad_clip: float = setting(1.0, gt=0.0)
+    loss_scale: float = setting(1.0, gt=0.0)  # the loss is multiplied by this before backward (see presets.py)
+    # fine-tuning regularisation, active in train mode only, masks keyed by (seed, visit, pos/neg):
+    # LlamaGen's resid/ffn/token dropout, drop path rising over the blocks (VAR's only regulariser)
+    dropout: float = setting(0.0, ge=0.0, lt=1.0)
+    drop_path: float = setting(0.0, ge=0.0, lt=1.0)
+    # "matched": the cache's reference must have seen these dropout / drop_path rates (reflogp.dropout,
+    # reflogp.drop_path), as the released scripts' train-mode reference; "any": accept another (e.g. an
+    # eval-mode cache under a policy with dropout, whose step-0 ratios then average -D, not 0)
+    reference_noise: str = setting("matched", choices=("matched", "any"))
+    # cache rows the step-0 check scores (spread over the cache), a reflogp pass over them before the first step;
+    # 0: no check (a warning says what is given up); the weights are the same (tests/test_integrity.py)
+    step0_rows: int = setting(CHECK_ROWS, ge=0, same_result=True)
+    epochs: float = setting(3.0, gt=0.0)  # epoch e reads the cache's visit e (reflogp.visits)
+    # false: refuse a cache with fewer visits than the epochs this run reads; true: epoch e reads visit e mod
+    # visits, so each row meets the same view, negative and reference masks again (before issue 28's fix)
+    repeat_visits: bool = False
+    # a cap on the optimiser steps: a run trains ceil(epochs x cache rows / batch_size) steps, at most this
+    # many (smoke runs and budgets; the schedules span the capped run); null: no cap. train prints the count
+    max_steps: int | None = setting(None, ge=1)
+    # global batch of cache rows; each row gives one positive and one negative sequence
+    batch_size: int = setting(64, ge=1, multiple_of="micro_batch_size")
+    micro_batch_size: int = setting(32, ge=1)  # rows per forward; gradient accumulation makes up the batch
+    uncond_ratio: float = setting(0.1, ge=0.0, lt=1.0)
+    seed: int = setting(0, ge=0)
+    # data order: token-store chunks are shuffled, then rows within groups of this many chunks (epoch_order);
+    # a store of at most this many chunks is shuffled uniformly
+    shuffle_buffer_chunks: int = setting(16, ge=1)
+    num_workers: int = setting(0, ge=0, same_result=True)  # DataLoader processes reading tokens while the model trains
+    # under torchrun: "ddp" keeps the whole policy and its AdamW state on every GPU (16 bytes per parameter);
+    # "fsdp" shards them over the processes (models larger than a GPU: `cca-pipe plan`; pipeline/parallel.py);
+    # either gives the one-process gradient (tests/test_fsdp.py, within 1e-5)
+    strategy: str = setting("ddp", choices=STRATEGIES, same_result=True)
+    # recompute each block's activations in backward instead of keeping them (less memory, ~1/3 more compute;
+    # the same gradients, tests/test_fsdp.py)
+    activation_checkpointing: bool = setting(False, same_result=True)
+    # One policy for a range of lambdas (paper Table 5): {min: 1, max: 8103} draws each row's lambda
+    # log-uniformly in it and feeds it to a zero-initialised lambda embedding (train.lambda is then unused);
+    # null: the usual fixed-lambda policy
+    lambda_conditioning: dict[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "train")
+        if len(self.betas) != 2:
+            raise ConfigError(f"train.betas = {self.betas}: AdamW takes two betas, e.g. [0.9, 0.95]")
+        if self.lambda_conditioning is not None:
+            lc = self.lambda_conditioning
+            if set(lc) != {"min", "max"} or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in lc.values()) \
+                    or not 0 < lc["min"] < lc["max"]:
+                raise ConfigError(f"train.lambda_conditioning = {lc!r}: write {{min: 1, max: 8103}} (0 < min < max), or null")
+
+    @property
+    def lambda_range(self) -> tuple[float, float] | None:
+        lc = self.lambda_conditioning
+        return None if lc is None else (float(lc["min"]), float(lc["max"]))
 
 
-def train_policy(
-    policy,
-    tokens,
-    cache: dict[str, np.ndarray],
-    cfg: AlignConfig,
-    device: torch.device,
-    param_groups: Callable[[torch.nn.Module, float], list[dict]],
-    on_step: Callable[[int, dict], None] | None = None,
-    progress: Callable[[int], object] | None = None,  # total steps -> a bar with update()/close()
-    on_checkpoint: Callable[[int, dict], None] | None = None,
-    checkpoint_every: int = 0,
-    train_state: TrainState | None = None,
-    world: World | None = None,
-    cache_noise: ReferenceNoise | None = None,
-    cache_name: str = "the reference cache",
-    visits: int = 1,
-) -> torch.nn.Module:
-    """Fine-tune `policy` in place for cfg.epochs passes over the cache rows; returns it (under FSDP,
-    sharded: pipeline.parallel.full_state_dict gathers its weights).
+def check_reference_noise(cfg: AlignConfig, cache_noise: ReferenceNoise, cache_name: str) -> None:
+    """train.reference_noise "matched": the cache's reference dropout is the policy's (one line otherwise)."""
+    cached, ours = (cache_noise.dropout, cache_noise.drop_path), (cfg.dropout, cfg.drop_path)
+    if cfg.reference_noise == "matched" and cached != ours:
+        raise ConfigError(
+            f"{cache_name} was computed with reflogp.dropout = {cached[0]}, reflogp.drop_path = {cached[1]}, but "
+            f"train.dropout = {ours[0]}, train.drop_path = {ours[1]}: the step-0 log-ratios would not average 0. "
+            f"Rebuild the cache with the train rates, or set train.reference_noise: any to train against it anyway")
 
-    `param_groups(policy, weight_decay)`: AdamW's parameter groups, the policy family's rule for which
-    parameters are decayed (pipeline.families: `Family.param_groups`); called after the policy is
-    distributed, since FSDP replaces its parameters by shards in place.
-    Row order and unconditional rows are drawn from a numpy generator seeded with cfg.seed; dropout and
-    drop-path masks are keyed by (cfg.seed, the row's position in the epoch order, pos/neg): visit_keys,
-    the same whatever the micro-batch size, process count or strategy, so a run is reproducible on CPU.
-    `cache_noise`: the cache's reference dropout (its provenance); given, the first step is preceded by
-    the step-0 check (pipeline.refcache.check_cache_rows: the policy, still the reference, must reproduce
-    the cache's columns on cfg.step0_rows rows spread over the whole cache, step0_rows, with the cache's masks), except on
-    resume, where the policy is no longer the reference. Every `checkpoint_every`
-    steps the main process gets `on_checkpoint(step, full policy state dict)` and every process saves the
-    resumable `train_state` (policy, optimizer moments, step, data-order RNG; pipeline.resume.TrainState);
-    a run given a `train_state` holding a point for its settings continues exactly where it stopped, with
-    any number of processes and either strategy: same data order, unconditional rows and dropout masks,
-    same optimiser moments, hence the same final weights as an uninterrupted run.
-    `visits`: the cache's visit blocks (reflogp.visits, pipeline/formats.py): epoch e reads the rows of visit
-    e mod visits (the train stage refuses fewer visits than epochs unless train.repeat_visits), so with one
-    visit every epoch reads the same draws.
-    A non-finite loss or gradient raises FloatingPointError naming the step, before the update is applied.
-    Under torchrun (`world` of N processes) the result is the one-process run's (AlignmentRun); only the
-    main process gets `on_step` (metrics of all rows, gathered).
-    """
-    world = world or World(device=device)
-    run = AlignmentRun(policy, tokens, cache, cfg, device, world, param_groups, visits)
-    if not run.resume(train_state) and cache_noise is not None:
-        run.check_cache(cache_noise, cache_name)
-    bar = progress(run.total_steps) if progress else None
-    if bar is not None and run.first_step:
-        bar.update(run.first_step)
-    for step, step_tokens in zip(range(run.first_step, run.total_steps), run.loader(), strict=True):
-        parts, grad_norm, lr = run.step(step, step_tokens.numpy())
-        every = [part for rank_parts in world.gather(parts) for part in rank_parts]
-        if on_step and world.main:
-            on_step(step, step_metrics(every, grad_norm, lr))
-        if bar is not None:
-            bar.update(1)
-        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < run.total_steps:
-            run.checkpoint(step + 1, on_checkpoint, train_state)
-    if bar is not None:
-        bar.close()
-    policy.eval()
-    return policy
+
+def check_visits(cfg: AlignConfig, visits: int, rows: int, cache_name: str) -> None:
+    """Each epoch reads a visit of its own (one line otherwise), unless train.repeat_visits."""
+    needed = epochs_read(cfg.epochs, rows, cfg.batch_size, cfg.max_steps)
+    if visits < needed and not cfg.repeat_visits:
+        raise ConfigError(
+            f"{cache_name} holds {visits} visit(s) of each row but train.epochs = {cfg.epochs:g} reads {needed}: rebuild it with "
+            f"reflogp.visits: epochs (or >= {needed}), or set train.repeat_visits: true to read its draws again at every epoch")
 
 
 STEP0_STREAM = 0x5EED0  # the step-0 check's own random stream: drawing its rows leaves the data order as it was
@@ -338,22 +341,52 @@ def step_metrics(parts: list[MicroBatchRows], grad_norm: float, lr: float) -> di
 
 
 class AlignmentRun:
-    """train_policy's recipe, torchtune-style: set up (settings checked, data order, the distributed policy
-    and its AdamW), resume, one optimiser step, a checkpoint.
+    """A fine-tuning run of `policy` for cfg.epochs passes over the cache rows, in the pieces a recipe loops over
+    (torchtune-style): set up (here), resume, the step-0 check, one optimiser step, a checkpoint, finish.
+    The train stage's recipe (stages/train.py) owns the loop:
+
+        run = AlignmentRun(policy, tokens, cache, cfg, device, world, family.param_groups, visits)
+        if not run.resume(train_state):
+            run.check_cache(cache_noise, cache_name)
+        for step, step_tokens in run.batches():
+            metrics = run.step(step, step_tokens)  # the main process's; None on the others
+            ...  # log, progress, every save_every steps: run.state_dict() and run.checkpoint(step + 1, train_state)
+        policy = run.finish()
+
+    Setup applies the settings the policy carries (cfg.dropout / drop_path rates, the lambda embedding of
+    cfg.lambda_conditioning, activation checkpointing), draws the data order, distributes the policy and builds
+    AdamW over `param_groups(policy, weight_decay)`, the family's rule for which parameters are decayed
+    (pipeline.families: `Family.param_groups`), called after the policy is distributed since FSDP replaces its
+    parameters by shards in place.
+    Row order and unconditional rows are drawn from a numpy generator seeded with cfg.seed; dropout and
+    drop-path masks are keyed by (cfg.seed, the row's position in the epoch order, pos/neg): visit_keys,
+    the same whatever the micro-batch size, process count or strategy, so a run is reproducible on CPU.
+    A run resumed from a train state holding a point for its settings (pipeline.resume.TrainState) continues
+    exactly where it stopped, with any number of processes and either strategy: same data order,
+    unconditional rows and dropout masks, same optimiser moments, hence the same final weights.
+    `visits`: the cache's visit blocks (reflogp.visits, pipeline/formats.py): epoch e reads the rows of visit
+    e mod visits (check_visits refuses fewer visits than epochs unless train.repeat_visits), so with one visit
+    every epoch reads the same draws.
+    A non-finite loss or gradient raises FloatingPointError naming the step, before the update is applied.
 
     Under torchrun (`world` of N processes) the global batch and its sequence are the same as with one
     process; its micro-batches are dealt out round robin (pipeline.parallel.deal_micro_batches).
     cfg.strategy "ddp": each process accumulates its own (no_sync) and the last backward averages the
     gradients; "fsdp": each micro-batch's gradients are reduce-scattered into the shards (pipeline.parallel).
-    Either way the loss is weighted so the result is the one-process gradient."""
+    Either way the loss is weighted so the result is the one-process gradient; the main process gets each
+    step's metrics over all rows (gathered)."""
 
-    def __init__(self, policy, tokens, cache: dict[str, np.ndarray], cfg: AlignConfig, device: torch.device, world: World,
-                 param_groups: Callable[[torch.nn.Module, float], list[dict]], visits: int = 1):
+    def __init__(self, policy, tokens, cache: dict[str, np.ndarray], cfg: AlignConfig, device: torch.device,
+                 world: World | None, param_groups: Callable[[torch.nn.Module, float], list[dict]], visits: int = 1):
+        world = world or World(device=device)
         self.mine = deal_micro_batches(cfg.batch_size, cfg.micro_batch_size, world)  # this process's micro-batches
         if cfg.loss not in LOSSES:
             raise ValueError(f"unknown loss {cfg.loss!r}; known: {sorted(LOSSES)}")
         if cfg.uncond_ratio > 0 and not policy.cfg.has_null_class:
             raise ValueError("train.uncond_ratio > 0 needs a model with a null class (trained with class dropout); set it to 0")
+        policy.set_dropout(cfg.dropout, cfg.drop_path)
+        if cfg.lambda_conditioning is not None:
+            policy.enable_lambda_conditioning(seed=cfg.seed)
         self.policy, self.tokens, self.cache, self.cfg, self.device, self.world = policy, tokens, cache, cfg, device, world
         self.rng = np.random.default_rng(cfg.seed)
         self.rows_per_visit = n = visit_rows(cache, visits)
@@ -377,7 +410,8 @@ class AlignmentRun:
         self.first_step = 0
 
     def resume(self, train_state: TrainState | None) -> bool:
-        """Continue from the train state's point, if it holds one for these settings (whether it did)."""
+        """Continue from the train state's point, if it holds one for these settings (whether it did); a resumed
+        run skips the step-0 check, the policy being no longer the reference."""
         saved = train_state.restore(self.policy, self.opt) if train_state is not None else None
         if saved is None:
             return False
@@ -415,9 +449,15 @@ class AlignmentRun:
             num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
             multiprocessing_context="spawn" if cfg.num_workers else None)  # zarr's threads make fork unsafe
 
-    def step(self, step: int, step_tokens: np.ndarray) -> tuple[list[MicroBatchRows], float, float]:
-        """One optimiser step over this process's micro-batches (their tokens `step_tokens`, from the loader):
-        its micro-batches' rows, the gradient norm before clipping and the learning rate."""
+    def batches(self):
+        """(step, this process's tokens of the step's micro-batches) for every remaining step, read ahead by the loader."""
+        for step, step_tokens in zip(range(self.first_step, self.total_steps), self.loader(), strict=True):
+            yield step, step_tokens.numpy()
+
+    def step(self, step: int, step_tokens: np.ndarray) -> dict[str, float] | None:
+        """One optimiser step over this process's micro-batches (their tokens `step_tokens`, from batches()); every
+        process takes part. Returns the step's metrics over all its rows (step_metrics) to the main process, None
+        to the others."""
         cfg = self.cfg
         rows = self.order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         uncond = self.rng.random(len(rows)) < cfg.uncond_ratio
@@ -429,7 +469,8 @@ class AlignmentRun:
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at step {step}; lower train.lr or train.beta")
         self.opt.step()
-        return parts, grad_norm.item(), lr
+        every = [part for rank_parts in self.world.gather(parts) for part in rank_parts]
+        return step_metrics(every, grad_norm.item(), lr) if self.world.main else None
 
     def _schedule(self, step: int) -> float:
         """Set the step's learning rate and weight decay (decayed groups only) in the optimiser; returns the lr."""
@@ -457,14 +498,21 @@ class AlignmentRun:
             (out.loss * (cfg.loss_scale * len(batch.positive_twice) / len(rows) * self.world.size)).backward()
         return MicroBatchRows.of(i, out, batch)
 
-    def checkpoint(self, step: int, on_checkpoint: Callable[[int, dict], None] | None, train_state: TrainState | None) -> None:
-        """The main process's `on_checkpoint(step, full state dict)`; every process's share of the resume point."""
-        if on_checkpoint is not None:
-            full = full_state_dict(self.policy)  # every process takes part under FSDP
-            if self.world.main:
-                on_checkpoint(step, full)
-        if train_state is not None:
-            train_state.save(step, self.policy, self.opt, self.rng.bit_generator.state)
+    def state_dict(self) -> dict | None:
+        """The policy's full state dict (gathered from its shards under FSDP: every process takes part), to the
+        main process; None to the others."""
+        full = full_state_dict(self.policy)
+        return full if self.world.main else None
+
+    def checkpoint(self, step: int, train_state: TrainState) -> None:
+        """Save this process's share of the resume point of `step` (steps done): policy, optimiser moments, the
+        data-order generator."""
+        train_state.save(step, self.policy, self.opt, self.rng.bit_generator.state)
+
+    def finish(self) -> torch.nn.Module:
+        """The trained policy, in eval mode (under FSDP, sharded: state_dict() gathers its weights)."""
+        self.policy.eval()
+        return self.policy
 
 
 @contextlib.contextmanager

@@ -19,18 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.alignment import LR_SCHEDULES, AlignConfig, epochs_read, run_steps, train_policy, visit_rows
+from pipeline.alignment import AlignConfig, AlignmentRun, check_reference_noise, check_visits, visit_rows
 from pipeline.checkpoint import file_sha256
-from pipeline.config import ConfigError, check_ranges, setting, settings_digest
+from pipeline.config import setting, settings_digest
 from pipeline.device import local_bytes, peak_rss_mb, rss_mb
 from pipeline.distributed import World
-from pipeline.families import FamilyContract, Model, ModelSource, family_of, family_of_model
+from pipeline.families import ModelSource, family_of, family_of_model
 from pipeline.formats import TRAIN_METRICS, TRAIN_STEP_CSV, TRAIN_STEP_LOG, read_ref_cache
-from pipeline.losses import LOSSES
 from pipeline.outputs import StageDir, write_json
-from pipeline.parallel import STRATEGIES, check_batch_rows, check_micro_batches, full_state_dict
+from pipeline.parallel import check_batch_rows, check_micro_batches
 from pipeline.progress import progress
-from pipeline.refcache import CHECK_ROWS, CacheMismatch, ReferenceNoise, cache_visits
+from pipeline.refcache import CacheMismatch, ReferenceNoise, cache_visits
 from pipeline.resume import TrainState
 from pipeline.tokenstore import TokenStore, open_token_store
 
@@ -42,98 +41,18 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig:
-    """The train section of params.yaml; these defaults are the embedded default's (params.yaml agrees, tested).
-    The ImageNet recipes are presets (stages/presets.py)."""
+class TrainConfig(AlignConfig):
+    """The train section of params.yaml: every alignment setting (pipeline.alignment.AlignConfig: defaults,
+    ranges) and what only this stage's recipe uses. params.yaml agrees with the defaults (tested)."""
 
-    loss: str = setting("cca", choices=tuple(LOSSES))
-    beta: float = setting(0.5, gt=0.0)  # > 0: a negative beta would push the policy the wrong way
-    lam: float = setting(10.0, key="lambda", ge=0.0)
-    lr: float = setting(1e-4, gt=0.0)
-    # "constant", or VAR's "lin0": linear warm-up over warmup_fraction of the steps from warmup_start x lr,
-    # 5% of the rest at lr, then linear decay to end_ratio x lr (VAR utils/lr_control.py)
-    lr_schedule: str = setting("constant", choices=LR_SCHEDULES)
-    warmup_fraction: float = setting(0.02, ge=0.0, lt=1.0)
-    warmup_start: float = setting(0.005, ge=0.0, le=1.0)
-    end_ratio: float = setting(0.1, ge=0.0, le=1.0)
-    # AdamW; decay only the family's decayed parameters (LlamaGen: dim >= 2; VAR: not its no-decay set),
-    # cosine-annealed from weight_decay to weight_decay_end (None: constant), as VAR's lr_wd_annealing
-    weight_decay: float = setting(0.0, ge=0.0)
-    weight_decay_end: float | None = setting(None, ge=0.0)
-    betas: list[float] = setting(default_factory=lambda: [0.9, 0.95], ge=0.0, lt=1.0)
-    grad_clip: float = setting(1.0, gt=0.0)
-    loss_scale: float = setting(1.0, gt=0.0)  # the loss is multiplied by this before backward (see presets.py)
-    # fine-tuning regularisation, active in train mode only, masks keyed by (seed, visit, pos/neg):
-    # LlamaGen's resid/ffn/token dropout, drop path rising over the blocks (VAR's only regulariser)
-    dropout: float = setting(0.0, ge=0.0, lt=1.0)
-    drop_path: float = setting(0.0, ge=0.0, lt=1.0)
-    # "matched": the cache's reference must have seen these dropout / drop_path rates (reflogp.dropout,
-    # reflogp.drop_path), as the released scripts' train-mode reference; "any": accept another (e.g. an
-    # eval-mode cache under a policy with dropout, whose step-0 ratios then average -D, not 0)
-    reference_noise: str = setting("matched", choices=("matched", "any"))
-    # cache rows the step-0 check scores (spread over the cache), a reflogp pass over them before the first step;
-    # 0: no check (a warning says what is given up)
-    step0_rows: int = setting(CHECK_ROWS, ge=0)
-    epochs: float = setting(3.0, gt=0.0)  # epoch e reads the cache's visit e (reflogp.visits)
-    # false: refuse a cache with fewer visits than the epochs this run reads; true: epoch e reads visit e mod
-    # visits, so each row meets the same view, negative and reference masks again (before issue 28's fix)
-    repeat_visits: bool = False
-    # a cap on the optimiser steps: a run trains ceil(epochs x cache rows / batch_size) steps, at most this
-    # many (smoke runs and budgets; the schedules span the capped run); null: no cap. train prints the count
-    max_steps: int | None = setting(None, ge=1)
-    batch_size: int = setting(64, ge=1, multiple_of="micro_batch_size")  # global batch of cache rows
-    micro_batch_size: int = setting(32, ge=1)  # rows per forward; gradient accumulation makes up the batch
-    uncond_ratio: float = setting(0.1, ge=0.0, lt=1.0)
-    seed: int = setting(0, ge=0)
-    # data order: token-store chunks are shuffled, then rows within groups of this many chunks
-    # (pipeline.alignment.epoch_order); a store of at most this many chunks is shuffled uniformly
-    shuffle_buffer_chunks: int = setting(16, ge=1)
-    num_workers: int = setting(0, ge=0)  # DataLoader processes reading tokens while the model trains
-    # under torchrun: "ddp" keeps the whole policy and its AdamW state on every GPU (16 bytes per parameter);
-    # "fsdp" shards them over the processes (models larger than a GPU: `cca-pipe plan`; pipeline/parallel.py)
-    strategy: str = setting("ddp", choices=STRATEGIES)
-    # recompute each block's activations in backward instead of keeping them (less memory, ~1/3 more compute)
-    activation_checkpointing: bool = False
-    # One policy for a range of lambdas (paper Table 5): {min: 1, max: 8103} draws each row's lambda
-    # log-uniformly in it and feeds it to a zero-initialised lambda embedding (train.lambda is then unused);
-    # null: the usual fixed-lambda policy
-    lambda_conditioning: dict[str, float] | None = None
     # steps between checkpoints <out>/checkpoints/<step>.pt and the resume point (0: final only, no resume)
-    save_every: int = setting(0, ge=0)
-
-    def __post_init__(self) -> None:
-        check_ranges(self, "train")
-        if len(self.betas) != 2:
-            raise ConfigError(f"train.betas = {self.betas}: AdamW takes two betas, e.g. [0.9, 0.95]")
-        if self.lambda_conditioning is not None:
-            lc = self.lambda_conditioning
-            if set(lc) != {"min", "max"} or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in lc.values()) \
-                    or not 0 < lc["min"] < lc["max"]:
-                raise ConfigError(f"train.lambda_conditioning = {lc!r}: write {{min: 1, max: 8103}} (0 < min < max), or null")
-
-    @property
-    def lambda_range(self) -> tuple[float, float] | None:
-        lc = self.lambda_conditioning
-        return None if lc is None else (float(lc["min"]), float(lc["max"]))
-
-    def align_config(self) -> AlignConfig:
-        return AlignConfig(**{k: getattr(self, k) for k in AlignConfig.__dataclass_fields__})
+    save_every: int = setting(0, ge=0, same_result=True)
 
 
 def save_policy(path: Path, policy, state: dict, cfg: TrainConfig, init_sha256: str, step: int, preset: str | None) -> None:
     """The peer's layout ({"model": upstream state dict, ...}: LlamaGen c2i / VAR), plus our config and
     provenance; `state`: the policy's full state dict (gathered from its shards under FSDP)."""
     family_of_model(policy).save(path, policy, state, init_sha256=init_sha256, train_params=as_params(cfg), preset=preset, steps=step)
-
-
-def check_reference_noise(cfg: TrainConfig, cache_noise: ReferenceNoise, cache_path: Path) -> None:
-    """train.reference_noise "matched": the cache's reference dropout is the policy's (one line otherwise)."""
-    cached, ours = (cache_noise.dropout, cache_noise.drop_path), (cfg.dropout, cfg.drop_path)
-    if cfg.reference_noise == "matched" and cached != ours:
-        raise ConfigError(
-            f"{cache_path} was computed with reflogp.dropout = {cached[0]}, reflogp.drop_path = {cached[1]}, but "
-            f"train.dropout = {ours[0]}, train.drop_path = {ours[1]}: the step-0 log-ratios would not average 0. "
-            f"Rebuild the cache with the train rates, or set train.reference_noise: any to train against it anyway")
 
 
 def run_key(cfg: TrainConfig, provenance: dict, init_sha: str) -> str:
@@ -159,22 +78,18 @@ def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, cl
     preset = source.preset
     inputs = _open_inputs(cfg, tokens_path, cache_path, init)
     family, policy = load_for_store(init, "--init", inputs.store, tokens_path, world, cfg.strategy, source)
-    policy.set_dropout(cfg.dropout, cfg.drop_path)
-    if cfg.lambda_conditioning is not None:
-        policy.enable_lambda_conditioning(seed=cfg.seed)
-    claim.key = run_key(cfg, inputs.provenance, inputs.init_sha)
-    folder = _RunFolder.open(claim, world)
-    rows = visit_rows(inputs.cache, inputs.visits)
-    total = run_steps(cfg.epochs, rows, cfg.batch_size, cfg.max_steps)
-    if world.main:
-        log.info("training %d steps: %g epochs x %d cache rows / batch_size %d%s (the cache holds %d visit(s))", total,
-                 cfg.epochs, rows, cfg.batch_size, "" if cfg.max_steps is None else f", capped at train.max_steps = {cfg.max_steps}",
-                 inputs.visits)
     baseline_rss_mb = rss_mb()
     started = time.perf_counter()
-    _fit(cfg, inputs, family, policy, claim, folder, world, init, preset)
+    run = AlignmentRun(policy, inputs.store.tokens, inputs.cache, cfg, world.device, world, family.param_groups, inputs.visits)
+    claim.key = run_key(cfg, inputs.provenance, inputs.init_sha)
+    folder = _RunFolder.open(claim, world)
+    if world.main:
+        log.info("training %d steps: %g epochs x %d cache rows / batch_size %d%s (the cache holds %d visit(s))",
+                 run.total_steps, cfg.epochs, run.rows_per_visit, cfg.batch_size,
+                 "" if cfg.max_steps is None else f", capped at train.max_steps = {cfg.max_steps}", inputs.visits)
+    _fit(cfg, inputs, run, claim, folder, init, preset)
     seconds = time.perf_counter() - started
-    full = full_state_dict(policy)  # every process takes part under FSDP
+    full = run.state_dict()
     # per process: RSS before the training loop and at its peak (CUDA: peak allocated), the bytes of its
     # trainable weights (1/N of the model's under FSDP; gradients as many, AdamW's moments twice): `cca-pipe plan`
     memory = world.gather({"baseline_rss_mb": baseline_rss_mb, "peak_rss_mb": peak_rss_mb(),
@@ -207,23 +122,14 @@ def _open_inputs(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Pa
     expect = {"tokens_fingerprint": store.fingerprint, "ref_ckpt_sha256": init_sha, "logp_code": family.logp_code()}
     cache, provenance = read_ref_cache(cache_path, expect=expect, store=store)
     cache_noise = ReferenceNoise.of_cache(provenance)
-    check_reference_noise(cfg, cache_noise, cache_path)
+    check_reference_noise(cfg, cache_noise, str(cache_path))
     visits = cache_visits(provenance)
     rows = visit_rows(cache, visits)
     # before any work: a step's index lists would be built first; an epoch reads one visit's rows
     check_batch_rows(cfg.batch_size, rows, f"of an epoch (a visit) of the reference cache {cache_path}")
-    check_visits(cfg, visits, rows, cache_path)
+    check_visits(cfg, visits, rows, str(cache_path))
     store.tokens.cache_chunks = cfg.shuffle_buffer_chunks  # a batch touches at most this many chunks
     return _Inputs(store, cache_path, cache, provenance, cache_noise, init_sha, visits)
-
-
-def check_visits(cfg: TrainConfig, visits: int, rows: int, cache_path: Path) -> None:
-    """Each epoch reads a visit of its own (one line otherwise), unless train.repeat_visits."""
-    needed = epochs_read(cfg.epochs, rows, cfg.batch_size, cfg.max_steps)
-    if visits < needed and not cfg.repeat_visits:
-        raise ConfigError(
-            f"{cache_path} holds {visits} visit(s) of each row but train.epochs = {cfg.epochs:g} reads {needed}: rebuild it with "
-            f"reflogp.visits: epochs (or >= {needed}), or set train.repeat_visits: true to read its draws again at every epoch")
 
 
 @dataclass
@@ -250,22 +156,32 @@ class _RunFolder:
         return cls(work, steps, checkpoints, state)
 
 
-def _fit(cfg: TrainConfig, inputs: _Inputs, family: FamilyContract, policy: Model, claim: StageDir, folder: _RunFolder, world: World,
-         init: Path, preset: str | None) -> None:
-    """train_policy over the inputs, checkpointing into the run folder; a failed step-0 check leaves no trace,
-    a non-finite step names the last good checkpoint."""
-    def checkpoint(step: int, full: dict) -> None:
-        save_policy(folder.checkpoints / f"{step:07d}.pt", policy, full, cfg, inputs.init_sha, step, preset)
-
+def _fit(cfg: TrainConfig, inputs: _Inputs, run: AlignmentRun, claim: StageDir, folder: _RunFolder, init: Path,
+         preset: str | None) -> None:
+    """The recipe's loop: resume (else the step-0 check), then per step its metrics logged, progress, and every
+    train.save_every steps a checkpoint and the resume point. A failed step-0 check leaves no trace, a
+    non-finite step names the last good checkpoint. A stop signal ends the process (pipeline.distributed):
+    the run resumes from its last point."""
+    main = run.world.main
     try:
-        train_policy(
-            policy, inputs.store.tokens, inputs.cache, cfg.align_config(), world.device, family.param_groups,
-            on_step=folder.steps, progress=lambda total: progress(total=total, desc="train", unit="step"),
-            on_checkpoint=checkpoint, checkpoint_every=cfg.save_every, train_state=folder.state, world=world,
-            cache_noise=inputs.cache_noise, cache_name=str(inputs.cache_path), visits=inputs.visits,
-        )
+        if not run.resume(folder.state):
+            run.check_cache(inputs.cache_noise, str(inputs.cache_path))
+        bar = progress(total=run.total_steps, initial=run.first_step, desc="train", unit="step")
+        for step, step_tokens in run.batches():
+            metrics = run.step(step, step_tokens)
+            if main:
+                folder.steps(step, metrics)
+            bar.update(1)
+            done = step + 1
+            if cfg.save_every and done % cfg.save_every == 0 and done < run.total_steps:
+                full = run.state_dict()  # every process takes part under FSDP
+                if main:  # the numbered checkpoint first: a resume point is never ahead of its checkpoint
+                    save_policy(folder.checkpoints / f"{done:07d}.pt", run.policy, full, cfg, inputs.init_sha, done, preset)
+                run.checkpoint(done, folder.state)
+        bar.close()
+        run.finish()
     except CacheMismatch:  # the step-0 check, before any update: a bad input leaves no trace
-        if world.main:
+        if main:
             claim.discard_partial()
         raise
     except FloatingPointError as e:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.alignment import train_policy
+from pipeline.alignment import AlignmentRun
 from pipeline.distributed import init_world, shutdown_world
 from pipeline.families import family_of_model
 from pipeline.models.llamagen import GPT, GPTConfig
@@ -56,26 +56,6 @@ def data(model) -> tuple[np.ndarray, dict]:
     return tokens, {**pairs, **reference_logps(model, tokens, pairs, batch_size=8, device=torch.device("cpu"))}
 
 
-class Stop(Exception):
-    pass
-
-
-class StopAfter:
-    """A progress bar every process updates after each step (after that step's resume point is saved, if
-    any, at the next update): raising at the same step on every process ends them all alike."""
-
-    def __init__(self, steps: int):
-        self.steps, self.done = steps, 0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.done > self.steps:
-            raise Stop
-
-    def close(self) -> None:
-        pass
-
-
 def main(out: Path, jobs: list[str]) -> None:
     world = init_world("cpu")
     for job in jobs:
@@ -83,21 +63,26 @@ def main(out: Path, jobs: list[str]) -> None:
         policy = build(family)
         tokens, cache = data(policy)
         cfg = TrainConfig(beta=0.5, lam=10.0, lr=1e-3, epochs=2.0, batch_size=8, micro_batch_size=2, uncond_ratio=0.25,
-                          weight_decay=0.05, strategy=strategy).align_config()
-        # dropout and drop path on: the keyed masks (train.seed, visit) must be the same in every layout
-        policy.set_dropout(0.1 if family == "llamagen" else 0.0, 0.1)
+                          weight_decay=0.05, strategy=strategy,
+                          # dropout and drop path on: the keyed masks (train.seed, visit) must be the same in every layout
+                          dropout=0.1 if family == "llamagen" else 0.0, drop_path=0.1)
         name = f"{family}-{strategy}-w{world.size}"
-        state, bar = None, None
+        state = None
         if action == "stop":
-            state, bar = TrainState(out / f"state-{family}-w{world.size}", family, world), StopAfter(2)
+            state = TrainState(out / f"state-{family}-w{world.size}", family, world)
         elif action.startswith("resume="):
             state = TrainState(out / action.split("=", 1)[1], family, world)
             assert state.saved() is not None and state.saved()["step"] == 2, "no resume point of step 2"
-        try:
-            train_policy(policy, tokens, cache, cfg, world.device, family_of_model(policy).param_groups, progress=bar and (lambda total: bar),
-                         checkpoint_every=2 if state else 0, train_state=state, world=world)
-        except Stop:
+        run = AlignmentRun(policy, tokens, cache, cfg, world.device, world, family_of_model(policy).param_groups)
+        run.resume(state)
+        for step, step_tokens in run.batches():
+            run.step(step, step_tokens)  # every process, so they all stop alike
+            if action == "stop" and step + 1 == 2:
+                run.checkpoint(2, state)
+                break
+        if action == "stop":
             continue
+        run.finish()
         full = full_state_dict(policy)
         if action == "full" and strategy == "fsdp":
             labels = torch.arange(4) % 5

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.alignment import loss_for_batch, make_batch, policy_logps, train_policy
+from pipeline.alignment import AlignmentRun, loss_for_batch, make_batch, policy_logps
 from pipeline.checkpoint import save_checkpoint
 from pipeline.families import LLAMAGEN
 from pipeline.logprobs import sequence_logp
@@ -73,8 +73,9 @@ def test_first_step_loss_is_the_ratio_zero_value_and_training_moves_weights(tiny
     policy = load_gpt(tmp_path / "ref.pt")
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     logged = []
-    cfg = TrainConfig(beta=0.5, lam=10.0, lr=3e-3, epochs=4.0, batch_size=12, micro_batch_size=4, uncond_ratio=0.0).align_config()
-    train_policy(policy, tokens, cache, cfg, CPU, LLAMAGEN.param_groups, on_step=lambda step, m: logged.append(m))
+    cfg = TrainConfig(beta=0.5, lam=10.0, lr=3e-3, epochs=4.0, batch_size=12, micro_batch_size=4, uncond_ratio=0.0)
+    run = AlignmentRun(policy, tokens, cache, cfg, CPU, None, LLAMAGEN.param_groups)
+    logged += [run.step(*batch) for batch in run.batches()]
     assert len(logged) == 12  # 4 epochs x 36 cache rows / 12
     assert math.isclose(logged[0]["loss"], 11 * math.log(2) / 10, rel_tol=1e-4)
     assert logged[-1]["rewards/margin"] > 0  # positives now above negatives
@@ -115,8 +116,11 @@ def test_a_lambda_conditioned_policy_at_step_0_is_the_reference_for_any_lambda(t
         assert (pos.double() - batch.ref_logp_pos).abs().max() < 1e-3
         assert (neg.double() - batch.ref_logp_neg).abs().max() < 1e-3
     cfg = TrainConfig(beta=0.5, lr=3e-3, epochs=4.0, batch_size=12, micro_batch_size=4, uncond_ratio=0.0,
-                      lambda_conditioning={"min": 1, "max": 1000}).align_config()
-    train_policy(policy, tokens, cache, cfg, CPU, LLAMAGEN.param_groups)
+                      lambda_conditioning={"min": 1, "max": 1000})
+    run = AlignmentRun(policy, tokens, cache, cfg, CPU, None, LLAMAGEN.param_groups)
+    for batch in run.batches():
+        run.step(*batch)
+    run.finish()
     x, labels = torch.from_numpy(tokens[:4, 0].astype(np.int64)), torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
         low, high = (sequence_logp(policy, labels, x, torch.full((4,), lam)) for lam in (1.0, 1000.0))

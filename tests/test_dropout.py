@@ -9,7 +9,7 @@ import pytest
 import torch
 from worlds import tiny_llamagen_cache_world
 
-from pipeline.alignment import train_policy
+from pipeline.alignment import AlignmentRun
 from pipeline.families import LLAMAGEN
 from pipeline.models.llamagen import GPT
 from stages.train import TrainConfig
@@ -22,11 +22,10 @@ CPU = torch.device("cpu")
 
 def _losses(base: GPT, tokens, cache, dropout: float, seed: int) -> list[float]:
     policy = copy.deepcopy(base)
-    policy.set_dropout(dropout, 0.0)  # as stages/train.py does before training
     cfg = TrainConfig(dropout=dropout, beta=1.0, lam=1.0, lr=1e-3, epochs=2.0, batch_size=12, micro_batch_size=6,
-                      uncond_ratio=0.0, seed=seed).align_config()
-    logged = []
-    train_policy(policy, tokens, cache, cfg, CPU, LLAMAGEN.param_groups, on_step=lambda s, m: logged.append(m["loss"]))
+                      uncond_ratio=0.0, seed=seed)
+    run = AlignmentRun(policy, tokens, cache, cfg, CPU, None, LLAMAGEN.param_groups)  # it sets the policy's dropout
+    logged = [run.step(*batch)["loss"] for batch in run.batches()]
     assert len(logged) == 2  # 2 epochs of 12 rows, one 12-row batch each
     return logged
 

@@ -207,7 +207,7 @@ def test_the_step0_check_sees_damage_where_the_first_batch_does_not_reach(tiny_g
     pairs = draw_pairs(rng.integers(0, 5, size=600).astype(np.int32), 1, 5, seed=1)
     save_checkpoint(tmp_path / "ref.pt", tiny_gpt.state_dict(), tiny_gpt.cfg.to_dict(), kind="llamagen-gpt")
     cache = {**pairs, **reference_logps(load_gpt(tmp_path / "ref.pt"), np.asarray(tokens), pairs, batch_size=100, device=CPU)}
-    cfg = TrainConfig(batch_size=8, micro_batch_size=8, shuffle_buffer_chunks=2, uncond_ratio=0.0).align_config()
+    cfg = TrainConfig(batch_size=8, micro_batch_size=8, shuffle_buffer_chunks=2, uncond_ratio=0.0)
 
     def run() -> AlignmentRun:
         return AlignmentRun(load_gpt(tmp_path / "ref.pt"), tokens, cache, cfg, CPU, World(), LLAMAGEN.param_groups)
@@ -229,7 +229,7 @@ def test_train_step0_rows_sets_the_check_and_its_cost_is_logged(tiny_gpt, tmp_pa
     of rows the step-0 check scores, its cost is logged, 0 turns it off with a warning (a damaged cache then
     trains), and the trained weights are the same whatever it is."""
     import pipeline.alignment
-    from pipeline.alignment import AlignmentRun, train_policy
+    from pipeline.alignment import AlignmentRun
     from pipeline.checkpoint import save_checkpoint
     from pipeline.config import ConfigError
     from pipeline.distributed import World
@@ -249,7 +249,7 @@ def test_train_step0_rows_sets_the_check_and_its_cost_is_logged(tiny_gpt, tmp_pa
 
     def check(step0_rows: int) -> list[str]:
         caplog.clear()
-        cfg = TrainConfig(batch_size=8, micro_batch_size=8, uncond_ratio=0.0, step0_rows=step0_rows).align_config()
+        cfg = TrainConfig(batch_size=8, micro_batch_size=8, uncond_ratio=0.0, step0_rows=step0_rows)
         AlignmentRun(load_gpt(tmp_path / "ref.pt"), tokens, cache, cfg, CPU, World(), LLAMAGEN.param_groups
                      ).check_cache(ReferenceNoise(), "cache.parquet")
         return [r.getMessage() for r in caplog.records if "step-0 check" in r.getMessage()]
@@ -271,10 +271,12 @@ def test_train_step0_rows_sets_the_check_and_its_cost_is_logged(tiny_gpt, tmp_pa
     cache["ref_logp_pos"], cache["ref_logp_neg"] = cache["ref_logp_neg"], cache["ref_logp_pos"]
     weights = []
     for rows in (0, 64):
-        cfg = TrainConfig(batch_size=8, micro_batch_size=8, uncond_ratio=0.0, epochs=0.2, lr=1e-2, step0_rows=rows).align_config()
-        policy = train_policy(load_gpt(tmp_path / "ref.pt"), tokens, cache, cfg, CPU, LLAMAGEN.param_groups,
-                              cache_noise=ReferenceNoise(), cache_name="cache.parquet")
-        weights.append(policy.state_dict())
+        cfg = TrainConfig(batch_size=8, micro_batch_size=8, uncond_ratio=0.0, epochs=0.2, lr=1e-2, step0_rows=rows)
+        run = AlignmentRun(load_gpt(tmp_path / "ref.pt"), tokens, cache, cfg, CPU, None, LLAMAGEN.param_groups)
+        run.check_cache(ReferenceNoise(), "cache.parquet")
+        for batch in run.batches():
+            run.step(*batch)
+        weights.append(run.finish().state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not all(torch.equal(weights[0][k], tiny_gpt.state_dict()[k]) for k in weights[0])  # it trained
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from worlds import tiny_llamagen_cache_world
 
-from pipeline.alignment import lr_factor, train_policy, weight_decay_at
+from pipeline.alignment import AlignmentRun, lr_factor, weight_decay_at
 from pipeline.families import LLAMAGEN
 from stages.train import TrainConfig
 
@@ -64,9 +64,9 @@ def test_training_applies_the_lin0_lr_per_step(tmp_path):
     step 0: 0.005e-3; step 1: (0.005 + 0.995/2) e-3 = 0.5025e-3; step 2: pasd 0/1 -> 1e-3; step 3: pasd 1 -> 0.1e-3."""
     policy, tokens, cache = tiny_llamagen_cache_world()
     cfg = TrainConfig(lr=1e-3, lr_schedule="lin0", warmup_fraction=0.5, warmup_start=0.005, end_ratio=0.1, epochs=4.0,
-                      batch_size=len(cache["row"]), micro_batch_size=len(cache["row"]), uncond_ratio=0.0).align_config()
-    logged = []
-    train_policy(policy, tokens, cache, cfg, CPU, LLAMAGEN.param_groups, on_step=lambda s, m: logged.append(m["lr"]))
+                      batch_size=len(cache["row"]), micro_batch_size=len(cache["row"]), uncond_ratio=0.0)
+    run = AlignmentRun(policy, tokens, cache, cfg, CPU, None, LLAMAGEN.param_groups)
+    logged = [run.step(*batch)["lr"] for batch in run.batches()]
     assert logged == pytest.approx([0.005e-3, 0.5025e-3, 1e-3, 0.1e-3], rel=1e-12)
 
 
@@ -82,6 +82,7 @@ def test_max_steps_caps_the_run_and_the_schedule_spans_the_capped_run():
     base, tokens, cache = tiny_llamagen_cache_world()
     logged = []
     cfg = TrainConfig(lr_schedule="lin0", end_ratio=0.1, lr=1e-3, epochs=2.0, max_steps=4, batch_size=4,
-                      micro_batch_size=4, uncond_ratio=0.0).align_config()
-    train_policy(copy.deepcopy(base), tokens, cache, cfg, CPU, LLAMAGEN.param_groups, on_step=lambda s, m: logged.append(m["lr"]))
+                      micro_batch_size=4, uncond_ratio=0.0)
+    run = AlignmentRun(copy.deepcopy(base), tokens, cache, cfg, CPU, None, LLAMAGEN.param_groups)
+    logged += [run.step(*batch)["lr"] for batch in run.batches()]
     assert len(logged) == 4 and logged[-1] == pytest.approx(1e-4)

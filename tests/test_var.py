@@ -339,9 +339,9 @@ def test_saved_policy_is_an_upstream_state_dict(world, tmp_path):
 
 
 def test_var_policy_trains_with_a_frozen_quantiser(world):
-    """train_policy runs VAR unchanged: step 0 is the ratio-zero loss (1 + lambda) ln 2 / lambda, only the
+    """AlignmentRun trains VAR unchanged: step 0 is the ratio-zero loss (1 + lambda) ln 2 / lambda, only the
     transformer moves, and the positives end above the negatives."""
-    from pipeline.alignment import train_policy
+    from pipeline.alignment import AlignmentRun
 
     vae, model = world
     tokens = vae.encode(torch.rand(16, 3, 64, 64) * 2 - 1).numpy().astype(np.uint16).reshape(8, 2, 30)
@@ -351,9 +351,9 @@ def test_var_policy_trains_with_a_frozen_quantiser(world):
     policy = VARModel(VAR(model.cfg), model.quantizer)
     policy.var.load_state_dict(model.var.state_dict())
     quantizer_before = {k: v.clone() for k, v in policy.quantizer.state_dict().items()}
-    logged = []
-    cfg = TrainConfig(beta=0.5, lam=10.0, lr=1e-3, epochs=6.0, batch_size=8, micro_batch_size=4, uncond_ratio=0.0).align_config()
-    train_policy(policy, tokens, cache, cfg, CPU, VAR_FAMILY.param_groups, on_step=lambda step, m: logged.append(m))
+    cfg = TrainConfig(beta=0.5, lam=10.0, lr=1e-3, epochs=6.0, batch_size=8, micro_batch_size=4, uncond_ratio=0.0)
+    run = AlignmentRun(policy, tokens, cache, cfg, CPU, None, VAR_FAMILY.param_groups)
+    logged = [run.step(*batch) for batch in run.batches()]
     assert math.isclose(logged[0]["loss"], 11 * math.log(2) / 10, rel_tol=1e-4)
     assert logged[-1]["rewards/margin"] > logged[0]["rewards/margin"] + 1.0
     assert all(torch.equal(quantizer_before[k], v) for k, v in policy.quantizer.state_dict().items())
@@ -397,7 +397,7 @@ def test_randcrop_views_are_vars_train_transform_seeded_per_image():
 
 def test_var_training_resumes_to_identical_weights(world, tmp_path):
     """The resume point of a VAR policy (transformer + frozen quantiser) restarts training exactly."""
-    from pipeline.alignment import train_policy
+    from pipeline.alignment import AlignmentRun
     from pipeline.distributed import World
     from pipeline.resume import TrainState
 
@@ -406,20 +406,27 @@ def test_var_training_resumes_to_identical_weights(world, tmp_path):
     labels = (np.arange(8) % 5).astype(np.int32)
     pairs = draw_pairs(labels, 1, 5, seed=0, views="all")
     cache = {**pairs, **reference_logps(model, tokens, pairs, batch_size=8, device=CPU)}
-    cfg = TrainConfig(beta=0.5, lam=10.0, lr=1e-3, epochs=2.0, batch_size=4, micro_batch_size=2, uncond_ratio=0.25).align_config()
+    cfg = TrainConfig(beta=0.5, lam=10.0, lr=1e-3, epochs=2.0, batch_size=4, micro_batch_size=2, uncond_ratio=0.25)
 
     def fresh() -> VARModel:
         policy = VARModel(VAR(model.cfg), model.quantizer)
         policy.var.load_state_dict(model.var.state_dict())
         return policy
 
-    def train(policy, **kwargs):
-        return train_policy(policy, tokens, cache, cfg, CPU, VAR_FAMILY.param_groups, **kwargs)
+    def train(policy, train_state: TrainState | None = None, stop_at: int | None = None):
+        run = AlignmentRun(policy, tokens, cache, cfg, CPU, None, VAR_FAMILY.param_groups)
+        run.resume(train_state)
+        for step, step_tokens in run.batches():
+            run.step(step, step_tokens)
+            if step + 1 == stop_at:
+                run.checkpoint(stop_at, train_state)
+                break
+        return run.finish()
 
     full = train(fresh())
-    train(fresh(), checkpoint_every=2, train_state=TrainState(tmp_path, "run", World()))  # leaves the point of step 2
+    train(fresh(), TrainState(tmp_path, "run", World()), stop_at=2)  # leaves the point of step 2
     assert json.loads((tmp_path / "resume.json").read_text())["step"] == 2
-    resumed = train(fresh(), train_state=TrainState(tmp_path, "run", World()))  # steps 3 and 4 only
+    resumed = train(fresh(), TrainState(tmp_path, "run", World()))  # steps 3 and 4 only
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
 

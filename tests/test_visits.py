@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.alignment import AlignmentRun, loss_for_batch, make_batch, train_policy, visit_rows, with_online_reference
+from pipeline.alignment import AlignmentRun, loss_for_batch, make_batch, visit_rows, with_online_reference
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ConfigError
 from pipeline.distributed import World
@@ -110,7 +110,7 @@ def test_cached_loss_equals_online_loss_and_the_step_0_check_passes_on_every_vis
 
 def _align(epochs: float, batch_size: int = 8):
     return train_stage.TrainConfig(beta=0.5, lr=3e-3, epochs=epochs, batch_size=batch_size, micro_batch_size=4,
-                                   uncond_ratio=0.0).align_config()
+                                   uncond_ratio=0.0)
 
 
 def test_epoch_e_reads_visit_e(tiny_gpt, tmp_path):
@@ -132,10 +132,8 @@ def test_epoch_e_reads_visit_e(tiny_gpt, tmp_path):
         shifted[column][n : 2 * n] += 2.0  # visit 1 only
     logs = []
     for c in (cache, shifted):
-        logged = []
-        train_policy(load_gpt(tmp_path / "ref.pt"), tokens, c, _align(2.0), CPU, LLAMAGEN.param_groups,
-                     on_step=lambda step, m, logged=logged: logged.append(m["rewards/pos"]), visits=3)
-        logs.append(logged)
+        run = AlignmentRun(load_gpt(tmp_path / "ref.pt"), tokens, c, _align(2.0), CPU, None, LLAMAGEN.param_groups, visits=3)
+        logs.append([run.step(*batch)["rewards/pos"] for batch in run.batches()])
     assert len(logs[0]) == 6
     assert logs[0][:3] == logs[1][:3]  # epoch 0 reads visit 0
     assert abs(logs[0][3] - logs[1][3]) > 0.5  # beta x 2 nats lower rewards from epoch 1's first step

@@ -1,5 +1,6 @@
 """Rewrite the code deps of every stage in the project's dvc.yaml files from the imports (what
-tests/test_dvc_deps.py checks): `python tests/update_dvc_deps.py`. Data deps and comments are kept."""
+tests/test_dvc_deps.py checks), and the train params of a stage that lists them one by one from TrainConfig's
+fields (tests/test_train_config.py): `python tests/update_dvc_deps.py`. Data deps and comments are kept."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ruamel.yaml import YAML
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_dvc_deps import DVC_FILES, required_files, stage_command  # noqa: E402
+from test_train_config import lists_train_params, tracked_train_params  # noqa: E402
 
 from pipeline.codefiles import PACKAGES, ROOT  # noqa: E402
 
@@ -33,6 +35,11 @@ def main() -> None:
             code = [os.path.relpath(p, dvc_file.parent) for p in required_files(stage_command(stage["cmd"]))]
             deps.clear()
             deps.extend(data + code)
+            if lists_train_params(stage):
+                params = stage["params"]
+                others = [p for p in params if not (isinstance(p, str) and p.startswith("train."))]
+                params.clear()
+                params.extend(others + tracked_train_params(stage))
         with open(dvc_file, "w") as f:
             yaml.dump(doc, f)
         print(f"updated {dvc_file.relative_to(ROOT)}")
