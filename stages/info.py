@@ -80,13 +80,13 @@ def _layout(obj: dict) -> str:
 def _checkpoint(path: Path) -> str:
     from pipeline.checkpoint import KINDS, checkpoint_kind, extract_state_dict, file_sha256, load_file
     from pipeline.families import FAMILIES
-    from pipeline.models.var import NESTINGS
+    from pipeline.loaders import VAR_NESTINGS
 
     kind = checkpoint_kind(path)
     family = next((f for f in FAMILIES.values() if kind in (f.model_kind, f.tokenizer_kind)), None)
     obj = load_file(path)
     # a VAR transformer's training checkpoint nests it (["trainer"]["var_wo_ddp"]); other files are unwrapped as usual
-    state = extract_state_dict(obj, path, NESTINGS if kind == "var" else ())
+    state = extract_state_dict(obj, path, VAR_NESTINGS if kind == "var" else ())
     n_params = sum(v.numel() for v in state.values())
     lines = [f"checkpoint {path}", f"  sha256             {file_sha256(path)}",
              f"  layout             {_layout(obj)}",

@@ -18,11 +18,12 @@ from pipeline.alignment import loss_for_batch, make_batch, policy_logps
 from pipeline.checkpoint import CheckpointError, save_checkpoint
 from pipeline.families import VAR as VAR_FAMILY
 from pipeline.families import family_of, load_model
+from pipeline.loaders import load_msvq, load_quantizer, load_var
 from pipeline.losses import cca_loss
-from pipeline.models.var import VAR, VARConfig, VARModel, load_var, var_config
+from pipeline.models.var import VAR, VARConfig, VARModel, var_config
 from pipeline.refcache import draw_pairs, reference_logps
 from pipeline.sampling import filter_logits_var, sample_var
-from pipeline.tokenizers.msvq import MSVQConfig, MSVQModel, load_msvq, load_quantizer, scale_bounds
+from pipeline.tokenizers.msvq import MSVQConfig, MSVQModel, scale_bounds
 from stages.train import TrainConfig
 
 CPU = torch.device("cpu")
