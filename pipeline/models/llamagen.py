@@ -2,7 +2,7 @@
 
 References:
 - LlamaGen, "Autoregressive Model Beats Diffusion" (Sun et al., 2024), `autoregressive/models/gpt.py`;
-  facts used here are collected in `shared/reference/llamagen.md`.
+  facts used here are collected in docs/upstream.md, "LlamaGen".
 - Llama: RMSNorm, SwiGLU feed-forward, rotary position embedding (here the 2D variant).
 
 State-dict keys match upstream exactly (`cls_embedding.embedding_table.weight`, `tok_embeddings.weight`,
@@ -83,7 +83,7 @@ class GPTConfig:
         return asdict(self)
 
 
-# Named upstream configurations (shared/reference/llamagen.md, table "GPT configs").
+# Named upstream configurations (docs/upstream.md, "Named GPT configurations").
 GPT_CONFIGS: dict[str, dict] = {
     "GPT-B": dict(n_layer=12, n_head=12, dim=768),
     "GPT-L": dict(n_layer=24, n_head=16, dim=1024),

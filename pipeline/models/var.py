@@ -1,7 +1,7 @@
 """VAR class-conditional next-scale transformer (`var_d{16,20,24,30}.pth`), checkpoint-compatible.
 
 References: VAR, "Visual Autoregressive Modeling" (Tian et al., 2024), `models/var.py`, `basic_var.py`;
-facts in `shared/reference/var.md`.
+facts in docs/upstream.md, "VAR".
 
 Sequence layout (L = 680 for patch_nums 1..16): position 0 is the start slot (class embedding +
 `pos_start`) and predicts the 1x1 scale; the positions of scale k > 0 hold the running reconstruction

@@ -1,7 +1,7 @@
 """VAR's multi-scale residual VQVAE (`vae_ch160v4096z32.pth`), checkpoint-compatible with the release.
 
 References: VAR, "Visual Autoregressive Modeling" (Tian et al., 2024), `models/vqvae.py`, `quant.py`,
-`basic_vae.py`; facts in `shared/reference/var.md`. The encoder/decoder are the latent-diffusion vq-f16
+`basic_vae.py`; facts in docs/upstream.md, "VAR". The encoder/decoder are the latent-diffusion vq-f16
 ones (ch_mult 1,1,2,2,4: 16x downsampling; GroupNorm(32) eps 1e-6; one self-attention at the lowest
 resolution and in the middle; the attention's q|k|v come from one 1x1 conv `qkv`).
 

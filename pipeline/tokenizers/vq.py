@@ -1,6 +1,6 @@
 """LlamaGen's VQ tokenizer (VQGAN-style conv encoder/decoder with an l2-normalised low-dim codebook).
 
-Reference: LlamaGen `tokenizer/tokenizer_image/vq_model.py`; facts in `shared/reference/llamagen.md`.
+Reference: LlamaGen `tokenizer/tokenizer_image/vq_model.py`; facts in docs/upstream.md, "VQ tokenizer".
 Keys match `vq_ds16_c2i.pt` exactly (`encoder.conv_blocks.N.res.M...`, `quantize.embedding.weight`,
 `quantize.codebook_used`, `quant_conv`, `post_quant_conv`), so the public file loads with strict=True.
 
