@@ -13,8 +13,8 @@ Token store (stage `tokenize`; code in pipeline/tokenstore.py), a Zarr v3 group,
              tokenize settings), inputs_digest (sha256 of the chunks' input digests, in order: what the
              images contained; absent in stores written without an input record, e.g. import-codes),
              fingerprint (sha256 of the shapes/dtypes header + tokens bytes + labels bytes, computed chunk by
-             chunk when the store is finished; present only once it is complete), encoding_version
-             (pipeline.versions.TOKEN_ENCODING_VERSION of the encoder; absent in stores written before it: 1)
+             chunk when the store is finished; present only once it is complete). The encoder's version
+             (pipeline.versions.TOKEN_ENCODING_VERSION) is part of build_key from version 2 on.
     inputs/<k>.json  the input record of chunk k: {"digest": sha256 of its [[path, sha256], ...],
              "files": [[path relative to the image folder, size, mtime_ns, sha256 of the file's bytes, ctime_ns,
              inode (signed 64-bit)], ...]} one entry per row (entries written before ctime and inode were kept

@@ -282,7 +282,7 @@ def _tokenize(cfg: TokenizeConfig, images: Path, vq_path: Path, claim, device: t
     seq_len = layout["seq_len"]
     sha = file_sha256(vq_path)
     attrs = store_attributes(layout, sha, vq.cfg.codebook_size, cfg.image_size, names, class_names, str(images),
-                             as_params(cfg), skipped) | {"encoding_version": TOKEN_ENCODING_VERSION}
+                             as_params(cfg), skipped)
     key = build_key(cfg, paths, labels, sha)
     rel_names = relative_names(images, paths)
     record = input_record(claim, key)
