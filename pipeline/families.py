@@ -39,15 +39,15 @@ from .checkpoint import (
 )
 from .codefiles import code_digest
 from .formats import TOKENS_LEGACY_FAMILY
-from .models.llamagen import GPT, config_from_spec, load_gpt
-from .models.var import NESTINGS, VARModel, config_from_state_dict, load_var
-from .tokenizers.msvq import MSVQConfig, MSVQModel, load_msvq, load_quantizer, msvq_config_from_spec
-from .tokenizers.vq import VQModel, load_vq, vq_config_from_spec
+from .loaders import VAR_NESTINGS, config_from_state_dict, load_gpt, load_msvq, load_quantizer, load_var, load_vq
+from .models.llamagen import GPT, config_from_spec
+from .models.var import VARModel
+from .tokenizers.msvq import MSVQConfig, MSVQModel, msvq_config_from_spec
+from .tokenizers.vq import VQModel, vq_config_from_spec
 
 # The modules on the path from tokens to log-probs: the models and their layers, the tokenizers (VAR's input is
-# built by its quantiser), the log-softmax sum, the cache's forward loop and autocast. A cache's `logp_code`
-# digests only these, so editing a loader's neighbours (checkpoint, config, outputs: locks, atomic writes)
-# never makes the most expensive artefact stale; editing a model file (which also holds its loader) does.
+# built by its quantiser), the log-softmax sum, the cache's forward loop and autocast. A cache records the digest
+# of these files (`logp_code`) as a note only: what makes a cache stale is pipeline.versions.LOGP_VERSION.
 LOGP_CODE = ("pipeline.models", "pipeline.tokenizers", "pipeline.logprobs", "pipeline.refcache", "pipeline.device")
 
 
@@ -183,7 +183,7 @@ class Family:
     default_tokenizer: ClassVar[str]  # the tokenizer its pipeline runs (build_tokenizer(None)), as `cca-pipe plan` names it
 
     def logp_code(self) -> dict[str, str]:
-        """Digest of the code that computes its log-probs (recorded by the cache, checked by train)."""
+        """Digest of the code that computes its log-probs (recorded by the cache as a note; never checked)."""
         return code_digest([self.model_module, "pipeline.refcache"], within=LOGP_CODE)
 
     def decode_precision(self, device: torch.device):
@@ -297,18 +297,6 @@ class Family:
         return None
 
 
-@contextlib.contextmanager
-def _config_hint(spec: str | None, option: str):
-    """An upstream file (.pt, .safetensors) carries no config: say which command-line option names it (the
-    loaders, in the model files, speak of their Python arguments; their wording is part of the cache's code digest)."""
-    try:
-        yield
-    except CheckpointError as e:
-        if spec is None and "carries no" in str(e):
-            raise CheckpointError(f"{e}; on the command line: {option}") from e
-        raise
-
-
 class LlamaGenFamily(Family):
     name, model_kind, tokenizer_kind, model_module = "llamagen", "llamagen-gpt", "llamagen-vq", "pipeline.models.llamagen"
     decode_dtype = torch.float32  # LlamaGen_sample_ddp.py: the VQ model in float32, decode_code outside any autocast
@@ -324,8 +312,7 @@ class LlamaGenFamily(Family):
         return None
 
     def load_tokenizer(self, path, spec=None):
-        with _config_hint(spec, "--vq-model VQ-16 (or a JSON file of VQConfig fields)"):
-            return load_vq(path, vq_config_from_spec(spec))
+        return load_vq(path, vq_config_from_spec(spec))
 
     def build_tokenizer(self, spec=None):
         return VQModel(vq_config_from_spec(spec or self.default_tokenizer))
@@ -341,8 +328,7 @@ class LlamaGenFamily(Family):
         """`source.gpt_model` names the config of upstream files (they carry none): GPT-B ... GPT-3B, or a JSON
         file; its block size is the layout's sequence length."""
         spec, seq_len = source.gpt_model, (layout or {}).get("seq_len")
-        with _config_hint(spec, "--gpt-model GPT-B (GPT-B ... GPT-3B, or a JSON file of GPTConfig fields)"):
-            return load_gpt(path, config_from_spec(spec, seq_len))
+        return load_gpt(path, config_from_spec(spec, seq_len))
 
     def file_classes(self, path, source, layout, image_size):
         # upstream files carry no config and no positional weights (2D RoPE): with a named gpt_model (GPT-L) the
@@ -454,7 +440,7 @@ class VARFamily(Family):
     def file_classes(self, path, source, layout, image_size):
         obj = load_mapped(path)
         saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
-        sd = extract_state_dict(obj, path, NESTINGS)
+        sd = extract_state_dict(obj, path, VAR_NESTINGS)
         patch_nums = tuple(layout["patch_nums"])
         depth = saved.get("depth") if saved is not None else config_from_state_dict(sd, patch_nums).depth
         if source.depth is not None and source.depth != depth:
@@ -485,7 +471,7 @@ class VARFamily(Family):
 
     def checkpoint_nestings(self, kind):
         # a VAR transformer's training checkpoint nests it (["trainer"]["var_wo_ddp"]); its VQVAE's is unwrapped as usual
-        return NESTINGS if kind == self.model_kind else ()
+        return VAR_NESTINGS if kind == self.model_kind else ()
 
     def param_groups(self, model, weight_decay):
         decay, no_decay = [], []

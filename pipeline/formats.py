@@ -14,7 +14,8 @@ Token store (stage `tokenize`; code in pipeline/tokenstore.py), a Zarr v3 group,
              tokenize settings), inputs_digest (sha256 of the chunks' input digests, in order: what the
              images contained; absent in stores written without an input record, e.g. import-codes),
              fingerprint (sha256 of the shapes/dtypes header + tokens bytes + labels bytes, computed chunk by
-             chunk when the store is finished; present only once it is complete)
+             chunk when the store is finished; present only once it is complete). The encoder's version
+             (pipeline.versions.TOKEN_ENCODING_VERSION) is part of build_key from version 2 on.
     inputs/<k>.json  the input record of chunk k: {"digest": sha256 of its [[path, sha256], ...],
              "files": [[path relative to the image folder, size, mtime_ns, sha256 of the file's bytes, ctime_ns,
              inode (signed 64-bit)], ...]} one entry per row (entries written before ctime and inode were kept
@@ -44,8 +45,10 @@ Reference log-prob cache (stage `reflogp`), a Parquet file, e.g. `data/reflogp/r
     ref_logp_null  float64  log p_phi(x_view | null)   (used by unconditional rows, CCA+CFG)
     schema metadata (provenance, checked by `train`): format, format_version, tokens_fingerprint,
              ref_ckpt_sha256, seed, views, negatives ("other" | "roll": rows with neg_label == label are
-             then positives twice), num_classes, null_class, seq_len, batch_size, logp_code ({source file:
-             sha256} of the code that computes log-probs: editing it makes the cache stale), settings,
+             then positives twice), num_classes, null_class, seq_len, batch_size, logp_version (pipeline.versions.LOGP_VERSION of the
+             code that computed it: a reader refuses another version; absent in caches written before versions
+             were recorded: taken as 1, with a note), logp_code ({source file: sha256} of that code: a note for
+             the curious, never a reason to refuse; a resumed computation ignores it too), settings,
              dropout and drop_path (the reference's rates; 0: eval mode; absent in older caches: 0), mask_rule
              ("eval", or how the train-mode masks were drawn: one draw per cache row keyed by (seed, row,
              pos|neg|null), pipeline.models.layers.noise_keys; independent of batch_size, parts and processes),
@@ -88,6 +91,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .outputs import Claim, atomic_file
+from .versions import LOGP_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +138,7 @@ LOGP_COLUMNS = ("ref_logp_pos", "ref_logp_neg", "ref_logp_null")
 _CACHE_META = ("tokens_fingerprint", "ref_ckpt_sha256", "seed", "num_classes", "null_class", "seq_len")
 REBUILD_CACHE = "rebuild it with `cca-pipe reflogp` (or `dvc repro reflogp`)"
 CONTENT_KEY = "content_sha256"  # provenance key: the digest of each column's values, written with the cache
+NOTE_KEYS = ("logp_code",)  # provenance recorded for people, never compared (a resumed computation keeps its parts)
 
 
 class ColumnDigests:
@@ -231,7 +236,7 @@ class RefCacheParts:
                         rows = -1  # its values are not those written: the merged cache's digest would vouch for them
                 except Exception:  # a damaged part is recomputed
                     meta, rows = {}, -1
-                if all(meta.get(key) == value for key, value in self.provenance.items()) and \
+                if all(meta.get(key) == value for key, value in self.provenance.items() if key not in NOTE_KEYS) and \
                         rows == self.part_range(k)[1] - self.part_range(k)[0]:
                     done.append(k)
         return [k for k in range(self.num_parts) if k not in done]
@@ -280,6 +285,10 @@ def read_ref_cache(path: str | os.PathLike, expect: dict | None = None, store=No
     meta = read_cache_provenance(path)
     if meta.get("format") != CACHE_FORMAT or meta.get("format_version") != CACHE_FORMAT_VERSION:
         raise FormatError(f"{path}: not a cca-pipe reference cache v{CACHE_FORMAT_VERSION}; {REBUILD_CACHE}")
+    version = cache_logp_version(path, meta)
+    if version != LOGP_VERSION:
+        raise FormatError(f"{path} is stale: its log-probs were computed by log-prob version {version!r}, this cca-pipe "
+                          f"computes version {LOGP_VERSION}; {REBUILD_CACHE}")
     for key, value in (expect or {}).items():
         if meta.get(key) != value:
             if isinstance(value, dict) and isinstance(meta.get(key), dict):  # a digest per source file
@@ -301,6 +310,18 @@ def read_ref_cache(path: str | os.PathLike, expect: dict | None = None, store=No
     if rows is None:
         verify_cache_content(path, columns, meta)
     return columns, meta
+
+
+def cache_logp_version(path: Path, meta: dict):
+    """The LOGP_VERSION a cache was computed by. Caches written before versions were recorded carry only the
+    file digest (logp_code), which is no reason to refuse (rebuilding an ImageNet cache costs GPU-hours):
+    they are version 1, the version of the code that wrote them, with a note; train's step-0 check still
+    recomputes 64 of their rows (docs/safety.md)."""
+    if "logp_version" in meta:
+        return meta["logp_version"]
+    log.warning("%s records no logp_version (written before cca-pipe versioned its log-prob computation): taken as "
+                "version 1; train's step-0 check recomputes some of its rows", path)
+    return 1
 
 
 def verify_cache_content(path: Path, columns: dict[str, np.ndarray], meta: dict) -> None:

@@ -3,7 +3,7 @@
 CCA's ratio log p_theta(x|c) - log p_phi(x|c) (paper Eq. 10/12) is a difference of two sums over
 hundreds of tokens, each in the thousands of nats. The cache (reflogp) and the policy (train) must
 compute it identically, so both call `sequence_logp` (the model's forward): float32 log-softmax even under
-bf16 autocast (shared/reference/ecosystem.md: a bf16 sum over 256 tokens is off by ~4 nats), summed in float32.
+bf16 autocast (docs/upstream.md, "Precision of the log-probs": a bf16 sum over 256 tokens is off by ~4 nats), summed in float32.
 """
 
 from __future__ import annotations

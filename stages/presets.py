@@ -1,7 +1,7 @@
 """The released CCA recipes as presets, resolved in one place (`resolve`).
 
 Values from the paper (Appendix E, Table 4) and the released scripts, written out in
-shared/reference/cca_official.md: LlamaGen_finetune.py (B, L, XL), LlamaGen_finetune_fsdp.py (XXL, 3B),
+docs/upstream.md, "The released CCA recipes": LlamaGen_finetune.py (B, L, XL), LlamaGen_finetune_fsdp.py (XXL, 3B),
 VAR_finetune.py with VAR's lr_control.py. A preset is named by the top-level `preset:` of params.yaml or by
 `cca-pipe --preset NAME`; it sets every section the recipe concerns (SECTIONS, in params.yaml spelling: the
 training data's views, the reference cache, train, eval's sampler) and may say which model it is meant for

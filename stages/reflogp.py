@@ -24,6 +24,7 @@ from pipeline.parallel import STRATEGIES, distribute
 from pipeline.progress import progress
 from pipeline.refcache import MASK_RULE, NEGATIVES, ReferenceNoise, draw_pairs, reference_logps
 from pipeline.tokenstore import open_token_store
+from pipeline.versions import LOGP_VERSION
 
 from .loading import load_for_store
 from .params import as_params
@@ -109,7 +110,8 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
         "drop_path": cfg.drop_path,
         "visits": cfg.num_visits,
         "mask_rule": MASK_RULE if noise.active else "eval",
-        "logp_code": family.logp_code(),
+        "logp_version": LOGP_VERSION,  # what decides staleness (pipeline.versions)
+        "logp_code": family.logp_code(),  # a note: which files computed it
         "settings": as_params(cfg),
         "num_classes": store.num_classes,
         "null_class": model.cfg.null_class,

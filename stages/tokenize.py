@@ -53,6 +53,7 @@ from pipeline.tokenstore import (
     store_attributes,
     store_attrs,
 )
+from pipeline.versions import TOKEN_ENCODING_VERSION
 
 from .params import as_params
 
@@ -93,8 +94,11 @@ class TokenizeConfig:
 
 
 def build_key(cfg: TokenizeConfig, paths: list[Path], labels: np.ndarray, tokenizer_sha256: str) -> str:
-    """Everything that determines the tokens; a store with another key is not resumed but rebuilt."""
-    return settings_digest([cfg, tokenizer_sha256, [path_key(p) for p in paths], hashlib.sha256(labels.tobytes()).hexdigest()])
+    """Everything that determines the tokens; a store with another key is not resumed but rebuilt. The
+    encoder's version (pipeline.versions) enters it from version 2 on: the stores of version 1 keep their key."""
+    version = [] if TOKEN_ENCODING_VERSION == 1 else [TOKEN_ENCODING_VERSION]
+    return settings_digest([cfg, tokenizer_sha256, [path_key(p) for p in paths], hashlib.sha256(labels.tobytes()).hexdigest(),
+                            *version])
 
 
 def drop_bad_images(paths: list[Path], labels: np.ndarray, max_fraction: float,

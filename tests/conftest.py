@@ -21,9 +21,10 @@ SLOW_MODULES = {
     "test_distributed", "test_fsdp",  # torchrun, 2 processes
     "test_dvc_smoke", "test_imagenet_pipeline", "test_var_pipeline", "test_shipped_pipelines",  # dvc repro
     "test_resume", "test_tokenize_resume", "test_hostile_inputs",  # the CLI in subprocesses, killed and rerun
-    "test_tiny_golden",  # reflogp, train and eval end to end
 }
 SLOW_TESTS = {
+    "test_tiny_golden.py::test_tiny_pipeline_matches_the_recorded_values",  # reflogp, train and eval end to end
+    "test_staleness.py::test_editing_messages_and_help_leaves_the_cache_and_tokens_valid",  # dvc repro, cca-pipe train
     "test_report.py::test_sweep_expands_into_named_stages",  # dvc stage list
     "test_dvc_deps.py::test_dvc_parses_every_pipeline",  # dvc, once per pipeline
     # tokenize, reflogp and train through the CLI (in process)

@@ -17,7 +17,8 @@ from pipeline.checkpoint import CheckpointError, save_checkpoint
 from pipeline.device import OutOfMemory
 from pipeline.formats import FormatError
 from pipeline.images import ImageFolderError, list_image_folder, open_rgb
-from pipeline.models.llamagen import GPT, GPTConfig, load_gpt
+from pipeline.loaders import load_gpt
+from pipeline.models.llamagen import GPT, GPTConfig
 from pipeline.tokenizers.vq import VQConfig, VQModel
 from pipeline.tokenstore import open_token_store, write_token_store
 from stages import cli

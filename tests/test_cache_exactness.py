@@ -12,9 +12,10 @@ import torch
 from pipeline.alignment import AlignmentRun, loss_for_batch, make_batch, policy_logps
 from pipeline.checkpoint import save_checkpoint
 from pipeline.families import LLAMAGEN
+from pipeline.loaders import load_gpt
 from pipeline.logprobs import sequence_logp
 from pipeline.losses import cca_loss
-from pipeline.models.llamagen import GPTConfig, load_gpt
+from pipeline.models.llamagen import GPTConfig
 from pipeline.refcache import draw_pairs, reference_logps
 from stages.train import TrainConfig
 

@@ -1,32 +1,17 @@
-"""Every DVC stage depends on the source files it runs (derived from the imports, pipeline/codefiles.py), so
-editing code that computes a stage's output makes DVC rerun it; and `report` a ready `dvc repro`."""
+"""Every DVC stage depends on the source files it runs (derived from the imports, pipeline/codefiles.py, by the
+rule of stages/dvcdeps.py), so editing code that computes a stage's output makes DVC rerun it, and tokenize and
+reflogp on nothing else (their staleness is versioned: pipeline/versions.py); and `report` a ready `dvc repro`."""
 
 from __future__ import annotations
 
 import os
-import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pipeline.codefiles import ROOT, closure
-from stages.cli import STAGES
-
-DVC_FILES = [ROOT / "dvc.yaml", ROOT / "pipelines/imagenet-llamagen/dvc.yaml", ROOT / "pipelines/imagenet-var/dvc.yaml",
-             ROOT / "pipelines/paper/dvc.yaml"]
-MODULES = {command: module for command, (module, _, _) in STAGES.items()} | {"report": "report", "import-codes": "import_codes",
-                                                                             "paper": "paper", "check": "check"}
-
-
-def required_files(command: str) -> list[Path]:
-    """What `cca-pipe <command>` runs: the stage's module and everything it imports, with the CLI itself."""
-    return sorted({*closure([f"stages.{MODULES[command]}", "stages.params"]), ROOT / "stages/cli.py"})
-
-
-def stage_command(cmd: str) -> str:
-    words = shlex.split(cmd.replace("\n", " "))
-    return next(w for w in words[1:] if w in MODULES)
+from stages.dvcdeps import DVC_FILES, required_files, rewritten, stage_command
 
 
 @pytest.mark.parametrize("dvc_file", DVC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -39,8 +24,43 @@ def test_every_stage_depends_on_the_code_it_imports(dvc_file: Path):
         for needed in required_files(stage_command(stage["cmd"])):
             if not any(needed == d or d in needed.parents for d in deps):
                 problems.append(f"{name}: {os.path.relpath(needed, dvc_file.parent)}")
-    assert not problems, (f"{dvc_file.relative_to(ROOT)} misses code deps (python tests/update_dvc_deps.py adds them):\n"
+    assert not problems, (f"{dvc_file.relative_to(ROOT)} misses code deps (python -m stages.dvcdeps adds them):\n"
                           + "\n".join(problems))
+
+
+@pytest.mark.parametrize("dvc_file", DVC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_code_deps_are_exactly_the_rules(dvc_file: Path):
+    """No stale extra code deps either (a file no longer imported, or the CLI on a versioned stage)."""
+    assert rewritten(dvc_file) == dvc_file.read_text(), (
+        f"{dvc_file.relative_to(ROOT)}: its code deps differ from stages/dvcdeps.py's rule: run python -m stages.dvcdeps")
+
+
+NOT_COMPUTING = ("stages/cli.py", "stages/params.py", "stages/loading.py", "pipeline/outputs.py", "pipeline/formats.py",
+                 "pipeline/tokenstore.py", "pipeline/refcache.py", "pipeline/loaders.py", "pipeline/families.py",
+                 "pipeline/checkpoint.py", "pipeline/config.py", "pipeline/codefiles.py")
+
+
+@pytest.mark.parametrize("dvc_file", DVC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_tokenize_and_reflogp_depend_on_what_computes_their_outputs_only(dvc_file: Path):
+    """Editing a --help string (stages/cli.py), a message of the cache code or a loader, or a writer reruns neither
+    tokenize nor reflogp, in any pipeline (the ImageNet ones included); editing a model or tokenizer, or bumping
+    a version (pipeline/versions.py), reruns them."""
+    stages = yaml.safe_load(dvc_file.read_text())["stages"]
+    seen = set()
+    for name, stage in stages.items():
+        stage = stage.get("do", stage)
+        command = stage_command(stage["cmd"])
+        if command not in ("tokenize", "reflogp"):
+            continue
+        seen.add(command)
+        deps = {os.path.relpath(os.path.normpath(dvc_file.parent / d), ROOT) for d in stage["deps"] if "${" not in str(d)}
+        assert not deps & set(NOT_COMPUTING), (name, sorted(deps & set(NOT_COMPUTING)))
+        assert {"pipeline/versions.py", f"stages/{command}.py", "pipeline/tokenizers/msvq.py"} <= deps, name
+        if command == "reflogp":
+            assert {"pipeline/models/llamagen.py", "pipeline/models/var.py", "pipeline/logprobs.py"} <= deps, name
+        else:
+            assert {"pipeline/tokenizers/vq.py", "pipeline/images.py"} <= deps, name
+    assert seen, f"{dvc_file.relative_to(ROOT)} runs neither tokenize nor reflogp"
 
 
 def test_the_derivation_follows_imports():

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models.llamagen import GPT, load_gpt
-from pipeline.models.var import VAR, VARModel, load_var
+from pipeline.loaders import load_gpt, load_var
+from pipeline.models.llamagen import GPT
+from pipeline.models.var import VAR, VARModel
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))

@@ -1,5 +1,5 @@
 """The LlamaGen GPT: upstream state-dict keys and shapes, and logits against an independent implementation
-written from the equations in shared/reference/llamagen.md (explicit loops, no shared code)."""
+written from the equations in docs/upstream.md ("LlamaGen") (explicit loops, no shared code)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from pipeline.models.llamagen import GPT, GPTConfig, gpt_config
 from pipeline.tokenizers.vq import VQModel, vq_config
 
-# key/shape lists of the released GPT-B and VQ-16 checkpoints (copied from shared/reference into the tests)
+# key/shape lists of the released GPT-B and VQ-16 checkpoints (docs/upstream.md, "LlamaGen"; copied into the tests)
 REFERENCE = Path(__file__).resolve().parent / "golden"
 
 

@@ -198,7 +198,7 @@ def test_the_step0_check_sees_damage_where_the_first_batch_does_not_reach(tiny_g
     from pipeline.checkpoint import save_checkpoint
     from pipeline.distributed import World
     from pipeline.families import LLAMAGEN
-    from pipeline.models.llamagen import load_gpt
+    from pipeline.loaders import load_gpt
     from pipeline.refcache import CacheMismatch, ReferenceNoise, reference_logps
     from stages.train import TrainConfig
 
@@ -234,7 +234,7 @@ def test_train_step0_rows_sets_the_check_and_its_cost_is_logged(tiny_gpt, tmp_pa
     from pipeline.config import ConfigError
     from pipeline.distributed import World
     from pipeline.families import LLAMAGEN
-    from pipeline.models.llamagen import load_gpt
+    from pipeline.loaders import load_gpt
     from pipeline.refcache import ReferenceNoise, check_cache_rows, reference_logps
     from stages.train import TrainConfig
 

@@ -13,6 +13,8 @@ contiguous splits of the file): `sample_digests` stay those of 2026-12-02, in sa
 sorted back by their sample_index), and every one of the 72 images was the recorded one; `sample_sha256` (of
 arr_0 as written) and the metrics were re-recorded (`--record-eval`): FID moved by at most 8e-8 relative (features
 summed in another order), IS by 3e-8 (12 images in 10 splits: IS ~1 in any order), the others not at all.
+Also on 2026-12-07 (issue 31) `logp_version` was added by hand: 1, the pipeline.versions.LOGP_VERSION of the
+code the cache was recorded with (that version is defined as the math of then); the values are unchanged.
 
 What is compared, and how closely (the suite must pass on any CPU the README's install reaches: runs are
 deterministic on one machine, but another CPU's kernels (AVX-512, AVX2, or none: try
@@ -44,6 +46,8 @@ import pytest
 import torch
 import yaml
 from worlds import write_reference_images
+
+from pipeline.versions import LOGP_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "tiny_pipeline.json"
@@ -84,26 +88,38 @@ def build_world(root: Path) -> Path:
     return root
 
 
-def run_pipeline(root: Path) -> dict:
-    """reflogp -> train -> eval through the CLI; returns what is compared."""
+def _cli(root: Path, *args) -> None:
     from click.testing import CliRunner
 
-    from pipeline import evaluation
     from stages.cli import main
 
-    def cli(*args):
-        result = CliRunner().invoke(main, ["--params", str(root / "params.yaml"), *map(str, args)], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["--params", str(root / "params.yaml"), *map(str, args)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
 
-    cli("reflogp", "--tokens", root / "tokens.zarr", "--ref", root / "gpt.pt", "--out", root / "cache.parquet")
+
+def run_reflogp(root: Path) -> dict:
+    """reflogp through the CLI; returns the cache's columns as compared."""
+    import pyarrow.parquet as pq
+
+    _cli(root, "reflogp", "--tokens", root / "tokens.zarr", "--ref", root / "gpt.pt", "--out", root / "cache.parquet")
+    cache = pq.read_table(root / "cache.parquet").to_pydict()
+    return {k: [float(x) for x in v] if k.startswith("ref_logp") else [int(x) for x in v] for k, v in cache.items()}
+
+
+def run_pipeline(root: Path) -> dict:
+    """reflogp -> train -> eval through the CLI; returns what is compared."""
+
+    from pipeline import evaluation
+
+    def cli(*args):
+        _cli(root, *args)
+
+    cache = run_reflogp(root)
     cli("train", "--tokens", root / "tokens.zarr", "--cache", root / "cache.parquet", "--init", root / "gpt.pt",
         "--out", root / "train")
     cli("eval", "--vq", root / "vq.pt", "--base", root / "gpt.pt", "--policy", root / "train/policy.pt",
         "--reference", root / "ref", "--classifier", root / "clf.pt", "--out", root / "eval")
 
-    import pyarrow.parquet as pq
-
-    cache = pq.read_table(root / "cache.parquet").to_pydict()
     policy = torch.load(root / "train/policy.pt", weights_only=True)["model"]
     log = [json.loads(line) for line in (root / "train/metrics.jsonl").read_text().splitlines()]
     metrics = json.loads((root / "eval/metrics.json").read_text())
@@ -117,7 +133,8 @@ def run_pipeline(root: Path) -> dict:
             assert labels.tolist() == np.repeat(np.arange(3), 4).tolist(), path.name  # paired with their images
             digests[path.stem] = [hashlib.sha256(image.tobytes()).hexdigest()[:16] for image in sampled]
     return {
-        "cache": {k: [float(x) for x in v] if k.startswith("ref_logp") else [int(x) for x in v] for k, v in cache.items()},
+        "logp_version": LOGP_VERSION,  # what the cache was computed by: the guard below compares it
+        "cache": cache,
         "train_loss": [r["loss"] for r in log],
         "train_rewards_pos": [r["rewards/pos"] for r in log],
         "policy_sums": {k: float(v.double().sum()) for k, v in sorted(policy.items())},
@@ -134,9 +151,30 @@ def _worst(now: list[float], recorded: list[float], relative_to: float) -> float
     return max(abs(a - b) / max(relative_to, abs(b)) for a, b in zip(now, recorded, strict=True))
 
 
+def _cache_moved(now: dict, golden: dict) -> list[str]:
+    """The cache columns that differ from the golden ones: integers exactly, log-probs beyond 1e-5 relative."""
+    moved = [k for k in ("row", "label", "neg_label", "view") if now[k] != golden[k]]
+    return moved + [k for k in ("ref_logp_pos", "ref_logp_neg", "ref_logp_null") if _worst(now[k], golden[k], 0.0) > 1e-5]
+
+
+def test_the_cached_log_probs_move_only_with_a_version_bump(tmp_path):
+    """Staleness of a reference cache is decided by LOGP_VERSION (pipeline/versions.py), not by which files
+    changed: this guard, with the step-0 check, is what keeps that honest. The golden cached log-probs were
+    computed at the recorded logp_version; with the same version they must come out again."""
+    golden = json.loads(GOLDEN.read_text())
+    moved = _cache_moved(run_reflogp(build_world(tmp_path)), golden["cache"])
+    assert golden["logp_version"] == LOGP_VERSION, (
+        f"the goldens were recorded at LOGP_VERSION {golden['logp_version']}, now {LOGP_VERSION}: regenerate the goldens "
+        "(python tests/test_tiny_golden.py --record)")
+    assert not moved, (f"the log-prob math changed (cache columns {', '.join(moved)} moved from {GOLDEN.name}): bump "
+                       "LOGP_VERSION and regenerate the goldens")
+
+
 def test_tiny_pipeline_matches_the_recorded_values(tmp_path):
     golden = json.loads(GOLDEN.read_text())
     now = run_pipeline(build_world(tmp_path))
+    assert now["logp_version"] == golden["logp_version"]
+    assert not _cache_moved(now["cache"], golden["cache"])
     for k in ("row", "label", "neg_label", "view"):
         assert now["cache"][k] == golden["cache"][k], k
     for k in ("ref_logp_pos", "ref_logp_neg", "ref_logp_null"):
@@ -160,6 +198,7 @@ if __name__ == "__main__" and ("--record" in sys.argv or "--record-eval" in sys.
         values = run_pipeline(build_world(Path(tmp)))
     if "--record-eval" in sys.argv:  # keep the cache and train values, replace the eval ones
         values = {**json.loads(GOLDEN.read_text()), **{k: values[k] for k in ("eval", "sample_sha256", "sample_digests")}}
+    values = {"logp_version": values.pop("logp_version"), **values}
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps(values, indent=1) + "\n")
     print(f"recorded {GOLDEN}")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import yaml
 import pipeline.alignment
 from pipeline.alignment import AlignConfig, StepRows
 from pipeline.checkpoint import save_checkpoint
-from pipeline.config import ConfigError, key_of
+from pipeline.config import ConfigError
 from pipeline.formats import TRAIN_STEP_LOG
 from pipeline.models.llamagen import GPT, GPTConfig
 from pipeline.tokenstore import write_token_store
@@ -192,28 +191,10 @@ def test_config_train_resolves_every_preset_as_before_the_split():
     assert resolved_train_settings(ROOT) == GOLDEN.read_text()
 
 
-def tracked_train_params(stage: dict) -> list[str]:
-    """The train params a DVC stage listing them one by one (dvc.yaml's sweep-train) tracks: every key of
-    TrainConfig but those its command sets (`--set train.KEY=`: the sweep's matrix) and those whose every value
-    gives the same weights (`setting(same_result=True)`). tests/update_dvc_deps.py writes them."""
-    set_by_command = set(re.findall(r"--set\s+[\"']?train\.(\w+)=", stage["cmd"]))
-    return [f"train.{key_of(f)}" for f in dataclasses.fields(TrainConfig)
-            if key_of(f) not in set_by_command and not f.metadata.get("same_result")]
-
-
-def lists_train_params(stage: dict) -> bool:
-    """A stage running `cca-pipe train` that lists train params one by one (others track a key or two of them,
-    e.g. reflogp's train.epochs)."""
-    from test_dvc_deps import stage_command
-
-    return stage_command(stage["cmd"]) == "train" and any(isinstance(p, str) and p.startswith("train.")
-                                                          for p in stage.get("params", []))
-
-
 def test_dvc_tracks_the_train_config_s_keys():
     """A stage that lists train params one by one tracks exactly tracked_train_params: a new setting is a field
-    and a params.yaml line (and `python tests/update_dvc_deps.py`), not a third list to remember."""
-    from test_dvc_deps import DVC_FILES
+    and a params.yaml line (and `python -m stages.dvcdeps`), not a third list to remember."""
+    from stages.dvcdeps import DVC_FILES, lists_train_params, tracked_train_params
 
     listing = {}
     for dvc_file in DVC_FILES:
@@ -224,7 +205,7 @@ def test_dvc_tracks_the_train_config_s_keys():
                 listing[f"{dvc_file.relative_to(ROOT)}: {name}"] = train
                 assert train == tracked_train_params(stage), (
                     f"{dvc_file.relative_to(ROOT)}: {name} lists other train params than TrainConfig's (python "
-                    f"tests/update_dvc_deps.py rewrites them): {set(train) ^ set(tracked_train_params(stage))}")
+                    f"-m stages.dvcdeps rewrites them): {set(train) ^ set(tracked_train_params(stage))}")
     assert list(listing) == ["dvc.yaml: sweep-train"]  # the one stage whose matrix sets train keys
     assert {"train.lambda", "train.beta", "train.save_every"}.isdisjoint(listing["dvc.yaml: sweep-train"])
     assert "train.lr" in listing["dvc.yaml: sweep-train"]

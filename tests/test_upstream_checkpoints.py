@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models.llamagen import GPT, config_from_spec, gpt_config, load_gpt
+from pipeline.loaders import load_gpt
+from pipeline.models.llamagen import GPT, config_from_spec, gpt_config
 
 
 def _logits(model: GPT) -> torch.Tensor:

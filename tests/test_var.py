@@ -1,7 +1,7 @@
 """VAR (next-scale prediction): upstream layouts, equations, sampler vs teacher forcing, cache exactness.
 
 Reduced models (2 blocks, width 64, scales 1,2,3,4 on a 4x4 latent) with random weights; the full-size
-configs are checked on the meta device against shared/reference/var.md (keys, shapes, parameter counts).
+configs are checked on the meta device against docs/upstream.md, "VAR" (keys, shapes, parameter counts).
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from pipeline.alignment import loss_for_batch, make_batch, policy_logps
 from pipeline.checkpoint import CheckpointError, save_checkpoint
 from pipeline.families import VAR as VAR_FAMILY
 from pipeline.families import ModelSource, family_of, load_model
+from pipeline.loaders import load_msvq, load_quantizer, load_var
 from pipeline.losses import cca_loss
-from pipeline.models.var import VAR, VARConfig, VARModel, load_var, var_config
+from pipeline.models.var import VAR, VARConfig, VARModel, var_config
 from pipeline.refcache import draw_pairs, reference_logps
 from pipeline.sampling import filter_logits_var, sample_var
-from pipeline.tokenizers.msvq import MSVQConfig, MSVQModel, load_msvq, load_quantizer, scale_bounds
+from pipeline.tokenizers.msvq import MSVQConfig, MSVQModel, scale_bounds
 from stages.train import TrainConfig
 
 CPU = torch.device("cpu")
@@ -53,7 +54,7 @@ def world():
 
 
 def test_full_size_configs_match_the_release():
-    """Keys, shapes and parameter counts of var_d16..d30 and vae_ch160v4096z32 (shared/reference/var.md)."""
+    """Keys, shapes and parameter counts of var_d16..d30 and vae_ch160v4096z32 (docs/upstream.md, "VAR")."""
     counts = {16: 310.28, 20: 600.92, 24: 1033.40, 30: 2010.02}
     with torch.device("meta"):
         for depth, millions in counts.items():

@@ -17,7 +17,8 @@ from pipeline.config import ConfigError
 from pipeline.distributed import World
 from pipeline.families import LLAMAGEN
 from pipeline.formats import FormatError, read_ref_cache, write_ref_cache
-from pipeline.models.llamagen import GPT, GPTConfig, load_gpt
+from pipeline.loaders import load_gpt
+from pipeline.models.llamagen import GPT, GPTConfig
 from pipeline.refcache import ReferenceNoise, check_cache_rows, draw_pairs, reference_logps, row_keys
 from pipeline.tokenstore import open_token_store, write_token_store
 from stages import reflogp as reflogp_stage

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.tokenizers.vq import VQConfig, VQModel, load_vq
+from pipeline.loaders import load_vq
+from pipeline.tokenizers.vq import VQConfig, VQModel
 
 # VQ-16's layout (5 levels, 16x downsampling) at reduced width
 SMALL16 = VQConfig(codebook_size=128, codebook_embed_dim=8, ch=16, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, z_channels=32,

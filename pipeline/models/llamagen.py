@@ -2,7 +2,7 @@
 
 References:
 - LlamaGen, "Autoregressive Model Beats Diffusion" (Sun et al., 2024), `autoregressive/models/gpt.py`;
-  facts used here are collected in `shared/reference/llamagen.md`.
+  facts used here are collected in docs/upstream.md, "LlamaGen".
 - Llama: RMSNorm, SwiGLU feed-forward, rotary position embedding (here the 2D variant).
 
 State-dict keys match upstream exactly (`cls_embedding.embedding_table.weight`, `tok_embeddings.weight`,
@@ -22,7 +22,6 @@ path) is present but off (p = 0) until `set_dropout` turns it on for fine-tuning
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
@@ -30,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict
-from ..config import build_dataclass, config_from_json, named_config
+from ..config import config_from_json, named_config
 from ..logprobs import token_logp
 from .layers import DropPath, KeyedDropout, LambdaEmbedding, linear_rates, number_sites, run_blocks
 
@@ -85,7 +83,7 @@ class GPTConfig:
         return asdict(self)
 
 
-# Named upstream configurations (shared/reference/llamagen.md, table "GPT configs").
+# Named upstream configurations (docs/upstream.md, "Named GPT configurations").
 GPT_CONFIGS: dict[str, dict] = {
     "GPT-B": dict(n_layer=12, n_head=12, dim=768),
     "GPT-L": dict(n_layer=24, n_head=16, dim=1024),
@@ -334,25 +332,3 @@ class GPT(nn.Module):
     def clear_kv_cache(self) -> None:
         for layer in self.layers:
             layer.attention.kv_cache = None
-
-
-def load_gpt(path: str | os.PathLike, cfg: GPTConfig | None = None) -> GPT:
-    """Load a GPT from an upstream or cca-pipe checkpoint, strictly.
-
-    cfg: required for upstream files (they carry no config: use `gpt_config("GPT-B", block_size=...)`);
-    our own files carry their config, which must then agree with cfg if both are given.
-    """
-    obj = load_file(path)
-    saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
-    stored = build_dataclass(GPTConfig, saved, f"checkpoint {path}: its config", CheckpointError) if saved is not None else None
-    if cfg is None:
-        if stored is None:
-            raise CheckpointError(
-                f"checkpoint {path} carries no model config: pass one, e.g. gpt_config('GPT-B', block_size=256)"
-            )
-        cfg = stored
-    elif stored is not None and stored != cfg:
-        raise CheckpointError(f"checkpoint {path} was saved with config {saved}, but {cfg.to_dict()} was requested")
-    model = GPT(cfg)
-    load_strict(model, extract_state_dict(obj, path), path)
-    return model

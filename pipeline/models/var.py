@@ -1,7 +1,7 @@
 """VAR class-conditional next-scale transformer (`var_d{16,20,24,30}.pth`), checkpoint-compatible.
 
 References: VAR, "Visual Autoregressive Modeling" (Tian et al., 2024), `models/var.py`, `basic_var.py`;
-facts in `shared/reference/var.md`.
+facts in docs/upstream.md, "VAR".
 
 Sequence layout (L = 680 for patch_nums 1..16): position 0 is the start slot (class embedding +
 `pos_start`) and predicts the 1x1 scale; the positions of scale k > 0 hold the running reconstruction
@@ -22,7 +22,6 @@ pipeline trains and samples (pipeline.families). Its checkpoint keeps only the t
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, replace
 from typing import ClassVar
 
@@ -30,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import KIND_KEY, CheckpointError, extract_state_dict, load_file, load_strict
-from ..config import ConfigError, build_dataclass
+from ..config import ConfigError
 from ..logprobs import token_logp
 from ..tokenizers.msvq import VAR_PATCH_NUMS, MultiScaleQuantizer, scale_bounds
 from .layers import DropPath, LambdaEmbedding, linear_rates, number_sites, run_blocks
@@ -78,21 +76,6 @@ class VARConfig:
 def var_config(depth: int, **overrides) -> VARConfig:
     """The release's config for a depth (16, 20, 24, 30): C = 64 depth, heads = depth."""
     return VARConfig(depth=depth, **overrides)
-
-
-def config_from_state_dict(sd: dict[str, torch.Tensor], patch_nums: tuple[int, ...] = VAR_PATCH_NUMS) -> VARConfig:
-    """Everything but patch_nums is readable from the weights' shapes (upstream files carry no config)."""
-    try:
-        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-        classes, width = sd["class_emb.weight"].shape
-        heads = sd["blocks.0.attn.scale_mul_1H11"].shape[1]
-        vocab, cvae = sd["head.weight"].shape[0], sd["word_embed.weight"].shape[1]
-        mlp = sd["blocks.0.ffn.fc1.weight"].shape[0] / width
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"not a VAR state dict (missing {e}); note that attn_l2_norm=False models "
-                              "(no scale_mul_1H11) are not supported") from e
-    return VARConfig(depth=depth, width=width, heads=heads, num_classes=classes - 1, vocab_size=vocab, cvae=cvae,
-                     patch_nums=patch_nums, mlp_ratio=mlp)
 
 
 class SelfAttention(nn.Module):
@@ -312,35 +295,3 @@ class VARModel(nn.Module):
         super().train(mode)
         self.quantizer.eval()
         return self
-
-
-NESTINGS = (("trainer", "var_wo_ddp"), ("trainer",))  # VAR's own / CCA's trainer checkpoints
-
-
-def load_var_state_dict(path: str | os.PathLike) -> tuple[dict, dict | None]:
-    obj = load_file(path)
-    saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
-    if saved is not None and obj.get(KIND_KEY) != "var":
-        raise CheckpointError(f"checkpoint {path} is a {obj.get(KIND_KEY)!r} checkpoint, not a VAR transformer")
-    return extract_state_dict(obj, path, NESTINGS), saved
-
-
-def load_var(path: str | os.PathLike, depth: int | None = None, patch_nums: tuple[int, ...] | None = None) -> VAR:
-    """Load a VAR transformer strictly from `var_d<depth>.pth`, a VAR/CCA training checkpoint
-    (["trainer"]["var_wo_ddp"] / ["trainer"]) or a cca-pipe policy. `depth`, when given, must match."""
-    sd, saved = load_var_state_dict(path)
-    if saved is not None:
-        cfg = build_dataclass(VARConfig, saved, f"checkpoint {path}: its config", CheckpointError)
-    else:
-        cfg = config_from_state_dict(sd, tuple(patch_nums) if patch_nums else VAR_PATCH_NUMS)
-        if sd.get("pos_1LC") is not None and sd["pos_1LC"].shape[1] != cfg.seq_len:
-            raise CheckpointError(f"checkpoint {path} has {sd['pos_1LC'].shape[1]} positions but patch_nums "
-                                  f"{cfg.patch_nums} make {cfg.seq_len}: tokenize with the scales the model was trained on")
-    if patch_nums is not None and tuple(patch_nums) != cfg.patch_nums:
-        raise CheckpointError(f"checkpoint {path} uses patch_nums {cfg.patch_nums}, the tokens {tuple(patch_nums)}")
-    if depth is not None and depth != cfg.depth:
-        raise CheckpointError(f"checkpoint {path} is VAR-d{cfg.depth} ({cfg.depth} blocks, width {cfg.width}), "
-                              f"but depth {depth} was requested: set depth: {cfg.depth} or use var_d{depth}.pth")
-    model = VAR(cfg)
-    load_strict(model, sd, path)
-    return model

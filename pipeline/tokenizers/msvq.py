@@ -1,7 +1,7 @@
 """VAR's multi-scale residual VQVAE (`vae_ch160v4096z32.pth`), checkpoint-compatible with the release.
 
 References: VAR, "Visual Autoregressive Modeling" (Tian et al., 2024), `models/vqvae.py`, `quant.py`,
-`basic_vae.py`; facts in `shared/reference/var.md`. The encoder/decoder are the latent-diffusion vq-f16
+`basic_vae.py`; facts in docs/upstream.md, "VAR". The encoder/decoder are the latent-diffusion vq-f16
 ones (ch_mult 1,1,2,2,4: 16x downsampling; GroupNorm(32) eps 1e-6; one self-attention at the lowest
 resolution and in the middle; the attention's q|k|v come from one 1x1 conv `qkv`).
 
@@ -16,7 +16,6 @@ encoder/decoder weights in memory.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -24,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import KIND_KEY, CheckpointError, extract_state_dict, load_file, load_strict
-from ..config import build_dataclass, config_from_json, named_config
+from ..config import config_from_json, named_config
 
 VAR_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -356,46 +354,3 @@ class MSVQModel(nn.Module):
         """(B, L) codes -> images (B, 3, H, W) in [-1, 1]."""
         f_hat = self.quantize.codes_to_features(tokens)
         return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1)
-
-
-# VAR's training checkpoints nest the weights: ["trainer"]["vae_local"] (VQVAE training) or a plain dict.
-NESTINGS = (("trainer", "vae_wo_ddp"), ("trainer", "vae_local"), ("trainer",))
-
-
-def _load_msvq_sd(path, cfg: MSVQConfig | None) -> tuple[dict, MSVQConfig]:
-    obj = load_file(path)
-    saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
-    if saved is not None and obj.get(KIND_KEY) != "var-vqvae":
-        raise CheckpointError(f"checkpoint {path} is a {obj.get(KIND_KEY)!r} checkpoint, not VAR's VQVAE")
-    stored = build_dataclass(MSVQConfig, saved, f"checkpoint {path}: its config", CheckpointError) if saved is not None else None
-    if cfg is None:
-        cfg = stored if stored is not None else MSVQConfig()
-    elif stored is not None and stored != cfg:
-        raise CheckpointError(f"checkpoint {path} was saved with config {saved}, but {cfg.to_dict()} was requested")
-    sd = extract_state_dict(obj, path, NESTINGS)
-    # a training statistic sized by the number of scales; upstream replaces it too when that differs
-    hits = sd.get("quantize.ema_vocab_hit_SV")
-    if hits is not None and hits.shape[0] != len(cfg.patch_nums):
-        sd["quantize.ema_vocab_hit_SV"] = torch.zeros(len(cfg.patch_nums), hits.shape[1])
-    return sd, cfg
-
-
-def load_msvq(path: str | os.PathLike, cfg: MSVQConfig | None = None) -> MSVQModel:
-    """The full VQVAE (encoder + quantiser + decoder), strictly, from `vae_ch160v4096z32.pth` or our files."""
-    sd, cfg = _load_msvq_sd(path, cfg)
-    model = MSVQModel(cfg)
-    load_strict(model, sd, path)
-    return model
-
-
-def load_quantizer(path: str | os.PathLike, cfg: MSVQConfig | None = None) -> MultiScaleQuantizer:
-    """Only `quantize.*` (codebook + phi convs) of a VQVAE file: what reflogp/train need; strict on those keys."""
-    sd, cfg = _load_msvq_sd(path, cfg)
-    quant = MultiScaleQuantizer(cfg)
-    prefix = "quantize."
-    sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    if not sub:
-        raise CheckpointError(f"checkpoint {path} has no 'quantize.*' entries: is it VAR's VQVAE (vae_ch160v4096z32.pth)?")
-    load_strict(quant, sub, path)
-    return quant
-

@@ -1,6 +1,6 @@
 """LlamaGen's VQ tokenizer (VQGAN-style conv encoder/decoder with an l2-normalised low-dim codebook).
 
-Reference: LlamaGen `tokenizer/tokenizer_image/vq_model.py`; facts in `shared/reference/llamagen.md`.
+Reference: LlamaGen `tokenizer/tokenizer_image/vq_model.py`; facts in docs/upstream.md, "VQ tokenizer".
 Keys match `vq_ds16_c2i.pt` exactly (`encoder.conv_blocks.N.res.M...`, `quantize.embedding.weight`,
 `quantize.codebook_used`, `quant_conv`, `post_quant_conv`), so the public file loads with strict=True.
 
@@ -9,15 +9,13 @@ Images enter in [-1, 1], (B, 3, H, W). Codes are row-major over the (H/ds, W/ds)
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointError, extract_state_dict, load_file, load_strict
-from ..config import build_dataclass, config_from_json, named_config
+from ..config import config_from_json, named_config
 
 
 @dataclass
@@ -259,16 +257,3 @@ class VQModel(nn.Module):
         vq_loss = F.mse_loss(zq, z.detach()) + commit_beta * F.mse_loss(z, zq.detach())
         zq = z + (zq - z).detach()
         return self.decoder(self.post_quant_conv(zq)), vq_loss, codes.flatten(1)
-
-
-def load_vq(path: str | os.PathLike, cfg: VQConfig | None = None) -> VQModel:
-    """Load a VQ model from `vq_ds16_c2i.pt` (pass cfg=vq_config("VQ-16")) or a cca-pipe checkpoint."""
-    obj = load_file(path)
-    saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
-    if cfg is None:
-        if saved is None:
-            raise CheckpointError(f"checkpoint {path} carries no VQ config: pass one, e.g. vq_config('VQ-16')")
-        cfg = build_dataclass(VQConfig, saved, f"checkpoint {path}: its config", CheckpointError)
-    model = VQModel(cfg)
-    load_strict(model, extract_state_dict(obj, path), path)
-    return model
