@@ -16,7 +16,7 @@ from pathlib import Path
 
 SCHEME = "hf://"
 # a Hub commit is a 40-hex sha1; the snapshot folder holding a resolved file is named by it
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 class HubError(ValueError):
@@ -124,7 +124,7 @@ def resolve(text: str) -> Resolved:
         raise HubError(f"{where}: the repo has no file {ref.file!r} at this revision: check the file's path in the repo") from None
     path = Path(local)
     commit = path.relative_to(_snapshots(ref)).parts[0] if path.is_relative_to(_snapshots(ref)) else ""
-    if not _COMMIT.match(commit):  # a file from elsewhere (local_dir): never an unpinned record
+    if not COMMIT.match(commit):  # a file from elsewhere (local_dir): never an unpinned record
         raise HubError(f"{where}: resolved to {path}, outside the cache's snapshots/<commit>/ folders")
     resolved = Resolved(ref, path, commit)
     _RESOLVED[str(path)] = resolved
@@ -171,5 +171,5 @@ def forget() -> None:
     _RESOLVED.clear()
 
 
-__all__ = ["HubError", "HubRef", "Resolved", "cache_dir", "forget", "inputs_record", "is_hub_ref", "local_path", "parse",
+__all__ = ["COMMIT", "HubError", "HubRef", "Resolved", "cache_dir", "forget", "inputs_record", "is_hub_ref", "local_path", "parse",
            "resolve", "resolved_of"]

@@ -448,6 +448,19 @@ def score(ctx, samples, reference, classifier_path, fidelity_cache, json_out):
 
 
 @main.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="NAME=SOURCE...")
+@click.option("--out", default="data/checkpoints", type=OutPath, show_default=True, help="the folder of the links")
+@click.option("--pinned", is_flag=True, help="refuse a Hub id without its commit (@<40 hex>): the shipped pipelines' rule")
+def fetch(inputs, out, pinned):
+    """Link each SOURCE (a local file, or a Hub id hf://org/repo/file@<commit>, fetched into huggingface_hub's cache
+    unless HF_HUB_OFFLINE=1) as OUT/NAME: what the shipped pipelines' stages name as their DVC dependency."""
+    from . import fetch as stage
+
+    for line in stage.run(inputs, out, pinned):
+        click.echo(f"cca-pipe fetch: {line}")
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--out", required=True, type=OutPath, help="the folder to write (model.safetensors, config.json, README.md)")
 @click.option("--eval", "eval_dir", default=None, type=PathType,

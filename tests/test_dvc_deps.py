@@ -16,7 +16,7 @@ from stages.cli import STAGES
 DVC_FILES = [ROOT / "dvc.yaml", ROOT / "pipelines/imagenet-llamagen/dvc.yaml", ROOT / "pipelines/imagenet-var/dvc.yaml",
              ROOT / "pipelines/paper/dvc.yaml"]
 MODULES = {command: module for command, (module, _, _) in STAGES.items()} | {"report": "report", "import-codes": "import_codes",
-                                                                             "paper": "paper", "check": "check"}
+                                                                             "paper": "paper", "check": "check", "fetch": "fetch"}
 
 
 def required_files(command: str) -> list[Path]:
