@@ -126,9 +126,29 @@ def resolve(text: str) -> Resolved:
     commit = path.relative_to(_snapshots(ref)).parts[0] if path.is_relative_to(_snapshots(ref)) else ""
     if not COMMIT.match(commit):  # a file from elsewhere (local_dir): never an unpinned record
         raise HubError(f"{where}: resolved to {path}, outside the cache's snapshots/<commit>/ folders")
-    resolved = Resolved(ref, path, commit)
-    _RESOLVED[str(path)] = resolved
+    resolved = _safetensors_sibling(ref, commit) or Resolved(ref, path, commit)
+    _RESOLVED[str(resolved.path)] = resolved
     return resolved
+
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def _safetensors_sibling(ref: HubRef, commit: str) -> Resolved | None:
+    """The same weights as `<stem>.safetensors` at the same commit, where the repo has them: preferred to a pickle
+    (docs/safety.md: a safetensors file holds tensors only; the pickle would be read weights-only anyway)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    stem, suffix = os.path.splitext(ref.file)
+    if suffix not in PICKLE_SUFFIXES:
+        return None
+    sibling = HubRef(ref.repo, f"{stem}.safetensors", ref.revision)
+    try:
+        path = hf_hub_download(ref.repo, sibling.file, revision=commit, cache_dir=cache_dir(), local_files_only=offline())
+    except EntryNotFoundError:  # not in the repo (or, offline, not in the cache): the file named
+        return None
+    return Resolved(sibling, Path(path), commit)
 
 
 def _snapshots(ref: HubRef) -> Path:

@@ -201,3 +201,41 @@ def test_export_refuses_a_folder_without_a_policy(tmp_path, monkeypatch, capsys)
     (tmp_path / "run").mkdir()
     code, err = invoke(["export", tmp_path / "run", "--out", tmp_path / "x"], monkeypatch, capsys)
     assert code == 2 and "policy.pt not found" in err and len(err.strip().splitlines()) == 1
+
+
+def test_safetensors_are_preferred_where_the_repo_has_them(hub_home, tmp_path):
+    commit = commit_of("both")
+    _serve(hub_home, tmp_path, name="c2i_L_384.pt", data=b"pickle", commit=commit)
+    _serve(hub_home, tmp_path, name="c2i_L_384.safetensors", data=b"tensors", commit=commit)
+    _serve(hub_home, tmp_path, name="vq_ds16_c2i.pt", data=b"only a pickle", commit=commit)
+    both = hub.resolve(f"hf://{REPO}/c2i_L_384.pt@{commit}")
+    assert both.path.read_bytes() == b"tensors" and both.record()["file"] == "c2i_L_384.safetensors"
+    only = hub.resolve(f"hf://{REPO}/vq_ds16_c2i.pt@{commit}")
+    assert only.path.read_bytes() == b"only a pickle" and only.record()["file"] == "vq_ds16_c2i.pt"
+
+
+# ---------------------------------------------------------------------------------------------- fetch
+
+
+def test_fetch_links_local_files_and_pinned_hub_files(hub_home, tmp_path, monkeypatch, capsys):
+    link, commit = _serve(hub_home, tmp_path)
+    local = tmp_path / "vq.pt"
+    local.write_bytes(b"vq")
+    out = tmp_path / "data" / "checkpoints"
+    code, err = invoke(["fetch", "--pinned", f"vq_ckpt={local}", f"gpt_ckpt=hf://{REPO}/c2i_L_384.pt@{commit}", "--out", out],
+                       monkeypatch, capsys)
+    assert code == 0, err
+    assert (out / "vq_ckpt").readlink() == local and (out / "gpt_ckpt").readlink() == link
+    assert (out / "gpt_ckpt").read_bytes() == b"weights"
+
+
+def test_fetch_pinned_refuses_a_branch_naming_the_commit_to_pin(hub_home, tmp_path, monkeypatch, capsys):
+    _, commit = _serve(hub_home, tmp_path)
+    out = tmp_path / "checkpoints"
+    for ref in (f"hf://{REPO}/c2i_L_384.pt", f"hf://{REPO}/c2i_L_384.pt@main"):
+        code, err = invoke(["fetch", "--pinned", f"gpt_ckpt={ref}", "--out", out], monkeypatch, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1
+        assert f"gpt_ckpt = {ref}: not pinned" in err and f"write hf://{REPO}/c2i_L_384.pt@{commit} in params.yaml" in err
+    code, err = invoke(["fetch", "--pinned", f"gpt_ckpt={tmp_path / 'nowhere.pt'}", "--out", out], monkeypatch, capsys)
+    assert code == 2 and "gpt_ckpt = " in err and "not found: fix the path in params.yaml" in err
+    assert not out.exists()  # nothing linked when an input is wrong
