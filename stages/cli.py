@@ -71,14 +71,13 @@ class InputFileType(click.Path):
     goes into the outputs' provenance)."""
 
     def convert(self, value, param, ctx):
-        from pipeline.hub import HubError, is_hub_ref, resolve
+        from pipeline.hub import is_hub_ref, resolve
 
         if not is_hub_ref(value):
             return super().convert(value, param, ctx)
-        try:
-            return resolve(value).path
-        except HubError as e:  # one line naming the option too (guarded() prints it)
-            raise HubError(f"{param.opts[0] if param and param.opts else 'input'}: {e}") from None
+        # a HubError is one line naming the id (the option's value) and the fix, printed by guarded(); the same for
+        # every option naming the same file, so `cca-pipe check` says it once for all the stages reading it
+        return resolve(value).path
 
 
 InFile = InputFileType(path_type=Path)

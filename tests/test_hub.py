@@ -105,10 +105,10 @@ def test_a_repo_without_access_is_one_line(monkeypatch):
         assert "\n" not in str(e.value) and what in str(e.value) and "huggingface-cli login" in str(e.value)
 
 
-def test_the_command_line_names_the_option_in_one_line(hub_home, tmp_path, monkeypatch, capsys):
+def test_the_command_line_says_a_cold_cache_in_one_line(hub_home, tmp_path, monkeypatch, capsys):
     code, err = invoke(["train", "--init", f"hf://{REPO}/c2i_L_384.pt", "--out", tmp_path / "out"], monkeypatch, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert err.startswith("cca-pipe: error: --init: hf://FoundationVision/LlamaGen/c2i_L_384.pt") and "huggingface-cli download" in err
+    assert err.startswith("cca-pipe: error: hf://FoundationVision/LlamaGen/c2i_L_384.pt") and "huggingface-cli download" in err
     assert not (tmp_path / "out").exists()
 
 
