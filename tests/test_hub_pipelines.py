@@ -55,6 +55,10 @@ def test_shipped_pipeline_runs_offline_from_hub_ids(pipeline, world, tmp_path, m
         assert expected in yaml.safe_load((folder / f"data/{stage}/settings.yaml").read_text())["hub_inputs"]
     hub_cache = json.loads(pq.read_schema(folder / "data/ref_logp.parquet").metadata[b"hub_inputs"])
     assert expected in hub_cache
+    tok_key = "vq_ckpt" if "vq_ckpt" in params else "vae_ckpt"
+    store = json.loads((folder / "data/tokens.zarr/zarr.json").read_text())["attributes"]
+    assert store["hub_inputs"] == [{"repo": SERVED[tok_key][0], "file": SERVED[tok_key][1],
+                                    "revision": commit_of(*SERVED[tok_key]), "commit": commit_of(*SERVED[tok_key])}]
     for key in local:  # the stages' DVC dependency: a link to the snapshot of the pinned commit
         assert (folder / "data/checkpoints" / key).resolve().read_bytes() == open(local[key], "rb").read()
         assert f"/snapshots/{commit_of(*SERVED[key])}/" in str((folder / "data/checkpoints" / key).readlink())
