@@ -149,11 +149,18 @@ def _missing_inputs(folder: Path, known: Known) -> list[str]:
                                                  for f in root.glob(pattern)))
     known.made |= made
     problems, seen = [], set()
+    fetched = _fetched(folder, spec)
     for name, stage in _plain_stages(spec).items():
+        if _subcommand(stage) in ("fetch", "check"):  # the links' maker and the check itself: the readers are named
+            continue
         for dep in _entries(stage, "deps"):
+            dep = fetched.get(os.path.normpath(os.path.abspath(folder / dep)), dep)  # a fetched link: its source
             if "${" not in dep:  # the pipeline's code, or a file an earlier stage makes: DVC's to check
                 continue
-            path = os.path.normpath(os.path.abspath(folder / _resolve(values, dvc_yaml, dep)))
+            source = _resolve(values, dvc_yaml, dep)
+            if source.startswith("hf://"):  # a Hub id: resolved (or refused, in one line) by fetch and the stages
+                continue
+            path = os.path.normpath(os.path.abspath(folder / source))
             if path in made or path in seen or os.path.exists(path):
                 continue
             seen.add(path)
@@ -162,6 +169,27 @@ def _missing_inputs(folder: Path, known: Known) -> list[str]:
             problems.append(f"{keys} = {path}: not found (an input of stage {name!r}, from params.yaml's {keys}): fix the "
                             "path there, or put the file there")
     return problems
+
+
+def _subcommand(stage: dict) -> str | None:
+    words = str(stage.get("cmd", "")).split()
+    return next((w for w in words[1:] if not w.startswith("-") and "=" not in w), None) if words[:1] == ["cca-pipe"] else None
+
+
+def _fetched(folder: Path, spec: dict) -> dict[str, str]:
+    """The links a `cca-pipe fetch` stage makes (`KEY=${KEY} ... --out DIR`: DIR/KEY), each to the params entry it
+    links (`${KEY}`): a missing checkpoint is named by its key for the first stage that reads it, as before fetch."""
+    links = {}
+    for stage in _plain_stages(spec).values():
+        if _subcommand(stage) != "fetch":
+            continue
+        words = str(stage["cmd"]).split()
+        out = words[words.index("--out") + 1] if "--out" in words[:-1] else "data/checkpoints"
+        for word in words:
+            key, sep, source = word.partition("=")
+            if sep and not key.startswith("-"):
+                links[os.path.normpath(os.path.abspath(folder / out / key))] = source
+    return links
 
 
 def _settings(known: Known, ctx_obj: dict, stage: str):

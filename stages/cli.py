@@ -63,6 +63,24 @@ def check_output_path(path: Path) -> None:
 
 
 OutPath = OutputPathType(path_type=Path)
+
+
+class InputFileType(click.Path):
+    """A checkpoint, tokenizer or reference file: a local path, or a Hub reference `hf://org/repo/file[@revision]`
+    resolved here, once for every such option, to the file in huggingface_hub's cache (pipeline/hub.py; its commit
+    goes into the outputs' provenance)."""
+
+    def convert(self, value, param, ctx):
+        from pipeline.hub import is_hub_ref, resolve
+
+        if not is_hub_ref(value):
+            return super().convert(value, param, ctx)
+        # a HubError is one line naming the id (the option's value) and the fix, printed by guarded(); the same for
+        # every option naming the same file, so `cca-pipe check` says it once for all the stages reading it
+        return resolve(value).path
+
+
+InFile = InputFileType(path_type=Path)
 GPT_MODEL_HELP = "GPT config for upstream checkpoints (they carry none): a name (GPT-B ... GPT-3B) or a JSON file"
 VAE_HELP = "VAR only: the VQVAE checkpoint (vae_ch160v4096z32.pth) whose quantiser builds VAR's input"
 VAE_MODEL_HELP = "VAR only: the VQVAE's config, a name (vae_ch160v4096z32, the default) or a JSON file"
@@ -163,10 +181,12 @@ def main(ctx: click.Context, params: Path, overrides: tuple[str, ...], preset: s
          verbose: bool) -> None:
     """cca-pipe: Condition Contrastive Alignment for autoregressive image generators, offline."""
     from pipeline.distributed import launched, rank_zero
+    from pipeline.hub import forget as forget_hub_inputs
 
     level = (logging.DEBUG if verbose else logging.INFO) if rank_zero() else logging.WARNING  # rank 0 logs for the job
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     ctx.obj = {"params": params, "overrides": list(overrides), "device": device, "preset": preset}
+    forget_hub_inputs()  # a command's provenance names the Hub files it read, not an earlier one's in this process
     if ctx.invoked_subcommand in DISTRIBUTED and not launched():
         launch = _launch_config(ctx, nproc_per_node, nnodes, rdzv_endpoint, rdzv_id)
         if launch.nproc_per_node > 1 or launch.nnodes > 1:
@@ -285,7 +305,7 @@ def pretrain_classifier(ctx, train_dir, test_dir, out):
 
 @main.command()
 @click.option("--images", default="data/images/train", type=PathType, show_default=True)
-@click.option("--vq", "vq_path", default="data/vq/vq.pt", type=PathType, show_default=True,
+@click.option("--vq", "vq_path", default="data/vq/vq.pt", type=InFile, show_default=True,
               help="the tokenizer: LlamaGen's VQ or VAR's VQVAE (told apart by its keys)")
 @click.option("--vq-model", default=None, help="VQ config for upstream files: a name (VQ-16) or a JSON file")
 @click.option("--out", default="data/tokens/train.zarr", type=OutPath, show_default=True)
@@ -304,7 +324,7 @@ def tokenize(ctx, images, vq_path, vq_model, out, rehash):
 @main.command("import-codes")
 @click.option("--codes", "codes_dir", required=True, type=PathType, help="LlamaGen's imagenet<size>_codes folder")
 @click.option("--labels", "labels_dir", required=True, type=PathType, help="LlamaGen's imagenet<size>_labels folder")
-@click.option("--vq", "vq_path", required=True, type=PathType, help="the tokenizer the codes came from (provenance)")
+@click.option("--vq", "vq_path", required=True, type=InFile, help="the tokenizer the codes came from (provenance)")
 @click.option("--vq-model", default="VQ-16", show_default=True, help="VQ config: a name or a JSON file")
 @click.option("--class-names-from", default=None, type=PathType, help="ImageNet train folder: class names = sorted sub-folders")
 @click.option("--out", required=True, type=OutPath)
@@ -332,9 +352,9 @@ def pretrain_ar(ctx, tokens_path, out):
 
 @main.command()
 @click.option("--tokens", "tokens_path", default="data/tokens/train.zarr", type=PathType, show_default=True)
-@click.option("--ref", "ref_path", default="data/ar/gpt.pt", type=PathType, show_default=True)
+@click.option("--ref", "ref_path", default="data/ar/gpt.pt", type=InFile, show_default=True)
 @click.option("--gpt-model", default=None, help=GPT_MODEL_HELP)
-@click.option("--vae", default=None, type=PathType, help=VAE_HELP)
+@click.option("--vae", default=None, type=InFile, help=VAE_HELP)
 @click.option("--vae-model", default=None, help=VAE_MODEL_HELP)
 @click.option("--depth", default=None, type=int, help=DEPTH_HELP)
 @click.option("--out", default="data/reflogp/ref_logp.parquet", type=OutPath, show_default=True)
@@ -350,9 +370,9 @@ def reflogp(ctx, tokens_path, ref_path, gpt_model, vae, vae_model, depth, out):
 @main.command()
 @click.option("--tokens", "tokens_path", default="data/tokens/train.zarr", type=PathType, show_default=True)
 @click.option("--cache", "cache_path", default="data/reflogp/ref_logp.parquet", type=PathType, show_default=True)
-@click.option("--init", "init", default="data/ar/gpt.pt", type=PathType, show_default=True, help="reference checkpoint the policy starts from")
+@click.option("--init", "init", default="data/ar/gpt.pt", type=InFile, show_default=True, help="reference checkpoint the policy starts from")
 @click.option("--gpt-model", default=None, help=GPT_MODEL_HELP)
-@click.option("--vae", default=None, type=PathType, help=VAE_HELP)
+@click.option("--vae", default=None, type=InFile, help=VAE_HELP)
 @click.option("--vae-model", default=None, help=VAE_MODEL_HELP)
 @click.option("--depth", default=None, type=int, help=DEPTH_HELP)
 @click.option("--out", default="data/train", type=OutPath, show_default=True)
@@ -366,12 +386,12 @@ def train(ctx, tokens_path, cache_path, init, gpt_model, vae, vae_model, depth, 
 
 
 @main.command("eval")
-@click.option("--vq", "vq_path", default="data/vq/vq.pt", type=PathType, show_default=True,
+@click.option("--vq", "vq_path", default="data/vq/vq.pt", type=InFile, show_default=True,
               help="the tokenizer that decodes samples: LlamaGen's VQ or VAR's VQVAE")
-@click.option("--base", "base_path", default="data/ar/gpt.pt", type=PathType, show_default=True)
-@click.option("--policy", "policy_path", default="data/train/policy.pt", type=PathType, show_default=True)
-@click.option("--reference", default="data/images/test", type=PathType, show_default=True, help="held-out real images")
-@click.option("--classifier", "classifier_path", default=None, type=PathType,
+@click.option("--base", "base_path", default="data/ar/gpt.pt", type=InFile, show_default=True)
+@click.option("--policy", "policy_path", default="data/train/policy.pt", type=InFile, show_default=True)
+@click.option("--reference", default="data/images/test", type=InFile, show_default=True, help="held-out real images")
+@click.option("--classifier", "classifier_path", default=None, type=InFile,
               help="classifier checkpoint: the feature extractor (eval.feature_extractor: classifier) and class accuracy")
 @click.option("--gpt-model", default=None, help=GPT_MODEL_HELP)
 @click.option("--vq-model", default=None, help="VQ config for upstream files: a name (VQ-16) or a JSON file")
@@ -407,10 +427,10 @@ def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_
 
 @main.command()
 @click.argument("samples", type=PathType)
-@click.option("--reference", required=True, type=PathType,
+@click.option("--reference", required=True, type=InFile,
               help="an ADM reference batch (VIRTUAL_imagenet256_labeled.npz: FID/sFID against its mu/sigma, mu_s/sigma_s) "
                    "or a folder of real images")
-@click.option("--classifier", "classifier_path", default=None, type=PathType,
+@click.option("--classifier", "classifier_path", default=None, type=InFile,
               help="classifier checkpoint: the feature extractor (eval.feature_extractor: classifier) and class accuracy "
                    "(against the file's arr_1)")
 @click.option("--fidelity-cache", default=None, type=PathType, help="cache of the reference images' features, as eval's")
@@ -424,6 +444,32 @@ def score(ctx, samples, reference, classifier_path, fidelity_cache, json_out):
     cfg = resolved_config(ctx, "eval")
     _, world = _setup(ctx)
     click.echo(stage.format_scores(stage.run(cfg, samples, reference, classifier_path, world.device, fidelity_cache, json_out)))
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="NAME=SOURCE...")
+@click.option("--out", default="data/checkpoints", type=OutPath, show_default=True, help="the folder of the links")
+@click.option("--pinned", is_flag=True, help="refuse a Hub id without its commit (@<40 hex>): the shipped pipelines' rule")
+def fetch(inputs, out, pinned):
+    """Link each SOURCE (a local file, or a Hub id hf://org/repo/file@<commit>, fetched into huggingface_hub's cache
+    unless HF_HUB_OFFLINE=1) as OUT/NAME: what the shipped pipelines' stages name as their DVC dependency."""
+    from . import fetch as stage
+
+    for line in stage.run(inputs, out, pinned):
+        click.echo(f"cca-pipe fetch: {line}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--out", required=True, type=OutPath, help="the folder to write (model.safetensors, config.json, README.md)")
+@click.option("--eval", "eval_dir", default=None, type=PathType,
+              help="the policy's `cca-pipe eval` folder, whose metrics go into the card (default: RUN_DIR/../eval if there)")
+def export(run_dir, out, eval_dir):
+    """A trained policy (a `cca-pipe train` folder) as a Hub-ready folder: safetensors weights, the peer class's
+    config and a model card. Nothing is uploaded: `huggingface-cli upload <user>/<repo> FOLDER` is yours."""
+    from . import export as stage
+
+    click.echo(f"cca-pipe export: wrote {stage.run(run_dir, out, eval_dir)}")
 
 
 @main.command()

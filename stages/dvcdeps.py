@@ -35,7 +35,8 @@ from .cli import STAGES
 DVC_FILES = [ROOT / "dvc.yaml", ROOT / "pipelines/imagenet-llamagen/dvc.yaml", ROOT / "pipelines/imagenet-var/dvc.yaml",
              ROOT / "pipelines/paper/dvc.yaml"]
 MODULES = {command: module for command, (module, _, _) in STAGES.items()} | {"report": "report", "import-codes": "import_codes",
-                                                                             "paper": "paper", "check": "check"}
+                                                                             "paper": "paper", "check": "check",
+                                                                             "fetch": "fetch"}
 # command -> the modules that compute what it writes; their imports are followed within COMPUTING only
 VERSIONED = {
     "tokenize": ("pipeline.tokenizers.vq", "pipeline.tokenizers.msvq", "pipeline.images", "pipeline.versions"),

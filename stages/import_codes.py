@@ -21,6 +21,7 @@ import numpy as np
 from pipeline.checkpoint import file_sha256
 from pipeline.config import ConfigError, check_ranges, setting, settings_digest
 from pipeline.families import load_tokenizer
+from pipeline.hub import inputs_record
 from pipeline.images import view_names
 from pipeline.progress import progress
 from pipeline.tokenstore import TokenStoreWriter, claim_token_store, store_attributes
@@ -93,6 +94,8 @@ def _import(cfg: ImportCodesConfig, codes_dir: Path, labels_dir: Path, vq_path: 
     sha = file_sha256(vq_path)
     attrs = store_attributes(layout, sha, vq.cfg.codebook_size, cfg.image_size, names, class_names,
                              f"llamagen-codes:{codes_dir}", as_params(cfg))
+    if hub := inputs_record(vq_path):  # the tokenizer read from the Hub (pipeline/hub.py)
+        attrs["hub_inputs"] = hub
     key = settings_digest([cfg, sha, str(codes_dir), len(code_files), class_names, labels.tobytes().hex()])
     writer = TokenStoreWriter(claim.partial, labels, len(names), first.shape[2], attrs, key, cfg.chunk_rows)
     for chunk in progress(writer.pending_chunks(), desc="import-codes", unit="chunk"):

@@ -262,6 +262,10 @@ def settings_yaml(settings: dict[str, object], preset: str | None = None) -> str
 
 def save_settings(directory: Path, section: str, cfg, preset: str | None = None) -> None:
     """The resolved settings a stage ran with, saved beside its outputs (`cca-pipe config` prints the same)."""
+    from pipeline.hub import inputs_record
     from pipeline.outputs import write_text
 
-    write_text(Path(directory) / SETTINGS_FILE, settings_yaml({section: cfg}, preset))
+    text = settings_yaml({section: cfg}, preset)
+    if hub := inputs_record():  # the Hub files this run read: {repo, file, revision, commit} each (pipeline/hub.py)
+        text += yaml.dump({"hub_inputs": hub}, Dumper=_SettingsDumper, sort_keys=False, default_flow_style=False)
+    write_text(Path(directory) / SETTINGS_FILE, text)

@@ -20,6 +20,7 @@ from pipeline.config import ConfigError, check_ranges, setting
 from pipeline.distributed import World
 from pipeline.families import ModelSource
 from pipeline.formats import RefCacheParts, claim_ref_cache, read_ref_cache
+from pipeline.hub import inputs_record
 from pipeline.parallel import STRATEGIES, distribute
 from pipeline.progress import progress
 from pipeline.refcache import MASK_RULE, NEGATIVES, ReferenceNoise, draw_pairs, reference_logps
@@ -118,6 +119,8 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
         "seq_len": int(store.seq_len),
         "batch_size": cfg.batch_size,  # batch composition fixes the float32 sums bit for bit
     }
+    if hub := inputs_record(ref_path, source.vae):  # read from the Hub: {repo, file, revision, commit} (pipeline/hub.py)
+        provenance["hub_inputs"] = hub
     parts = RefCacheParts(out, len(pairs["row"]), cfg.part_rows, provenance, claim.partial, create=world.main)
     pending = world.broadcast(parts.pending() if world.main else None)
     if len(pending) < parts.num_parts:

@@ -35,6 +35,7 @@ from pipeline.checkpoint import file_sha256
 from pipeline.config import ConfigError, check_ranges, setting, settings_digest
 from pipeline.families import load_tokenizer
 from pipeline.host import loader_workers
+from pipeline.hub import inputs_record
 from pipeline.images import ImageFolderError, ImageViews, list_image_folder, open_rgb, path_key, view_names
 from pipeline.progress import progress
 from pipeline.tokenizers.encode import encode_views
@@ -264,6 +265,8 @@ def _tokenize(cfg: TokenizeConfig, images: Path, vq_path: Path, claim, device: t
     sha = file_sha256(vq_path)
     attrs = store_attributes(layout, sha, vq.cfg.codebook_size, cfg.image_size, names, class_names, str(images),
                              as_params(cfg), skipped)
+    if hub := inputs_record(vq_path):  # read from the Hub: {repo, file, revision, commit} (pipeline/hub.py)
+        attrs["hub_inputs"] = hub
     key = build_key(cfg, paths, labels, sha)
     rel_names = relative_names(images, paths)
     record = input_record(claim, key)

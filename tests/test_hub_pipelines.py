@@ -1,0 +1,116 @@
+"""The shipped ImageNet pipelines with Hub ids in params.yaml (`hf://org/repo/file@<commit>`), offline: stand-in
+checkpoints (tests/test_shipped_pipelines.py's) served from a local Hub cache laid out as huggingface_hub lays it
+out (tests/hubcache.py) in a temporary HOME, HF_HUB_OFFLINE=1, `dvc repro` on a fresh repository (the trial
+profile, 10 images: as cheap as the shipped-pipelines test's trial run). The provenance names the commit; the
+reference cache computed by Hub id holds the same bytes as one computed from the local file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from hubcache import add_file, commit_of, offline_env
+from test_imagenet_pipeline import BIN, _run, init_pipeline_repo
+from test_shipped_pipelines import make_world, shipped_params
+
+# params key -> (the repo the stand-in plays, the file's name there)
+SERVED = {
+    "vq_ckpt": ("FoundationVision/LlamaGen", "vq_ds16_c2i.pt"), "gpt_ckpt": ("ChenDRAG/CCA_LlamaGen", "c2i_tiny_64.pt"),
+    "vae_ckpt": ("FoundationVision/var", "vae_tiny.pth"), "var_ckpt": ("ChenDRAG/CCA_VAR", "var_d2.pth"),
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("hubworld"), per_class=5)  # 10 images
+
+
+@pytest.mark.parametrize("pipeline", ["imagenet-llamagen", "imagenet-var"])
+def test_shipped_pipeline_runs_offline_from_hub_ids(pipeline, world, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    for key, value in {**offline_env(home), "HOME": str(home)}.items():
+        monkeypatch.setenv(key, value)
+    params = shipped_params(pipeline, world)
+    params["profile"] = "trial"
+    local = {}
+    for key in [k for k in SERVED if k in params]:
+        repo, name = SERVED[key]
+        commit = commit_of(repo, name)
+        add_file(home / "hub", repo, name, params[key], commit)
+        local[key] = params[key]
+        params[key] = f"hf://{repo}/{name}@{commit}"
+    folder = init_pipeline_repo(tmp_path / "repo", pipeline, params)
+    _run([BIN / "dvc", "repro"], folder)
+
+    metrics = json.loads((folder / "data/eval/metrics.json").read_text())
+    assert "cca" in metrics["methods"] and all(np.isfinite(m["fid"]) for m in metrics["methods"].values())
+    gen_key = "gpt_ckpt" if "gpt_ckpt" in params else "var_ckpt"
+    repo, name = SERVED[gen_key]
+    expected = {"repo": repo, "file": name, "revision": commit_of(repo, name), "commit": commit_of(repo, name)}
+    # the provenance of train, eval and the reference cache names the commit each Hub file came from
+    for stage in ("train", "eval"):
+        assert expected in yaml.safe_load((folder / f"data/{stage}/settings.yaml").read_text())["hub_inputs"]
+    hub_cache = json.loads(pq.read_schema(folder / "data/ref_logp.parquet").metadata[b"hub_inputs"])
+    assert expected in hub_cache
+    tok_key = "vq_ckpt" if "vq_ckpt" in params else "vae_ckpt"
+    store = json.loads((folder / "data/tokens.zarr/zarr.json").read_text())["attributes"]
+    assert store["hub_inputs"] == [{"repo": SERVED[tok_key][0], "file": SERVED[tok_key][1],
+                                    "revision": commit_of(*SERVED[tok_key]), "commit": commit_of(*SERVED[tok_key])}]
+    for key in local:  # the stages' DVC dependency: a link to the snapshot of the pinned commit
+        assert (folder / "data/checkpoints" / key).resolve().read_bytes() == open(local[key], "rb").read()
+        assert f"/snapshots/{commit_of(*SERVED[key])}/" in str((folder / "data/checkpoints" / key).readlink())
+
+    # the same stage by local path: the same cache bytes (every column, the same provenance but the Hub record)
+    args = ["reflogp", "--tokens", "data/tokens.zarr", "--ref", local[gen_key], "--out", tmp_path / "by_path.parquet"]
+    args += ["--gpt-model", params["gpt_model"]] if gen_key == "gpt_ckpt" else \
+        ["--vae", local["vae_ckpt"], "--vae-model", params["vae_model"], "--depth", str(params["depth"])]
+    _run([BIN / "cca-pipe", *args], folder)
+    by_hub, by_path = pq.read_table(folder / "data/ref_logp.parquet"), pq.read_table(tmp_path / "by_path.parquet")
+    assert by_hub.column_names == by_path.column_names
+    for column in by_hub.column_names:
+        a, b = by_hub.column(column).to_numpy(), by_path.column(column).to_numpy()
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), column
+    meta_hub, meta_path = dict(by_hub.schema.metadata), dict(by_path.schema.metadata)
+    assert b"hub_inputs" not in meta_path and meta_hub.pop(b"hub_inputs")
+    assert meta_hub == meta_path
+
+    # the same pin reruns nothing; a new revision pinned in params.yaml makes every stage reading the file stale
+    again = _run([BIN / "dvc", "repro"], folder)
+    assert "Running stage 'train'" not in again and "Running stage 'reflogp'" not in again, again[-3000:]
+    changed = tmp_path / "changed"
+    changed.write_bytes(open(local[gen_key], "rb").read() + b"\0")  # other bytes (status only hashes them)
+    new = commit_of(repo, name, "v2")
+    add_file(home / "hub", repo, name, changed, new, branch=None)
+    params[gen_key] = f"hf://{repo}/{name}@{new}"
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run([BIN / "dvc", "repro", "fetch"], folder)
+    status = _run([BIN / "dvc", "status", "dvc.yaml"], folder)
+    for stage in ("reflogp", "train", "eval"):
+        assert f"{stage}:" in status, status
+
+
+def test_an_unpinned_hub_id_and_a_cold_cache_stop_the_pipeline_in_one_line(world, tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    home = tmp_path / "home"
+    for key, value in {**offline_env(home), "HOME": str(home)}.items():
+        monkeypatch.setenv(key, value)
+    params = shipped_params("imagenet-llamagen", world)
+    params["profile"] = "trial"
+    repo, name = SERVED["gpt_ckpt"]
+    add_file(home / "hub", repo, name, params["gpt_ckpt"], commit_of(repo, name))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for value, says in ((f"hf://{repo}/{name}", f"write hf://{repo}/{name}@{commit_of(repo, name)} in params.yaml"),
+                        (f"hf://{repo}/c2i_XL_384.pt@{commit_of(repo, name)}", f"huggingface-cli download {repo} c2i_XL_384.pt")):
+        params["gpt_ckpt"] = value
+        folder = init_pipeline_repo(tmp_path / f"repo{len(value)}", "imagenet-llamagen", params)
+        proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+        # the unpinned id passes check and stops fetch; the file not in the cache stops check (which reads every stage's
+        # inputs first): one line either way
+        errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith(("cca-pipe: error:", "cca-pipe: check:"))]
+        assert proc.returncode != 0 and len(errors) == 1 and says in errors[0], (proc.stdout + proc.stderr)[-3000:]
+        assert "Running stage 'tokenize'" not in proc.stdout
