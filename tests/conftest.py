@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -50,10 +52,51 @@ def pytest_addoption(parser) -> None:
                      help="run the tests of the stages at the ImageNet shapes (make test-shapes)")
 
 
+# `make test` runs the suite in 2 pytest-xdist workers (--dist loadgroup). A module with a module-scoped fixture (a
+# `dvc repro`, a torchrun world, a trained model) runs in one worker, so that the fixture is built once; the tests of
+# the other modules, and of SPREAD (cheap fixtures, costly tests: both workers build the fixture), are dealt out one
+# by one. The costliest modules come first (--no-loadscope-reorder keeps this order), so that the other worker does
+# the rest meanwhile: test_dvc_smoke is one chain (the main pipeline, then pipelines/paper on its outputs).
+SPREAD = {"test_shipped_pipelines", "test_imagenet_pipeline", "test_var_pipeline"}
+COSTLY_FIRST = (
+    "test_dvc_smoke", "test_shipped_pipelines", "test_hostile_inputs", "test_distributed", "test_imagenet_pipeline",
+    "test_var_pipeline", "test_fsdp", "test_integrity", "test_tiny_golden", "test_resume", "test_tokenize_resume",
+    "test_reference_noise", "test_plan",
+)
+
+
+def shares_a_fixture(path) -> bool:
+    text = path.read_text(encoding="utf-8")
+    return 'scope="module"' in text or 'scope="session"' in text
+
+
+def pytest_configure(config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # 2 workers on 2 cores: one thread each, and for the processes the tests start
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_caches(tmp_path_factory):
+    """eval's default fidelity cache ($XDG_CACHE_HOME/cca-pipe/fidelity) in this session's (this worker's) own
+    folder: the tests neither read nor fill the user's cache, and two workers never share one. DVC sends no
+    usage report: each would be one more `dvc daemon analytics` process per dvc command the tests run."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+        patch.setenv("DVC_NO_ANALYTICS", "1")
+        yield
+
+
 def pytest_collection_modifyitems(config, items) -> None:
+    rank = {module: i for i, module in enumerate(COSTLY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a module's own order is kept
+    grouped = {path: path.stem not in SPREAD and shares_a_fixture(path) for path in {item.path for item in items}}
     real_shapes = pytest.mark.skip(reason="the stages at the ImageNet shapes: run them with `make test-shapes`")
     for item in items:
         module = item.path.stem
+        if grouped[item.path]:
+            item.add_marker(pytest.mark.xdist_group(module))
         name = f"{item.path.name}::{item.originalname}"
         if module in SLOW_MODULES or name in SLOW_TESTS or name in REAL_SHAPE_TESTS:
             item.add_marker(pytest.mark.slow)
