@@ -29,7 +29,7 @@ paper: demo
 	echo "pipelines/paper dvc repro + results: $$(( $$(date +%s) - start )) s"
 
 # 2 pytest-xdist workers (the 2 cores; tests/conftest.py: which tests share a worker, the costliest first)
-XDIST := -n 2 --dist loadgroup --no-loadscope-reorder
+XDIST := -n 2 --dist loadscope --no-loadscope-reorder
 
 test: install
 	$(BIN)/python -m pytest -q $(XDIST)

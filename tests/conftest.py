@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import functools
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,11 +54,11 @@ def pytest_addoption(parser) -> None:
                      help="run the tests of the stages at the ImageNet shapes (make test-shapes)")
 
 
-# `make test` runs the suite in 2 pytest-xdist workers (--dist loadgroup). A module with a module-scoped fixture (a
-# `dvc repro`, a torchrun world, a trained model) runs in one worker, so that the fixture is built once; the tests of
-# the other modules, and of SPREAD (cheap fixtures, costly tests: both workers build the fixture), are dealt out one
-# by one. The costliest modules come first (--no-loadscope-reorder keeps this order), so that the other worker does
-# the rest meanwhile: test_dvc_smoke is one chain (the main pipeline, then pipelines/paper on its outputs).
+# `make test` runs the suite in 2 pytest-xdist workers. A module with a module-scoped fixture (a `dvc repro`, a
+# torchrun world, a trained model) runs in one worker, so that the fixture is built once; the tests of the other
+# modules, and of SPREAD (cheap fixtures, costly tests: both workers build the fixture), are dealt out one by one.
+# The costliest modules come first (--no-loadscope-reorder keeps this order), so that the other worker does the rest
+# meanwhile: test_dvc_smoke is one chain (the main pipeline, then pipelines/paper on its outputs).
 SPREAD = {"test_shipped_pipelines", "test_imagenet_pipeline", "test_var_pipeline"}
 COSTLY_FIRST = (
     "test_dvc_smoke", "test_shipped_pipelines", "test_hostile_inputs", "test_distributed", "test_imagenet_pipeline",
@@ -65,9 +67,27 @@ COSTLY_FIRST = (
 )
 
 
-def shares_a_fixture(path) -> bool:
+def shares_a_fixture(path: Path) -> bool:
+    if path.stem in SPREAD:
+        return False
     text = path.read_text(encoding="utf-8")
     return 'scope="module"' in text or 'scope="session"' in text
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without xdist (pytest alone), never called
+def pytest_xdist_make_scheduler(config, log):
+    """loadscope's scheduler with the work units above: a module that shares a fixture, else a test. (Not
+    --dist loadgroup with xdist_group marks: pytest-xdist 3.8 sets them on pytest 9's node ids no more.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    grouped = functools.cache(lambda path: shares_a_fixture(config.rootpath / path))
+
+    class ModuleOrTest(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if grouped(path) else nodeid
+
+    return ModuleOrTest(config, log)
 
 
 def pytest_configure(config) -> None:
@@ -91,12 +111,9 @@ def own_caches(tmp_path_factory):
 def pytest_collection_modifyitems(config, items) -> None:
     rank = {module: i for i, module in enumerate(COSTLY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a module's own order is kept
-    grouped = {path: path.stem not in SPREAD and shares_a_fixture(path) for path in {item.path for item in items}}
     real_shapes = pytest.mark.skip(reason="the stages at the ImageNet shapes: run them with `make test-shapes`")
     for item in items:
         module = item.path.stem
-        if grouped[item.path]:
-            item.add_marker(pytest.mark.xdist_group(module))
         name = f"{item.path.name}::{item.originalname}"
         if module in SLOW_MODULES or name in SLOW_TESTS or name in REAL_SHAPE_TESTS:
             item.add_marker(pytest.mark.slow)
