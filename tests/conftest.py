@@ -87,6 +87,16 @@ def pytest_xdist_make_scheduler(config, log):
             path = nodeid.split("::", 1)[0]
             return path if grouped(path) else nodeid
 
+        def _reschedule(self, node) -> None:
+            # the next unit once a worker is on its last test (xdist's own: on its last 2, so that a unit waited,
+            # say the hostile inputs, behind test_dvc_smoke's paper pipeline while the other worker ran out of work)
+            if node.shutting_down:
+                return
+            if not self.workqueue:
+                node.shutdown()
+            elif self._pending_of(self.assigned_work[node]) <= 1:
+                self._assign_work_unit(node)
+
     return ModuleOrTest(config, log)
 
 
