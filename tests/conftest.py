@@ -58,10 +58,11 @@ def pytest_addoption(parser) -> None:
 # torchrun world, a trained model) runs in one worker, so that the fixture is built once; the tests of the other
 # modules, and of SPREAD (cheap fixtures, costly tests: both workers build the fixture), are dealt out one by one.
 # The costliest modules come first (--no-loadscope-reorder keeps this order), so that the other worker does the rest
-# meanwhile: test_dvc_smoke is one chain (the main pipeline, then pipelines/paper on its outputs).
+# meanwhile: test_dvc_smoke is one chain (the main pipeline, then pipelines/paper on its outputs). The CPU seconds
+# of the modules: docs/performance.md.
 SPREAD = {"test_shipped_pipelines", "test_imagenet_pipeline", "test_var_pipeline"}
 COSTLY_FIRST = (
-    "test_dvc_smoke", "test_shipped_pipelines", "test_hostile_inputs", "test_distributed", "test_imagenet_pipeline",
+    "test_dvc_smoke", "test_shipped_pipelines", "test_distributed", "test_hostile_inputs", "test_imagenet_pipeline",
     "test_var_pipeline", "test_fsdp", "test_integrity", "test_tiny_golden", "test_resume", "test_tokenize_resume",
     "test_reference_noise", "test_plan",
 )
