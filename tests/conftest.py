@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,6 +118,9 @@ def own_caches(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
         patch.setenv("DVC_NO_ANALYTICS", "1")
+        # matplotlib keeps its font list there too: built now, once, so that no process a test starts prints
+        # "Matplotlib is building the font cache" into the output the test reads
+        subprocess.run([sys.executable, "-c", "import matplotlib.font_manager"], check=True, capture_output=True)
         yield
 
 
