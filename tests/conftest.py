@@ -80,7 +80,8 @@ def shares_a_fixture(path: Path) -> bool:
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without xdist (pytest alone), never called
 def pytest_xdist_make_scheduler(config, log):
     """loadscope's scheduler with the work units above: a module that shares a fixture, else a test. (Not
-    --dist loadgroup with xdist_group marks: pytest-xdist 3.8 sets them on pytest 9's node ids no more.)"""
+    --dist loadgroup's xdist_group marks: pytest-xdist 3.8 writes the group into item._nodeid, which pytest 9.2
+    no longer reads, so they group nothing.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     grouped = functools.cache(lambda path: shares_a_fixture(config.rootpath / path))
@@ -91,8 +92,8 @@ def pytest_xdist_make_scheduler(config, log):
             return path if grouped(path) else nodeid
 
         def _reschedule(self, node) -> None:
-            # the next unit once a worker is on its last test (xdist's own: on its last 2, so that a unit waited,
-            # say the hostile inputs, behind test_dvc_smoke's paper pipeline while the other worker ran out of work)
+            # the next unit once a worker is on its last test; xdist's own rule (on its last 2) queued a unit, say
+            # the hostile inputs, behind test_dvc_smoke's paper pipeline while the other worker ran out of work
             if node.shutting_down:
                 return
             if not self.workqueue:
