@@ -92,7 +92,7 @@ def pytest_xdist_make_scheduler(config, log):
             return path if grouped(path) else nodeid
 
         def _reschedule(self, node) -> None:
-            # the next unit once a worker is on its last test; xdist's own rule (on its last 2) queued a unit, say
+            # the next unit once a worker is on its last test; xdist's own rule (on its last 2) would queue a unit, say
             # the hostile inputs, behind test_dvc_smoke's paper pipeline while the other worker ran out of work
             if node.shutting_down:
                 return
