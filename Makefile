@@ -28,11 +28,14 @@ paper: demo
 	@start=$$(date +%s); cd pipelines/paper && dvc repro && cca-pipe results ../../data/paper/report/results.md && \
 	echo "pipelines/paper dvc repro + results: $$(( $$(date +%s) - start )) s"
 
+# 2 pytest-xdist workers (the 2 cores; tests/conftest.py: which tests share a worker, the costliest first)
+XDIST := -n 2 --dist loadscope --no-loadscope-reorder
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow"
 
 # the plan against the stages at the ImageNet shapes (stand-in checkpoints; 13 GB of RSS, ~20-35 min on 2 cores)
 test-shapes: install

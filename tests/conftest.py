@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -51,7 +57,78 @@ def pytest_addoption(parser) -> None:
                      help="run the tests of the stages at the ImageNet shapes (make test-shapes)")
 
 
+# `make test` runs the suite in 2 pytest-xdist workers. A module with a module-scoped fixture (a `dvc repro`, a
+# torchrun world, a trained model) runs in one worker, so that the fixture is built once; the tests of the other
+# modules, and of SPREAD (cheap fixtures, costly tests: both workers build the fixture), are dealt out one by one.
+# The costliest modules come first (--no-loadscope-reorder keeps this order), so that the other worker does the rest
+# meanwhile: test_dvc_smoke is one chain (the main pipeline, then pipelines/paper on its outputs). The CPU seconds
+# of the modules: docs/performance.md.
+SPREAD = {"test_shipped_pipelines", "test_imagenet_pipeline", "test_var_pipeline"}
+COSTLY_FIRST = (
+    "test_dvc_smoke", "test_shipped_pipelines", "test_distributed", "test_hostile_inputs", "test_imagenet_pipeline",
+    "test_var_pipeline", "test_fsdp", "test_integrity", "test_tiny_golden", "test_resume", "test_tokenize_resume",
+    "test_reference_noise", "test_plan",
+)
+
+
+def shares_a_fixture(path: Path) -> bool:
+    if path.stem in SPREAD:
+        return False
+    text = path.read_text(encoding="utf-8")
+    return 'scope="module"' in text or 'scope="session"' in text
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without xdist (pytest alone), never called
+def pytest_xdist_make_scheduler(config, log):
+    """loadscope's scheduler with the work units above: a module that shares a fixture, else a test. (Not
+    --dist loadgroup's xdist_group marks: pytest-xdist 3.8 writes the group into item._nodeid, which pytest 9.2
+    no longer reads, so they group nothing.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    grouped = functools.cache(lambda path: shares_a_fixture(config.rootpath / path))
+
+    class ModuleOrTest(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if grouped(path) else nodeid
+
+        def _reschedule(self, node) -> None:
+            # the next unit once a worker is on its last test; xdist's own rule (on its last 2) would queue a unit, say
+            # the hostile inputs, behind test_dvc_smoke's paper pipeline while the other worker ran out of work
+            if node.shutting_down:
+                return
+            if not self.workqueue:
+                node.shutdown()
+            elif self._pending_of(self.assigned_work[node]) <= 1:
+                self._assign_work_unit(node)
+
+    return ModuleOrTest(config, log)
+
+
+def pytest_configure(config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # 2 workers on 2 cores: one thread each, and for the processes the tests start
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_caches(tmp_path_factory):
+    """eval's default fidelity cache ($XDG_CACHE_HOME/cca-pipe/fidelity) in this session's (this worker's) own
+    folder: the tests neither read nor fill the user's cache, and two workers never share one. DVC sends no
+    usage report: each would be one more `dvc daemon analytics` process per dvc command the tests run."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+        patch.setenv("DVC_NO_ANALYTICS", "1")
+        # matplotlib keeps its font list there too: built now, once, so that no process a test starts prints
+        # "Matplotlib is building the font cache" into the output the test reads
+        subprocess.run([sys.executable, "-c", "import matplotlib.font_manager"], check=True, capture_output=True)
+        yield
+
+
 def pytest_collection_modifyitems(config, items) -> None:
+    rank = {module: i for i, module in enumerate(COSTLY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a module's own order is kept
     real_shapes = pytest.mark.skip(reason="the stages at the ImageNet shapes: run them with `make test-shapes`")
     for item in items:
         module = item.path.stem

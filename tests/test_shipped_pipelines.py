@@ -17,6 +17,7 @@ tests/test_dvc_smoke.py runs it as shipped on a tiny `dvc repro` of the main pip
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -27,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from click.testing import CliRunner
 from test_imagenet_pipeline import BIN, ROOT, TINY_VQ, _run, init_pipeline_repo, save_random_inception
 from test_var import TINY_VAE, TINY_VAR, _randomize
 from worlds import write_reference_images
@@ -35,6 +37,7 @@ from pipeline.models.llamagen import GPT, GPTConfig
 from pipeline.models.var import VAR, VARConfig
 from pipeline.tokenizers.msvq import MSVQConfig, MSVQModel
 from pipeline.tokenizers.vq import VQConfig, VQModel
+from stages.cli import main
 
 CLASSES, IMAGES_PER_CLASS = 2, 128  # 256 rows: one step of the presets' batch of 256
 TINY_GPT = dict(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=CLASSES, block_size=16, multiple_of=32)
@@ -145,11 +148,12 @@ def test_ten_images_stop_at_the_check_then_the_trial_profile_runs_to_the_end(pip
 
 
 def config_of(stage: str, folder: Path) -> dict:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run([str(BIN / "cca-pipe"), "config", stage], cwd=folder, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return yaml.safe_load(proc.stdout)
+    """`cca-pipe config STAGE` in `folder`, in this process (the same command, without a process importing torch
+    for each of the module's 9 calls)."""
+    with contextlib.chdir(folder):
+        result = CliRunner().invoke(main, ["config", stage])
+    assert result.exit_code == 0, result.output[-2000:]
+    return yaml.safe_load(result.stdout)
 
 
 def test_config_in_a_pipeline_folder_applies_the_dvc_stage_options(tmp_path: Path):
