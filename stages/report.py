@@ -29,9 +29,9 @@ class SweepConfig:
     collects. Numbers keep the type they are written with (int or float), because DVC names each expanded
     stage's folder with the value as written (`lam1-beta0.5`, `s1.0`)."""
 
-    lambdas: list[int | float] = setting(default_factory=lambda: [1, 30, 100], unique=True, ge=0.0)  # with train.lambda: the CCA curve
+    lambdas: list[int | float] = setting(default_factory=list, unique=True, ge=0.0)  # with train.lambda: the CCA curve
     betas: list[int | float] = setting(default_factory=lambda: [0.5], nonempty=True, unique=True, gt=0.0)
-    cfg_scales: list[int | float] = setting(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.0, 3.0], unique=True, gt=0.0)
+    cfg_scales: list[int | float] = setting(default_factory=lambda: [0.25, 0.5, 1.0, 1.5], unique=True, gt=0.0)
 
     def __post_init__(self) -> None:
         check_ranges(self, "sweep")
