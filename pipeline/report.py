@@ -285,7 +285,8 @@ def write_demo_runs(path: str | os.PathLike, runs: list[DemoRun]) -> None:
 
 @dataclass(frozen=True)
 class RatioRange:
-    """CCA / best CFG over the runs of one set, as printed (two decimals)."""
+    """CCA / best CFG over the runs of one set, as printed (two decimals), and CCA / base: a run whose models did
+    not learn has CCA, CFG and base alike, CCA / best CFG about 1, and only the second ratio tells it apart."""
 
     set: str
     low: float
@@ -294,9 +295,12 @@ class RatioRange:
     runs: int
     first: str  # dates of the first and last run
     last: str
+    base_low: float
+    base_high: float
 
-    def holds(self, ratio: float) -> bool:
-        return round(self.low, 2) <= round(ratio, 2) <= round(self.high, 2)
+    def holds(self, over_cfg: float, over_base: float) -> bool:
+        return (round(self.low, 2) <= round(over_cfg, 2) <= round(self.high, 2)
+                and round(self.base_low, 2) <= round(over_base, 2) <= round(self.base_high, 2))
 
     @property
     def phrase(self) -> str:
@@ -309,7 +313,8 @@ def ratio_range(runs: list[DemoRun]) -> RatioRange:
     latest = [r for r in runs if r.set == runs[-1].set]
     ratios = [r.over_cfg for r in latest]
     dates = sorted(r.date for r in latest)
-    return RatioRange(runs[-1].set, min(ratios), max(ratios), float(np.median(ratios)), len(latest), dates[0], dates[-1])
+    return RatioRange(runs[-1].set, min(ratios), max(ratios), float(np.median(ratios)), len(latest), dates[0], dates[-1],
+                      min(r.over_base for r in latest), max(r.over_base for r in latest))
 
 
 def _spread(values: list[float], fmt: str = ".2f") -> str:
@@ -344,14 +349,14 @@ def _edge_note(scale: float, scanned: list[float]) -> str:
 
 
 def verdict_line(base: Point, cfg_points: list[Point], cca: Point, expected: RatioRange, where: str = "docs/paper.md") -> str:
-    """One line: the main CCA policy's FID against the best CFG scale's and the base model's, and whether that
-    ratio lies in the range of the recorded runs (`expected`)."""
+    """One line: the main CCA policy's FID against the best CFG scale's and the base model's, and whether both
+    ratios lie in the ranges of the recorded runs (`expected`)."""
     best = min(cfg_points, key=lambda p: p.metrics["fid"])
-    ratio = cca.metrics["fid"] / best.metrics["fid"]
-    line = (f"CCA without guidance (λ={cca.lam:g}): FID {cca.metrics['fid']:.2f} = {ratio:.2f}x the best CFG scale "
+    over_cfg, over_base = cca.metrics["fid"] / best.metrics["fid"], cca.metrics["fid"] / base.metrics["fid"]
+    line = (f"CCA without guidance (λ={cca.lam:g}): FID {cca.metrics['fid']:.2f} = {over_cfg:.2f}x the best CFG scale "
             f"(s={best.cfg_scale:g}, FID {best.metrics['fid']:.2f}{_edge_note(best.cfg_scale, [p.cfg_scale for p in cfg_points])}), "
-            f"{cca.metrics['fid'] / base.metrics['fid']:.2f}x the base (FID {base.metrics['fid']:.2f}); "
-            f"runs on this machine gave {expected.low:.2f}-{expected.high:.2f}x ({where}): ")
-    if expected.holds(ratio):
+            f"{over_base:.2f}x the base (FID {base.metrics['fid']:.2f}); runs on this machine gave {expected.low:.2f}-"
+            f"{expected.high:.2f}x and {expected.base_low:.2f}-{expected.base_high:.2f}x ({where}): ")
+    if expected.holds(over_cfg, over_base):
         return line + "a normal run"
     return line + f'outside that range: see {where}, "What make demo prints"'

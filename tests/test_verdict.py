@@ -25,11 +25,11 @@ def _runs(path: Path, rows: list[str]) -> Path:
     return path
 
 
-def _world(tmp_path: Path, cca_fid: float, cfg: dict[float, float]) -> Path:
-    """A finished run: base 12, CFG at the scales `cfg` ({s: FID}; the main eval holds s=1, the sweep the
-    rest), the main CCA policy (lambda 10) at `cca_fid`; and a record of 2 older runs (0.5x, 2x) and 2 of the
-    latest set: 0.80x (4/5) and 1.05x (6.3/6)."""
-    main = {"base": _metrics(12.0, 6.0), "cca": _metrics(cca_fid, 7.9)}
+def _world(tmp_path: Path, cca_fid: float, cfg: dict[float, float], base_fid: float = 12.0) -> Path:
+    """A finished run: the base model at `base_fid`, CFG at the scales `cfg` ({s: FID}; the main eval holds s=1, the
+    sweep the rest), the main CCA policy (lambda 10) at `cca_fid`; and a record of 2 older runs (0.5x, 2x the best
+    CFG) and 2 of the latest set: 0.80x the best CFG and 0.33x the base (4/5, 4/12), 1.05x and 0.57x (6.3/6, 6.3/11)."""
+    main = {"base": _metrics(base_fid, 6.0), "cca": _metrics(cca_fid, 7.9)}
     if 1.0 in cfg:
         main["cfg_1"] = _metrics(cfg[1.0], 7.7)
     _eval_dir(tmp_path / "eval", main)
@@ -39,7 +39,7 @@ def _world(tmp_path: Path, cca_fid: float, cfg: dict[float, float]) -> Path:
         _eval_dir(tmp_path / f"sweep/cfg/s{s}", {f"cfg_{s:g}": _metrics(cfg[s], 7 + s)})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"sweep": {"lambdas": [], "betas": [0.5], "cfg_scales": sweep_scales}}))
     _runs(tmp_path / "runs.csv", ["2026-11-01,history,old a,12,1,5,2.5", "2026-11-02,history,old b,12,1,5,10",
-                                  "2026-12-08,seeds 2026-12-08,seed 0,12,1,5,4", "2026-12-08,seeds 2026-12-08,seed 1,13,1,6,6.3"])
+                                  "2026-12-08,seeds 2026-12-08,seed 0,12,1,5,4", "2026-12-08,seeds 2026-12-08,seed 1,11,1,6,6.3"])
     return tmp_path
 
 
@@ -51,23 +51,32 @@ def _verdict(world: Path, sweep_scales: list[float]) -> str:
 def test_a_ratio_inside_the_latest_sets_range_is_a_normal_run(tmp_path: Path):
     world = _world(tmp_path, 5.4, {0.5: 7.0, 1.0: 6.0, 2.0: 9.0})
     # 5.4 / 6.0 = 0.90 of the best CFG (s=1, from the main eval; 0.5 and 2 from the sweep), 5.4 / 12 = 0.45 of the
-    # base; the range is the latest set's (0.80-1.05), not the older runs' (0.50-2.00)
+    # base; the ranges are the latest set's (0.80-1.05, 0.33-0.57), not the older runs' (0.50-2.00)
     assert _verdict(world, [0.5, 2.0]) == (
         "CCA without guidance (λ=10): FID 5.40 = 0.90x the best CFG scale (s=1, FID 6.00), 0.45x the base (FID 12.00); "
-        "runs on this machine gave 0.80-1.05x (docs/paper.md): a normal run")
+        "runs on this machine gave 0.80-1.05x and 0.33-0.57x (docs/paper.md): a normal run")
 
 
 def test_a_ratio_outside_the_range_says_so_and_where_to_look(tmp_path: Path):
     world = _world(tmp_path, 7.2, {0.5: 7.0, 1.0: 6.0, 2.0: 9.0})
     line = _verdict(world, [0.5, 2.0])  # 7.2 / 6 = 1.20, 7.2 / 12 = 0.60
     assert line.startswith("CCA without guidance (λ=10): FID 7.20 = 1.20x the best CFG scale (s=1, FID 6.00), 0.60x the base")
-    assert line.endswith('runs on this machine gave 0.80-1.05x (docs/paper.md): outside that range: see docs/paper.md, '
-                         '"What make demo prints"')
+    assert line.endswith('runs on this machine gave 0.80-1.05x and 0.33-0.57x (docs/paper.md): outside that range: see '
+                         'docs/paper.md, "What make demo prints"')
     assert "\n" not in line
 
 
+def test_a_run_that_learned_nothing_is_outside_though_cca_equals_cfg(tmp_path: Path):
+    """Models that did not learn: base, CFG and CCA alike. CCA / best CFG (5.4 / 5.4 = 1.00) is in its range, CCA /
+    base (5.4 / 5.5 = 0.98) is not."""
+    line = _verdict(_world(tmp_path, 5.4, {0.5: 5.6, 1.0: 5.4, 2.0: 5.7}, base_fid=5.5), [0.5, 2.0])
+    assert "FID 5.40 = 1.00x the best CFG scale (s=1, FID 5.40), 0.98x the base (FID 5.50)" in line
+    assert "outside that range" in line
+
+
 def test_the_range_is_compared_as_printed(tmp_path: Path):
-    """6.324 / 6 = 1.054, printed 1.05: inside a range printed 0.80-1.05; 6.336 / 6 = 1.056, printed 1.06: outside."""
+    """6.324 / 6 = 1.054, printed 1.05: inside a range printed 0.80-1.05; 6.336 / 6 = 1.056, printed 1.06: outside
+    (0.53 of the base both, inside 0.33-0.57)."""
     assert _verdict(_world(tmp_path / "a", 6.324, {0.5: 7.0, 1.0: 6.0, 2.0: 9.0}), [0.5, 2.0]).endswith("a normal run")
     assert "outside that range" in _verdict(_world(tmp_path / "b", 6.336, {0.5: 7.0, 1.0: 6.0, 2.0: 9.0}), [0.5, 2.0])
 
@@ -103,7 +112,7 @@ def test_the_cli_prints_the_line(tmp_path: Path, monkeypatch, capsys):
         cli.run()
     assert done.value.code == 0
     assert capsys.readouterr().out == ("CCA without guidance (λ=10): FID 5.40 = 0.90x the best CFG scale (s=1, FID 6.00), 0.45x the base "
-                                       "(FID 12.00); runs on this machine gave 0.80-1.05x (docs/paper.md): a normal run\n")
+                                       "(FID 12.00); runs on this machine gave 0.80-1.05x and 0.33-0.57x (docs/paper.md): a normal run\n")
 
 
 def test_the_record_is_read_strictly(tmp_path: Path):
@@ -125,8 +134,9 @@ def test_the_record_round_trips_and_its_range_is_the_latest_sets(tmp_path: Path)
             DemoRun("2026-12-09", "seeds 2026-12-08", "seed 2", 13.0, 1.0, 5.0, 5.0)]
     write_demo_runs(tmp_path / "runs.csv", runs)
     assert read_demo_runs(tmp_path / "runs.csv") == runs
-    rng = ratio_range(runs)  # 0.80, 1.05, 1.00
+    rng = ratio_range(runs)  # 0.80, 1.05, 1.00 of the best CFG; 0.33, 0.48, 0.38 of the base
     assert (rng.set, rng.runs, rng.first, rng.last) == ("seeds 2026-12-08", 3, "2026-12-08", "2026-12-09")
+    assert (round(rng.base_low, 4), round(rng.base_high, 4)) == (0.3333, 0.4846)
     assert rng.phrase == "0.80-1.05x over 3 runs (median 1.00x)"
     table = demo_runs_table(runs)
     assert "| 2026-12-09 | seed 1 | 13.00 | 6.00 (s=1.5) | 6.30 | 1.05x | 0.48x |" in table
