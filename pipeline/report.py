@@ -280,7 +280,7 @@ def write_demo_runs(path: str | os.PathLike, runs: list[DemoRun]) -> None:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(DEMO_RUNS_FIELDS)
         for r in runs:
-            writer.writerow([r.date, r.set, r.run, f"{r.base_fid:g}", f"{r.cfg_scale:g}", f"{r.cfg_fid:g}", f"{r.cca_fid:g}"])
+            writer.writerow([r.date, r.set, r.run, *map(repr, (r.base_fid, r.cfg_scale, r.cfg_fid, r.cca_fid))])  # read back equal
 
 
 @dataclass(frozen=True)
