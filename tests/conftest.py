@@ -22,6 +22,7 @@ SLOW_MODULES = {
     "test_dvc_smoke", "test_imagenet_pipeline", "test_var_pipeline", "test_shipped_pipelines",  # dvc repro
     "test_resume", "test_tokenize_resume", "test_hostile_inputs",  # the CLI in subprocesses, killed and rerun
     "test_tiny_golden",  # reflogp, train and eval end to end
+    "test_demo_seeds",  # dvc repro of the tiny pipeline, once per seed (bench/demo_seeds.py)
 }
 SLOW_TESTS = {
     "test_report.py::test_sweep_expands_into_named_stages",  # dvc stage list
