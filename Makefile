@@ -1,5 +1,6 @@
 # Two commands for a fresh machine (README.md):
 #   make demo   installs the project into .venv, runs `dvc repro` on the embedded default, prints the results table
+#               and a one-line verdict on it
 #   make test   installs the project with test extras into .venv, runs the test suite
 # (make test-fast: the unit tests only, without the tests marked slow: subprocesses, torchrun, DVC)
 # (make test-shapes: the memory plan against the stages at the ImageNet shapes, skipped by make test)
@@ -19,9 +20,10 @@ $(BIN)/cca-pipe: pyproject.toml
 
 install: $(BIN)/cca-pipe
 
+# the last line: this run's CCA / best CFG against the range of the recorded runs (docs/paper.md, "What make demo prints")
 demo: install
 	@start=$$(date +%s); dvc repro && cca-pipe results data/report/results.md && \
-	echo "dvc repro + results: $$(( $$(date +%s) - start )) s"
+	echo "dvc repro + results: $$(( $$(date +%s) - start )) s" && cca-pipe verdict
 
 # The paper's other experiments (DPO, Unlearning, CCA+CFG, a lambda-conditioned policy) on the same cache
 paper: demo

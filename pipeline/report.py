@@ -213,3 +213,151 @@ def results_table(rows: list[tuple[str, dict[str, float]]], first: str = "point"
 def markdown_table(points: list[Point]) -> str:
     """All points, one row each."""
     return results_table([(p.label, p.metrics) for p in points])
+
+
+# ------------------------------------------------------------------ the demo's headline over recorded runs
+# docs/demo_runs.csv records each measured `make demo` (or seeded run of it, bench/demo_seeds.py): the three FIDs
+# of the headline claim. The range the verdict quotes, the table in docs/paper.md and the README's headline are
+# all computed from it (tests/test_verdict.py checks the two documents against it).
+
+DEMO_RUNS_FIELDS = ("date", "set", "run", "base_fid", "cfg_scale", "cfg_fid", "cca_fid")
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """One recorded run: the base model's FID, the best CFG scale's (and that scale), the main CCA policy's."""
+
+    date: str
+    set: str  # the runs measured together: "history" (runs of the code of each day), "seeds <date>" (bench/demo_seeds.py)
+    run: str  # what ran (code, threads, seeds)
+    base_fid: float
+    cfg_scale: float
+    cfg_fid: float
+    cca_fid: float
+
+    @property
+    def over_cfg(self) -> float:
+        return self.cca_fid / self.cfg_fid
+
+    @property
+    def over_base(self) -> float:
+        return self.cca_fid / self.base_fid
+
+
+def read_demo_runs(path: str | os.PathLike) -> list[DemoRun]:
+    """The rows of a demo-runs CSV (DEMO_RUNS_FIELDS), or one error naming the file, the row and the key."""
+    from .formats import FormatError
+
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: it records the measured runs the verdict compares with; restore it "
+                                f"(git checkout -- {path}) or pass --runs") from None
+    runs = []
+    for i, row in enumerate(rows, start=2):  # line 1 is the header
+        missing = [k for k in DEMO_RUNS_FIELDS if not (row.get(k) or "").strip()]
+        if missing:
+            raise FormatError(f"{path} line {i}: no {missing[0]!r}: every row needs {', '.join(DEMO_RUNS_FIELDS)}")
+        values = {}
+        for key in DEMO_RUNS_FIELDS[3:]:
+            try:
+                values[key] = float(row[key])
+            except ValueError:
+                raise FormatError(f"{path} line {i}: {key} = {row[key]!r} is not a number; write it as e.g. 5.29") from None
+            if not values[key] > 0:
+                raise FormatError(f"{path} line {i}: {key} = {row[key]!r} must be > 0")
+        runs.append(DemoRun(row["date"].strip(), row["set"].strip(), row["run"].strip(), **values))
+    if not runs:
+        raise FormatError(f"{path} holds no run: it needs a header ({','.join(DEMO_RUNS_FIELDS)}) and one row per run")
+    return runs
+
+
+def write_demo_runs(path: str | os.PathLike, runs: list[DemoRun]) -> None:
+    from .outputs import atomic_file
+
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(DEMO_RUNS_FIELDS)
+        for r in runs:
+            writer.writerow([r.date, r.set, r.run, *map(repr, (r.base_fid, r.cfg_scale, r.cfg_fid, r.cca_fid))])  # read back equal
+
+
+@dataclass(frozen=True)
+class RatioRange:
+    """CCA / best CFG over the runs of one set, as printed (two decimals), and CCA / base: a run whose models did
+    not learn has CCA, CFG and base alike, CCA / best CFG about 1, and only the second ratio tells it apart."""
+
+    set: str
+    low: float
+    high: float
+    median: float
+    runs: int
+    first: str  # dates of the first and last run
+    last: str
+    base_low: float
+    base_high: float
+
+    def holds(self, over_cfg: float, over_base: float) -> bool:
+        return (round(self.low, 2) <= round(over_cfg, 2) <= round(self.high, 2)
+                and round(self.base_low, 2) <= round(over_base, 2) <= round(self.base_high, 2))
+
+    @property
+    def phrase(self) -> str:
+        """How the README's headline and the verdict quote it."""
+        return f"{self.low:.2f}-{self.high:.2f}x over {self.runs} runs (median {self.median:.2f}x)"
+
+
+def ratio_range(runs: list[DemoRun]) -> RatioRange:
+    """The range of the latest set (that of the file's last row): the runs measured together most recently."""
+    latest = [r for r in runs if r.set == runs[-1].set]
+    ratios = [r.over_cfg for r in latest]
+    dates = sorted(r.date for r in latest)
+    return RatioRange(runs[-1].set, min(ratios), max(ratios), float(np.median(ratios)), len(latest), dates[0], dates[-1],
+                      min(r.over_base for r in latest), max(r.over_base for r in latest))
+
+
+def _spread(values: list[float], fmt: str = ".2f") -> str:
+    return f"{min(values):{fmt}}-{max(values):{fmt}} (median {float(np.median(values)):{fmt}})"
+
+
+def demo_runs_table(runs: list[DemoRun]) -> str:
+    """docs/paper.md's table of the recorded runs, set by set, each set closed by the spread of every column."""
+    head = ("| date | run | base FID | best CFG FID (s) | CCA FID | CCA / best CFG | CCA / base |\n"
+            "|---|---|---|---|---|---|---|\n")
+    text = ""
+    for name in dict.fromkeys(r.set for r in runs):
+        rows = [r for r in runs if r.set == name]
+        text += f"\n**{name}** ({len(rows)} runs)\n\n" + head
+        for r in rows:
+            text += (f"| {r.date} | {r.run} | {r.base_fid:.2f} | {r.cfg_fid:.2f} (s={r.cfg_scale:g}) | {r.cca_fid:.2f} | "
+                     f"{r.over_cfg:.2f}x | {r.over_base:.2f}x |\n")
+        text += (f"| spread | min-max (median) | {_spread([r.base_fid for r in rows])} | {_spread([r.cfg_fid for r in rows])} | "
+                 f"{_spread([r.cca_fid for r in rows])} | {_spread([r.over_cfg for r in rows])} | "
+                 f"{_spread([r.over_base for r in rows])} |\n")
+    return text.lstrip("\n")
+
+
+def _edge_note(scale: float, scanned: list[float]) -> str:
+    """Said when the best CFG scale is the smallest or largest evaluated: the best may lie beyond it."""
+    scanned = sorted(set(scanned))
+    if len(scanned) == 1:
+        return "; the only scale evaluated"
+    if scale == scanned[0] or scale == scanned[-1]:
+        return f"; the {'smallest' if scale == scanned[0] else 'largest'} scale evaluated, the best may lie beyond"
+    return ""
+
+
+def verdict_line(base: Point, cfg_points: list[Point], cca: Point, expected: RatioRange, where: str = "docs/paper.md") -> str:
+    """One line: the main CCA policy's FID against the best CFG scale's and the base model's, and whether both
+    ratios lie in the ranges of the recorded runs (`expected`)."""
+    best = min(cfg_points, key=lambda p: p.metrics["fid"])
+    over_cfg, over_base = cca.metrics["fid"] / best.metrics["fid"], cca.metrics["fid"] / base.metrics["fid"]
+    line = (f"CCA without guidance (λ={cca.lam:g}): FID {cca.metrics['fid']:.2f} = {over_cfg:.2f}x the best CFG scale "
+            f"(s={best.cfg_scale:g}, FID {best.metrics['fid']:.2f}{_edge_note(best.cfg_scale, [p.cfg_scale for p in cfg_points])}), "
+            f"{over_base:.2f}x the base (FID {base.metrics['fid']:.2f}); runs on this machine gave {expected.low:.2f}-"
+            f"{expected.high:.2f}x and {expected.base_low:.2f}-{expected.base_high:.2f}x ({where}): ")
+    if expected.holds(over_cfg, over_base):
+        return line + "a normal run"
+    return line + f'outside that range: see {where}, "What make demo prints"'

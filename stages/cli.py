@@ -650,6 +650,21 @@ def results(path):
         click.echo(path.read_text(encoding="utf-8"))
 
 
+@main.command()
+@click.option("--eval", "eval_dir", default="data/eval", type=PathType, show_default=True)
+@click.option("--train", "train_dir", default="data/train", type=PathType, show_default=True)
+@click.option("--sweep", "sweep_dir", default="data/sweep", type=PathType, show_default=True)
+@click.option("--runs", "runs_path", default=None, type=PathType,
+              help="the recorded runs whose CCA / best CFG range this run is compared with (default: the repository's, docs/)")
+@click.pass_context
+def verdict(ctx, eval_dir, train_dir, sweep_dir, runs_path):
+    """One line: the main CCA policy's FID against the best CFG scale's and the base model's, and whether the
+    ratio lies in the range of the recorded runs (docs/paper.md): `make demo` ends with it."""
+    from . import report as stage
+
+    click.echo(stage.verdict(eval_dir, train_dir, sweep_dir, resolved_config(ctx, "report"), runs_path))
+
+
 MAX_MESSAGE = 2000  # characters: a message quoting a value (an expanded YAML alias) is cut, never megabytes
 
 

@@ -52,6 +52,9 @@ class PaperConfig:
     lambda_max: int | float = setting(8103, gt=0.0)  # ... e^9, as the paper
     lambda_epochs: int | float = setting(9, gt=0.0)  # ... trained 3x as long as a fixed-lambda policy (the paper's 3 epochs vs 1)
     lambdas: list[int | float] = setting(default_factory=lambda: [1, 10, 30, 100], nonempty=True, unique=True, gt=0.0)  # ... sampled at
+    # Table 5's policies trained at one fixed lambda, besides the main run's (train.lambda) and any of the main
+    # sweep (sweep.lambdas): pipelines/paper trains them, `make demo` does not (its headline uses the main run alone)
+    fixed_lambdas: list[int | float] = setting(default_factory=lambda: [1, 30, 100], unique=True, gt=0.0)
 
     def __post_init__(self) -> None:
         check_ranges(self, "paper")
@@ -125,6 +128,17 @@ def table3(base: Point, main: Point, grid: list[Point], out: Path, checks: dict)
     return text
 
 
+def fixed_points(paper_dir: Path, paper: PaperConfig) -> list[Point]:
+    """The policies pipelines/paper trained at each paper.fixed_lambdas (`fixed/lam<lambda>/{train,eval}`)."""
+    points = []
+    for lam in paper.fixed_lambdas:
+        folder = paper_dir / "fixed" / f"lam{lam}"
+        trained = trained_settings(folder / "train")
+        points.append(Point("cca", _only_method(folder / "eval"), lam=trained["lambda"], beta=trained["beta"],
+                            train_log=folder / "train" / "log.csv"))
+    return points
+
+
 def cca_cfg_points(paper_dir: Path, sweep: SweepConfig) -> list[Point]:
     """CCA+CFG: the policy trained at paper.cca_cfg_lambda, sampled with guidance at each sweep.cfg_scales."""
     trained = trained_settings(paper_dir / "cca_cfg" / "train")
@@ -185,6 +199,8 @@ def _paper(eval_dir: Path, train_dir: Path, sweep_dir: Path, paper_dir: Path, ca
     points = collect(eval_dir, train_dir, sweep_dir, sweep)
     base = next(p for p in points if p.kind == "base")
     main = next(p for p in points if p.kind == "cca" and p.train_log and p.train_log.parent == train_dir)
+    known = {(p.lam, p.beta) for p in points if p.kind == "cca"}  # the main run and its sweep come first
+    points += [p for p in fixed_points(paper_dir, paper) if (p.lam, p.beta) not in known]
     cca_points = [p for p in points if p.kind == "cca"]
     checks: dict[str, object] = {}
     text3 = table3(base, main, baseline_grid(paper_dir, paper), out, checks)

@@ -29,9 +29,9 @@ class SweepConfig:
     collects. Numbers keep the type they are written with (int or float), because DVC names each expanded
     stage's folder with the value as written (`lam1-beta0.5`, `s1.0`)."""
 
-    lambdas: list[int | float] = setting(default_factory=lambda: [1, 30, 100], unique=True, ge=0.0)  # with train.lambda: the CCA curve
+    lambdas: list[int | float] = setting(default_factory=list, unique=True, ge=0.0)  # with train.lambda: the CCA curve
     betas: list[int | float] = setting(default_factory=lambda: [0.5], nonempty=True, unique=True, gt=0.0)
-    cfg_scales: list[int | float] = setting(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.0, 3.0], unique=True, gt=0.0)
+    cfg_scales: list[int | float] = setting(default_factory=lambda: [0.25, 0.5, 1.0, 1.5], unique=True, gt=0.0)
 
     def __post_init__(self) -> None:
         check_ranges(self, "sweep")
@@ -142,3 +142,30 @@ def _report(points: list[Point], train_dir: Path | None, out: Path) -> str:
     write_text(out / "results.md", text)
     log.info("report of %d points", len(points))
     return text
+
+
+DEMO_RUNS = Path("docs/demo_runs.csv")  # the recorded runs of the embedded default (docs/paper.md, "What make demo prints")
+
+
+def headline_points(points: list[Point], eval_dir: Path, train_dir: Path | None) -> tuple[Point, list[Point], Point]:
+    """The headline's points: the base model, every CFG point, and the main run's CCA policy (the one trained in
+    `train_dir`); a missing one is one error naming what to evaluate."""
+    cfg = [p for p in points if p.kind == "cfg"]
+    cca = [p for p in points if p.kind == "cca"]
+    main = next((p for p in cca if p.train_log and p.train_log.parent == train_dir), None)
+    missing = [name for name, found in (("base", any(p.kind == "base" for p in points)), ("cfg", cfg), ("cca", main)) if not found]
+    if missing:
+        raise FormatError(f"{eval_dir}/metrics.json (and the sweep) hold no {' and no '.join(missing)} point: the verdict compares "
+                          f"the main CCA policy ({train_dir}) with the base model and the best CFG scale; evaluate "
+                          f"{', '.join(missing)} (eval.methods, sweep.cfg_scales) and rerun `dvc repro`")
+    return next(p for p in points if p.kind == "base"), cfg, main
+
+
+def verdict(eval_dir: Path, train_dir: Path, sweep_dir: Path | None, sweep: SweepConfig | None = None,
+            runs_path: Path | None = None) -> str:
+    """The one-line verdict `make demo` ends with: this run's CCA / best CFG against the recorded runs' range."""
+    from pipeline.report import ratio_range, read_demo_runs, verdict_line  # only the verdict needs them
+
+    expected = ratio_range(read_demo_runs(runs_path or DEMO_RUNS))
+    base, cfg, cca = headline_points(collect(eval_dir, train_dir, sweep_dir, sweep), eval_dir, train_dir)
+    return verdict_line(base, cfg, cca, expected)

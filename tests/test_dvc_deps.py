@@ -89,6 +89,25 @@ def test_dvc_parses_every_pipeline(dvc_file: Path):
                             text=True, timeout=120)
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "ERROR" not in output, output[-2000:]
-    names = set(yaml.safe_load(dvc_file.read_text())["stages"])
+    stages = yaml.safe_load(dvc_file.read_text())["stages"]
+    names = {name for name, stage in stages.items() if not _empty_matrix(stage, dvc_file.parent)}
     listed = {line.split()[0].rsplit(":", 1)[-1].split("@")[0] for line in result.stdout.splitlines() if line.strip()}
     assert listed == names
+    # the root pipeline's lambda sweep is empty as shipped (`make paper` trains those points): it expands to nothing
+    if dvc_file == ROOT / "dvc.yaml":
+        assert names == set(stages) - {"sweep-train", "sweep-eval"}
+
+
+def _empty_matrix(stage: dict, folder: Path) -> bool:
+    """A matrix stage with an axis `${section.key}` naming an empty list (in the pipeline's params.yaml, else the
+    root's) expands into no stage at all."""
+    for axis in (stage.get("matrix") or {}).values():
+        if isinstance(axis, str) and axis.startswith("${"):
+            section, key = axis[2:-1].split(".", 1)
+            for params_file in (folder / "params.yaml", ROOT / "params.yaml"):
+                params = yaml.safe_load(params_file.read_text()) if params_file.is_file() else {}
+                if section in params:
+                    if params[section][key] == []:
+                        return True
+                    break
+    return False

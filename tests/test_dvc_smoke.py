@@ -100,7 +100,7 @@ def test_the_paper_pipeline_runs_as_shipped(repo: Path):
     log = _run([str(BIN / "dvc"), "repro"], paper_dir)
     shipped = yaml.safe_load((paper_dir / "params.yaml").read_text())["paper"]
     runs = [f"dpo/beta{b}" for b in shipped["dpo_betas"]] + [f"unlearning/lam{lam}" for lam in shipped["unlearning_lambdas"]] \
-        + ["cca_cfg", "lambda", "dropout/eval_mode", "dropout/matched"]
+        + ["cca_cfg", "lambda", "dropout/eval_mode", "dropout/matched"] + [f"fixed/lam{lam}" for lam in shipped["fixed_lambdas"]]
     for run in runs:
         assert (repo / "data/paper" / run / "train/policy.pt").is_file(), run
     assert "Running stage 'dropout-reflogp'" in log and "Running stage 'paper'" in log

@@ -35,15 +35,19 @@ def _train(folder: Path, loss: str, lam: float, logps: list[float], ratio_pos: f
 
 def test_the_paper_tables_and_checks(tmp_path: Path):
     data = tmp_path / "data"
-    sweep = SweepConfig(lambdas=[1, 30], betas=[0.5], cfg_scales=[0.5, 1.0])
-    cfg = paper.PaperConfig(dpo_betas=[0.25, 2.5], unlearning_lambdas=[0.01, 0.1, 1], cca_cfg_lambda=1, lambdas=[1, 10, 30])
+    # Table 5's fixed policies: lambda 1 from the main sweep, 30 trained by pipelines/paper (fixed_lambdas); its
+    # lambda 1 is the sweep's, read once
+    sweep = SweepConfig(lambdas=[1], betas=[0.5], cfg_scales=[0.5, 1.0])
+    cfg = paper.PaperConfig(dpo_betas=[0.25, 2.5], unlearning_lambdas=[0.01, 0.1, 1], cca_cfg_lambda=1, lambdas=[1, 10, 30],
+                            fixed_lambdas=[1, 30])
     _eval(data / "eval", {"base": (12.0, 6.0, 0.6), "cfg_1": (5.5, 7.8, 0.87), "cca": (5.0, 7.9, 0.89)})
     _train(data / "train", "cca", 10.0, [-56.0, -55.0, -54.5])
     for s, fid in ((0.5, 6.5), (1.0, 5.5)):
         _eval(data / "sweep/cfg" / f"s{s}", {f"cfg_{s:g}": (fid, 7.0 + s, 0.8)})
-    for lam, fid, acc in ((1, 5.6, 0.86), (30, 5.2, 0.9)):
-        _eval(data / "sweep/cca" / f"lam{lam}-beta0.5/eval", {"cca": (fid, 7.7 + lam / 100, acc)})
-        _train(data / "sweep/cca" / f"lam{lam}-beta0.5/train", "cca", float(lam), [-56.0, -55.0])
+    for folder, lam, fid, acc in (("sweep/cca/lam1-beta0.5", 1, 5.6, 0.86), ("paper/fixed/lam30", 30, 5.2, 0.9),
+                                  ("paper/fixed/lam1", 1, 99.0, 0.1)):  # the sweep's lambda 1 is the one read
+        _eval(data / folder / "eval", {"cca": (fid, 7.7 + lam / 100, acc)})
+        _train(data / folder / "train", "cca", float(lam), [-56.0, -55.0])
     # DPO: beta 2.5 is its best point (9.0); its positives fall
     for beta, fid, logps in ((0.25, 11.0, [-56.0, -57.0]), (2.5, 9.0, [-56.0, -60.0, -75.0])):
         _train(data / f"paper/dpo/beta{beta}/train", "dpo", 10.0, logps)
@@ -109,7 +113,7 @@ def test_the_paper_pipeline_reuses_the_main_reference_cache():
     (reflogp.visits: epochs); every other training stage reads the main cache."""
     stages = yaml.safe_load((ROOT / "pipelines/paper/dvc.yaml").read_text())["stages"]
     trains = {name: s.get("do", s) for name, s in stages.items() if " train " in s.get("do", s)["cmd"]}
-    assert set(trains) == {"dpo-train", "unlearning-train", "cca-cfg-train", "lambda-train", "dropout-train"}
+    assert set(trains) == {"dpo-train", "unlearning-train", "cca-cfg-train", "lambda-train", "dropout-train", "fixed-train"}
     for name, stage in trains.items():
         if name == "dropout-train":  # against the main cache (eval mode) and against the dropout one
             caches = {item["cache"] for item in stages[name]["foreach"].values()}
