@@ -34,7 +34,8 @@ def return_freed_memory() -> bool:
     its heap: a training step's activations and per-parameter temporaries (each a few MB) then stay resident after
     they are freed, and the process's RSS follows the largest set ever freed, not the tensors alive: GPT-B's
     step measured 3.51 GB against 2.93 GB of live tensors (docs/performance.md). A fixed threshold also stops the
-    dynamic raise. Without glibc (macOS, musl) nothing changes."""
+    dynamic raise. Without glibc (macOS, musl) nothing changes. It costs CPU (each freed block is unmapped, each
+    new one zero-filled: +37% on pretrain-vq), so the CLI sets it only for the stages `cca-pipe plan` plans."""
     import ctypes
 
     try:

@@ -88,6 +88,8 @@ DEPTH_HELP = "VAR only: expected depth (16, 20, 24, 30); checked against the che
 
 
 # stage command -> (its module under stages/, its config class, its params.yaml section)
+PLANNED_STAGES = ["train", "tokenize", "eval"]  # what `cca-pipe plan` plans the memory of
+
 STAGES = {
     "prepare": ("prepare", "PrepareConfig", "prepare"),
     "pretrain-vq": ("pretrain_vq", "PretrainVQConfig", "pretrain_vq"),
@@ -187,6 +189,12 @@ def main(ctx: click.Context, params: Path, overrides: tuple[str, ...], preset: s
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     ctx.obj = {"params": params, "overrides": list(overrides), "device": device, "preset": preset}
     forget_hub_inputs()  # a command's provenance names the Hub files it read, not an earlier one's in this process
+    if ctx.invoked_subcommand in PLANNED_STAGES:
+        from pipeline.host import return_freed_memory
+
+        # the process's memory is its live tensors', as `cca-pipe plan` counts them; elsewhere glibc's default
+        # (mapping every freed block back costs CPU: +37% on pretrain-vq, docs/performance.md)
+        return_freed_memory()
     if ctx.invoked_subcommand in DISTRIBUTED and not launched():
         launch = _launch_config(ctx, nproc_per_node, nnodes, rdzv_endpoint, rdzv_id)
         if launch.nproc_per_node > 1 or launch.nnodes > 1:
@@ -528,7 +536,7 @@ class MemorySize(click.ParamType):
 @click.option("--micro-batch-size", type=click.IntRange(min=1), default=None, help="rows per forward (overrides train.micro_batch_size)")
 @click.option("--device", "device_type", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
               help="what the plan is for: cuda (bf16 compute) or cpu (float32 throughout)")
-@click.option("--stage", type=click.Choice(["train", "tokenize", "eval"]), default="train", show_default=True,
+@click.option("--stage", type=click.Choice(PLANNED_STAGES), default="train", show_default=True,
               help="the stage to plan: train (a training step), tokenize (the encoder at tokenize.batch_size x views), "
                    "eval (sampling, decoding and scoring at eval.batch_size)")
 @click.option("--vq-model", default=None, metavar="NAME|JSON",
@@ -754,9 +762,6 @@ def guarded():
 
 def run() -> None:
     """Console-script entry (`cca-pipe`)."""
-    from pipeline.host import return_freed_memory
-
-    return_freed_memory()  # the process's memory is its live tensors', as `cca-pipe plan` counts them
     with guarded():
         main(standalone_mode=True)
 

@@ -487,3 +487,17 @@ def test_plan_matches_the_stages_at_the_imagenet_shapes(row, stage_work, monkeyp
 
     (result,) = measure_rows([row], stage_work)
     assert abs(result["error"]) <= 0.10, {k: v for k, v in result.items()}
+
+
+def test_only_the_planned_stages_fix_glibcs_mmap_threshold(monkeypatch):
+    """pipeline.host.return_freed_memory (RSS = live tensors, as the plan counts) runs in the processes of the stages
+    `cca-pipe plan` plans, and nowhere else: it costs CPU (+37% on pretrain-vq, docs/performance.md)."""
+    import pipeline.host
+
+    calls = []
+    monkeypatch.setattr(pipeline.host, "return_freed_memory", lambda: calls.append(1) or True)
+    for command, expected in (("train", 1), ("tokenize", 1), ("eval", 1), ("pretrain-vq", 0), ("reflogp", 0), ("prepare", 0)):
+        calls.clear()
+        result = CliRunner().invoke(main, ["--params", "/nonexistent/params.yaml", command, "--help"])
+        assert result.exit_code == 0, result.output
+        assert len(calls) == expected, command
