@@ -24,6 +24,12 @@ Token store (stage `tokenize`; code in pipeline/tokenstore.py), a Zarr v3 group,
              inode, which a rewrite keeping size and mtime moves), hashes only images whose stat changed (or all,
              with --rehash), records the new stat of those whose bytes had not changed, and is "up to date"
              only if build_key and inputs_digest both match.
+A store of DDO's fakes (stage `negatives`, docs/ddo.md) has the same arrays and attributes with one view
+("sample"), labels the real rows' repeated ratio times, and the attribute `negatives`: {ref_ckpt_sha256 (the
+reference that drew them), real_tokens_fingerprint and real_rows (the real store they pair with), seed,
+ratio, pairs (fake row j pairs with real row j // ratio, drawn from the stream of (seed, j)), sampler
+(cfg_scale, cfg_schedule, temperature, top_k, top_p), reencode (decoded and encoded again by the tokenizer)};
+`settings` holds the negatives settings and `source` the reference's path; it has no input record.
 Chunked along N (chunk_rows rows; labels chunked alike), codecs: Blosc zstd + bitshuffle, then crc32c (a
 checksum zarr verifies on every read); every chunk is written (a missing chunk file is damage). While being
 written, `progress.json` lists finished chunks and the digest of each one's inputs ({"done_chunks": [k, ...],

@@ -77,6 +77,7 @@ STAGES = {
     "tokenize": ("tokenize", "TokenizeConfig", "tokenize"),
     "pretrain-ar": ("pretrain_ar", "PretrainARConfig", "pretrain_ar"),
     "reflogp": ("reflogp", "RefLogpConfig", "reflogp"),
+    "negatives": ("negatives", "NegativesConfig", "negatives"),
     "train": ("train", "TrainConfig", "train"),
     "eval": ("eval", "EvalConfig", "eval"),
     "import-codes": ("import_codes", "ImportCodesConfig", "import_codes"),
@@ -345,6 +346,27 @@ def reflogp(ctx, tokens_path, ref_path, gpt_model, vae, vae_model, depth, out):
 
     cfg, world = _setup(ctx, "reflogp")
     stage.run(cfg, tokens_path, ref_path, out, _model_source(ctx, gpt_model, vae, vae_model, depth), world)
+
+
+@main.command()
+@click.option("--tokens", "tokens_path", default="data/tokens/train.zarr", type=PathType, show_default=True,
+              help="the real rows: one fake per image (negatives.ratio) at its label")
+@click.option("--ref", "ref_path", default="data/ar/gpt.pt", type=PathType, show_default=True, help="the reference that draws them")
+@click.option("--vq", "vq_path", default="data/vq/vq.pt", type=PathType, show_default=True,
+              help="the tokenizer that encoded --tokens: it decodes the samples (and re-encodes them)")
+@click.option("--vq-model", default=None, help="VQ config for upstream files: a name (VQ-16) or a JSON file")
+@click.option("--gpt-model", default=None, help=GPT_MODEL_HELP)
+@click.option("--vae", default=None, type=PathType, help=VAE_HELP)
+@click.option("--vae-model", default=None, help=VAE_MODEL_HELP)
+@click.option("--depth", default=None, type=int, help=DEPTH_HELP)
+@click.option("--out", default="data/ddo/negatives.zarr", type=OutPath, show_default=True)
+@click.pass_context
+def negatives(ctx, tokens_path, ref_path, vq_path, vq_model, gpt_model, vae, vae_model, depth, out):
+    """DDO's negatives: the reference's samples for the real rows' labels -> Zarr token store (resumable)."""
+    from . import negatives as stage
+
+    cfg, world = _setup(ctx, "negatives")
+    stage.run(cfg, tokens_path, ref_path, vq_path, out, _model_source(ctx, gpt_model, vae, vae_model, depth), vq_model, world)
 
 
 @main.command()

@@ -20,7 +20,7 @@ def tiny_gpt() -> GPT:
 SLOW_MODULES = {
     "test_distributed", "test_fsdp",  # torchrun, 2 processes
     "test_dvc_smoke", "test_imagenet_pipeline", "test_var_pipeline", "test_shipped_pipelines",  # dvc repro
-    "test_resume", "test_tokenize_resume", "test_hostile_inputs",  # the CLI in subprocesses, killed and rerun
+    "test_resume", "test_tokenize_resume", "test_hostile_inputs", "test_negatives_processes",  # the CLI in subprocesses, killed and rerun
 }
 SLOW_TESTS = {
     "test_tiny_golden.py::test_tiny_pipeline_matches_the_recorded_values",  # reflogp, train and eval end to end
