@@ -338,14 +338,16 @@ def pretrain_ar(ctx, tokens_path, out):
 @click.option("--vae", default=None, type=PathType, help=VAE_HELP)
 @click.option("--vae-model", default=None, help=VAE_MODEL_HELP)
 @click.option("--depth", default=None, type=int, help=DEPTH_HELP)
+@click.option("--negatives", "negatives_path", default=None, type=PathType,
+              help="DDO: the negatives store of these rows drawn by --ref (cca-pipe negatives); adds ref_logp_fake")
 @click.option("--out", default="data/reflogp/ref_logp.parquet", type=OutPath, show_default=True)
 @click.pass_context
-def reflogp(ctx, tokens_path, ref_path, gpt_model, vae, vae_model, depth, out):
+def reflogp(ctx, tokens_path, ref_path, gpt_model, vae, vae_model, depth, negatives_path, out):
     """Cache the frozen reference model's log-likelihoods (Parquet)."""
     from . import reflogp as stage
 
     cfg, world = _setup(ctx, "reflogp")
-    stage.run(cfg, tokens_path, ref_path, out, _model_source(ctx, gpt_model, vae, vae_model, depth), world)
+    stage.run(cfg, tokens_path, ref_path, out, _model_source(ctx, gpt_model, vae, vae_model, depth), world, negatives_path)
 
 
 @main.command()

@@ -12,7 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import yaml
 from test_negatives_stage import make_world
+
+from pipeline.formats import read_ref_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -38,6 +42,20 @@ def test_two_processes_write_the_bytes_of_one(tmp_path: Path):
         assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = store_bytes(root / "fakes1.zarr"), store_bytes(root / "fakes2.zarr")
     assert len(one) > 10 and one == two
+    # the DDO cache of these fakes (reflogp --negatives, with the reference's dropout: keyed masks), 2 = 1
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["reflogp"].update(batch_size=4, part_rows=8, dropout=0.1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for nproc in (1, 2):
+        cmd = [str(BIN / "cca-pipe"), "--params", str(root / "params.yaml"), "--device", "cpu", "--nproc-per-node",
+               str(nproc), "reflogp", "--tokens", str(root / "real.zarr"), "--ref", str(root / "gpt.pt"), "--negatives",
+               str(root / "fakes1.zarr"), "--out", str(root / f"ddo{nproc}.parquet")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    (a, meta), (b, _) = (read_ref_cache(root / f"ddo{n}.parquet") for n in (1, 2))
+    assert "ref_logp_fake" in a and meta["fakes_fingerprint"] and a.keys() == b.keys()
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
 
 
 def test_a_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path: Path):
