@@ -8,7 +8,7 @@ term has weight 0 (pipeline.losses.ddo_loss), so its fake is not forwarded at al
 zero-weights it: the same loss and gradient). With reference dropout, each sequence's masks are keyed by
 (seed, cache row, role) as in pipeline.refcache: real "pos", fake "fake", real under null "null".
 
-Not wired into train, the cache format or DVC yet (docs/ddo.md, "What is left").
+Train reads it with train.loss ddo (pipeline.alignment.AlignmentRun), from a DDO cache (reflogp --negatives).
 """
 
 from __future__ import annotations

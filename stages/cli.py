@@ -379,14 +379,17 @@ def negatives(ctx, tokens_path, ref_path, vq_path, vq_model, gpt_model, vae, vae
 @click.option("--vae", default=None, type=PathType, help=VAE_HELP)
 @click.option("--vae-model", default=None, help=VAE_MODEL_HELP)
 @click.option("--depth", default=None, type=int, help=DEPTH_HELP)
+@click.option("--negatives", "negatives_path", default=None, type=PathType,
+              help="train.loss ddo: the negatives store the DDO cache (--cache) was computed from")
 @click.option("--out", default="data/train", type=OutPath, show_default=True)
 @click.pass_context
-def train(ctx, tokens_path, cache_path, init, gpt_model, vae, vae_model, depth, out):
+def train(ctx, tokens_path, cache_path, init, gpt_model, vae, vae_model, depth, negatives_path, out):
     """Fine-tune the policy with CCA over the cached reference log-probs."""
     from . import train as stage
 
     cfg, world = _setup(ctx, "train")
-    stage.run(cfg, tokens_path, cache_path, init, out, _model_source(ctx, gpt_model, vae, vae_model, depth), world)
+    stage.run(cfg, tokens_path, cache_path, init, out, _model_source(ctx, gpt_model, vae, vae_model, depth), world,
+              negatives_path)
 
 
 @main.command("eval")

@@ -114,3 +114,49 @@ def test_negatives_of_other_rows_or_another_reference_are_refused_in_one_line(tm
     code, err = invoke(argv, monkeypatch, capsys)
     assert code != 0 and "not one of negatives" in err
     assert not (root / "x.parquet").exists()
+
+
+# ------------------------------------------------------------------------------------------ train.loss ddo
+
+TRAIN_SETS = ["train.loss=ddo", "train.epochs=1", "train.batch_size=4", "train.micro_batch_size=2", "train.lr=1e-3"]
+
+
+def train_ddo(root: Path, monkeypatch, capsys, out: Path, *sets: str, negatives: Path | None = None) -> tuple[int, str]:
+    argv = ["--params", root / "params.yaml", "--device", "cpu", *[x for o in (*TRAIN_SETS, *sets) for x in ("--set", o)],
+            "train", "--tokens", root / "real.zarr", "--cache", root / "ddo.parquet", "--init", root / "gpt.pt", "--out", out]
+    return invoke([*argv, *(["--negatives", negatives] if negatives else [])], monkeypatch, capsys)
+
+
+def test_train_ddo_starts_at_the_ratio_zero_loss_and_moves_the_policy(tmp_path, monkeypatch, capsys):
+    """Step 0's policy is the reference: every ratio 0, so each conditional row costs (1 + alpha) ln 2 / max(alpha, 1)
+    (docs/ddo.md): alpha 4 -> 5 ln 2 / 4 = 0.866434; with train.uncond_ratio 0 that is the step's loss."""
+    import json
+    import math
+
+    root = ddo_world(tmp_path, monkeypatch, capsys, "reflogp.visits=1")
+    code, err = train_ddo(root, monkeypatch, capsys, root / "run", "train.alpha=4", "train.uncond_ratio=0",
+                          negatives=root / "fakes.zarr")
+    assert code == 0, err
+    steps = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 3  # 12 cache rows (6 images x 2 views) / batch 4
+    assert steps[0]["loss"] == pytest.approx(5 * math.log(2) / 4, abs=1e-5)
+    assert steps[-1]["loss"] != pytest.approx(steps[0]["loss"], abs=1e-4)
+    assert (root / "run" / "settings.yaml").read_text().count("loss: ddo") == 1
+
+
+def test_train_ddo_refuses_missing_or_redrawn_negatives_in_one_line(tmp_path, monkeypatch, capsys):
+    root = ddo_world(tmp_path, monkeypatch, capsys, "reflogp.visits=1")
+    code, err = train_ddo(root, monkeypatch, capsys, root / "run")
+    assert code != 0 and "--negatives" in err and "Traceback" not in err
+    # the negatives drawn again (another seed) after the cache was computed: the cache is stale
+    cca(root, monkeypatch, capsys, "--set", "negatives.seed=5", "negatives", "--tokens", root / "real.zarr", "--ref",
+        root / "gpt.pt", "--vq", root / "vq.pt", "--out", root / "fakes.zarr")
+    code, err = train_ddo(root, monkeypatch, capsys, root / "run", negatives=root / "fakes.zarr")
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert code != 0 and len(errors) == 1 and "stale" in errors[0] and "fakes_fingerprint" in errors[0]
+    # a CCA cache under train.loss ddo
+    code, err = invoke(["--params", root / "params.yaml", "--device", "cpu", *[x for o in TRAIN_SETS for x in ("--set", o)],
+                        "train", "--tokens", root / "real.zarr", "--cache", root / "cca.parquet", "--init", root / "gpt.pt",
+                        "--negatives", root / "fakes.zarr", "--out", root / "run"], monkeypatch, capsys)
+    assert code != 0 and "reflogp --negatives" in err
+    assert not (root / "run").exists()

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from test_negatives_stage import make_world
 
@@ -56,6 +57,25 @@ def test_two_processes_write_the_bytes_of_one(tmp_path: Path):
     assert "ref_logp_fake" in a and meta["fakes_fingerprint"] and a.keys() == b.keys()
     for name in a:
         assert np.array_equal(a[name], b[name]), name
+    # train.loss ddo on that cache (policy dropout as the cache's reference; null-label rows): 2 processes = 1
+    logs, weights = [], []
+    for nproc in (1, 2):
+        out = root / f"train{nproc}"
+        sets = ["train.loss=ddo", "train.alpha=2", "train.epochs=1", "train.batch_size=6", "train.micro_batch_size=1",
+                "train.lr=1e-3", "train.dropout=0.1", "train.uncond_ratio=0.3"]
+        cmd = [str(BIN / "cca-pipe"), "--params", str(root / "params.yaml"), "--device", "cpu", "--nproc-per-node", str(nproc),
+               *[x for o in sets for x in ("--set", o)], "train", "--tokens", str(root / "real.zarr"), "--cache",
+               str(root / "ddo1.parquet"), "--init", str(root / "gpt.pt"), "--negatives", str(root / "fakes1.zarr"),
+               "--out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs.append([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
+        weights.append(torch.load(out / "policy.pt", weights_only=True)["model"])
+    assert len(logs[0]) == len(logs[1]) == 3  # 18 cache rows (9 images x 2 views) / 6
+    for x, y in zip(*logs, strict=True):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["rewards/pos"] - y["rewards/pos"]) < 1e-5
+    assert max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0]) < 1e-5
+    assert logs[0][0]["loss"] != logs[0][-1]["loss"]  # training moves
 
 
 def test_a_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path: Path):
