@@ -509,9 +509,10 @@ class MemorySize(click.ParamType):
 @click.option("--micro-batch-size", type=click.IntRange(min=1), default=None, help="rows per forward (overrides train.micro_batch_size)")
 @click.option("--device", "device_type", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
               help="what the plan is for: cuda (bf16 compute) or cpu (float32 throughout)")
-@click.option("--stage", type=click.Choice(["train", "tokenize", "eval"]), default="train", show_default=True,
+@click.option("--stage", type=click.Choice(["train", "tokenize", "eval", "negatives"]), default="train", show_default=True,
               help="the stage to plan: train (a training step), tokenize (the encoder at tokenize.batch_size x views), "
-                   "eval (sampling, decoding and scoring at eval.batch_size)")
+                   "eval (sampling, decoding and scoring at eval.batch_size), negatives (sampling, decoding and "
+                   "re-encoding at negatives.batch_size)")
 @click.option("--vq-model", default=None, metavar="NAME|JSON",
               help="tokenize/eval: the tokenizer's config (default: the family's, VQ-16 or VAR's VQVAE)")
 @click.option("--tokens", default=None, type=PathType,
@@ -546,8 +547,10 @@ def plan(ctx, preset, nproc_per_node, nnodes, gpu_memory, strategy, micro_batch_
     arguments = found[2] if found else []
     vq_model = vq_model or subcommand_option(arguments, "--vq-model")
     if stage != "train":
+        world_size = launch.nproc_per_node * launch.nnodes
         report = stage_module.make_tokenize_report(name, cfg, gpu_memory, device_type, vq_model) if stage == "tokenize" else \
-            stage_module.make_eval_report(name, cfg, launch.nproc_per_node * launch.nnodes, gpu_memory, device_type, vq_model)
+            stage_module.make_negatives_report(name, cfg, world_size, gpu_memory, device_type, vq_model) \
+            if stage == "negatives" else stage_module.make_eval_report(name, cfg, world_size, gpu_memory, device_type, vq_model)
         click.echo(stage_module.format_stage_report(report))
     else:
         grid = _planned_grid(ctx, base, name, tokens or subcommand_option(arguments, "--tokens"), vq_model)

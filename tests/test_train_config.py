@@ -202,7 +202,8 @@ def test_config_train_resolves_every_preset_as_before_the_split():
     """tests/golden/config_train.yaml was recorded from commit 08a4ed1, before TrainConfig became AlignConfig's
     subclass (`python tests/test_train_config.py --record` with that commit's code): same keys, order and values.
     Since then (2026-12-07, issue 32) one key was added: `alpha: 50.0` after `lambda` (DDO's weight), re-recorded
-    after checking that the 256 added lines were the only difference."""
+    after checking that the 256 added lines were the only difference; then the 48 blocks of the DDO presets
+    (var-d16-ddo, var-d30-ddo, llamagen-L-ddo) were added, the 256 blocks before them unchanged (checked)."""
     assert resolved_train_settings(ROOT) == GOLDEN.read_text()
 
 
