@@ -203,7 +203,8 @@ def test_config_train_resolves_every_preset_as_before_the_split():
     subclass (`python tests/test_train_config.py --record` with that commit's code): same keys, order and values.
     Since then (2026-12-07, issue 32) one key was added: `alpha: 50.0` after `lambda` (DDO's weight), re-recorded
     after checking that the 256 added lines were the only difference; then the 48 blocks of the DDO presets
-    (var-d16-ddo, var-d30-ddo, llamagen-L-ddo) were added, the 256 blocks before them unchanged (checked)."""
+    (var-d16-ddo, var-d30-ddo, llamagen-L-ddo) were added, the 256 blocks before them unchanged (checked), and the
+    76 blocks of pipelines/ddo/params.yaml, the 304 others unchanged (checked)."""
     assert resolved_train_settings(ROOT) == GOLDEN.read_text()
 
 
