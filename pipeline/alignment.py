@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, check_ranges, setting
+from .ddo import DDOBatch, ddo_loss_for_batch, make_ddo_batch
 from .device import OutOfMemory, autocast, is_out_of_memory
 from .distributed import World
 from .logprobs import sequence_logp
@@ -32,6 +33,10 @@ from .resume import TrainState
 log = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("constant", "lin0")
+# train.loss's choices: LOSSES over CCA's rows, and DDO (pipeline.ddo) over a DDO cache's real rows and their
+# fakes (docs/ddo.md: ddo_loss is not in LOSSES, its rows are other rows)
+DDO = "ddo"
+LOSS_CHOICES = (*LOSSES, DDO)
 
 
 @dataclass
@@ -205,9 +210,12 @@ class AlignConfig:
     TrainConfig adds what only its recipe uses; params.yaml agrees, tested). The ImageNet recipes are presets
     (stages/presets.py). Range errors name the key as `train.<key>`."""
 
-    loss: str = setting("cca", choices=tuple(LOSSES))
+    loss: str = setting("cca", choices=LOSS_CHOICES)
     beta: float = setting(0.5, gt=0.0)  # > 0: a negative beta would push the policy the wrong way
     lam: float = setting(10.0, key="lambda", ge=0.0)
+    # DDO's weight of the fake term (loss ddo; the paper's range 0.5-50, the released VAR script 50); the loss
+    # is divided by max(alpha, 1) as the script does (docs/ddo.md)
+    alpha: float = setting(50.0, ge=0.0)
     lr: float = setting(1e-4, gt=0.0)
     # "constant", or VAR's "lin0": linear warm-up over warmup_fraction of the steps from warmup_start x lr,
     # 5% of the rest at lr, then linear decay to end_ratio x lr (VAR utils/lr_control.py)
@@ -323,8 +331,9 @@ class MicroBatchRows:
     positive_twice: torch.Tensor  # (B,) bool: AlignBatch.positive_twice
 
     @classmethod
-    def of(cls, index: int, out: LossOutput, batch: AlignBatch) -> MicroBatchRows:
-        return cls(index, out.per_row.cpu(), out.ratio_pos.cpu(), out.ratio_neg.cpu(), out.logp_pos.cpu(), batch.positive_twice)
+    def of(cls, index: int, out: LossOutput, positive_twice: torch.Tensor) -> MicroBatchRows:
+        """`positive_twice`: the batch's AlignBatch.positive_twice (DDO: its null-label rows, DDOBatch.uncond)."""
+        return cls(index, out.per_row.cpu(), out.ratio_pos.cpu(), out.ratio_neg.cpu(), out.logp_pos.cpu(), positive_twice)
 
 
 def step_metrics(parts: list[MicroBatchRows], grad_norm: float, lr: float) -> dict[str, float]:
@@ -377,11 +386,17 @@ class AlignmentRun:
     step's metrics over all rows (gathered)."""
 
     def __init__(self, policy, tokens, cache: dict[str, np.ndarray], cfg: AlignConfig, device: torch.device,
-                 world: World | None, param_groups: Callable[[torch.nn.Module, float], list[dict]], visits: int = 1):
+                 world: World | None, param_groups: Callable[[torch.nn.Module, float], list[dict]], visits: int = 1,
+                 fakes=None):
         world = world or World(device=device)
         self.mine = deal_micro_batches(cfg.batch_size, cfg.micro_batch_size, world)  # this process's micro-batches
-        if cfg.loss not in LOSSES:
-            raise ValueError(f"unknown loss {cfg.loss!r}; known: {sorted(LOSSES)}")
+        if cfg.loss not in LOSS_CHOICES:
+            raise ValueError(f"unknown loss {cfg.loss!r}; known: {sorted(LOSS_CHOICES)}")
+        if cfg.loss == DDO and (fakes is None or "ref_logp_fake" not in cache):
+            raise ValueError("train.loss ddo reads a DDO cache (reflogp --negatives) and its negatives store (--negatives)")
+        if cfg.loss == DDO and cfg.lambda_conditioning is not None:
+            raise ConfigError("train.lambda_conditioning is CCA's (a lambda per row): set it to null with train.loss ddo")
+        self.fakes = fakes  # DDO: the negatives store's tokens (N r, 1, L), fake row cache["fake_row"] per cache row
         if cfg.uncond_ratio > 0 and not policy.cfg.has_null_class:
             raise ValueError("train.uncond_ratio > 0 needs a model with a null class (trained with class dropout); set it to 0")
         policy.set_dropout(cfg.dropout, cfg.drop_path)
@@ -434,7 +449,7 @@ class AlignmentRun:
         started = time.perf_counter()
         with noise_rates(self.policy, cache_noise.dropout, cache_noise.drop_path, "reflogp"):
             check_cache_rows(self.model, self.policy, self.tokens, self.cache, rows, cache_noise, cfg.micro_batch_size,
-                             self.device, self.world, cache_name)
+                             self.device, self.world, cache_name, self.fakes if cfg.loss == DDO else None)
         self.policy.train()
         if self.world.main:
             log.info("step-0 check: %d rows scored in %.1f s (a reflogp pass: 3 sequences per row); train.step0_rows "
@@ -487,16 +502,29 @@ class AlignmentRun:
         """Forward and backward of this process's j-th micro-batch of the step (micro-batch self.mine[j] of `rows`)."""
         cfg, m, i = self.cfg, self.cfg.micro_batch_size, self.mine[j]
         part = slice(i * m, (i + 1) * m)
-        batch = make_batch(rows[part], self.tokens, self.cache, uncond[part], self.policy.cfg.null_class,
-                           step_tokens[j * m : (j + 1) * m], None if lams is None else lams[part],
-                           visit_keys(cfg.seed, step * cfg.batch_size + np.arange(part.start, part.stop)))
+        keys = visit_keys(cfg.seed, step * cfg.batch_size + np.arange(part.start, part.stop))
+        if cfg.loss == DDO:  # the real rows and their fakes; a visit's keys: real "visit_pos", fake "visit_neg"
+            batch = self._ddo_batch(rows[part], uncond[part], step_tokens[j * m : (j + 1) * m], keys)
+        else:
+            batch = make_batch(rows[part], self.tokens, self.cache, uncond[part], self.policy.cfg.null_class,
+                               step_tokens[j * m : (j + 1) * m], None if lams is None else lams[part], keys)
         with _out_of_memory_hint(step, cfg), accumulating(self.model, last=j == len(self.mine) - 1):
-            out = loss_for_batch(self.model, batch, cfg.loss, cfg.beta, cfg.lam, self.device)
+            if cfg.loss == DDO:
+                out = ddo_loss_for_batch(self.model, batch, cfg.beta, cfg.alpha, self.device)
+            else:
+                out = loss_for_batch(self.model, batch, cfg.loss, cfg.beta, cfg.lam, self.device)
             if not torch.isfinite(out.loss):
                 raise FloatingPointError(f"non-finite loss at step {step}; lower train.lr or train.beta")
             # the batch mean over all processes' rows: DDP's (FSDP's) average over N processes, times N
-            (out.loss * (cfg.loss_scale * len(batch.positive_twice) / len(rows) * self.world.size)).backward()
-        return MicroBatchRows.of(i, out, batch)
+            (out.loss * (cfg.loss_scale * (part.stop - part.start) / len(rows) * self.world.size)).backward()
+        return MicroBatchRows.of(i, out, batch.uncond if cfg.loss == DDO else batch.positive_twice)
+
+    def _ddo_batch(self, rows: np.ndarray, uncond: np.ndarray, real_tokens: np.ndarray, keys: torch.Tensor) -> DDOBatch:
+        """A DDO micro-batch of cache rows `rows` (real tokens read ahead by the loader, fakes read here)."""
+        fake_row = self.cache["fake_row"][rows]
+        fake = np.asarray(self.fakes[fake_row, np.zeros(len(rows), np.int64)])
+        return make_ddo_batch(rows, torch.from_numpy(real_tokens.astype(np.int64)), torch.from_numpy(fake.astype(np.int64)),
+                              self.cache, uncond, self.policy.cfg.null_class, keys)
 
     def state_dict(self) -> dict | None:
         """The policy's full state dict (gathered from its shards under FSDP: every process takes part), to the

@@ -6,9 +6,9 @@ the same forward: log p_ref(x|c), log p_ref(x_fake|c) and log p_ref(x|null), whi
 place of the first. The pair shares the null-label mask, as the released script does; a masked row's fake
 term has weight 0 (pipeline.losses.ddo_loss), so its fake is not forwarded at all (the script forwards and
 zero-weights it: the same loss and gradient). With reference dropout, each sequence's masks are keyed by
-(seed, cache row, role) as in pipeline.refcache: real "pos", fake "neg", real under null "null".
+(seed, cache row, role) as in pipeline.refcache: real "pos", fake "fake", real under null "null".
 
-Not wired into train, the cache format or DVC yet (docs/ddo.md, "What is left").
+Train reads it with train.loss ddo (pipeline.alignment.AlignmentRun), from a DDO cache (reflogp --negatives).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def reference_columns(model, real: torch.Tensor, fake: torch.Tensor, labels: tor
     for start in range(0, len(real), batch_size):
         part = slice(start, start + batch_size)
         cache_rows = first_row + np.arange(start, min(start + batch_size, len(real)))
-        keys = row_keys(noise, cache_rows, device)  # pos, neg, null: real|c, fake|c, real|null
+        keys = row_keys(noise, cache_rows, device, ("pos", "fake", "null"))  # real|c, fake|c, real|null
         logp = score_sequences(model, [real[part], fake[part], real[part]],
                                torch.cat([labels[part], labels[part], null[part]]), device, keys)
         parts.append(logp.view(3, -1).double().cpu())
@@ -107,10 +107,10 @@ def with_online_reference(reference, batch: DDOBatch, device: torch.device,
                           noise: ReferenceNoise = ReferenceNoise()) -> DDOBatch:
     """The batch with its reference log-probs from a frozen second model forwarded now (the released script's
     design) instead of the cache: the same masks as the cache's rows (noise, batch.rows)."""
-    keys = row_keys(noise, batch.rows, device)
+    keys = row_keys(noise, batch.rows, device, ("pos", "fake", "null"))
     if keys is not None:
-        pos, neg, null = keys.view(3, -1)
-        keys_real, keys_fake = torch.where(batch.uncond.to(device), null, pos), neg
+        pos, fake, null = keys.view(3, -1)
+        keys_real, keys_fake = torch.where(batch.uncond.to(device), null, pos), fake
     else:
         keys_real = keys_fake = None
     reference.train(noise.active)

@@ -24,6 +24,12 @@ Token store (stage `tokenize`; code in pipeline/tokenstore.py), a Zarr v3 group,
              inode, which a rewrite keeping size and mtime moves), hashes only images whose stat changed (or all,
              with --rehash), records the new stat of those whose bytes had not changed, and is "up to date"
              only if build_key and inputs_digest both match.
+A store of DDO's fakes (stage `negatives`, docs/ddo.md) has the same arrays and attributes with one view
+("sample"), labels the real rows' repeated ratio times, and the attribute `negatives`: {ref_ckpt_sha256 (the
+reference that drew them), real_tokens_fingerprint and real_rows (the real store they pair with), seed,
+ratio, pairs (fake row j pairs with real row j // ratio, drawn from the stream of (seed, j)), sampler
+(cfg_scale, cfg_schedule, temperature, top_k, top_p), reencode (decoded and encoded again by the tokenizer)};
+`settings` holds the negatives settings and `source` the reference's path; it has no input record.
 Chunked along N (chunk_rows rows; labels chunked alike), codecs: Blosc zstd + bitshuffle, then crc32c (a
 checksum zarr verifies on every read); every chunk is written (a missing chunk file is damage). While being
 written, `progress.json` lists finished chunks and the digest of each one's inputs ({"done_chunks": [k, ...],
@@ -56,6 +62,14 @@ Reference log-prob cache (stage `reflogp`), a Parquet file, e.g. `data/reflogp/r
              type}, of the whole file, written with it; verified on every whole read, so any change to the values
              after they were written is refused; absent in caches written before it existed: accepted with a note),
              visits (the number of visit blocks; absent in older caches: 1)
+    A DDO cache (reflogp --negatives STORE, docs/ddo.md) has two more columns, after those:
+    fake_row       int64    the row of the negatives store (stages/negatives.py) paired with this cache row:
+                            image i's fakes are rows [i r, (i+1) r) (r: the store's ratio), visit v takes fake
+                            v mod r (pipeline.refcache.fake_rows)
+    ref_logp_fake  float64  log p_phi(x_fake | c), c the real row's label, with the masks of role "fake"
+                            (pipeline.models.layers.SEPARATE_ROLES), the null-label mask being the real row's
+    and in its provenance fakes_fingerprint (the negatives store's fingerprint, checked by train) and
+    fakes_ratio. Its content_sha256 covers the two columns; a reader of before refuses it (schema).
 
 Sample batch (stage `eval`, read by `score`, `report` and `info`), the ADM evaluator's `.npz`, e.g.
 `data/eval/samples/cca_seed0.npz`:
@@ -135,6 +149,15 @@ CACHE_SCHEMA = pa.schema(
     ]
 )
 LOGP_COLUMNS = ("ref_logp_pos", "ref_logp_neg", "ref_logp_null")
+# A DDO cache (reflogp --negatives, docs/ddo.md) is a CCA cache with two more columns, after CACHE_SCHEMA's
+DDO_FIELDS = [("fake_row", pa.int64()), ("ref_logp_fake", pa.float64())]
+DDO_CACHE_SCHEMA = pa.schema([*CACHE_SCHEMA, *DDO_FIELDS])
+FAKES_KEY = "fakes_fingerprint"  # provenance key of a DDO cache: the negatives store's fingerprint
+
+
+def cache_schema(columns) -> pa.Schema:
+    """The schema of a cache of these column names: a DDO cache's when it has ref_logp_fake, else CCA's."""
+    return DDO_CACHE_SCHEMA if "ref_logp_fake" in columns else CACHE_SCHEMA
 _CACHE_META = ("tokens_fingerprint", "ref_ckpt_sha256", "seed", "num_classes", "null_class", "seq_len")
 REBUILD_CACHE = "rebuild it with `cca-pipe reflogp` (or `dvc repro reflogp`)"
 CONTENT_KEY = "content_sha256"  # provenance key: the digest of each column's values, written with the cache
@@ -149,7 +172,9 @@ class ColumnDigests:
         self.hashes = {f.name: hashlib.sha256() for f in CACHE_SCHEMA}
 
     def update(self, columns: dict[str, np.ndarray]) -> ColumnDigests:
-        for f in CACHE_SCHEMA:
+        schema = cache_schema(columns)
+        for f in schema:
+            self.hashes.setdefault(f.name, hashlib.sha256())
             dtype = np.dtype(f.type.to_pandas_dtype()).newbyteorder("<")
             self.hashes[f.name].update(np.ascontiguousarray(np.asarray(columns[f.name]), dtype=dtype).tobytes())
         return self
@@ -166,11 +191,12 @@ def _cache_table(columns: dict[str, np.ndarray], provenance: dict) -> pa.Table:
     missing = [k for k in _CACHE_META if k not in provenance]
     if missing:
         raise ValueError(f"cache provenance missing: {missing}")
-    columns = {f.name: np.asarray(columns[f.name]) for f in CACHE_SCHEMA}
+    schema = cache_schema(columns)
+    columns = {f.name: np.asarray(columns[f.name]) for f in schema}
     # the digest is always of these columns (a provenance read from another cache may carry that one's)
     meta = {**{k: v for k, v in provenance.items() if k != CONTENT_KEY}, "format": CACHE_FORMAT,
             "format_version": CACHE_FORMAT_VERSION, CONTENT_KEY: ColumnDigests().update(columns).hexdigests()}
-    return pa.Table.from_pydict(columns, schema=_with_meta(CACHE_SCHEMA, meta))
+    return pa.Table.from_pydict(columns, schema=_with_meta(schema, meta))
 
 
 def write_ref_cache(path: str | os.PathLike, columns: dict[str, np.ndarray], provenance: dict) -> None:
@@ -302,9 +328,10 @@ def read_ref_cache(path: str | os.PathLike, expect: dict | None = None, store=No
     except (pa.ArrowException, OSError) as e:
         raise FormatError(f"{path}: cannot read its rows ({e}); {REBUILD_CACHE}") from e
     schema = table.schema.remove_metadata()
-    if not schema.equals(CACHE_SCHEMA):
+    documented = DDO_CACHE_SCHEMA if FAKES_KEY in meta else CACHE_SCHEMA
+    if not schema.equals(documented):
         raise FormatError(f"{path}: columns {schema.names} ({', '.join(map(str, schema.types))}) differ from the documented "
-                          f"schema ({', '.join(f'{f.name}: {f.type}' for f in CACHE_SCHEMA)}); {REBUILD_CACHE}")
+                          f"schema ({', '.join(f'{f.name}: {f.type}' for f in documented)}); {REBUILD_CACHE}")
     columns = {name: table.column(name).to_numpy() for name in table.column_names}
     validate_ref_cache(path, columns, meta, store, complete=rows is None)
     if rows is None:
@@ -364,10 +391,12 @@ def validate_ref_cache(path: Path, columns: dict[str, np.ndarray], meta: dict, s
         first = int(np.flatnonzero(bad)[0])
         raise FormatError(f"{path}: {int(bad.sum())} cache rows {what} (first: cache row {first}); {REBUILD_CACHE}")
 
-    for name in LOGP_COLUMNS:
+    for name in (*LOGP_COLUMNS, *(("ref_logp_fake",) if "ref_logp_fake" in columns else ())):
         bad = ~np.isfinite(columns[name])
         if bad.any():
             fail(f"have a non-finite {name}", bad)
+    if "fake_row" in columns and (columns["fake_row"] < 0).any():
+        fail("have a negative fake_row", columns["fake_row"] < 0)
     num_classes = meta.get("num_classes")
     if not isinstance(num_classes, int):
         raise FormatError(f"{path}: provenance num_classes is {num_classes!r}; {REBUILD_CACHE}")

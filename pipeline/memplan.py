@@ -635,3 +635,25 @@ def eval_plan(models: list[nn.Module], t: ConvTokenizer, image_size: int, batch_
         return StagePlan("eval", rows, {"sampling": weights + sampling + held, "decoding": weights + decode + held,
                                         "scoring": weights + scoring, "precision/recall": weights + distances})
     return StagePlan("eval", rows, on_device, host=max(held, distances))
+
+
+def negatives_plan(model: nn.Module, t: ConvTokenizer, image_size: int, batch_size: int, guided: bool, reencode: bool,
+                   rows: int, device: str) -> StagePlan:
+    """negatives (stages/negatives.py): the reference and the tokenizer, whole on every rank, and three moments
+    that never coexist, each at negatives.batch_size: sampling a batch (KV caches + logits, as eval's), decoding
+    it (the decoder forward, float32 as eval_plan counts it) and, with `reencode`, encoding the uint8 images again
+    (tokenize's encoder forward, one view). `rows`: a chunk's fakes on this rank, whose decoded uint8 images
+    are held until they are encoded (pipeline.fakes.draw_fakes)."""
+    weights = (sum(p.numel() for p in model.parameters()) + t.params) * FP32
+    sequences = 2 * batch_size if guided else batch_size
+    sampling = kv_cache_bytes(model, sequences, device) + sampling_step_bytes(model, batch_size, sequences, device)
+    decode = decoder_peak_elements(t, image_size) * batch_size * FP32
+    encode = encoder_peak_elements(t, image_size) * batch_size * FP32 if reencode else 0
+    held = rows * 3 * image_size**2  # uint8
+    parts = {"weights": weights, "KV caches + logits": sampling, "decoder forward": decode,
+             **({"encoder forward": encode} if reencode else {}), "images of a chunk (host)": held}
+    phases = {"sampling": weights + sampling, "decoding": weights + decode,
+              **({"re-encoding": weights + encode} if reencode else {})}
+    if device == "cpu":
+        return StagePlan("negatives", parts, {k: v + held for k, v in phases.items()})
+    return StagePlan("negatives", parts, phases, host=held)

@@ -106,11 +106,45 @@ class ReferenceNoise:
                    float(provenance.get("drop_path", 0.0)))
 
 
-def row_keys(noise: ReferenceNoise, cache_rows: np.ndarray, device: torch.device) -> torch.Tensor | None:
-    """The dropout keys of cache rows scored as pos, neg and null, in that order (3B,); None in eval mode."""
+def row_keys(noise: ReferenceNoise, cache_rows: np.ndarray, device: torch.device,
+             roles: tuple[str, ...] = ("pos", "neg", "null")) -> torch.Tensor | None:
+    """The dropout keys of cache rows scored in `roles`, role after role (len(roles) B,); None in eval mode."""
     if not noise.active:
         return None
-    return torch.cat([noise_keys(noise.seed, cache_rows, role) for role in ("pos", "neg", "null")]).to(device)
+    return torch.cat([noise_keys(noise.seed, cache_rows, role) for role in roles]).to(device)
+
+
+def fake_rows(rows: np.ndarray, num_rows: int, ratio: int) -> np.ndarray:
+    """The fake (a row of a negatives store, stages/negatives.py) each cache row pairs with. Image i's fakes are
+    rows [i ratio, (i + 1) ratio); cache row k is in visit k // num_rows (`num_rows`: cache rows per visit) and
+    takes the image's fake (visit mod ratio), so an image's visits cycle through its fakes."""
+    visit = np.arange(len(rows)) // max(1, num_rows)
+    return np.asarray(rows, dtype=np.int64) * ratio + visit % ratio
+
+
+@torch.inference_mode()
+def reference_fake_logps(model, fakes, fake_row: np.ndarray, labels: np.ndarray, cache_rows: np.ndarray, batch_size: int,
+                         device: torch.device, forwards: int | None = None, noise: ReferenceNoise = ReferenceNoise()
+                         ) -> np.ndarray:
+    """log p(x_fake | c) (float64 from float32 sums) of the fakes `fakes[fake_row]` (a negatives store's
+    tokens, one view) under their real rows' labels, with the "fake" masks of their `cache_rows`: a DDO
+    cache's fourth column, in forwards of its own (`forwards`: as reference_logps', for FSDP)."""
+    model.train(noise.active)
+    n = len(fake_row)
+    out = np.zeros(n, dtype=np.float64)
+    starts = list(range(0, n, batch_size))
+    starts += [None] * ((forwards or 0) - len(starts))
+    for start in starts:
+        part = slice(0, min(batch_size, n)) if start is None else slice(start, min(start + batch_size, n))
+        x = torch.from_numpy(np.asarray(fakes[fake_row[part], np.zeros(part.stop - part.start, np.int64)]).astype(np.int64))
+        keys = row_keys(noise, np.asarray(cache_rows)[part], device, ("fake",))
+        with autocast(device):
+            logp = sequence_logp(model, torch.from_numpy(labels[part].astype(np.int64)).to(device), x.to(device),
+                                 dropout_keys=keys)
+        if start is not None:
+            out[part] = logp.double().cpu().numpy()
+    model.eval()
+    return out
 
 
 def score_rows(model, x: torch.Tensor, labels: np.ndarray, neg_labels: np.ndarray, keys: torch.Tensor | None,
@@ -184,11 +218,13 @@ CHECK_ROWS = 64  # cache rows scored (3 sequences each): cheap next to one train
 
 
 def check_cache_rows(model, policy, tokens, cache: dict[str, np.ndarray], rows: np.ndarray, noise: ReferenceNoise,
-                     micro_batch_size: int, device: torch.device, world, cache_name: str) -> None:
+                     micro_batch_size: int, device: torch.device, world, cache_name: str, fakes=None) -> None:
     """Raise CacheMismatch naming the cache, the column and the first mismatching cache rows unless `model`
     (the policy before its first update, which is the reference) reproduces the cached ref_logp_pos / neg /
     null of cache `rows` with the cache's own masks (noise). The rows go to the processes in chunks of
-    micro_batch_size, round robin; every process runs as many forwards as the busiest (FSDP needs them all)."""
+    micro_batch_size, round robin; every process runs as many forwards as the busiest (FSDP needs them all).
+    `fakes`: a DDO cache's negatives store (tokens): its ref_logp_fake is checked too."""
+    columns = (*LOGP_COLUMNS, *(("ref_logp_fake",) if fakes is not None else ()))
     chunks = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
     lam = 1.0 if policy.cfg.lambda_conditioning else None  # its new embedding is zero: any lambda is the reference
     mine = world.share(list(range(len(chunks))))
@@ -201,32 +237,38 @@ def check_cache_rows(model, policy, tokens, cache: dict[str, np.ndarray], rows: 
             x = torch.from_numpy(np.asarray(tokens[cache["row"][chunk], cache["view"][chunk]]).astype(np.int64)).to(device)
             logp = score_rows(model, x, cache["label"][chunk], cache["neg_label"][chunk], row_keys(noise, chunk, device),
                               device, policy.cfg.null_class, lam).double().cpu().numpy()
+            if fakes is not None:
+                fake = reference_fake_logps(model, fakes, cache["fake_row"][chunk], cache["label"][chunk], chunk, len(chunk),
+                                            device, noise=noise)
+                model.train(noise.active)
+                logp = np.concatenate([logp, fake[None]])
             if k is not None:
-                bad += _mismatches(logp, cache, chunk, device)
-                largest = max(largest, float(np.abs(logp - np.stack([cache[c][chunk] for c in LOGP_COLUMNS])).max()))
+                bad += _mismatches(logp, cache, chunk, device, columns)
+                largest = max(largest, float(np.abs(logp - np.stack([cache[c][chunk] for c in columns])).max()))
     gathered = world.gather((bad, largest))
     mismatched = sorted(m for rank_bad, _ in gathered for m in rank_bad)  # (column index, cache row)
     rtol, atol = CHECK_TOLERANCE[_device_kind(device)]
     if mismatched:
-        column = LOGP_COLUMNS[mismatched[0][0]]
-        first = [row for col, row in mismatched if LOGP_COLUMNS[col] == column][:5]
+        column = columns[mismatched[0][0]]
+        first = [row for col, row in mismatched if columns[col] == column][:5]
         raise CacheMismatch(
             f"reference cache {cache_name}: column {column} disagrees with the reference model (beyond {rtol:g} relative + "
-            f"{atol:g} nats) at its cache rows {', '.join(map(str, first))} ({len(mismatched)} of {3 * len(rows)} values "
+            f"{atol:g} nats) at its cache rows {', '.join(map(str, first))} ({len(mismatched)} of {len(columns) * len(rows)} values "
             f"checked): the cache does not belong to these rows (relabelled, permuted or columns swapped); {REBUILD_CACHE}")
     if world.main:
-        log.info("step-0 check: the policy reproduces %s on %d cache rows x 3 (largest difference %.2g nats)",
-                 cache_name, len(rows), max(x for _, x in gathered))
+        log.info("step-0 check: the policy reproduces %s on %d cache rows x %d (largest difference %.2g nats)",
+                 cache_name, len(rows), len(columns), max(x for _, x in gathered))
 
 
 def _device_kind(device: torch.device) -> str:
     return "cuda" if device.type == "cuda" else "cpu"
 
 
-def _mismatches(logp: np.ndarray, cache: dict[str, np.ndarray], chunk: np.ndarray, device: torch.device) -> list:
+def _mismatches(logp: np.ndarray, cache: dict[str, np.ndarray], chunk: np.ndarray, device: torch.device,
+                columns: tuple[str, ...] = LOGP_COLUMNS) -> list:
     rtol, atol = CHECK_TOLERANCE[_device_kind(device)]
     out = []
-    for c, (got, column) in enumerate(zip(logp, LOGP_COLUMNS, strict=True)):
+    for c, (got, column) in enumerate(zip(logp, columns, strict=True)):
         cached = cache[column][chunk]
         far = ~(np.abs(got - cached) <= rtol * np.abs(cached) + atol)  # NaN counts as far
         out += [(c, int(row)) for row in chunk[far]]

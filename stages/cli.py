@@ -88,7 +88,7 @@ DEPTH_HELP = "VAR only: expected depth (16, 20, 24, 30); checked against the che
 
 
 # stage command -> (its module under stages/, its config class, its params.yaml section)
-PLANNED_STAGES = ["train", "tokenize", "eval"]  # what `cca-pipe plan` plans the memory of
+PLANNED_STAGES = ["train", "tokenize", "eval", "negatives"]  # what `cca-pipe plan` plans the memory of
 
 STAGES = {
     "prepare": ("prepare", "PrepareConfig", "prepare"),
@@ -97,6 +97,7 @@ STAGES = {
     "tokenize": ("tokenize", "TokenizeConfig", "tokenize"),
     "pretrain-ar": ("pretrain_ar", "PretrainARConfig", "pretrain_ar"),
     "reflogp": ("reflogp", "RefLogpConfig", "reflogp"),
+    "negatives": ("negatives", "NegativesConfig", "negatives"),
     "train": ("train", "TrainConfig", "train"),
     "eval": ("eval", "EvalConfig", "eval"),
     "import-codes": ("import_codes", "ImportCodesConfig", "import_codes"),
@@ -365,14 +366,37 @@ def pretrain_ar(ctx, tokens_path, out):
 @click.option("--vae", default=None, type=InFile, help=VAE_HELP)
 @click.option("--vae-model", default=None, help=VAE_MODEL_HELP)
 @click.option("--depth", default=None, type=int, help=DEPTH_HELP)
+@click.option("--negatives", "negatives_path", default=None, type=PathType,
+              help="DDO: the negatives store of these rows drawn by --ref (cca-pipe negatives); adds ref_logp_fake")
 @click.option("--out", default="data/reflogp/ref_logp.parquet", type=OutPath, show_default=True)
 @click.pass_context
-def reflogp(ctx, tokens_path, ref_path, gpt_model, vae, vae_model, depth, out):
+def reflogp(ctx, tokens_path, ref_path, gpt_model, vae, vae_model, depth, negatives_path, out):
     """Cache the frozen reference model's log-likelihoods (Parquet)."""
     from . import reflogp as stage
 
     cfg, world = _setup(ctx, "reflogp")
-    stage.run(cfg, tokens_path, ref_path, out, _model_source(ctx, gpt_model, vae, vae_model, depth), world)
+    stage.run(cfg, tokens_path, ref_path, out, _model_source(ctx, gpt_model, vae, vae_model, depth), world, negatives_path)
+
+
+@main.command()
+@click.option("--tokens", "tokens_path", default="data/tokens/train.zarr", type=PathType, show_default=True,
+              help="the real rows: one fake per image (negatives.ratio) at its label")
+@click.option("--ref", "ref_path", default="data/ar/gpt.pt", type=PathType, show_default=True, help="the reference that draws them")
+@click.option("--vq", "vq_path", default="data/vq/vq.pt", type=PathType, show_default=True,
+              help="the tokenizer that encoded --tokens: it decodes the samples (and re-encodes them)")
+@click.option("--vq-model", default=None, help="VQ config for upstream files: a name (VQ-16) or a JSON file")
+@click.option("--gpt-model", default=None, help=GPT_MODEL_HELP)
+@click.option("--vae", default=None, type=PathType, help=VAE_HELP)
+@click.option("--vae-model", default=None, help=VAE_MODEL_HELP)
+@click.option("--depth", default=None, type=int, help=DEPTH_HELP)
+@click.option("--out", default="data/ddo/negatives.zarr", type=OutPath, show_default=True)
+@click.pass_context
+def negatives(ctx, tokens_path, ref_path, vq_path, vq_model, gpt_model, vae, vae_model, depth, out):
+    """DDO's negatives: the reference's samples for the real rows' labels -> Zarr token store (resumable)."""
+    from . import negatives as stage
+
+    cfg, world = _setup(ctx, "negatives")
+    stage.run(cfg, tokens_path, ref_path, vq_path, out, _model_source(ctx, gpt_model, vae, vae_model, depth), vq_model, world)
 
 
 @main.command()
@@ -383,14 +407,17 @@ def reflogp(ctx, tokens_path, ref_path, gpt_model, vae, vae_model, depth, out):
 @click.option("--vae", default=None, type=InFile, help=VAE_HELP)
 @click.option("--vae-model", default=None, help=VAE_MODEL_HELP)
 @click.option("--depth", default=None, type=int, help=DEPTH_HELP)
+@click.option("--negatives", "negatives_path", default=None, type=PathType,
+              help="train.loss ddo: the negatives store the DDO cache (--cache) was computed from")
 @click.option("--out", default="data/train", type=OutPath, show_default=True)
 @click.pass_context
-def train(ctx, tokens_path, cache_path, init, gpt_model, vae, vae_model, depth, out):
+def train(ctx, tokens_path, cache_path, init, gpt_model, vae, vae_model, depth, negatives_path, out):
     """Fine-tune the policy with CCA over the cached reference log-probs."""
     from . import train as stage
 
     cfg, world = _setup(ctx, "train")
-    stage.run(cfg, tokens_path, cache_path, init, out, _model_source(ctx, gpt_model, vae, vae_model, depth), world)
+    stage.run(cfg, tokens_path, cache_path, init, out, _model_source(ctx, gpt_model, vae, vae_model, depth), world,
+              negatives_path)
 
 
 @main.command("eval")
@@ -538,7 +565,8 @@ class MemorySize(click.ParamType):
               help="what the plan is for: cuda (bf16 compute) or cpu (float32 throughout)")
 @click.option("--stage", type=click.Choice(PLANNED_STAGES), default="train", show_default=True,
               help="the stage to plan: train (a training step), tokenize (the encoder at tokenize.batch_size x views), "
-                   "eval (sampling, decoding and scoring at eval.batch_size)")
+                   "eval (sampling, decoding and scoring at eval.batch_size), negatives (sampling, decoding and "
+                   "re-encoding at negatives.batch_size)")
 @click.option("--vq-model", default=None, metavar="NAME|JSON",
               help="tokenize/eval: the tokenizer's config (default: the family's, VQ-16 or VAR's VQVAE)")
 @click.option("--tokens", default=None, type=PathType,
@@ -573,8 +601,10 @@ def plan(ctx, preset, nproc_per_node, nnodes, gpu_memory, strategy, micro_batch_
     arguments = found[2] if found else []
     vq_model = vq_model or subcommand_option(arguments, "--vq-model")
     if stage != "train":
+        world_size = launch.nproc_per_node * launch.nnodes
         report = stage_module.make_tokenize_report(name, cfg, gpu_memory, device_type, vq_model) if stage == "tokenize" else \
-            stage_module.make_eval_report(name, cfg, launch.nproc_per_node * launch.nnodes, gpu_memory, device_type, vq_model)
+            stage_module.make_negatives_report(name, cfg, world_size, gpu_memory, device_type, vq_model) \
+            if stage == "negatives" else stage_module.make_eval_report(name, cfg, world_size, gpu_memory, device_type, vq_model)
         click.echo(stage_module.format_stage_report(report))
     else:
         grid = _planned_grid(ctx, base, name, tokens or subcommand_option(arguments, "--tokens"), vq_model)

@@ -33,7 +33,7 @@ from pipeline.codefiles import PACKAGES, ROOT, closure
 from .cli import STAGES
 
 DVC_FILES = [ROOT / "dvc.yaml", ROOT / "pipelines/imagenet-llamagen/dvc.yaml", ROOT / "pipelines/imagenet-var/dvc.yaml",
-             ROOT / "pipelines/paper/dvc.yaml"]
+             ROOT / "pipelines/paper/dvc.yaml", ROOT / "pipelines/ddo/dvc.yaml"]
 MODULES = {command: module for command, (module, _, _) in STAGES.items()} | {"report": "report", "import-codes": "import_codes",
                                                                              "paper": "paper", "check": "check",
                                                                              "fetch": "fetch"}

@@ -29,7 +29,7 @@ from pipeline.config import ConfigError, check_ranges, setting
 
 log = logging.getLogger(__name__)
 
-DISTRIBUTED = ("reflogp", "train", "eval")  # the stages that share their work over processes
+DISTRIBUTED = ("reflogp", "negatives", "train", "eval")  # the stages that share their work over processes
 # set for the ranks by torchrun_main, which names a rank killed by a signal: the ranks that lose their connection
 # to it then exit without a line of their own
 QUIET_PEERS = "CCA_PIPE_QUIET_PEERS"

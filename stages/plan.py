@@ -164,7 +164,7 @@ def format_report(report: PlanReport) -> str:
 
 # ------------------------------------------------------------------------------ tokenize and eval memory
 
-STAGES = ("train", "tokenize", "eval")
+STAGES = ("train", "tokenize", "eval", "negatives")
 
 
 def tokenizer_for(family: str, vq_model: str | None = None):
@@ -253,6 +253,29 @@ def make_eval_report(name: str, settings, world_size: int, gpu_memory: int | Non
                  f"{samples} per unit on each of {world_size} process(es); {device}"]
     return StageReport(name, "eval", plan_at(settings.batch_size), described, "eval.batch_size", settings.batch_size, device,
                        gpu_memory, _largest_fitting(plan_at, settings.batch_size, gpu_memory))
+
+
+def make_negatives_report(name: str, cfg, world_size: int, gpu_memory: int | None, device: str,
+                          vq_model: str | None = None) -> StageReport:
+    """`cca-pipe plan --stage negatives`: the reference model of the preset at its own resolution."""
+    import math
+
+    from pipeline.memplan import negatives_plan
+
+    description = dict(model_description(name))
+    family = description.pop("family")
+    t = conv_tokenizer_for(family, vq_model)
+    model = build_meta(family, **description)
+    image_size = t.downsample * family_named(family).grid_side(model.cfg)
+    rows = math.ceil(cfg.chunk_rows / world_size)
+    guided = cfg.cfg_scale != 0
+    plan_at = lambda b: negatives_plan(model, t, image_size, b, guided, cfg.reencode, rows, device)  # noqa: E731
+    described = [f"negatives: the reference ({sum(p.numel() for p in model.parameters()) / 1e9:.3f}B), negatives.batch_size "
+                 f"{cfg.batch_size} ({'x 2 sequences: guided' if guided else 'no guidance'}), {image_size}px, "
+                 f"{'decoded and re-encoded' if cfg.reencode else 'decoded'}; {rows} fakes of a chunk on each of "
+                 f"{world_size} process(es); {device}"]
+    return StageReport(name, "negatives", plan_at(cfg.batch_size), described, "negatives.batch_size", cfg.batch_size, device,
+                       gpu_memory, _largest_fitting(plan_at, cfg.batch_size, gpu_memory))
 
 
 def format_stage_report(report: StageReport) -> str:

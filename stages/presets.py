@@ -5,7 +5,8 @@ docs/upstream.md, "The released CCA recipes": LlamaGen_finetune.py (B, L, XL), L
 VAR_finetune.py with VAR's lr_control.py. A preset is named by the top-level `preset:` of params.yaml or by
 `cca-pipe --preset NAME`; it sets every section the recipe concerns (SECTIONS, in params.yaml spelling: the
 training data's views, the reference cache, train, eval's sampler) and may say which model it is meant for
-(`model`), which the stages check against the checkpoint they load.
+(`model`), which the stages check against the checkpoint they load. DDO's presets (`var-d16-ddo`, `var-d30-ddo`
+after the released script; `llamagen-L-ddo`, ours, listed in OURS) set the negatives section too.
 
 Resolution, lowest to highest: the stage config's defaults <- the preset named in params.yaml <- the keys
 written in the params.yaml section <- a `--preset` given on the command line <- the profile (`profile: trial`,
@@ -123,6 +124,37 @@ def _var(depth: int) -> dict:
             "eval": _VAR_EVAL, "per_loss": _BASELINES}
 
 
+# DDO (docs/ddo.md, issue 32): one round of the released VAR script's recipe (NVlabs/DDO training_code/VAR,
+# train_ddo.sh): beta 0.02, alpha 50, 1024 real rows (+ their 1024 fakes) per step, peak lr 4e-6 after a short
+# warm-up, AdamW (0.9, 0.95), weight decay 0.05, clip 2.0, ~100k real images per round (98 steps; the release
+# runs 2 rounds, each from the last round's best policy, with a fresh optimiser and new negatives). Ours, where
+# the release is silent: the warm-up is lin0's over 5% of the steps from 0.005 lr and the lr then stays at its
+# peak (end_ratio 1); the null-label ratio is train_ddo.sh's 0.5 (the script's default is 0.1); the reference
+# runs in eval mode (no dropout / drop path); the negatives are guidance-free (cfg 0, the paper's reference; the
+# script samples at VAR's cfg 1.0, a 0 -> 1 ramp) with no top-k/top-p, decoded and re-encoded as the script does.
+_DDO_TRAIN = {"loss": "ddo", "beta": 0.02, "alpha": 50.0, "uncond_ratio": 0.5, "epochs": 1.0, "max_steps": 98,
+              "lr_schedule": "lin0", "warmup_fraction": 0.05, "warmup_start": 0.005, "end_ratio": 1.0,
+              "dropout": 0.0, "drop_path": 0.0, "weight_decay_end": None}
+_DDO_NEGATIVES = {"ratio": 1, "cfg_scale": 0.0, "temperature": 1.0, "top_k": 0, "reencode": True}
+
+
+def _var_ddo(depth: int) -> dict:
+    """DDO's VAR recipe at this depth (the script's values are the same for d16 and d30)."""
+    recipe = _var(depth)
+    return {**recipe, "reflogp": {**_REFLOGP, "dropout": 0.0, "drop_path": 0.0},
+            "train": {**recipe["train"], **_DDO_TRAIN, "batch_size": 1024, "lr": 4e-6},
+            "negatives": {**_DDO_NEGATIVES, "top_p": 0.0, "cfg_schedule": "linear"}, "per_loss": {}}
+
+
+def _llamagen_ddo(size: str) -> dict:
+    """OURS, not a release (no DDO run on LlamaGen is reported): DDO's VAR recipe carried over to CCA's LlamaGen
+    recipe at this size: CCA's batch (256), lr (1e-5), dropout (0.1, the reference matched) and sampler; DDO's
+    beta, alpha, null-label ratio and round of ~100k real images (390 steps of 256)."""
+    recipe = _llamagen(size, {})
+    return {**recipe, "train": {**recipe["train"], **_DDO_TRAIN, "max_steps": 390, "dropout": _LLAMAGEN_TRAIN["dropout"]},
+            "negatives": {**_DDO_NEGATIVES, "top_p": 1.0, "cfg_schedule": "constant"}}
+
+
 PRESETS: dict[str, dict] = {
     **{f"llamagen-{size}": _llamagen(size, {"lambda": lam}, per_loss=_BASELINES) for size, lam in _LLAMAGEN_LAMBDA.items()},
     "llamagen-L-lambda": _llamagen("L", {"lambda": 300.0, **_LAMBDA_CONDITIONED},
@@ -130,7 +162,11 @@ PRESETS: dict[str, dict] = {
     # CCA+CFG (Table 4): trained with the unconditional rows, sampled with guidance; lambda 1
     **{f"llamagen-{size}-cca-cfg": _llamagen(size, {"lambda": 1.0, "beta": beta}) for size, beta in _LLAMAGEN_CCA_CFG_BETA.items()},
     **{f"var-d{depth}": _var(depth) for depth in _VAR},
+    "var-d16-ddo": _var_ddo(16),
+    "var-d30-ddo": _var_ddo(30),
+    "llamagen-L-ddo": _llamagen_ddo("L"),  # ours (see _llamagen_ddo)
 }
+OURS = ("llamagen-L-ddo",)  # presets that are our recipes, not a release's (docs/ddo.md)
 # Profiles: `profile: trial` (params.yaml's top level, `--set profile=trial`, `dvc exp run -S profile=trial`) shrinks a
 # run to a trial on a few images, over whatever preset and params.yaml say: every key that depends on the data's
 # size or on the others is set together, so `cca-pipe check` passes on a 10-image folder (10 cache rows with
@@ -160,7 +196,7 @@ def profile_of(params: dict, source: str = "params.yaml") -> str:
 
 
 # The params.yaml sections a preset may set (besides `model` and `per_loss`, which are not sections).
-SECTIONS = ("tokenize", "import_codes", "reflogp", "train", "eval")
+SECTIONS = ("tokenize", "import_codes", "reflogp", "negatives", "train", "eval")
 
 
 def preset(name: str) -> dict:

@@ -19,11 +19,19 @@ from pipeline.checkpoint import file_sha256
 from pipeline.config import ConfigError, check_ranges, setting
 from pipeline.distributed import World
 from pipeline.families import ModelSource
-from pipeline.formats import RefCacheParts, claim_ref_cache, read_ref_cache
+from pipeline.formats import FAKES_KEY, FormatError, RefCacheParts, claim_ref_cache, read_ref_cache
 from pipeline.hub import inputs_record
 from pipeline.parallel import STRATEGIES, distribute
 from pipeline.progress import progress
-from pipeline.refcache import MASK_RULE, NEGATIVES, ReferenceNoise, draw_pairs, reference_logps
+from pipeline.refcache import (
+    MASK_RULE,
+    NEGATIVES,
+    ReferenceNoise,
+    draw_pairs,
+    fake_rows,
+    reference_fake_logps,
+    reference_logps,
+)
 from pipeline.tokenstore import open_token_store
 from pipeline.versions import LOGP_VERSION
 
@@ -83,17 +91,37 @@ class RefLogpConfig:
 
 
 def run(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, out: Path, source: ModelSource = ModelSource(),
-        world: World | None = None) -> None:
+        world: World | None = None, negatives_path: Path | None = None) -> None:
     """`out` and its parts directory `<out>.partial` must be absent or caches of ours (checked first). Under
     torchrun (`world`) the batches of each part still to compute are dealt out to the processes, and the main
     process writes the part (the resume unit) from what they return, then merges the parts: every process
-    works whatever the number of parts, and the cache is the one-process cache, whatever the world size."""
+    works whatever the number of parts, and the cache is the one-process cache, whatever the world size.
+    `negatives_path`: a negatives store of these rows drawn by this reference (stages/negatives.py): the cache
+    is then DDO's, with the columns fake_row and ref_logp_fake (pipeline/formats.py)."""
     world = world or World()
     with world.main_only(claim_ref_cache(out)) as claim:
-        _reflogp(cfg, tokens_path, ref_path, claim, world, source)
+        _reflogp(cfg, tokens_path, ref_path, claim, world, source, negatives_path)
 
 
-def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world: World, source: ModelSource) -> None:
+def open_negatives(path: Path, store, tokens_path: Path, ref_sha: str):
+    """The negatives store at `path`, checked to pair with the real store's rows and to be the reference's."""
+    fakes = open_token_store(path)
+    made = fakes.attrs.get("negatives")
+    if not isinstance(made, dict):
+        raise FormatError(f"--negatives {path} is a token store but not one of negatives (no attribute 'negatives'): pass "
+                          "the store `cca-pipe negatives` wrote")
+    if made.get("real_tokens_fingerprint") != store.fingerprint or len(fakes.labels) != made.get("ratio", 0) * len(store.labels):
+        raise FormatError(f"--negatives {path} was drawn for other real rows than --tokens {tokens_path} (its "
+                          "real_tokens_fingerprint differs): draw them again with `cca-pipe negatives --tokens "
+                          f"{tokens_path}`")
+    if made.get("ref_ckpt_sha256") != ref_sha:
+        raise FormatError(f"--negatives {path} was drawn by another reference than --ref (its ref_ckpt_sha256 differs): DDO "
+                          "scores the reference's own samples; draw them with this reference (`cca-pipe negatives --ref`)")
+    return fakes
+
+
+def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world: World, source: ModelSource,
+             negatives_path: Path | None = None) -> None:
     out = claim.target
     store = open_token_store(tokens_path)
     family, model = load_for_store(ref_path, "--ref", store, tokens_path, world, cfg.strategy, source)
@@ -101,9 +129,16 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
     noise = ReferenceNoise(cfg.seed, cfg.dropout, cfg.drop_path)
     pairs = draw_pairs(store.labels, store.tokens.shape[1], store.num_classes, cfg.seed, cfg.views, cfg.negatives,
                        cfg.num_visits)
+    ref_sha = file_sha256(ref_path)
+    fakes = None if negatives_path is None else open_negatives(negatives_path, store, tokens_path, ref_sha)
+    ddo = {}
+    if fakes is not None:
+        ratio = int(fakes.attrs["negatives"]["ratio"])
+        pairs["fake_row"] = fake_rows(pairs["row"], len(pairs["row"]) // cfg.num_visits, ratio)
+        ddo = {FAKES_KEY: fakes.fingerprint, "fakes_ratio": ratio}
     provenance = {
         "tokens_fingerprint": store.fingerprint,
-        "ref_ckpt_sha256": file_sha256(ref_path),
+        "ref_ckpt_sha256": ref_sha,
         "seed": cfg.seed,
         "views": cfg.views,
         "negatives": cfg.negatives,
@@ -118,6 +153,7 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
         "null_class": model.cfg.null_class,
         "seq_len": int(store.seq_len),
         "batch_size": cfg.batch_size,  # batch composition fixes the float32 sums bit for bit
+        **ddo,
     }
     if hub := inputs_record(ref_path, source.vae):  # read from the Hub: {repo, file, revision, commit} (pipeline/hub.py)
         provenance["hub_inputs"] = hub
@@ -131,7 +167,8 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
     dealt = 0  # batches dealt so far: who gets a part's odd batches goes round the ranks from part to part
     for k in progress(pending, desc="reflogp parts", unit="part"):
         start, stop = parts.part_range(k)
-        logps = _part_logps(model, store.tokens, pairs, start, stop, cfg.batch_size, dealt, world, sharded, noise)
+        logps = _part_logps(model, store.tokens, pairs, start, stop, cfg.batch_size, dealt, world, sharded, noise,
+                            None if fakes is None else fakes.tokens)
         dealt += -(-(stop - start) // cfg.batch_size)
         if not world.main:
             continue
@@ -155,7 +192,7 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
 
 
 def _part_logps(model, tokens, pairs: dict[str, np.ndarray], start: int, stop: int, batch_size: int, dealt: int,
-                world: World, sharded: bool, noise: ReferenceNoise) -> dict[str, np.ndarray] | None:
+                world: World, sharded: bool, noise: ReferenceNoise, fakes=None) -> dict[str, np.ndarray] | None:
     """The reference log-probs of cache rows [start, stop) on the main process (None on the others). The part's
     batches are split into one contiguous run per process, as even as whole batches allow (the odd ones go
     round the ranks, counting on from `dealt`); each batch holds the rows one process would put in it (a
@@ -168,13 +205,19 @@ def _part_logps(model, tokens, pairs: dict[str, np.ndarray], start: int, stop: i
     logps = {}
     if mine[1] > mine[0] or sharded:  # a sharded model runs each forward on every process: one without a batch
         run = mine if mine[1] > mine[0] else (start, min(start + batch_size, stop))  # repeats the first
+        forwards = max(counts) if sharded else None
         logps = reference_logps(model, tokens, {name: column[run[0]:run[1]] for name, column in pairs.items()}, batch_size,
-                                world.device, forwards=max(counts) if sharded else None, noise=noise, first_row=run[0])
+                                world.device, forwards=forwards, noise=noise, first_row=run[0])
+        if fakes is not None:  # DDO: the paired fakes under the real rows' labels
+            logps["ref_logp_fake"] = reference_fake_logps(model, fakes, pairs["fake_row"][run[0]:run[1]],
+                                                          pairs["label"][run[0]:run[1]], np.arange(*run), batch_size,
+                                                          world.device, forwards, noise)
         logps = logps if mine[1] > mine[0] else {}
     shares = world.gather((mine[0], logps))
     if not world.main:
         return None
-    out = {key: np.zeros(stop - start, dtype=np.float64) for key in ("ref_logp_pos", "ref_logp_neg", "ref_logp_null")}
+    columns = ("ref_logp_pos", "ref_logp_neg", "ref_logp_null", *(("ref_logp_fake",) if fakes is not None else ()))
+    out = {key: np.zeros(stop - start, dtype=np.float64) for key in columns}
     for share_start, share in shares:
         for key, values in share.items():
             out[key][share_start - start : share_start - start + len(values)] = values

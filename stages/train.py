@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.alignment import AlignConfig, AlignmentRun, check_reference_noise, check_visits, visit_rows
+from pipeline.alignment import DDO, AlignConfig, AlignmentRun, check_reference_noise, check_visits, visit_rows
 from pipeline.checkpoint import file_sha256
-from pipeline.config import setting, settings_digest
+from pipeline.config import ConfigError, setting, settings_digest
 from pipeline.device import local_bytes, peak_rss_mb, rss_mb
 from pipeline.distributed import World
 from pipeline.families import ModelSource, family_of, family_of_model
-from pipeline.formats import TRAIN_METRICS, TRAIN_STEP_CSV, TRAIN_STEP_LOG, read_ref_cache
+from pipeline.formats import FAKES_KEY, TRAIN_METRICS, TRAIN_STEP_CSV, TRAIN_STEP_LOG, FormatError, read_ref_cache
 from pipeline.outputs import StageDir, write_json
 from pipeline.parallel import check_batch_rows, check_micro_batches
 from pipeline.progress import progress
@@ -61,26 +61,28 @@ def run_key(cfg: TrainConfig, provenance: dict, init_sha: str) -> str:
 
 
 def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: Path, source: ModelSource = ModelSource(),
-        world: World | None = None) -> None:
+        world: World | None = None, negatives_path: Path | None = None) -> None:
     """`out` must be absent, empty or a train directory of ours; the run is built in `<out>.partial`
     (checkpoints, resume state, logs) and moved into `out` when it finishes (pipeline/outputs.py).
     `source.preset`: the name of the recipe `cfg` was resolved with (checked against the model, recorded).
     Under torchrun (`world`), every process trains its share of each batch (DDP); the main process claims
-    the output, logs, checkpoints and commits."""
+    the output, logs, checkpoints and commits. train.loss ddo: `cache_path` is a DDO cache (reflogp --negatives)
+    of the negatives store at `negatives_path` (checked: its fingerprint is the cache's fakes_fingerprint)."""
     world = world or World()
     check_micro_batches(cfg.batch_size, cfg.micro_batch_size, world.size)  # before anything is claimed or read
     with world.main_only(StageDir(out, "train")) as claim:
-        _train(cfg, tokens_path, cache_path, init, claim, world, source)
+        _train(cfg, tokens_path, cache_path, init, claim, world, source, negatives_path)
 
 
 def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, claim: StageDir, world: World,
-           source: ModelSource) -> None:
+           source: ModelSource, negatives_path: Path | None = None) -> None:
     preset = source.preset
-    inputs = _open_inputs(cfg, tokens_path, cache_path, init)
+    inputs = _open_inputs(cfg, tokens_path, cache_path, init, negatives_path)
     family, policy = load_for_store(init, "--init", inputs.store, tokens_path, world, cfg.strategy, source)
     baseline_rss_mb = rss_mb()
     started = time.perf_counter()
-    run = AlignmentRun(policy, inputs.store.tokens, inputs.cache, cfg, world.device, world, family.param_groups, inputs.visits)
+    run = AlignmentRun(policy, inputs.store.tokens, inputs.cache, cfg, world.device, world, family.param_groups, inputs.visits,
+                       inputs.fakes)
     claim.key = run_key(cfg, inputs.provenance, inputs.init_sha)
     folder = _RunFolder.open(claim, world)
     if world.main:
@@ -113,9 +115,30 @@ class _Inputs:
     cache_noise: ReferenceNoise
     init_sha: str
     visits: int  # the cache's visit blocks (reflogp.visits)
+    fakes: object = None  # train.loss ddo: the negatives store's tokens (pipeline.tokenstore.LazyTokens)
 
 
-def _open_inputs(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path) -> _Inputs:
+def _open_fakes(cfg: TrainConfig, negatives_path: Path | None, provenance: dict, cache_path: Path):
+    """train.loss ddo: the negatives store the DDO cache was computed from (its fakes_fingerprint); else none."""
+    if cfg.loss != DDO:
+        if negatives_path is not None:
+            raise ConfigError(f"--negatives {negatives_path} is read by train.loss ddo only, but train.loss is {cfg.loss}: "
+                              "set train.loss: ddo, or drop --negatives")
+        return None
+    if FAKES_KEY not in provenance:
+        raise ConfigError(f"train.loss ddo needs a DDO cache, but {cache_path} has no fake column: build it with "
+                          "`cca-pipe reflogp --negatives STORE`")
+    if negatives_path is None:
+        raise ConfigError("train.loss ddo reads the fakes of its cache: pass their store with --negatives")
+    fakes = open_token_store(negatives_path)
+    if fakes.fingerprint != provenance[FAKES_KEY]:
+        raise FormatError(f"{cache_path} is stale: its fakes_fingerprint is not that of --negatives {negatives_path} (the "
+                          "negatives were drawn again since): rebuild it with `cca-pipe reflogp --negatives` (or `dvc repro`)")
+    return fakes.tokens
+
+
+def _open_inputs(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path,
+                 negatives_path: Path | None = None) -> _Inputs:
     family_of(init, "--init")  # the file's kind, checked before the cache, whose provenance would only say "stale"
     store = open_token_store(tokens_path)
     init_sha = file_sha256(init)
@@ -129,8 +152,9 @@ def _open_inputs(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Pa
     # before any work: a step's index lists would be built first; an epoch reads one visit's rows
     check_batch_rows(cfg.batch_size, rows, f"of an epoch (a visit) of the reference cache {cache_path}")
     check_visits(cfg, visits, rows, str(cache_path))
+    fakes = _open_fakes(cfg, negatives_path, provenance, cache_path)
     store.tokens.cache_chunks = cfg.shuffle_buffer_chunks  # a batch touches at most this many chunks
-    return _Inputs(store, cache_path, cache, provenance, cache_noise, init_sha, visits)
+    return _Inputs(store, cache_path, cache, provenance, cache_noise, init_sha, visits, fakes)
 
 
 @dataclass

@@ -25,8 +25,9 @@ def tiny_gpt() -> GPT:
 # in it) or by test name, rather than by a decorator in each file.
 SLOW_MODULES = {
     "test_distributed", "test_fsdp",  # torchrun, 2 processes
-    "test_dvc_smoke", "test_imagenet_pipeline", "test_var_pipeline", "test_shipped_pipelines", "test_hub_pipelines",  # dvc repro
-    "test_resume", "test_tokenize_resume", "test_hostile_inputs",  # the CLI in subprocesses, killed and rerun
+    "test_dvc_smoke", "test_ddo_pipeline", "test_imagenet_pipeline", "test_var_pipeline", "test_shipped_pipelines",
+    "test_hub_pipelines",  # dvc repro
+    "test_resume", "test_tokenize_resume", "test_hostile_inputs", "test_negatives_processes",  # the CLI in subprocesses, killed and rerun
     "test_demo_seeds",  # dvc repro of the tiny pipeline, once per seed (bench/demo_seeds.py)
 }
 SLOW_TESTS = {

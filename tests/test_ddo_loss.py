@@ -185,10 +185,10 @@ def test_cached_ddo_loss_equals_online_two_model_loss(tiny_gpt, rate: float):
     null = torch.full_like(batch.labels, reference.cfg.null_class)
     pair_labels = torch.where(batch.uncond, null, batch.labels)
     x, y = torch.cat([batch.real, batch.fake]), torch.cat([pair_labels, pair_labels])
-    ref_keys = row_keys(noise, rows, CPU)
+    ref_keys = row_keys(noise, rows, CPU, ("pos", "fake", "null"))  # a fake's masks are its own role's
     if ref_keys is not None:
-        pos, neg, null_keys = ref_keys.view(3, -1)
-        ref_keys = torch.cat([torch.where(batch.uncond, null_keys, pos), neg])
+        pos, fake, null_keys = ref_keys.view(3, -1)
+        ref_keys = torch.cat([torch.where(batch.uncond, null_keys, pos), fake])
     reference.train(noise.active)
     with torch.no_grad():
         ref_real, ref_fake = sequence_logp(reference, y, x, dropout_keys=ref_keys).split(len(rows))

@@ -37,10 +37,10 @@ def _run(args: list[str], cwd: Path) -> str:
     return proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("smoke")
-    for name in ("pipeline", "stages"):
+def tiny_repo(repo: Path, *copied: str) -> None:
+    """A git + DVC repository at `repo` with the code, the root dvc.yaml and params.yaml at TINY settings, and
+    the `copied` folders of ROOT (e.g. a pipeline), committed; nothing run."""
+    for name in ("pipeline", "stages", *copied):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
@@ -55,6 +55,12 @@ def repo(tmp_path_factory) -> Path:
     _run([str(BIN / "dvc"), "config", "core.analytics", "false"], repo)
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "smoke"], repo)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("smoke")
+    tiny_repo(repo)
     log = _run([str(BIN / "dvc"), "repro"], repo)
     (repo / "repro.log").write_text(log)
     return repo

@@ -496,8 +496,40 @@ def test_only_the_planned_stages_fix_glibcs_mmap_threshold(monkeypatch):
 
     calls = []
     monkeypatch.setattr(pipeline.host, "return_freed_memory", lambda: calls.append(1) or True)
-    for command, expected in (("train", 1), ("tokenize", 1), ("eval", 1), ("pretrain-vq", 0), ("reflogp", 0), ("prepare", 0)):
+    for command, expected in (("train", 1), ("tokenize", 1), ("eval", 1), ("negatives", 1), ("pretrain-vq", 0), ("reflogp", 0), ("prepare", 0)):
         calls.clear()
         result = CliRunner().invoke(main, ["--params", "/nonexistent/params.yaml", command, "--help"])
         assert result.exit_code == 0, result.output
         assert len(calls) == expected, command
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_the_negatives_plan_is_evals_sampling_and_decoding_plus_tokenizes_encoder(guided: bool):
+    """The negatives stage samples as eval does (one model, no feature extractor), decodes as eval does and
+    encodes as tokenize does (one view): its parts are those plans' parts at the same batch, its weights eval's
+    for one model less InceptionV3's, and each moment's peak the weights plus that moment's part."""
+    from pipeline.memplan import FP32, INCEPTION_V3_ELEMENTS, conv_tokenizer, eval_plan, negatives_plan, tokenize_plan
+    from stages.plan import tokenizer_for
+
+    model = build_meta("var", depth=16)
+    t = conv_tokenizer(tokenizer_for("var"))
+    ours = negatives_plan(model, t, 256, 64, guided, True, 512, "cuda")
+    ev = eval_plan([model], t, 256, 64, guided, 1000, "cuda")
+    tok = tokenize_plan(t, 256, 64, 1)
+    assert ours.rows["weights"] == ev.rows["weights"] - INCEPTION_V3_ELEMENTS * FP32
+    assert ours.rows["KV caches + logits"] == ev.rows["KV caches + logits"]
+    assert ours.rows["decoder forward"] == ev.rows["decoder forward"]
+    assert ours.rows["encoder forward"] == tok.rows["encoder forward"]
+    assert ours.rows["images of a chunk (host)"] == 512 * 3 * 256 * 256 == ours.host
+    assert ours.phases == {"sampling": ours.rows["weights"] + ours.rows["KV caches + logits"],
+                           "decoding": ours.rows["weights"] + ours.rows["decoder forward"],
+                           "re-encoding": ours.rows["weights"] + ours.rows["encoder forward"]}
+    assert "encoder forward" not in negatives_plan(model, t, 256, 64, guided, False, 512, "cuda").rows
+
+
+def test_plan_stage_negatives_plans_a_ddo_preset_and_says_what_fits():
+    result = CliRunner().invoke(main, ["--params", "/nonexistent/params.yaml", "plan", "--stage", "negatives", "--preset",
+                                       "var-d16-ddo", "--gpu-memory", "1GB"])
+    assert result.exit_code == 0, result.output
+    assert "memory plan per process: negatives, preset var-d16-ddo" in result.output
+    assert "does not fit in 1 GB" in result.output and "negatives.batch_size" in result.output

@@ -216,3 +216,22 @@ def test_a_preset_for_another_var_depth_is_flagged_with_the_fix(caplog):
     first, second = (r.getMessage() for r in caplog.records)
     assert first.endswith("this checkpoint is VAR-d20: set `preset: var-d20` in params.yaml")
     assert second.endswith("no released recipe for VAR-d2: var-d16's settings are used")
+
+
+def test_ddo_presets_are_the_released_var_recipe_and_ours_for_llamagen():
+    """docs/ddo.md's VAR recipe (NVlabs/DDO train_ddo.sh): beta 0.02, alpha 50, 1024 real rows a step, lr 4e-6,
+    AdamW (0.9, 0.95), weight decay 0.05, clip 2.0, 98 steps of 1024 (~100k real images) a round; negatives
+    guidance-free, untruncated, re-encoded. The LlamaGen one is listed as ours."""
+    from stages.presets import OURS
+
+    for name in ("var-d16-ddo", "var-d30-ddo"):
+        train = PRESETS[name]["train"]
+        assert (train["loss"], train["beta"], train["alpha"], train["batch_size"], train["lr"]) == ("ddo", 0.02, 50.0, 1024, 4e-6)
+        assert (train["betas"], train["weight_decay"], train["grad_clip"], train["max_steps"]) == ([0.9, 0.95], 0.05, 2.0, 98)
+        assert 98 * 1024 == 100_352  # ~100k real images a round
+        assert PRESETS[name]["negatives"] == {"ratio": 1, "cfg_scale": 0.0, "temperature": 1.0, "top_k": 0, "reencode": True,
+                                              "top_p": 0.0, "cfg_schedule": "linear"}
+        assert name not in OURS
+    assert PRESETS["var-d30-ddo"]["model"] == {"family": "var", "depth": 30}
+    assert OURS == ("llamagen-L-ddo",) and PRESETS["llamagen-L-ddo"]["train"]["loss"] == "ddo"
+    assert PRESETS["llamagen-L-ddo"]["model"]["family"] == "llamagen"

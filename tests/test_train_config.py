@@ -17,11 +17,11 @@ import yaml
 
 import pipeline.alignment
 from pipeline.alignment import AlignConfig, StepRows
-from pipeline.checkpoint import save_checkpoint
+from pipeline.checkpoint import file_sha256, save_checkpoint
 from pipeline.config import ConfigError
 from pipeline.formats import TRAIN_STEP_LOG
 from pipeline.models.llamagen import GPT, GPTConfig
-from pipeline.tokenstore import write_token_store
+from pipeline.tokenstore import open_token_store, write_token_store
 from stages import reflogp as reflogp_stage
 from stages import train as train_stage
 from stages.reflogp import RefLogpConfig
@@ -39,6 +39,7 @@ CASES: dict[str, tuple[dict, object]] = {
     "loss": ({}, "dpo"),
     "beta": ({}, 0.25),
     "lam": ({}, 3.0),
+    "alpha": ({"loss": "ddo"}, 1.0),  # DDO's fake-term weight: a DDO cache and its negatives (stage_world)
     "lr": ({}, 3e-3),
     "lr_schedule": ({}, "lin0"),
     "warmup_fraction": ({"lr_schedule": "lin0"}, 0.5),
@@ -81,7 +82,17 @@ def stage_world(tmp_path_factory) -> dict:
     save_checkpoint(folder / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), kind="llamagen-gpt")
     reflogp_stage.run(RefLogpConfig(batch_size=8, part_rows=16, visits=2), folder / "t.zarr", folder / "gpt.pt",
                       folder / "c.parquet")
-    return {"dir": folder, "tokens": folder / "t.zarr", "cache": folder / "c.parquet", "gpt": folder / "gpt.pt", "traces": {}}
+    # train.loss ddo's inputs: a negatives store of one made-up fake per image, as `cca-pipe negatives` records
+    # it, and the DDO cache of it
+    real = open_token_store(folder / "t.zarr")
+    provenance = {"ref_ckpt_sha256": file_sha256(folder / "gpt.pt"), "real_tokens_fingerprint": real.fingerprint,
+                  "real_rows": 16, "seed": 0, "ratio": 1}
+    write_token_store(folder / "fakes.zarr", rng.integers(0, 64, (16, 1, 16)).astype(np.uint16), real.labels,
+                      {**attrs, "augmentations": ["sample"], "negatives": provenance}, chunk_rows=4)
+    reflogp_stage.run(RefLogpConfig(batch_size=8, part_rows=16, visits=2), folder / "t.zarr", folder / "gpt.pt",
+                      folder / "ddo.parquet", negatives_path=folder / "fakes.zarr")
+    return {"dir": folder, "tokens": folder / "t.zarr", "cache": folder / "c.parquet", "gpt": folder / "gpt.pt", "traces": {},
+            "ddo_cache": folder / "ddo.parquet", "negatives": folder / "fakes.zarr"}
 
 
 def _counted(forward, seen: dict):
@@ -124,7 +135,9 @@ def _trace(world: dict, settings: dict) -> dict:
         mp.setattr(pipeline.alignment, "distribute", observed_distribute)
         mp.setattr(StepRows, "__getitem__", observed_getitem)  # a loader process imports its own, unobserved
         try:
-            train_stage.run(TrainConfig(**{**BASE, **settings}), world["tokens"], world["cache"], world["gpt"], out)
+            ddo = settings.get("loss") == "ddo"
+            train_stage.run(TrainConfig(**{**BASE, **settings}), world["tokens"], world["ddo_cache" if ddo else "cache"],
+                            world["gpt"], out, negatives_path=world["negatives"] if ddo else None)
         except ConfigError as e:
             world["traces"][key] = {"refused": str(e)}
             return world["traces"][key]
@@ -187,7 +200,11 @@ def resolved_train_settings(root: Path) -> str:
 
 def test_config_train_resolves_every_preset_as_before_the_split():
     """tests/golden/config_train.yaml was recorded from commit 08a4ed1, before TrainConfig became AlignConfig's
-    subclass (`python tests/test_train_config.py --record` with that commit's code): same keys, order and values."""
+    subclass (`python tests/test_train_config.py --record` with that commit's code): same keys, order and values.
+    Since then (2026-12-07, issue 32) one key was added: `alpha: 50.0` after `lambda` (DDO's weight), re-recorded
+    after checking that the 256 added lines were the only difference; then the 48 blocks of the DDO presets
+    (var-d16-ddo, var-d30-ddo, llamagen-L-ddo) were added, the 256 blocks before them unchanged (checked), and the
+    76 blocks of pipelines/ddo/params.yaml, the 304 others unchanged (checked)."""
     assert resolved_train_settings(ROOT) == GOLDEN.read_text()
 
 

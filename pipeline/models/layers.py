@@ -20,6 +20,10 @@ _MIX = 0x45D9F3B  # < 2**27: a 32-bit word times it stays below 2**63, so int64 
 # the sequences a key is for: a cache row scored three ways (reflogp), a visit of train's epoch order
 # scored twice (the policy's own draw, never the cache's whatever the seeds)
 ROLES = {"pos": 0, "neg": 1, "null": 2, "visit_pos": 3, "visit_neg": 4}
+# roles added after ROLES' keys were fixed (their count enters every key): each hashes its positions on a base of
+# its own, so the keys of ROLES, and every cache computed with them, stay as they were. "fake": DDO's fake of a
+# cache row under its real row's label (docs/ddo.md), never the mask of the CCA negative of the same row.
+SEPARATE_ROLES = {"fake": 0xDD0FA4E}
 
 
 def _mix32(h: torch.Tensor) -> torch.Tensor:
@@ -46,7 +50,11 @@ def noise_keys(seed: int, positions: np.ndarray, role: str) -> torch.Tensor:
     cache row (reflogp) or a visit of the epoch order (train) and role one of ROLES."""
     with np.errstate(over="ignore"):
         base = _splitmix64(np.asarray([seed], dtype=np.uint64))
-        keys = _splitmix64(base ^ (np.asarray(positions, dtype=np.uint64) * np.uint64(len(ROLES)) + np.uint64(ROLES[role])))
+        if role in SEPARATE_ROLES:
+            base = _splitmix64(base ^ np.uint64(SEPARATE_ROLES[role]))
+            keys = _splitmix64(base ^ np.asarray(positions, dtype=np.uint64))
+        else:
+            keys = _splitmix64(base ^ (np.asarray(positions, dtype=np.uint64) * np.uint64(len(ROLES)) + np.uint64(ROLES[role])))
     return torch.from_numpy(keys.view(np.int64).copy())
 
 
