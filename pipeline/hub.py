@@ -164,7 +164,7 @@ def _not_cached(ref: HubRef, where: str) -> str:
         return f"{where}: not in the local Hub cache {repo_dir.parent} (offline: HF_HUB_OFFLINE=1): {fix}"
     revision = ref.revision or "main"
     ref_file = repo_dir / "refs" / revision
-    commit = ref_file.read_text().strip() if ref_file.is_file() else revision
+    commit = ref_file.read_text(encoding="ascii").strip() if ref_file.is_file() else revision
     if not (snapshots / commit).is_dir():
         return f"{where}: the local Hub cache holds no revision {revision!r} of this repo (offline): {fix}"
     return f"{where}: the cached revision {commit[:12]} of this repo holds no file {ref.file!r} (offline): {fix}"

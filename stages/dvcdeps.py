@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.codefiles import PACKAGES, ROOT, closure
+from pipeline.outputs import write_text
 
 from .cli import STAGES
 
@@ -91,8 +92,8 @@ _PARAMS = re.compile(r"^(\s+)params:\s*(#.*)?$")
 
 def rewritten(dvc_file: Path) -> str:
     """The text of `dvc_file` with each stage's code deps replaced by required_files (after its data deps)."""
-    stages = yaml.safe_load(dvc_file.read_text())["stages"]
-    lines = dvc_file.read_text().splitlines()
+    stages = yaml.safe_load(dvc_file.read_text(encoding="utf-8"))["stages"]
+    lines = dvc_file.read_text(encoding="utf-8").splitlines()
     out, stage, in_stages, i, done = [], None, False, 0, set()
     while i < len(lines):
         line = lines[i]
@@ -136,10 +137,10 @@ def main(argv: list[str]) -> int:
     differ = []
     for dvc_file in DVC_FILES:
         text = rewritten(dvc_file)
-        if text != dvc_file.read_text():
+        if text != dvc_file.read_text(encoding="utf-8"):
             differ.append(str(dvc_file.relative_to(ROOT)))
             if "--check" not in argv:
-                dvc_file.write_text(text)
+                write_text(dvc_file, text)  # atomic: an interrupted rewrite never leaves half a dvc.yaml
     verb = "differ from the imports" if "--check" in argv else "updated"
     print(f"{verb}: {', '.join(differ)}" if differ else "the code deps of every dvc.yaml are up to date")
     return 1 if differ and "--check" in argv else 0
