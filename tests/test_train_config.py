@@ -66,6 +66,9 @@ CASES: dict[str, tuple[dict, object]] = {
     "activation_checkpointing": ({}, True),  # each block runs again in backward
     "lambda_conditioning": ({}, {"min": 1, "max": 100}),
     "save_every": ({}, 2),  # a numbered checkpoint at step 2 of 4
+    # the live metrics' mirrors: their files in <out>/live, or (package not installed) refused in one line
+    "tensorboard": ({}, True),
+    "wandb": ({}, True),
 }
 
 
@@ -132,7 +135,8 @@ def _trace(world: dict, settings: dict) -> dict:
     weights = hashlib.sha256(b"".join(k.encode() + v.numpy().tobytes() for k, v in sorted(state.items()))).hexdigest()
     log = [json.loads(line) for line in (out / f"{TRAIN_STEP_LOG}.jsonl").read_text().splitlines()]
     world["traces"][key] = {**seen, "log": log, "weights": weights,
-                            "checkpoints": sorted(p.name for p in (out / "checkpoints").glob("*.pt"))}
+                            "checkpoints": sorted(p.name for p in (out / "checkpoints").glob("*.pt")),
+                            "live_mirrors": sorted(p.name for p in (out / "live").iterdir() if p.name in ("tensorboard", "wandb"))}
     return world["traces"][key]
 
 
@@ -160,7 +164,7 @@ def test_train_config_is_the_alignment_settings_and_the_stage_s_own():
     align = {f.name for f in dataclasses.fields(AlignConfig)}
     train = {f.name for f in dataclasses.fields(TrainConfig)}
     assert issubclass(TrainConfig, AlignConfig) and align < train
-    assert train - align == {"save_every"}  # the recipe's checkpoint cadence
+    assert train - align == {"save_every", "tensorboard", "wandb"}  # the recipe's checkpoint cadence, live mirrors
     assert all(dataclasses.asdict(TrainConfig())[k] == v for k, v in dataclasses.asdict(AlignConfig()).items())
     with pytest.raises(ConfigError, match=r"^train\.dropout = 1\.0: must be >= 0 and < 1$"):
         AlignConfig(dropout=1.0)
@@ -187,7 +191,8 @@ def resolved_train_settings(root: Path) -> str:
 
 def test_config_train_resolves_every_preset_as_before_the_split():
     """tests/golden/config_train.yaml was recorded from commit 08a4ed1, before TrainConfig became AlignConfig's
-    subclass (`python tests/test_train_config.py --record` with that commit's code): same keys, order and values."""
+    subclass (`python tests/test_train_config.py --record` with that commit's code): same keys, order and values;
+    train.tensorboard and train.wandb (false), added on 2026-12-07, are the only lines recorded since."""
     assert resolved_train_settings(ROOT) == GOLDEN.read_text()
 
 
