@@ -125,16 +125,20 @@ class LiveLog:
         for name, value in metrics.items():
             if isinstance(value, (int, float, str)):
                 self._live.log_metric(name, value, plot=False)
-        self._live.make_summary()
+        self._summarise()
         if self._wandb is not None:
             self._wandb.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+
+    def _summarise(self) -> None:
+        """metrics.json, with the last step logged (next_step moved past it: Live.end undoes it alike)."""
+        if "step" in self._live.summary:
+            self._live.step = self._live.summary["step"]
+        self._live.make_summary()
 
     def close(self) -> None:
         if not self.enabled or self._live is None:
             return
-        if "step" in self._live.summary:  # next_step moved past the last step logged (as Live.end undoes)
-            self._live.step = self._live.summary["step"]
-        self._live.make_summary()
+        self._summarise()
         if self._tensorboard is not None:
             self._tensorboard.close()
         if self._wandb is not None:
