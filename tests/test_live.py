@@ -13,16 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 import yaml
+from worlds import train_stage_world
 
-from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ConfigError
 from pipeline.live import LIVE_DIR, LIVE_METRICS, LIVE_PLOTS, LiveLog, check_mirrors
-from pipeline.models.llamagen import GPT, GPTConfig
-from pipeline.tokenstore import write_token_store
 from stages import reflogp as reflogp_stage
 from stages import train as train_stage
 from stages.reflogp import RefLogpConfig
@@ -30,7 +26,6 @@ from stages.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-GPT_CFG = GPTConfig(dim=32, n_layer=2, n_head=2, vocab_size=64, num_classes=3, block_size=16, multiple_of=16)
 
 
 def tsv(path: Path) -> list[dict]:
@@ -149,17 +144,8 @@ def test_the_mirrors_are_off_by_default_and_marked_as_not_changing_results():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("live")
-    rng = np.random.default_rng(0)
-    attrs = {"tokenizer_sha256": "0" * 64, "codebook_size": 64, "image_size": 16, "grid": 4,
-             "augmentations": ["center"], "class_names": ["a", "b", "c"]}
-    write_token_store(folder / "t.zarr", rng.integers(0, 64, (16, 1, 16)).astype(np.uint16),
-                      (np.arange(16) % 3).astype(np.int32), attrs, chunk_rows=4)
-    torch.manual_seed(0)
-    save_checkpoint(folder / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), kind="llamagen-gpt")
-    reflogp_stage.run(RefLogpConfig(batch_size=8, part_rows=8, visits=2), folder / "t.zarr", folder / "gpt.pt", folder / "c.parquet")
-    return {"dir": folder, "tokens": folder / "t.zarr", "cache": folder / "c.parquet", "gpt": folder / "gpt.pt",
-            "base": dict(epochs=2.0, batch_size=4, micro_batch_size=2, lr=1e-3)}
+    # 16 images, a 2-visit cache: 2 epochs of 4 steps of 4 rows
+    return {**train_stage_world(tmp_path_factory.mktemp("live")), "base": dict(epochs=2.0, batch_size=4, micro_batch_size=2, lr=1e-3)}
 
 
 def test_train_logs_every_step_live_with_the_step_log_s_values(world: dict):

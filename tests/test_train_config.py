@@ -10,26 +10,20 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
+from worlds import train_stage_world
 
 import pipeline.alignment
 from pipeline.alignment import AlignConfig, StepRows
-from pipeline.checkpoint import save_checkpoint
 from pipeline.config import ConfigError
 from pipeline.formats import TRAIN_STEP_LOG
-from pipeline.models.llamagen import GPT, GPTConfig
-from pipeline.tokenstore import write_token_store
-from stages import reflogp as reflogp_stage
 from stages import train as train_stage
-from stages.reflogp import RefLogpConfig
 from stages.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "config_train.yaml"
-GPT_CFG = GPTConfig(dim=32, n_layer=2, n_head=2, vocab_size=64, num_classes=3, block_size=16, multiple_of=16)
 # 16 images in 4 store chunks, a cache of 2 visits (32 rows): an epoch is 4 steps of 4 rows, 2 micro-batches each
 BASE = dict(epochs=1.0, batch_size=4, micro_batch_size=2, lr=1e-3)
 
@@ -74,17 +68,7 @@ CASES: dict[str, tuple[dict, object]] = {
 
 @pytest.fixture(scope="module")
 def stage_world(tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("world")
-    rng = np.random.default_rng(0)
-    attrs = {"tokenizer_sha256": "0" * 64, "codebook_size": 64, "image_size": 16, "grid": 4,
-             "augmentations": ["center"], "class_names": ["a", "b", "c"]}
-    write_token_store(folder / "t.zarr", rng.integers(0, 64, (16, 1, 16)).astype(np.uint16),
-                      (np.arange(16) % 3).astype(np.int32), attrs, chunk_rows=4)
-    torch.manual_seed(0)
-    save_checkpoint(folder / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), kind="llamagen-gpt")
-    reflogp_stage.run(RefLogpConfig(batch_size=8, part_rows=16, visits=2), folder / "t.zarr", folder / "gpt.pt",
-                      folder / "c.parquet")
-    return {"dir": folder, "tokens": folder / "t.zarr", "cache": folder / "c.parquet", "gpt": folder / "gpt.pt", "traces": {}}
+    return {**train_stage_world(tmp_path_factory.mktemp("world")), "traces": {}}
 
 
 def _counted(forward, seen: dict):
