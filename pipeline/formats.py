@@ -72,6 +72,8 @@ Train run folder (stage `train`, e.g. `data/train`): policy.pt, settings.yaml, c
     metrics.csv    the same rows as CSV (x = step), for `dvc plots`
     metrics.json   the run's end: steps, seconds, peak_rss_mb, memory, final (the last step's row), params
                    (train's resolved settings); a dvc.yaml `metrics:` file, as eval's metrics.json (`dvc metrics show`)
+    live/          DVCLive's files, written as the run goes (pipeline/live.py): plots/metrics/<name>.tsv (step,
+                   value) per metric, metrics.json (the latest values); absent in runs written before 2026-12-07
 Runs written before 2026-12-07 named these log.jsonl, log.csv and summary.json; readers take either
 (train_run_file).
 """

@@ -6,7 +6,8 @@ Only the policy is resident (initialised from the reference checkpoint `--init`)
 is never constructed. The cache must have been made from these tokens and this checkpoint (checked).
 Either family (LlamaGen GPT, or VAR with --vae giving the quantiser that builds its input).
 Writes policy.pt (the peer's layout: LlamaGen c2i / a VAR state dict under "model"), metrics.jsonl + metrics.csv
-(per step), metrics.json (the run's end; log.jsonl, log.csv, summary.json before 2026-12-07: pipeline/formats.py).
+(per step), metrics.json (the run's end; log.jsonl, log.csv, summary.json before 2026-12-07: pipeline/formats.py),
+live/ (DVCLive's files, per step as the run goes, with throughput and ETA: pipeline/live.py).
 """
 
 from __future__ import annotations
