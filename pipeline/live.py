@@ -59,6 +59,20 @@ def keep_steps_before(folder: Path, step: int) -> None:
             write_text(path, "".join("\t".join(r) + os.linesep for r in kept))
 
 
+def _files_only_live():
+    """DVCLive's Live writing its files only. Its _init_dvc looks up the DVC repo and git for experiments and
+    a dvc.yaml of its own, neither of which is used here, and fails outright in a git repo without commits
+    (SCMError "Empty git repo", as a fresh `git init; dvc init; dvc repro` is): skipped. Studio still reads
+    its own settings from the environment (DVC_STUDIO_TOKEN)."""
+    from dvclive import Live  # dvclive imports DVC: only where something is logged
+
+    class FilesOnlyLive(Live):
+        def _init_dvc(self) -> None:
+            pass
+
+    return FilesOnlyLive
+
+
 class LiveLog:
     """Per-step metrics of one run through DVCLive, by the main process only (`enabled=False`: nothing is written)."""
 
@@ -73,13 +87,12 @@ class LiveLog:
         self._live = self._tensorboard = self._wandb = None
         if not enabled:
             return
-        from dvclive import Live  # dvclive imports DVC: only where something is logged
-
         if self._first and self.dir.is_dir():
             keep_steps_before(self.dir / LIVE_PLOTS, self._first)
         # no experiment of its own (a stage under `dvc repro`/`dvc exp run` is DVC's) and no dvc.yaml of its
         # own: the shipped dvc.yaml files declare these files as the stage's plots and metrics
-        self._live = Live(dir=str(self.dir), resume=bool(self._first), save_dvc_exp=False, dvcyaml=None, report=None)
+        self._live = _files_only_live()(dir=str(self.dir), resume=bool(self._first), save_dvc_exp=False, dvcyaml=None,
+                                        report=None)
         if self._first:
             self._live.step = self._first
         mirrors = mirrors or {}

@@ -81,6 +81,17 @@ def test_a_fresh_start_clears_a_previous_run_s_steps(tmp_path: Path):
     assert [float(r["loss"]) for r in tsv(tmp_path / "live" / LIVE_PLOTS / "loss.tsv")] == [2.0]
 
 
+def test_it_logs_in_a_git_repo_without_commits(tmp_path: Path, monkeypatch):
+    """`git init; dvc init; dvc repro`: DVCLive's own experiment lookup fails there ("Empty git repo")."""
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    live = LiveLog(tmp_path / "live")
+    live.log_step(0, {"loss": 1.5})
+    live.close()
+    assert [float(r["loss"]) for r in tsv(tmp_path / "live" / LIVE_PLOTS / "loss.tsv")] == [1.5]
+
+
 def test_a_disabled_log_writes_nothing(tmp_path: Path):
     """What the processes other than the main one hold."""
     live = LiveLog(tmp_path / "live", total_steps=2, enabled=False)
