@@ -92,6 +92,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .live import LIVE_DIR
 from .outputs import Claim, atomic_file
 from .versions import LOGP_VERSION
 
@@ -190,9 +191,10 @@ def is_ref_cache(path: Path) -> bool:
 
 
 def _is_parts_dir(path: Path) -> bool:
-    """An unfinished cache of ours: a directory of nothing but part files (and their .gitignore)."""
+    """An unfinished cache of ours: a directory of nothing but part files (and their .gitignore, and the
+    progress reflogp logs there: a LIVE_DIR folder, pipeline/live.py)."""
     return path.is_dir() and all(p.name == ".gitignore" or (p.name.startswith("part-") and p.suffix == ".parquet")
-                                 for p in path.iterdir())
+                                 or (p.name == LIVE_DIR and p.is_dir()) for p in path.iterdir())
 
 
 def claim_ref_cache(path: str | os.PathLike) -> Claim:

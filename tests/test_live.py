@@ -270,3 +270,28 @@ def test_dvc_plots_show_and_exp_show_read_the_live_files(world: dict, tmp_path: 
     metrics = workspace["data"]["metrics"]["data/train/live/metrics.json"]["data"]
     assert metrics["step"] == len(steps) - 1 and metrics["loss"] == pytest.approx(steps[-1]["loss"], rel=1e-12)
     assert metrics["rewards"]["pos"] == pytest.approx(steps[-1]["rewards/pos"], rel=1e-12)
+
+
+def test_a_reflogp_stopped_after_two_parts_resumes_on_one_step_axis(world: dict, monkeypatch):
+    """The parts' folder holding live/ is still an unfinished cache of ours (resumed, not refused); the rerun
+    logs parts 2 and 3 after the first run's 0 and 1."""
+    write, merge, seen = reflogp_stage.RefCacheParts.write_part, reflogp_stage.RefCacheParts.merge, {}
+
+    def write_then_stop(self, k, columns):
+        if k == 2:
+            raise KeyboardInterrupt  # as a stop between parts
+        return write(self, k, columns)
+
+    def observed_merge(self):
+        seen["rows"] = tsv(self.dir / LIVE_DIR / LIVE_PLOTS / "rows_done.tsv")
+        return merge(self)
+
+    out = world["dir"] / "c_stopped.parquet"
+    cfg = RefLogpConfig(batch_size=4, part_rows=4, visits=1)
+    with monkeypatch.context() as m:
+        m.setattr(reflogp_stage.RefCacheParts, "write_part", write_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            reflogp_stage.run(cfg, world["tokens"], world["gpt"], out)
+    monkeypatch.setattr(reflogp_stage.RefCacheParts, "merge", observed_merge)
+    reflogp_stage.run(cfg, world["tokens"], world["gpt"], out)
+    assert [(int(r["step"]), float(r["rows_done"])) for r in seen["rows"]] == [(0, 4), (1, 8), (2, 12), (3, 16)]
