@@ -86,6 +86,8 @@ Train run folder (stage `train`, e.g. `data/train`): policy.pt, settings.yaml, c
     metrics.csv    the same rows as CSV (x = step), for `dvc plots`
     metrics.json   the run's end: steps, seconds, peak_rss_mb, memory, final (the last step's row), params
                    (train's resolved settings); a dvc.yaml `metrics:` file, as eval's metrics.json (`dvc metrics show`)
+    live/          DVCLive's files, written as the run goes (pipeline/live.py): plots/metrics/<name>.tsv (step,
+                   value) per metric, metrics.json (the latest values); absent in runs written before 2026-12-07
 Runs written before 2026-12-07 named these log.jsonl, log.csv and summary.json; readers take either
 (train_run_file).
 """
@@ -104,6 +106,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .live import LIVE_DIR
 from .outputs import Claim, atomic_file
 from .versions import LOGP_VERSION
 
@@ -214,9 +217,10 @@ def is_ref_cache(path: Path) -> bool:
 
 
 def _is_parts_dir(path: Path) -> bool:
-    """An unfinished cache of ours: a directory of nothing but part files (and their .gitignore)."""
+    """An unfinished cache of ours: a directory of nothing but part files (and their .gitignore, and the
+    progress reflogp logs there: a LIVE_DIR folder, pipeline/live.py)."""
     return path.is_dir() and all(p.name == ".gitignore" or (p.name.startswith("part-") and p.suffix == ".parquet")
-                                 for p in path.iterdir())
+                                 or (p.name == LIVE_DIR and p.is_dir()) for p in path.iterdir())
 
 
 def claim_ref_cache(path: str | os.PathLike) -> Claim:

@@ -28,6 +28,7 @@ from pipeline.device import OutOfMemory, is_out_of_memory
 from pipeline.distributed import World
 from pipeline.evaluation import NPZ_ORDER, Scorer, Unit, format_results, gather_samples, open_scorer, scorer_weights
 from pipeline.families import FamilyContract, Model, ModelSource, Tokenizer, load_model, load_tokenizer
+from pipeline.live import LIVE_DIR, LiveLog
 from pipeline.outputs import StageDir, write_json, write_text
 from pipeline.progress import SampleCounter, StepCounter, progress
 from pipeline.report import GRID_CLASSES
@@ -235,6 +236,8 @@ def evaluate_units(units: list[Unit], models: EvalModels, settings: EvalConfig, 
     else every rank draws its share and the main process scores the set. -> each method's scores per seed (on
     the main process; empty on the others)."""
     per_seed: dict[str, list[dict]] = {}
+    # each point's scores as it is scored, keyed <method>/seed<seed>/<metric> (docs/imagenet.md, "Watching a run")
+    live = LiveLog(work / LIVE_DIR, enabled=scorer is not None)
     for unit in progress(units, desc="eval", unit="unit"):
         scores = world.broadcast(scorer.finished(unit) if scorer else None)
         if scores is not None:
@@ -244,6 +247,8 @@ def evaluate_units(units: list[Unit], models: EvalModels, settings: EvalConfig, 
             scores = scorer.score(unit, *drawn) if scorer else None
         if scorer:
             per_seed.setdefault(unit.name, []).append(scores)
+            live.log_summary({f"{unit.name}/seed{unit.seed}/{k}": v for k, v in scores.items()})
+    live.close()
     return per_seed
 
 

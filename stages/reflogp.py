@@ -21,6 +21,7 @@ from pipeline.distributed import World
 from pipeline.families import ModelSource
 from pipeline.formats import FAKES_KEY, FormatError, RefCacheParts, claim_ref_cache, read_ref_cache
 from pipeline.hub import inputs_record
+from pipeline.live import LIVE_DIR, LiveLog
 from pipeline.parallel import STRATEGIES, distribute
 from pipeline.progress import progress
 from pipeline.refcache import (
@@ -165,6 +166,9 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
     if sharded:
         model = distribute(model, world, "fsdp")
     dealt = 0  # batches dealt so far: who gets a part's odd batches goes round the ranks from part to part
+    # progress per part (step = part index) while it runs, in the parts' folder: docs/imagenet.md, "Watching a run"
+    live = LiveLog(claim.partial / LIVE_DIR, resume=min(pending) if pending and len(pending) < parts.num_parts else 0,
+                   total_steps=parts.num_parts, enabled=world.main)
     for k in progress(pending, desc="reflogp parts", unit="part"):
         start, stop = parts.part_range(k)
         logps = _part_logps(model, store.tokens, pairs, start, stop, cfg.batch_size, dealt, world, sharded, noise,
@@ -180,6 +184,8 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
                 f"(first: token store row {int(part['row'][bad][0])}); its weights are damaged or it does not fit these "
                 f"tokens. Nothing was written to {out}")
         parts.write_part(k, {**part, **logps})
+        live.log_step(k, {"rows_done": stop}, rows=stop - start)
+    live.close()
     world.barrier()
     if not world.main:
         return

@@ -6,7 +6,8 @@ Only the policy is resident (initialised from the reference checkpoint `--init`)
 is never constructed. The cache must have been made from these tokens and this checkpoint (checked).
 Either family (LlamaGen GPT, or VAR with --vae giving the quantiser that builds its input).
 Writes policy.pt (the peer's layout: LlamaGen c2i / a VAR state dict under "model"), metrics.jsonl + metrics.csv
-(per step), metrics.json (the run's end; log.jsonl, log.csv, summary.json before 2026-12-07: pipeline/formats.py).
+(per step), metrics.json (the run's end; log.jsonl, log.csv, summary.json before 2026-12-07: pipeline/formats.py),
+live/ (DVCLive's files, per step as the run goes, with throughput and ETA: pipeline/live.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pipeline.device import local_bytes, peak_rss_mb, rss_mb
 from pipeline.distributed import World
 from pipeline.families import ModelSource, family_of, family_of_model
 from pipeline.formats import FAKES_KEY, TRAIN_METRICS, TRAIN_STEP_CSV, TRAIN_STEP_LOG, FormatError, read_ref_cache
+from pipeline.live import LIVE_DIR, LiveLog, check_mirrors
 from pipeline.outputs import StageDir, write_json
 from pipeline.parallel import check_batch_rows, check_micro_batches
 from pipeline.progress import progress
@@ -47,6 +49,12 @@ class TrainConfig(AlignConfig):
 
     # steps between checkpoints <out>/checkpoints/<step>.pt and the resume point (0: final only, no resume)
     save_every: int = setting(0, ge=0, same_result=True)
+    # copies of the live metrics (<out>/live, DVCLive) for TensorBoard / W&B (offline); their packages are optional
+    tensorboard: bool = setting(False, same_result=True)
+    wandb: bool = setting(False, same_result=True)
+
+    def mirrors(self) -> dict[str, bool]:
+        return {"tensorboard": self.tensorboard, "wandb": self.wandb}
 
 
 def save_policy(path: Path, policy, state: dict, cfg: TrainConfig, init_sha256: str, step: int, preset: str | None) -> None:
@@ -70,6 +78,7 @@ def run(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, out: 
     of the negatives store at `negatives_path` (checked: its fingerprint is the cache's fakes_fingerprint)."""
     world = world or World()
     check_micro_batches(cfg.batch_size, cfg.micro_batch_size, world.size)  # before anything is claimed or read
+    check_mirrors(cfg.mirrors(), "train")
     with world.main_only(StageDir(out, "train")) as claim:
         _train(cfg, tokens_path, cache_path, init, claim, world, source, negatives_path)
 
@@ -84,7 +93,7 @@ def _train(cfg: TrainConfig, tokens_path: Path, cache_path: Path, init: Path, cl
     run = AlignmentRun(policy, inputs.store.tokens, inputs.cache, cfg, world.device, world, family.param_groups, inputs.visits,
                        inputs.fakes)
     claim.key = run_key(cfg, inputs.provenance, inputs.init_sha)
-    folder = _RunFolder.open(claim, world)
+    folder = _RunFolder.open(claim, world, cfg, run.total_steps)
     if world.main:
         log.info("training %d steps: %g epochs x %d cache rows / batch_size %d%s (the cache holds %d visit(s))",
                  run.total_steps, cfg.epochs, run.rows_per_visit, cfg.batch_size,
@@ -163,11 +172,12 @@ class _RunFolder:
 
     work: Path
     steps: StepLog
+    live: LiveLog  # the same metrics as they come, with throughput and ETA (pipeline/live.py)
     checkpoints: Path
     state: TrainState
 
     @classmethod
-    def open(cls, claim: StageDir, world: World) -> _RunFolder:
+    def open(cls, claim: StageDir, world: World, cfg: TrainConfig, total_steps: int) -> _RunFolder:
         """The claim's partial folder (the main process opens it), with the step log of its resume point if any."""
         work = claim.open_partial() if world.main else claim.partial
         world.barrier()  # every process resumes from what the main process kept (a filesystem they all see)
@@ -178,7 +188,10 @@ class _RunFolder:
         if (saved := state.saved()) is not None:
             steps.rows = saved["log_rows"]
             log.info("resuming %s from step %d", claim.target, saved["step"])
-        return cls(work, steps, checkpoints, state)
+        # the live files continue from the resume point: steps a killed process logged past it are dropped
+        live = LiveLog(work / LIVE_DIR, resume=saved["step"] if saved else 0, total_steps=total_steps, mirrors=cfg.mirrors(),
+                       enabled=world.main)
+        return cls(work, steps, live, checkpoints, state)
 
 
 def _fit(cfg: TrainConfig, inputs: _Inputs, run: AlignmentRun, claim: StageDir, folder: _RunFolder, init: Path,
@@ -196,6 +209,7 @@ def _fit(cfg: TrainConfig, inputs: _Inputs, run: AlignmentRun, claim: StageDir, 
             metrics = run.step(step, step_tokens)
             if main:
                 folder.steps(step, metrics)
+                folder.live.log_step(step, metrics, rows=cfg.batch_size)
             bar.update(1)
             done = step + 1
             if cfg.save_every and done % cfg.save_every == 0 and done < run.total_steps:
@@ -211,6 +225,7 @@ def _fit(cfg: TrainConfig, inputs: _Inputs, run: AlignmentRun, claim: StageDir, 
         raise
     except FloatingPointError as e:
         folder.steps.save()
+        folder.live.close()
         good = sorted(folder.checkpoints.glob("[0-9]*.pt"))
         raise FloatingPointError(f"training stopped: {e}. Last good checkpoint: {good[-1] if good else init} "
                                  f"(the step log is in {folder.work / TRAIN_STEP_CSV}).") from e
@@ -226,6 +241,8 @@ def _write_summary(cfg: TrainConfig, claim: StageDir, folder: _RunFolder, second
     summary = {"steps": len(steps.rows), "seconds": seconds, "peak_rss_mb": memory[0]["peak_rss_mb"], "memory": memory,
                "final": last, "params": as_params(cfg)}
     write_json(folder.work / TRAIN_METRICS, summary)
+    folder.live.log_summary({"steps": len(steps.rows), "seconds": seconds})
+    folder.live.close()  # before the run folder moves into place
     save_settings(folder.work, "train", cfg, preset)
     claim.commit()
     log.info("peak RSS %.0f MB", memory[0]["peak_rss_mb"])

@@ -35,6 +35,8 @@ SLOW_TESTS = {
     "test_staleness.py::test_editing_messages_and_help_leaves_the_cache_and_tokens_valid",  # dvc repro, cca-pipe train
     "test_report.py::test_sweep_expands_into_named_stages",  # dvc stage list
     "test_dvc_deps.py::test_dvc_parses_every_pipeline",  # dvc, once per pipeline
+    "test_live.py::test_a_killed_and_resumed_train_leaves_one_step_axis",  # the CLI killed and rerun
+    "test_live.py::test_dvc_plots_show_and_exp_show_read_the_live_files",  # git and dvc in a tiny repo
     # tokenize, reflogp and train through the CLI (in process)
     *(f"test_reference_noise.py::{name}" for name in (
         "test_the_cache_records_its_dropout", "test_a_clean_cache_with_dropout_passes_the_step0_check",

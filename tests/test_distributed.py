@@ -202,6 +202,20 @@ def test_train_with_two_processes_equals_one(caches: Path):
     assert log1[0]["loss"] != log1[1]["loss"]  # training moves
 
 
+def test_a_two_process_train_logs_live_metrics_from_rank_0_only(caches: Path):
+    """Issue 33.3: one set of DVCLive files, by the main process (pipeline/live.py): each step once in every
+    step file (two writers appending to the same files would give each step twice), nothing else written live."""
+    out = caches / "train2"
+    if not (out / "policy.pt").is_file():
+        cca(caches, *train_args(caches, out), nproc=2)
+    live = out / "live"
+    for name in ("loss", "rewards/pos", "rewards/neg", "lr", "grad_norm", "throughput/rows_per_s", "eta_s"):
+        rows = (live / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
+        assert [int(r.split("\t")[0]) for r in rows[1:]] == [0, 1, 2, 3], name
+    assert json.loads((live / "metrics.json").read_text())["step"] == 3
+    assert [p.relative_to(out) for p in out.rglob("live")] == [Path("live")]
+
+
 def test_fsdp_train_with_two_processes_equals_ddp_with_one(caches: Path):
     """The stage under FSDP with activation checkpointing (pipeline/parallel.py): same steps and weights as one
     plain process; the consolidated checkpoints are the peer's layout; each process held half the weights."""

@@ -107,6 +107,8 @@ def test_sweep_train_depends_on_every_train_setting_that_changes_the_policy():
         "strategy": "DDP or FSDP: the same one-process gradient (tests/test_fsdp.py, within 1e-5)",
         "activation_checkpointing": "recomputes activations, same gradients (tests/test_fsdp.py)",
         "step0_rows": "rows the step-0 check reads before training (tests/test_integrity.py: same weights)",
+        "tensorboard": "a copy of the live metrics for TensorBoard (pipeline/live.py)",
+        "wandb": "a copy of the live metrics for W&B (pipeline/live.py)",
     }
     listed = {p.split(".", 1)[1] for p in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["sweep-train"]["params"]}
     every = {key_of(f) for f in dataclasses.fields(TrainConfig)}

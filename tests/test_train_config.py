@@ -10,26 +10,20 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
+from worlds import train_stage_world
 
 import pipeline.alignment
 from pipeline.alignment import AlignConfig, StepRows
-from pipeline.checkpoint import file_sha256, save_checkpoint
 from pipeline.config import ConfigError
 from pipeline.formats import TRAIN_STEP_LOG
-from pipeline.models.llamagen import GPT, GPTConfig
-from pipeline.tokenstore import open_token_store, write_token_store
-from stages import reflogp as reflogp_stage
 from stages import train as train_stage
-from stages.reflogp import RefLogpConfig
 from stages.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "config_train.yaml"
-GPT_CFG = GPTConfig(dim=32, n_layer=2, n_head=2, vocab_size=64, num_classes=3, block_size=16, multiple_of=16)
 # 16 images in 4 store chunks, a cache of 2 visits (32 rows): an epoch is 4 steps of 4 rows, 2 micro-batches each
 BASE = dict(epochs=1.0, batch_size=4, micro_batch_size=2, lr=1e-3)
 
@@ -67,32 +61,15 @@ CASES: dict[str, tuple[dict, object]] = {
     "activation_checkpointing": ({}, True),  # each block runs again in backward
     "lambda_conditioning": ({}, {"min": 1, "max": 100}),
     "save_every": ({}, 2),  # a numbered checkpoint at step 2 of 4
+    # the live metrics' mirrors: their files in <out>/live, or (package not installed) refused in one line
+    "tensorboard": ({}, True),
+    "wandb": ({}, True),
 }
 
 
 @pytest.fixture(scope="module")
 def stage_world(tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("world")
-    rng = np.random.default_rng(0)
-    attrs = {"tokenizer_sha256": "0" * 64, "codebook_size": 64, "image_size": 16, "grid": 4,
-             "augmentations": ["center"], "class_names": ["a", "b", "c"]}
-    write_token_store(folder / "t.zarr", rng.integers(0, 64, (16, 1, 16)).astype(np.uint16),
-                      (np.arange(16) % 3).astype(np.int32), attrs, chunk_rows=4)
-    torch.manual_seed(0)
-    save_checkpoint(folder / "gpt.pt", GPT(GPT_CFG).state_dict(), GPT_CFG.to_dict(), kind="llamagen-gpt")
-    reflogp_stage.run(RefLogpConfig(batch_size=8, part_rows=16, visits=2), folder / "t.zarr", folder / "gpt.pt",
-                      folder / "c.parquet")
-    # train.loss ddo's inputs: a negatives store of one made-up fake per image, as `cca-pipe negatives` records
-    # it, and the DDO cache of it
-    real = open_token_store(folder / "t.zarr")
-    provenance = {"ref_ckpt_sha256": file_sha256(folder / "gpt.pt"), "real_tokens_fingerprint": real.fingerprint,
-                  "real_rows": 16, "seed": 0, "ratio": 1}
-    write_token_store(folder / "fakes.zarr", rng.integers(0, 64, (16, 1, 16)).astype(np.uint16), real.labels,
-                      {**attrs, "augmentations": ["sample"], "negatives": provenance}, chunk_rows=4)
-    reflogp_stage.run(RefLogpConfig(batch_size=8, part_rows=16, visits=2), folder / "t.zarr", folder / "gpt.pt",
-                      folder / "ddo.parquet", negatives_path=folder / "fakes.zarr")
-    return {"dir": folder, "tokens": folder / "t.zarr", "cache": folder / "c.parquet", "gpt": folder / "gpt.pt", "traces": {},
-            "ddo_cache": folder / "ddo.parquet", "negatives": folder / "fakes.zarr"}
+    return {**train_stage_world(tmp_path_factory.mktemp("world"), ddo=True), "traces": {}}
 
 
 def _counted(forward, seen: dict):
@@ -145,7 +122,8 @@ def _trace(world: dict, settings: dict) -> dict:
     weights = hashlib.sha256(b"".join(k.encode() + v.numpy().tobytes() for k, v in sorted(state.items()))).hexdigest()
     log = [json.loads(line) for line in (out / f"{TRAIN_STEP_LOG}.jsonl").read_text().splitlines()]
     world["traces"][key] = {**seen, "log": log, "weights": weights,
-                            "checkpoints": sorted(p.name for p in (out / "checkpoints").glob("*.pt"))}
+                            "checkpoints": sorted(p.name for p in (out / "checkpoints").glob("*.pt")),
+                            "live_mirrors": sorted(p.name for p in (out / "live").iterdir() if p.name in ("tensorboard", "wandb"))}
     return world["traces"][key]
 
 
@@ -173,7 +151,7 @@ def test_train_config_is_the_alignment_settings_and_the_stage_s_own():
     align = {f.name for f in dataclasses.fields(AlignConfig)}
     train = {f.name for f in dataclasses.fields(TrainConfig)}
     assert issubclass(TrainConfig, AlignConfig) and align < train
-    assert train - align == {"save_every"}  # the recipe's checkpoint cadence
+    assert train - align == {"save_every", "tensorboard", "wandb"}  # the recipe's checkpoint cadence, live mirrors
     assert all(dataclasses.asdict(TrainConfig())[k] == v for k, v in dataclasses.asdict(AlignConfig()).items())
     with pytest.raises(ConfigError, match=r"^train\.dropout = 1\.0: must be >= 0 and < 1$"):
         AlignConfig(dropout=1.0)
@@ -204,7 +182,8 @@ def test_config_train_resolves_every_preset_as_before_the_split():
     Since then (2026-12-07, issue 32) one key was added: `alpha: 50.0` after `lambda` (DDO's weight), re-recorded
     after checking that the 256 added lines were the only difference; then the 48 blocks of the DDO presets
     (var-d16-ddo, var-d30-ddo, llamagen-L-ddo) were added, the 256 blocks before them unchanged (checked), and the
-    76 blocks of pipelines/ddo/params.yaml, the 304 others unchanged (checked)."""
+    76 blocks of pipelines/ddo/params.yaml, the 304 others unchanged (checked). Then (issue 33) train.tensorboard
+    and train.wandb (false) were added at the end of every block, the only lines added (checked)."""
     assert resolved_train_settings(ROOT) == GOLDEN.read_text()
 
 

@@ -59,6 +59,42 @@ def tiny_llamagen_cache_world():
     return copy.deepcopy(ref), tokens, cache
 
 
+def train_stage_world(folder: Path, visits: int = 2, ddo: bool = False) -> dict:
+    """What the train stage reads, written by the stages' own code: a token store of 16 images of 16 tokens (3
+    classes, 4 chunks of 4), a reference GPT and its cache of `visits` visits: {"dir", "tokens", "cache", "gpt"}.
+    `ddo`: also what train.loss ddo reads: a negatives store of one made-up fake per image, recorded as `cca-pipe
+    negatives` records it, and the DDO cache of it ("negatives", "ddo_cache")."""
+    import torch
+
+    from pipeline.checkpoint import file_sha256, save_checkpoint
+    from pipeline.models.llamagen import GPT, GPTConfig
+    from pipeline.tokenstore import open_token_store, write_token_store
+    from stages import reflogp as reflogp_stage
+    from stages.reflogp import RefLogpConfig
+
+    gpt_cfg = GPTConfig(dim=32, n_layer=2, n_head=2, vocab_size=64, num_classes=3, block_size=16, multiple_of=16)
+    rng = np.random.default_rng(0)
+    attrs = {"tokenizer_sha256": "0" * 64, "codebook_size": 64, "image_size": 16, "grid": 4,
+             "augmentations": ["center"], "class_names": ["a", "b", "c"]}
+    write_token_store(folder / "t.zarr", rng.integers(0, 64, (16, 1, 16)).astype(np.uint16),
+                      (np.arange(16) % 3).astype(np.int32), attrs, chunk_rows=4)
+    torch.manual_seed(0)
+    save_checkpoint(folder / "gpt.pt", GPT(gpt_cfg).state_dict(), gpt_cfg.to_dict(), kind="llamagen-gpt")
+    reflogp_stage.run(RefLogpConfig(batch_size=8, part_rows=16, visits=visits), folder / "t.zarr", folder / "gpt.pt",
+                      folder / "c.parquet")
+    world = {"dir": folder, "tokens": folder / "t.zarr", "cache": folder / "c.parquet", "gpt": folder / "gpt.pt"}
+    if not ddo:
+        return world
+    real = open_token_store(folder / "t.zarr")
+    provenance = {"ref_ckpt_sha256": file_sha256(folder / "gpt.pt"), "real_tokens_fingerprint": real.fingerprint,
+                  "real_rows": 16, "seed": 0, "ratio": 1}
+    write_token_store(folder / "fakes.zarr", rng.integers(0, 64, (16, 1, 16)).astype(np.uint16), real.labels,
+                      {**attrs, "augmentations": ["sample"], "negatives": provenance}, chunk_rows=4)
+    reflogp_stage.run(RefLogpConfig(batch_size=8, part_rows=16, visits=visits), folder / "t.zarr", folder / "gpt.pt",
+                      folder / "ddo.parquet", negatives_path=folder / "fakes.zarr")
+    return {**world, "negatives": folder / "fakes.zarr", "ddo_cache": folder / "ddo.parquet"}
+
+
 # a reference cache's provenance for hand-made caches of 2 classes, 4 tokens
 REF_PROVENANCE = {"tokens_fingerprint": "f" * 64, "ref_ckpt_sha256": "c" * 64, "seed": 0, "num_classes": 2, "null_class": 2,
                   "seq_len": 4, "logp_code": {"pipeline/refcache.py": "0" * 64}}
