@@ -22,6 +22,7 @@ otherwise) into `<dir>/wandb`. `check_mirrors` refuses, in one line, a mirror wh
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import math
@@ -73,6 +74,18 @@ def _files_only_live():
     return FilesOnlyLive
 
 
+@contextlib.contextmanager
+def _naming(folder: Path):
+    """An OSError from DVCLive's writes that names no file (a full disk is raised as the appended file is
+    flushed) gets `folder` as its file, so the CLI's one line names the disk (stages/cli.py, _disk_full)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(folder)) from e
+
+
 class LiveLog:
     """Per-step metrics of one run through DVCLive, by the main process only (`enabled=False`: nothing is written)."""
 
@@ -121,9 +134,10 @@ class LiveLog:
             values["eta_s"] = (now - self._started) / done * max(self.total_steps - step - 1, 0)
         self._last = now
         self._live.step = step
-        for name, value in values.items():
-            if math.isfinite(value):
-                self._live.log_metric(name, value)
+        with _naming(self.dir / LIVE_PLOTS):
+            for name, value in values.items():
+                if math.isfinite(value):
+                    self._live.log_metric(name, value)
         if self._tensorboard is not None:
             for name, value in values.items():
                 self._tensorboard.add_scalar(name, value, step)
@@ -146,7 +160,8 @@ class LiveLog:
         """metrics.json, with the last step logged (next_step moved past it: Live.end undoes it alike)."""
         if "step" in self._live.summary:
             self._live.step = self._live.summary["step"]
-        self._live.make_summary()
+        with _naming(self.dir / LIVE_METRICS):
+            self._live.make_summary()
 
     def close(self) -> None:
         if not self.enabled or self._live is None:
