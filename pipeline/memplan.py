@@ -433,8 +433,9 @@ RESERVE = 0.10  # of the GPU's memory, kept for the CUDA context, NCCL and the c
 # machine's processes):
 #   PROCESS_RESIDENT: the resident memory of `cca-pipe <stage>` before any model is built: the interpreter, torch,
 #     numpy, zarr, pyarrow, PIL and our modules, code and data pages (VmRSS after `import stages.cli,
-#     stages.<stage>`: 0.80 GB for each of tokenize, reflogp, train and eval). On the CPU it is part of the peak
-#     RSS; on CUDA it is host memory beside the GPU's.
+#     stages.<stage>`). `cca-pipe plan` measures it on its host (stages/plan.py process_resident: 0.80 GB on the
+#     2026-12-06 machine, 0.55-0.58 GB on the 2026-12-07 one); this figure is the fallback where it cannot. On the
+#     CPU it is part of the peak RSS; on CUDA it is host memory beside the GPU's.
 #   LOADER_WORKER_PRIVATE: a spawned DataLoader worker's own memory once it has imported what unpickling its
 #     dataset imports (torch, PIL, pipeline.images): 0.30 GB private (smaps_rollup Private_Dirty; its other
 #     0.45 GB of RSS are library pages shared with the main process, counted once, in PROCESS_RESIDENT).

@@ -12,7 +12,11 @@ strategy come from the train settings, resolved as `cca-pipe train` resolves the
 
 from __future__ import annotations
 
+import functools
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.config import ConfigError
 from pipeline.families import family_named
@@ -92,13 +96,33 @@ def make_report(name: str, cfg: TrainConfig, world_size: int, gpu_memory: int | 
                       gpu_memory, grid[1] if grid else "the preset's model")
 
 
-def process_lines(host_tensors: int, device: str, workers: int = 0, worker_bytes: int = 0) -> list[str]:
-    """The process around the tensors (pipeline.memplan.PROCESS_RESIDENT) and its loader workers: on the CPU the
-    process's peak RSS, what `cca-pipe plan` is checked against (docs/performance.md)."""
-    peak = host_tensors + PROCESS_RESIDENT
+@functools.cache
+def process_resident(stage: str) -> int:
+    """What `cca-pipe <stage>` holds before any model, measured on this host now: the VmRSS of a fresh interpreter
+    once it has imported what the stage's process imports (`import stages.cli, stages.<stage>`, ~2 s). Measured,
+    not a constant, because the library pages a process maps differ by host with the same code and wheels (the
+    kernel's fault-around, file-backed huge pages): 0.80 GB on the 2026-12-06 machine, 0.55 GB on the 2026-12-07
+    one (docs/performance.md). Without Linux's /proc (or if the probe fails): pipeline.memplan.PROCESS_RESIDENT."""
+    probe = (f"import stages.cli, stages.{stage.replace('-', '_')}, re\n"
+             "print(int(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024)")
+    if not Path("/proc/self/status").exists():
+        return PROCESS_RESIDENT
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+        return int(out.stdout.split()[-1])
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return PROCESS_RESIDENT
+
+
+def process_lines(stage: str, host_tensors: int, device: str, workers: int = 0, worker_bytes: int = 0) -> list[str]:
+    """The process around the tensors (process_resident) and its loader workers: on the CPU the process's peak
+    RSS, what `cca-pipe plan` is checked against (docs/performance.md)."""
+    resident = process_resident(stage)
+    peak = host_tensors + resident
     where = "process peak" if device == "cpu" else "process host memory"
     lines = [f"{where}: {peak / GB:.2f} GB (the tensors above{' on the host' if device != 'cpu' else ''} + "
-             f"{PROCESS_RESIDENT / GB:.2f} GB the process holds before any model: the interpreter, torch and the libraries)"]
+             f"{resident / GB:.2f} GB the process holds before any model, measured here: the interpreter, torch and "
+             "the libraries)"]
     if workers:
         total = peak + workers * worker_bytes
         lines.append(f"with its loader workers: {total / GB:.2f} GB (+ {workers} x {worker_bytes / GB:.2f} GB: each one's "
@@ -149,7 +173,7 @@ def format_report(report: PlanReport) -> str:
     if i.world_size == 1:
         lines.append("  one process trains the plain module: DDP and FSDP are the same (no buckets, no sharding)")
     column = report.configured if report.configured in report.plans else columns[0]
-    lines += process_lines(report.plans[column].peak if i.device == "cpu" else 0, i.device)
+    lines += process_lines("train", report.plans[column].peak if i.device == "cpu" else 0, i.device)
     if report.gpu_memory is not None:
         usable = (1 - RESERVE) * report.gpu_memory
         lines.append("")
@@ -287,7 +311,8 @@ def format_stage_report(report: StageReport) -> str:
     lines.append(_table(rows, ["GB", report.stage]))
     lines.append(f"peak during {p.peak_phase}: {p.peak / GB:.1f} GB"
                  + (f" on the GPU, and {p.host / GB:.1f} GB of host memory" if p.host else ""))
-    lines += process_lines(p.peak if report.device == "cpu" else p.host, report.device, p.workers, p.worker_bytes)
+    lines += process_lines(report.stage, p.peak if report.device == "cpu" else p.host, report.device, p.workers,
+                           p.worker_bytes)
     if report.gpu_memory is not None:
         usable = (1 - RESERVE) * report.gpu_memory
         verdict = "fits" if report.fits() else "does not fit"
