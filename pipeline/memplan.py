@@ -432,7 +432,7 @@ RESERVE = 0.10  # of the GPU's memory, kept for the CUDA context, NCCL and the c
 # at the ImageNet shapes"; Linux x86-64, Python 3.11, torch 2.14 CPU; tests/test_plan.py checks both against this
 # machine's processes):
 #   PROCESS_RESIDENT: the resident memory of `cca-pipe <stage>` before any model is built: the interpreter, torch,
-#     numpy, zarr, pyarrow, PIL and our modules, code and data pages (VmRSS after `import stages.cli,
+#     numpy, zarr, pyarrow, PIL and our modules, code and data pages (VmRSS after `import stages.cli.main,
 #     stages.<stage>`: 0.80 GB for each of tokenize, reflogp, train and eval). On the CPU it is part of the peak
 #     RSS; on CUDA it is host memory beside the GPU's.
 #   LOADER_WORKER_PRIVATE: a spawned DataLoader worker's own memory once it has imported what unpickling its

@@ -4,7 +4,7 @@ and without activation checkpointing (pipeline/memplan.py), against a GPU's memo
 
     cca-pipe plan --preset llamagen-3B --nproc-per-node 8 --gpu-memory 80GB
 
-The model is the one the preset is meant for (its `model` entry in stages/presets.py), built on the meta
+The model is the one the preset is meant for (its `model` entry in stages/cli/presets.py), built on the meta
 device (shapes only: a 3B model costs nothing to count); the micro-batch, dropout and the preset's
 strategy come from the train settings, resolved as `cca-pipe train` resolves them (defaults <- params.yaml
 <- preset <- --set), and `--micro-batch-size` overrides train.micro_batch_size.
@@ -32,7 +32,7 @@ from pipeline.memplan import (
     plan,
 )
 
-from . import presets
+from .cli import presets
 from .train import TrainConfig
 
 COLUMNS = (("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True))
@@ -69,7 +69,7 @@ def model_description(name: str) -> dict:
     """The preset's model: {"family": ..., and what pipeline.memplan.build_meta needs}."""
     description = presets.preset(name).get("model", {})
     if "family" not in description or len(description) < 2:
-        raise ConfigError(f"preset {name!r} names no model to plan for (stages/presets.py: its `model` entry)")
+        raise ConfigError(f"preset {name!r} names no model to plan for (stages/cli/presets.py: its `model` entry)")
     return description
 
 

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 from pipeline.memplan import CPU_FP32, FAMILY_MEMORY, build_meta, fits, inputs_from_model, parse_memory, plan
 from pipeline.models.llamagen import GPT, GPTConfig
-from stages.cli import main
-from stages.presets import PRESETS
+from stages.cli.main import main
+from stages.cli.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = GPTConfig(dim=8, n_layer=2, n_head=2, vocab_size=16, num_classes=3, block_size=4, multiple_of=8)
@@ -457,13 +457,13 @@ def _resident(code: str) -> dict[str, int]:
 
 @pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="Linux's /proc")
 def test_process_terms_are_what_this_machines_processes_hold():
-    """PROCESS_RESIDENT: a stage process's RSS before any model (`import stages.cli, stages.<stage>`); LOADER_WORKER_
+    """PROCESS_RESIDENT: a stage process's RSS before any model (`import stages.cli.main, stages.<stage>`); LOADER_WORKER_
     PRIVATE: what a spawned loader worker adds of its own (it imports torch, PIL and pipeline.images to unpickle
     the dataset): each within 10% of this machine's."""
     from pipeline.memplan import LOADER_WORKER_PRIVATE, PROCESS_RESIDENT
 
     for stage in ("tokenize", "train", "eval"):
-        assert _resident(f"import stages.cli, stages.{stage}")["rss"] == pytest.approx(PROCESS_RESIDENT, rel=0.10), stage
+        assert _resident(f"import stages.cli.main, stages.{stage}")["rss"] == pytest.approx(PROCESS_RESIDENT, rel=0.10), stage
     worker = _resident("import torch, PIL.Image, pipeline.images")["private"]
     assert worker == pytest.approx(LOADER_WORKER_PRIVATE, rel=0.10)
 
