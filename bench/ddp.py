@@ -80,7 +80,7 @@ TIMEOUT_S = 900  # per cca-pipe command
 def cca_pipe() -> list[str]:
     """This environment's cca-pipe (the console script beside this Python, else the module)."""
     script = Path(sys.executable).parent / "cca-pipe"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "stages.cli"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "stages.cli.main"]
 
 
 def run_cca(root: Path, args: list, device: str, nproc: int = 1) -> float:

@@ -109,7 +109,7 @@ def cca_pipe() -> str:
 
 def run_stage(folder: Path, command: str) -> int:
     """Run the folder's dvc.yaml stage for `command` as dvc repro would; its peak RSS in bytes."""
-    from stages.dvcstage import stage_arguments
+    from stages.cli.dvcstage import stage_arguments
 
     _, options, arguments = stage_arguments(folder, command)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

@@ -208,7 +208,7 @@ def epochs_read(epochs: float, n_rows: int, batch_size: int, max_steps: int | No
 class AlignConfig:
     """Every alignment setting, with its default and range: the train section of params.yaml (the train stage's
     TrainConfig adds what only its recipe uses; params.yaml agrees, tested). The ImageNet recipes are presets
-    (stages/presets.py). Range errors name the key as `train.<key>`."""
+    (stages/cli/presets.py). Range errors name the key as `train.<key>`."""
 
     loss: str = setting("cca", choices=LOSS_CHOICES)
     beta: float = setting(0.5, gt=0.0)  # > 0: a negative beta would push the policy the wrong way

@@ -1,6 +1,6 @@
 """Which source files a piece of the pipeline runs, from its imports: for the reference cache's code digest
 (`logp_code`, recorded as a note: what makes a cache stale is pipeline/versions.py) and for the DVC stages'
-code deps (stages/dvcdeps.py derives them, tests/test_dvc_deps.py checks them).
+code deps (stages/cli/dvcdeps.py derives them, tests/test_dvc_deps.py checks them).
 
 Imports are read from the source (ast), including those inside functions, and followed within the
 `pipeline` and `stages` packages; third-party modules are not followed.

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 class JobError(ConfigError):
     """A ConfigError that every process of a torchrun job raises alike (it follows from the settings and the
-    number of processes alone): rank 0 reports it, in one line for the job, the others exit quietly (stages/cli.py)."""
+    number of processes alone): rank 0 reports it, in one line for the job, the others exit quietly (stages/cli/main.py)."""
 
 
 def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, key: str | None = None,
@@ -34,7 +34,7 @@ def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = datacl
     """A dataclass field with its valid range (checked by check_ranges). `key`: the name in params.yaml when it
     differs (e.g. `lambda`, a Python keyword). `multiple_of`: the name of another field this one divides into.
     `same_result`: every value gives the same output, up to float rounding (how the work runs: processes,
-    memory, checkpoint cadence), so a DVC stage that lists its params one by one leaves it out (python -m stages.dvcdeps)."""
+    memory, checkpoint cadence), so a DVC stage that lists its params one by one leaves it out (python -m stages.cli.dvcdeps)."""
     meta = {k: v for k, v in dict(key=key, ge=ge, gt=gt, le=le, lt=lt, choices=choices, nonempty=nonempty,
                                   unique=unique, finite=finite, multiple_of=multiple_of, same_result=same_result).items()}
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)

@@ -432,7 +432,7 @@ RESERVE = 0.10  # of the GPU's memory, kept for the CUDA context, NCCL and the c
 # at the ImageNet shapes"; Linux x86-64, Python 3.11, torch 2.14 CPU; tests/test_plan.py checks both against this
 # machine's processes):
 #   PROCESS_RESIDENT: the resident memory of `cca-pipe <stage>` before any model is built: the interpreter, torch,
-#     numpy, zarr, pyarrow, PIL and our modules, code and data pages (VmRSS after `import stages.cli,
+#     numpy, zarr, pyarrow, PIL and our modules, code and data pages (VmRSS after `import stages.cli.main,
 #     stages.<stage>`). `cca-pipe plan` measures it on its host (stages/plan.py process_resident: 0.80 GB on the
 #     2026-12-06 machine, 0.55-0.58 GB on the 2026-12-07 one); this figure is the fallback where it cannot. On the
 #     CPU it is part of the peak RSS; on CUDA it is host memory beside the GPU's.

@@ -3,7 +3,7 @@
 Whether a reference cache or a token store is stale is decided by these numbers, not by which source files
 changed: editing a message, a loader, the CLI or a writer leaves every cache and store valid (and DVC's
 tokenize and reflogp stages unchanged: their code deps are the computing files and this one, see
-stages/dvcdeps.py). docs/safety.md, "Stale caches and stores".
+stages/cli/dvcdeps.py). docs/safety.md, "Stale caches and stores".
 
 LOGP_VERSION: what a reference cache's values are (pipeline/formats.py, provenance `logp_version`): the pairs
 drawn (pipeline.refcache.draw_pairs), the dropout masks, each family's forward, the log-softmax sum and its

@@ -2,7 +2,7 @@
 
 Run in a folder with a dvc.yaml (the shipped pipelines run it as their first stage, `check`, on which the
 first expensive stage depends), it reads each `cca-pipe` stage's settings as that stage will run them (the
-resolution `cca-pipe config` shows: stages/dvcstage.py applies the stage's command-line options), and checks
+resolution `cca-pipe config` shows: stages/cli/dvcstage.py applies the stage's command-line options), and checks
 them against what is cheap to know now:
   - every input a stage names that no stage makes exists (dvc.yaml's deps: checkpoints, tokenizer, image
     folder, reference batch, Inception weights), naming the params.yaml key it came from;
@@ -49,7 +49,7 @@ RECORD = "cca-pipe check: every stage's settings fit the inputs (stages/check.py
 
 @dataclass(frozen=True)
 class CommandLine:
-    """What check takes of the `cca-pipe` command line, handed over by stages/cli.py (this module never imports
+    """What check takes of the `cca-pipe` command line, handed over by stages/cli/main.py (this module never imports
     cli: no import cycle): its group (a stage's own options parsed as click parses them), the settings resolution
     `config` uses, the active preset, the launch settings and the table of stages."""
 
@@ -111,7 +111,7 @@ def _dvc_root(folder: Path) -> Path:
 
 def _stage_outputs(folder: Path) -> set[str]:
     """What the non-foreach stages of `folder`'s dvc.yaml write (outs, metrics, plots), as absolute paths."""
-    from .dvcstage import _variables
+    from .cli.dvcstage import _variables
 
     dvc_yaml = folder / "dvc.yaml"
     spec = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}
@@ -130,7 +130,7 @@ def _entries(stage: dict, kind: str) -> list[str]:
 
 
 def _resolve(values: dict, dvc_yaml: Path, text: str) -> str:
-    from .dvcstage import _lookup
+    from .cli.dvcstage import _lookup
 
     return re.sub(r"\$\{([^}]+)\}", lambda m: _lookup(values, m.group(1), str(dvc_yaml)), text)
 
@@ -139,7 +139,7 @@ def _missing_inputs(folder: Path, known: Known) -> list[str]:
     """Every dvc.yaml dep named by a params key (`${vq_ckpt}`) that no stage makes and that is not there. A stage
     of any dvc.yaml of the DVC repository makes a file (pipelines/paper reads the main pipeline's outputs, which
     `dvc repro` there builds first)."""
-    from .dvcstage import _variables
+    from .cli.dvcstage import _variables
 
     dvc_yaml = folder / "dvc.yaml"
     spec = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}
@@ -294,8 +294,8 @@ CHECKS = {"prepare": _prepare, "tokenize": _tokenize, "reflogp": _reflogp, "trai
 def check_folder(folder: Path, obj: dict, cli: CommandLine) -> tuple[list[str], list[str]]:
     """(problems, facts) of the dvc.yaml in `folder`, each one line; `obj`: the cca-pipe command's settings
     context (its --params, --preset, --set), under which every stage's own options are applied; `cli`: the
-    command line's parts (stages.cli.command_line())."""
-    from .dvcstage import stage_commands, with_stage_options
+    command line's parts (stages.cli.main.command_line())."""
+    from .cli.dvcstage import stage_commands, with_stage_options
 
     commands = [c for c in stage_commands(folder) if c[1] != "check"]
     if not commands:

@@ -34,7 +34,7 @@ from pipeline.progress import SampleCounter, StepCounter, progress
 from pipeline.report import GRID_CLASSES
 from pipeline.sampling import generate_images
 
-from .params import save_settings
+from .cli.params import save_settings
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pipeline.checkpoint import KIND_KEY, CheckpointError, extract_state_dict, l
 from pipeline.families import family_of_kind
 from pipeline.outputs import OutputError, write_json, write_text
 
-from .params import SETTINGS_FILE, parse_yaml
+from .cli.params import SETTINGS_FILE, parse_yaml
 
 POLICY = "policy.pt"
 # train's end-of-run metrics under either name (a rename to metrics.json is under way; readers accept both)

@@ -26,7 +26,7 @@ from pipeline.images import view_names
 from pipeline.progress import progress
 from pipeline.tokenstore import TokenStoreWriter, claim_token_store, store_attributes
 
-from .params import as_params
+from .cli.params import as_params
 
 log = logging.getLogger(__name__)
 

@@ -204,7 +204,7 @@ def _samples(path: Path) -> str:
 def _read_eval(folder: Path) -> tuple[dict | None, dict | None]:
     """(metrics.json, the eval section of settings.yaml) of an eval folder, each None when absent; a damaged
     one is one error naming it."""
-    from .params import SETTINGS_FILE, parse_yaml
+    from .cli.params import SETTINGS_FILE, parse_yaml
     from .report import read_results
 
     settings_file = folder / SETTINGS_FILE

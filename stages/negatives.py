@@ -33,8 +33,8 @@ from pipeline.families import ModelSource, load_tokenizer
 from pipeline.progress import progress
 from pipeline.tokenstore import TokenStoreWriter, claim_token_store, open_token_store, store_attributes, store_attrs
 
-from .loading import load_for_store
-from .params import as_params
+from .cli.loading import load_for_store
+from .cli.params import as_params
 
 log = logging.getLogger(__name__)
 

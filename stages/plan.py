@@ -4,7 +4,7 @@ and without activation checkpointing (pipeline/memplan.py), against a GPU's memo
 
     cca-pipe plan --preset llamagen-3B --nproc-per-node 8 --gpu-memory 80GB
 
-The model is the one the preset is meant for (its `model` entry in stages/presets.py), built on the meta
+The model is the one the preset is meant for (its `model` entry in stages/cli/presets.py), built on the meta
 device (shapes only: a 3B model costs nothing to count); the micro-batch, dropout and the preset's
 strategy come from the train settings, resolved as `cca-pipe train` resolves them (defaults <- params.yaml
 <- preset <- --set), and `--micro-batch-size` overrides train.micro_batch_size.
@@ -36,7 +36,7 @@ from pipeline.memplan import (
     plan,
 )
 
-from . import presets
+from .cli import presets
 from .train import TrainConfig
 
 COLUMNS = (("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True))
@@ -73,7 +73,7 @@ def model_description(name: str) -> dict:
     """The preset's model: {"family": ..., and what pipeline.memplan.build_meta needs}."""
     description = presets.preset(name).get("model", {})
     if "family" not in description or len(description) < 2:
-        raise ConfigError(f"preset {name!r} names no model to plan for (stages/presets.py: its `model` entry)")
+        raise ConfigError(f"preset {name!r} names no model to plan for (stages/cli/presets.py: its `model` entry)")
     return description
 
 
@@ -99,11 +99,11 @@ def make_report(name: str, cfg: TrainConfig, world_size: int, gpu_memory: int | 
 @functools.cache
 def process_resident(stage: str) -> int:
     """What `cca-pipe <stage>` holds before any model, measured on this host now: the VmRSS of a fresh interpreter
-    once it has imported what the stage's process imports (`import stages.cli, stages.<stage>`, ~2 s). Measured,
+    once it has imported what the stage's process imports (`import stages.cli.main, stages.<stage>`, ~2 s). Measured,
     not a constant, because the library pages a process maps differ by host with the same code and wheels (the
     kernel's fault-around, file-backed huge pages): 0.80 GB on the 2026-12-06 machine, 0.55 GB on the 2026-12-07
     one (docs/performance.md). Without Linux's /proc (or if the probe fails): pipeline.memplan.PROCESS_RESIDENT."""
-    probe = (f"import stages.cli, stages.{stage.replace('-', '_')}, re\n"
+    probe = (f"import stages.cli.main, stages.{stage.replace('-', '_')}, re\n"
              "print(int(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024)")
     if not Path("/proc/self/status").exists():
         return PROCESS_RESIDENT

@@ -15,7 +15,7 @@ from pipeline.config import check_ranges, setting
 from pipeline.digits import write_digits
 from pipeline.outputs import StageDir
 
-from .params import save_settings
+from .cli.params import save_settings
 
 log = logging.getLogger(__name__)
 

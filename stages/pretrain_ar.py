@@ -19,8 +19,8 @@ from pipeline.outputs import Claim
 from pipeline.pretraining import train_gpt
 from pipeline.tokenstore import open_token_store
 
-from .common import StepLog
-from .params import as_params
+from .cli.common import StepLog
+from .cli.params import as_params
 
 log = logging.getLogger(__name__)
 

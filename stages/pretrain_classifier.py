@@ -20,7 +20,7 @@ from pipeline.metrics import ClassifierConfig, classify, save_classifier, train_
 from pipeline.outputs import Claim, stage_json, write_json, written_by
 from pipeline.pretraining import random_shift
 
-from .params import as_params
+from .cli.params import as_params
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pipeline.outputs import Claim, stage_json, write_json, written_by
 from pipeline.pretraining import train_vq
 from pipeline.tokenizers.vq import VQConfig
 
-from .params import as_params
+from .cli.params import as_params
 
 log = logging.getLogger(__name__)
 

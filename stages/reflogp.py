@@ -36,8 +36,8 @@ from pipeline.refcache import (
 from pipeline.tokenstore import open_token_store
 from pipeline.versions import LOGP_VERSION
 
-from .loading import load_for_store
-from .params import as_params
+from .cli.loading import load_for_store
+from .cli.params import as_params
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class RefLogpConfig:
     drop_path: float = setting(0.0, ge=0.0, lt=1.0)
     # How often train visits each row, each visit with its own view ("one"), negatives and dropout masks (the
     # released scripts redraw them every epoch): "epochs" is ceil(train.epochs), resolved with the settings
-    # (stages/cli.py resolved_config: resolve_visits); train refuses a cache with fewer visits than the epochs
+    # (stages/cli/main.py resolved_config: resolve_visits); train refuses a cache with fewer visits than the epochs
     # it reads. Not train.lambda / beta: a sweep shares one cache. Cost: reflogp's time grows with the visits
     # (docs/performance.md).
     visits: int | str = setting(VISITS_FROM_TRAIN, ge=1)

@@ -56,7 +56,7 @@ from pipeline.tokenstore import (
 )
 from pipeline.versions import TOKEN_ENCODING_VERSION
 
-from .params import as_params
+from .cli.params import as_params
 
 log = logging.getLogger(__name__)
 

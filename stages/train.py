@@ -35,9 +35,9 @@ from pipeline.refcache import CacheMismatch, ReferenceNoise, cache_visits
 from pipeline.resume import TrainState
 from pipeline.tokenstore import TokenStore, open_token_store
 
-from .common import StepLog
-from .loading import load_for_store
-from .params import as_params, save_settings
+from .cli.common import StepLog
+from .cli.loading import load_for_store
+from .cli.params import as_params, save_settings
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pipeline.config import ConfigError
 from pipeline.digits import write_digits
 from pipeline.parallel import check_batch_rows
 from stages.check import cache_rows, check_folder
-from stages.cli import command_line, main
+from stages.cli.main import command_line, main
 
 PIPELINES = ["imagenet-llamagen", "imagenet-var"]
 

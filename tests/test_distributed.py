@@ -341,7 +341,7 @@ def test_a_failing_rank_stops_the_job_with_its_message(world: Path, tmp_path: Pa
     script.write_text(
         "import sys\n"
         "from pipeline.distributed import init_world\n"
-        "from stages.cli import guarded\n"
+        "from stages.cli.main import guarded\n"
         "with guarded():\n"
         "    world = init_world('cpu')\n"
         "    if world.rank == 1:\n"
@@ -388,7 +388,7 @@ def test_ranks_given_other_settings_or_inputs_stop_at_once_naming_the_rank_and_k
 
 
 def test_each_job_has_its_own_rendezvous_id_the_same_on_every_node():
-    from stages.launch import LaunchConfig, rendezvous_id, torchrun_command
+    from stages.cli.launch import LaunchConfig, rendezvous_id, torchrun_command
 
     multi = LaunchConfig(nproc_per_node=2, nnodes=2, rdzv_endpoint="node0:29400")
     job = ["--nnodes", "2", "train", "--out", "data/train"]

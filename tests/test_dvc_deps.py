@@ -1,5 +1,5 @@
 """Every DVC stage depends on the source files it runs (derived from the imports, pipeline/codefiles.py, by the
-rule of stages/dvcdeps.py), so editing code that computes a stage's output makes DVC rerun it, and tokenize and
+rule of stages/cli/dvcdeps.py), so editing code that computes a stage's output makes DVC rerun it, and tokenize and
 reflogp on nothing else (their staleness is versioned: pipeline/versions.py); and `report` a ready `dvc repro`."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline.codefiles import ROOT, closure
-from stages.dvcdeps import DVC_FILES, required_files, rewritten, stage_command
+from stages.cli.dvcdeps import DVC_FILES, required_files, rewritten, stage_command
 
 
 @pytest.mark.parametrize("dvc_file", DVC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -24,7 +24,7 @@ def test_every_stage_depends_on_the_code_it_imports(dvc_file: Path):
         for needed in required_files(stage_command(stage["cmd"])):
             if not any(needed == d or d in needed.parents for d in deps):
                 problems.append(f"{name}: {os.path.relpath(needed, dvc_file.parent)}")
-    assert not problems, (f"{dvc_file.relative_to(ROOT)} misses code deps (python -m stages.dvcdeps adds them):\n"
+    assert not problems, (f"{dvc_file.relative_to(ROOT)} misses code deps (python -m stages.cli.dvcdeps adds them):\n"
                           + "\n".join(problems))
 
 
@@ -32,17 +32,17 @@ def test_every_stage_depends_on_the_code_it_imports(dvc_file: Path):
 def test_the_code_deps_are_exactly_the_rules(dvc_file: Path):
     """No stale extra code deps either (a file no longer imported, or the CLI on a versioned stage)."""
     assert rewritten(dvc_file) == dvc_file.read_text(), (
-        f"{dvc_file.relative_to(ROOT)}: its code deps differ from stages/dvcdeps.py's rule: run python -m stages.dvcdeps")
+        f"{dvc_file.relative_to(ROOT)}: its code deps differ from stages/cli/dvcdeps.py's rule: run python -m stages.cli.dvcdeps")
 
 
-NOT_COMPUTING = ("stages/cli.py", "stages/params.py", "stages/loading.py", "pipeline/outputs.py", "pipeline/formats.py",
+NOT_COMPUTING = ("stages/cli/main.py", "stages/cli/params.py", "stages/cli/loading.py", "pipeline/outputs.py", "pipeline/formats.py",
                  "pipeline/tokenstore.py", "pipeline/refcache.py", "pipeline/loaders.py", "pipeline/families.py",
                  "pipeline/checkpoint.py", "pipeline/config.py", "pipeline/codefiles.py")
 
 
 @pytest.mark.parametrize("dvc_file", DVC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_tokenize_and_reflogp_depend_on_what_computes_their_outputs_only(dvc_file: Path):
-    """Editing a --help string (stages/cli.py), a message of the cache code or a loader, or a writer reruns neither
+    """Editing a --help string (stages/cli/main.py), a message of the cache code or a loader, or a writer reruns neither
     tokenize nor reflogp, in any pipeline (the ImageNet ones included); editing a model or tokenizer, or bumping
     a version (pipeline/versions.py), reruns them."""
     stages = yaml.safe_load(dvc_file.read_text())["stages"]
@@ -66,7 +66,7 @@ def test_tokenize_and_reflogp_depend_on_what_computes_their_outputs_only(dvc_fil
 def test_the_derivation_follows_imports():
     files = {str(p.relative_to(ROOT)) for p in required_files("train")}
     assert {"stages/train.py", "pipeline/alignment.py", "pipeline/losses.py", "pipeline/models/llamagen.py",
-            "pipeline/models/var.py", "pipeline/formats.py", "pipeline/__init__.py", "stages/cli.py"} <= files
+            "pipeline/models/var.py", "pipeline/formats.py", "pipeline/__init__.py", "stages/cli/main.py"} <= files
     assert "pipeline/report.py" not in files and "stages/eval.py" not in files  # train never runs them
 
 

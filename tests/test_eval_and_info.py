@@ -18,7 +18,7 @@ from pipeline.models.llamagen import GPT, GPTConfig
 from pipeline.tokenizers.vq import VQConfig, VQModel
 from pipeline.tokenstore import write_token_store
 from stages import eval as eval_stage
-from stages.cli import main
+from stages.cli.main import main
 
 GPT_CFG = GPTConfig(dim=32, n_layer=1, n_head=2, vocab_size=32, num_classes=3, block_size=16, multiple_of=16)
 VQ_CFG = VQConfig(codebook_size=32, codebook_embed_dim=4, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16,

@@ -204,7 +204,7 @@ def _resume_partial(world: Path, tmp: Path) -> tuple[list, Path, str]:
     from pipeline.checkpoint import file_sha256
     from pipeline.formats import read_cache_provenance
     from pipeline.outputs import write_json
-    from stages.params import build, load_params
+    from stages.cli.params import build, load_params
     from stages.train import TrainConfig, run_key
 
     argv, out = train(world, tmp, edit=lambda p: p["train"].update(save_every=1))
@@ -698,8 +698,8 @@ def test_an_out_name_too_long_for_its_companions_is_refused(length: int, world: 
 
 
 def test_yaml_merge_keys_and_the_floats_people_write(tmp_path: Path):
+    from stages.cli.params import build, load_params, parse_overrides
     from stages.eval import EvalConfig
-    from stages.params import build, load_params, parse_overrides
     from stages.train import TrainConfig
 
     (tmp_path / "params.yaml").write_text("common: &common\n  beta: 0.7\n  lr: 1e-3\ntrain:\n  <<: *common\n  lambda: 30\n")
@@ -1091,7 +1091,7 @@ def torchrun_cca(argv: list, nproc: int, timeout: float = 240, env: dict | None 
     import subprocess
     import sys
 
-    from stages.launch import LaunchConfig, torchrun_command
+    from stages.cli.launch import LaunchConfig, torchrun_command
 
     cmd = torchrun_command(LaunchConfig(nproc_per_node=nproc), list(map(str, argv))) if direct else \
         [str(Path(sys.executable).parent / "cca-pipe"), *map(str, argv[:2]), "--nproc-per-node", str(nproc), *map(str, argv[2:])]

@@ -21,7 +21,7 @@ from pipeline.loaders import load_gpt, load_var
 from pipeline.models.llamagen import GPT, GPTConfig
 from pipeline.models.var import VAR, VARConfig
 from stages import export
-from stages.params import save_settings
+from stages.cli.params import save_settings
 from stages.train import TrainConfig, save_policy
 
 REPO = "FoundationVision/LlamaGen"

@@ -46,7 +46,7 @@ def error_lines(err: str) -> list[str]:
 
 def test_leading_zeros_and_prefixed_numbers_read_as_yaml_1_2(tmp_path):
     """`010` is 10 (YAML 1.1: octal 8), as DVC's ruamel.yaml reads the same file; 0o10 is octal, 0x10 hex."""
-    from stages.params import build, load_params, parse_overrides
+    from stages.cli.params import build, load_params, parse_overrides
     from stages.train import TrainConfig
 
     (tmp_path / "params.yaml").write_text("train:\n  lambda: 010\n")
@@ -79,7 +79,7 @@ def test_a_base_60_number_is_refused_in_one_line_naming_the_key(how, tmp_path, m
 
 def test_dvc_yaml_variables_read_numbers_as_params_do(tmp_path):
     """`${image_size}` on a dvc.yaml command line: 10, as DVC (YAML 1.2) substitutes it, not 8."""
-    from stages.dvcstage import _variables
+    from stages.cli.dvcstage import _variables
 
     (tmp_path / "params.yaml").write_text("image_size: 010\nwhen: 1:30\n")
     assert _variables(tmp_path, {"vars": ["params.yaml"]}) == {"image_size": 10, "when": "1:30"}

@@ -143,7 +143,7 @@ def test_wandb_without_its_package_is_refused_in_one_line(monkeypatch):
 
 
 def test_the_mirrors_are_off_by_default_and_marked_as_not_changing_results():
-    """same_result: DVC's sweep does not track them (python -m stages.dvcdeps), a change reruns nothing."""
+    """same_result: DVC's sweep does not track them (python -m stages.cli.dvcdeps), a change reruns nothing."""
     import dataclasses
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.images import center_crop_arr, image_views, view_names
-from stages.params import build, load_params
+from stages.cli.params import build, load_params
 from stages.tokenize import TokenizeConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import pytest
 
 from stages import eval as eval_stage
 from stages import tokenize, train
-from stages.params import ParamsError, as_params, build, load_params, settings_yaml
+from stages.cli.params import ParamsError, as_params, build, load_params, settings_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_launch_settings_take_set_and_then_the_command_line(tmp_path):
     (a `--set launch.nproc_per_node=1` that was ignored ran a job on 2 processes)."""
     from types import SimpleNamespace
 
-    from stages.cli import _launch_config
+    from stages.cli.main import _launch_config
 
     params = tmp_path / "params.yaml"
     params.write_text("launch:\n  nproc_per_node: 2\n  nnodes: 1\n  rdzv_endpoint: ''\n")
@@ -70,10 +70,10 @@ PIPELINE_PARAMS = ("params.yaml", "pipelines/imagenet-llamagen/params.yaml", "pi
 
 
 def _resolved(params: Path, stage: str, profile: str):
-    """`cca-pipe --params PARAMS --set profile=PROFILE <stage>`'s settings (stages/cli.py resolved_config)."""
+    """`cca-pipe --params PARAMS --set profile=PROFILE <stage>`'s settings (stages/cli/main.py resolved_config)."""
     from types import SimpleNamespace
 
-    from stages.cli import resolved_config
+    from stages.cli.main import resolved_config
 
     ctx = SimpleNamespace(obj={"params": params, "overrides": [f"profile={profile}"], "preset": None})
     return resolved_config(ctx, stage)
@@ -82,9 +82,9 @@ def _resolved(params: Path, stage: str, profile: str):
 @pytest.mark.parametrize("profile", ["full", "trial"])
 @pytest.mark.parametrize("params", PIPELINE_PARAMS)
 def test_every_pipelines_params_resolve_every_stage_the_cli_registers(params: str, profile: str):
-    """The stages are the CLI's registry (stages/cli.py STAGES), not a list kept here: a stage added to the CLI
+    """The stages are the CLI's registry (stages/cli/main.py STAGES), not a list kept here: a stage added to the CLI
     (import-codes, report's sweep) is resolved from every pipeline's params.yaml, preset and profile included."""
-    from stages.cli import STAGES
+    from stages.cli.main import STAGES
 
     for stage, (_module, cls_name, _section) in STAGES.items():
         assert type(_resolved(ROOT / params, stage, profile)).__name__ == cls_name, (params, stage)
@@ -93,8 +93,8 @@ def test_every_pipelines_params_resolve_every_stage_the_cli_registers(params: st
 def test_every_params_section_is_read_by_a_stage_the_cli_registers():
     """A section no registered stage reads would be checked by nothing: every mapping of every pipeline's
     params.yaml is a CLI stage's section (or the launcher's); import_codes and sweep are among them, and VAR's
-    pipeline resolves to VAR's released recipe (stages/presets.py var-d16: lr 2e-5, schedule lin0)."""
-    from stages.cli import STAGES
+    pipeline resolves to VAR's released recipe (stages/cli/presets.py var-d16: lr 2e-5, schedule lin0)."""
+    from stages.cli.main import STAGES
 
     sections = {section for _module, _cls, section in STAGES.values()}
     assert {"import_codes", "sweep"} <= sections
@@ -111,11 +111,11 @@ def test_params_yaml_agrees_with_the_config_defaults():
     import importlib
 
     from pipeline.config import key_of
-    from stages.cli import STAGES
-    from stages.params import as_params
+    from stages.cli.main import STAGES
+    from stages.cli.params import as_params
 
     params = load_params(ROOT / "params.yaml")
-    for module, cls_name, section in [*STAGES.values(), ("launch", "LaunchConfig", "launch")]:
+    for module, cls_name, section in [*STAGES.values(), ("cli.launch", "LaunchConfig", "launch")]:
         cls = getattr(importlib.import_module(f"stages.{module}"), cls_name)
         assert set(params[section]) == {key_of(f) for f in dataclasses.fields(cls)}, section
         assert as_params(build(cls, params, section)) == as_params(cls()), section
@@ -138,8 +138,8 @@ def test_resolved_settings_print_like_params_yaml():
 def test_sweep_and_paper_sections_are_configs_like_the_stages():
     """`sweep` and `paper` are read strictly as the stages' sections are: their files agree with the defaults,
     unknown keys and values out of range are refused naming the key."""
+    from stages.cli.params import as_params
     from stages.paper import PaperConfig
-    from stages.params import as_params
     from stages.report import SweepConfig
 
     paper = load_params(ROOT / "pipelines/paper/params.yaml")
@@ -199,15 +199,15 @@ def test_no_import_cycle_among_library_modules():
 
 def test_no_family_dispatch_in_stages():
     """Stages never ask which model family they hold: no isinstance on model or tokenizer classes, no test
-    of a preset's name (the family objects and stages/presets.py own those differences)."""
+    of a preset's name (the family objects and stages/cli/presets.py own those differences)."""
     import pipeline.models.llamagen as llamagen
     import pipeline.models.var as var
     import pipeline.tokenizers.msvq as msvq
     import pipeline.tokenizers.vq as vq
-    from stages.presets import PRESETS
+    from stages.cli.presets import PRESETS
 
     classes = {name for module in (llamagen, var, msvq, vq) for name, obj in vars(module).items() if isinstance(obj, type)}
-    for path in (ROOT / "stages").glob("*.py"):
+    for path in (ROOT / "stages").rglob("*.py"):  # the stages and their CLI room
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
                 named = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)} | \

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 from pipeline.memplan import CPU_FP32, FAMILY_MEMORY, build_meta, fits, inputs_from_model, parse_memory, plan
 from pipeline.models.llamagen import GPT, GPTConfig
-from stages.cli import main
-from stages.presets import PRESETS
+from stages.cli.main import main
+from stages.cli.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = GPTConfig(dim=8, n_layer=2, n_head=2, vocab_size=16, num_classes=3, block_size=4, multiple_of=8)
@@ -458,7 +458,7 @@ def _resident(code: str) -> dict[str, int]:
 @pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="Linux's /proc")
 def test_process_terms_are_what_this_machines_processes_hold():
     """The plan's process term (stages.plan.process_resident, measured by the plan on its host) is a stage process's
-    RSS before any model (`import stages.cli, stages.<stage>`, probed here) and what the plan prints; LOADER_WORKER_
+    RSS before any model (`import stages.cli.main, stages.<stage>`, probed here) and what the plan prints; LOADER_WORKER_
     PRIVATE: what a spawned loader worker adds of its own (it imports torch, PIL and pipeline.images to unpickle
     the dataset): each within 10% of this machine's. (A constant 0.80 GB, right on the 2026-12-06 machine, was
     45% over on the 2026-12-07 one: the library pages mapped differ by host.)"""
@@ -466,7 +466,7 @@ def test_process_terms_are_what_this_machines_processes_hold():
     from stages.plan import GB, process_lines, process_resident
 
     for stage in ("tokenize", "train", "eval", "negatives"):
-        probed = _resident(f"import stages.cli, stages.{stage}")["rss"]
+        probed = _resident(f"import stages.cli.main, stages.{stage}")["rss"]
         assert process_resident(stage) == pytest.approx(probed, rel=0.10), stage
         printed = float(re.search(r"\+ ([0-9.]+) GB the process holds", process_lines(stage, 0, "cpu")[0]).group(1))
         assert printed == pytest.approx(probed / GB, abs=0.01), stage

@@ -1,4 +1,4 @@
-"""The released recipes (stages/presets.py) as `cca-pipe config` resolves them: each preset's values, in
+"""The released recipes (stages/cli/presets.py) as `cca-pipe config` resolves them: each preset's values, in
 every pipeline folder, over params.yaml and under --set, and the warning for a checkpoint of another depth."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from stages.cli import STAGES, main
-from stages.dvcstage import stage_options
-from stages.presets import PRESETS, SECTIONS
+from stages.cli.dvcstage import stage_options
+from stages.cli.main import STAGES, main
+from stages.cli.presets import PRESETS, SECTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_baseline_losses_take_the_presets_own_values():
     mine = _train_section("imagenet-llamagen", "--set", "train.loss=dpo", "--set", "train.beta=1.0", "config", "train",
                           "--preset", "llamagen-L")
     assert mine["beta"] == 1.0
-    from stages.presets import resolve
+    from stages.cli.presets import resolve
 
     written = {"preset": "llamagen-L", "train": {"beta": 10.0, "loss": "dpo"}}
     assert resolve("train", written)["beta"] == 10.0  # a value written in params.yaml is over the file's preset
@@ -143,10 +143,10 @@ def test_a_preset_resolves_the_same_in_every_folder(monkeypatch):
     folder's dvc.yaml stage sets on its own command line is over it (pipelines/paper's CCA+CFG train stage
     sets train.lambda; `config reflogp` there shows its first reflogp stage, the lambda-conditioned policy's cache,
     which sets train.epochs only), listed here so none is added unseen."""
-    import stages.params
+    import stages.cli.params
 
     # YAML parsing is pure and three quarters of each command's time: parse each file once (copies handed out)
-    for module, name in ((yaml, "safe_load"), (stages.params, "parse_yaml")):
+    for module, name in ((yaml, "safe_load"), (stages.cli.params, "parse_yaml")):
         monkeypatch.setattr(module, name, _memoised(getattr(module, name)))
     over_preset = set()
     runner = CliRunner()
@@ -207,9 +207,9 @@ def test_a_preset_for_another_var_depth_is_flagged_with_the_fix(caplog):
     """The warning names the preset to set when the checkpoint's depth has one, and says so when none exists."""
     from types import SimpleNamespace
 
-    from stages.presets import check_model
+    from stages.cli.presets import check_model
 
-    with caplog.at_level("WARNING", logger="stages.presets"):
+    with caplog.at_level("WARNING", logger="stages.cli.presets"):
         check_model("var-d16", "var", SimpleNamespace(depth=20))
         check_model("var-d16", "var", SimpleNamespace(depth=2))
         check_model("var-d16", "var", SimpleNamespace(depth=16))
@@ -222,7 +222,7 @@ def test_ddo_presets_are_the_released_var_recipe_and_ours_for_llamagen():
     """docs/ddo.md's VAR recipe (NVlabs/DDO train_ddo.sh): beta 0.02, alpha 50, 1024 real rows a step, lr 4e-6,
     AdamW (0.9, 0.95), weight decay 0.05, clip 2.0, 98 steps of 1024 (~100k real images) a round; negatives
     guidance-free, untruncated, re-encoded. The LlamaGen one is listed as ours."""
-    from stages.presets import OURS
+    from stages.cli.presets import OURS
 
     for name in ("var-d16-ddo", "var-d30-ddo"):
         train = PRESETS[name]["train"]

@@ -287,7 +287,7 @@ def test_train_prints_its_step_count_and_max_steps_caps_it(world, tmp_path, monk
 
 def test_train_records_its_settings_spelled_as_params_yaml(world, tmp_path, monkeypatch, capsys):
     """metrics.json's params and the policy's train_params are settings.yaml's train section: keys as params.yaml
-    spells them (`lambda`, not the field name `lam`), one helper (stages.params.as_params) for all three."""
+    spells them (`lambda`, not the field name `lam`), one helper (stages.cli.params.as_params) for all three."""
     import json
 
     code, err = _train(world, world / "cache.parquet", tmp_path / "t", monkeypatch, capsys, "train.max_steps=1",

@@ -37,7 +37,7 @@ from pipeline.models.llamagen import GPT, GPTConfig
 from pipeline.models.var import VAR, VARConfig
 from pipeline.tokenizers.msvq import MSVQConfig, MSVQModel
 from pipeline.tokenizers.vq import VQConfig, VQModel
-from stages.cli import main
+from stages.cli.main import main
 
 CLASSES, IMAGES_PER_CLASS = 2, 128  # 256 rows: one step of the presets' batch of 256
 TINY_GPT = dict(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=CLASSES, block_size=16, multiple_of=32)

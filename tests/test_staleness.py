@@ -113,7 +113,7 @@ VQ = dict(codebook_size=32, codebook_embed_dim=4, ch=16, ch_mult=(1, 2, 2), num_
 EDITS = [
     ("pipeline/refcache.py", "out of memory computing", "ran out of memory computing"),
     ("pipeline/loaders.py", "carries no model config: name one", "carries no model config; name one"),
-    ("stages/cli.py", 'help="params file"', 'help="the params file"'),
+    ("stages/cli/main.py", 'help="params file"', 'help="the params file"'),
 ]
 
 

@@ -91,7 +91,7 @@ def build_world(root: Path) -> Path:
 def _cli(root: Path, *args) -> None:
     from click.testing import CliRunner
 
-    from stages.cli import main
+    from stages.cli.main import main
 
     result = CliRunner().invoke(main, ["--params", str(root / "params.yaml"), *map(str, args)], catch_exceptions=False)
     assert result.exit_code == 0, result.output

@@ -161,9 +161,9 @@ def test_train_config_is_the_alignment_settings_and_the_stage_s_own():
 
 def resolved_train_settings(root: Path) -> str:
     """`cca-pipe config train`'s YAML for each shipped params.yaml x preset x loss (its per_loss values) and the
-    trial profile, as stages/cli.py resolves it (stages.params.build)."""
-    from stages.params import build, load_params, parse_overrides, settings_yaml
-    from stages.presets import PRESETS, active
+    trial profile, as stages/cli/main.py resolves it (stages.cli.params.build)."""
+    from stages.cli.params import build, load_params, parse_overrides, settings_yaml
+    from stages.cli.presets import PRESETS, active
 
     out = []
     for path in [root / "params.yaml", *sorted(root.glob("pipelines/*/params.yaml"))]:
@@ -189,8 +189,8 @@ def test_config_train_resolves_every_preset_as_before_the_split():
 
 def test_dvc_tracks_the_train_config_s_keys():
     """A stage that lists train params one by one tracks exactly tracked_train_params: a new setting is a field
-    and a params.yaml line (and `python -m stages.dvcdeps`), not a third list to remember."""
-    from stages.dvcdeps import DVC_FILES, lists_train_params, tracked_train_params
+    and a params.yaml line (and `python -m stages.cli.dvcdeps`), not a third list to remember."""
+    from stages.cli.dvcdeps import DVC_FILES, lists_train_params, tracked_train_params
 
     listing = {}
     for dvc_file in DVC_FILES:
@@ -201,7 +201,7 @@ def test_dvc_tracks_the_train_config_s_keys():
                 listing[f"{dvc_file.relative_to(ROOT)}: {name}"] = train
                 assert train == tracked_train_params(stage), (
                     f"{dvc_file.relative_to(ROOT)}: {name} lists other train params than TrainConfig's (python "
-                    f"-m stages.dvcdeps rewrites them): {set(train) ^ set(tracked_train_params(stage))}")
+                    f"-m stages.cli.dvcdeps rewrites them): {set(train) ^ set(tracked_train_params(stage))}")
     assert list(listing) == ["dvc.yaml: sweep-train"]  # the one stage whose matrix sets train keys
     assert {"train.lambda", "train.beta", "train.save_every"}.isdisjoint(listing["dvc.yaml: sweep-train"])
     assert "train.lr" in listing["dvc.yaml: sweep-train"]

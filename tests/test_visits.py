@@ -23,7 +23,7 @@ from pipeline.refcache import ReferenceNoise, check_cache_rows, draw_pairs, refe
 from pipeline.tokenstore import open_token_store, write_token_store
 from stages import reflogp as reflogp_stage
 from stages import train as train_stage
-from stages.params import load_params
+from stages.cli.params import load_params
 from stages.reflogp import RefLogpConfig
 
 CPU = torch.device("cpu")
@@ -184,7 +184,7 @@ def test_a_cache_missing_a_visit_block_is_refused(tmp_path):
 def _resolved_visits(*args: str) -> int:
     from click.testing import CliRunner
 
-    from stages.cli import main
+    from stages.cli.main import main
 
     result = CliRunner().invoke(main, ["--params", str(ROOT / "params.yaml"), *args, "config", "reflogp"])
     assert result.exit_code == 0, result.output

@@ -1,5 +1,5 @@
 """`cca-pipe --nproc-per-node N STAGE ...` (or params.yaml's `launch:` section): the command re-executes
-itself under PyTorch's own launcher, `python -m torch.distributed.run` (through `python -m stages.launch`,
+itself under PyTorch's own launcher, `python -m torch.distributed.run` (through `python -m stages.cli.launch`,
 which leaves out its failure summaries: `torchrun_main`), which starts the processes, sets
 RANK/WORLD_SIZE/LOCAL_RANK and stops every process as soon as one fails (max restarts 0). Multi-node: run
 the same command on each node with `--nnodes` and a shared `--rdzv-endpoint host:port` (torchrun's c10d
@@ -83,8 +83,8 @@ def torchrun_command(cfg: LaunchConfig, argv: list[str]) -> list[str]:
     else:
         where = ["--nnodes", str(cfg.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", cfg.rdzv_endpoint or "localhost:29400",
                  "--rdzv-id", rendezvous_id(cfg, argv)]
-    return [sys.executable, "-m", "stages.launch", *where, "--nproc-per-node", str(cfg.nproc_per_node),
-            "--max-restarts", "0", "-m", "stages.cli", *rest]
+    return [sys.executable, "-m", "stages.cli.launch", *where, "--nproc-per-node", str(cfg.nproc_per_node),
+            "--max-restarts", "0", "-m", "stages.cli.main", *rest]
 
 
 def check_endpoint_free(cfg: LaunchConfig) -> None:
@@ -145,7 +145,7 @@ def relaunch(cfg: LaunchConfig, argv: list[str]) -> int:
 
 def torchrun_main(args: list[str]) -> int:
     """torchrun (`torch.distributed.run`'s own launcher, its arguments) without its noise: the failed rank has
-    said what went wrong in one line (rank 0 for the job, stages/cli.py), so torchrun's failure summary (a
+    said what went wrong in one line (rank 0 for the job, stages/cli/main.py), so torchrun's failure summary (a
     ChildFailedError traceback), its agent's log lines, and the SignalException traceback of a stopped job
     are left out; a rank killed by a signal, which could say nothing itself, gets one line here. Returns the
     exit status: the first failed rank's, or 128 + the signal's number. With -v (in `args`) torchrun speaks."""
@@ -175,5 +175,5 @@ def torchrun_main(args: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":  # `python -m stages.launch <torchrun arguments>`: how relaunch runs torchrun
+if __name__ == "__main__":  # `python -m stages.cli.launch <torchrun arguments>`: how relaunch runs torchrun
     sys.exit(torchrun_main(sys.argv[1:]))

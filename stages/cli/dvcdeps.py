@@ -1,13 +1,13 @@
 """The code deps of the stages in the project's dvc.yaml files, derived from the imports (pipeline/codefiles.py).
 
-`python -m stages.dvcdeps` rewrites them (data deps, comments and everything else kept as written), and the
+`python -m stages.cli.dvcdeps` rewrites them (data deps, comments and everything else kept as written), and the
 train params of a stage that lists them one by one (dvc.yaml's sweep-train: tracked_train_params);
-`python -m stages.dvcdeps --check` only names the stages whose lists differ (tests/test_dvc_deps.py checks the
-same). A developer tool beside stages/dvcstage.py, which reads the same files for `cca-pipe config`.
+`python -m stages.cli.dvcdeps --check` only names the stages whose lists differ (tests/test_dvc_deps.py checks the
+same). A developer tool beside stages/cli/dvcstage.py, which reads the same files for `cca-pipe config`.
 
 The rule:
 - tokenize and reflogp, whose outputs cost GPU-hours on ImageNet: their own stage module (with their settings'
-  defaults), stages/presets.py (the released recipes' values, which the ImageNet pipelines' presets set), the
+  defaults), stages/cli/presets.py (the released recipes' values, which the ImageNet pipelines' presets set), the
   modules that compute what they write (VERSIONED: the tokenizers and the image views; the models, their layers
   and the log-prob sum) and pipeline/versions.py. Whether their outputs are stale is decided on purpose by the versions
   there (docs/safety.md, "Stale caches and stores"), so the CLI, the settings plumbing, the writers, the
@@ -31,7 +31,7 @@ import yaml
 from pipeline.codefiles import PACKAGES, ROOT, closure
 from pipeline.outputs import write_text
 
-from .cli import STAGES
+from .main import STAGES, verb
 
 DVC_FILES = [ROOT / "dvc.yaml", ROOT / "pipelines/imagenet-llamagen/dvc.yaml", ROOT / "pipelines/imagenet-var/dvc.yaml",
              ROOT / "pipelines/paper/dvc.yaml", ROOT / "pipelines/ddo/dvc.yaml"]
@@ -44,15 +44,15 @@ VERSIONED = {
     "reflogp": ("pipeline.models.llamagen", "pipeline.models.var", "pipeline.logprobs", "pipeline.versions"),
 }
 COMPUTING = ("pipeline.models", "pipeline.tokenizers", "pipeline.logprobs", "pipeline.images", "pipeline.versions",
-             "stages.presets")
+             "stages.cli.presets")
 
 
 def required_files(command: str) -> list[Path]:
     """The code files `cca-pipe <command>`'s DVC stage depends on (the rule above)."""
     module = f"stages.{MODULES[command]}"
     if command in VERSIONED:
-        return closure([module, "stages.presets", *VERSIONED[command]], within=(module, *COMPUTING))
-    return sorted({*closure([module, "stages.params"]), ROOT / "stages/cli.py"})
+        return closure([module, "stages.cli.presets", *VERSIONED[command]], within=(module, *COMPUTING))
+    return sorted({*closure([module, "stages.cli.params"]), ROOT / "stages/cli/main.py"})
 
 
 def tracked_train_params(stage: dict) -> list[str]:
@@ -61,8 +61,7 @@ def tracked_train_params(stage: dict) -> list[str]:
     gives the same weights (`setting(same_result=True)`): a new setting is a field and a params.yaml line."""
     from pipeline.config import key_of
 
-    from .train import TrainConfig
-
+    TrainConfig = verb("train").TrainConfig
     set_by_command = set(re.findall(r"--set\s+[\"']?train\.(\w+)=", stage["cmd"]))
     return [f"train.{key_of(f)}" for f in dataclasses.fields(TrainConfig)
             if key_of(f) not in set_by_command and not f.metadata.get("same_result")]

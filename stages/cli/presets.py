@@ -191,7 +191,7 @@ def profile_of(params: dict, source: str = "params.yaml") -> str:
     name = params.get("profile") or "full"
     if name not in PROFILES:
         raise ConfigError(f"{source}: profile = {name!r} is not a profile; write one of {', '.join(PROFILES)} "
-                          "(trial: a few images, stages/presets.py)")
+                          "(trial: a few images, stages/cli/presets.py)")
     return name
 
 

@@ -8,6 +8,7 @@ stage in dvc.yaml.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import sys
@@ -105,18 +106,23 @@ STAGES = {
 }
 
 
+def verb(module: str):
+    """The stage module `stages.<module>` (a STAGES entry's module, or a command's), imported when a command needs it.
+    By name, not by an import statement: the verbs import this room (its params, presets and loaders), so the room
+    sits under them and reaches up to them only by name, one stage per command run (docs/developing.md)."""
+    return importlib.import_module(f"stages.{module}")
+
+
 def resolved_config(ctx: click.Context, stage: str):
     """The stage's config: its defaults <- params.yaml's preset <- params.yaml <- --preset <- --set. Every other
     stage's section is built (so checked) too, after this one's: settings that cannot work (e.g. eval.methods
     with cfg but no eval.cfg_scales) are refused by the first stage that reads them, not after days of work."""
-    import importlib
-
     params = load_params(ctx.obj["params"])
     overrides = parse_overrides(ctx.obj["overrides"], params, ctx.obj["params"])
     configs = {}
     for name in (stage, *(s for s in STAGES if s != stage)):
         module, cls, section = STAGES[name]
-        config_class = getattr(importlib.import_module(f"stages.{module}"), cls)
+        config_class = getattr(verb(module), cls)
         configs[name] = build(config_class, params, section, ctx.obj["preset"], overrides, source=ctx.obj["params"])
     # reflogp.visits "epochs": one visit per epoch of the resolved train settings (not their lambda or beta: a
     # sweep shares one cache)
@@ -169,7 +175,7 @@ def active_preset(ctx: click.Context) -> str | None:
 @click.option("--params", default="params.yaml", show_default=True, type=PathType, help="params file")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a parameter")
 @click.option("--preset", default=None, metavar="NAME",
-              help="a released recipe (stages/presets.py: llamagen-B ... llamagen-3B, var-d16 ... var-d30); over params.yaml")
+              help="a released recipe (stages/cli/presets.py: llamagen-B ... llamagen-3B, var-d16 ... var-d30); over params.yaml")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N (under torchrun: each rank's LOCAL_RANK GPU)")
 @click.option("--nproc-per-node", type=int, default=None, help="run reflogp/train/eval under torchrun with N processes (default: launch.nproc_per_node)")
 @click.option("--nnodes", type=int, default=None, help="nodes of a multi-node job (default: launch.nnodes)")
@@ -249,9 +255,7 @@ def config(ctx, stage, preset):
 
 def command_line():
     """What `cca-pipe check` reads stages by (stages/check.py CommandLine), handed to it from here."""
-    from .check import CommandLine
-
-    return CommandLine(main, resolved_config, active_preset, _launch_config, STAGES)
+    return verb("check").CommandLine(main, resolved_config, active_preset, _launch_config, STAGES)
 
 
 @main.command()
@@ -262,9 +266,8 @@ def check(ctx, out):
     views, checkpoints' shapes, inputs): one line per problem, naming the key and a fix; exit status 2 if any."""
     from pipeline.outputs import write_text
 
-    from .check import RECORD, check_folder
-
-    problems, facts = check_folder(Path.cwd(), ctx.obj, command_line())
+    checks = verb("check")
+    problems, facts = checks.check_folder(Path.cwd(), ctx.obj, command_line())
     for fact in facts:
         click.echo(f"cca-pipe check: {fact}")
     for problem in problems:
@@ -272,7 +275,7 @@ def check(ctx, out):
     if problems:
         sys.exit(2)
     if out is not None:
-        write_text(out, RECORD)
+        write_text(out, checks.RECORD)
     click.echo("cca-pipe check: every stage's settings fit the inputs")
 
 
@@ -281,8 +284,7 @@ def check(ctx, out):
 @click.pass_context
 def prepare(ctx, out):
     """Write scikit-learn's digits as class folders (embedded default)."""
-    from . import prepare as stage
-
+    stage = verb("prepare")
     cfg, _ = _setup(ctx, "prepare")
     stage.run(cfg, out)
 
@@ -293,8 +295,7 @@ def prepare(ctx, out):
 @click.pass_context
 def pretrain_vq(ctx, images, out):
     """Train a small LlamaGen-design VQ tokenizer (embedded default)."""
-    from . import pretrain_vq as stage
-
+    stage = verb("pretrain_vq")
     cfg, world = _setup(ctx, "pretrain-vq")
     stage.run(cfg, images, out, world.device)
 
@@ -306,8 +307,7 @@ def pretrain_vq(ctx, images, out):
 @click.pass_context
 def pretrain_classifier(ctx, train_dir, test_dir, out):
     """Train the evaluator's classifier (embedded default)."""
-    from . import pretrain_classifier as stage
-
+    stage = verb("pretrain_classifier")
     cfg, world = _setup(ctx, "pretrain-classifier")
     stage.run(cfg, train_dir, test_dir, out, world.device)
 
@@ -324,8 +324,7 @@ def pretrain_classifier(ctx, train_dir, test_dir, out):
 @click.pass_context
 def tokenize(ctx, images, vq_path, vq_model, out, rehash):
     """Images -> frozen VQ tokenizer -> Zarr token store (resumable)."""
-    from . import tokenize as stage
-
+    stage = verb("tokenize")
     cfg, world = _setup(ctx, "tokenize")
     stage.run(cfg, images, vq_path, out, world.device, vq_model, rehash)
 
@@ -340,8 +339,7 @@ def tokenize(ctx, images, vq_path, vq_model, out, rehash):
 @click.pass_context
 def import_codes(ctx, codes_dir, labels_dir, vq_path, vq_model, class_names_from, out):
     """Import codes extracted by LlamaGen's extract_codes_c2i.py (no re-encoding); settings: import_codes."""
-    from . import import_codes as stage
-
+    stage = verb("import_codes")
     cfg, _ = _setup(ctx, "import-codes")
     names = sorted(d.name for d in class_names_from.iterdir() if d.is_dir()) if class_names_from else None
     stage.run(cfg, codes_dir, labels_dir, vq_path, out, names, vq_model)
@@ -353,8 +351,7 @@ def import_codes(ctx, codes_dir, labels_dir, vq_path, vq_model, class_names_from
 @click.pass_context
 def pretrain_ar(ctx, tokens_path, out):
     """Train a small class-conditional GPT with class dropout (embedded default)."""
-    from . import pretrain_ar as stage
-
+    stage = verb("pretrain_ar")
     cfg, world = _setup(ctx, "pretrain-ar")
     stage.run(cfg, tokens_path, out, world.device)
 
@@ -372,8 +369,7 @@ def pretrain_ar(ctx, tokens_path, out):
 @click.pass_context
 def reflogp(ctx, tokens_path, ref_path, gpt_model, vae, vae_model, depth, negatives_path, out):
     """Cache the frozen reference model's log-likelihoods (Parquet)."""
-    from . import reflogp as stage
-
+    stage = verb("reflogp")
     cfg, world = _setup(ctx, "reflogp")
     stage.run(cfg, tokens_path, ref_path, out, _model_source(ctx, gpt_model, vae, vae_model, depth), world, negatives_path)
 
@@ -393,8 +389,7 @@ def reflogp(ctx, tokens_path, ref_path, gpt_model, vae, vae_model, depth, negati
 @click.pass_context
 def negatives(ctx, tokens_path, ref_path, vq_path, vq_model, gpt_model, vae, vae_model, depth, out):
     """DDO's negatives: the reference's samples for the real rows' labels -> Zarr token store (resumable)."""
-    from . import negatives as stage
-
+    stage = verb("negatives")
     cfg, world = _setup(ctx, "negatives")
     stage.run(cfg, tokens_path, ref_path, vq_path, out, _model_source(ctx, gpt_model, vae, vae_model, depth), vq_model, world)
 
@@ -413,8 +408,7 @@ def negatives(ctx, tokens_path, ref_path, vq_path, vq_model, gpt_model, vae, vae
 @click.pass_context
 def train(ctx, tokens_path, cache_path, init, gpt_model, vae, vae_model, depth, negatives_path, out):
     """Fine-tune the policy with CCA over the cached reference log-probs."""
-    from . import train as stage
-
+    stage = verb("train")
     cfg, world = _setup(ctx, "train")
     stage.run(cfg, tokens_path, cache_path, init, out, _model_source(ctx, gpt_model, vae, vae_model, depth), world,
               negatives_path)
@@ -447,8 +441,7 @@ def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_
 
     from pipeline.families import ModelSource
 
-    from . import eval as stage
-
+    stage = verb("eval")
     if cfg_scales:  # the one --set it stands for, so the config is still built (and checked) in one place
         ctx.obj["overrides"].append(f"eval.cfg_scales={list(cfg_scales)}")
     if methods is not None:  # likewise
@@ -474,8 +467,7 @@ def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_
 def score(ctx, samples, reference, classifier_path, fidelity_cache, json_out):
     """Score a sample file (an ADM `.npz`: arr_0 uint8 N x H x W x 3, e.g. the release's own) against a reference:
     FID, sFID (Inception), IS, precision, recall, exactly as eval scores its sets, with eval's settings."""
-    from . import score as stage
-
+    stage = verb("score")
     cfg = resolved_config(ctx, "eval")
     _, world = _setup(ctx)
     click.echo(stage.format_scores(stage.run(cfg, samples, reference, classifier_path, world.device, fidelity_cache, json_out)))
@@ -488,8 +480,7 @@ def score(ctx, samples, reference, classifier_path, fidelity_cache, json_out):
 def fetch(inputs, out, pinned):
     """Link each SOURCE (a local file, or a Hub id hf://org/repo/file@<commit>, fetched into huggingface_hub's cache
     unless HF_HUB_OFFLINE=1) as OUT/NAME: what the shipped pipelines' stages name as their DVC dependency."""
-    from . import fetch as stage
-
+    stage = verb("fetch")
     for line in stage.run(inputs, out, pinned):
         click.echo(f"cca-pipe fetch: {line}")
 
@@ -502,8 +493,7 @@ def fetch(inputs, out, pinned):
 def export(run_dir, out, eval_dir):
     """A trained policy (a `cca-pipe train` folder) as a Hub-ready folder: safetensors weights, the peer class's
     config and a model card. Nothing is uploaded: `huggingface-cli upload <user>/<repo> FOLDER` is yours."""
-    from . import export as stage
-
+    stage = verb("export")
     click.echo(f"cca-pipe export: wrote {stage.run(run_dir, out, eval_dir)}")
 
 
@@ -516,8 +506,7 @@ def export(run_dir, out, eval_dir):
 def report(ctx, eval_dir, train_dir, sweep_dir, out):
     """Figures (FID-IS trade-off, training curves, sample comparison) and a table of every evaluated point
     (the main run, and the sweep points listed in params.yaml's `sweep` section)."""
-    from . import report as stage
-
+    stage = verb("report")
     click.echo(stage.run(eval_dir, train_dir, sweep_dir, out, resolved_config(ctx, "report")))
 
 
@@ -534,8 +523,7 @@ def report(ctx, eval_dir, train_dir, sweep_dir, out):
 def paper(ctx, eval_dir, train_dir, sweep_dir, paper_dir, paper_params, cache, out):
     """The paper's Table 3 (DPO, Unlearning), Figures 5-6 (CCA+CFG) and Table 5 (a lambda-conditioned policy)
     on the embedded default, from the runs of pipelines/paper (`make paper`)."""
-    from . import paper as stage
-
+    stage = verb("paper")
     paper = build(stage.PaperConfig, load_params(paper_params), "paper")
     click.echo(stage.run(eval_dir, train_dir, sweep_dir, paper_dir, cache, out, resolved_config(ctx, "report"), paper))
 
@@ -581,7 +569,7 @@ def plan(ctx, preset, nproc_per_node, nnodes, gpu_memory, strategy, micro_batch_
     a dvc.yaml, with its stage's options): the plan is for what the stage will run."""
     from pipeline.config import ConfigError
 
-    from . import plan as stage_module
+    stage_module = verb("plan")
     from .dvcstage import subcommand_option
     from .presets import PRESETS
 
@@ -623,11 +611,10 @@ def _plan_settings(ctx: click.Context, stage: str):
     --preset <- --set (plan needs none to plan a preset)."""
     if Path(ctx.obj["params"]).is_file():
         return resolved_config(ctx, stage)
-    import importlib
 
     module, cls, section = STAGES[stage]
     overrides = parse_overrides(ctx.obj["overrides"], {}, ctx.obj["params"])
-    return build(getattr(importlib.import_module(f"stages.{module}"), cls), {}, section, ctx.obj["preset"], overrides)
+    return build(getattr(verb(module), cls), {}, section, ctx.obj["preset"], overrides)
 
 
 def _planned_grid(ctx: click.Context, base: dict, name: str, tokens: str | None, vq_model: str | None):
@@ -636,7 +623,7 @@ def _planned_grid(ctx: click.Context, base: dict, name: str, tokens: str | None,
     (its tokenize.image_size over its tokenizer's downsampling)."""
     from pipeline.tokenstore import store_attrs
 
-    from . import plan as stage_module
+    stage_module = verb("plan")
     from .dvcstage import subcommand_option
 
     attrs = store_attrs(Path(tokens)) if tokens else None
@@ -657,9 +644,7 @@ def _planned_grid(ctx: click.Context, base: dict, name: str, tokens: str | None,
 @click.option("--verify", is_flag=True, help="token stores: read every chunk (checksums) and recompute the fingerprint")
 def info(path, verify):
     """Print what a token store, reference cache, checkpoint, sample batch (.npz) or eval folder holds."""
-    from .info import describe
-
-    click.echo(describe(path, verify))
+    click.echo(verb("info").describe(path, verify))
 
 
 @main.command("upgrade-store")
@@ -678,8 +663,7 @@ def results(path):
     """Print a results table: a report's results.md, or an eval's metrics.json."""
     from pipeline.evaluation import format_results
 
-    from .report import read_results
-
+    read_results = verb("report").read_results
     if not path.is_file():
         raise click.ClickException(f"{path} not found: run `dvc repro` first")
     if path.suffix == ".json":
@@ -698,8 +682,7 @@ def results(path):
 def verdict(ctx, eval_dir, train_dir, sweep_dir, runs_path):
     """One line: the main CCA policy's FID against the best CFG scale's and the base model's, and whether the
     ratio lies in the range of the recorded runs (docs/paper.md): `make demo` ends with it."""
-    from . import report as stage
-
+    stage = verb("report")
     click.echo(stage.verdict(eval_dir, train_dir, sweep_dir, resolved_config(ctx, "report"), runs_path))
 
 
@@ -772,7 +755,7 @@ def guarded():
         if verbose or not launched() or not any(s in text for s in ("timed out", "connection closed by peer",
                                                                     "connection reset by peer")):
             raise
-        if "timed out" not in text:  # a process of the job ended first, and said why (or, killed, stages.launch does)
+        if "timed out" not in text:  # a process of the job ended first, and said why (or, killed, stages.cli.launch does)
             if os.environ.get(QUIET_PEERS) == "1":
                 sys.exit(2)
             _fail(f"rank {os.environ.get('RANK', '?')}: another process of the job ended while this one waited for it "
@@ -796,5 +779,5 @@ def run() -> None:
         main(standalone_mode=True)
 
 
-if __name__ == "__main__":  # `python -m stages.cli`: how torchrun runs each process
+if __name__ == "__main__":  # `python -m stages.cli.main`: how torchrun runs each process
     run()

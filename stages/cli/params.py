@@ -220,7 +220,7 @@ def merge(base: dict, top: dict) -> dict:
 
 def build(cls: type[T], params: dict, section: str, preset: str | None = None, overrides: dict | None = None,
           source: str | Path = "params.yaml") -> T:
-    """The section's config: defaults <- preset <- params.yaml <- --preset <- --set (stages/presets.py), with
+    """The section's config: defaults <- preset <- params.yaml <- --preset <- --set (stages/cli/presets.py), with
     unknown keys refused (listing the valid ones), types and ranges checked; errors name `source`, the
     params file the values came from (--params)."""
     from .presets import resolve

@@ -20,7 +20,7 @@ from pipeline.config import ConfigError
 
 from .params import parse_yaml
 
-# global options of `cca-pipe` that take a value (stages/cli.py main)
+# global options of `cca-pipe` that take a value (stages/cli/main.py main)
 _VALUED = {"--params", "--set", "--preset", "--device", "--nproc-per-node", "--nnodes", "--rdzv-endpoint"}
 
 
@@ -57,7 +57,7 @@ def _split(args: list[str]) -> int | None:
 
 
 def _subcommand_overrides(args: list[str]) -> list[str]:
-    """eval's `--methods` / `--cfg-scale` as the `--set` overrides they stand for (stages/cli.py eval_)."""
+    """eval's `--methods` / `--cfg-scale` as the `--set` overrides they stand for (stages/cli/main.py eval_)."""
     out, scales = [], []
     for flag, value in zip(args, args[1:]):
         if flag == "--methods":
@@ -129,7 +129,7 @@ def subcommand_option(arguments: list[str], flag: str) -> str | None:
 
 
 def with_stage_options(obj: dict, options: list[str]) -> dict:
-    """The command's settings context (stages/cli.py ctx.obj) as if the stage's options were typed before the
+    """The command's settings context (stages/cli/main.py ctx.obj) as if the stage's options were typed before the
     user's: its --params unless one was typed, a typed --preset over its, its --set overrides under the typed."""
     pairs = []
     i = 0
