@@ -21,10 +21,10 @@ from pipeline.loaders import load_gpt
 from pipeline.models.llamagen import GPT, GPTConfig
 from pipeline.tokenizers.vq import VQConfig, VQModel
 from pipeline.tokenstore import open_token_store, write_token_store
-from stages import cli
 from stages import reflogp as reflogp_stage
 from stages import tokenize as tokenize_stage
 from stages import train as train_stage
+from stages.cli import main as cli
 
 CPU = torch.device("cpu")
 GPT_CFG = GPTConfig(dim=32, n_layer=1, n_head=2, vocab_size=64, num_classes=3, block_size=16, multiple_of=16)

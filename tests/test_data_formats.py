@@ -48,7 +48,7 @@ def test_a_damaged_chunk_fails_the_batches_that_touch_it_only(tmp_path, damage, 
     read, and `cca-pipe info --verify` reports it."""
     import sys
 
-    from stages import cli
+    from stages.cli import main as cli
 
     tokens, _, _ = _store(tmp_path)
     chunk = tmp_path / "t.zarr" / "tokens" / "c" / "1" / "0" / "0"

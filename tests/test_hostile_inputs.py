@@ -32,7 +32,7 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.metrics import ClassifierConfig, ImageClassifier, save_classifier
 from pipeline.models.llamagen import GPT, GPTConfig
 from pipeline.tokenizers.vq import VQConfig, VQModel
-from stages import cli
+from stages.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT_CFG = GPTConfig(dim=32, n_layer=1, n_head=2, vocab_size=32, num_classes=2, block_size=16, multiple_of=16)
@@ -805,7 +805,7 @@ def test_a_strict_c_locale_loses_no_work(world: Path, tmp_path: Path, monkeypatc
     assert invoke(tok_argv, monkeypatch, capsys)[0] == 0  # this process: a UTF-8 locale
     inode = (store / "zarr.json").stat().st_ino
     eval_argv, out = evaluate(world, tmp_path, methods="base")
-    script = ("import sys\nfrom stages import cli\ncodes = []\n"
+    script = ("import sys\nfrom stages.cli import main as cli\ncodes = []\n"
               f"for argv in {[[str(a) for a in tok_argv], [str(a) for a in eval_argv]]!r}:\n"
               "    sys.argv = ['cca-pipe', *argv]\n"
               "    try:\n        cli.run()\n        codes.append(0)\n"

@@ -25,7 +25,7 @@ from pipeline.formats import read_cache_provenance, write_ref_cache
 from pipeline.models.layers import keep_mask, noise_keys
 from pipeline.models.llamagen import GPT, GPTConfig
 from pipeline.refcache import ReferenceNoise, draw_pairs, reference_logps
-from stages import cli
+from stages.cli import main as cli
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]

@@ -103,7 +103,7 @@ def test_a_missing_method_is_one_line_naming_it(tmp_path: Path, monkeypatch, cap
 
 
 def test_the_cli_prints_the_line(tmp_path: Path, monkeypatch, capsys):
-    from stages import cli
+    from stages.cli import main as cli
 
     world = _world(tmp_path, 5.4, {0.5: 7.0, 1.0: 6.0, 2.0: 9.0})
     monkeypatch.setattr(sys, "argv", ["cca-pipe", "--params", str(world / "params.yaml"), "verdict", "--eval", str(world / "eval"),

@@ -23,7 +23,7 @@ def write_reference_images(folder: Path, rng: np.random.Generator, classes: int 
 def invoke(argv: list, monkeypatch, capsys) -> tuple[int, str]:
     """Run `cca-pipe argv` in this process, as its console script does (errors become one line and an exit
     status): (exit status, stderr)."""
-    from stages import cli
+    from stages.cli import main as cli
 
     monkeypatch.setattr(sys, "argv", ["cca-pipe", *map(str, argv)])
     code = 0
