@@ -158,6 +158,22 @@ def _job_facts(ctx: click.Context, stage: str, cfg) -> dict[str, object]:
     return facts
 
 
+def model_source_options(vae_type: click.ParamType):
+    """The options `_model_source` reads (--gpt-model, --vae, --vae-model, --depth), as one decorator for the
+    commands that load a model from a checkpoint; listed in this order in --help."""
+    options = (click.option("--gpt-model", default=None, help=GPT_MODEL_HELP),
+               click.option("--vae", default=None, type=vae_type, help=VAE_HELP),
+               click.option("--vae-model", default=None, help=VAE_MODEL_HELP),
+               click.option("--depth", default=None, type=int, help=DEPTH_HELP))
+
+    def add(command):
+        for option in reversed(options):  # click lists options bottom-up: reversed keeps the order above
+            command = option(command)
+        return command
+
+    return add
+
+
 def _model_source(ctx: click.Context, gpt_model: str | None, vae: Path | None, vae_model: str | None,
                   depth: int | None) -> ModelSource:
     from pipeline.families import ModelSource
@@ -359,10 +375,7 @@ def pretrain_ar(ctx, tokens_path, out):
 @main.command()
 @click.option("--tokens", "tokens_path", default="data/tokens/train.zarr", type=PathType, show_default=True)
 @click.option("--ref", "ref_path", default="data/ar/gpt.pt", type=InFile, show_default=True)
-@click.option("--gpt-model", default=None, help=GPT_MODEL_HELP)
-@click.option("--vae", default=None, type=InFile, help=VAE_HELP)
-@click.option("--vae-model", default=None, help=VAE_MODEL_HELP)
-@click.option("--depth", default=None, type=int, help=DEPTH_HELP)
+@model_source_options(InFile)
 @click.option("--negatives", "negatives_path", default=None, type=PathType,
               help="DDO: the negatives store of these rows drawn by --ref (cca-pipe negatives); adds ref_logp_fake")
 @click.option("--out", default="data/reflogp/ref_logp.parquet", type=OutPath, show_default=True)
@@ -381,10 +394,7 @@ def reflogp(ctx, tokens_path, ref_path, gpt_model, vae, vae_model, depth, negati
 @click.option("--vq", "vq_path", default="data/vq/vq.pt", type=PathType, show_default=True,
               help="the tokenizer that encoded --tokens: it decodes the samples (and re-encodes them)")
 @click.option("--vq-model", default=None, help="VQ config for upstream files: a name (VQ-16) or a JSON file")
-@click.option("--gpt-model", default=None, help=GPT_MODEL_HELP)
-@click.option("--vae", default=None, type=PathType, help=VAE_HELP)
-@click.option("--vae-model", default=None, help=VAE_MODEL_HELP)
-@click.option("--depth", default=None, type=int, help=DEPTH_HELP)
+@model_source_options(PathType)
 @click.option("--out", default="data/ddo/negatives.zarr", type=OutPath, show_default=True)
 @click.pass_context
 def negatives(ctx, tokens_path, ref_path, vq_path, vq_model, gpt_model, vae, vae_model, depth, out):
@@ -398,10 +408,7 @@ def negatives(ctx, tokens_path, ref_path, vq_path, vq_model, gpt_model, vae, vae
 @click.option("--tokens", "tokens_path", default="data/tokens/train.zarr", type=PathType, show_default=True)
 @click.option("--cache", "cache_path", default="data/reflogp/ref_logp.parquet", type=PathType, show_default=True)
 @click.option("--init", "init", default="data/ar/gpt.pt", type=InFile, show_default=True, help="reference checkpoint the policy starts from")
-@click.option("--gpt-model", default=None, help=GPT_MODEL_HELP)
-@click.option("--vae", default=None, type=InFile, help=VAE_HELP)
-@click.option("--vae-model", default=None, help=VAE_MODEL_HELP)
-@click.option("--depth", default=None, type=int, help=DEPTH_HELP)
+@model_source_options(InFile)
 @click.option("--negatives", "negatives_path", default=None, type=PathType,
               help="train.loss ddo: the negatives store the DDO cache (--cache) was computed from")
 @click.option("--out", default="data/train", type=OutPath, show_default=True)
