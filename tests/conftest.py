@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_pipeline import build_pipeline_from, build_upstream, built_once
+from worlds import save_random_inception
 
 from pipeline.models.llamagen import GPT, GPTConfig
 
@@ -128,6 +130,28 @@ def own_caches(tmp_path_factory):
         # "Matplotlib is building the font cache" into the output the test reads
         subprocess.run([sys.executable, "-c", "import matplotlib.font_manager"], check=True, capture_output=True)
         yield
+
+
+@pytest.fixture(scope="session")
+def random_inception(tmp_path_factory) -> Path:
+    """torch-fidelity's InceptionV3 weights, random (worlds.py save_random_inception: 35 s of a loaded core, once
+    per session instead of once per module); read it, or copy it into a world that may change it."""
+    folder = built_once(tmp_path_factory, "random_inception", lambda folder: save_random_inception(folder / "inception.pth"))
+    return folder / "inception.pth"
+
+
+@pytest.fixture(scope="session")
+def tiny_upstream(tmp_path_factory) -> Path:
+    """The embedded default at tiny settings run up to its pretrained models, built once per session
+    (tests/tiny_pipeline.py); read it, or copy it (`copy_of`) to run anything in it."""
+    return built_once(tmp_path_factory, "tiny_upstream", build_upstream)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, tiny_upstream) -> Path:
+    """The whole embedded default at tiny settings, `dvc repro` done (repro.log: every stage's log), built once per
+    session from tiny_upstream; read it, or copy it to run anything in it."""
+    return built_once(tmp_path_factory, "tiny_pipeline", build_pipeline_from(tiny_upstream))
 
 
 def pytest_collection_modifyitems(config, items) -> None:

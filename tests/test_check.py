@@ -24,7 +24,7 @@ PIPELINES = ["imagenet-llamagen", "imagenet-var"]
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Path:
-    return make_world(tmp_path_factory.mktemp("small"), per_class=5, inception=False)  # 10 images
+    return make_world(tmp_path_factory.mktemp("small"), per_class=5)  # 10 images
 
 
 def folder_with(pipeline: str, params: dict, tmp_path: Path) -> Path:

@@ -1,15 +1,16 @@
 """pipelines/ddo runs as shipped (`dvc repro` there) on a tiny version of the embedded default: the main
-pipeline's tokens, pretrained model, tokenizer and classifier at test_dvc_smoke's tiny settings, then both DDO
-rounds; round 2's negatives are drawn by round 1's policy. Only the sizes in pipelines/ddo/params.yaml are made
+pipeline's tokens, pretrained model, tokenizer and classifier at test_dvc_smoke's tiny settings (the session's
+tiny_upstream, tests/tiny_pipeline.py: built once, copied here), then both DDO rounds; round 2's negatives are drawn by round 1's policy. Only the sizes in pipelines/ddo/params.yaml are made
 tiny (its DDO settings stay as shipped). Slow (tests/conftest.py SLOW_MODULES): dvc repro."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import yaml
-from test_dvc_smoke import BIN, _run, tiny_repo
+from tiny_pipeline import BIN, ROOT, _run, copy_of
 
 from pipeline.checkpoint import file_sha256
 from pipeline.formats import read_cache_provenance
@@ -20,17 +21,18 @@ DDO_TINY = {"train": {"epochs": 0.2, "batch_size": 32, "micro_batch_size": 16},
             "eval": {"samples_per_class": 6, "seeds": [0], "batch_size": 64, "grid_per_class": 2}}
 
 
-def test_the_ddo_pipeline_runs_both_rounds_as_shipped(tmp_path: Path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    tiny_repo(repo, "pipelines/ddo")
+def test_the_ddo_pipeline_runs_both_rounds_as_shipped(tiny_upstream: Path, tmp_path: Path):
+    repo = copy_of(tiny_upstream, tmp_path / "repo")
+    shutil.copytree(ROOT / "pipelines/ddo", repo / "pipelines/ddo", ignore=shutil.ignore_patterns("dvc.lock"))
+    _run(["git", "add", "pipelines/ddo"], repo)
+    _run(["git", "commit", "-qm", "pipelines/ddo"], repo)
     ddo = yaml.safe_load((repo / "pipelines/ddo/params.yaml").read_text())
     shipped = {section: dict(values) for section, values in ddo.items()}
     for section, values in DDO_TINY.items():
         ddo[section] = {**ddo.get(section, {}), **values}
     (repo / "pipelines/ddo/params.yaml").write_text(yaml.safe_dump(ddo, sort_keys=False))
 
-    log = _run([str(BIN / "dvc"), "repro"], repo / "pipelines/ddo")  # builds the main pipeline's inputs first
+    log = _run([str(BIN / "dvc"), "repro"], repo / "pipelines/ddo")  # the main pipeline's inputs are up to date
 
     for stage in ("check", *(f"{s}-{r}" for r in (1, 2) for s in ("negatives", "reflogp", "train", "eval"))):
         assert f"Running stage '{stage}'" in log, stage

@@ -1,6 +1,9 @@
 """bench/demo_seeds.py on the tiny pipeline: two full pipeline seeds, each a `dvc repro` of the real dvc.yaml in a
 folder of its own, recorded as a set: the record, docs/paper.md's table and the README's range are rewritten from it
-and the verdict then quotes the new set."""
+and the verdict then quotes the new set. Seed 0's params.yaml is the tiny pipeline's (the shipped seeds, TINY
+settings), so its folder is a copy of the session's tiny_pipeline (tests/tiny_pipeline.py), where the command
+resumes (as a rerun does: run_folder checks the folder's params.yaml, `dvc repro` finds it done); seed 1 runs every
+stage in a folder the command makes."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import yaml
-from test_dvc_smoke import TINY
+from tiny_pipeline import TINY, copy_of
 
 from bench.demo_seeds import SEED_KEYS, main
 from pipeline.report import demo_runs_table, ratio_range, read_demo_runs
@@ -18,7 +21,7 @@ from pipeline.report import demo_runs_table, ratio_range, read_demo_runs
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_two_seeds_of_the_tiny_pipeline_are_recorded_as_a_set(tmp_path: Path, capsys):
+def test_two_seeds_of_the_tiny_pipeline_are_recorded_as_a_set(tiny_pipeline: Path, tmp_path: Path, capsys):
     docs = tmp_path / "docs"
     docs.mkdir()
     for name in ("docs/demo_runs.csv", "docs/paper.md", "README.md"):
@@ -28,8 +31,9 @@ def test_two_seeds_of_the_tiny_pipeline_are_recorded_as_a_set(tmp_path: Path, ca
                  for section, values in TINY.items() for key, value in values.items()]
     argv = ["--seeds", "0", "1", "--workdir", str(tmp_path / "runs"), "--record", "--runs", str(docs / "demo_runs.csv"),
             "--paper-md", str(docs / "paper.md"), "--readme", str(docs / "README.md")]
-    for item in overrides + ["sweep.lambdas=[]"]:  # as shipped: no lambda sweep (test_dvc_smoke runs one)
+    for item in overrides:  # with TINY's one-point lambda sweep (shipped: none): seed 0 is then the tiny pipeline
         argv += ["--set", item]
+    copy_of(tiny_pipeline, tmp_path / "runs/seed0")
     rows = main(argv)
     out = capsys.readouterr().out
 

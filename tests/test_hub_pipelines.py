@@ -1,12 +1,17 @@
 """The shipped ImageNet pipelines with Hub ids in params.yaml (`hf://org/repo/file@<commit>`), offline: stand-in
 checkpoints (tests/test_shipped_pipelines.py's) served from a local Hub cache laid out as huggingface_hub lays it
-out (tests/hubcache.py) in a temporary HOME, HF_HUB_OFFLINE=1, `dvc repro` on a fresh repository (the trial
-profile, 10 images: as cheap as the shipped-pipelines test's trial run). The provenance names the commit; the
-reference cache computed by Hub id holds the same bytes as one computed from the local file."""
+out (tests/hubcache.py) in a temporary HOME, HF_HUB_OFFLINE=1, `dvc repro` on a fresh repository of 10 images. As shipped, the pipeline stops at its first stage, `check`, naming
+train.batch_size; with the trial profile (the README's one step) it runs to the end. The provenance names the
+commit; the reference cache computed by Hub id holds the same bytes as one computed from the local file.
+(tests/test_shipped_pipelines.py runs the shipped settings to the end on local paths; the ten-image checks are
+here so that one trial `dvc repro` per pipeline serves both.)"""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,7 +19,7 @@ import pytest
 import yaml
 from hubcache import add_file, commit_of, offline_env
 from test_imagenet_pipeline import BIN, _run, init_pipeline_repo
-from test_shipped_pipelines import make_world, shipped_params
+from test_shipped_pipelines import CLASSES, make_world, shipped_params
 
 # params key -> (the repo the stand-in plays, the file's name there)
 SERVED = {
@@ -24,17 +29,20 @@ SERVED = {
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp("hubworld"), per_class=5)  # 10 images
+def world(tmp_path_factory, random_inception):
+    return make_world(tmp_path_factory.mktemp("hubworld"), per_class=5, inception=random_inception)  # 10 images
 
 
 @pytest.mark.parametrize("pipeline", ["imagenet-llamagen", "imagenet-var"])
-def test_shipped_pipeline_runs_offline_from_hub_ids(pipeline, world, tmp_path, monkeypatch):
+def test_ten_images_stop_at_the_check_then_the_trial_profile_runs_offline_from_hub_ids(pipeline, world, tmp_path,
+                                                                                       monkeypatch):
+    """As shipped on 10 images, `dvc repro` stops at its first stage, `check`, in seconds, with one line naming
+    train.batch_size, before tokenize ran; with `profile: trial` it runs to the end, each Hub file by its pinned
+    commit."""
     home = tmp_path / "home"
     for key, value in {**offline_env(home), "HOME": str(home)}.items():
         monkeypatch.setenv(key, value)
     params = shipped_params(pipeline, world)
-    params["profile"] = "trial"
     local = {}
     for key in [k for k in SERVED if k in params]:
         repo, name = SERVED[key]
@@ -43,9 +51,28 @@ def test_shipped_pipeline_runs_offline_from_hub_ids(pipeline, world, tmp_path, m
         local[key] = params[key]
         params[key] = f"hf://{repo}/{name}@{commit}"
     folder = init_pipeline_repo(tmp_path / "repo", pipeline, params)
-    _run([BIN / "dvc", "repro"], folder)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    start = time.monotonic()
+    proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    elapsed = time.monotonic() - start
+    print(f"{pipeline}: dvc repro stopped at the check after {elapsed:.1f} s")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and elapsed < 60, (elapsed, output[-3000:])
+    named = [line for line in output.splitlines() if "train.batch_size" in line]
+    assert len(named) == 1 and named[0].startswith("cca-pipe: check: stage 'train': train.batch_size = 256 is larger than "
+                                                   "the 10 rows an epoch (a visit) of the reference cache will hold"), output[-3000:]
+    assert "Running stage 'tokenize'" not in output and not (folder / "data/tokens.zarr").exists()
+    assert not (folder / "data/tokens.zarr.partial").exists()
 
+    params["profile"] = "trial"
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run([BIN / "dvc", "repro"], folder)
     metrics = json.loads((folder / "data/eval/metrics.json").read_text())
+    guided = [f"cfg_{s:g}" for s in params["eval"]["cfg_scales"]] if "cfg" in params["eval"]["methods"] else []
+    assert set(metrics["methods"]) == {"base", "cca", *guided}
+    assert metrics["samples_per_method"] == 4 * CLASSES  # the trial's 4 samples per class
+    summary = json.loads((folder / "data/train/metrics.json").read_text())
+    assert summary["steps"] == 2, summary  # the trial's max_steps
     assert "cca" in metrics["methods"] and all(np.isfinite(m["fid"]) for m in metrics["methods"].values())
     gen_key = "gpt_ckpt" if "gpt_ckpt" in params else "var_ckpt"
     repo, name = SERVED[gen_key]
@@ -77,9 +104,12 @@ def test_shipped_pipeline_runs_offline_from_hub_ids(pipeline, world, tmp_path, m
     assert b"hub_inputs" not in meta_path and meta_hub.pop(b"hub_inputs")
     assert meta_hub == meta_path
 
-    # the same pin reruns nothing; a new revision pinned in params.yaml makes every stage reading the file stale
+    # the same pin reruns nothing (the check runs at every repro, always_changed, and its constant record reruns
+    # nothing after it); a new revision pinned in params.yaml makes every stage reading the file stale
     again = _run([BIN / "dvc", "repro"], folder)
     assert "Running stage 'train'" not in again and "Running stage 'reflogp'" not in again, again[-3000:]
+    assert "Running stage 'check'" in again and "Running stage 'tokenize'" not in again, again[-3000:]
+    assert "check.txt" not in _run(["git", "status", "--porcelain", "--untracked-files=all"], folder)  # DVC ignores it
     changed = tmp_path / "changed"
     changed.write_bytes(open(local[gen_key], "rb").read() + b"\0")  # other bytes (status only hashes them)
     new = commit_of(repo, name, "v2")
@@ -93,9 +123,6 @@ def test_shipped_pipeline_runs_offline_from_hub_ids(pipeline, world, tmp_path, m
 
 
 def test_an_unpinned_hub_id_and_a_cold_cache_stop_the_pipeline_in_one_line(world, tmp_path, monkeypatch):
-    import os
-    import subprocess
-
     home = tmp_path / "home"
     for key, value in {**offline_env(home), "HOME": str(home)}.items():
         monkeypatch.setenv(key, value)

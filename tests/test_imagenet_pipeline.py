@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from worlds import save_random_inception  # noqa: F401 (other modules import it from here)
 
 from pipeline.models.llamagen import GPT, GPTConfig
 from pipeline.tokenizers.vq import VQConfig, VQModel
@@ -56,30 +57,8 @@ def make_imagenet_folder(root: Path) -> None:
                 Image.fromarray(arr).save(name, format="JPEG")
 
 
-def save_random_inception(path: Path) -> None:
-    """torch-fidelity's InceptionV3 state dict with random weights (the real file cannot be downloaded here)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    real_load, real_load_sd = torch.load, torch.nn.Module.load_state_dict
-    torch.load, torch.nn.Module.load_state_dict = (lambda *a, **k: {}), (lambda self, sd, *a, **k: None)
-    try:
-        torch.manual_seed(0)
-        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
-    finally:
-        torch.load, torch.nn.Module.load_state_dict = real_load, real_load_sd
-    # PyTorch's default init shrinks activations layer by layer (features ~1e-8, the same for every image: FID 0,
-    # IS 1 whatever the samples); batch-norm statistics of one batch of noise keep every layer at unit scale
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # the running statistics become this one batch's
-    model.train()
-    with torch.no_grad():
-        model(torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8))
-    torch.save(model.eval().state_dict(), path)
-
-
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
+def repo(tmp_path_factory, random_inception: Path) -> Path:
     root = tmp_path_factory.mktemp("imagenet")
     make_imagenet_folder(root / "imagenet" / "train")
     ckpts = root / "checkpoints"
@@ -91,7 +70,7 @@ def repo(tmp_path_factory) -> Path:
     gpt_sd = GPT(GPTConfig(**TINY_GPT)).state_dict()
     gpt_sd["freqs_cis"] = torch.zeros(17, 16, 2)  # upstream files carry the RoPE buffer
     torch.save({"model": gpt_sd, "steps": 100}, ckpts / "c2i_tiny_64.pt")
-    save_random_inception(ckpts / "inception.pth")
+    shutil.copyfile(random_inception, ckpts / "inception.pth")
 
     params = yaml.safe_load((ROOT / "pipelines/imagenet-llamagen/params.yaml").read_text())
     params.update(data_dir=str(root / "imagenet/train"), vq_ckpt=str(ckpts / "vq_ds16_c2i.pt"),

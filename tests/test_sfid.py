@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_imagenet_pipeline import save_random_inception
 
 from pipeline import evaluation
 from pipeline.formats import FormatError
@@ -33,10 +32,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def inception(tmp_path_factory) -> FeatureExtractor:
-    path = tmp_path_factory.mktemp("inception") / "inception.pth"
-    save_random_inception(path)
-    return load_feature_extractor("inception-v3-compat", path, CPU)
+def inception(random_inception) -> FeatureExtractor:
+    return load_feature_extractor("inception-v3-compat", random_inception, CPU)
 
 
 def test_the_sfid_features_are_the_first_7_channels_of_mixed_6d_branch1x1_in_nhwc_order(inception):

@@ -8,8 +8,9 @@ The shipped train batch is 256 rows (the presets' global batch), so the stand-in
 training step; eval draws the shipped 50 samples per class of the stand-in model's 2 classes.
 
 On a folder of 10 images the shipped settings stop at the pipelines' first stage, `check`, naming
-train.batch_size, and `profile: trial` runs each pipeline to the end (tests/test_check.py checks the same
-in process, problem by problem).
+train.batch_size, and `profile: trial` runs each pipeline to the end: tests/test_hub_pipelines.py checks this on
+its `dvc repro` of the same 10 images by Hub ids (tests/test_check.py checks the same in process, problem by
+problem).
 
 pipelines/paper is not run here: it starts from the embedded default's outputs (`make demo`);
 tests/test_dvc_smoke.py runs it as shipped on a tiny `dvc repro` of the main pipeline.
@@ -20,8 +21,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from test_imagenet_pipeline import BIN, ROOT, TINY_VQ, _run, init_pipeline_repo, save_random_inception
+from test_imagenet_pipeline import BIN, ROOT, TINY_VQ, _run, init_pipeline_repo
 from test_var import TINY_VAE, TINY_VAR, _randomize
 from worlds import write_reference_images
 
@@ -44,13 +45,14 @@ TINY_GPT = dict(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=CLASSES,
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    return make_world(tmp_path_factory.mktemp("shipped"), IMAGES_PER_CLASS)
+def world(tmp_path_factory, random_inception: Path) -> Path:
+    return make_world(tmp_path_factory.mktemp("shipped"), IMAGES_PER_CLASS, random_inception)
 
 
-def make_world(root: Path, per_class: int, inception: bool = True) -> Path:
+def make_world(root: Path, per_class: int, inception: Path | None = None) -> Path:
     """Stand-ins for the downloads: class folders (CLASSES x per_class images), a reference folder, checkpoints
-    in the release layouts (without `inception`, an empty file stands for the Inception weights)."""
+    in the release layouts, with a copy of the `inception` weights (the random_inception fixture's; without it, an
+    empty file stands for them)."""
     rng = np.random.default_rng(0)
     write_reference_images(root / "imagenet" / "train", rng, classes=CLASSES, per_class=per_class, size=24)
     write_reference_images(root / "reference", rng, classes=CLASSES, per_class=4, size=24)
@@ -67,7 +69,7 @@ def make_world(root: Path, per_class: int, inception: bool = True) -> Path:
     (ckpts / "vae_tiny.json").write_text(json.dumps(TINY_VAE))
     torch.save(VAR(VARConfig(**{**TINY_VAR, "num_classes": CLASSES})).state_dict(), ckpts / "var_d2.pth")
     if inception:
-        save_random_inception(ckpts / "inception.pth")
+        shutil.copyfile(inception, ckpts / "inception.pth")
     else:
         (ckpts / "inception.pth").write_bytes(b"")
     return root
@@ -104,47 +106,6 @@ def test_shipped_pipeline_runs_as_shipped(pipeline: str, world: Path, tmp_path: 
         assert config_of(stage, folder)[stage] == yaml.safe_load((folder / f"data/{stage}/settings.yaml").read_text())[stage]
     store = json.loads((folder / "data/tokens.zarr/zarr.json").read_text())["attributes"]
     assert config_of("tokenize", folder)["tokenize"]["image_size"] == store["image_size"] == params["image_size"]
-
-
-@pytest.fixture(scope="module")
-def small_world(tmp_path_factory) -> Path:
-    return make_world(tmp_path_factory.mktemp("small"), per_class=5)  # 10 images
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("pipeline", ["imagenet-llamagen", "imagenet-var"])
-def test_ten_images_stop_at_the_check_then_the_trial_profile_runs_to_the_end(pipeline: str, small_world: Path,
-                                                                              tmp_path: Path):
-    """As shipped on 10 images, `dvc repro` stops at its first stage, `check`, in seconds, with one line naming
-    train.batch_size, before tokenize ran; with `profile: trial` (the README's one step) it runs to the end."""
-    params = shipped_params(pipeline, small_world)
-    folder = init_pipeline_repo(tmp_path / "repo", pipeline, params)
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    start = time.monotonic()
-    proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
-    elapsed = time.monotonic() - start
-    print(f"{pipeline}: dvc repro stopped at the check after {elapsed:.1f} s")
-    output = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and elapsed < 60, (elapsed, output[-3000:])
-    named = [line for line in output.splitlines() if "train.batch_size" in line]
-    assert len(named) == 1 and named[0].startswith("cca-pipe: check: stage 'train': train.batch_size = 256 is larger than "
-                                                   "the 10 rows an epoch (a visit) of the reference cache will hold"), output[-3000:]
-    assert "Running stage 'tokenize'" not in output and not (folder / "data/tokens.zarr").exists()
-    assert not (folder / "data/tokens.zarr.partial").exists()
-
-    params["profile"] = "trial"
-    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run([BIN / "dvc", "repro"], folder)
-    metrics = json.loads((folder / "data/eval/metrics.json").read_text())
-    guided = [f"cfg_{s:g}" for s in params["eval"]["cfg_scales"]] if "cfg" in params["eval"]["methods"] else []
-    assert set(metrics["methods"]) == {"base", "cca", *guided}
-    assert metrics["samples_per_method"] == 4 * CLASSES  # the trial's 4 samples per class
-    summary = json.loads((folder / "data/train/metrics.json").read_text())
-    assert summary["steps"] == 2, summary  # the trial's max_steps
-    # the check runs at every repro (always_changed), and its constant record reruns nothing after it
-    again = _run([BIN / "dvc", "repro"], folder)
-    assert "Running stage 'check'" in again and "Running stage 'tokenize'" not in again, again[-3000:]
-    assert "check.txt" not in _run(["git", "status", "--porcelain", "--untracked-files=all"], folder)  # DVC ignores it
 
 
 def config_of(stage: str, folder: Path) -> dict:

@@ -5,6 +5,7 @@ dicts; the VAR one nested like VAR's own training checkpoints), and torch-fideli
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,6 @@ from test_imagenet_pipeline import (
     assert_dry_run_lists_the_four_stages,
     init_pipeline_repo,
     make_imagenet_folder,
-    save_random_inception,
 )
 from test_var import TINY_VAE, TINY_VAR, _randomize
 
@@ -27,7 +27,7 @@ from pipeline.tokenizers.msvq import MSVQConfig, MSVQModel
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
+def repo(tmp_path_factory, random_inception: Path) -> Path:
     root = tmp_path_factory.mktemp("imagenet_var")
     make_imagenet_folder(root / "imagenet" / "train")
     ckpts = root / "checkpoints"
@@ -39,7 +39,7 @@ def repo(tmp_path_factory) -> Path:
     (ckpts / "vae_tiny.json").write_text(json.dumps(TINY_VAE))
     var = VAR(VARConfig(**{**TINY_VAR, "num_classes": 1000}))
     torch.save({"trainer": {"var_wo_ddp": var.state_dict()}, "epoch": 3}, ckpts / "ar-ckpt-d2.pth")
-    save_random_inception(ckpts / "inception.pth")
+    shutil.copyfile(random_inception, ckpts / "inception.pth")
 
     params = yaml.safe_load((ROOT / "pipelines/imagenet-var/params.yaml").read_text())
     params.update(data_dir=str(root / "imagenet/train"), vae_ckpt=str(ckpts / "vae_tiny.pth"),

@@ -34,6 +34,30 @@ def invoke(argv: list, monkeypatch, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def save_random_inception(path: Path) -> None:
+    """torch-fidelity's InceptionV3 state dict with random weights (the real file cannot be downloaded here). The
+    same bytes at every call (seeded): a session builds it once, the `random_inception` fixture (conftest.py)."""
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    real_load, real_load_sd = torch.load, torch.nn.Module.load_state_dict
+    torch.load, torch.nn.Module.load_state_dict = (lambda *a, **k: {}), (lambda self, sd, *a, **k: None)
+    try:
+        torch.manual_seed(0)
+        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
+    finally:
+        torch.load, torch.nn.Module.load_state_dict = real_load, real_load_sd
+    # PyTorch's default init shrinks activations layer by layer (features ~1e-8, the same for every image: FID 0,
+    # IS 1 whatever the samples); batch-norm statistics of one batch of noise keep every layer at unit scale
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # the running statistics become this one batch's
+    model.train()
+    with torch.no_grad():
+        model(torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8))
+    torch.save(model.eval().state_dict(), path)
+
+
 # ------------------------------------------------------------------ a tiny LlamaGen GPT and its reference cache
 
 TINY_GPT_CFG = dict(dim=32, n_layer=1, n_head=2, vocab_size=32, num_classes=3, block_size=16, multiple_of=16)
