@@ -67,11 +67,14 @@ def pytest_addoption(parser) -> None:
 # torchrun world, a trained model) runs in one worker, so that the fixture is built once; the tests of the other
 # modules, and of SPREAD (cheap fixtures, costly tests: both workers build the fixture), are dealt out one by one.
 # The costliest modules come first (--no-loadscope-reorder keeps this order), so that the other worker does the rest
-# meanwhile: test_dvc_smoke is one chain (the main pipeline, then pipelines/paper on its outputs). The CPU seconds
+# meanwhile: test_dvc_smoke is one chain (the main pipeline, then pipelines/paper on its outputs). It builds the
+# session's tiny pipeline (tiny_upstream, tiny_pipeline) that test_ddo_pipeline and test_demo_seeds copy: they come
+# after test_shipped_pipelines, by when it is built, so that the other worker does not wait for it. The CPU seconds
 # of the modules: docs/performance.md.
-SPREAD = {"test_shipped_pipelines", "test_imagenet_pipeline", "test_var_pipeline"}
+SPREAD = {"test_shipped_pipelines", "test_imagenet_pipeline", "test_var_pipeline", "test_hub_pipelines"}
 COSTLY_FIRST = (
-    "test_dvc_smoke", "test_shipped_pipelines", "test_distributed", "test_hostile_inputs", "test_imagenet_pipeline",
+    "test_dvc_smoke", "test_shipped_pipelines", "test_ddo_pipeline", "test_demo_seeds", "test_hub_pipelines",
+    "test_distributed", "test_hostile_inputs", "test_imagenet_pipeline",
     "test_var_pipeline", "test_fsdp", "test_integrity", "test_tiny_golden", "test_resume", "test_tokenize_resume",
     "test_reference_noise", "test_plan",
 )
