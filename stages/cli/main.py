@@ -101,6 +101,7 @@ STAGES = {
     "negatives": ("negatives", "NegativesConfig", "negatives"),
     "train": ("train", "TrainConfig", "train"),
     "eval": ("eval", "EvalConfig", "eval"),
+    "select": ("select_policy", "SelectConfig", "select"),
     "import-codes": ("import_codes", "ImportCodesConfig", "import_codes"),
     "report": ("report", "SweepConfig", "sweep"),  # the sweep points it collects
 }
@@ -458,6 +459,25 @@ def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_
                         ModelSource(gpt_model=gpt_model, depth=depth), vq_model, fidelity_cache, world)
     if metrics is not None:  # the main process's
         click.echo(stage.format_results(metrics))
+
+
+@main.command("select")
+@click.option("--run", "run_dir", required=True, type=InFile, help="a train run's folder (`cca-pipe train --out`)")
+@click.option("--vq", "vq_path", default=None, type=InFile, help="select.rule best: the tokenizer that decodes samples, as eval's")
+@click.option("--vq-model", default=None, help="VQ config for upstream files: a name (VQ-16) or a JSON file")
+@click.option("--reference", default=None, type=InFile, help="select.rule best: held-out real images, as eval's")
+@click.option("--classifier", "classifier_path", default=None, type=InFile, help="select.rule best: as eval's --classifier")
+@click.option("--fidelity-cache", default=None, type=PathType, help="cache of the reference images' features, as eval's")
+@click.option("--out", required=True, type=OutPath)
+@click.pass_context
+def select_(ctx, run_dir, vq_path, vq_model, reference, classifier_path, fidelity_cache, out):
+    """The policy a train run hands on (the next DDO round's reference) by select.rule: its final policy, or the
+    lowest-FID of its numbered checkpoints scored by eval's settings; writes policy.pt and selection.json."""
+    stage = verb("select_policy")
+    eval_cfg = resolved_config(ctx, "eval")
+    cfg, world = _setup(ctx, "select")
+    record = stage.run(cfg, eval_cfg, run_dir, out, vq_path, reference, classifier_path, fidelity_cache, vq_model, world)
+    click.echo(f"selected step {record['selected_step']}: {record['why']}")
 
 
 @main.command()
