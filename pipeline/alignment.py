@@ -513,7 +513,8 @@ class AlignmentRun:
         else:
             batch = make_batch(rows[part], self.tokens, self.cache, uncond[part], self.policy.cfg.null_class,
                                step_tokens[j * m : (j + 1) * m], None if lams is None else lams[part], keys)
-        with _out_of_memory_hint(step, cfg), accumulating(self.model, last=j == len(self.mine) - 1):
+        per_row = 1 + self.fakes_per_row  # CCA: positive and negative; DDO: the real row and its fakes
+        with _out_of_memory_hint(step, cfg, per_row), accumulating(self.model, last=j == len(self.mine) - 1):
             if cfg.loss == DDO:
                 out = ddo_loss_for_batch(self.model, batch, cfg.beta, cfg.alpha, self.device)
             else:
@@ -550,7 +551,7 @@ class AlignmentRun:
 
 
 @contextlib.contextmanager
-def _out_of_memory_hint(step: int, cfg: AlignConfig):
+def _out_of_memory_hint(step: int, cfg: AlignConfig, sequences_per_row: int = 2):
     """An out-of-memory error in a micro-batch's forward or backward, re-raised saying which setting to lower."""
     try:
         yield
@@ -560,5 +561,5 @@ def _out_of_memory_hint(step: int, cfg: AlignConfig):
         m = cfg.micro_batch_size
         raise OutOfMemory(
             f"out of memory at step {step} with train.micro_batch_size = {m} rows per forward "
-            f"({2 * m} sequences): lower train.micro_batch_size, e.g. to {max(1, m // 2)}; "
+            f"(up to {sequences_per_row * m} sequences): lower train.micro_batch_size, e.g. to {max(1, m // 2)}; "
             f"the global train.batch_size ({cfg.batch_size}) is kept by gradient accumulation") from e

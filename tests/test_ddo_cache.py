@@ -213,3 +213,14 @@ def test_ratio_two_pairs_every_cache_row_with_both_fakes_of_its_image(tmp_path, 
     assert len(steps) == 2  # 6 cache rows a visit / batch 4, one epoch
     assert steps[0]["loss"] == pytest.approx(5 * math.log(2) / 4, abs=1e-5)
     assert steps[1]["rewards/neg"] != pytest.approx(0.0, abs=1e-6)  # the policy moved on both fakes' mean
+
+    # out of memory: the hint counts a row's sequences, the real one and its 2 fakes
+    import pipeline.alignment as alignment
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(alignment, "ddo_loss_for_batch", oom)
+        code, err = train_ddo(root, monkeypatch, capsys, root / "oom", negatives=root / "fakes.zarr")
+    assert code != 0 and "train.micro_batch_size = 2 rows per forward (up to 6 sequences)" in err, err
