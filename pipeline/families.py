@@ -41,6 +41,7 @@ from .codefiles import code_digest
 from .formats import TOKENS_LEGACY_FAMILY
 from .loaders import VAR_NESTINGS, config_from_state_dict, load_gpt, load_msvq, load_quantizer, load_var, load_vq
 from .models.llamagen import GPT, config_from_spec
+from .models.memory import LLAMAGEN_MEMORY, VAR_MEMORY, FamilyMemory
 from .models.var import VARModel
 from .tokenizers.msvq import MSVQConfig, MSVQModel, msvq_config_from_spec
 from .tokenizers.vq import VQModel, vq_config_from_spec
@@ -139,6 +140,7 @@ class FamilyContract(Protocol):
     model_kind: str
     tokenizer_kind: str
     step_unit: str
+    memory: FamilyMemory | None
 
     def logp_code(self) -> dict[str, str]: ...
     def decode_precision(self, device: torch.device) -> contextlib.AbstractContextManager: ...
@@ -181,6 +183,8 @@ class Family:
     model_described: ClassVar[str]
     tokenizer_described: ClassVar[str]
     default_tokenizer: ClassVar[str]  # the tokenizer its pipeline runs (build_tokenizer(None)), as `cca-pipe plan` names it
+    # what `cca-pipe plan` counts of its models (pipeline.models.memory.FamilyMemory); None: it cannot be planned
+    memory: ClassVar[FamilyMemory | None] = None
 
     def logp_code(self) -> dict[str, str]:
         """Digest of the code that computes its log-probs (recorded by the cache as a note; never checked)."""
@@ -303,6 +307,7 @@ class LlamaGenFamily(Family):
     step_unit = "token"
     model_described, tokenizer_described = "a LlamaGen GPT (image generator)", "a LlamaGen VQ tokenizer"
     default_tokenizer = "VQ-16"
+    memory = LLAMAGEN_MEMORY
 
     def upstream_kind(self, keys):
         if any(".attention.wqkv." in k for k in keys) or "tok_embeddings.weight" in keys:
@@ -381,6 +386,7 @@ class VARFamily(Family):
     step_unit = "scale"
     model_described, tokenizer_described = "a VAR transformer (image generator)", "VAR's multi-scale VQVAE tokenizer"
     default_tokenizer = "VAR VQVAE"
+    memory = VAR_MEMORY
     # VAR's train.py (and CCA's VAR_finetune.py) never decay 1-d parameters, biases, or these names
     NO_DECAY = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
                 "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")

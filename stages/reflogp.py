@@ -138,25 +138,7 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
         ratio = int(fakes.attrs["negatives"]["ratio"])
         pairs["fake_row"] = fake_rows(pairs["row"], len(pairs["row"]) // cfg.num_visits, ratio)
         ddo = {FAKES_KEY: fakes.fingerprint, "fakes_ratio": ratio}
-    provenance = {
-        "tokens_fingerprint": store.fingerprint,
-        "ref_ckpt_sha256": ref_sha,
-        "seed": cfg.seed,
-        "views": cfg.views,
-        "negatives": cfg.negatives,
-        "dropout": cfg.dropout,
-        "drop_path": cfg.drop_path,
-        "visits": cfg.num_visits,
-        "mask_rule": MASK_RULE if noise.active else "eval",
-        "logp_version": LOGP_VERSION,  # what decides staleness (pipeline.versions)
-        "logp_code": family.logp_code(),  # a note: which files computed it
-        "settings": as_params(cfg),
-        "num_classes": store.num_classes,
-        "null_class": model.cfg.null_class,
-        "seq_len": int(store.seq_len),
-        "batch_size": cfg.batch_size,  # batch composition fixes the float32 sums bit for bit
-        **ddo,
-    }
+    provenance = cache_provenance(cfg, store, ref_sha, family, model, noise, ddo)
     if hub := inputs_record(ref_path, source.vae):  # read from the Hub: {repo, file, revision, commit} (pipeline/hub.py)
         provenance["hub_inputs"] = hub
     parts = RefCacheParts(out, len(pairs["row"]), cfg.part_rows, provenance, claim.partial, create=world.main)
@@ -178,12 +160,7 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
         if not world.main:
             continue
         part = {name: column[start:stop] for name, column in pairs.items()}
-        bad = ~np.isfinite(np.stack(list(logps.values()))).all(0)
-        if bad.any():
-            raise FloatingPointError(
-                f"the reference model {ref_path} gives non-finite log-probs for {int(bad.sum())} of {stop - start} rows "
-                f"(first: token store row {int(part['row'][bad][0])}); its weights are damaged or it does not fit these "
-                f"tokens. Nothing was written to {out}")
+        check_finite(logps, part, ref_path, out)
         parts.write_part(k, {**part, **logps})
         live.log_step(k, {"rows_done": stop}, rows=stop - start)
     live.close()
@@ -196,6 +173,40 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
     ratio = logps["ref_logp_pos"] - logps["ref_logp_null"]
     log.info("cached %d rows (%d visit(s)) -> %s; mean log p(x|c) %.2f, mean log p(x|c)-log p(x|null) %.2f nats",
              len(ratio), cfg.num_visits, out, logps["ref_logp_pos"].mean(), ratio.mean())
+
+
+def cache_provenance(cfg: RefLogpConfig, store, ref_sha: str, family, model, noise: ReferenceNoise, ddo: dict) -> dict:
+    """What a reference cache records of how it was computed (pipeline/formats.py): its inputs, the settings and
+    what decides its staleness; `ddo`: the negatives store's fingerprint and ratio of a DDO cache."""
+    return {
+        "tokens_fingerprint": store.fingerprint,
+        "ref_ckpt_sha256": ref_sha,
+        "seed": cfg.seed,
+        "views": cfg.views,
+        "negatives": cfg.negatives,
+        "dropout": cfg.dropout,
+        "drop_path": cfg.drop_path,
+        "visits": cfg.num_visits,
+        "mask_rule": MASK_RULE if noise.active else "eval",
+        "logp_version": LOGP_VERSION,  # what decides staleness (pipeline.versions)
+        "logp_code": family.logp_code(),  # a note: which files computed it
+        "settings": as_params(cfg),
+        "num_classes": store.num_classes,
+        "null_class": model.cfg.null_class,
+        "seq_len": int(store.seq_len),
+        "batch_size": cfg.batch_size,  # batch composition fixes the float32 sums bit for bit
+        **ddo,
+    }
+
+
+def check_finite(logps: dict[str, np.ndarray], part: dict[str, np.ndarray], ref_path: Path, out: Path) -> None:
+    """Refuse a part whose log-probs are not all finite, naming the first token store row, before it is written."""
+    bad = ~np.isfinite(np.stack(list(logps.values()))).all(0)
+    if bad.any():
+        raise FloatingPointError(
+            f"the reference model {ref_path} gives non-finite log-probs for {int(bad.sum())} of {len(bad)} rows "
+            f"(first: token store row {int(part['row'][bad][0])}); its weights are damaged or it does not fit these "
+            f"tokens. Nothing was written to {out}")
 
 
 def _part_logps(model, tokens, pairs: dict[str, np.ndarray], start: int, stop: int, batch_size: int, dealt: int,
