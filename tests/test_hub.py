@@ -240,3 +240,68 @@ def test_fetch_pinned_refuses_a_branch_naming_the_commit_to_pin(hub_home, tmp_pa
     code, err = invoke(["fetch", "--pinned", f"gpt_ckpt={tmp_path / 'nowhere.pt'}", "--out", out], monkeypatch, capsys)
     assert code == 2 and "gpt_ckpt = " in err and "not found: fix the path in params.yaml" in err
     assert not out.exists()  # nothing linked when an input is wrong
+
+
+# ---------------------------------------------------------------------------------- eval's and score's other files
+
+
+def test_score_reads_the_reference_batch_and_classifier_by_hub_id_and_records_their_commits(hub_home, tmp_path, monkeypatch,
+                                                                                           capsys):
+    """The same score by local paths and by Hub ids (each with its own feature cache, so nothing is reused): equal
+    scores; --json names the commit of each Hub file read, once each (the classifier is also the extractor)."""
+    import numpy as np
+    from test_sample_files import CLASSES, ROOT
+
+    from pipeline.metrics import ClassifierConfig, ImageClassifier, save_classifier
+
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    save_classifier(tmp_path / "clf.pt", ImageClassifier(ClassifierConfig(num_classes=CLASSES, feature_dim=8)).eval())
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
+    np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8),
+             arr_1=np.arange(10, dtype=np.int64) % CLASSES)
+    served = {"ref.npz": "openai/adm-reference", "clf.pt": "someone/digits-classifier"}
+    ids = {}
+    for name, repo in served.items():
+        add_file(hub_home, repo, name, tmp_path / name, commit_of(repo, name))
+        ids[name] = f"hf://{repo}/{name}@{commit_of(repo, name)}"
+    results = {}
+    for how, ref, clf in (("path", tmp_path / "ref.npz", tmp_path / "clf.pt"), ("hub", ids["ref.npz"], ids["clf.pt"])):
+        code, err = invoke(["--params", ROOT / "params.yaml", "score", tmp_path / "samples.npz", "--reference", ref,
+                            "--classifier", clf, "--fidelity-cache", tmp_path / f"fc-{how}", "--json", tmp_path / f"{how}.json"],
+                           monkeypatch, capsys)
+        assert code == 0, err
+        results[how] = json.loads((tmp_path / f"{how}.json").read_text())
+    assert results["hub"]["scores"] == results["path"]["scores"] and "class_accuracy" in results["hub"]["scores"]
+    assert "hub_inputs" not in results["path"]
+    assert results["hub"]["hub_inputs"] == [
+        {"repo": repo, "file": name, "revision": commit_of(repo, name), "commit": commit_of(repo, name)}
+        for name, repo in served.items()]
+
+
+def test_eval_inception_weights_take_a_hub_id(hub_home, tmp_path):
+    """eval.inception_weights by Hub id is the file of the pinned snapshot, recorded as every Hub input is; not in the
+    cache, one line naming the repo, the file and the command that fetches it."""
+    from pipeline.evaluation import scorer_weights
+    from stages.eval import EvalConfig
+
+    name, repo = "weights-inception-2015-12-05-6726825d.pth", "someone/fid-inception"
+    link, commit = _serve(hub_home, tmp_path, name=name, data=b"inception", repo=repo)
+    settings = EvalConfig(feature_extractor="inception-v3-compat", inception_weights=f"hf://{repo}/{name}@{commit}")
+    weights = scorer_weights(settings, None)
+    assert weights == link and weights.read_bytes() == b"inception"
+    assert hub.inputs_record(weights) == [{"repo": repo, "file": name, "revision": commit, "commit": commit}]
+    cold = EvalConfig(feature_extractor="inception-v3-compat", inception_weights=f"hf://{repo}/other.pth@{commit}")
+    with pytest.raises(hub.HubError) as e:
+        scorer_weights(cold, None)
+    assert "\n" not in str(e.value) and f"huggingface-cli download {repo} other.pth" in str(e.value)
+
+
+def test_score_says_a_cold_hub_reference_in_one_line(hub_home, tmp_path, monkeypatch, capsys):
+    from test_sample_files import ROOT
+
+    missing = f"hf://openai/adm-reference/VIRTUAL_imagenet256_labeled.npz@{commit_of('none')}"
+    code, err = invoke(["--params", ROOT / "params.yaml", "score", tmp_path / "samples.npz", "--reference", missing,
+                        "--classifier", tmp_path / "clf.pt"], monkeypatch, capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1, err
+    assert "huggingface-cli download openai/adm-reference VIRTUAL_imagenet256_labeled.npz" in err
