@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import TINY_GPT
 from hubcache import add_file, commit_of, offline_env
+from peers import ModelArgs, llamagen_transformer, var_hf
 from safetensors.torch import load_file as load_safetensors
 from worlds import invoke
 
@@ -160,7 +161,9 @@ def test_export_of_a_llamagen_policy_loads_into_gpt_with_equal_logits(hub_home, 
     code, err = invoke(["export", run, "--out", tmp_path / "hub-folder"], monkeypatch, capsys)
     assert code == 0, err
     out = tmp_path / "hub-folder"
-    peer = GPT(GPTConfig(**json.loads((out / "config.json").read_text()))).eval()
+    config = json.loads((out / "config.json").read_text())
+    assert config["n_kv_head"] == config["n_head"] and config["class_dropout_prob"] > 0 and config["model_type"] == "c2i"
+    peer = llamagen_transformer(ModelArgs(**config)).eval()  # the peer's own field names: any other is a TypeError
     peer.load_state_dict(load_safetensors(str(out / "model.safetensors")), strict=True)
     policy = load_gpt(run / "policy.pt").eval()
     labels, tokens = torch.tensor([1, 4, 5]), torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(3))
@@ -185,7 +188,10 @@ def test_export_of_a_var_policy_loads_into_var_with_equal_logits(hub_home, tmp_p
     model = VARModel(VAR(VARConfig(**TINY_VAR)), MSVQModel(MSVQConfig(**TINY_VAE)).quantize)
     run, _ = _run_folder(tmp_path, hub_home, VAR_FAMILY, model, metrics=False)
     out = export.run(run, tmp_path / "hub-folder")
-    peer = VAR(VARConfig(**json.loads((out / "config.json").read_text()))).eval()
+    config = json.loads((out / "config.json").read_text())
+    assert (config["embed_dim"], config["num_heads"], config["depth"]) == (TINY_VAR["width"], TINY_VAR["heads"], TINY_VAR["depth"])
+    assert config["vae_kwargs"]["z_channels"] == TINY_VAR["cvae"] and config["attn_l2_norm"] and not config["shared_aln"]
+    peer = var_hf(**config).eval()  # VARHF's own parameter names: any other is a TypeError
     peer.load_state_dict(load_safetensors(str(out / "model.safetensors")), strict=True)
     policy = load_var(run / "policy.pt").eval()
     g = torch.Generator().manual_seed(3)
@@ -196,6 +202,15 @@ def test_export_of_a_var_policy_loads_into_var_with_equal_logits(hub_home, tmp_p
     card = (out / "README.md").read_text()
     assert "base_model: FoundationVision/LlamaGen" in card and "var" in card.split("---")[1]
     assert "- none recorded" in card  # no metrics: the card says so rather than inventing them
+
+
+def test_export_refuses_a_lambda_conditioned_policy_in_one_line(hub_home, tmp_path, monkeypatch, capsys):
+    """Its lambda_embed weights have no place in the peer's class: no config.json could load it there."""
+    torch.manual_seed(0)
+    run, _ = _run_folder(tmp_path, hub_home, LLAMAGEN, GPT(GPTConfig(**TINY_GPT, lambda_conditioning=True)), metrics=False)
+    code, err = invoke(["export", run, "--out", tmp_path / "hub-folder"], monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "lambda-conditioned" in err and "ModelArgs" in err
+    assert not (tmp_path / "hub-folder").exists()
 
 
 def test_export_refuses_a_folder_without_a_policy(tmp_path, monkeypatch, capsys):
