@@ -130,8 +130,8 @@ def test_another_tokenizer_than_the_real_rows_is_refused_in_one_line(tmp_path: P
 
 def test_progress_goes_live_beside_the_store_and_a_stopped_run_resumes_its_step_axis(tmp_path: Path, monkeypatch):
     """10 fakes in chunks of 4: steps 0, 1, 2 (rows_done 4, 8, 10) in `<out>.live`, none inside the store. A run
-    stopped before chunk 2 keeps steps 0 and 1; its rerun logs step 2 after them, and its store is the bytes of an
-    uninterrupted run's."""
+    stopped as chunk 2 is written; its rerun draws chunk 2 again and leaves each step once, and its store is the
+    bytes of an uninterrupted run's."""
     from test_live import live_steps, tsv
     from test_negatives_processes import store_bytes
 
@@ -159,7 +159,8 @@ def test_progress_goes_live_beside_the_store_and_a_stopped_run_resumes_its_step_
         m.setattr(negatives_stage.TokenStoreWriter, "write_chunk", write_then_stop)
         with pytest.raises(KeyboardInterrupt):
             negatives_stage.run(cfg, root / "real.zarr", root / "gpt.pt", root / "vq.pt", out)
-    assert not out.exists() and live_steps(root / "stopped.zarr.live", "rows_done") == [0, 1]
+    # step 2 is logged before its chunk is written: the rerun resumes at chunk 2, drops that row and logs it again
+    assert not out.exists() and live_steps(root / "stopped.zarr.live", "rows_done") == [0, 1, 2]
     negatives_stage.run(cfg, root / "real.zarr", root / "gpt.pt", root / "vq.pt", out)
     rows = tsv(root / "stopped.zarr.live" / LIVE_PLOTS / "rows_done.tsv")
     assert [(int(r["step"]), float(r["rows_done"])) for r in rows] == [(0, 4), (1, 8), (2, 10)]
