@@ -7,6 +7,7 @@ reference cache computed by Hub id holds the same bytes as one computed from the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,6 +22,7 @@ SERVED = {
     "vq_ckpt": ("FoundationVision/LlamaGen", "vq_ds16_c2i.pt"), "gpt_ckpt": ("ChenDRAG/CCA_LlamaGen", "c2i_tiny_64.pt"),
     "vae_ckpt": ("FoundationVision/var", "vae_tiny.pth"), "var_ckpt": ("ChenDRAG/CCA_VAR", "var_d2.pth"),
 }
+INCEPTION = ("someone/fid-inception", "weights-inception-2015-12-05-6726825d.pth")  # eval.inception_weights
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +44,9 @@ def test_shipped_pipeline_runs_offline_from_hub_ids(pipeline, world, tmp_path, m
         add_file(home / "hub", repo, name, params[key], commit)
         local[key] = params[key]
         params[key] = f"hf://{repo}/{name}@{commit}"
+    local["inception_weights"] = params["eval"]["inception_weights"]
+    add_file(home / "hub", *INCEPTION, local["inception_weights"], commit_of(*INCEPTION))
+    params["eval"]["inception_weights"] = f"hf://{INCEPTION[0]}/{INCEPTION[1]}@{commit_of(*INCEPTION)}"
     folder = init_pipeline_repo(tmp_path / "repo", pipeline, params)
     _run([BIN / "dvc", "repro"], folder)
 
@@ -53,6 +58,10 @@ def test_shipped_pipeline_runs_offline_from_hub_ids(pipeline, world, tmp_path, m
     # the provenance of train, eval and the reference cache names the commit each Hub file came from
     for stage in ("train", "eval"):
         assert expected in yaml.safe_load((folder / f"data/{stage}/settings.yaml").read_text())["hub_inputs"]
+    inception = {"repo": INCEPTION[0], "file": INCEPTION[1], "revision": commit_of(*INCEPTION), "commit": commit_of(*INCEPTION)}
+    assert inception in yaml.safe_load((folder / "data/eval/settings.yaml").read_text())["hub_inputs"]
+    # the reference folder, a local path, is linked as eval's dependency too
+    assert (folder / "data/checkpoints/eval_reference").readlink() == Path(params["eval_reference"]).absolute()
     hub_cache = json.loads(pq.read_schema(folder / "data/ref_logp.parquet").metadata[b"hub_inputs"])
     assert expected in hub_cache
     tok_key = "vq_ckpt" if "vq_ckpt" in params else "vae_ckpt"
@@ -61,7 +70,8 @@ def test_shipped_pipeline_runs_offline_from_hub_ids(pipeline, world, tmp_path, m
                                     "revision": commit_of(*SERVED[tok_key]), "commit": commit_of(*SERVED[tok_key])}]
     for key in local:  # the stages' DVC dependency: a link to the snapshot of the pinned commit
         assert (folder / "data/checkpoints" / key).resolve().read_bytes() == open(local[key], "rb").read()
-        assert f"/snapshots/{commit_of(*SERVED[key])}/" in str((folder / "data/checkpoints" / key).readlink())
+        commit = commit_of(*SERVED.get(key, INCEPTION))
+        assert f"/snapshots/{commit}/" in str((folder / "data/checkpoints" / key).readlink())
 
     # the same stage by local path: the same cache bytes (every column, the same provenance but the Hub record)
     args = ["reflogp", "--tokens", "data/tokens.zarr", "--ref", local[gen_key], "--out", tmp_path / "by_path.parquet"]
