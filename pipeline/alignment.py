@@ -23,11 +23,12 @@ from .config import ConfigError, check_ranges, setting
 from .ddo import DDOBatch, ddo_loss_for_batch, make_ddo_batch
 from .device import OutOfMemory, autocast, is_out_of_memory
 from .distributed import World
+from .formats import cached_fake_columns
 from .logprobs import sequence_logp
 from .losses import LOSSES, LossOutput
 from .models.layers import noise_keys, noise_rates
 from .parallel import STRATEGIES, accumulating, clip_grad_norm, deal_micro_batches, distribute, full_state_dict
-from .refcache import CHECK_ROWS, ReferenceNoise, check_cache_rows
+from .refcache import CHECK_ROWS, ReferenceNoise, check_cache_rows, fake_slot_rows
 from .resume import TrainState
 
 log = logging.getLogger(__name__)
@@ -62,11 +63,13 @@ def gather_tokens(tokens, cache: dict[str, np.ndarray], rows: np.ndarray) -> np.
     return np.asarray(tokens[cache["row"][rows], cache["view"][rows]])
 
 
-def visit_keys(seed: int, visits: np.ndarray) -> torch.Tensor:
+def visit_keys(seed: int, visits: np.ndarray, slots: int = 1) -> torch.Tensor:
     """The policy's dropout keys (2B,) of visits (positions in the epoch order): its positive sequences'
     then its negative sequences', one independent draw per visit, as the released scripts' (whose policy
-    and reference each draw their own masks); a function of the visit, not of the batch or the process."""
-    return torch.cat([noise_keys(seed, visits, "visit_pos"), noise_keys(seed, visits, "visit_neg")])
+    and reference each draw their own masks); a function of the visit, not of the batch or the process.
+    `slots` r: r negatives per visit (DDO's r fakes of a row), (B + B r,), visit by visit, slot by slot."""
+    neg = torch.stack([noise_keys(seed, visits, "visit_neg", j) for j in range(slots)], dim=1)
+    return torch.cat([noise_keys(seed, visits, "visit_pos"), neg.reshape(-1)])
 
 
 def make_batch(rows: np.ndarray, tokens, cache: dict[str, np.ndarray], uncond: np.ndarray, null_class: int,
@@ -397,6 +400,8 @@ class AlignmentRun:
         if cfg.loss == DDO and cfg.lambda_conditioning is not None:
             raise ConfigError("train.lambda_conditioning is CCA's (a lambda per row): set it to null with train.loss ddo")
         self.fakes = fakes  # DDO: the negatives store's tokens (N r, 1, L), fake row cache["fake_row"] per cache row
+        # DDO: r, each cache row's fakes (all its image's, docs/ddo.md); CCA: one negative per row
+        self.fakes_per_row = len(cached_fake_columns(cache)) if cfg.loss == DDO else 1
         if cfg.uncond_ratio > 0 and not policy.cfg.has_null_class:
             raise ValueError("train.uncond_ratio > 0 needs a model with a null class (trained with class dropout); set it to 0")
         policy.set_dropout(cfg.dropout, cfg.drop_path)
@@ -502,13 +507,14 @@ class AlignmentRun:
         """Forward and backward of this process's j-th micro-batch of the step (micro-batch self.mine[j] of `rows`)."""
         cfg, m, i = self.cfg, self.cfg.micro_batch_size, self.mine[j]
         part = slice(i * m, (i + 1) * m)
-        keys = visit_keys(cfg.seed, step * cfg.batch_size + np.arange(part.start, part.stop))
+        keys = visit_keys(cfg.seed, step * cfg.batch_size + np.arange(part.start, part.stop), self.fakes_per_row)
         if cfg.loss == DDO:  # the real rows and their fakes; a visit's keys: real "visit_pos", fake "visit_neg"
             batch = self._ddo_batch(rows[part], uncond[part], step_tokens[j * m : (j + 1) * m], keys)
         else:
             batch = make_batch(rows[part], self.tokens, self.cache, uncond[part], self.policy.cfg.null_class,
                                step_tokens[j * m : (j + 1) * m], None if lams is None else lams[part], keys)
-        with _out_of_memory_hint(step, cfg), accumulating(self.model, last=j == len(self.mine) - 1):
+        per_row = 1 + self.fakes_per_row  # CCA: positive and negative; DDO: the real row and its fakes
+        with _out_of_memory_hint(step, cfg, per_row), accumulating(self.model, last=j == len(self.mine) - 1):
             if cfg.loss == DDO:
                 out = ddo_loss_for_batch(self.model, batch, cfg.beta, cfg.alpha, self.device)
             else:
@@ -520,9 +526,10 @@ class AlignmentRun:
         return MicroBatchRows.of(i, out, batch.uncond if cfg.loss == DDO else batch.positive_twice)
 
     def _ddo_batch(self, rows: np.ndarray, uncond: np.ndarray, real_tokens: np.ndarray, keys: torch.Tensor) -> DDOBatch:
-        """A DDO micro-batch of cache rows `rows` (real tokens read ahead by the loader, fakes read here)."""
-        fake_row = self.cache["fake_row"][rows]
-        fake = np.asarray(self.fakes[fake_row, np.zeros(len(rows), np.int64)])
+        """A DDO micro-batch of cache rows `rows` (real tokens read ahead by the loader, the r fakes of each read
+        here)."""
+        fake_row = fake_slot_rows(self.cache["fake_row"][rows], self.fakes_per_row).reshape(-1)
+        fake = np.asarray(self.fakes[fake_row, np.zeros(len(fake_row), np.int64)]).reshape(len(rows), self.fakes_per_row, -1)
         return make_ddo_batch(rows, torch.from_numpy(real_tokens.astype(np.int64)), torch.from_numpy(fake.astype(np.int64)),
                               self.cache, uncond, self.policy.cfg.null_class, keys)
 
@@ -544,7 +551,7 @@ class AlignmentRun:
 
 
 @contextlib.contextmanager
-def _out_of_memory_hint(step: int, cfg: AlignConfig):
+def _out_of_memory_hint(step: int, cfg: AlignConfig, sequences_per_row: int = 2):
     """An out-of-memory error in a micro-batch's forward or backward, re-raised saying which setting to lower."""
     try:
         yield
@@ -554,5 +561,5 @@ def _out_of_memory_hint(step: int, cfg: AlignConfig):
         m = cfg.micro_batch_size
         raise OutOfMemory(
             f"out of memory at step {step} with train.micro_batch_size = {m} rows per forward "
-            f"({2 * m} sequences): lower train.micro_batch_size, e.g. to {max(1, m // 2)}; "
+            f"(up to {sequences_per_row * m} sequences): lower train.micro_batch_size, e.g. to {max(1, m // 2)}; "
             f"the global train.batch_size ({cfg.batch_size}) is kept by gradient accumulation") from e

@@ -25,6 +25,7 @@ from .config import settings_digest
 from .device import OutOfMemory, is_out_of_memory
 from .distributed import World
 from .formats import FormatError, write_sample_batch
+from .hub import local_path
 from .images import IMAGE_EXTENSIONS, center_crop_arr, open_rgb
 from .metrics import (
     FeatureExtractor,
@@ -175,12 +176,14 @@ def scorer_weights(settings: EvalSettings, classifier_path: Path | None) -> Path
             raise FileNotFoundError(f"eval.feature_extractor is 'classifier' but the classifier checkpoint {classifier_path} "
                                     "does not exist: run `cca-pipe pretrain-classifier` or pass --classifier")
         return classifier_path
-    weights = Path(settings.inception_weights) if settings.inception_weights else None
+    # a Hub id (hf://org/repo/file[@revision]) is the file in huggingface_hub's cache, as every checkpoint option's
+    # (pipeline/hub.py; a HubError is one line naming repo, file and the fix) and recorded in the provenance
+    weights = local_path(settings.inception_weights) if settings.inception_weights else None
     if weights is None or not weights.is_file():
         raise FileNotFoundError(
             f"eval.inception_weights {settings.inception_weights!r} is not a file. Inception weights cannot be downloaded "
             "here: copy torch-fidelity's weights-inception-2015-12-05-6726825d.pth to this machine and set "
-            "eval.inception_weights to its path")
+            "eval.inception_weights to its path (or to a Hub id hf://org/repo/file@<commit> of a repo holding it)")
     return weights
 
 

@@ -40,8 +40,9 @@ from .checkpoint import (
 from .codefiles import code_digest
 from .formats import TOKENS_LEGACY_FAMILY
 from .loaders import VAR_NESTINGS, config_from_state_dict, load_gpt, load_msvq, load_quantizer, load_var, load_vq
-from .models.llamagen import GPT, config_from_spec
-from .models.var import VARModel
+from .models.llamagen import GPT, GPTConfig, config_from_spec
+from .models.memory import LLAMAGEN_MEMORY, VAR_MEMORY, FamilyMemory
+from .models.var import VARConfig, VARModel
 from .tokenizers.msvq import MSVQConfig, MSVQModel, msvq_config_from_spec
 from .tokenizers.vq import VQModel, vq_config_from_spec
 
@@ -139,6 +140,7 @@ class FamilyContract(Protocol):
     model_kind: str
     tokenizer_kind: str
     step_unit: str
+    memory: FamilyMemory | None
 
     def logp_code(self) -> dict[str, str]: ...
     def decode_precision(self, device: torch.device) -> contextlib.AbstractContextManager: ...
@@ -160,6 +162,7 @@ class FamilyContract(Protocol):
     def save(self, path: str | os.PathLike, model: Model, state: dict[str, torch.Tensor] | None = None, **extra) -> None: ...
     def checkpoint_nestings(self, kind: str) -> tuple: ...
     def describe_weights(self, state: dict[str, torch.Tensor]) -> str | None: ...
+    def peer_config(self, config: Mapping) -> dict: ...
 
 
 # ------------------------------------------------------------------------------------------- the families
@@ -181,6 +184,8 @@ class Family:
     model_described: ClassVar[str]
     tokenizer_described: ClassVar[str]
     default_tokenizer: ClassVar[str]  # the tokenizer its pipeline runs (build_tokenizer(None)), as `cca-pipe plan` names it
+    # what `cca-pipe plan` counts of its models (pipeline.models.memory.FamilyMemory); None: it cannot be planned
+    memory: ClassVar[FamilyMemory | None] = None
 
     def logp_code(self) -> dict[str, str]:
         """Digest of the code that computes its log-probs (recorded by the cache as a note; never checked)."""
@@ -296,6 +301,17 @@ class Family:
         """The config readable from an upstream file's weights (for `cca-pipe info`), if any."""
         return None
 
+    peer_class: ClassVar[str] = ""  # how the peer builds its class from an exported config.json (the model card says it)
+
+    def peer_config(self, config: Mapping) -> dict:
+        """`cca-pipe export`'s config.json: the model config `config` (a checkpoint of ours: cfg.to_dict()) in the
+        peer's own field names, so that the peer's class is built from it as `peer_class` says."""
+        raise ValueError(f"the {self.name} family names no peer class to build from a config.json: export is for "
+                         "LlamaGen and VAR policies")
+
+
+LLAMAGEN_CLASS_DROPOUT = 0.1  # ModelArgs' default class_dropout_prob, the release's pretraining rate
+
 
 class LlamaGenFamily(Family):
     name, model_kind, tokenizer_kind, model_module = "llamagen", "llamagen-gpt", "llamagen-vq", "pipeline.models.llamagen"
@@ -303,6 +319,19 @@ class LlamaGenFamily(Family):
     step_unit = "token"
     model_described, tokenizer_described = "a LlamaGen GPT (image generator)", "a LlamaGen VQ tokenizer"
     default_tokenizer = "VQ-16"
+    memory = LLAMAGEN_MEMORY
+    peer_class = "`Transformer(ModelArgs(**config))` of LlamaGen's autoregressive/models/gpt.py"
+
+    def peer_config(self, config):
+        """LlamaGen's ModelArgs fields (docs/upstream.md, "Exported config"): the same network (FFN hidden from
+        multiple_of, no ffn_dim_multiplier; as many kv heads as heads); class_dropout_prob > 0 is what gives the
+        class table its null row; dropouts and KV-cache sizes keep ModelArgs' defaults (they change no weight)."""
+        cfg = GPTConfig(**config)
+        return {"dim": cfg.dim, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_kv_head": cfg.n_head,
+                "multiple_of": cfg.multiple_of, "ffn_dim_multiplier": None, "rope_base": cfg.rope_base,
+                "norm_eps": cfg.norm_eps, "num_classes": cfg.num_classes,
+                "class_dropout_prob": LLAMAGEN_CLASS_DROPOUT if cfg.has_null_class else 0.0, "model_type": "c2i",
+                "vocab_size": cfg.vocab_size, "cls_token_num": cfg.cls_token_num, "block_size": cfg.block_size}
 
     def upstream_kind(self, keys):
         if any(".attention.wqkv." in k for k in keys) or "tok_embeddings.weight" in keys:
@@ -381,6 +410,24 @@ class VARFamily(Family):
     step_unit = "scale"
     model_described, tokenizer_described = "a VAR transformer (image generator)", "VAR's multi-scale VQVAE tokenizer"
     default_tokenizer = "VAR VQVAE"
+    memory = VAR_MEMORY
+    peer_class = "`VARHF(**config)` of VAR's models/var.py (its VQVAE built from `vae_kwargs`)"
+
+    def peer_config(self, config):
+        """VARHF's constructor arguments (docs/upstream.md, "Exported config"): VAR's, as build_vae_var passes
+        them, plus `vae_kwargs` for the VQVAE it builds (the release's, with this model's codebook: its weights are
+        not in the export, load vae_ch160v4096z32.pth into it). cond_drop_rate 0: upstream `forward` drops labels
+        in eval mode too, so a policy's teacher-forced logits need it off (sampling never reads it)."""
+        cfg = VARConfig(**config)
+        vae = MSVQConfig(vocab_size=cfg.vocab_size, z_channels=cfg.cvae, patch_nums=cfg.patch_nums)
+        return {"vae_kwargs": {"vocab_size": vae.vocab_size, "z_channels": vae.z_channels, "ch": vae.ch,
+                               "quant_conv_ks": vae.quant_conv_ks, "quant_resi": vae.quant_resi,
+                               "share_quant_resi": vae.share_quant_resi, "v_patch_nums": list(vae.patch_nums),
+                               "test_mode": True},
+                "num_classes": cfg.num_classes, "depth": cfg.depth, "embed_dim": cfg.width, "num_heads": cfg.heads,
+                "mlp_ratio": cfg.mlp_ratio, "drop_rate": 0.0, "attn_drop_rate": 0.0, "drop_path_rate": cfg.drop_path_rate,
+                "norm_eps": cfg.norm_eps, "shared_aln": False, "cond_drop_rate": 0.0, "attn_l2_norm": True,
+                "patch_nums": list(cfg.patch_nums)}
     # VAR's train.py (and CCA's VAR_finetune.py) never decay 1-d parameters, biases, or these names
     NO_DECAY = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
                 "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul")

@@ -68,8 +68,12 @@ Reference log-prob cache (stage `reflogp`), a Parquet file, e.g. `data/reflogp/r
                             v mod r (pipeline.refcache.fake_rows)
     ref_logp_fake  float64  log p_phi(x_fake | c), c the real row's label, with the masks of role "fake"
                             (pipeline.models.layers.SEPARATE_ROLES), the null-label mask being the real row's
+    ref_logp_fake_j float64 (only with ratio r > 1, j = 1 .. r-1) the same of the image's fake in slot j, store
+                            row i r + (v + j) mod r, masks of role "fake" slot j (pipeline.models.layers
+                            noise_keys): every cache row pairs with all r fakes of its image (the loss's fake
+                            term is their mean, docs/ddo.md), slot 0 being fake_row
     and in its provenance fakes_fingerprint (the negatives store's fingerprint, checked by train) and
-    fakes_ratio. Its content_sha256 covers the two columns; a reader of before refuses it (schema).
+    fakes_ratio. Its content_sha256 covers these columns; a reader of before refuses it (schema).
 
 Sample batch (stage `eval`, read by `score`, `report` and `info`), the ADM evaluator's `.npz`, e.g.
 `data/eval/samples/cca_seed0.npz`:
@@ -158,9 +162,29 @@ DDO_CACHE_SCHEMA = pa.schema([*CACHE_SCHEMA, *DDO_FIELDS])
 FAKES_KEY = "fakes_fingerprint"  # provenance key of a DDO cache: the negatives store's fingerprint
 
 
+def fake_columns(ratio: int) -> tuple[str, ...]:
+    """A DDO cache's log-prob columns of the fakes each row pairs with, by slot: ref_logp_fake (slot 0, the fake
+    of fake_row), then ref_logp_fake_1 ... ref_logp_fake_{r-1} for negatives of ratio r > 1."""
+    return ("ref_logp_fake", *(f"ref_logp_fake_{j}" for j in range(1, ratio)))
+
+
+def cached_fake_columns(columns) -> tuple[str, ...]:
+    """The fake columns (fake_columns) among a cache's column names; () for a CCA cache."""
+    ratio = 0
+    while fake_columns(ratio + 1)[-1] in columns:
+        ratio += 1
+    return fake_columns(ratio) if ratio else ()
+
+
+def ddo_cache_schema(ratio: int) -> pa.Schema:
+    """A DDO cache's schema for negatives of `ratio` fakes per image: DDO_CACHE_SCHEMA, then the slots > 0."""
+    return pa.schema([*DDO_CACHE_SCHEMA, *((name, pa.float64()) for name in fake_columns(ratio)[1:])])
+
+
 def cache_schema(columns) -> pa.Schema:
     """The schema of a cache of these column names: a DDO cache's when it has ref_logp_fake, else CCA's."""
-    return DDO_CACHE_SCHEMA if "ref_logp_fake" in columns else CACHE_SCHEMA
+    fakes = cached_fake_columns(columns)
+    return ddo_cache_schema(len(fakes)) if fakes else CACHE_SCHEMA
 _CACHE_META = ("tokens_fingerprint", "ref_ckpt_sha256", "seed", "num_classes", "null_class", "seq_len")
 REBUILD_CACHE = "rebuild it with `cca-pipe reflogp` (or `dvc repro reflogp`)"
 CONTENT_KEY = "content_sha256"  # provenance key: the digest of each column's values, written with the cache
@@ -332,7 +356,7 @@ def read_ref_cache(path: str | os.PathLike, expect: dict | None = None, store=No
     except (pa.ArrowException, OSError) as e:
         raise FormatError(f"{path}: cannot read its rows ({e}); {REBUILD_CACHE}") from e
     schema = table.schema.remove_metadata()
-    documented = DDO_CACHE_SCHEMA if FAKES_KEY in meta else CACHE_SCHEMA
+    documented = ddo_cache_schema(int(meta.get("fakes_ratio", 1))) if FAKES_KEY in meta else CACHE_SCHEMA
     if not schema.equals(documented):
         raise FormatError(f"{path}: columns {schema.names} ({', '.join(map(str, schema.types))}) differ from the documented "
                           f"schema ({', '.join(f'{f.name}: {f.type}' for f in documented)}); {REBUILD_CACHE}")
@@ -395,7 +419,7 @@ def validate_ref_cache(path: Path, columns: dict[str, np.ndarray], meta: dict, s
         first = int(np.flatnonzero(bad)[0])
         raise FormatError(f"{path}: {int(bad.sum())} cache rows {what} (first: cache row {first}); {REBUILD_CACHE}")
 
-    for name in (*LOGP_COLUMNS, *(("ref_logp_fake",) if "ref_logp_fake" in columns else ())):
+    for name in (*LOGP_COLUMNS, *cached_fake_columns(columns)):
         bad = ~np.isfinite(columns[name])
         if bad.any():
             fail(f"have a non-finite {name}", bad)

@@ -15,6 +15,10 @@ Resume: `resume=k` continues a run whose steps 0..k-1 are kept (its resume point
 logged past its last resume point are dropped, so the step axis holds each step once, in order. `resume=0`
 (or None) starts afresh (DVCLive clears the folder's metrics and plots).
 
+A stage whose output is one file or store that must hold nothing else (negatives' Zarr store, compared byte for
+byte) logs beside it, into `live_beside(out)` = `<out>.live`: a DVC out of its own, which `is_live_folder` tells
+apart from anything that is not ours.
+
 Mirrors (off by default, never required): "tensorboard" writes the same scalars through
 torch.utils.tensorboard into `<dir>/tensorboard`, "wandb" through W&B (offline unless WANDB_MODE says
 otherwise) into `<dir>/wandb`. `check_mirrors` refuses, in one line, a mirror whose package is missing.
@@ -37,6 +41,18 @@ LIVE_DIR = "live"  # inside a run folder
 LIVE_METRICS = "metrics.json"  # DVCLive's summary, in LIVE_DIR (dvc.yaml `metrics:`)
 LIVE_PLOTS = "plots/metrics"  # DVCLive's per-metric step files, in LIVE_DIR (dvc.yaml `plots:`)
 MIRRORS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # mirror -> the package it needs
+LIVE_SUFFIX = ".live"  # live_beside: <out>.live
+
+
+def live_beside(out: str | os.PathLike) -> Path:
+    """The live folder of an output that is a single file or store: `<out>.live`, beside it, outside the output."""
+    out = Path(out)
+    return out.with_name(out.name + LIVE_SUFFIX)
+
+
+def is_live_folder(path: Path) -> bool:
+    """A folder holding nothing but what LiveLog writes (metrics.json, plots/, the mirrors' folders): ours to rewrite."""
+    return path.is_dir() and all(p.name in {LIVE_METRICS, LIVE_PLOTS.split("/")[0], *MIRRORS} for p in path.iterdir())
 
 
 def check_mirrors(mirrors: dict[str, bool], section: str) -> None:

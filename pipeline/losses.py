@@ -137,13 +137,20 @@ def ddo_loss(
     term has weight 0 (the paper keeps the unconditional branch mode-covering for CFG), so policy_logp_fake
     and ref_logp_fake are not read there (keep them finite: a NaN would still reach the gradient). The
     per-row values' mean is the loss: with one fake per real row that is the script's mean over reals plus
-    alpha times the mean over fakes, divided by max(alpha, 1). Same shape as cca_loss (docs/ddo.md relates
-    them); ratio_neg / metrics report the fakes. All inputs (B,) per-sequence sums.
+    alpha times the mean over fakes, divided by max(alpha, 1). With r fakes per real row (the fake inputs
+    (B, r), negatives.ratio r) the fake term of a row is the mean over its r fakes, so the loss is still the
+    two separate means of Eq. 13 (the reals' and the B r fakes', a null-label row's fakes counted with weight
+    0, as the script's mask does), and ratio_neg is each row's mean over its fakes. Same shape as cca_loss
+    (docs/ddo.md relates them); ratio_neg / metrics report the fakes. Inputs per-sequence sums, (B,) and the
+    fakes' (B,) or (B, r).
     """
     uncond, ratio_real, ratio_fake = _ratios(policy_logp_real, policy_logp_fake, ref_logp_real, ref_logp_fake, uncond)
     norm = _lambda_norm(alpha)
     loss_real = -F.logsigmoid(beta * ratio_real)
-    per_row = torch.where(uncond, norm * loss_real, loss_real + alpha * -F.logsigmoid(-beta * ratio_fake)) / norm
+    loss_fake = -F.logsigmoid(-beta * ratio_fake)
+    if loss_fake.dim() == 2:  # r fakes per row: their mean (the mean over all B r fakes, row by row)
+        loss_fake, ratio_fake = loss_fake.mean(1), ratio_fake.mean(1)
+    per_row = torch.where(uncond, norm * loss_real, loss_real + alpha * loss_fake) / norm
     return _output(per_row, ratio_real, ratio_fake, policy_logp_real)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .device import OutOfMemory, autocast, is_out_of_memory
-from .formats import LOGP_COLUMNS, REBUILD_CACHE, FormatError
+from .formats import LOGP_COLUMNS, REBUILD_CACHE, FormatError, cached_fake_columns, fake_columns
 from .logprobs import sequence_logp
 from .models.layers import noise_keys
 from .progress import progress
@@ -107,11 +107,12 @@ class ReferenceNoise:
 
 
 def row_keys(noise: ReferenceNoise, cache_rows: np.ndarray, device: torch.device,
-             roles: tuple[str, ...] = ("pos", "neg", "null")) -> torch.Tensor | None:
-    """The dropout keys of cache rows scored in `roles`, role after role (len(roles) B,); None in eval mode."""
+             roles: tuple[str, ...] = ("pos", "neg", "null"), slot: int = 0) -> torch.Tensor | None:
+    """The dropout keys of cache rows scored in `roles`, role after role (len(roles) B,); None in eval mode.
+    `slot`: which of a row's fakes (noise_keys), for role "fake"."""
     if not noise.active:
         return None
-    return torch.cat([noise_keys(noise.seed, cache_rows, role) for role in roles]).to(device)
+    return torch.cat([noise_keys(noise.seed, cache_rows, role, slot) for role in roles]).to(device)
 
 
 def fake_rows(rows: np.ndarray, num_rows: int, ratio: int) -> np.ndarray:
@@ -122,13 +123,31 @@ def fake_rows(rows: np.ndarray, num_rows: int, ratio: int) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64) * ratio + visit % ratio
 
 
+def fake_slot_rows(fake_row: np.ndarray, ratio: int) -> np.ndarray:
+    """(N, ratio): the store rows of all the fakes of each cache row's image, slot j being the image's fake
+    (fake_row's index among them + j) mod ratio, so slot 0 is fake_row (the cache's column ref_logp_fake_j,
+    pipeline/formats.py)."""
+    fake_row = np.asarray(fake_row, dtype=np.int64)[:, None]
+    return fake_row - fake_row % ratio + (fake_row % ratio + np.arange(ratio)) % ratio
+
+
+def reference_fake_columns(model, fakes, fake_row: np.ndarray, labels: np.ndarray, cache_rows: np.ndarray,
+                           batch_size: int, device: torch.device, forwards: int | None = None,
+                           noise: ReferenceNoise = ReferenceNoise(), ratio: int = 1) -> dict[str, np.ndarray]:
+    """A DDO cache's fake columns (formats.fake_columns(ratio)) of cache rows `cache_rows`: reference_fake_logps
+    of each slot's fakes (fake_slot_rows), slot by slot."""
+    slots = fake_slot_rows(fake_row, ratio)
+    return {name: reference_fake_logps(model, fakes, slots[:, j], labels, cache_rows, batch_size, device, forwards, noise, j)
+            for j, name in enumerate(fake_columns(ratio))}
+
+
 @torch.inference_mode()
 def reference_fake_logps(model, fakes, fake_row: np.ndarray, labels: np.ndarray, cache_rows: np.ndarray, batch_size: int,
-                         device: torch.device, forwards: int | None = None, noise: ReferenceNoise = ReferenceNoise()
-                         ) -> np.ndarray:
+                         device: torch.device, forwards: int | None = None, noise: ReferenceNoise = ReferenceNoise(),
+                         slot: int = 0) -> np.ndarray:
     """log p(x_fake | c) (float64 from float32 sums) of the fakes `fakes[fake_row]` (a negatives store's
-    tokens, one view) under their real rows' labels, with the "fake" masks of their `cache_rows`: a DDO
-    cache's fourth column, in forwards of its own (`forwards`: as reference_logps', for FSDP)."""
+    tokens, one view) under their real rows' labels, with the "fake" masks (of `slot`) of their `cache_rows`: a
+    DDO cache's fourth column (slot 0), in forwards of its own (`forwards`: as reference_logps', for FSDP)."""
     model.train(noise.active)
     n = len(fake_row)
     out = np.zeros(n, dtype=np.float64)
@@ -137,7 +156,7 @@ def reference_fake_logps(model, fakes, fake_row: np.ndarray, labels: np.ndarray,
     for start in starts:
         part = slice(0, min(batch_size, n)) if start is None else slice(start, min(start + batch_size, n))
         x = torch.from_numpy(np.asarray(fakes[fake_row[part], np.zeros(part.stop - part.start, np.int64)]).astype(np.int64))
-        keys = row_keys(noise, np.asarray(cache_rows)[part], device, ("fake",))
+        keys = row_keys(noise, np.asarray(cache_rows)[part], device, ("fake",), slot)
         with autocast(device):
             logp = sequence_logp(model, torch.from_numpy(labels[part].astype(np.int64)).to(device), x.to(device),
                                  dropout_keys=keys)
@@ -224,7 +243,7 @@ def check_cache_rows(model, policy, tokens, cache: dict[str, np.ndarray], rows: 
     null of cache `rows` with the cache's own masks (noise). The rows go to the processes in chunks of
     micro_batch_size, round robin; every process runs as many forwards as the busiest (FSDP needs them all).
     `fakes`: a DDO cache's negatives store (tokens): its ref_logp_fake is checked too."""
-    columns = (*LOGP_COLUMNS, *(("ref_logp_fake",) if fakes is not None else ()))
+    columns = (*LOGP_COLUMNS, *(cached_fake_columns(cache) if fakes is not None else ()))
     chunks = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
     lam = 1.0 if policy.cfg.lambda_conditioning else None  # its new embedding is zero: any lambda is the reference
     mine = world.share(list(range(len(chunks))))
@@ -238,10 +257,10 @@ def check_cache_rows(model, policy, tokens, cache: dict[str, np.ndarray], rows: 
             logp = score_rows(model, x, cache["label"][chunk], cache["neg_label"][chunk], row_keys(noise, chunk, device),
                               device, policy.cfg.null_class, lam).double().cpu().numpy()
             if fakes is not None:
-                fake = reference_fake_logps(model, fakes, cache["fake_row"][chunk], cache["label"][chunk], chunk, len(chunk),
-                                            device, noise=noise)
+                fake = reference_fake_columns(model, fakes, cache["fake_row"][chunk], cache["label"][chunk], chunk,
+                                              len(chunk), device, noise=noise, ratio=len(columns) - len(LOGP_COLUMNS))
                 model.train(noise.active)
-                logp = np.concatenate([logp, fake[None]])
+                logp = np.concatenate([logp, np.stack(list(fake.values()))])
             if k is not None:
                 bad += _mismatches(logp, cache, chunk, device, columns)
                 largest = max(largest, float(np.abs(logp - np.stack([cache[c][chunk] for c in columns])).max()))

@@ -1,6 +1,6 @@
 """`cca-pipe export RUN_DIR --out FOLDER`: a trained policy as a Hub-ready folder (docs/imagenet.md, "Sharing a
-policy"): model.safetensors (the peer's state dict, as policy.pt holds it), config.json (the fields the peer's class
-is built from: LlamaGen's GPT / VAR's constructor) and README.md, a model card naming the base checkpoint and its
+policy"): model.safetensors (the peer's state dict, as policy.pt holds it), config.json (the peer's own config in its
+field names, Family.peer_config: LlamaGen's ModelArgs, VAR's VARHF constructor arguments) and README.md, a model card naming the base checkpoint and its
 revision, the method and its settings, the data, the metrics when known and the command that reproduces the run.
 Nothing is uploaded: `huggingface-cli upload` is the user's."""
 
@@ -55,6 +55,11 @@ def run(run_dir: Path, out: Path, eval_dir: Path | None = None) -> Path:
 
     obj, settings, train_metrics = read_run(run_dir)
     family = family_of_kind(obj[KIND_KEY])
+    if obj["config"].get("lambda_conditioning"):
+        raise CheckpointError(f"{run_dir / POLICY} is a lambda-conditioned policy: its lambda_embed weights have no place in "
+                              f"{family.peer_class}, so no config.json could load it there; export a policy trained "
+                              "without train.lambda_conditioning")
+    config = family.peer_config(obj["config"])  # the peer's field names (docs/upstream.md, "Exported config")
     state = extract_state_dict(obj, run_dir / POLICY)
     eval_folder, eval_metrics = _eval_metrics(run_dir, eval_dir)
     if out.exists() and any(out.iterdir()) and not (out / "model.safetensors").is_file():
@@ -65,7 +70,7 @@ def run(run_dir: Path, out: Path, eval_dir: Path | None = None) -> Path:
     tmp = out / ".model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt", "cca_pipe_kind": str(obj[KIND_KEY])})
     tmp.replace(out / "model.safetensors")
-    write_json(out / "config.json", obj["config"])
+    write_json(out / "config.json", config)
     write_text(out / "README.md", model_card(family, obj, settings, train_metrics, eval_folder, eval_metrics))
     if (run_dir / SETTINGS_FILE).is_file():
         shutil.copyfile(run_dir / SETTINGS_FILE, out / SETTINGS_FILE)
@@ -119,8 +124,8 @@ def model_card(family, obj: dict, settings: dict, train_metrics: dict, eval_fold
               "```", "",
               "## Files", "",
               "- `model.safetensors`: the state dict of the peer's model class, in its own key names",
-              f"- `config.json`: the fields that class is built from ({family.model_module})",
+              f"- `config.json`: the peer's own config, in its field names: {family.peer_class}",
               "- `settings.yaml`: the run's resolved settings", "",
-              "Loading: build the class from config.json and load model.safetensors strictly.", ""]
+              f"Loading: build {family.peer_class} from config.json and load model.safetensors into it strictly.", ""]
     return "\n".join(lines)
 

@@ -14,6 +14,10 @@ Writes a token store (pipeline/formats.py; one view, "sample") whose attribute `
 provenance: the reference's sha256, the real store's fingerprint, the sampler settings, the seed, the ratio
 and the pairing rule. Resumable by chunks as tokenize is (pipeline.tokenstore.TokenStoreWriter); under
 torchrun each process draws its share of every chunk and the main process writes it.
+
+Progress per chunk (rows_done, throughput/rows_per_s: one sample per row, eta_s; step = chunk index) goes through
+DVCLive, by the main process only, into `<out>.live` beside the store (pipeline/live.py live_beside: the store holds
+its rows and nothing else); a resumed run continues its step axis (docs/imagenet.md, "Watching a run").
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from pipeline.config import check_ranges, setting, settings_digest
 from pipeline.distributed import World
 from pipeline.fakes import draw_fakes
 from pipeline.families import ModelSource, load_tokenizer
+from pipeline.live import LiveLog, is_live_folder, live_beside
+from pipeline.outputs import Claim
 from pipeline.progress import progress
 from pipeline.tokenstore import TokenStoreWriter, claim_token_store, open_token_store, store_attributes, store_attrs
 
@@ -71,8 +77,15 @@ def run(cfg: NegativesConfig, tokens_path: Path, ref_path: Path, vq_path: Path, 
     """Build the store at `<out>.partial` (resumable) and swap it into `out`; `out` and the partial must be
     absent or token stores of ours (checked first). -> its fingerprint on the main process (None on the others)."""
     world = world or World()
-    with world.main_only(claim_token_store(out, "cca-pipe negatives")) as claim:
+    with world.main_only(claim_negatives(out)) as claim:
         return _negatives(cfg, tokens_path, ref_path, vq_path, claim, source, vq_model, world)
+
+
+def claim_negatives(out: Path) -> Claim:
+    """The store's claim (it and its partial: token stores of ours), with its live folder `<out>.live` (ours or absent)."""
+    claim = claim_token_store(out, "cca-pipe negatives")
+    claim.sidecars[live_beside(out)] = is_live_folder
+    return claim
 
 
 def _negatives(cfg: NegativesConfig, tokens_path: Path, ref_path: Path, vq_path: Path, claim, source: ModelSource,
@@ -96,7 +109,7 @@ def _negatives(cfg: NegativesConfig, tokens_path: Path, ref_path: Path, vq_path:
                                 list(store.attrs["class_names"]), str(ref_path), as_params(cfg)),
              "negatives": provenance}
     key = settings_digest([as_params(cfg), ref_sha, vq_sha, store.fingerprint])
-    plan = None
+    plan = live = None
     if world.main:
         existing = store_attrs(claim.target) or {}
         if existing.get("build_key") == key and "fingerprint" in existing:
@@ -107,6 +120,9 @@ def _negatives(cfg: NegativesConfig, tokens_path: Path, ref_path: Path, vq_path:
             if len(plan) < writer.num_chunks:
                 log.info("resuming %s: %d of %d chunks already drawn", claim.partial, writer.num_chunks - len(plan),
                          writer.num_chunks)
+            # the chunks are written in order: the first pending one (or, all drawn, the end) is the step axis's resume point
+            resume = (plan[0][0] if plan else writer.num_chunks) if len(plan) < writer.num_chunks else 0
+            live = LiveLog(live_beside(claim.target), resume=resume, total_steps=writer.num_chunks)
     plan = world.broadcast(plan)
     if plan == "done":
         if world.main:
@@ -122,9 +138,12 @@ def _negatives(cfg: NegativesConfig, tokens_path: Path, ref_path: Path, vq_path:
             rows = np.empty((stop - start, fakes.shape[1]), np.uint16)
             for r, share in enumerate(shares):
                 rows[r :: world.size] = share
+            # logged first: a run killed between the two redraws this chunk and drops its row (LiveLog's resume)
+            live.log_step(chunk, {"rows_done": stop}, rows=stop - start)
             writer.write_chunk(chunk, rows[:, None])
     if not world.main:
         return None
+    live.close()
     fingerprint = writer.finish()
     claim.commit_path()
     log.info("drew %d fakes (%d per image, %s) from %s -> %s (fingerprint %s)", len(labels), cfg.ratio,

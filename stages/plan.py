@@ -22,7 +22,6 @@ from pipeline.config import ConfigError
 from pipeline.families import family_named
 from pipeline.host import loader_workers, usable_cpus
 from pipeline.memplan import (
-    FAMILY_MEMORY,
     LOADER_WORKER_PRIVATE,
     PREFETCH_FACTOR,
     PROCESS_RESIDENT,
@@ -31,6 +30,7 @@ from pipeline.memplan import (
     PlanInputs,
     StagePlan,
     build_meta,
+    family_memory,
     fits,
     inputs_from_model,
     plan,
@@ -85,7 +85,7 @@ def make_report(name: str, cfg: TrainConfig, world_size: int, gpu_memory: int | 
     family = description.pop("family")
     if grid is not None:
         try:
-            description = FAMILY_MEMORY[family].at_grid(description, grid[0])
+            description = family_memory(family).at_grid(description, grid[0])
         except ValueError as e:
             raise ConfigError(f"{grid[1]}: {e}") from None
     model = build_meta(family, **description)
@@ -262,7 +262,7 @@ def make_eval_report(name: str, settings, world_size: int, gpu_memory: int | Non
     t = conv_tokenizer_for(family, vq_model)
     if settings.image_size:  # the model samples images of eval.image_size (LlamaGen: block_size (image_size / 16)^2)
         try:
-            description = FAMILY_MEMORY[family].at_grid(description, settings.image_size // t.downsample)
+            description = family_memory(family).at_grid(description, settings.image_size // t.downsample)
         except ValueError as e:
             raise ConfigError(f"eval.image_size {settings.image_size}: {e}") from None
     model = build_meta(family, **description)

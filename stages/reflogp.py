@@ -19,7 +19,7 @@ from pipeline.checkpoint import file_sha256
 from pipeline.config import ConfigError, check_ranges, setting
 from pipeline.distributed import World
 from pipeline.families import ModelSource
-from pipeline.formats import FAKES_KEY, FormatError, RefCacheParts, claim_ref_cache, read_ref_cache
+from pipeline.formats import FAKES_KEY, FormatError, RefCacheParts, claim_ref_cache, fake_columns, read_ref_cache
 from pipeline.hub import inputs_record
 from pipeline.live import LIVE_DIR, LiveLog
 from pipeline.parallel import STRATEGIES, distribute
@@ -30,7 +30,7 @@ from pipeline.refcache import (
     ReferenceNoise,
     draw_pairs,
     fake_rows,
-    reference_fake_logps,
+    reference_fake_columns,
     reference_logps,
 )
 from pipeline.tokenstore import open_token_store
@@ -98,7 +98,8 @@ def run(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, out: Path, source
     process writes the part (the resume unit) from what they return, then merges the parts: every process
     works whatever the number of parts, and the cache is the one-process cache, whatever the world size.
     `negatives_path`: a negatives store of these rows drawn by this reference (stages/negatives.py): the cache
-    is then DDO's, with the columns fake_row and ref_logp_fake (pipeline/formats.py)."""
+    is then DDO's, with the columns fake_row and ref_logp_fake, and ref_logp_fake_j for the image's other fakes
+    when the store has ratio r > 1 (pipeline/formats.py)."""
     world = world or World()
     with world.main_only(claim_ref_cache(out)) as claim:
         _reflogp(cfg, tokens_path, ref_path, claim, world, source, negatives_path)
@@ -132,12 +133,52 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
                        cfg.num_visits)
     ref_sha = file_sha256(ref_path)
     fakes = None if negatives_path is None else open_negatives(negatives_path, store, tokens_path, ref_sha)
-    ddo = {}
+    ddo, ratio = {}, 1
     if fakes is not None:
         ratio = int(fakes.attrs["negatives"]["ratio"])
         pairs["fake_row"] = fake_rows(pairs["row"], len(pairs["row"]) // cfg.num_visits, ratio)
         ddo = {FAKES_KEY: fakes.fingerprint, "fakes_ratio": ratio}
-    provenance = {
+    provenance = cache_provenance(cfg, store, ref_sha, family, model, noise, ddo)
+    if hub := inputs_record(ref_path, source.vae):  # read from the Hub: {repo, file, revision, commit} (pipeline/hub.py)
+        provenance["hub_inputs"] = hub
+    parts = RefCacheParts(out, len(pairs["row"]), cfg.part_rows, provenance, claim.partial, create=world.main)
+    pending = world.broadcast(parts.pending() if world.main else None)
+    if len(pending) < parts.num_parts:
+        log.info("resuming %s: %d of %d parts already computed", out, parts.num_parts - len(pending), parts.num_parts)
+    sharded = cfg.strategy == "fsdp" and world.size > 1
+    if sharded:
+        model = distribute(model, world, "fsdp")
+    dealt = 0  # batches dealt so far: who gets a part's odd batches goes round the ranks from part to part
+    # progress per part (step = part index) while it runs, in the parts' folder: docs/imagenet.md, "Watching a run"
+    live = LiveLog(claim.partial / LIVE_DIR, resume=min(pending) if pending and len(pending) < parts.num_parts else 0,
+                   total_steps=parts.num_parts, enabled=world.main)
+    for k in progress(pending, desc="reflogp parts", unit="part"):
+        start, stop = parts.part_range(k)
+        logps = _part_logps(model, store.tokens, pairs, start, stop, cfg.batch_size, dealt, world, sharded, noise,
+                            None if fakes is None else fakes.tokens, ratio)
+        dealt += -(-(stop - start) // cfg.batch_size)
+        if not world.main:
+            continue
+        part = {name: column[start:stop] for name, column in pairs.items()}
+        check_finite(logps, part, ref_path, out)
+        parts.write_part(k, {**part, **logps})
+        live.log_step(k, {"rows_done": stop}, rows=stop - start)
+    live.close()
+    world.barrier()
+    if not world.main:
+        return
+    parts.merge()
+    claim.committed = True
+    logps, _ = read_ref_cache(out, store=store)
+    ratio = logps["ref_logp_pos"] - logps["ref_logp_null"]
+    log.info("cached %d rows (%d visit(s)) -> %s; mean log p(x|c) %.2f, mean log p(x|c)-log p(x|null) %.2f nats",
+             len(ratio), cfg.num_visits, out, logps["ref_logp_pos"].mean(), ratio.mean())
+
+
+def cache_provenance(cfg: RefLogpConfig, store, ref_sha: str, family, model, noise: ReferenceNoise, ddo: dict) -> dict:
+    """What a reference cache records of how it was computed (pipeline/formats.py): its inputs, the settings and
+    what decides its staleness; `ddo`: the negatives store's fingerprint and ratio of a DDO cache."""
+    return {
         "tokens_fingerprint": store.fingerprint,
         "ref_ckpt_sha256": ref_sha,
         "seed": cfg.seed,
@@ -156,49 +197,21 @@ def _reflogp(cfg: RefLogpConfig, tokens_path: Path, ref_path: Path, claim, world
         "batch_size": cfg.batch_size,  # batch composition fixes the float32 sums bit for bit
         **ddo,
     }
-    if hub := inputs_record(ref_path, source.vae):  # read from the Hub: {repo, file, revision, commit} (pipeline/hub.py)
-        provenance["hub_inputs"] = hub
-    parts = RefCacheParts(out, len(pairs["row"]), cfg.part_rows, provenance, claim.partial, create=world.main)
-    pending = world.broadcast(parts.pending() if world.main else None)
-    if len(pending) < parts.num_parts:
-        log.info("resuming %s: %d of %d parts already computed", out, parts.num_parts - len(pending), parts.num_parts)
-    sharded = cfg.strategy == "fsdp" and world.size > 1
-    if sharded:
-        model = distribute(model, world, "fsdp")
-    dealt = 0  # batches dealt so far: who gets a part's odd batches goes round the ranks from part to part
-    # progress per part (step = part index) while it runs, in the parts' folder: docs/imagenet.md, "Watching a run"
-    live = LiveLog(claim.partial / LIVE_DIR, resume=min(pending) if pending and len(pending) < parts.num_parts else 0,
-                   total_steps=parts.num_parts, enabled=world.main)
-    for k in progress(pending, desc="reflogp parts", unit="part"):
-        start, stop = parts.part_range(k)
-        logps = _part_logps(model, store.tokens, pairs, start, stop, cfg.batch_size, dealt, world, sharded, noise,
-                            None if fakes is None else fakes.tokens)
-        dealt += -(-(stop - start) // cfg.batch_size)
-        if not world.main:
-            continue
-        part = {name: column[start:stop] for name, column in pairs.items()}
-        bad = ~np.isfinite(np.stack(list(logps.values()))).all(0)
-        if bad.any():
-            raise FloatingPointError(
-                f"the reference model {ref_path} gives non-finite log-probs for {int(bad.sum())} of {stop - start} rows "
-                f"(first: token store row {int(part['row'][bad][0])}); its weights are damaged or it does not fit these "
-                f"tokens. Nothing was written to {out}")
-        parts.write_part(k, {**part, **logps})
-        live.log_step(k, {"rows_done": stop}, rows=stop - start)
-    live.close()
-    world.barrier()
-    if not world.main:
-        return
-    parts.merge()
-    claim.committed = True
-    logps, _ = read_ref_cache(out, store=store)
-    ratio = logps["ref_logp_pos"] - logps["ref_logp_null"]
-    log.info("cached %d rows (%d visit(s)) -> %s; mean log p(x|c) %.2f, mean log p(x|c)-log p(x|null) %.2f nats",
-             len(ratio), cfg.num_visits, out, logps["ref_logp_pos"].mean(), ratio.mean())
+
+
+def check_finite(logps: dict[str, np.ndarray], part: dict[str, np.ndarray], ref_path: Path, out: Path) -> None:
+    """Refuse a part whose log-probs are not all finite, naming the first token store row, before it is written."""
+    bad = ~np.isfinite(np.stack(list(logps.values()))).all(0)
+    if bad.any():
+        raise FloatingPointError(
+            f"the reference model {ref_path} gives non-finite log-probs for {int(bad.sum())} of {len(bad)} rows "
+            f"(first: token store row {int(part['row'][bad][0])}); its weights are damaged or it does not fit these "
+            f"tokens. Nothing was written to {out}")
 
 
 def _part_logps(model, tokens, pairs: dict[str, np.ndarray], start: int, stop: int, batch_size: int, dealt: int,
-                world: World, sharded: bool, noise: ReferenceNoise, fakes=None) -> dict[str, np.ndarray] | None:
+                world: World, sharded: bool, noise: ReferenceNoise, fakes=None, ratio: int = 1
+                ) -> dict[str, np.ndarray] | None:
     """The reference log-probs of cache rows [start, stop) on the main process (None on the others). The part's
     batches are split into one contiguous run per process, as even as whole batches allow (the odd ones go
     round the ranks, counting on from `dealt`); each batch holds the rows one process would put in it (a
@@ -214,15 +227,14 @@ def _part_logps(model, tokens, pairs: dict[str, np.ndarray], start: int, stop: i
         forwards = max(counts) if sharded else None
         logps = reference_logps(model, tokens, {name: column[run[0]:run[1]] for name, column in pairs.items()}, batch_size,
                                 world.device, forwards=forwards, noise=noise, first_row=run[0])
-        if fakes is not None:  # DDO: the paired fakes under the real rows' labels
-            logps["ref_logp_fake"] = reference_fake_logps(model, fakes, pairs["fake_row"][run[0]:run[1]],
-                                                          pairs["label"][run[0]:run[1]], np.arange(*run), batch_size,
-                                                          world.device, forwards, noise)
+        if fakes is not None:  # DDO: the paired fakes (all `ratio` of the image) under the real rows' labels
+            logps.update(reference_fake_columns(model, fakes, pairs["fake_row"][run[0]:run[1]], pairs["label"][run[0]:run[1]],
+                                                np.arange(*run), batch_size, world.device, forwards, noise, ratio))
         logps = logps if mine[1] > mine[0] else {}
     shares = world.gather((mine[0], logps))
     if not world.main:
         return None
-    columns = ("ref_logp_pos", "ref_logp_neg", "ref_logp_null", *(("ref_logp_fake",) if fakes is not None else ()))
+    columns = ("ref_logp_pos", "ref_logp_neg", "ref_logp_null", *(fake_columns(ratio) if fakes is not None else ()))
     out = {key: np.zeros(stop - start, dtype=np.float64) for key in columns}
     for share_start, share in shares:
         for key, values in share.items():

@@ -18,6 +18,7 @@ import torch
 
 from pipeline.evaluation import default_fidelity_cache, load_reference, score_images, scorer_weights
 from pipeline.formats import FormatError, read_sample_batch
+from pipeline.hub import inputs_record
 from pipeline.metrics import load_classifier, load_feature_extractor, reference_features
 from pipeline.outputs import write_json
 from pipeline.report import results_table
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 def run(settings: EvalConfig, samples: Path, reference: Path, classifier_path: Path | None, device: torch.device,
         fidelity_cache: Path | None = None, json_out: Path | None = None) -> dict:
     """Score `samples` against `reference` (an ADM reference batch or a folder of real images, center-cropped
-    to the samples' size) -> {"samples", "num_samples", "reference", "feature_extractor", "scores"}, also
+    to the samples' size) -> {"samples", "num_samples", "reference", "feature_extractor", "scores"} and, when
+    any was read from the Hub, "hub_inputs" (the reference, the extractor's weights, the classifier); also
     written to `json_out` when given."""
     weights = scorer_weights(settings, classifier_path)
     if not samples.is_file():
@@ -48,6 +50,9 @@ def run(settings: EvalConfig, samples: Path, reference: Path, classifier_path: P
     scores = score_images(images, labels, extractor, ref_features, ref, classifier, str(samples))
     result = {"samples": str(samples), "num_samples": len(images), "reference": ref.describe(),
               "feature_extractor": extractor.name, "scores": scores}
+    # the Hub files read ({repo, file, revision, commit}: pipeline/hub.py), each once (the classifier may be the extractor)
+    if hub := inputs_record(*dict.fromkeys(p for p in (reference, weights, classifier_path) if p is not None)):
+        result["hub_inputs"] = hub
     if json_out is not None:
         write_json(json_out, result)
     log.info("scored %d images of %s", len(images), samples)

@@ -271,23 +271,8 @@ def _tokenize(cfg: TokenizeConfig, images: Path, vq_path: Path, claim, device: t
     rel_names = relative_names(images, paths)
     record = input_record(claim, key)
     inputs = known_inputs(paths, rel_names, record, rehash)
-    existing = store_attrs(claim.target) or {}
-    if existing.get("build_key") == key and "fingerprint" in existing:
-        unchanged = existing.get("inputs_digest") == whole_inputs_digest(inputs, cfg.chunk_rows)
-        # vouch only for chunks that are there and decode: train and reflogp send a damaged store back here
-        damaged = damaged_chunks(claim.target) if unchanged else []
-        if unchanged and not damaged:
-            refresh_stat_keys(claim.target, inputs, record, cfg.chunk_rows)
-            log.info("%s is up to date (same image contents, tokenizer and settings)", claim.target)
-            return existing["fingerprint"]
-        if damaged:
-            log.warning("%s: %d chunk files are missing or damaged (%s): encoding them again", claim.target,
-                        len(damaged), damaged[0])
-        else:
-            log.info("%s: images changed since it was built (or it has no input record): encoding the chunks that "
-                     "hold them again", claim.target)
-        if (store_attrs(claim.partial) or {}).get("build_key") != key:  # else: resume the unfinished update
-            reopen_for_update(claim.target, claim.partial)
+    if fingerprint := up_to_date(claim, key, inputs, record, cfg.chunk_rows):
+        return fingerprint
     out = claim.partial
     writer = TokenStoreWriter(out, labels, len(names), seq_len, attrs, key, cfg.chunk_rows)
     writer.drop_changed({k: chunk_digest(inputs, writer.chunk_range(k)) for k in writer.done})
@@ -313,6 +298,31 @@ def _tokenize(cfg: TokenizeConfig, images: Path, vq_path: Path, claim, device: t
     log.info("tokenized %d images x %d views x %d tokens -> %s (fingerprint %s)", len(paths), len(names), seq_len,
              claim.target, fingerprint[:12])
     return fingerprint
+
+
+def up_to_date(claim, key: str, inputs: list, record: dict, chunk_rows: int) -> str | None:
+    """The fingerprint of the store at claim.target if it was built with this build key from these image contents
+    and every chunk decodes (its stat keys refreshed); else None, with the store reopened in claim.partial for an
+    update that encodes only the chunks whose images changed or whose files are damaged."""
+    existing = store_attrs(claim.target) or {}
+    if existing.get("build_key") != key or "fingerprint" not in existing:
+        return None
+    unchanged = existing.get("inputs_digest") == whole_inputs_digest(inputs, chunk_rows)
+    # vouch only for chunks that are there and decode: train and reflogp send a damaged store back here
+    damaged = damaged_chunks(claim.target) if unchanged else []
+    if unchanged and not damaged:
+        refresh_stat_keys(claim.target, inputs, record, chunk_rows)
+        log.info("%s is up to date (same image contents, tokenizer and settings)", claim.target)
+        return existing["fingerprint"]
+    if damaged:
+        log.warning("%s: %d chunk files are missing or damaged (%s): encoding them again", claim.target,
+                    len(damaged), damaged[0])
+    else:
+        log.info("%s: images changed since it was built (or it has no input record): encoding the chunks that "
+                 "hold them again", claim.target)
+    if (store_attrs(claim.partial) or {}).get("build_key") != key:  # else: resume the unfinished update
+        reopen_for_update(claim.target, claim.partial)
+    return None
 
 
 # ----------------------------------------------------------------------------------------- content keys

@@ -39,6 +39,7 @@ SLOW_TESTS = {
     "test_dvc_deps.py::test_dvc_parses_every_pipeline",  # dvc, once per pipeline
     "test_live.py::test_a_killed_and_resumed_train_leaves_one_step_axis",  # the CLI killed and rerun
     "test_live.py::test_dvc_plots_show_and_exp_show_read_the_live_files",  # git and dvc in a tiny repo
+    "test_select.py::test_best_keeps_the_lowest_fid_checkpoint_as_eval_scores_it",  # 6 evals (select's 3, its check's 3)
     # tokenize, reflogp and train through the CLI (in process)
     *(f"test_reference_noise.py::{name}" for name in (
         "test_the_cache_records_its_dropout", "test_a_clean_cache_with_dropout_passes_the_step0_check",

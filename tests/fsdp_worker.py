@@ -9,7 +9,9 @@ JOB = FAMILY:STRATEGY:ACTION, FAMILY llamagen | var, STRATEGY ddp | fsdp, ACTION
               OUT/<family>-logps-w<N>.pt (the sharded model's log-probs of a fixed batch)
   stop        train, saving the resume point of step 2 in OUT/state-<family>-w<N>/, and stop there
   resume=DIR  continue from OUT/DIR/ to the end; OUT/<family>-<strategy>-w<N>-resumed.pt
-Every process builds the same model, tokens and cache from fixed seeds.
+  ddo         train the 4 steps with train.loss ddo on a DDO cache of 2 fakes per image (negatives.ratio 2);
+              OUT/<family>-<strategy>-w<N>-ddo.pt: the gathered state dict
+Every process builds the same model, tokens, fakes and cache from fixed seeds.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pipeline.families import family_of_model
 from pipeline.models.llamagen import GPT, GPTConfig
 from pipeline.models.var import VAR, VARConfig, VARModel
 from pipeline.parallel import full_state_dict
-from pipeline.refcache import draw_pairs, reference_logps
+from pipeline.refcache import draw_pairs, fake_rows, reference_fake_columns, reference_logps
 from pipeline.resume import TrainState
 from pipeline.tokenizers.msvq import MSVQConfig, MSVQModel
 from stages.train import TrainConfig
@@ -56,13 +58,27 @@ def data(model) -> tuple[np.ndarray, dict]:
     return tokens, {**pairs, **reference_logps(model, tokens, pairs, batch_size=8, device=torch.device("cpu"))}
 
 
+def ddo_data(model, tokens: np.ndarray, cache: dict) -> tuple[np.ndarray, dict]:
+    """A negatives store of 2 fakes per image (random tokens: the equivalence does not need the reference's
+    samples) and the DDO cache's columns over it (stages/reflogp.py's layout)."""
+    fakes = np.random.default_rng(1).integers(0, 64, size=(2 * ROWS, 1, model.cfg.seq_len), dtype=np.uint16)
+    fake_row = fake_rows(cache["row"], len(cache["row"]), 2)
+    columns = reference_fake_columns(model, fakes, fake_row, cache["label"], np.arange(len(fake_row)), 8,
+                                     torch.device("cpu"), ratio=2)
+    return fakes, {**cache, "fake_row": fake_row, **columns}
+
+
 def main(out: Path, jobs: list[str]) -> None:
     world = init_world("cpu")
     for job in jobs:
         family, strategy, action = job.split(":")
         policy = build(family)
         tokens, cache = data(policy)
-        cfg = TrainConfig(beta=0.5, lam=10.0, lr=1e-3, epochs=2.0, batch_size=8, micro_batch_size=2, uncond_ratio=0.25,
+        fakes = None
+        if action == "ddo":
+            fakes, cache = ddo_data(policy, tokens, cache)
+        cfg = TrainConfig(loss="ddo" if action == "ddo" else "cca", alpha=4.0,
+                          beta=0.5, lam=10.0, lr=1e-3, epochs=2.0, batch_size=8, micro_batch_size=2, uncond_ratio=0.25,
                           weight_decay=0.05, strategy=strategy,
                           # dropout and drop path on: the keyed masks (train.seed, visit) must be the same in every layout
                           dropout=0.1 if family == "llamagen" else 0.0, drop_path=0.1)
@@ -73,7 +89,7 @@ def main(out: Path, jobs: list[str]) -> None:
         elif action.startswith("resume="):
             state = TrainState(out / action.split("=", 1)[1], family, world)
             assert state.saved() is not None and state.saved()["step"] == 2, "no resume point of step 2"
-        run = AlignmentRun(policy, tokens, cache, cfg, world.device, world, family_of_model(policy).param_groups)
+        run = AlignmentRun(policy, tokens, cache, cfg, world.device, world, family_of_model(policy).param_groups, fakes=fakes)
         run.resume(state)
         for step, step_tokens in run.batches():
             run.step(step, step_tokens)  # every process, so they all stop alike
@@ -93,7 +109,7 @@ def main(out: Path, jobs: list[str]) -> None:
                 family_of_model(policy).save(out / f"{family}-policy-w{world.size}.pt", policy, full)
                 torch.save({"tokens": x, "labels": labels, "logps": logps}, out / f"{family}-logps-w{world.size}.pt")
         if world.main:
-            torch.save(full, out / f"{name}-{'full' if action == 'full' else 'resumed'}.pt")
+            torch.save(full, out / f"{name}-{action if action in ('full', 'ddo') else 'resumed'}.pt")
     shutdown_world()
 
 

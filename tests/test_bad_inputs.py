@@ -213,7 +213,7 @@ def test_out_of_memory_says_which_batch_size_to_lower(tmp_path, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(alignment, "loss_for_batch", oom)
-    with pytest.raises(OutOfMemory, match=r"train\.micro_batch_size = 4 .*e\.g\. to 2"):
+    with pytest.raises(OutOfMemory, match=r"train\.micro_batch_size = 4 rows per forward \(up to 8 sequences\).*e\.g\. to 2"):
         train_stage.run(train_stage.TrainConfig(batch_size=8, micro_batch_size=4), tokens, cache, gpt, tmp_path / "train")
 
 

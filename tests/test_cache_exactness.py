@@ -166,3 +166,19 @@ def test_a_policy_given_the_caches_masks_reproduces_a_cache_computed_with_dropou
     check_cache_rows(policy, policy, tokens, cache, rows, noise, 5, CPU, World(), "cache.parquet")
     with pytest.raises(CacheMismatch, match="cache.parquet: column ref_logp_pos"):
         check_cache_rows(policy, policy, tokens, cache, rows, ReferenceNoise(5, 0.5, 0.5), 5, CPU, World(), "cache.parquet")
+
+
+def test_a_reference_giving_non_finite_log_probs_is_refused_naming_the_row():
+    """reflogp checks each part before writing it: a NaN or an infinity anywhere in a row's log-probs stops it,
+    naming how many rows and the first one's token store row."""
+    from pathlib import Path
+
+    from stages.reflogp import check_finite
+
+    part = {"row": np.array([5, 7, 9])}
+    finite = {"ref_logp_pos": np.array([-1.0, -2.0, -3.0]), "ref_logp_neg": np.array([-4.0, -5.0, -6.0])}
+    check_finite(finite, part, Path("ref.pt"), Path("cache.parquet"))
+    broken = {"ref_logp_pos": np.array([-1.0, np.nan, -3.0]), "ref_logp_neg": np.array([-4.0, -5.0, -np.inf])}
+    with pytest.raises(FloatingPointError, match=r"ref.pt gives non-finite log-probs for 2 of 3 rows \(first: token store "
+                                                 r"row 7\).*Nothing was written to cache.parquet"):
+        check_finite(broken, part, Path("ref.pt"), Path("cache.parquet"))

@@ -33,8 +33,8 @@ def cca(root: Path, monkeypatch, capsys, *argv) -> str:
     return err
 
 
-def ddo_world(root: Path, monkeypatch, capsys, *overrides) -> Path:
-    make_world(root, rows=6, reencode=False)
+def ddo_world(root: Path, monkeypatch, capsys, *overrides, ratio: int = 1) -> Path:
+    make_world(root, rows=6, reencode=False, ratio=ratio)
     sets = [x for o in overrides for x in ("--set", o)]
     cca(root, monkeypatch, capsys, "negatives", "--tokens", root / "real.zarr", "--ref", root / "gpt.pt", "--vq",
         root / "vq.pt", "--out", root / "fakes.zarr")
@@ -160,3 +160,67 @@ def test_train_ddo_refuses_missing_or_redrawn_negatives_in_one_line(tmp_path, mo
                         "--negatives", root / "fakes.zarr", "--out", root / "run"], monkeypatch, capsys)
     assert code != 0 and "reflogp --negatives" in err
     assert not (root / "run").exists()
+
+
+def test_ratio_two_pairs_every_cache_row_with_both_fakes_of_its_image(tmp_path, monkeypatch, capsys):
+    """negatives.ratio 2: image i's fakes are store rows 2i and 2i + 1. Cache row k of visit v pairs with both:
+    slot 0 (fake_row, column ref_logp_fake) is fake 2i + v mod 2, slot 1 (ref_logp_fake_1) the other one, each
+    the reference's plain log-prob under the real label. The step-0 check covers the second column, train
+    reads both fakes of a row (and starts at the ratio-zero loss, 5 ln 2 / 4 with alpha 4, whatever the ratio)."""
+    import json
+    import math
+
+    from pipeline.alignment import AlignConfig, AlignmentRun, visit_keys
+    from pipeline.families import LLAMAGEN
+
+    root = ddo_world(tmp_path, monkeypatch, capsys, "reflogp.visits=2", "reflogp.views=one", ratio=2)
+    real, fakes = open_token_store(root / "real.zarr"), open_token_store(root / "fakes.zarr")
+    cols, meta = read_ref_cache(root / "ddo.parquet", store=real)
+    assert meta["fakes_ratio"] == 2 and list(cols)[-3:] == ["fake_row", "ref_logp_fake", "ref_logp_fake_1"]
+    visit = np.arange(12) // 6
+    assert np.array_equal(cols["fake_row"], 2 * cols["row"] + visit)
+    other = 2 * cols["row"] + 1 - visit
+    _, gpt = load_model(root / "gpt.pt", "--ref")
+    labels = torch.from_numpy(cols["label"].astype(np.int64))
+    with torch.no_grad():
+        for name, store_rows in (("ref_logp_fake", cols["fake_row"]), ("ref_logp_fake_1", other)):
+            x = torch.from_numpy(fakes.tokens[0:12][store_rows, 0].astype(np.int64))
+            expected = sequence_logp(gpt.eval(), labels, x).double().numpy()
+            np.testing.assert_allclose(cols[name], expected, rtol=1e-6, atol=1e-4, err_msg=name)
+    assert np.abs(cols["ref_logp_fake"] - cols["ref_logp_fake_1"]).min() > 1e-3  # two different fakes
+    rows = np.arange(12)
+    check_cache_rows(gpt, gpt, real.tokens, cols, rows, ReferenceNoise(), 4, CPU, World(), "ddo.parquet", fakes.tokens)
+    swapped = {**cols, "ref_logp_fake_1": cols["ref_logp_fake"]}
+    with pytest.raises(CacheMismatch, match="column ref_logp_fake_1"):
+        check_cache_rows(gpt, gpt, real.tokens, swapped, rows, ReferenceNoise(), 4, CPU, World(), "ddo.parquet", fakes.tokens)
+
+    # train's micro-batch holds both fakes of each row, in slot order, with a key per fake
+    cfg = AlignConfig(loss="ddo", batch_size=4, micro_batch_size=4, uncond_ratio=0.0)
+    run = AlignmentRun(gpt, real.tokens, cols, cfg, CPU, None, LLAMAGEN.param_groups, visits=2, fakes=fakes.tokens)
+    picked = np.array([7, 0, 11])
+    keys = visit_keys(0, np.arange(3), 2)
+    batch = run._ddo_batch(picked, np.zeros(3, bool), real.tokens[cols["row"][picked], cols["view"][picked]], keys)
+    assert batch.fake.shape == (3, 2, 16) and batch.ref_logp_fake.shape == (3, 2) and len(keys) == 9
+    for k, row in enumerate(picked):
+        assert np.array_equal(batch.fake[k, 0].numpy(), fakes.tokens[0:12][cols["fake_row"][row], 0])
+        assert np.array_equal(batch.fake[k, 1].numpy(), fakes.tokens[0:12][other[row], 0])
+        assert batch.ref_logp_fake[k].tolist() == [cols["ref_logp_fake"][row], cols["ref_logp_fake_1"][row]]
+
+    code, err = train_ddo(root, monkeypatch, capsys, root / "run", "train.alpha=4", "train.uncond_ratio=0",
+                          negatives=root / "fakes.zarr")
+    assert code == 0, err
+    steps = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 2  # 6 cache rows a visit / batch 4, one epoch
+    assert steps[0]["loss"] == pytest.approx(5 * math.log(2) / 4, abs=1e-5)
+    assert steps[1]["rewards/neg"] != pytest.approx(0.0, abs=1e-6)  # the policy moved on both fakes' mean
+
+    # out of memory: the hint counts a row's sequences, the real one and its 2 fakes
+    import pipeline.alignment as alignment
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(alignment, "ddo_loss_for_batch", oom)
+        code, err = train_ddo(root, monkeypatch, capsys, root / "oom", negatives=root / "fakes.zarr")
+    assert code != 0 and "train.micro_batch_size = 2 rows per forward (up to 6 sequences)" in err, err

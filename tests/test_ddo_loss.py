@@ -81,6 +81,38 @@ def test_gradients_by_hand(alpha: float):
     torch.testing.assert_close(ref_real.grad, -expected_real)
 
 
+def test_two_fakes_per_row_by_hand():
+    """negatives.ratio 2: each row's fake term is the mean over its 2 fakes, i.e. the loss is Eq. 13's two
+    separate means. beta = 0.5, alpha = 4, log-ratios +-2 ln 3 as above (beta r = +-ln 3).
+        row 0 (conditional): real +2 ln 3 -> ln(4/3); fakes +2 ln 3 -> ln 4 and -2 ln 3 -> ln(4/3), mean
+                             2 ln 2 - ln(3)/2; L_0 = (ln(4/3) + 4 (2 ln 2 - ln(3)/2)) / 4 = ln(4/3)/4 + 2 ln 2 - ln(3)/2
+        row 1 (null label):  real -2 ln 3 -> ln 4; its fakes (1000, 3000) have weight 0: L_1 = ln 4
+    As two means: reals (ln(4/3) + 4 ln 4) / 2 (the null row weighted max(alpha, 1) = 4), fakes over all 4 of
+    them (ln 4 + ln(4/3) + 0 + 0) / 4, L = (reals + 4 fakes) / 4 = ln(4/3)/8 + 2 ln 2 - ln(3)/4 = (L_0 + L_1) / 2.
+    Gradients (d/dr -log sig(beta r) = -beta sig(-beta r), d/dr -log sig(-beta r) = beta sig(beta r); / 4, / 2
+    rows, / 2 fakes for a fake): real 0: -0.5 (1/4) / 4 / 2 = -1/64; real 1: -0.5 (3/4) / 2 = -3/16;
+    fake (0, 0): 4 (0.5) (3/4) / 4 / 2 / 2 = 3/32; fake (0, 1): 4 (0.5) (1/4) / 16 = 1/32; row 1's fakes 0."""
+    ref_real = torch.tensor([-10.0, -20.0], dtype=torch.float64)
+    ref_fake = torch.tensor([[-30.0, -40.0], [-50.0, -60.0]], dtype=torch.float64)
+    real = (ref_real + torch.tensor([2 * LN3, -2 * LN3], dtype=torch.float64)).requires_grad_()
+    fake = (ref_fake + torch.tensor([[2 * LN3, -2 * LN3], [1000.0, 3000.0]], dtype=torch.float64)).requires_grad_()
+    uncond = torch.tensor([False, True])
+    out = ddo_loss(real, fake, ref_real, ref_fake, beta=0.5, alpha=4.0, uncond=uncond)
+    rows = torch.tensor([math.log(4 / 3) / 4 + 2 * LN2 - LN3 / 2, 2 * LN2], dtype=torch.float64)
+    torch.testing.assert_close(out.per_row, rows, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.loss, torch.tensor(math.log(4 / 3) / 8 + 2 * LN2 - LN3 / 4, dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.ratio_neg[0], torch.tensor(0.0, dtype=torch.float64))  # the row's fakes' mean
+    out.loss.backward()
+    torch.testing.assert_close(real.grad, torch.tensor([-1 / 64, -3 / 16], dtype=torch.float64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(fake.grad, torch.tensor([[3 / 32, 1 / 32], [0.0, 0.0]], dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+    # a row whose two fakes are the same sequence costs what it costs with that one fake
+    twice = ddo_loss(real[:1], fake[:1, :1].expand(1, 2), ref_real[:1], ref_fake[:1, :1].expand(1, 2), beta=0.5, alpha=4.0)
+    once = ddo_loss(real[:1], fake[:1, 0], ref_real[:1], ref_fake[:1, 0], beta=0.5, alpha=4.0)
+    torch.testing.assert_close(twice.per_row, once.per_row, rtol=1e-12, atol=0)
+
+
 def test_a_null_label_rows_fake_is_not_read():
     """Whatever a null-label row's fake log-probs are, its loss is its real term alone."""
     base = ddo_loss(REF_REAL + R_REAL, REF_FAKE + R_FAKE, REF_REAL, REF_FAKE, beta=0.5, alpha=4.0, uncond=UNCOND)
@@ -123,9 +155,10 @@ def test_logged_metrics_leave_null_label_rows_out_of_the_fakes():
 # ----------------------------------------------------------------------- cached == online, on a tiny model
 
 
-def _world(tiny_gpt, noise):
-    """A reference (tiny_gpt, with the noise's dropout), 10 real rows, a fake per row drawn from the reference
-    for the row's label by the project's sampler (guidance-free), and the cache computed once."""
+def _world(tiny_gpt, noise, ratio: int = 1):
+    """A reference (tiny_gpt, with the noise's dropout), 10 real rows, `ratio` fakes per row drawn from the
+    reference for the row's label by the project's sampler (guidance-free; tokens (10, L) for one, (10, r, L)
+    for r), and the cache computed once."""
     from pipeline.ddo import reference_columns
     from pipeline.families import LLAMAGEN
     from pipeline.sampling import sample_uniforms
@@ -135,36 +168,46 @@ def _world(tiny_gpt, noise):
     n, length = 10, reference.cfg.seq_len
     real = torch.from_numpy(rng.integers(0, reference.cfg.vocab_size, size=(n, length)))
     labels = torch.from_numpy(rng.integers(0, reference.cfg.num_classes, size=n))
-    drawn = LLAMAGEN.sample(reference.eval(), labels, uniforms=sample_uniforms(7, list(range(n)), length))
+    drawn = LLAMAGEN.sample(reference.eval(), labels.repeat_interleave(ratio),
+                            uniforms=sample_uniforms(7, list(range(n * ratio)), length))
+    fakes = drawn.tokens if ratio == 1 else drawn.tokens.view(n, ratio, length)
     reference.set_dropout(noise.dropout, noise.drop_path)
-    cache = {"label": labels.numpy(), **reference_columns(reference, real, drawn.tokens, labels, 4, CPU, noise)}
-    return reference, real, drawn, cache
+    cache = {"label": labels.numpy(), **reference_columns(reference, real, fakes, labels, 4, CPU, noise)}
+    return reference, real, drawn, fakes, cache
 
 
-def _policy_keys(rows: np.ndarray) -> torch.Tensor:
+def _policy_keys(rows: np.ndarray, ratio: int = 1) -> torch.Tensor:
+    """The real rows' keys, then each row's fakes', row by row, slot by slot (fake j: slot j)."""
     from pipeline.models.layers import noise_keys
 
-    return torch.cat([noise_keys(9, rows, "visit_pos"), noise_keys(9, rows, "visit_neg")])
+    fake = torch.stack([noise_keys(9, rows, "visit_neg", j) for j in range(ratio)], dim=1)
+    return torch.cat([noise_keys(9, rows, "visit_pos"), fake.reshape(-1)])
 
 
 def _grads(model) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
-@pytest.mark.parametrize("rate", [0.0, 0.1])
-def test_cached_ddo_loss_equals_online_two_model_loss(tiny_gpt, rate: float):
+@pytest.mark.parametrize(("rate", "ratio"), [(0.0, 1), (0.1, 1), (0.0, 2), (0.1, 2)])
+def test_cached_ddo_loss_equals_online_two_model_loss(tiny_gpt, rate: float, ratio: int):
     """The loss and every parameter's gradient from the cache (pipeline.ddo) equal those of the released
     script's design computed here directly: a frozen reference forwarded at the step, every fake forwarded
     (a null-label row's fake under null too, weight 0), with reference dropout (rate 0.1: the cache's keyed
-    masks) and policy dropout alike. Rows in another order and batch than the cache's."""
+    masks) and policy dropout alike. Rows in another order and batch than the cache's. With 2 fakes per row
+    the script's loss is written out as its two separate means (paper Eq. 13): the B reals' mean plus alpha
+    times the mean over all 2B fakes (a null-label row's counted as 0), divided by max(alpha, 1)."""
     from pipeline.ddo import ddo_loss_for_batch, make_ddo_batch, with_online_reference
     from pipeline.logprobs import sequence_logp
+    from pipeline.models.layers import noise_keys
     from pipeline.refcache import ReferenceNoise, row_keys
 
     noise = ReferenceNoise(seed=4, dropout=rate, drop_path=rate)
-    reference, real, drawn, cache = _world(tiny_gpt, noise)
-    if rate == 0.0:  # the sampler's own log-probs are the fake column (teacher forcing of the same tokens)
-        assert np.abs(drawn.token_logp.sum(-1).double().numpy() - cache["ref_logp_fake"]).max() < 1e-3
+    reference, real, drawn, fakes, cache = _world(tiny_gpt, noise, ratio)
+    columns = ["ref_logp_fake", "ref_logp_fake_1"][:ratio]
+    assert sorted(cache) == sorted(["label", "ref_logp_pos", "ref_logp_null", *columns])
+    if rate == 0.0:  # the sampler's own log-probs are the fake columns (teacher forcing of the same tokens)
+        sampled = drawn.token_logp.sum(-1).double().numpy().reshape(len(real), ratio)
+        assert np.abs(sampled - np.stack([cache[c] for c in columns], axis=1)).max() < 1e-3
     policy = copy.deepcopy(reference)
     with torch.no_grad():  # move the policy away from the reference so that the ratios are not 0
         gen = torch.Generator().manual_seed(1)
@@ -173,29 +216,38 @@ def test_cached_ddo_loss_equals_online_two_model_loss(tiny_gpt, rate: float):
     policy.train(rate > 0)
     rows = np.array([7, 2, 9, 0, 5, 3, 8, 1])
     uncond = np.arange(len(rows)) % 3 == 1
-    keys = _policy_keys(rows) if rate > 0 else None
-    batch = make_ddo_batch(rows, real[rows], drawn.tokens[rows], cache, uncond, reference.cfg.null_class, keys)
+    keys = _policy_keys(rows, ratio) if rate > 0 else None
+    batch = make_ddo_batch(rows, real[rows], fakes[rows], cache, uncond, reference.cfg.null_class, keys)
 
     policy.zero_grad()
     cached = ddo_loss_for_batch(policy, batch, beta=0.5, alpha=4.0, device=CPU)
     cached.loss.backward()
     cached_grads = _grads(policy)
 
-    # the script's way: two models at the step, both sequences of every pair under the pair's label (or null)
+    # the script's way: two models at the step, every sequence of a row under the row's label (or null)
     null = torch.full_like(batch.labels, reference.cfg.null_class)
     pair_labels = torch.where(batch.uncond, null, batch.labels)
-    x, y = torch.cat([batch.real, batch.fake]), torch.cat([pair_labels, pair_labels])
-    ref_keys = row_keys(noise, rows, CPU, ("pos", "fake", "null"))  # a fake's masks are its own role's
+    x = torch.cat([batch.real, fakes[rows].reshape(len(rows) * ratio, -1)])
+    y = torch.cat([pair_labels, pair_labels.repeat_interleave(ratio)])
+    ref_keys = row_keys(noise, rows, CPU, ("pos", "null"))  # a fake's masks are its own role's, slot j for fake j
     if ref_keys is not None:
-        pos, fake, null_keys = ref_keys.view(3, -1)
-        ref_keys = torch.cat([torch.where(batch.uncond, null_keys, pos), fake])
+        pos, null_keys = ref_keys.view(2, -1)
+        fake_keys = torch.stack([noise_keys(4, rows, "fake", j) for j in range(ratio)], dim=1).reshape(-1)
+        ref_keys = torch.cat([torch.where(batch.uncond, null_keys, pos), fake_keys])
     reference.train(noise.active)
     with torch.no_grad():
-        ref_real, ref_fake = sequence_logp(reference, y, x, dropout_keys=ref_keys).split(len(rows))
+        ref_real, ref_fake = sequence_logp(reference, y, x, dropout_keys=ref_keys).split([len(rows), len(rows) * ratio])
     policy.zero_grad()
-    pol_real, pol_fake = sequence_logp(policy, y, x, dropout_keys=keys).split(len(rows))
-    online = ddo_loss(pol_real, pol_fake, ref_real, ref_fake, beta=0.5, alpha=4.0, uncond=batch.uncond)
-    online.loss.backward()
+    pol_real, pol_fake = sequence_logp(policy, y, x, dropout_keys=keys).split([len(rows), len(rows) * ratio])
+    r_real, r_fake = pol_real - ref_real, (pol_fake - ref_fake).view(len(rows), ratio)
+    cond = (~batch.uncond).to(r_fake.dtype)[:, None]
+    real_weight = torch.where(batch.uncond, 4.0, 1.0)  # max(alpha, 1) on a null-label row
+    two_means = ((real_weight * -torch.nn.functional.logsigmoid(0.5 * r_real)).mean()
+                 + 4.0 * (cond * -torch.nn.functional.logsigmoid(-0.5 * r_fake)).mean()) / 4.0
+    online = ddo_loss(pol_real, pol_fake.view(len(rows), ratio).squeeze(1), ref_real, ref_fake.view(len(rows), ratio).squeeze(1),
+                      beta=0.5, alpha=4.0, uncond=batch.uncond)
+    torch.testing.assert_close(online.loss, two_means, rtol=1e-6, atol=1e-7)
+    two_means.backward()
 
     assert cached.ratio_pos.abs().max() > 0.1 and cached.ratio_neg.abs().max() > 0.1  # not vacuous
     torch.testing.assert_close(cached.loss, online.loss, rtol=1e-5, atol=1e-6)
@@ -209,6 +261,7 @@ def test_cached_ddo_loss_equals_online_two_model_loss(tiny_gpt, rate: float):
     again = with_online_reference(reference, batch, CPU, noise)
     torch.testing.assert_close(again.ref_logp_real, batch.ref_logp_real, rtol=0, atol=1e-4)
     torch.testing.assert_close(again.ref_logp_fake, batch.ref_logp_fake, rtol=0, atol=1e-4)
+    assert again.ref_logp_fake.shape == (len(rows), ratio)
 
 
 def test_a_fresh_policy_reproduces_the_cache_and_costs_the_ratio_zero_loss(tiny_gpt):
@@ -218,11 +271,11 @@ def test_a_fresh_policy_reproduces_the_cache_and_costs_the_ratio_zero_loss(tiny_
     from pipeline.ddo import ddo_loss_for_batch, make_ddo_batch
     from pipeline.refcache import ReferenceNoise
 
-    reference, real, drawn, cache = _world(tiny_gpt, ReferenceNoise())
+    reference, real, drawn, fakes, cache = _world(tiny_gpt, ReferenceNoise())
     policy = copy.deepcopy(reference)
     rows = np.array([4, 1, 6, 0, 9, 2])
     uncond = np.array([True, False, False, True, False, False])
-    batch = make_ddo_batch(rows, real[rows], drawn.tokens[rows], cache, uncond, reference.cfg.null_class)
+    batch = make_ddo_batch(rows, real[rows], fakes[rows], cache, uncond, reference.cfg.null_class)
     with torch.no_grad():
         out = ddo_loss_for_batch(policy, batch, beta=0.5, alpha=4.0, device=CPU)
     assert out.ratio_pos.abs().max() < 1e-3 and out.ratio_neg.abs().max() < 1e-3

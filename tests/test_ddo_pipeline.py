@@ -1,7 +1,9 @@
 """pipelines/ddo runs as shipped (`dvc repro` there) on a tiny version of the embedded default: the main
 pipeline's tokens, pretrained model, tokenizer and classifier at test_dvc_smoke's tiny settings (the session's
-tiny_upstream, tests/tiny_pipeline.py: built once, copied here), then both DDO rounds; round 2's negatives are drawn by round 1's policy. Only the sizes in pipelines/ddo/params.yaml are made
-tiny (its DDO settings stay as shipped). Slow (tests/conftest.py SLOW_MODULES): dvc repro."""
+tiny_upstream, tests/tiny_pipeline.py: built once, copied here), then both DDO rounds; round 2's negatives are
+drawn by round 1's selected policy (select-1, select.rule final as shipped). Only the sizes in
+pipelines/ddo/params.yaml are made tiny (its DDO settings stay as shipped). Slow (tests/conftest.py SLOW_MODULES):
+dvc repro."""
 
 from __future__ import annotations
 
@@ -34,12 +36,15 @@ def test_the_ddo_pipeline_runs_both_rounds_as_shipped(tiny_upstream: Path, tmp_p
 
     log = _run([str(BIN / "dvc"), "repro"], repo / "pipelines/ddo")  # the main pipeline's inputs are up to date
 
-    for stage in ("check", *(f"{s}-{r}" for r in (1, 2) for s in ("negatives", "reflogp", "train", "eval"))):
+    for stage in ("check", *(f"{s}-{r}" for r in (1, 2) for s in ("negatives", "reflogp", "train", "eval", "select"))):
         assert f"Running stage '{stage}'" in log, stage
     data = repo / "data"
     assert "dvc.yaml:train'" not in log and "dvc.yaml:eval'" not in log  # the main pipeline's CCA run is not needed
     real = open_token_store(data / "tokens/train.zarr")
-    for r, reference in ((1, data / "ar/gpt.pt"), (2, data / "ddo/round1/train/policy.pt")):
+    selection = json.loads((data / "ddo/round1/select/selection.json").read_text())
+    assert selection["rule"] == "final" and selection["selected"].endswith("round1/train/policy.pt")
+    assert file_sha256(data / "ddo/round1/select/policy.pt") == file_sha256(data / "ddo/round1/train/policy.pt")
+    for r, reference in ((1, data / "ar/gpt.pt"), (2, data / "ddo/round1/select/policy.pt")):
         fakes = open_token_store(data / f"ddo/round{r}/negatives.zarr")
         assert fakes.attrs["negatives"]["ref_ckpt_sha256"] == file_sha256(reference)  # round r's reference
         assert fakes.attrs["negatives"]["real_tokens_fingerprint"] == real.fingerprint

@@ -71,10 +71,15 @@ def test_the_derivation_follows_imports():
 
 
 def test_the_memory_planner_is_no_stage_code():
-    """`cca-pipe plan` reads the model families, not the other way round: editing the planner reruns no stage."""
+    """`cca-pipe plan` reads the model families, not the other way round: editing the planner reruns no stage, and
+    editing a family's memory counts (its object's `memory`, pipeline/models/memory.py) reruns neither tokenize nor
+    reflogp: the models never import them."""
     for command in ("tokenize", "reflogp", "train", "eval"):
         assert "pipeline/memplan.py" not in {str(p.relative_to(ROOT)) for p in required_files(command)}, command
+    for command in ("tokenize", "reflogp"):
+        assert "pipeline/models/memory.py" not in {str(p.relative_to(ROOT)) for p in required_files(command)}, command
     assert "pipeline/memplan.py" in {str(p.relative_to(ROOT)) for p in closure(["stages.plan"])}
+    assert "pipeline/models/memory.py" in {str(p.relative_to(ROOT)) for p in closure(["stages.plan"])}
 
 
 @pytest.mark.parametrize("dvc_file", DVC_FILES, ids=lambda p: str(p.relative_to(ROOT)))

@@ -5,7 +5,8 @@ loads strictly, giving the sharded model's log-probs; activation checkpointing l
 The jobs run in tests/fsdp_worker.py: one plain process, then one torchrun of 2 (OMP_NUM_THREADS=1 per rank,
 a 60 s process-group timeout and a subprocess timeout, so a failing rank cannot hang the suite), then one
 plain process resuming what the 2 processes saved. 4 optimiser steps of 8 rows, 4 micro-batches each, with
-dropout and drop path on, weight decay 0.05 and unconditional rows.
+dropout and drop path on, weight decay 0.05 and unconditional rows; CCA, and DDO (train.loss ddo, 2 fakes per
+image) in the same processes.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ def _run(cmd: list[str]) -> None:
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
     worker = str(ROOT / "tests" / "fsdp_worker.py")
-    _run([sys.executable, worker, str(out), *(f"{f}:ddp:{a}" for f in FAMILIES for a in ("full", "stop"))])
+    _run([sys.executable, worker, str(out), *(f"{f}:ddp:{a}" for f in FAMILIES for a in ("full", "stop", "ddo"))])
     _run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", worker, str(out),
-          *(f"{f}:fsdp:{a}" for f in FAMILIES for a in ("full", f"resume=state-{f}-w1", "stop"))])
+          *(f"{f}:fsdp:{a}" for f in FAMILIES for a in ("full", f"resume=state-{f}-w1", "stop", "ddo"))])
     _run([sys.executable, worker, str(out), *(f"{f}:ddp:resume=state-{f}-w2" for f in FAMILIES)])
     return out
 
@@ -63,6 +64,15 @@ def test_two_fsdp_processes_train_what_one_process_trains(runs: Path, family: st
     assert _max_diff(one, two) < 1e-5
     initial = {k: v for k, v in fsdp_worker.build(family).state_dict().items()}
     assert _max_diff(initial, one) > 1e-3  # 4 steps at lr 1e-3 moved the weights: the agreement is not trivial
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_fsdp_processes_train_ddo_as_one_process_does(runs: Path, family: str):
+    """train.loss ddo with 2 fakes per image, null-label rows, dropout: 2 FSDP processes = 1 plain process."""
+    one, two = _load(runs / f"{family}-ddp-w1-ddo.pt"), _load(runs / f"{family}-fsdp-w2-ddo.pt")
+    assert _max_diff(one, two) < 1e-5
+    assert _max_diff(_load(runs / f"{family}-ddp-w1-full.pt"), one) > 1e-4  # DDO trained otherwise than CCA
+    assert _max_diff(fsdp_worker.build(family).state_dict(), one) > 1e-3  # and it moved the weights
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import TINY_GPT
 from hubcache import add_file, commit_of, offline_env
+from peers import ModelArgs, llamagen_transformer, var_hf
 from safetensors.torch import load_file as load_safetensors
 from worlds import invoke
 
@@ -160,7 +161,9 @@ def test_export_of_a_llamagen_policy_loads_into_gpt_with_equal_logits(hub_home, 
     code, err = invoke(["export", run, "--out", tmp_path / "hub-folder"], monkeypatch, capsys)
     assert code == 0, err
     out = tmp_path / "hub-folder"
-    peer = GPT(GPTConfig(**json.loads((out / "config.json").read_text()))).eval()
+    config = json.loads((out / "config.json").read_text())
+    assert config["n_kv_head"] == config["n_head"] and config["class_dropout_prob"] > 0 and config["model_type"] == "c2i"
+    peer = llamagen_transformer(ModelArgs(**config)).eval()  # the peer's own field names: any other is a TypeError
     peer.load_state_dict(load_safetensors(str(out / "model.safetensors")), strict=True)
     policy = load_gpt(run / "policy.pt").eval()
     labels, tokens = torch.tensor([1, 4, 5]), torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(3))
@@ -185,7 +188,10 @@ def test_export_of_a_var_policy_loads_into_var_with_equal_logits(hub_home, tmp_p
     model = VARModel(VAR(VARConfig(**TINY_VAR)), MSVQModel(MSVQConfig(**TINY_VAE)).quantize)
     run, _ = _run_folder(tmp_path, hub_home, VAR_FAMILY, model, metrics=False)
     out = export.run(run, tmp_path / "hub-folder")
-    peer = VAR(VARConfig(**json.loads((out / "config.json").read_text()))).eval()
+    config = json.loads((out / "config.json").read_text())
+    assert (config["embed_dim"], config["num_heads"], config["depth"]) == (TINY_VAR["width"], TINY_VAR["heads"], TINY_VAR["depth"])
+    assert config["vae_kwargs"]["z_channels"] == TINY_VAR["cvae"] and config["attn_l2_norm"] and not config["shared_aln"]
+    peer = var_hf(**config).eval()  # VARHF's own parameter names: any other is a TypeError
     peer.load_state_dict(load_safetensors(str(out / "model.safetensors")), strict=True)
     policy = load_var(run / "policy.pt").eval()
     g = torch.Generator().manual_seed(3)
@@ -196,6 +202,15 @@ def test_export_of_a_var_policy_loads_into_var_with_equal_logits(hub_home, tmp_p
     card = (out / "README.md").read_text()
     assert "base_model: FoundationVision/LlamaGen" in card and "var" in card.split("---")[1]
     assert "- none recorded" in card  # no metrics: the card says so rather than inventing them
+
+
+def test_export_refuses_a_lambda_conditioned_policy_in_one_line(hub_home, tmp_path, monkeypatch, capsys):
+    """Its lambda_embed weights have no place in the peer's class: no config.json could load it there."""
+    torch.manual_seed(0)
+    run, _ = _run_folder(tmp_path, hub_home, LLAMAGEN, GPT(GPTConfig(**TINY_GPT, lambda_conditioning=True)), metrics=False)
+    code, err = invoke(["export", run, "--out", tmp_path / "hub-folder"], monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "lambda-conditioned" in err and "ModelArgs" in err
+    assert not (tmp_path / "hub-folder").exists()
 
 
 def test_export_refuses_a_folder_without_a_policy(tmp_path, monkeypatch, capsys):
@@ -240,3 +255,68 @@ def test_fetch_pinned_refuses_a_branch_naming_the_commit_to_pin(hub_home, tmp_pa
     code, err = invoke(["fetch", "--pinned", f"gpt_ckpt={tmp_path / 'nowhere.pt'}", "--out", out], monkeypatch, capsys)
     assert code == 2 and "gpt_ckpt = " in err and "not found: fix the path in params.yaml" in err
     assert not out.exists()  # nothing linked when an input is wrong
+
+
+# ---------------------------------------------------------------------------------- eval's and score's other files
+
+
+def test_score_reads_the_reference_batch_and_classifier_by_hub_id_and_records_their_commits(hub_home, tmp_path, monkeypatch,
+                                                                                           capsys):
+    """The same score by local paths and by Hub ids (each with its own feature cache, so nothing is reused): equal
+    scores; --json names the commit of each Hub file read, once each (the classifier is also the extractor)."""
+    import numpy as np
+    from test_sample_files import CLASSES, ROOT
+
+    from pipeline.metrics import ClassifierConfig, ImageClassifier, save_classifier
+
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    save_classifier(tmp_path / "clf.pt", ImageClassifier(ClassifierConfig(num_classes=CLASSES, feature_dim=8)).eval())
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
+    np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8),
+             arr_1=np.arange(10, dtype=np.int64) % CLASSES)
+    served = {"ref.npz": "openai/adm-reference", "clf.pt": "someone/digits-classifier"}
+    ids = {}
+    for name, repo in served.items():
+        add_file(hub_home, repo, name, tmp_path / name, commit_of(repo, name))
+        ids[name] = f"hf://{repo}/{name}@{commit_of(repo, name)}"
+    results = {}
+    for how, ref, clf in (("path", tmp_path / "ref.npz", tmp_path / "clf.pt"), ("hub", ids["ref.npz"], ids["clf.pt"])):
+        code, err = invoke(["--params", ROOT / "params.yaml", "score", tmp_path / "samples.npz", "--reference", ref,
+                            "--classifier", clf, "--fidelity-cache", tmp_path / f"fc-{how}", "--json", tmp_path / f"{how}.json"],
+                           monkeypatch, capsys)
+        assert code == 0, err
+        results[how] = json.loads((tmp_path / f"{how}.json").read_text())
+    assert results["hub"]["scores"] == results["path"]["scores"] and "class_accuracy" in results["hub"]["scores"]
+    assert "hub_inputs" not in results["path"]
+    assert results["hub"]["hub_inputs"] == [
+        {"repo": repo, "file": name, "revision": commit_of(repo, name), "commit": commit_of(repo, name)}
+        for name, repo in served.items()]
+
+
+def test_eval_inception_weights_take_a_hub_id(hub_home, tmp_path):
+    """eval.inception_weights by Hub id is the file of the pinned snapshot, recorded as every Hub input is; not in the
+    cache, one line naming the repo, the file and the command that fetches it."""
+    from pipeline.evaluation import scorer_weights
+    from stages.eval import EvalConfig
+
+    name, repo = "weights-inception-2015-12-05-6726825d.pth", "someone/fid-inception"
+    link, commit = _serve(hub_home, tmp_path, name=name, data=b"inception", repo=repo)
+    settings = EvalConfig(feature_extractor="inception-v3-compat", inception_weights=f"hf://{repo}/{name}@{commit}")
+    weights = scorer_weights(settings, None)
+    assert weights == link and weights.read_bytes() == b"inception"
+    assert hub.inputs_record(weights) == [{"repo": repo, "file": name, "revision": commit, "commit": commit}]
+    cold = EvalConfig(feature_extractor="inception-v3-compat", inception_weights=f"hf://{repo}/other.pth@{commit}")
+    with pytest.raises(hub.HubError) as e:
+        scorer_weights(cold, None)
+    assert "\n" not in str(e.value) and f"huggingface-cli download {repo} other.pth" in str(e.value)
+
+
+def test_score_says_a_cold_hub_reference_in_one_line(hub_home, tmp_path, monkeypatch, capsys):
+    from test_sample_files import ROOT
+
+    missing = f"hf://openai/adm-reference/VIRTUAL_imagenet256_labeled.npz@{commit_of('none')}"
+    code, err = invoke(["--params", ROOT / "params.yaml", "score", tmp_path / "samples.npz", "--reference", missing,
+                        "--classifier", tmp_path / "clf.pt"], monkeypatch, capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1, err
+    assert "huggingface-cli download openai/adm-reference VIRTUAL_imagenet256_labeled.npz" in err

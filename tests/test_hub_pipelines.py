@@ -1,7 +1,8 @@
 """The shipped ImageNet pipelines with Hub ids in params.yaml (`hf://org/repo/file@<commit>`), offline: stand-in
 checkpoints (tests/test_shipped_pipelines.py's) served from a local Hub cache laid out as huggingface_hub lays it
-out (tests/hubcache.py) in a temporary HOME, HF_HUB_OFFLINE=1, `dvc repro` on a fresh repository of 10 images. As shipped, the pipeline stops at its first stage, `check`, naming
-train.batch_size; with the trial profile (the README's one step) it runs to the end. The provenance names the
+out (tests/hubcache.py) in a temporary HOME, HF_HUB_OFFLINE=1, `dvc repro` on a fresh repository of 10 images. As
+shipped, the pipeline stops at its first stage, `check`, naming train.batch_size; with the trial profile (the
+README's one step) it runs to the end. The provenance names the
 commit; the reference cache computed by Hub id holds the same bytes as one computed from the local file.
 (tests/test_shipped_pipelines.py runs the shipped settings to the end on local paths; the ten-image checks are
 here so that one trial `dvc repro` per pipeline serves both.)"""
@@ -12,6 +13,7 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -26,6 +28,7 @@ SERVED = {
     "vq_ckpt": ("FoundationVision/LlamaGen", "vq_ds16_c2i.pt"), "gpt_ckpt": ("ChenDRAG/CCA_LlamaGen", "c2i_tiny_64.pt"),
     "vae_ckpt": ("FoundationVision/var", "vae_tiny.pth"), "var_ckpt": ("ChenDRAG/CCA_VAR", "var_d2.pth"),
 }
+INCEPTION = ("someone/fid-inception", "weights-inception-2015-12-05-6726825d.pth")  # eval.inception_weights
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +53,9 @@ def test_ten_images_stop_at_the_check_then_the_trial_profile_runs_offline_from_h
         add_file(home / "hub", repo, name, params[key], commit)
         local[key] = params[key]
         params[key] = f"hf://{repo}/{name}@{commit}"
+    local["inception_weights"] = params["eval"]["inception_weights"]
+    add_file(home / "hub", *INCEPTION, local["inception_weights"], commit_of(*INCEPTION))
+    params["eval"]["inception_weights"] = f"hf://{INCEPTION[0]}/{INCEPTION[1]}@{commit_of(*INCEPTION)}"
     folder = init_pipeline_repo(tmp_path / "repo", pipeline, params)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     start = time.monotonic()
@@ -80,6 +86,10 @@ def test_ten_images_stop_at_the_check_then_the_trial_profile_runs_offline_from_h
     # the provenance of train, eval and the reference cache names the commit each Hub file came from
     for stage in ("train", "eval"):
         assert expected in yaml.safe_load((folder / f"data/{stage}/settings.yaml").read_text())["hub_inputs"]
+    inception = {"repo": INCEPTION[0], "file": INCEPTION[1], "revision": commit_of(*INCEPTION), "commit": commit_of(*INCEPTION)}
+    assert inception in yaml.safe_load((folder / "data/eval/settings.yaml").read_text())["hub_inputs"]
+    # the reference folder, a local path, is linked as eval's dependency too
+    assert (folder / "data/checkpoints/eval_reference").readlink() == Path(params["eval_reference"]).absolute()
     hub_cache = json.loads(pq.read_schema(folder / "data/ref_logp.parquet").metadata[b"hub_inputs"])
     assert expected in hub_cache
     tok_key = "vq_ckpt" if "vq_ckpt" in params else "vae_ckpt"
@@ -88,7 +98,8 @@ def test_ten_images_stop_at_the_check_then_the_trial_profile_runs_offline_from_h
                                     "revision": commit_of(*SERVED[tok_key]), "commit": commit_of(*SERVED[tok_key])}]
     for key in local:  # the stages' DVC dependency: a link to the snapshot of the pinned commit
         assert (folder / "data/checkpoints" / key).resolve().read_bytes() == open(local[key], "rb").read()
-        assert f"/snapshots/{commit_of(*SERVED[key])}/" in str((folder / "data/checkpoints" / key).readlink())
+        commit = commit_of(*SERVED.get(key, INCEPTION))
+        assert f"/snapshots/{commit}/" in str((folder / "data/checkpoints" / key).readlink())
 
     # the same stage by local path: the same cache bytes (every column, the same provenance but the Hub record)
     args = ["reflogp", "--tokens", "data/tokens.zarr", "--ref", local[gen_key], "--out", tmp_path / "by_path.parquet"]

@@ -111,9 +111,15 @@ def test_a_summary_without_steps_is_metrics_json_only(tmp_path: Path):
 
 # ---------------------------------------------------------------------------------------- the mirrors' settings
 
+def hide_package(monkeypatch, package: str) -> None:
+    """Make `package` look not installed to importlib.util.find_spec, whatever this machine has (the test extras
+    install tensorboard; a bare install has neither mirror)."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real_find_spec(name, *a))
+
+
 def test_tensorboard_without_its_package_is_refused_in_one_line_before_anything_is_claimed(world: dict, monkeypatch):
-    real_find_spec = importlib.util.find_spec  # the test extras install tensorboard: hide it, as a bare install has none
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
+    hide_package(monkeypatch, "tensorboard")
     with pytest.raises(ConfigError) as e:
         train_stage.run(TrainConfig(tensorboard=True, **world["base"]), world["tokens"], world["cache"], world["gpt"],
                         world["dir"] / "tb")
@@ -135,8 +141,7 @@ def test_tensorboard_mirrors_the_steps(tmp_path: Path):
 
 
 def test_wandb_without_its_package_is_refused_in_one_line(monkeypatch):
-    real_find_spec = importlib.util.find_spec  # whatever this machine has installed
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    hide_package(monkeypatch, "wandb")
     with pytest.raises(ConfigError, match=r"^train\.wandb is true but the wandb package is not installed: `pip install "
                                           r"wandb`, or set train\.wandb: false$"):
         check_mirrors({"tensorboard": False, "wandb": True}, "train")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from test_live import live_steps
 from test_negatives_stage import make_world
 
 from pipeline.formats import read_ref_cache
@@ -43,6 +44,8 @@ def test_two_processes_write_the_bytes_of_one(tmp_path: Path):
         assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = store_bytes(root / "fakes1.zarr"), store_bytes(root / "fakes2.zarr")
     assert len(one) > 10 and one == two
+    for nproc in (1, 2):  # the main process alone logs: each chunk's step once (two writers would append it twice)
+        assert live_steps(root / f"fakes{nproc}.zarr.live", "rows_done") == list(range(5)), nproc
     # the DDO cache of these fakes (reflogp --negatives, with the reference's dropout: keyed masks), 2 = 1
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["reflogp"].update(batch_size=4, part_rows=8, dropout=0.1)
@@ -100,3 +103,6 @@ def test_a_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path: Pat
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming" in rerun.stderr
     assert store_bytes(out) == store_bytes(root / "whole.zarr")
+    # the live log beside the store: the killed run's chunks, then the rerun's from its resume point, each once
+    for name in ("rows_done", "throughput/rows_per_s", "eta_s"):
+        assert live_steps(root / "killed.zarr.live", name) == list(range(30)), name

@@ -5,6 +5,7 @@ The 2-process and kill/resume checks start processes: tests/test_negatives_proce
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -125,3 +126,52 @@ def test_another_tokenizer_than_the_real_rows_is_refused_in_one_line(tmp_path: P
     assert code != 0 and len(lines) == 1 and "--vq" in lines[0] and "tokenizer_sha256" in lines[0]
     assert "Traceback" not in err
     assert not (root / "fakes.zarr").exists() and not (root / "fakes.zarr.partial").exists()
+
+
+def test_progress_goes_live_beside_the_store_and_a_stopped_run_resumes_its_step_axis(tmp_path: Path, monkeypatch):
+    """10 fakes in chunks of 4: steps 0, 1, 2 (rows_done 4, 8, 10) in `<out>.live`, none inside the store. A run
+    stopped as chunk 2 is written; its rerun draws chunk 2 again and leaves each step once, and its store is the
+    bytes of an uninterrupted run's."""
+    from test_live import live_steps, tsv
+    from test_negatives_processes import store_bytes
+
+    from pipeline.live import LIVE_METRICS, LIVE_PLOTS
+    from stages import negatives as negatives_stage
+
+    root = make_world(tmp_path)
+    cfg = negatives_stage.NegativesConfig(batch_size=2, chunk_rows=4)
+    whole, out = root / "whole.zarr", root / "stopped.zarr"
+    negatives_stage.run(cfg, root / "real.zarr", root / "gpt.pt", root / "vq.pt", whole)
+    live = root / "whole.zarr.live"
+    assert [(int(r["step"]), float(r["rows_done"])) for r in tsv(live / LIVE_PLOTS / "rows_done.tsv")] == [(0, 4), (1, 8), (2, 10)]
+    assert live_steps(live, "throughput/rows_per_s") == live_steps(live, "eta_s") == [0, 1, 2]
+    assert json.loads((live / LIVE_METRICS).read_text())["step"] == 2
+    assert not [p for p in whole.rglob("*") if "live" in p.name or p.name == LIVE_METRICS]
+
+    write = negatives_stage.TokenStoreWriter.write_chunk
+
+    def write_then_stop(self, k, rows):
+        if k == 2:
+            raise KeyboardInterrupt  # as a stop between chunks
+        return write(self, k, rows)
+
+    with monkeypatch.context() as m:
+        m.setattr(negatives_stage.TokenStoreWriter, "write_chunk", write_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            negatives_stage.run(cfg, root / "real.zarr", root / "gpt.pt", root / "vq.pt", out)
+    # step 2 is logged before its chunk is written: the rerun resumes at chunk 2, drops that row and logs it again
+    assert not out.exists() and live_steps(root / "stopped.zarr.live", "rows_done") == [0, 1, 2]
+    negatives_stage.run(cfg, root / "real.zarr", root / "gpt.pt", root / "vq.pt", out)
+    rows = tsv(root / "stopped.zarr.live" / LIVE_PLOTS / "rows_done.tsv")
+    assert [(int(r["step"]), float(r["rows_done"])) for r in rows] == [(0, 4), (1, 8), (2, 10)]
+    assert store_bytes(out) == store_bytes(whole)
+
+
+def test_a_live_folder_that_is_not_ours_is_refused_in_one_line(tmp_path: Path, monkeypatch, capsys):
+    root = make_world(tmp_path)
+    (root / "fakes.zarr.live").mkdir()
+    (root / "fakes.zarr.live" / "notes.txt").write_text("mine")
+    code, err = negatives(root, monkeypatch, capsys, root / "fakes.zarr")
+    lines = [line for line in err.splitlines() if line.startswith("cca-pipe: error")]
+    assert code != 0 and len(lines) == 1 and "fakes.zarr.live" in lines[0] and "not cca-pipe's own" in lines[0]
+    assert not (root / "fakes.zarr").exists() and (root / "fakes.zarr.live" / "notes.txt").read_text() == "mine"

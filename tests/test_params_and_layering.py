@@ -66,7 +66,9 @@ def test_launch_settings_take_set_and_then_the_command_line(tmp_path):
 
 # every pipeline folder whose stages run `cca-pipe <stage>` with its own params.yaml (pipelines/paper runs the
 # embedded default's; its `paper` section is checked below)
-PIPELINE_PARAMS = ("params.yaml", "pipelines/imagenet-llamagen/params.yaml", "pipelines/imagenet-var/params.yaml")
+PIPELINE_PARAMS = ("params.yaml", "pipelines/imagenet-llamagen/params.yaml", "pipelines/imagenet-var/params.yaml",
+                   "pipelines/ddo/params.yaml", "pipelines/imagenet-llamagen/ddo/params.yaml",
+                   "pipelines/imagenet-var/ddo/params.yaml")
 
 
 def _resolved(params: Path, stage: str, profile: str):

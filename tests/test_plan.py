@@ -12,7 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.memplan import CPU_FP32, FAMILY_MEMORY, build_meta, fits, inputs_from_model, parse_memory, plan
+from pipeline.families import LLAMAGEN, VAR
+from pipeline.memplan import CPU_FP32, build_meta, fits, inputs_from_model, parse_memory, plan
 from pipeline.models.llamagen import GPT, GPTConfig
 from stages.cli.main import main
 from stages.cli.presets import PRESETS
@@ -120,10 +121,10 @@ def test_activation_counts_are_what_autograd_saves(family):
 
 
 def test_each_family_carries_its_block_activations():
-    acts = FAMILY_MEMORY["llamagen"].block_activations(TINY, CPU_FP32, dropout=0.1)
+    acts = LLAMAGEN.memory.block_activations(TINY, CPU_FP32, dropout=0.1)
     assert acts.block_per_token == 784 + 2 * 8 * 1  # two dropout masks of C: bool (KeyedDropout)
     with pytest.raises(ValueError, match="drop path only"):
-        FAMILY_MEMORY["var"].block_activations(build_meta("var", depth=2).cfg, CPU_FP32, dropout=0.1)
+        VAR.memory.block_activations(build_meta("var", depth=2).cfg, CPU_FP32, dropout=0.1)
 
 
 # ---------------------------------------------------------------------------------- measured on the CPU

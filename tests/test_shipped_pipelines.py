@@ -108,6 +108,11 @@ def test_shipped_pipeline_runs_as_shipped(pipeline: str, world: Path, tmp_path: 
     assert config_of("tokenize", folder)["tokenize"]["image_size"] == store["image_size"] == params["image_size"]
 
 
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory, random_inception: Path) -> Path:
+    return make_world(tmp_path_factory.mktemp("small"), 5, random_inception)  # 10 images
+
+
 def config_of(stage: str, folder: Path) -> dict:
     """`cca-pipe config STAGE` in `folder`, in this process (the same command, without a process importing torch
     for each of the module's 9 calls)."""
@@ -145,3 +150,36 @@ def test_tokenize_refuses_an_eval_section_that_cannot_work(world: Path, tmp_path
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "eval.methods includes cfg but eval.cfg_scales is empty" in proc.stderr
     assert not (tmp_path / "tokens.zarr").exists() and not (tmp_path / "tokens.zarr.partial").exists()
+
+
+@pytest.mark.slow
+def test_the_imagenet_ddo_projects_run_both_rounds_on_the_stand_ins(small_world: Path, tmp_path: Path):
+    """pipelines/imagenet-{llamagen,var}/ddo as shipped (presets llamagen-L-ddo, var-d16-ddo) over their parent's
+    tokens and checkpoints: the parent's params.yaml with only its documented paths changed, `profile: trial` in
+    both files (their comments: a few images), `dvc repro` in the DDO folder. Both rounds run (round 2's reference
+    is round 1's selected policy), the parent's CCA train and eval do not, and each round's policy is scored."""
+    from pipeline.checkpoint import file_sha256
+    from pipeline.tokenstore import open_token_store
+
+    for pipeline in ("imagenet-llamagen", "imagenet-var"):
+        params = {**shipped_params(pipeline, small_world), "profile": "trial"}
+        folder = init_pipeline_repo(tmp_path / pipeline, pipeline, params)
+        ddo = folder / "ddo"
+        ddo.mkdir()
+        shutil.copy(ROOT / "pipelines" / pipeline / "ddo" / "dvc.yaml", ddo / "dvc.yaml")
+        shipped = yaml.safe_load((ROOT / "pipelines" / pipeline / "ddo" / "params.yaml").read_text())
+        (ddo / "params.yaml").write_text(yaml.safe_dump({**shipped, "profile": "trial"}, sort_keys=False))
+        log = _run([BIN / "dvc", "repro"], ddo)
+        for stage in (f"{s}-{r}" for r in (1, 2) for s in ("negatives", "reflogp", "train", "select", "eval")):
+            assert f"Running stage '{stage}'" in log, (pipeline, stage, log[-3000:])
+        assert "dvc.yaml:tokenize'" in log and "dvc.yaml:train'" not in log and "dvc.yaml:eval'" not in log
+        first = file_sha256(folder / "data/checkpoints" / ("gpt_ckpt" if pipeline == "imagenet-llamagen" else "var_ckpt"))
+        for r, reference in ((1, first), (2, file_sha256(ddo / "data/round1/select/policy.pt"))):
+            fakes = open_token_store(ddo / f"data/round{r}/negatives.zarr")
+            assert fakes.attrs["negatives"]["ref_ckpt_sha256"] == reference, (pipeline, r)
+            settings = yaml.safe_load((ddo / f"data/round{r}/train/settings.yaml").read_text())["train"]
+            assert (settings["loss"], settings["alpha"], settings["beta"]) == ("ddo", 50.0, 0.02)  # the preset's
+            assert json.loads((ddo / f"data/round{r}/train/metrics.json").read_text())["steps"] == 2  # the trial's
+            metrics = json.loads((ddo / f"data/round{r}/eval/metrics.json").read_text())
+            assert set(metrics["methods"]) == {"cca"} and np.isfinite(metrics["methods"]["cca"]["fid"])
+        assert file_sha256(ddo / "data/round1/select/policy.pt") == file_sha256(ddo / "data/round1/train/policy.pt")

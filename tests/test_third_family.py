@@ -43,7 +43,7 @@ def _tiny_llamagen():
 
 
 def _tiny_var():
-    from pipeline.memplan import build_var
+    from pipeline.models.memory import build_var
 
     return build_var(2, patch_nums=(1, 2), vocab_size=32, num_classes=3)
 
@@ -93,6 +93,56 @@ def test_the_environment_variable_registers_a_plugin(toy_plugin, monkeypatch):
     monkeypatch.setenv("CCA_PIPE_FAMILIES", "no_such_family_module")
     with pytest.raises(ValueError, match="CCA_PIPE_FAMILIES names the family plugin 'no_such_family_module'"):
         families()
+
+
+def test_the_toy_family_is_planned_through_its_own_object(toy_plugin):
+    """`cca-pipe plan`'s numbers come from the family object (ToyFamily.memory, in tests/toy_family.py): the
+    planner builds the model from its description and counts its activations with no line of its own about it.
+    C = 32, L = 8, V = 8, 3 rows = 6 sequences x 8 positions = 48 tokens, CPU float32.
+    Parameters: classes (2 + null) x 32 = 96, tokens 8 x 32 = 256, positions 8 x 32 = 256, the block's Linear
+    32 x 32 + 32 = 1056, head 32 x 8 + 8 = 264: P = 1928, of which 872 outside the block.
+    Kept: the block's Linear input and Tanh output 2 x 32 x 4 = 256 B per token; the root's head input 128, gather
+    index 8, log-sum-exp 4 = 140 B per token: (256 + 140) x 48 = 19008. Logits 4 x 48 x 8 x 4 = 6144.
+    Autograd saves those, the float32 logits once (48 x 8 x 4 = 1536) and what the plan leaves out: the labels
+    (6 x 8 B) and the prefix mean's int64 divisor (7 x 8 B)."""
+    from test_plan import _saved_bytes
+
+    from pipeline.memplan import build_meta, inputs_from_model, plan
+
+    toy = family_named("toy")  # loads the plugin named by the environment
+    toy_family = sys.modules[PLUGIN]
+    assert toy.memory is toy_family.TOY_MEMORY
+    model = build_meta("toy", "cpu", seq_len=8, dim=32, vocab_size=8)
+    assert isinstance(model, toy_family.ToyModel) and model.cfg.dim == 32
+    inputs = inputs_from_model(model, 3, device="cpu")
+    assert (inputs.params_total, inputs.params_root, inputs.layers, inputs.positions) == (1928, 872, 1, 8)
+    p = plan(inputs)
+    assert (p.activations, p.logits) == (19008, 6144)
+    model.train()
+    tokens, labels = torch.randint(0, 8, (6, 8)), torch.randint(0, 2, (6,))
+    assert _saved_bytes(model, tokens, labels) == p.activations + 48 * 8 * 4 + 6 * 8 + 7 * 8
+    assert toy.memory.at_grid({"dim": 32, "seq_len": 8}, 5) == {"dim": 32, "seq_len": 5}
+    with pytest.raises(ValueError, match="dropout 0.1: a toy model has none"):
+        plan(inputs.variant(dropout=0.1))
+
+
+def test_a_family_without_memory_counts_cannot_be_planned(toy_plugin):
+    from pipeline.families import register_family, unregister_family
+    from pipeline.memplan import build_meta
+
+    class Unplanned(type(family_named("toy"))):
+        name, model_kind, tokenizer_kind = "unplanned", "unplanned-ar", "unplanned-strips"
+        memory = None
+
+    register_family(Unplanned())
+    try:
+        with pytest.raises(ValueError, match="model family 'unplanned' gives cca-pipe plan no memory counts: set its "
+                                             "Family.memory"):
+            build_meta("unplanned", seq_len=4)
+    finally:
+        unregister_family("unplanned")
+    with pytest.raises(ValueError, match="'nowhere' is not a registered model family"):
+        build_meta("nowhere")
 
 
 def test_strip_tokenizer_round_trip(toy_plugin):

@@ -25,6 +25,7 @@ from pipeline.checkpoint import CheckpointError, extract_state_dict, load_file, 
 from pipeline.config import ConfigError
 from pipeline.families import Family, KVCache, ModelSource, register_family
 from pipeline.logprobs import token_logp
+from pipeline.models.memory import FP32, Activations, FamilyMemory, ModelShape, Precision
 from pipeline.sampling import Samples, draw, filter_logits, uniforms_for
 
 
@@ -118,12 +119,39 @@ class ToyModel(nn.Module):
         raise ConfigError("train.lambda_conditioning: a toy model has no lambda embedding; set it to null")
 
 
+def toy_block_activations(cfg: ToyConfig, precision: Precision, dropout: float = 0.0) -> Activations:
+    """What ToyModel's forward keeps for backward, C = dim. Per token in its block: the Linear's input and Tanh's
+    output, 2C. Outside it: the head's input C, the gather's int64 index and the float32 log-sum-exp of token_logp
+    (the logits are counted apart). Left out: a few bytes per sequence (the label, the prefix mean's divisor).
+    In a block's backward: the incoming gradient and the Linear's output gradient, 2C."""
+    if dropout:
+        raise ValueError(f"dropout {dropout}: a toy model has none")
+    C = cfg.dim
+    return Activations(block_per_token=2 * C * precision.compute, block_per_sequence=0.0, block_constant=0.0,
+                       block_input_per_token=C * precision.residual, block_backward_per_token=2 * C * precision.compute,
+                       root_per_token=C * precision.compute + 8 + FP32)
+
+
+def toy_shape(cfg: ToyConfig) -> ModelShape:
+    return ModelShape(width=cfg.dim, ffn_hidden=cfg.dim, heads=1, layers=1, vocab=cfg.vocab_size, positions=cfg.seq_len)
+
+
+def toy_at_grid(description: dict, grid: int) -> dict:
+    """A toy model runs over one token per strip: `grid` of them."""
+    return {**description, "seq_len": grid}
+
+
+TOY_MEMORY = FamilyMemory(toy_block_activations, toy_shape, lambda **description: ToyModel(ToyConfig(**description)),
+                          toy_at_grid)
+
+
 class ToyFamily(Family):
     name, model_kind, tokenizer_kind, model_module = "toy", "toy-ar", "toy-strips", "toy_family"
     decode_dtype = torch.float32
     step_unit = "strip"
     model_described, tokenizer_described = "a toy strip generator", "a toy strip tokenizer"
     default_tokenizer = "toy strips"
+    memory = TOY_MEMORY
 
     def logp_code(self) -> dict[str, str]:
         # its forward is this file: a cache records its digest (pipeline.codefiles follows pipeline/ only)

@@ -45,16 +45,22 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def noise_keys(seed: int, positions: np.ndarray, role: str) -> torch.Tensor:
+SLOT_SHIFT = 40  # slot s of a position hashes as position + s 2^40: beyond any cache row or visit
+
+
+def noise_keys(seed: int, positions: np.ndarray, role: str, slot: int = 0) -> torch.Tensor:
     """The dropout key (B,) int64 of each sequence: a hash of (seed, position, role), where position is a
-    cache row (reflogp) or a visit of the epoch order (train) and role one of ROLES."""
+    cache row (reflogp) or a visit of the epoch order (train) and role one of ROLES or SEPARATE_ROLES.
+    `slot` s > 0: the s-th of several sequences of one role at a position (DDO's fakes of a row with
+    negatives.ratio > 1), hashed as position + s 2^SLOT_SHIFT, so slot 0 is the key without slots."""
+    positions = np.asarray(positions, dtype=np.uint64) + np.uint64(slot << SLOT_SHIFT)
     with np.errstate(over="ignore"):
         base = _splitmix64(np.asarray([seed], dtype=np.uint64))
         if role in SEPARATE_ROLES:
             base = _splitmix64(base ^ np.uint64(SEPARATE_ROLES[role]))
-            keys = _splitmix64(base ^ np.asarray(positions, dtype=np.uint64))
+            keys = _splitmix64(base ^ positions)
         else:
-            keys = _splitmix64(base ^ (np.asarray(positions, dtype=np.uint64) * np.uint64(len(ROLES)) + np.uint64(ROLES[role])))
+            keys = _splitmix64(base ^ (positions * np.uint64(len(ROLES)) + np.uint64(ROLES[role])))
     return torch.from_numpy(keys.view(np.int64).copy())
 
 

@@ -34,7 +34,8 @@ from pipeline.outputs import write_text
 from .main import STAGES, verb
 
 DVC_FILES = [ROOT / "dvc.yaml", ROOT / "pipelines/imagenet-llamagen/dvc.yaml", ROOT / "pipelines/imagenet-var/dvc.yaml",
-             ROOT / "pipelines/paper/dvc.yaml", ROOT / "pipelines/ddo/dvc.yaml"]
+             ROOT / "pipelines/paper/dvc.yaml", ROOT / "pipelines/ddo/dvc.yaml",
+             ROOT / "pipelines/imagenet-llamagen/ddo/dvc.yaml", ROOT / "pipelines/imagenet-var/ddo/dvc.yaml"]
 MODULES = {command: module for command, (module, _, _) in STAGES.items()} | {"report": "report", "import-codes": "import_codes",
                                                                              "paper": "paper", "check": "check",
                                                                              "fetch": "fetch"}

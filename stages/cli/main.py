@@ -101,6 +101,7 @@ STAGES = {
     "negatives": ("negatives", "NegativesConfig", "negatives"),
     "train": ("train", "TrainConfig", "train"),
     "eval": ("eval", "EvalConfig", "eval"),
+    "select": ("select_policy", "SelectConfig", "select"),
     "import-codes": ("import_codes", "ImportCodesConfig", "import_codes"),
     "report": ("report", "SweepConfig", "sweep"),  # the sweep points it collects
 }
@@ -158,20 +159,24 @@ def _job_facts(ctx: click.Context, stage: str, cfg) -> dict[str, object]:
     return facts
 
 
-def model_source_options(vae_type: click.ParamType):
-    """The options `_model_source` reads (--gpt-model, --vae, --vae-model, --depth), as one decorator for the
-    commands that load a model from a checkpoint; listed in this order in --help."""
-    options = (click.option("--gpt-model", default=None, help=GPT_MODEL_HELP),
-               click.option("--vae", default=None, type=vae_type, help=VAE_HELP),
-               click.option("--vae-model", default=None, help=VAE_MODEL_HELP),
-               click.option("--depth", default=None, type=int, help=DEPTH_HELP))
+def stacked_options(*options):
+    """Click options as one decorator, listed in --help in the order given."""
 
     def add(command):
-        for option in reversed(options):  # click lists options bottom-up: reversed keeps the order above
+        for option in reversed(options):  # click lists options bottom-up: reversed keeps the order given
             command = option(command)
         return command
 
     return add
+
+
+def model_source_options(vae_type: click.ParamType):
+    """The options `_model_source` reads (--gpt-model, --vae, --vae-model, --depth), as one decorator for the
+    commands that load a model from a checkpoint."""
+    return stacked_options(click.option("--gpt-model", default=None, help=GPT_MODEL_HELP),
+                           click.option("--vae", default=None, type=vae_type, help=VAE_HELP),
+                           click.option("--vae-model", default=None, help=VAE_MODEL_HELP),
+                           click.option("--depth", default=None, type=int, help=DEPTH_HELP))
 
 
 def _model_source(ctx: click.Context, gpt_model: str | None, vae: Path | None, vae_model: str | None,
@@ -460,6 +465,25 @@ def eval_(ctx, vq_path, base_path, policy_path, reference, classifier_path, gpt_
         click.echo(stage.format_results(metrics))
 
 
+@main.command("select")
+@click.option("--run", "run_dir", required=True, type=InFile, help="a train run's folder (`cca-pipe train --out`)")
+@click.option("--vq", "vq_path", default=None, type=InFile, help="select.rule best: the tokenizer that decodes samples, as eval's")
+@click.option("--vq-model", default=None, help="VQ config for upstream files: a name (VQ-16) or a JSON file")
+@click.option("--reference", default=None, type=InFile, help="select.rule best: held-out real images, as eval's")
+@click.option("--classifier", "classifier_path", default=None, type=InFile, help="select.rule best: as eval's --classifier")
+@click.option("--fidelity-cache", default=None, type=PathType, help="cache of the reference images' features, as eval's")
+@click.option("--out", required=True, type=OutPath)
+@click.pass_context
+def select_(ctx, run_dir, vq_path, vq_model, reference, classifier_path, fidelity_cache, out):
+    """The policy a train run hands on (the next DDO round's reference) by select.rule: its final policy, or the
+    lowest-FID of its numbered checkpoints scored by eval's settings; writes policy.pt and selection.json."""
+    stage = verb("select_policy")
+    eval_cfg = resolved_config(ctx, "eval")
+    cfg, world = _setup(ctx, "select")
+    record = stage.run(cfg, eval_cfg, run_dir, out, vq_path, reference, classifier_path, fidelity_cache, vq_model, world)
+    click.echo(f"selected step {record['selected_step']}: {record['why']}")
+
+
 @main.command()
 @click.argument("samples", type=PathType)
 @click.option("--reference", required=True, type=InFile,
@@ -547,26 +571,31 @@ class MemorySize(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+plan_options = stacked_options(
+    click.option("--preset", default=None, metavar="NAME", help="the recipe to plan (its model, micro-batch, strategy)"),
+    click.option("--nproc-per-node", type=click.IntRange(min=1), default=None,
+                 help="processes (GPUs) per node (default: the global option, else launch.nproc_per_node)"),
+    click.option("--nnodes", type=click.IntRange(min=1), default=None, help="nodes (default: the global option, else launch.nnodes)"),
+    click.option("--gpu-memory", type=MemorySize(), default=None,
+                 help="one GPU's memory: 80GB, 80GiB, 24G (GB and G: 10^9 bytes, GiB: 2^30); says what fits"),
+    click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default=None, help="plan only this strategy (default: both)"),
+    click.option("--micro-batch-size", type=click.IntRange(min=1), default=None, help="rows per forward (overrides train.micro_batch_size)"),
+    click.option("--device", "device_type", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+                 help="what the plan is for: cuda (bf16 compute) or cpu (float32 throughout)"),
+    click.option("--stage", type=click.Choice(PLANNED_STAGES), default="train", show_default=True,
+                 help="the stage to plan: train (a training step), tokenize (the encoder at tokenize.batch_size x views), "
+                      "eval (sampling, decoding and scoring at eval.batch_size), negatives (sampling, decoding and "
+                      "re-encoding at negatives.batch_size)"),
+    click.option("--vq-model", default=None, metavar="NAME|JSON",
+                 help="tokenize/eval: the tokenizer's config (default: the family's, VQ-16 or VAR's VQVAE)"),
+    click.option("--tokens", default=None, type=PathType,
+                 help="train: the token store it trains on, whose token count the model runs (default: the dvc.yaml train "
+                      "stage's --tokens; before it exists, what the folder's tokenize stage will write; else the preset's)"),
+)
+
+
 @main.command()
-@click.option("--preset", default=None, metavar="NAME", help="the recipe to plan (its model, micro-batch, strategy)")
-@click.option("--nproc-per-node", type=click.IntRange(min=1), default=None,
-              help="processes (GPUs) per node (default: the global option, else launch.nproc_per_node)")
-@click.option("--nnodes", type=click.IntRange(min=1), default=None, help="nodes (default: the global option, else launch.nnodes)")
-@click.option("--gpu-memory", type=MemorySize(), default=None,
-              help="one GPU's memory: 80GB, 80GiB, 24G (GB and G: 10^9 bytes, GiB: 2^30); says what fits")
-@click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default=None, help="plan only this strategy (default: both)")
-@click.option("--micro-batch-size", type=click.IntRange(min=1), default=None, help="rows per forward (overrides train.micro_batch_size)")
-@click.option("--device", "device_type", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
-              help="what the plan is for: cuda (bf16 compute) or cpu (float32 throughout)")
-@click.option("--stage", type=click.Choice(PLANNED_STAGES), default="train", show_default=True,
-              help="the stage to plan: train (a training step), tokenize (the encoder at tokenize.batch_size x views), "
-                   "eval (sampling, decoding and scoring at eval.batch_size), negatives (sampling, decoding and "
-                   "re-encoding at negatives.batch_size)")
-@click.option("--vq-model", default=None, metavar="NAME|JSON",
-              help="tokenize/eval: the tokenizer's config (default: the family's, VQ-16 or VAR's VQVAE)")
-@click.option("--tokens", default=None, type=PathType,
-              help="train: the token store it trains on, whose token count the model runs (default: the dvc.yaml train "
-                   "stage's --tokens; before it exists, what the folder's tokenize stage will write; else the preset's)")
+@plan_options
 @click.pass_context
 def plan(ctx, preset, nproc_per_node, nnodes, gpu_memory, strategy, micro_batch_size, device_type, stage, vq_model, tokens):
     """Per-rank memory of a preset's training step (weights, gradients, optimizer state, activations), DDP and

@@ -23,7 +23,7 @@ class ParamsError(ConfigError):
 # Every section a params file may hold (a `--set` into any other is a typo, e.g. `trian.lambda`); a project's
 # params.yaml may add top-level entries of its own (pipelines/*: data_dir, vq_ckpt, ...).
 SECTIONS = ("launch", "prepare", "pretrain_vq", "pretrain_classifier", "tokenize", "import_codes", "pretrain_ar",
-            "reflogp", "negatives", "train", "eval", "sweep", "paper")
+            "reflogp", "negatives", "train", "eval", "select", "sweep", "paper")
 # A params file is a few hundred values; a document whose aliases (*name) expand to more is a "billion laughs"
 # bomb: every later step (merging, checking, the settings digest, an error's repr) would expand it.
 MAX_EXPANDED_NODES = 100_000
