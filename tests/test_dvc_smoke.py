@@ -108,10 +108,15 @@ def test_the_paper_pipeline_runs_as_shipped(repo: Path):
     paper_dir = repo / "pipelines/paper"
     text = (paper_dir / "params.yaml").read_text(encoding="utf-8")
     for key, points in {"dpo_betas": "[0.25]", "unlearning_lambdas": "[0.03]", "lambdas": "[1, 30]",
-                        "fixed_lambdas": "[30]"}.items():
+                        "fixed_lambdas": "[30]", "seeds": "[0]", "seeds_cca_lambdas": "[10]", "ddo_alphas": "[1]",
+                        "ddo_round2_alphas": "[1]"}.items():
         text, n = re.subn(rf"^(  {key}: )\[[^\]]*\]", rf"\g<1>{points}", text, flags=re.M)
         assert n == 1, key
     (paper_dir / "params.yaml").write_text(text, encoding="utf-8")
+    ddo = yaml.safe_load((ROOT / "pipelines/ddo/params.yaml").read_text())  # the DDO settings the seeds-ddo-* stages read
+    ddo["train"]["epochs"] = TINY["train"]["epochs"]
+    (repo / "pipelines/ddo").mkdir()
+    (repo / "pipelines/ddo/params.yaml").write_text(yaml.safe_dump(ddo, sort_keys=False))
     log = _run([str(BIN / "dvc"), "repro"], paper_dir)
     shipped = yaml.safe_load((paper_dir / "params.yaml").read_text())["paper"]
     runs = [f"dpo/beta{b}" for b in shipped["dpo_betas"]] + [f"unlearning/lam{lam}" for lam in shipped["unlearning_lambdas"]] \
@@ -127,6 +132,8 @@ def test_the_paper_pipeline_runs_as_shipped(repo: Path):
     assert set(checks["lambda_fid_over_fixed"]) <= {f"{lam:g}" for lam in shipped["lambdas"]}
     for name in ("table3.md", "table3_grid.md", "table5.md", "dropout.md", "fid_is.png", "logps_pos.png", "results.md"):
         assert (report / name).is_file(), name
+    seeds = json.loads((repo / "data/paper/seeds/report/summary.json").read_text())
+    assert set(seeds["best"]) == {"CCA", "DDO round 1", "DDO round 2"} and seeds["seeds"] == shipped["seeds"]
 
 
 @pytest.mark.slow
