@@ -57,7 +57,7 @@ class PaperConfig:
     fixed_lambdas: list[int | float] = setting(default_factory=lambda: [1, 30, 100], unique=True, gt=0.0)
     # DDO vs CCA (stages/ddo_vs_cca.py): each point trained once per fine-tuning seed (train.seed, negatives.seed)
     seeds: list[int] = setting(default_factory=lambda: [0, 1, 2], nonempty=True, unique=True, ge=0)
-    seeds_cca_lambdas: list[int | float] = setting(default_factory=lambda: [10, 30], nonempty=True, unique=True, ge=0.0)
+    seeds_cca_lambdas: list[int | float] = setting(default_factory=lambda: [10], nonempty=True, unique=True, ge=0.0)
     ddo_alphas: list[int | float] = setting(default_factory=lambda: [1, 4], nonempty=True, unique=True, gt=0.0)
     ddo_betas: list[int | float] = setting(default_factory=lambda: [0.5], nonempty=True, unique=True, gt=0.0)
     ddo_round2_alphas: list[int | float] = setting(default_factory=lambda: [1, 4], nonempty=True, unique=True, gt=0.0)  # round 2

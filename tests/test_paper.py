@@ -110,7 +110,8 @@ def test_the_paper_tables_and_checks(tmp_path: Path):
 def test_the_paper_pipeline_reuses_the_main_reference_cache():
     """No stage of pipelines/paper computes reference log-probs but the dropout experiment's one, whose point
     is a cache with the reference's dropout, and Table 5's, whose paper.lambda_epochs epochs read as many visits
-    (reflogp.visits: epochs); every other training stage reads the main cache."""
+    (reflogp.visits: epochs), and DDO's rounds over seeds (seeds-ddo-*), whose caches score their own fakes; every
+    other training stage reads the main cache."""
     stages = yaml.safe_load((ROOT / "pipelines/paper/dvc.yaml").read_text())["stages"]
     trains = {name: s.get("do", s) for name, s in stages.items() if " train " in s.get("do", s)["cmd"]}
     assert set(trains) == {"dpo-train", "unlearning-train", "cca-cfg-train", "lambda-train", "dropout-train", "fixed-train",
