@@ -60,7 +60,7 @@ class PaperConfig:
     seeds_cca_lambdas: list[int | float] = setting(default_factory=lambda: [10], nonempty=True, unique=True, ge=0.0)
     ddo_alphas: list[int | float] = setting(default_factory=lambda: [1, 4], nonempty=True, unique=True, gt=0.0)
     ddo_betas: list[int | float] = setting(default_factory=lambda: [0.5], nonempty=True, unique=True, gt=0.0)
-    ddo_round2_alphas: list[int | float] = setting(default_factory=lambda: [1, 4], nonempty=True, unique=True, gt=0.0)  # round 2
+    ddo_round2_alphas: list[int | float] = setting(default_factory=lambda: [1], nonempty=True, unique=True, gt=0.0)  # round 2
     ddo_round2_betas: list[int | float] = setting(default_factory=lambda: [0.5], nonempty=True, unique=True, gt=0.0)  # continues these
 
     def __post_init__(self) -> None:
