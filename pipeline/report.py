@@ -202,12 +202,29 @@ def results_table(rows: list[tuple[str, dict[str, float]]], first: str = "point"
                 cells.append("n/a")
             elif k == "images_per_s":
                 cells.append(significant(metrics[k]))
+            elif f"{k}_min" in metrics:  # over_seeds: a mean over runs and their range
+                cells.append(f"{metrics[k]:.3f} [{metrics[k + '_min']:.3f}, {metrics[k + '_max']:.3f}]")
             elif f"{k}_std" in metrics:
                 cells.append(f"{metrics[k]:.3f} ± {metrics[k + '_std']:.3f}")
             else:
                 cells.append(f"{metrics[k]:.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
+
+
+def over_seeds(runs: list[dict[str, float]]) -> dict[str, float]:
+    """One setting trained once per seed: for every number all `runs` hold, the mean over the runs and their range
+    (`<key>_min`, `<key>_max`; results_table writes `mean [min, max]`). A run's own `<key>_std` (over eval's
+    sampling seeds) is left out: the spread shown is the fine-tuning seeds'."""
+    if not runs:
+        raise ValueError("over_seeds: no runs to aggregate")
+    keys = [k for k, v in runs[0].items() if isinstance(v, int | float) and not isinstance(v, bool) and not k.endswith("_std")
+            and all(k in r for r in runs)]
+    summary: dict[str, float] = {}
+    for k in keys:
+        values = np.array([r[k] for r in runs], dtype=np.float64)
+        summary |= {k: float(values.mean()), f"{k}_min": float(values.min()), f"{k}_max": float(values.max())}
+    return summary
 
 
 def markdown_table(points: list[Point]) -> str:

@@ -55,6 +55,13 @@ class PaperConfig:
     # Table 5's policies trained at one fixed lambda, besides the main run's (train.lambda) and any of the main
     # sweep (sweep.lambdas): pipelines/paper trains them, `make demo` does not (its headline uses the main run alone)
     fixed_lambdas: list[int | float] = setting(default_factory=lambda: [1, 30, 100], unique=True, gt=0.0)
+    # DDO vs CCA (stages/ddo_vs_cca.py): each point trained once per fine-tuning seed (train.seed, negatives.seed)
+    seeds: list[int] = setting(default_factory=lambda: [0, 1, 2], nonempty=True, unique=True, ge=0)
+    seeds_cca_lambdas: list[int | float] = setting(default_factory=lambda: [10], nonempty=True, unique=True, ge=0.0)
+    ddo_alphas: list[int | float] = setting(default_factory=lambda: [1, 4], nonempty=True, unique=True, gt=0.0)
+    ddo_betas: list[int | float] = setting(default_factory=lambda: [0.5], nonempty=True, unique=True, gt=0.0)
+    ddo_round2_alphas: list[int | float] = setting(default_factory=lambda: [1], nonempty=True, unique=True, gt=0.0)  # round 2
+    ddo_round2_betas: list[int | float] = setting(default_factory=lambda: [0.5], nonempty=True, unique=True, gt=0.0)  # continues these
 
     def __post_init__(self) -> None:
         check_ranges(self, "paper")
@@ -64,7 +71,7 @@ def _methods(eval_dir: Path) -> dict[str, dict]:
     return read_results(eval_dir / "metrics.json", ("methods",))["methods"]
 
 
-def _only_method(eval_dir: Path) -> dict:
+def only_method(eval_dir: Path) -> dict:
     """The metrics of an eval that evaluated one method (each point of pipelines/paper has its own folder)."""
     (metrics,) = _methods(eval_dir).values()
     return metrics
@@ -108,7 +115,7 @@ def baseline_grid(paper_dir: Path, paper: PaperConfig) -> list[Point]:
     """Every DPO and Unlearning point of pipelines/paper (`<loss>/beta<b>` and `<loss>/lam<lambda>` folders)."""
     folders = [("dpo", f"beta{b}", None, b) for b in paper.dpo_betas] + \
         [("unlearning", f"lam{lam}", lam, None) for lam in paper.unlearning_lambdas]
-    return [Point(loss, _only_method(paper_dir / loss / name / "eval"), lam=lam, beta=beta,
+    return [Point(loss, only_method(paper_dir / loss / name / "eval"), lam=lam, beta=beta,
                   train_log=train_run_file(paper_dir / loss / name / "train", TRAIN_STEP_CSV)) for loss, name, lam, beta in folders]
 
 
@@ -134,7 +141,7 @@ def fixed_points(paper_dir: Path, paper: PaperConfig) -> list[Point]:
     for lam in paper.fixed_lambdas:
         folder = paper_dir / "fixed" / f"lam{lam}"
         trained = trained_settings(folder / "train")
-        points.append(Point("cca", _only_method(folder / "eval"), lam=trained["lambda"], beta=trained["beta"],
+        points.append(Point("cca", only_method(folder / "eval"), lam=trained["lambda"], beta=trained["beta"],
                             train_log=folder / "train" / "log.csv"))
     return points
 
@@ -142,7 +149,7 @@ def fixed_points(paper_dir: Path, paper: PaperConfig) -> list[Point]:
 def cca_cfg_points(paper_dir: Path, sweep: SweepConfig) -> list[Point]:
     """CCA+CFG: the policy trained at paper.cca_cfg_lambda, sampled with guidance at each sweep.cfg_scales."""
     trained = trained_settings(paper_dir / "cca_cfg" / "train")
-    return [Point("cca_cfg", _only_method(paper_dir / "cca_cfg" / "eval" / f"s{s}"), cfg_scale=float(s),
+    return [Point("cca_cfg", only_method(paper_dir / "cca_cfg" / "eval" / f"s{s}"), cfg_scale=float(s),
                   lam=trained["lambda"], beta=trained["beta"]) for s in sweep.cfg_scales]
 
 
@@ -187,7 +194,7 @@ def reference_dropout(paper_dir: Path, cache: Path, paper: PaperConfig, checks: 
     for name, label in DROPOUT_RUNS.items():
         first = read_log(train_run_file(paper_dir / "dropout" / name / "train", TRAIN_STEP_CSV))
         step0 = {"ratio_pos": float(first["rewards/pos"][0]), "ratio_neg": float(first["rewards/neg"][0])}
-        metrics = _only_method(paper_dir / "dropout" / name / "eval")
+        metrics = only_method(paper_dir / "dropout" / name / "eval")
         checks["dropout"][name] = {**step0, "fid": metrics["fid"]}
         rows.append((label, {**metrics, **step0}))
     title = f"train.dropout {paper.dropout:g}; D = {cost.mean():.2f} ± {cost.std():.2f} nats over {len(cost)} rows"

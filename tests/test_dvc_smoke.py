@@ -63,12 +63,17 @@ def test_the_paper_pipeline_runs_as_shipped(repo: Path):
     paper_dir = repo / "pipelines/paper"
     params = yaml.safe_load((paper_dir / "params.yaml").read_text(encoding="utf-8"))
     grids = [key for key, value in params["paper"].items() if isinstance(value, list)]
-    assert {"dpo_betas", "unlearning_lambdas", "lambdas", "fixed_lambdas"} <= set(grids), grids
+    assert {"dpo_betas", "unlearning_lambdas", "lambdas", "fixed_lambdas", "seeds", "seeds_cca_lambdas", "ddo_alphas",
+            "ddo_round2_alphas"} <= set(grids), grids
     for key in grids:
         params["paper"][key] = params["paper"][key][:1]
     assert params["paper"]["lambda_epochs"] > 1.2
     params["paper"]["lambda_epochs"] = 1.2
     (paper_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    ddo = yaml.safe_load((ROOT / "pipelines/ddo/params.yaml").read_text())  # the DDO settings the seeds-ddo-* stages read
+    ddo["train"]["epochs"] = TINY["train"]["epochs"]
+    (repo / "pipelines/ddo").mkdir()
+    (repo / "pipelines/ddo/params.yaml").write_text(yaml.safe_dump(ddo, sort_keys=False))
     log = _run([str(BIN / "dvc"), "repro"], paper_dir)
     shipped = yaml.safe_load((paper_dir / "params.yaml").read_text())["paper"]
     runs = [f"dpo/beta{b}" for b in shipped["dpo_betas"]] + [f"unlearning/lam{lam}" for lam in shipped["unlearning_lambdas"]] \
@@ -84,6 +89,8 @@ def test_the_paper_pipeline_runs_as_shipped(repo: Path):
     assert set(checks["lambda_fid_over_fixed"]) <= {f"{lam:g}" for lam in shipped["lambdas"]}
     for name in ("table3.md", "table3_grid.md", "table5.md", "dropout.md", "fid_is.png", "logps_pos.png", "results.md"):
         assert (report / name).is_file(), name
+    seeds = json.loads((repo / "data/paper/seeds/report/summary.json").read_text())
+    assert set(seeds["best"]) == {"CCA", "DDO round 1", "DDO round 2"} and seeds["seeds"] == shipped["seeds"]
 
 
 @pytest.mark.slow

@@ -110,11 +110,18 @@ def test_the_paper_tables_and_checks(tmp_path: Path):
 def test_the_paper_pipeline_reuses_the_main_reference_cache():
     """No stage of pipelines/paper computes reference log-probs but the dropout experiment's one, whose point
     is a cache with the reference's dropout, and Table 5's, whose paper.lambda_epochs epochs read as many visits
-    (reflogp.visits: epochs); every other training stage reads the main cache."""
+    (reflogp.visits: epochs), and DDO's rounds over seeds (seeds-ddo-*), whose caches score their own fakes; every
+    other training stage reads the main cache."""
     stages = yaml.safe_load((ROOT / "pipelines/paper/dvc.yaml").read_text())["stages"]
     trains = {name: s.get("do", s) for name, s in stages.items() if " train " in s.get("do", s)["cmd"]}
-    assert set(trains) == {"dpo-train", "unlearning-train", "cca-cfg-train", "lambda-train", "dropout-train", "fixed-train"}
+    assert set(trains) == {"dpo-train", "unlearning-train", "cca-cfg-train", "lambda-train", "dropout-train", "fixed-train",
+                           "seeds-cca-train", "seeds-ddo-train-1", "seeds-ddo-train-2"}
     for name, stage in trains.items():
+        if name.startswith("seeds-ddo-train-"):  # DDO: a cache of the round's reference with its fakes (docs/ddo.md)
+            round_dir = f"../../data/paper/seeds/ddo/round{name[-1]}/"
+            assert f"--cache {round_dir}" in stage["cmd"] and f"--negatives {round_dir}" in stage["cmd"], name
+            assert "../../data/reflogp/ref_logp.parquet" not in stage["deps"], name
+            continue
         if name == "dropout-train":  # against the main cache (eval mode) and against the dropout one
             caches = {item["cache"] for item in stages[name]["foreach"].values()}
             assert caches == {"../../data/reflogp/ref_logp.parquet", "../../data/paper/dropout/ref_logp.parquet"}
@@ -126,7 +133,10 @@ def test_the_paper_pipeline_reuses_the_main_reference_cache():
         assert "../../data/reflogp/ref_logp.parquet" in stage["deps"], name
         assert "--cache ../../data/reflogp/ref_logp.parquet" in stage["cmd"], name
     reflogps = [name for name, s in stages.items() if " reflogp " in s.get("do", s)["cmd"]]
-    assert reflogps == ["lambda-reflogp", "dropout-reflogp"]
+    assert reflogps == ["lambda-reflogp", "dropout-reflogp", "seeds-ddo-reflogp-1", "seeds-ddo-reflogp-2"]
+    for r in (1, 2):  # DDO's rounds score the real rows with their fakes: the main cache has no fake column
+        reflogp = stages[f"seeds-ddo-reflogp-{r}"]
+        assert f"--negatives ../../data/paper/seeds/ddo/round{r}/" in reflogp.get("do", reflogp)["cmd"]
     assert "--set reflogp.dropout=${paper.dropout}" in stages["dropout-reflogp"]["cmd"]
     assert "--set train.epochs=${paper.lambda_epochs} reflogp" in stages["lambda-reflogp"]["cmd"]
     assert stages["lambda-reflogp"]["outs"] == ["../../data/paper/lambda/ref_logp.parquet"]

@@ -37,7 +37,7 @@ DVC_FILES = [ROOT / "dvc.yaml", ROOT / "pipelines/imagenet-llamagen/dvc.yaml", R
              ROOT / "pipelines/paper/dvc.yaml", ROOT / "pipelines/ddo/dvc.yaml",
              ROOT / "pipelines/imagenet-llamagen/ddo/dvc.yaml", ROOT / "pipelines/imagenet-var/ddo/dvc.yaml"]
 MODULES = {command: module for command, (module, _, _) in STAGES.items()} | {"report": "report", "import-codes": "import_codes",
-                                                                             "paper": "paper", "check": "check",
+                                                                             "paper": "paper", "ddo-vs-cca": "ddo_vs_cca", "check": "check",
                                                                              "fetch": "fetch"}
 # command -> the modules that compute what it writes; their imports are followed within COMPUTING only
 VERSIONED = {

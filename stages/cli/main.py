@@ -559,6 +559,22 @@ def paper(ctx, eval_dir, train_dir, sweep_dir, paper_dir, paper_params, cache, o
     click.echo(stage.run(eval_dir, train_dir, sweep_dir, paper_dir, cache, out, resolved_config(ctx, "report"), paper))
 
 
+@main.command("ddo-vs-cca")
+@click.option("--eval", "eval_dir", default="data/eval", type=PathType, show_default=True, help="the main run's (base, CFG)")
+@click.option("--sweep", "sweep_dir", default="data/sweep", type=PathType, show_default=True, help="the main run's CFG scales")
+@click.option("--seeds-dir", default="data/paper/seeds", type=PathType, show_default=True,
+              help="the runs of pipelines/paper's seeds-* stages")
+@click.option("--paper-params", default="pipelines/paper/params.yaml", type=PathType, show_default=True)
+@click.option("--out", default="data/paper/seeds/report", type=OutPath, show_default=True)
+@click.pass_context
+def ddo_vs_cca(ctx, eval_dir, sweep_dir, seeds_dir, paper_params, out):
+    """DDO (rounds 1 and 2) against CCA, the best CFG and the base model over fine-tuning seeds, each at its best
+    grid point, and the train cost of each (pipelines/paper, `make paper`; docs/paper.md)."""
+    stage = verb("ddo_vs_cca")
+    paper = build(stage.PaperConfig, load_params(paper_params), "paper")
+    click.echo(stage.run(eval_dir, sweep_dir, seeds_dir, out, resolved_config(ctx, "report"), paper))
+
+
 class MemorySize(click.ParamType):
     name = "SIZE"
 
