@@ -24,7 +24,7 @@ at every visit of a row; the cache holds reflogp.visits draws per row, by defaul
 (`visits: epochs`: 1 for the released recipes, 3 for llamagen-L-lambda), and train's epoch e reads visit e,
 so every preset sees the release's distribution. The policy draws its own masks, keyed by (train.seed, visit).
 
-Deliberate departures from the scripts, documented in the README:
+Deliberate departures from the scripts, documented in docs/imagenet.md ("Settings, presets and the released recipe"):
 - Negatives `roll` are drawn once per cache row from a seeded global permutation, not re-rolled in each
   2-row micro-batch at every step.
 """
