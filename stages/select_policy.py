@@ -54,7 +54,7 @@ def candidates(run_dir: Path, rule: str) -> list[tuple[int, Path]]:
     if not policy.is_file() or not log_file.is_file():
         raise ConfigError(f"--run {run_dir}: not a finished train run (no policy.pt or metrics.jsonl): pass the folder "
                           "`cca-pipe train --out` wrote")
-    final = [(sum(1 for line in log_file.read_text().splitlines() if line.strip()), policy)]
+    final = [(sum(1 for line in log_file.read_text(encoding="utf-8").splitlines() if line.strip()), policy)]
     if rule == "final":
         return final
     numbered = sorted((int(p.stem), p) for p in (run_dir / "checkpoints").glob("[0-9]*.pt") if p.stem.isdigit())
@@ -92,7 +92,7 @@ def run(cfg: SelectConfig, eval_cfg: EvalConfig, run_dir: Path, out: Path, vq_pa
                 folder = partial / "scores" / f"{step:07d}"
                 done = folder / "metrics.json"
                 if done.is_file():
-                    metrics = json.loads(done.read_text())
+                    metrics = json.loads(done.read_text(encoding="utf-8"))
                     log.info("step %d: scored already, reusing it", step)
                 else:
                     metrics = evaluate(scoring, vq_path, None, path, reference, classifier_path, folder,
