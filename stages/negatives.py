@@ -88,6 +88,22 @@ def claim_negatives(out: Path) -> Claim:
     return claim
 
 
+def _plan_chunks(claim, labels: np.ndarray, seq_len: int, attrs: dict, key: str, chunk_rows: int):
+    """On the main process: ("done", None, None) when the store is built with this key, else the chunks left to draw
+    as (chunk, start, stop), the writer of the partial store and the live log, resumed at the first pending chunk."""
+    existing = store_attrs(claim.target) or {}
+    if existing.get("build_key") == key and "fingerprint" in existing:
+        return "done", None, None
+    writer = TokenStoreWriter(claim.partial, labels, 1, seq_len, attrs, key, chunk_rows)
+    plan = [(k, *writer.chunk_range(k)) for k in writer.pending_chunks()]
+    if len(plan) < writer.num_chunks:
+        log.info("resuming %s: %d of %d chunks already drawn", claim.partial, writer.num_chunks - len(plan), writer.num_chunks)
+    # the chunks are written in order: the first pending one (or, all drawn, the end) is the step axis's resume point
+    live = LiveLog(live_beside(claim.target), resume=plan[0][0] if plan else writer.num_chunks,
+                   total_steps=writer.num_chunks)
+    return plan, writer, live
+
+
 def _negatives(cfg: NegativesConfig, tokens_path: Path, ref_path: Path, vq_path: Path, claim, source: ModelSource,
                vq_model: str | None, world: World) -> str | None:
     store = open_token_store(tokens_path)
@@ -109,20 +125,9 @@ def _negatives(cfg: NegativesConfig, tokens_path: Path, ref_path: Path, vq_path:
                                 list(store.attrs["class_names"]), str(ref_path), as_params(cfg)),
              "negatives": provenance}
     key = settings_digest([as_params(cfg), ref_sha, vq_sha, store.fingerprint])
-    plan = live = None
+    plan = writer = live = None
     if world.main:
-        existing = store_attrs(claim.target) or {}
-        if existing.get("build_key") == key and "fingerprint" in existing:
-            plan = "done"
-        else:
-            writer = TokenStoreWriter(claim.partial, labels, 1, int(layout["seq_len"]), attrs, key, cfg.chunk_rows)
-            plan = [(k, *writer.chunk_range(k)) for k in writer.pending_chunks()]
-            if len(plan) < writer.num_chunks:
-                log.info("resuming %s: %d of %d chunks already drawn", claim.partial, writer.num_chunks - len(plan),
-                         writer.num_chunks)
-            # the chunks are written in order: the first pending one (or, all drawn, the end) is the step axis's resume point
-            resume = (plan[0][0] if plan else writer.num_chunks) if len(plan) < writer.num_chunks else 0
-            live = LiveLog(live_beside(claim.target), resume=resume, total_steps=writer.num_chunks)
+        plan, writer, live = _plan_chunks(claim, labels, int(layout["seq_len"]), attrs, key, cfg.chunk_rows)
     plan = world.broadcast(plan)
     if plan == "done":
         if world.main:
