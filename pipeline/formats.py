@@ -111,7 +111,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .live import LIVE_DIR
-from .outputs import Claim, atomic_file
+from .outputs import Claim, atomic_file, is_atomic_leftover
 from .versions import LOGP_VERSION
 
 log = logging.getLogger(__name__)
@@ -241,10 +241,11 @@ def is_ref_cache(path: Path) -> bool:
 
 
 def _is_parts_dir(path: Path) -> bool:
-    """An unfinished cache of ours: a directory of nothing but part files (and their .gitignore, and the
-    progress reflogp logs there: a LIVE_DIR folder, pipeline/live.py)."""
+    """An unfinished cache of ours: a directory of nothing but part files (and their .gitignore, the progress
+    reflogp logs there: a LIVE_DIR folder, pipeline/live.py, and the temporary file of a part being written when
+    the run was killed)."""
     return path.is_dir() and all(p.name == ".gitignore" or (p.name.startswith("part-") and p.suffix == ".parquet")
-                                 or (p.name == LIVE_DIR and p.is_dir()) for p in path.iterdir())
+                                 or (p.name == LIVE_DIR and p.is_dir()) or is_atomic_leftover(p) for p in path.iterdir())
 
 
 def claim_ref_cache(path: str | os.PathLike) -> Claim:
@@ -265,6 +266,8 @@ class RefCacheParts:
         if create:  # by one process (the main one under torchrun)
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / ".gitignore").write_text("# partial reference cache, merged and removed when complete\n*\n", encoding="utf-8")
+            for leftover in filter(is_atomic_leftover, self.dir.iterdir()):  # a part a killed run was writing
+                leftover.unlink(missing_ok=True)
 
     @property
     def num_parts(self) -> int:

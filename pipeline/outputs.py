@@ -50,13 +50,18 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     `path` (atomic on POSIX), on any error or interruption it is removed, so `path` is never half written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # is_atomic_leftover() knows this name
     try:
         yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def is_atomic_leftover(path: Path) -> bool:
+    """A temporary file of atomic_file that a SIGKILL left behind (no `except` ran): never a finished file."""
+    return path.is_file() and path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -23,6 +23,7 @@ import yaml
 from worlds import write_reference_images
 
 from pipeline.formats import FormatError, RefCacheParts, read_ref_cache, write_ref_cache
+from pipeline.outputs import OutputError
 from pipeline.refcache import draw_pairs
 from pipeline.versions import LOGP_VERSION
 
@@ -84,6 +85,27 @@ def test_a_resumed_computation_keeps_parts_of_other_code_files_not_of_another_ve
     assert RefCacheParts(tmp_path / "c.parquet", 8, 4, edited, tmp_path / "parts").pending() == [1]
     bumped = {**prov, "logp_version": LOGP_VERSION + 1}
     assert RefCacheParts(tmp_path / "c.parquet", 8, 4, bumped, tmp_path / "parts").pending() == [0, 1]
+
+
+def test_a_run_killed_while_writing_a_part_is_resumed_not_refused(tmp_path):
+    """SIGKILL runs no `except`: the part being written stays behind as atomic_file's temporary file. The rerun's
+    claim takes the folder as its own unfinished cache (it refused it once: a `make test` under load), removes that
+    file and computes only the missing part."""
+    from pipeline.formats import claim_ref_cache
+
+    prov = {**PROV, "logp_version": LOGP_VERSION}
+    columns, out = _columns(8), tmp_path / "c.parquet"
+    claim = claim_ref_cache(out)
+    first = RefCacheParts(out, 8, 4, prov, claim.partial)
+    first.write_part(0, {k: v[:4] for k, v in columns.items()})
+    leftover = claim.partial / f".{first.part_path(1).name}.4242.tmp"
+    leftover.write_bytes(b"PAR1 half a part")
+    claim.check()  # no OutputError
+    rerun = RefCacheParts(out, 8, 4, prov, claim.partial)
+    assert not leftover.exists() and rerun.pending() == [1]
+    (claim.partial / "notes.txt").write_text("mine", encoding="utf-8")  # anything else is still refused
+    with pytest.raises(OutputError, match="not cca-pipe's own"):
+        claim.check()
 
 
 def test_the_encoding_version_enters_the_build_key_from_2_on(monkeypatch):
