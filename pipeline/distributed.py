@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .ranks import launched, rank_zero  # noqa: F401 (imported from here by stages and components)
+
 
 @dataclass
 class World:
@@ -110,11 +112,6 @@ def file_identity(path: object) -> str:
     return "directory" if p.is_dir() else "nothing"
 
 
-def launched() -> bool:
-    """Whether this process was started by torchrun (or another launcher that sets its environment)."""
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def init_world(device: str = "auto") -> World:
     """This process's World: from torchrun's environment (joining the process group), else a world of one."""
     from .device import pick_device
@@ -165,11 +162,6 @@ def _stop_at_once() -> None:
 def shutdown_world() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def rank_zero() -> bool:
-    """Whether this process is rank 0 of its job (or alone), without a World at hand (logging, progress bars)."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def sample_seed(seed: int, index: int) -> int:

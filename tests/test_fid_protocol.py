@@ -129,3 +129,35 @@ def test_eval_refuses_statistics_of_another_extractor(tmp_path):
     np.savez(tmp_path / "batch.npz", arr_0=arr_0, mu=np.zeros(5), sigma=np.eye(5))
     with pytest.raises(ValueError, match="dimensions"):
         _run(tmp_path, tmp_path / "batch.npz", "C")
+
+
+@pytest.mark.parametrize("n_generated, n_reference, dim", [(8, 100, 2048), (100, 8, 2048), (30, 40, 64), (2, 2, 16)])
+def test_few_features_give_torch_fidelitys_frechet_distance_without_the_d_by_d_eigenproblem(n_generated, n_reference, dim):
+    """Fewer samples than dimensions (a trial eval: 8 images against Inception's 2048 features): the nuclear norm
+    of X1 X2^T gives the trace term of torch-fidelity's eigenvalue route, to its rounding noise."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    from pipeline.metrics import frechet_distance_of_few
+
+    rng = np.random.default_rng(n_generated + dim)
+    mixing = rng.standard_normal((dim, dim)) / np.sqrt(dim)  # correlated features, as a network's are
+    generated = torch.from_numpy((rng.standard_normal((n_generated, dim)) @ mixing).astype(np.float32))
+    reference = torch.from_numpy((rng.standard_normal((n_reference, dim)) @ mixing + 0.3).astype(np.float32))
+    expected = fid_statistics_to_metric(fid_features_to_statistics(generated), fid_features_to_statistics(reference),
+                                        False)["frechet_inception_distance"]
+    assert frechet_distance_of_few(generated.numpy(), reference.numpy()) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance_of_few(generated.numpy(), generated.numpy()) == pytest.approx(0, abs=1e-9 * expected)
+
+
+def test_few_features_take_the_fast_route_and_many_torch_fidelitys(monkeypatch):
+    import pipeline.metrics as metrics
+
+    extractor = metrics.FeatureExtractor(None, {}, "test", "0" * 64)
+    rng = np.random.default_rng(0)
+    few, many = (torch.from_numpy(rng.standard_normal((n, 4)).astype(np.float32)) for n in (4, 5))
+    routes = []
+    monkeypatch.setattr(metrics, "frechet_distance_of_few", lambda a, b: routes.append("few") or 1.0)
+    assert metrics.frechet_distance("fid", extractor, few, few, None) == 1.0  # 4 x 4 products <= 4^2
+    assert metrics.frechet_distance("fid", extractor, many, few, None) != 1.0 and routes == ["few"]  # 5 x 4 > 4^2
+    stats = {"mu": few.double().numpy().mean(0), "sigma": np.cov(few.double().numpy(), rowvar=False)}
+    assert metrics.frechet_distance("fid", extractor, few, few, stats) == pytest.approx(0, abs=1e-9) and routes == ["few"]

@@ -1239,6 +1239,36 @@ def test_a_stopped_rank_ends_the_job_in_one_line_after_the_timeout(world: Path, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_closing_a_stopped_rank_ends_it_without_waiting_for_sigkill(wrapped: bool, monkeypatch):
+    """torchrun's close of a rank (SIGTERM to its process group, then SIGKILL after 30 s): a SIGSTOPped rank holds
+    the SIGTERM pending until the SIGKILL, unless the close also sends SIGCONT (stages/cli/launch.py)."""
+    import signal
+    import subprocess
+
+    from torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler import SubprocessHandler
+
+    from stages.cli.launch import wake_stopped_ranks_when_closing
+
+    monkeypatch.setattr(SubprocessHandler, "close", SubprocessHandler.close)  # restored after the test
+    if wrapped:
+        wake_stopped_ranks_when_closing()
+        wake_stopped_ranks_when_closing()  # twice: wrapped once
+    rank = SubprocessHandler(sys.executable, ("-c", "import time; time.sleep(120)"), {}, None, None, 0, None)
+    try:
+        os.kill(rank.proc.pid, signal.SIGSTOP)
+        os.waitpid(rank.proc.pid, os.WUNTRACED)  # stopped now (sent at once, the lower-numbered SIGTERM would go first)
+        rank.close(signal.SIGTERM)
+        if wrapped:
+            assert rank.proc.wait(timeout=60) == -signal.SIGTERM
+        else:
+            with pytest.raises(subprocess.TimeoutExpired):
+                rank.proc.wait(timeout=2)  # stopped: the SIGTERM waits
+    finally:
+        rank.proc.kill()
+        rank.proc.wait()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_rank_killed_by_a_signal_is_named_in_one_line(world: Path, tmp_path: Path):
     """SIGKILL of rank 1 mid-training (the out-of-memory killer): one line naming the rank and the signal, no

@@ -320,3 +320,23 @@ def test_score_says_a_cold_hub_reference_in_one_line(hub_home, tmp_path, monkeyp
                         "--classifier", tmp_path / "clf.pt"], monkeypatch, capsys)
     assert code != 0 and len(err.strip().splitlines()) == 1, err
     assert "huggingface-cli download openai/adm-reference VIRTUAL_imagenet256_labeled.npz" in err
+
+
+def test_fetch_help_and_errors_never_import_torch(tmp_path):
+    """fetch runs in every shipped pipeline and only links files: its process (and `--help`, and a refused input's
+    one line) starts without torch (1.5 s of a core each; stages/cli/main.py KNOWN_ERRORS, pipeline/ranks.py)."""
+    import os
+    import subprocess
+    import sys
+
+    local = tmp_path / "vq.pt"
+    local.write_bytes(b"vq")
+    code = ("import sys\nfrom stages.cli import run\nsys.argv = ['cca-pipe', *sys.argv[1:]]\ntry:\n    run()\n"
+            "finally:\n    print('torch imported' if 'torch' in sys.modules else 'no torch', file=sys.stderr)\n")
+    out = tmp_path / "data" / "checkpoints"
+    for args, status in ((["--help"], 0), (["fetch", "--help"], 0), (["fetch", f"vq_ckpt={local}", "--out", str(out)], 0),
+                         (["fetch", "--pinned", "gpt_ckpt=hf://owner/repo/gpt.pt", "--out", str(out)], 2)):
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+        assert proc.returncode == status and proc.stderr.rstrip().endswith("no torch"), (args, proc.stderr[-2000:])
+    assert (out / "vq_ckpt").readlink() == local

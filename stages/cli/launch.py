@@ -143,6 +143,30 @@ def relaunch(cfg: LaunchConfig, argv: list[str]) -> int:
     return 128 + received[0] if received else returncode
 
 
+def wake_stopped_ranks_when_closing() -> None:
+    """torchrun ends a job by sending SIGTERM to each rank's process group, then waits 30 s before SIGKILL. A rank
+    stopped by SIGSTOP or Ctrl-Z holds the SIGTERM pending, so the job ended 30 s after the rank that timed out had
+    said why. SIGCONT after the signal lets it act on it at once. (torchrun has no option for this: the close of
+    its subprocess handler, which the agent calls for each rank, is wrapped; absent in another torch, nothing is.)"""
+    try:
+        from torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler import SubprocessHandler
+    except ImportError:  # pragma: no cover - another torch layout: the job still ends, 30 s later
+        return
+    close = SubprocessHandler.close
+    if getattr(close, "wakes_stopped_ranks", False):
+        return
+
+    def close_then_continue(self, death_sig: signal.Signals | None = None) -> None:
+        close(self, death_sig)
+        try:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+        except (ProcessLookupError, PermissionError):
+            pass  # already gone
+
+    close_then_continue.wakes_stopped_ranks = True
+    SubprocessHandler.close = close_then_continue
+
+
 def torchrun_main(args: list[str]) -> int:
     """torchrun (`torch.distributed.run`'s own launcher, its arguments) without its noise: the failed rank has
     said what went wrong in one line (rank 0 for the job, stages/cli/main.py), so torchrun's failure summary (a
@@ -160,6 +184,7 @@ def torchrun_main(args: list[str]) -> int:
         return 0
     os.environ[QUIET_PEERS] = "1"  # the ranks inherit it
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the loggers LOGLEVEL does not set
+    wake_stopped_ranks_when_closing()
     try:
         run(parse_args(args))
     except ChildFailedError as e:

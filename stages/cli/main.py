@@ -210,8 +210,8 @@ def main(ctx: click.Context, params: Path, overrides: tuple[str, ...], preset: s
          nproc_per_node: int | None, nnodes: int | None, rdzv_endpoint: str | None, rdzv_id: str | None,
          verbose: bool) -> None:
     """cca-pipe: Condition Contrastive Alignment for autoregressive image generators, offline."""
-    from pipeline.distributed import launched, rank_zero
     from pipeline.hub import forget as forget_hub_inputs
+    from pipeline.ranks import launched, rank_zero
 
     level = (logging.DEBUG if verbose else logging.INFO) if rank_zero() else logging.WARNING  # rank 0 logs for the job
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -779,30 +779,39 @@ def _leave_it_to_rank_zero(wait_s: float = 60.0) -> None:
     sys.exit(2)
 
 
+# The input errors guarded() turns into one line, by module. Looked up when an error is raised (an `except`
+# clause is evaluated then): an error's class exists only if its module was imported, and importing them all up
+# front would import torch (1.5 s of a core) into the commands that need none: fetch, report, --help.
+KNOWN_ERRORS = {"pipeline.checkpoint": "CheckpointError", "pipeline.config": "ConfigError", "pipeline.formats": "FormatError",
+                "pipeline.outputs": "OutputError", "pipeline.device": "OutOfMemory"}
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    loaded = tuple(getattr(sys.modules[module], name) for module, name in KNOWN_ERRORS.items() if module in sys.modules)
+    return (*loaded, FileNotFoundError, ValueError, FloatingPointError)
+
+
 @contextlib.contextmanager
 def guarded():
     """Known input errors become one clear message and exit status 2 (with -v, the traceback too); under
     torchrun each rank reports its own."""
     import errno
 
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.config import ConfigError, JobError
-    from pipeline.device import OutOfMemory
-    from pipeline.distributed import launched, rank_zero
-    from pipeline.formats import FormatError
-    from pipeline.outputs import OutputError
-
     verbose = "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:]
     try:
         yield
-    except (ConfigError, CheckpointError, FormatError, OutputError, FileNotFoundError, ValueError, FloatingPointError,
-            OutOfMemory) as e:
+    except known_errors() as e:
+        from pipeline.config import JobError
+        from pipeline.ranks import rank_zero
+
         if verbose:
             raise
         if isinstance(e, JobError) and not rank_zero():
             _leave_it_to_rank_zero()
         _fail(str(e))
     except RuntimeError as e:  # after OutOfMemory (above)
+        from pipeline.ranks import launched
+
         text = str(e).lower()
         if verbose or not launched() or not any(s in text for s in ("timed out", "connection closed by peer",
                                                                     "connection reset by peer")):
