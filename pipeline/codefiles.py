@@ -9,6 +9,7 @@ Imports are read from the source (ast), including those inside functions, and fo
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,6 +36,12 @@ def _module_name(path: Path) -> str:
 
 def imports_of(path: Path) -> set[str]:
     """Modules of our packages that `path` imports anywhere in its body (absolute names)."""
+    stat = path.stat()
+    return set(_imports_of(path, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.cache  # by the file's version: `dvcdeps` and its tests take ~40 closures a dvc.yaml, mostly of the same files
+def _imports_of(path: Path, mtime_ns: int, size: int) -> frozenset[str]:
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
@@ -48,7 +55,7 @@ def imports_of(path: Path) -> set[str]:
                 base = ".".join([*anchor, base] if base else anchor)
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)  # `from . import sampling`
-    return {m for m in found if module_file(m) is not None}
+    return frozenset(m for m in found if module_file(m) is not None)
 
 
 def closure(modules: Iterable[str], within: tuple[str, ...] | None = None) -> list[Path]:

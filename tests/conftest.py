@@ -31,6 +31,7 @@ SLOW_MODULES = {
     "test_hub_pipelines",  # dvc repro
     "test_resume", "test_tokenize_resume", "test_hostile_inputs", "test_negatives_processes",  # the CLI in subprocesses, killed and rerun
     "test_demo_seeds",  # dvc repro of the tiny pipeline, once per seed (bench/demo_seeds.py)
+    "test_lambda_experiment",  # dvc exp run on the tiny pipeline
 }
 SLOW_TESTS = {
     "test_tiny_golden.py::test_tiny_pipeline_matches_the_recorded_values",  # reflogp, train and eval end to end
@@ -47,6 +48,7 @@ SLOW_TESTS = {
         "test_train_refuses_a_cache_of_other_dropout_unless_told", "test_train_prints_its_step_count_and_max_steps_caps_it",
         "test_train_records_its_settings_spelled_as_params_yaml")),
     "test_plan.py::test_tokenize_and_eval_plans_match_measured_peaks_on_cpu",  # a process measuring 4 models, InceptionV3
+    "test_plan.py::test_plan_matches_measured_peak_on_cpu",  # a process per training step measured (bench/memory.py)
     "test_plan.py::test_process_terms_are_what_this_machines_processes_hold",  # 4 fresh Python processes
     *(f"test_integrity.py::{name}" for name in (  # tokenize, reflogp and train through the CLI (in process)
         "test_train_refuses_a_cache_with_one_row_swapped", "test_train_keeps_a_policy_the_user_put_in_place_of_ours",
@@ -74,7 +76,8 @@ def pytest_addoption(parser) -> None:
 # of the modules: docs/performance.md.
 SPREAD = {"test_shipped_pipelines", "test_imagenet_pipeline", "test_var_pipeline", "test_hub_pipelines"}
 COSTLY_FIRST = (
-    "test_dvc_smoke", "test_shipped_pipelines", "test_ddo_pipeline", "test_demo_seeds", "test_hub_pipelines",
+    "test_dvc_smoke", "test_shipped_pipelines", "test_ddo_pipeline", "test_demo_seeds", "test_lambda_experiment",
+    "test_hub_pipelines",
     "test_distributed", "test_hostile_inputs", "test_imagenet_pipeline",
     "test_var_pipeline", "test_fsdp", "test_integrity", "test_tiny_golden", "test_resume", "test_tokenize_resume",
     "test_reference_noise", "test_plan",

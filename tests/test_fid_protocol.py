@@ -131,9 +131,9 @@ def test_eval_refuses_statistics_of_another_extractor(tmp_path):
         _run(tmp_path, tmp_path / "batch.npz", "C")
 
 
-@pytest.mark.parametrize("n_generated, n_reference, dim", [(8, 100, 2048), (100, 8, 2048), (30, 40, 64), (2, 2, 16)])
+@pytest.mark.parametrize("n_generated, n_reference, dim", [(8, 100, 256), (100, 8, 256), (30, 40, 64), (2, 2, 16)])
 def test_few_features_give_torch_fidelitys_frechet_distance_without_the_d_by_d_eigenproblem(n_generated, n_reference, dim):
-    """Fewer samples than dimensions (a trial eval: 8 images against Inception's 2048 features): the nuclear norm
+    """Fewer samples than dimensions (a trial eval: 8 images against Inception's 2048 features; 256 here): the nuclear norm
     of X1 X2^T gives the trace term of torch-fidelity's eigenvalue route, to its rounding noise."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
