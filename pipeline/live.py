@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import importlib.util
+import json
 import math
 import os
 import time
@@ -76,6 +77,18 @@ def keep_steps_before(folder: Path, step: int) -> None:
             write_text(path, "".join("\t".join(r) + os.linesep for r in kept))
 
 
+def _drop_unreadable_summary(path: Path) -> None:
+    """DVCLive rewrites its summary in place (truncate, then write), so a SIGKILL can leave it empty or cut, and
+    DVCLive's resume would stop on reading it. Its step is ours to set on resume and its values are the next
+    step's, so an unreadable one is removed."""
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        pass
+    except ValueError:
+        path.unlink()
+
+
 def _files_only_live():
     """DVCLive's Live writing its files only. Its _init_dvc looks up the DVC repo and git for experiments and
     a dvc.yaml of its own, neither of which is used here, and fails outright in a git repo without commits
@@ -118,6 +131,7 @@ class LiveLog:
             return
         if self._first and self.dir.is_dir():
             keep_steps_before(self.dir / LIVE_PLOTS, self._first)
+            _drop_unreadable_summary(self.dir / LIVE_METRICS)
         # no experiment of its own (a stage under `dvc repro`/`dvc exp run` is DVC's) and no dvc.yaml of its
         # own: the shipped dvc.yaml files declare these files as the stage's plots and metrics
         self._live = _files_only_live()(dir=str(self.dir), resume=bool(self._first), save_dvc_exp=False, dvcyaml=None,

@@ -71,6 +71,23 @@ def test_a_resume_drops_the_steps_logged_past_the_resume_point(tmp_path: Path):
     assert json.loads((tmp_path / "live" / LIVE_METRICS).read_text())["step"] == 7
 
 
+@pytest.mark.parametrize("summary", ["", '{"step": 4, "lo'], ids=["emptied", "cut"])
+def test_a_resume_after_a_kill_mid_summary_write_resumes(summary: str, tmp_path: Path):
+    """DVCLive rewrites metrics.json in place: a SIGKILL between its truncate and its write leaves it empty or cut
+    (a `make test` under load: the resumed train stopped on "Expecting value"). The resume goes on, the summary
+    rewritten at its next step."""
+    first = LiveLog(tmp_path / "live", total_steps=8)
+    for step in range(5):
+        first.log_step(step, {"loss": float(step)})
+    (tmp_path / "live" / LIVE_METRICS).write_text(summary)  # killed in the middle of the next rewrite
+    second = LiveLog(tmp_path / "live", resume=3, total_steps=8)
+    for step in range(3, 8):
+        second.log_step(step, {"loss": 100.0 + step})
+    second.close()
+    assert [int(r["step"]) for r in tsv(tmp_path / "live" / LIVE_PLOTS / "loss.tsv")] == list(range(8))
+    assert json.loads((tmp_path / "live" / LIVE_METRICS).read_text())["step"] == 7
+
+
 def test_a_fresh_start_clears_a_previous_run_s_steps(tmp_path: Path):
     old = LiveLog(tmp_path / "live")
     for step in range(3):
