@@ -30,7 +30,8 @@ paper: demo
 	@start=$$(date +%s); cd pipelines/paper && dvc repro && cca-pipe results ../../data/paper/report/results.md && \
 	echo "pipelines/paper dvc repro + results: $$(( $$(date +%s) - start )) s"
 
-# 2 pytest-xdist workers (the 2 cores; tests/conftest.py: which tests share a worker, the costliest first)
+# 2 pytest-xdist workers (the 2 cores; tests/conftest.py: which tests share a worker, the costliest first). The suite
+# is CPU-bound (the cores idle ~1% of a run): a third worker was slower, 867 s against 803 s (docs/performance.md)
 XDIST := -n 2 --dist loadscope --no-loadscope-reorder
 
 test: install
