@@ -324,7 +324,7 @@ def test_score_says_a_cold_hub_reference_in_one_line(hub_home, tmp_path, monkeyp
 
 def test_fetch_help_and_errors_never_import_torch(tmp_path):
     """fetch runs in every shipped pipeline and only links files: its process (and `--help`, and a refused input's
-    one line) starts without torch (1.5 s of a core each; stages/cli/main.py KNOWN_ERRORS, pipeline/ranks.py)."""
+    one line) starts without torch (1.5 s of a core each; stages/cli/main.py known_errors, pipeline/ranks.py)."""
     import os
     import subprocess
     import sys

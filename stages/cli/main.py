@@ -779,16 +779,13 @@ def _leave_it_to_rank_zero(wait_s: float = 60.0) -> None:
     sys.exit(2)
 
 
-# The input errors guarded() turns into one line, by module. Looked up when an error is raised (an `except`
-# clause is evaluated then): an error's class exists only if its module was imported, and importing them all up
-# front would import torch (1.5 s of a core) into the commands that need none: fetch, report, --help.
-KNOWN_ERRORS = {"pipeline.checkpoint": "CheckpointError", "pipeline.config": "ConfigError", "pipeline.formats": "FormatError",
-                "pipeline.outputs": "OutputError", "pipeline.device": "OutOfMemory"}
-
-
 def known_errors() -> tuple[type[BaseException], ...]:
-    loaded = tuple(getattr(sys.modules[module], name) for module, name in KNOWN_ERRORS.items() if module in sys.modules)
-    return (*loaded, FileNotFoundError, ValueError, FloatingPointError)
+    """The input errors guarded() turns into one line, looked up when one is raised (an `except` clause is evaluated
+    then). ConfigError, CheckpointError, FormatError and OutputError are ValueErrors; OutOfMemory (a RuntimeError)
+    exists only once pipeline.device, which imports torch, was imported: importing it up front would put torch
+    (1.5 s of a core) into the commands that need none (fetch, report, --help)."""
+    device = sys.modules.get("pipeline.device")
+    return (ValueError, FileNotFoundError, FloatingPointError, *((device.OutOfMemory,) if device else ()))
 
 
 @contextlib.contextmanager
