@@ -12,7 +12,8 @@ code paths (so libtorch's code pages are in before the baseline: they count in R
 of one micro-batch then a step of two (forward of 2 x micro_batch_size sequences -> per-sequence log-prob
 -> the CCA loss, backward, gradient clipping, AdamW), then reports VmHWM - baseline. The second step's
 second micro-batch is the plan's case: AdamW's moments exist and the gradients are being accumulated.
-The process runs with glibc's mmap threshold fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_):
+The process runs with glibc's mmap threshold fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_) and PyTorch's huge pages for
+tensors of 2 MiB or more (THP_MEM_ALLOC_ENABLE), as `cca-pipe` runs the stages (pipeline/host.py):
 by default glibc raises the threshold up to 32 MiB as blocks are freed and keeps such blocks in its heap,
 so RSS would follow the largest set ever freed rather than the tensors alive; with the threshold fixed,
 a freed tensor's memory goes back to the system and the peak RSS is the peak of live tensors.
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 # (dim, layers, heads) at LlamaGen's vocabulary and 256 tokens: ~12M, ~37M (bench.common.MID), ~112M parameters
 SIZES = ((256, 4, 4), (512, 6, 8), (768, 12, 12))
 MICRO_BATCH = 2  # rows per forward = 4 sequences
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # see the docstring
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "THP_MEM_ALLOC_ENABLE": "1"}  # as `cca-pipe` runs (pipeline/host.py); see the docstring
 
 
 def spec(family: str, model: dict, micro_batch_size: int, activation_checkpointing: bool, dropout: float = 0.0,

@@ -50,6 +50,7 @@ SLOW_TESTS = {
     "test_plan.py::test_tokenize_and_eval_plans_match_measured_peaks_on_cpu",  # a process measuring 4 models, InceptionV3
     "test_plan.py::test_plan_matches_measured_peak_on_cpu",  # a process per training step measured (bench/memory.py)
     "test_plan.py::test_process_terms_are_what_this_machines_processes_hold",  # 4 fresh Python processes
+    "test_plan.py::test_cca_pipe_puts_large_tensors_on_huge_pages_unless_told_not_to",  # a fresh Python process
     *(f"test_integrity.py::{name}" for name in (  # tokenize, reflogp and train through the CLI (in process)
         "test_train_refuses_a_cache_with_one_row_swapped", "test_train_keeps_a_policy_the_user_put_in_place_of_ours",
         "test_tokenize_sees_a_cp_p_rewrite_and_rehash_rereads_everything")),

@@ -4,7 +4,10 @@ CPU, and the acceptance case: llamagen-3B on 8 x 80 GB, where DDP does not fit a
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -508,6 +511,49 @@ def test_only_the_planned_stages_fix_glibcs_mmap_threshold(monkeypatch):
         result = CliRunner().invoke(main, ["--params", "/nonexistent/params.yaml", command, "--help"])
         assert result.exit_code == 0, result.output
         assert len(calls) == expected, command
+
+
+HUGE_PAGES_PROBE = """
+import sys
+from stages.cli.main import run
+sys.argv = ["cca-pipe", "--help"]
+try:
+    run()
+except SystemExit:
+    pass
+import torch
+block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+rollup = open("/proc/self/smaps_rollup").read().splitlines()
+print(next(int(line.split()[1]) for line in rollup if line.startswith("AnonHugePages:")) // 1024)
+"""
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")]
+
+
+@pytest.mark.skipif(_thp_mode() in (None, "never"), reason="this kernel gives no transparent huge pages")
+@pytest.mark.parametrize("user_setting", [None, "0"])
+def test_cca_pipe_puts_large_tensors_on_huge_pages_unless_told_not_to(user_setting: str | None):
+    """A process started as `cca-pipe` asks PyTorch for huge pages before torch is imported (pipeline/host.py
+    use_huge_pages): a 64 MiB tensor is then backed by 2 MiB pages; THP_MEM_ALLOC_ENABLE=0 set by the user is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | {"OMP_NUM_THREADS": "1"}
+    if user_setting is not None:
+        if _thp_mode() == "always":
+            pytest.skip('THP "always": the kernel backs every large mapping with huge pages, asked or not')
+        env["THP_MEM_ALLOC_ENABLE"] = user_setting
+    proc = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    huge_mib = int(proc.stdout.split()[-1])
+    if user_setting == "0":
+        assert huge_mib < 8, huge_mib  # "madvise": huge pages only where asked for
+    else:
+        assert huge_mib >= 48, huge_mib
 
 
 @pytest.mark.parametrize("guided", [False, True])

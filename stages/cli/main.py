@@ -833,6 +833,9 @@ def guarded():
 
 def run() -> None:
     """Console-script entry (`cca-pipe`)."""
+    from pipeline.host import use_huge_pages
+
+    use_huge_pages()  # before torch is imported: c10 reads it once
     with guarded():
         main(standalone_mode=True)
 
