@@ -26,6 +26,7 @@ def loader_workers(setting: int) -> int:
 
 
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"  # PyTorch's (c10/core/alloc_cpu.cpp): read once, at the first CPU allocation
+THP_SYSFS = "/sys/kernel/mm/transparent_hugepage/enabled"  # Linux with transparent huge pages built in
 
 
 def use_huge_pages() -> bool:
@@ -37,8 +38,11 @@ def use_huge_pages() -> bool:
     13.8; the stand-in LlamaGen eval (InceptionV3 at 299px) 39.5 instead of 44.6 (docs/performance.md). Only the
     backing changes: no value, and not the bytes `cca-pipe plan` counts (bench/memory.py measures its peaks with it
     on, as the stages run). c10 reads the variable once, at the first allocation, so it is set before torch is imported
-    (stages/cli/main.py run); a kernel with THP off ("never") just keeps 4 KiB pages.
+    (stages/cli/main.py run); a kernel with THP off ("never") just keeps 4 KiB pages, and on one without THP (no
+    sysfs entry: madvise would fail, and PyTorch warn) or off Linux nothing is asked.
     """
+    if not os.path.exists(THP_SYSFS):
+        return os.environ.get(HUGE_PAGES_ENV) == "1"
     return os.environ.setdefault(HUGE_PAGES_ENV, "1") == "1"
 
 

@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.families import LLAMAGEN, VAR
+from pipeline.host import THP_SYSFS
 from pipeline.memplan import CPU_FP32, build_meta, fits, inputs_from_model, parse_memory, plan
 from pipeline.models.llamagen import GPT, GPTConfig
 from stages.cli.main import main
@@ -530,7 +531,7 @@ print(next(int(line.split()[1]) for line in rollup if line.startswith("AnonHugeP
 
 def _thp_mode() -> str | None:
     try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(encoding="utf-8")
+        text = Path(THP_SYSFS).read_text(encoding="utf-8")
     except OSError:
         return None
     return text[text.index("[") + 1:text.index("]")]
@@ -554,6 +555,20 @@ def test_cca_pipe_puts_large_tensors_on_huge_pages_unless_told_not_to(user_setti
         assert huge_mib < 8, huge_mib  # "madvise": huge pages only where asked for
     else:
         assert huge_mib >= 48, huge_mib
+
+
+def test_no_huge_pages_are_asked_for_where_the_kernel_has_none(monkeypatch, tmp_path: Path):
+    """Without THP in the kernel (no sysfs entry) PyTorch's madvise would fail and warn: use_huge_pages leaves the
+    environment as it is; with it, it sets the variable unless the user did."""
+    import pipeline.host
+
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    monkeypatch.setattr(pipeline.host, "THP_SYSFS", str(tmp_path / "no_thp"))
+    assert pipeline.host.use_huge_pages() is False and "THP_MEM_ALLOC_ENABLE" not in os.environ
+    (tmp_path / "no_thp").write_text("always [madvise] never\n", encoding="utf-8")
+    assert pipeline.host.use_huge_pages() is True and os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    assert pipeline.host.use_huge_pages() is False and os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
 
 
 @pytest.mark.parametrize("guided", [False, True])
