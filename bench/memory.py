@@ -34,10 +34,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.host import HUGE_PAGES_ENV, MMAP_THRESHOLD  # noqa: E402 (after the path: run as a script)
+
 # (dim, layers, heads) at LlamaGen's vocabulary and 256 tokens: ~12M, ~37M (bench.common.MID), ~112M parameters
 SIZES = ((256, 4, 4), (512, 6, 8), (768, 12, 12))
 MICRO_BATCH = 2  # rows per forward = 4 sequences
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "THP_MEM_ALLOC_ENABLE": "1"}  # as `cca-pipe` runs (pipeline/host.py); see the docstring
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), HUGE_PAGES_ENV: "1"}  # as `cca-pipe` runs; see the docstring
 
 
 def spec(family: str, model: dict, micro_batch_size: int, activation_checkpointing: bool, dropout: float = 0.0,

@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.families import LLAMAGEN, VAR
-from pipeline.host import THP_SYSFS
+from pipeline.host import HUGE_PAGES_ENV, THP_SYSFS
 from pipeline.memplan import CPU_FP32, build_meta, fits, inputs_from_model, parse_memory, plan
 from pipeline.models.llamagen import GPT, GPTConfig
 from stages.cli.main import main
@@ -542,11 +542,11 @@ def _thp_mode() -> str | None:
 def test_cca_pipe_puts_large_tensors_on_huge_pages_unless_told_not_to(user_setting: str | None):
     """A process started as `cca-pipe` asks PyTorch for huge pages before torch is imported (pipeline/host.py
     use_huge_pages): a 64 MiB tensor is then backed by 2 MiB pages; THP_MEM_ALLOC_ENABLE=0 set by the user is kept."""
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | {"OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k != HUGE_PAGES_ENV} | {"OMP_NUM_THREADS": "1"}
     if user_setting is not None:
         if _thp_mode() == "always":
             pytest.skip('THP "always": the kernel backs every large mapping with huge pages, asked or not')
-        env["THP_MEM_ALLOC_ENABLE"] = user_setting
+        env[HUGE_PAGES_ENV] = user_setting
     proc = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -562,13 +562,13 @@ def test_no_huge_pages_are_asked_for_where_the_kernel_has_none(monkeypatch, tmp_
     environment as it is; with it, it sets the variable unless the user did."""
     import pipeline.host
 
-    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    monkeypatch.delenv(HUGE_PAGES_ENV, raising=False)
     monkeypatch.setattr(pipeline.host, "THP_SYSFS", str(tmp_path / "no_thp"))
-    assert pipeline.host.use_huge_pages() is False and "THP_MEM_ALLOC_ENABLE" not in os.environ
+    assert pipeline.host.use_huge_pages() is False and HUGE_PAGES_ENV not in os.environ
     (tmp_path / "no_thp").write_text("always [madvise] never\n", encoding="utf-8")
-    assert pipeline.host.use_huge_pages() is True and os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
-    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
-    assert pipeline.host.use_huge_pages() is False and os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+    assert pipeline.host.use_huge_pages() is True and os.environ[HUGE_PAGES_ENV] == "1"
+    monkeypatch.setenv(HUGE_PAGES_ENV, "0")
+    assert pipeline.host.use_huge_pages() is False and os.environ[HUGE_PAGES_ENV] == "0"
 
 
 @pytest.mark.parametrize("guided", [False, True])
