@@ -8,10 +8,16 @@ import importlib
 
 
 def run() -> None:
-    """Console-script entry (`cca-pipe = "stages.cli:run"`, pyproject.toml): the dispatcher's `run`."""
+    """The dispatcher's `run` (`cca-pipe` with sys.argv, ending in SystemExit)."""
     # Loaded by name on call, as main.py reaches the verbs (`verb`): every stage imports this package (its params),
     # so an import statement here would run the dispatcher in every stage's import and, in the imports that
     # pipeline/codefiles.py follows, make each stage's DVC deps all the library code the commands use (the memory
     # planner, the report's formatting). main.py is a dep of the stages that run through it all the same
     # (stages/cli/dvcdeps.py adds it); tokenize and reflogp stay free of the plumbing (docs/safety.md).
     importlib.import_module(f"{__name__}.main").run()
+
+
+def run_process() -> None:
+    """Console-script entry (`cca-pipe = "stages.cli:run_process"`, pyproject.toml): the dispatcher's `run_process`,
+    which ends the process when the command ends."""
+    importlib.import_module(f"{__name__}.main").run_process()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .launch import DISTRIBUTED, QUIET_PEERS, LaunchConfig, relaunch
+from .launch import DISTRIBUTED, QUIET_PEERS, LaunchConfig, exit_without_teardown, relaunch
 from .params import as_params, build, load_params, parse_overrides
 
 if TYPE_CHECKING:
@@ -832,7 +832,7 @@ def guarded():
 
 
 def run() -> None:
-    """Console-script entry (`cca-pipe`)."""
+    """The command line's entry: `cca-pipe` with sys.argv (the console script runs it through `run_process`)."""
     from pipeline.host import use_huge_pages
 
     use_huge_pages()  # before torch is imported: c10 reads it once
@@ -840,5 +840,18 @@ def run() -> None:
         main(standalone_mode=True)
 
 
+def run_process() -> None:
+    """Console-script entry (`cca-pipe`, pyproject.toml), and each torchrun rank's (`python -m stages.cli.main`): `run`,
+    then the end of the process without its teardown (exit_without_teardown). `run` itself ends in SystemExit, as a
+    caller in the same process (a test, a script) expects."""
+    try:
+        run()
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):  # a message (sys.exit("...")) is Python's to print
+            exit_without_teardown(int(e.code or 0))
+        raise
+    exit_without_teardown(0)
+
+
 if __name__ == "__main__":  # `python -m stages.cli.main`: how torchrun runs each process
-    run()
+    run_process()
