@@ -44,7 +44,8 @@ DOCS_TABLE = re.compile(r"(<!-- demo-runs: .*? -->\n)(.*?)(<!-- /demo-runs -->)"
 
 
 def _run(args: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    path, venv_bin = os.environ.get("PATH", ""), str(Path(sys.executable).parent)  # this venv's dvc and cca-pipe
+    env = {**os.environ, "PATH": path if venv_bin in path.split(os.pathsep) else f"{venv_bin}{os.pathsep}{path}"}
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed in {cwd} (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

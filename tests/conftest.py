@@ -10,6 +10,7 @@ import pytest
 import torch
 from tiny_pipeline import build_pipeline_from, build_upstream, built_once
 from worlds import save_random_inception
+from zygote import FRESH_ENV, zygote_on_path
 
 from pipeline.models.llamagen import GPT, GPTConfig
 
@@ -32,6 +33,7 @@ SLOW_MODULES = {
     "test_resume", "test_tokenize_resume", "test_hostile_inputs", "test_negatives_processes",  # the CLI in subprocesses, killed and rerun
     "test_demo_seeds",  # dvc repro of the tiny pipeline, once per seed (bench/demo_seeds.py)
     "test_lambda_experiment",  # dvc exp run on the tiny pipeline
+    "test_process_end", "test_zygote",  # cca-pipe processes, a zygote
 }
 SLOW_TESTS = {
     "test_tiny_golden.py::test_tiny_pipeline_matches_the_recorded_values",  # reflogp, train and eval end to end
@@ -138,6 +140,23 @@ def own_caches(tmp_path_factory):
         # "Matplotlib is building the font cache" into the output the test reads
         subprocess.run([sys.executable, "-c", "import matplotlib.font_manager"], check=True, capture_output=True)
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def forked_stage_processes(own_caches, tmp_path_factory):
+    """The venv's bin first on PATH for the processes the tests start (`dvc`, `cca-pipe`), and before it, unless
+    CCA_PIPE_TEST_FRESH=1, the client of this session's zygote (tests/zygote.py): the `cca-pipe` stages that DVC
+    runs are forked from a process that has imported torch, instead of each importing it (2-4 s of CPU each)."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PATH", path)
+        if os.environ.get(FRESH_ENV) == "1":
+            yield
+            return
+        with zygote_on_path(tmp_path_factory.mktemp("zygote")) as env:
+            for key, value in env.items():
+                patch.setenv(key, value)
+            yield
 
 
 @pytest.fixture(scope="session")

@@ -63,8 +63,11 @@ def world(tmp_path_factory) -> Path:
 
 
 def cca(world: Path, *args, nproc: int = 1, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "cca-pipe"), "--params", str(world / "params.yaml"), "--nproc-per-node", str(nproc), *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
+    # `cca-pipe` from PATH: forked from the session's zygote, which has imported torch (tests/zygote.py; where it
+    # refuses, the real one); the tests that kill a job's process group start it by its path, as a process of its own
+    cmd = ["cca-pipe", "--params", str(world / "params.yaml"), "--nproc-per-node", str(nproc), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

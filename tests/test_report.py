@@ -76,7 +76,7 @@ def test_sweep_expands_into_named_stages(tmp_path: Path):
     params["sweep"] = {"lambdas": [3, 30], "betas": [0.5, 1.0], "cfg_scales": [0.5, 2.0]}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = dict(os.environ)  # the venv's bin first on PATH: conftest.py forked_stage_processes
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=tmp_path, check=True, env=env)
     out = subprocess.run([str(BIN / "dvc"), "stage", "list", "--name-only"], cwd=tmp_path, env=env,

@@ -142,7 +142,7 @@ def test_tokenize_refuses_an_eval_section_that_cannot_work(world: Path, tmp_path
     del params["eval"]["methods"]  # the default, base,cfg,cca
     params["eval"]["cfg_scales"] = []
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = dict(os.environ)  # the venv's bin first on PATH: conftest.py forked_stage_processes
     proc = subprocess.run(
         [str(BIN / "cca-pipe"), "tokenize", "--images", params["data_dir"], "--vq", params["vq_ckpt"],
          "--vq-model", params["vq_model"], "--out", str(tmp_path / "tokens.zarr")],

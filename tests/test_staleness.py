@@ -140,7 +140,7 @@ EDITS = [
 
 
 def _run(args: list, cwd: Path, ok: bool = True) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(cwd)}  # the copy's code
+    env = {**os.environ, "PYTHONPATH": str(cwd)}  # the copy's code
     proc = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True)
     assert (proc.returncode == 0) == ok, f"{args} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
