@@ -143,14 +143,15 @@ def own_caches(tmp_path_factory):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def forked_stage_processes(own_caches, tmp_path_factory):
+def forked_stage_processes(own_caches, tmp_path_factory, request):
     """The venv's bin first on PATH for the processes the tests start (`dvc`, `cca-pipe`), and before it, unless
     CCA_PIPE_TEST_FRESH=1, the client of this session's zygote (tests/zygote.py): the `cca-pipe` stages that DVC
-    runs are forked from a process that has imported torch, instead of each importing it (2-4 s of CPU each)."""
+    runs are forked from a process that has imported torch, instead of each importing it (2-4 s of CPU each). Only
+    where the session runs a slow test (those start the processes): `make test-fast` does without."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PATH", path)
-        if os.environ.get(FRESH_ENV) == "1":
+        if os.environ.get(FRESH_ENV) == "1" or not any(item.get_closest_marker("slow") for item in request.session.items):
             yield
             return
         with zygote_on_path(tmp_path_factory.mktemp("zygote")) as env:

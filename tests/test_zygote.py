@@ -79,16 +79,22 @@ def test_a_setting_read_at_import_that_differs_makes_a_fresh_process(zygote, var
 
 def _stopped(command: str, env: dict, log: Log) -> tuple[subprocess.Popen, int]:
     """`cca-pipe config train` and the process that runs it (the forked one, for the client), stopped (SIGSTOP) as it
-    starts, before it could end or set a handler of its own; then the test's signals meet it while it runs."""
-    proc = subprocess.Popen([command, "config", "train"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while command == "cca-pipe" and not forked(log):
-        assert time.monotonic() < deadline, log.text()
-        time.sleep(0.005)
-    runner = forked(log)[0] if command == "cca-pipe" else proc.pid
-    os.kill(runner, signal.SIGSTOP)
-    return proc, runner
+    starts, before it could end or set a handler of its own; then the test's signals meet it while it runs. A forked
+    process that ended before the test could stop it (0.2 s of work, on a loaded machine) is started again."""
+    for _ in range(5):
+        proc = subprocess.Popen([command, "config", "train"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        deadline, seen = time.monotonic() + 60, len(forked(log))
+        while command == "cca-pipe" and len(forked(log)) == seen:
+            assert time.monotonic() < deadline, log.text()
+            time.sleep(0.005)
+        runner = forked(log)[-1] if command == "cca-pipe" else proc.pid
+        try:
+            os.kill(runner, signal.SIGSTOP)
+            return proc, runner
+        except ProcessLookupError:
+            proc.communicate(timeout=60)
+    raise AssertionError("the forked process ended five times before it could be stopped")
 
 
 def _gone(pid: int, timeout_s: float = 30) -> bool:

@@ -189,7 +189,12 @@ def torchrun_main(args: list[str]) -> int:
     try:
         run(parse_args(args))
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        # a rank killed by a signal (not the SIGTERM with which the agent ends the others once one has failed) first,
+        # if one was: it could say nothing, while its peers, which lost their connection to it, exit quietly
+        # (QUIET_PEERS); failure times are whole seconds, and on a tie torchrun's first failure is the lowest rank
+        killed = {r: f for r, f in e.failures.items() if f.exitcode < 0 and -f.exitcode != signal.SIGTERM}
+        rank = min(killed, key=lambda r: (killed[r].timestamp, r)) if killed else e.get_first_failure()[0]
+        failure = e.failures[rank]
         if failure.exitcode >= 0:
             return failure.exitcode or 1
         name = failure.signal_name()

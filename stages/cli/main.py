@@ -815,6 +815,12 @@ def guarded():
             raise
         if "timed out" not in text:  # a process of the job ended first, and said why (or, killed, stages.cli.launch does)
             if os.environ.get(QUIET_PEERS) == "1":
+                # after torchrun's agent has seen the process that ended first (it polls every 0.1 s): the launcher
+                # names a rank killed by a signal (stages.cli.launch torchrun_main), which a rank that ended here as
+                # soon as its connection closed could otherwise precede (this process ends in milliseconds)
+                import time
+
+                time.sleep(1)
                 sys.exit(2)
             _fail(f"rank {os.environ.get('RANK', '?')}: another process of the job ended while this one waited for it "
                   f"({_first_line(e)[:200]}): see its message above; the job stops uncommitted, rerun to resume")
