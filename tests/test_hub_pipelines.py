@@ -10,7 +10,6 @@ here so that one trial `dvc repro` per pipeline serves both.)"""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -57,9 +56,8 @@ def test_ten_images_stop_at_the_check_then_the_trial_profile_runs_offline_from_h
     add_file(home / "hub", *INCEPTION, local["inception_weights"], commit_of(*INCEPTION))
     params["eval"]["inception_weights"] = f"hf://{INCEPTION[0]}/{INCEPTION[1]}@{commit_of(*INCEPTION)}"
     folder = init_pipeline_repo(tmp_path / "repo", pipeline, params)
-    env = dict(os.environ)  # the venv's bin first on PATH: conftest.py forked_stage_processes
     start = time.monotonic()
-    proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=folder, capture_output=True, text=True, timeout=600)
     elapsed = time.monotonic() - start
     print(f"{pipeline}: dvc repro stopped at the check after {elapsed:.1f} s")
     output = proc.stdout + proc.stderr
@@ -141,12 +139,11 @@ def test_an_unpinned_hub_id_and_a_cold_cache_stop_the_pipeline_in_one_line(world
     params["profile"] = "trial"
     repo, name = SERVED["gpt_ckpt"]
     add_file(home / "hub", repo, name, params["gpt_ckpt"], commit_of(repo, name))
-    env = dict(os.environ)  # the venv's bin first on PATH: conftest.py forked_stage_processes
     for value, says in ((f"hf://{repo}/{name}", f"write hf://{repo}/{name}@{commit_of(repo, name)} in params.yaml"),
                         (f"hf://{repo}/c2i_XL_384.pt@{commit_of(repo, name)}", f"huggingface-cli download {repo} c2i_XL_384.pt")):
         params["gpt_ckpt"] = value
         folder = init_pipeline_repo(tmp_path / f"repo{len(value)}", "imagenet-llamagen", params)
-        proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([str(BIN / "dvc"), "repro"], cwd=folder, capture_output=True, text=True, timeout=600)
         # the unpinned id passes check and stops fetch; the file not in the cache stops check (which reads every stage's
         # inputs first): one line either way
         errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith(("cca-pipe: error:", "cca-pipe: check:"))]

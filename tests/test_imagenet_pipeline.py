@@ -5,7 +5,6 @@ folder with random-weight checkpoints saved in the upstream layouts (LlamaGen's 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -30,8 +29,7 @@ TINY_GPT = dict(dim=64, n_layer=2, n_head=2, vocab_size=64, num_classes=3, block
 
 
 def _run(args, cwd):
-    env = dict(os.environ)  # the venv's bin first on PATH: conftest.py forked_stage_processes
-    proc = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True)
+    proc = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True)
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
 
@@ -136,13 +134,12 @@ def test_four_stages_run_and_the_policy_loads_in_llamagen_layout(repo: Path):
 
 def test_missing_inception_weights_is_a_clear_error(repo: Path, tmp_path: Path):
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    env = dict(os.environ)  # the venv's bin first on PATH: conftest.py forked_stage_processes
     proc = subprocess.run(
         [str(BIN / "cca-pipe"), "--set", "eval.inception_weights=/nonexistent/inception.pth", "eval",
          "--vq", params["vq_ckpt"], "--vq-model", params["vq_model"], "--base", params["gpt_ckpt"],
          "--gpt-model", params["gpt_model"], "--policy", params["gpt_ckpt"], "--reference", params["data_dir"],
          "--out", str(tmp_path / "eval")],
-        cwd=repo, env=env, capture_output=True, text=True)
+        cwd=repo, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "/nonexistent/inception.pth" in proc.stderr and "eval.inception_weights" in proc.stderr
     assert not (tmp_path / "eval").exists()  # refused before writing anything

@@ -259,8 +259,7 @@ def test_a_killed_and_resumed_train_leaves_one_step_axis(world: dict):
 
 
 def _dvc(args: list[str], cwd: Path) -> str:
-    env = dict(os.environ)  # the venv's bin first on PATH: conftest.py forked_stage_processes
-    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=cwd, capture_output=True, text=True)
     assert proc.returncode == 0, f"dvc {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,10 +75,9 @@ def test_sweep_expands_into_named_stages(tmp_path: Path):
     params["sweep"] = {"lambdas": [3, 30], "betas": [0.5, 1.0], "cfg_scales": [0.5, 2.0]}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
-    env = dict(os.environ)  # the venv's bin first on PATH: conftest.py forked_stage_processes
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=tmp_path, check=True, env=env)
-    out = subprocess.run([str(BIN / "dvc"), "stage", "list", "--name-only"], cwd=tmp_path, env=env,
+    subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=tmp_path, check=True)
+    out = subprocess.run([str(BIN / "dvc"), "stage", "list", "--name-only"], cwd=tmp_path,
                          capture_output=True, text=True, check=True).stdout.split()
     expected = {f"sweep-{kind}@{lam}-{beta}" for kind in ("train", "eval") for lam in (3, 30) for beta in (0.5, 1.0)}
     expected |= {"sweep-cfg@0.5", "sweep-cfg@2.0", "report"}

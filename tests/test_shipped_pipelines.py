@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -142,11 +141,10 @@ def test_tokenize_refuses_an_eval_section_that_cannot_work(world: Path, tmp_path
     del params["eval"]["methods"]  # the default, base,cfg,cca
     params["eval"]["cfg_scales"] = []
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = dict(os.environ)  # the venv's bin first on PATH: conftest.py forked_stage_processes
     proc = subprocess.run(
         [str(BIN / "cca-pipe"), "tokenize", "--images", params["data_dir"], "--vq", params["vq_ckpt"],
          "--vq-model", params["vq_model"], "--out", str(tmp_path / "tokens.zarr")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "eval.methods includes cfg but eval.cfg_scales is empty" in proc.stderr
     assert not (tmp_path / "tokens.zarr").exists() and not (tmp_path / "tokens.zarr.partial").exists()

@@ -43,8 +43,7 @@ UPSTREAM = ("pretrain-ar", "pretrain-classifier")
 
 
 def _run(args: list[str], cwd: Path) -> str:
-    env = dict(os.environ)  # the venv's bin first on PATH: conftest.py forked_stage_processes
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
 

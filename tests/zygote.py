@@ -194,7 +194,7 @@ def become(request: dict, fds: list[int]) -> None:
 @contextlib.contextmanager
 def zygote_on_path(folder: Path) -> Iterator[dict[str, str]]:
     """A zygote serving on a socket in `folder`, and the environment that makes `cca-pipe` its client (PATH: the
-    client first, then the venv's bin, where `dvc` and the real `cca-pipe` are), for the `with` block."""
+    client first, before the caller's PATH), for the `with` block."""
     real = Path(sys.executable).parent / "cca-pipe"
     (folder / "bin").mkdir()
     client = folder / "bin" / "cca-pipe"
@@ -208,7 +208,7 @@ def zygote_on_path(folder: Path) -> Iterator[dict[str, str]]:
         if zygote.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the zygote did not start: {(folder / 'zygote.log').read_text(encoding='utf-8')[-2000:]}")
         yield {SOCKET_ENV: str(folder / "zygote.sock"), REAL_ENV: str(real),
-               "PATH": os.pathsep.join([str(folder / "bin"), str(real.parent), os.environ.get("PATH", "")])}
+               "PATH": os.pathsep.join([str(folder / "bin"), os.environ.get("PATH", "")])}
     finally:
         zygote.stdin.close()  # its signal to end
         try:

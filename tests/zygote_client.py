@@ -7,10 +7,10 @@ import json
 import os
 import signal
 import socket
-import struct
 import sys
 
-SOCKET_ENV, REAL_ENV = "CCA_PIPE_TEST_ZYGOTE", "CCA_PIPE_TEST_REAL"  # tests/zygote.py's
+from zygote import FRAME, REAL_ENV, SOCKET_ENV  # the names and the framing the zygote reads (standard library only)
+
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # what a scheduler, a user or DVC stops a command with
 
 
@@ -21,7 +21,7 @@ def main() -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(os.environ[SOCKET_ENV])
         request = json.dumps({"argv": [real, *sys.argv[1:]], "env": dict(os.environ), "cwd": os.getcwd()}).encode()
-        socket.send_fds(sock, [struct.pack("!I", len(request)) + request], [0, 1, 2])
+        socket.send_fds(sock, [FRAME.pack(len(request)) + request], [0, 1, 2])
         lines = sock.makefile("r", encoding="utf-8")
         reply = lines.readline()
     except (OSError, KeyError):
