@@ -251,7 +251,7 @@ def test_a_killed_two_process_train_resumes_with_one(caches: Path):
     while time.time() < deadline and proc.poll() is None and not (resume.parent / "0000002.pt").is_file():
         time.sleep(0.005)
     finished = proc.poll() is not None
-    os.killpg(proc.pid, signal.SIGKILL)  # the cca-pipe that relaunched itself and torchrun's agent
+    os.killpg(proc.pid, signal.SIGKILL)  # the cca-pipe that runs torchrun's agent
     proc.wait()
     time.sleep(1.0)
     assert not finished and resume.is_file() and not out.exists(), "the job ended before it could be killed"
@@ -305,8 +305,8 @@ def test_a_stop_signal_to_the_launcher_stops_every_rank_uncommitted_and_resumabl
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None and not (resume.parent / "0000002.pt").is_file():
             time.sleep(0.005)
-        job = descendants(proc.pid)  # torchrun and the two ranks (and anything they started)
-        assert proc.poll() is None and len(job) >= 3, "the job ended before it could be stopped"
+        job = descendants(proc.pid)  # the two ranks (torchrun runs in the launcher), and anything they started
+        assert proc.poll() is None and len(job) >= 2, "the job ended before it could be stopped"
         os.kill(proc.pid, signum)  # the launcher only, as `kill -TERM <pid>` or scancel's SIGTERM
         returncode = proc.wait(timeout=90)
         survivors = [pid for pid in job if running(pid)]
@@ -403,6 +403,25 @@ def test_each_job_has_its_own_rendezvous_id_the_same_on_every_node():
     assert rendezvous_id(named, job, {"SLURM_JOB_ID": "417"}) == "mine"
     command = torchrun_command(multi, job)
     assert command[command.index("--rdzv-id") + 1] == rendezvous_id(multi, job)
+
+
+def test_the_ranks_run_the_cca_pipe_the_job_was_started_with(tmp_path: Path, monkeypatch):
+    """torchrun's ranks run the `cca-pipe` script the job was started with, by its path (--no-python), with the
+    stage's arguments less the launch options; a job started otherwise runs the CLI's module under this Python."""
+    from stages.cli.launch import LaunchConfig, rank_entry, torchrun_arguments
+
+    script = tmp_path / "bin" / "cca-pipe"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    assert rank_entry("bin/cca-pipe") == ["--no-python", str(script)]  # absolute: the ranks may start elsewhere
+    args = torchrun_arguments(LaunchConfig(nproc_per_node=2), ["--nproc-per-node", "2", "train", "--out", "o"], str(script))
+    assert args == ["--standalone", "--nproc-per-node", "2", "--max-restarts", "0", "--no-python", str(script),
+                    "train", "--out", "o"]
+    assert rank_entry(str(ROOT / "stages" / "cli" / "main.py")) == ["-m", "stages.cli.main"]  # python -m stages.cli.main
+    script.chmod(0o644)
+    assert rank_entry(str(script)) == ["-m", "stages.cli.main"]  # not a script one can run
 
 
 def test_a_rendezvous_endpoint_in_use_on_this_machine_is_refused_in_one_line(world: Path, tmp_path: Path):

@@ -1085,17 +1085,19 @@ def test_a_read_only_home_names_the_cache_fix_and_leaves_no_partial(world: Path,
 
 
 def torchrun_cca(argv: list, nproc: int, timeout: float = 240, env: dict | None = None, direct: bool = False):
-    """`cca-pipe --params P --nproc-per-node nproc STAGE ...` (`direct`: the torchrun command it runs, without the
-    launcher's own checks) in a process group of its own (killed whole on a timeout), one thread per rank, a
-    60 s process-group timeout: (exit status, stdout + stderr)."""
+    """`cca-pipe --params P --nproc-per-node nproc STAGE ...` (`direct`: the same job as torchrun's own command,
+    without the launcher's own checks) in a process group of its own (killed whole on a timeout), one thread per
+    rank, a 60 s process-group timeout: (exit status, stdout + stderr). `cca-pipe` and the ranks' are the session's
+    (from PATH: forked, tests/zygote.py)."""
+    import shutil
     import subprocess
-    import sys
 
     from stages.cli.launch import LaunchConfig, torchrun_command
 
-    cmd = torchrun_command(LaunchConfig(nproc_per_node=nproc), list(map(str, argv))) if direct else \
-        [str(Path(sys.executable).parent / "cca-pipe"), *map(str, argv[:2]), "--nproc-per-node", str(nproc), *map(str, argv[2:])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60", "PYTHONPATH": str(ROOT), **(env or {})}
+    cca_pipe = shutil.which("cca-pipe")
+    cmd = torchrun_command(LaunchConfig(nproc_per_node=nproc), list(map(str, argv)), argv0=cca_pipe) if direct else \
+        [cca_pipe, *map(str, argv[:2]), "--nproc-per-node", str(nproc), *map(str, argv[2:])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60", **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)

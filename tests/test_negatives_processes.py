@@ -20,13 +20,19 @@ from test_negatives_stage import make_world
 
 from pipeline.formats import read_ref_cache
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60", "PYTHONPATH": str(ROOT)}
+# `cca-pipe` from PATH: the session's, forked with its ranks from a process that has imported torch (tests/zygote.py);
+# the run the test kills is started by its path, a process of its own
+CCA_PIPE = "cca-pipe"
 
 
-def command(root: Path, out: Path, nproc: int = 1) -> list[str]:
-    return [str(BIN / "cca-pipe"), "--params", str(root / "params.yaml"), "--device", "cpu", "--nproc-per-node", str(nproc),
+def environment() -> dict[str, str]:
+    """The session's environment as it is now (its PATH: set by conftest.py's session fixture), one thread per rank."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60"}
+
+
+def command(root: Path, out: Path, nproc: int = 1, cca_pipe: str = CCA_PIPE) -> list[str]:
+    return [cca_pipe, "--params", str(root / "params.yaml"), "--device", "cpu", "--nproc-per-node", str(nproc),
             "negatives", "--tokens", str(root / "real.zarr"), "--ref", str(root / "gpt.pt"), "--vq", str(root / "vq.pt"),
             "--out", str(out)]
 
@@ -39,7 +45,7 @@ def store_bytes(store: Path) -> dict[str, bytes]:
 def test_two_processes_write_the_bytes_of_one(tmp_path: Path):
     root = make_world(tmp_path, rows=9, ratio=2)  # 18 fakes, chunks of 4: the last chunk's 2 rows, one per rank
     for nproc in (1, 2):
-        proc = subprocess.run(command(root, root / f"fakes{nproc}.zarr", nproc), capture_output=True, text=True, env=ENV,
+        proc = subprocess.run(command(root, root / f"fakes{nproc}.zarr", nproc), capture_output=True, text=True, env=environment(),
                               timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = store_bytes(root / "fakes1.zarr"), store_bytes(root / "fakes2.zarr")
@@ -51,10 +57,10 @@ def test_two_processes_write_the_bytes_of_one(tmp_path: Path):
     params["reflogp"].update(batch_size=4, part_rows=8, dropout=0.1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for nproc in (1, 2):
-        cmd = [str(BIN / "cca-pipe"), "--params", str(root / "params.yaml"), "--device", "cpu", "--nproc-per-node",
+        cmd = [CCA_PIPE, "--params", str(root / "params.yaml"), "--device", "cpu", "--nproc-per-node",
                str(nproc), "reflogp", "--tokens", str(root / "real.zarr"), "--ref", str(root / "gpt.pt"), "--negatives",
                str(root / "fakes1.zarr"), "--out", str(root / f"ddo{nproc}.parquet")]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=environment(), timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     (a, meta), (b, _) = (read_ref_cache(root / f"ddo{n}.parquet") for n in (1, 2))
     assert "ref_logp_fake" in a and meta["fakes_fingerprint"] and a.keys() == b.keys()
@@ -66,11 +72,11 @@ def test_two_processes_write_the_bytes_of_one(tmp_path: Path):
         out = root / f"train{nproc}"
         sets = ["train.loss=ddo", "train.alpha=2", "train.epochs=1", "train.batch_size=6", "train.micro_batch_size=1",
                 "train.lr=1e-3", "train.dropout=0.1", "train.uncond_ratio=0.3"]
-        cmd = [str(BIN / "cca-pipe"), "--params", str(root / "params.yaml"), "--device", "cpu", "--nproc-per-node", str(nproc),
+        cmd = [CCA_PIPE, "--params", str(root / "params.yaml"), "--device", "cpu", "--nproc-per-node", str(nproc),
                *[x for o in sets for x in ("--set", o)], "train", "--tokens", str(root / "real.zarr"), "--cache",
                str(root / "ddo1.parquet"), "--init", str(root / "gpt.pt"), "--negatives", str(root / "fakes1.zarr"),
                "--out", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=environment(), timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         logs.append([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
         weights.append(torch.load(out / "policy.pt", weights_only=True)["model"])
@@ -83,10 +89,10 @@ def test_two_processes_write_the_bytes_of_one(tmp_path: Path):
 
 def test_a_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path: Path):
     root = make_world(tmp_path, rows=120)  # 30 chunks of 4 fakes
-    subprocess.run(command(root, root / "whole.zarr"), check=True, capture_output=True, env=ENV, timeout=300)
+    subprocess.run(command(root, root / "whole.zarr"), check=True, capture_output=True, env=environment(), timeout=300)
     out = root / "killed.zarr"
     progress_file = root / "killed.zarr.partial" / "progress.json"
-    proc = subprocess.Popen(command(root, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    proc = subprocess.Popen(command(root, out, cca_pipe=str(BIN / "cca-pipe")), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment())
     done: list[int] = []
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not done:
@@ -99,7 +105,7 @@ def test_a_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path: Pat
     proc.wait()
     assert 0 < len(done) < 30, f"could not kill mid-run (done chunks: {done})"
     assert not out.exists() and progress_file.is_file()
-    rerun = subprocess.run(command(root, out), capture_output=True, text=True, env=ENV, timeout=300)
+    rerun = subprocess.run(command(root, out), capture_output=True, text=True, env=environment(), timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming" in rerun.stderr
     assert store_bytes(out) == store_bytes(root / "whole.zarr")

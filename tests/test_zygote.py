@@ -4,6 +4,7 @@ it is a fresh one. The module starts a zygote of its own (not the session's, whi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -89,12 +90,23 @@ def _stopped(command: str, env: dict, log: Log) -> tuple[subprocess.Popen, int]:
             assert time.monotonic() < deadline, log.text()
             time.sleep(0.005)
         runner = forked(log)[-1] if command == "cca-pipe" else proc.pid
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(runner, signal.SIGSTOP)
+        stopping = time.monotonic() + 10
+        while _state(runner) not in ("T", "Z", "") and time.monotonic() < stopping:
+            time.sleep(0.005)
+        if _state(runner) == "T":  # stopped; not one that had ended, unreaped (Z), or gone
             return proc, runner
-        except ProcessLookupError:
-            proc.communicate(timeout=60)
+        proc.communicate(timeout=60)
     raise AssertionError("the forked process ended five times before it could be stopped")
+
+
+def _state(pid: int) -> str:
+    """The process's state letter in /proc (T: stopped, Z: ended, not yet reaped), "" if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
 
 
 def _gone(pid: int, timeout_s: float = 30) -> bool:

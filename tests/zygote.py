@@ -52,15 +52,18 @@ PRELOADED = ("torch", "torch._dynamo", "torch.distributed", "torch_fidelity", "t
 # from the zygote's in one of them is refused, and runs fresh
 IMPORT_TIME_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "MALLOC_", "THP_", "LD_", "PYTHON", "TORCH",
                         "PYTORCH", "CUDA", "NVIDIA", "LC_", "LANG", "ZARR", "NUMCODECS", "TQDM_", "NUMPY")
-# ... except these, read where they are used: torch sets TORCHINDUCTOR_CACHE_DIR in the environment the first time a
-# process asks for its compile cache (torch/_inductor/runtime/cache_dir_utils.py), so a test session's processes
-# inherit it from the session or not, depending on what ran before
-READ_WHEN_USED = ("TORCHINDUCTOR_CACHE_DIR",)
-FRAME = struct.Struct("!I")  # a request: its length, then JSON {"argv", "env", "cwd"}; the streams ride along
+# ... except these (names, or prefixes of names), read where they are used: torch sets TORCHINDUCTOR_CACHE_DIR in the
+# environment the first time a process asks for its compile cache (torch/_inductor/runtime/cache_dir_utils.py), so a
+# test session's processes inherit it from the session or not, depending on what ran before; torchrun gives each rank
+# TORCHELASTIC_* (run id, restarts, error file) and TORCH_NCCL_ASYNC_ERROR_HANDLING, which torch.distributed reads as
+# it starts a job and NCCL as it makes a process group, never at import
+READ_WHEN_USED = ("TORCHINDUCTOR_CACHE_DIR", "TORCHELASTIC_", "TORCH_NCCL_")
+# a request: its length, then JSON {"argv", "script", "env", "cwd"}; the streams ride along
+FRAME = struct.Struct("!I")
 
 
 def import_time_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_PREFIXES) and k not in READ_WHEN_USED}
+    return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_PREFIXES) and not k.startswith(READ_WHEN_USED)}
 
 
 def refusal(env: dict[str, str], own: dict[str, str], threads: int) -> str:
@@ -165,15 +168,16 @@ def serve(path: str) -> tuple[dict, list[int]]:
 
 
 def become(request: dict, fds: list[int]) -> None:
-    """Turn this forked child into the client's `cca-pipe` process: its streams, folder, environment, argv, and a
-    __main__ that is the console script (multiprocessing's spawned processes rerun __main__'s file)."""
+    """Turn this forked child into the client's `cca-pipe` process: its streams, folder, environment, argv (the
+    client's path first, as the command was started: under torchrun the ranks start the same way, forked too), and a
+    __main__ that is the real console script (multiprocessing's spawned processes rerun __main__'s file)."""
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    script = request["argv"][0]
+    script = request["script"]
     sys.argv = list(request["argv"])
     sys.path[0] = str(Path(script).parent)  # a console script's own folder, as Python puts it there
     main = types.ModuleType("__main__")

@@ -1,7 +1,8 @@
-"""`cca-pipe --nproc-per-node N STAGE ...` (or params.yaml's `launch:` section): the command re-executes
-itself under PyTorch's own launcher, `python -m torch.distributed.run` (through `python -m stages.cli.launch`,
-which leaves out its failure summaries: `torchrun_main`), which starts the processes, sets
-RANK/WORLD_SIZE/LOCAL_RANK and stops every process as soon as one fails (max restarts 0). Multi-node: run
+"""`cca-pipe --nproc-per-node N STAGE ...` (or params.yaml's `launch:` section): the command becomes PyTorch's
+own launcher, torchrun (`torch.distributed.run`, run in this process by `torchrun_main`, which leaves out its
+failure summaries), which starts the processes, sets RANK/WORLD_SIZE/LOCAL_RANK and stops every process as soon
+as one fails (max restarts 0). Each process runs the command the job was started with, less the launch options:
+the `cca-pipe` script by its path (torchrun's `--no-python`), else `python -m stages.cli.main`. Multi-node: run
 the same command on each node with `--nnodes` and a shared `--rdzv-endpoint host:port` (torchrun's c10d
 rendezvous; README shows a SLURM script).
 
@@ -22,9 +23,9 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.config import ConfigError, check_ranges, setting
 
@@ -76,16 +77,32 @@ def rendezvous_id(cfg: LaunchConfig, argv: list[str], environ: dict[str, str] | 
     return "cca-pipe-" + hashlib.sha256("\0".join(launch_arguments(argv)).encode()).hexdigest()[:16]
 
 
-def torchrun_command(cfg: LaunchConfig, argv: list[str]) -> list[str]:
-    """The torchrun command line that runs `cca-pipe argv` (without the launch options) on this node."""
+def rank_entry(argv0: str) -> list[str]:
+    """What each rank runs, before the stage's arguments: the `cca-pipe` script this job was started with, by its
+    path, so that the ranks start as the job did (a venv's script, a site's wrapper of that name); started otherwise
+    (`python -m stages.cli.main`, a script or a test calling `run`), the CLI's module under this Python."""
+    if Path(argv0).name == "cca-pipe" and os.path.isfile(argv0) and os.access(argv0, os.X_OK):
+        return ["--no-python", os.path.abspath(argv0)]
+    return ["-m", "stages.cli.main"]
+
+
+def torchrun_arguments(cfg: LaunchConfig, argv: list[str], argv0: str | None = None) -> list[str]:
+    """torchrun's arguments that run `cca-pipe argv` (without the launch options) on this node; `argv0`: how this
+    process was started (sys.argv[0])."""
     rest = launch_arguments(argv)
     if cfg.nnodes == 1 and not cfg.rdzv_endpoint:
         where = ["--standalone"]  # a free port on this machine
     else:
         where = ["--nnodes", str(cfg.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", cfg.rdzv_endpoint or "localhost:29400",
                  "--rdzv-id", rendezvous_id(cfg, argv)]
-    return [sys.executable, "-m", "stages.cli.launch", *where, "--nproc-per-node", str(cfg.nproc_per_node),
-            "--max-restarts", "0", "-m", "stages.cli.main", *rest]
+    return [*where, "--nproc-per-node", str(cfg.nproc_per_node), "--max-restarts", "0",
+            *rank_entry(sys.argv[0] if argv0 is None else argv0), *rest]
+
+
+def torchrun_command(cfg: LaunchConfig, argv: list[str], argv0: str | None = None) -> list[str]:
+    """The same job as a command of its own: torchrun under this module's quiet launcher (`python -m
+    stages.cli.launch`, what a script or a scheduler may run instead of `cca-pipe --nproc-per-node`)."""
+    return [sys.executable, "-m", "stages.cli.launch", *torchrun_arguments(cfg, argv, argv0)]
 
 
 def check_endpoint_free(cfg: LaunchConfig) -> None:
@@ -116,32 +133,14 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def relaunch(cfg: LaunchConfig, argv: list[str]) -> int:
-    """Run the command under torchrun and return its exit status. A stop signal this process gets is passed on
-    to torchrun, which passes it to every rank and waits for them (then SIGKILL, after 30 s); the ranks stop
-    where they are (pipeline/distributed.py), keeping their resume point, and this process returns 128 +
-    the signal's number once torchrun is gone: a job told to stop does not go on to commit its output."""
+    """Run the command under torchrun, in this process, and return its exit status. A stop signal this process
+    gets is passed on by torchrun to every rank, which it then waits for (then SIGKILL, after 30 s); the ranks stop
+    where they are (pipeline/distributed.py), keeping their resume point, and this returns 128 + the signal's
+    number: a job told to stop does not go on to commit its output. (In this process rather than a `python -m
+    stages.cli.launch` child: one import of torch fewer per job, 2-3 s of CPU.)"""
     check_endpoint_free(cfg)
-    command = torchrun_command(cfg, argv)
     log.info("running under torchrun: %d processes per node, %d node(s)", cfg.nproc_per_node, cfg.nnodes)
-    received: list[int] = []
-    torchrun: list[subprocess.Popen] = []
-
-    def forward(signum, _frame) -> None:
-        received.append(signum)
-        if torchrun:
-            torchrun[0].send_signal(signum)  # a no-op once it has exited
-
-    # installed before torchrun starts: a signal in between would otherwise kill only this process
-    previous = {s: signal.signal(s, forward) for s in FORWARDED}
-    try:
-        torchrun.append(subprocess.Popen(command))
-        if received:  # arrived while torchrun was starting
-            torchrun[0].send_signal(received[0])
-        returncode = torchrun[0].wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return 128 + received[0] if received else returncode
+    return torchrun_main(torchrun_arguments(cfg, argv))
 
 
 def wake_stopped_ranks_when_closing() -> None:
@@ -174,36 +173,56 @@ def torchrun_main(args: list[str]) -> int:
     ChildFailedError traceback), its agent's log lines, and the SignalException traceback of a stopped job
     are left out; a rank killed by a signal, which could say nothing itself, gets one line here. Returns the
     exit status: the first failed rank's, or 128 + the signal's number. With -v (in `args`) torchrun speaks."""
-    if "-v" not in args and "--verbose" not in args:
+    verbose = "-v" in args or "--verbose" in args
+    if not verbose:
         os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torch.distributed.elastic's loggers read it as they are made
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    if "-v" in args or "--verbose" in args:
-        run(parse_args(args))
-        return 0
-    os.environ[QUIET_PEERS] = "1"  # the ranks inherit it
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the loggers LOGLEVEL does not set
-    wake_stopped_ranks_when_closing()
+    def stop(signum: int, _frame) -> None:  # what torchrun's own handler does once its ranks have started
+        raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signal.Signals(signum))
+
+    # from now, not only once the ranks start: a signal during the rendezvous stops the job the same way
+    previous = {s: signal.getsignal(s) for s in (*FORWARDED, signal.SIGQUIT)}  # torchrun handles SIGQUIT too
+    for s in FORWARDED:
+        signal.signal(s, stop)
     try:
+        if verbose:
+            run(parse_args(args))
+            return 0
+        os.environ[QUIET_PEERS] = "1"  # the ranks inherit it
+        for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
+            if name.startswith(("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")):
+                logging.getLogger(name).setLevel(logging.CRITICAL)  # those made before LOGLEVEL was set, too
+        wake_stopped_ranks_when_closing()
         run(parse_args(args))
     except ChildFailedError as e:
-        # a rank killed by a signal (not the SIGTERM with which the agent ends the others once one has failed) first,
-        # if one was: it could say nothing, while its peers, which lost their connection to it, exit quietly
-        # (QUIET_PEERS); failure times are whole seconds, and on a tie torchrun's first failure is the lowest rank
-        killed = {r: f for r, f in e.failures.items() if f.exitcode < 0 and -f.exitcode != signal.SIGTERM}
-        rank = min(killed, key=lambda r: (killed[r].timestamp, r)) if killed else e.get_first_failure()[0]
-        failure = e.failures[rank]
-        if failure.exitcode >= 0:
-            return failure.exitcode or 1
-        name = failure.signal_name()
-        print(f"cca-pipe: error: rank {rank} of the job was killed by {name} (the out-of-memory killer, a scheduler, a "
-              "user): the job stopped uncommitted; rerun the command to resume", file=sys.stderr)
-        return 128 - failure.exitcode
-    except SignalException as e:  # the launcher was told to stop (relaunch passes the signal on): so were the ranks
+        if verbose:
+            raise
+        return _first_failure(e)
+    except SignalException as e:  # this launcher was told to stop, and so were the ranks
         return 128 + int(e.sigval)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 0
+
+
+def _first_failure(e) -> int:
+    """The exit status of a failed job (torchrun's ChildFailedError), its killed rank named in one line."""
+    # a rank killed by a signal (not the SIGTERM with which the agent ends the others once one has failed) first,
+    # if one was: it could say nothing, while its peers, which lost their connection to it, exit quietly
+    # (QUIET_PEERS); failure times are whole seconds, and on a tie torchrun's first failure is the lowest rank
+    killed = {r: f for r, f in e.failures.items() if f.exitcode < 0 and -f.exitcode != signal.SIGTERM}
+    rank = min(killed, key=lambda r: (killed[r].timestamp, r)) if killed else e.get_first_failure()[0]
+    failure = e.failures[rank]
+    if failure.exitcode >= 0:
+        return failure.exitcode or 1
+    name = failure.signal_name()
+    print(f"cca-pipe: error: rank {rank} of the job was killed by {name} (the out-of-memory killer, a scheduler, a "
+          "user): the job stopped uncommitted; rerun the command to resume", file=sys.stderr)
+    return 128 - failure.exitcode
 
 
 def exit_without_teardown(code: int) -> None:
@@ -237,5 +256,5 @@ def exit_without_teardown(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":  # `python -m stages.cli.launch <torchrun arguments>`: how relaunch runs torchrun
+if __name__ == "__main__":  # `python -m stages.cli.launch <torchrun arguments>` (torchrun_command)
     exit_without_teardown(torchrun_main(sys.argv[1:]))
