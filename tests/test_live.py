@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from worlds import train_stage_world
+from zygote import kill_and_wait
 
 from pipeline.config import ConfigError
 from pipeline.live import LIVE_DIR, LIVE_METRICS, LIVE_PLOTS, LiveLog, check_mirrors
@@ -223,7 +222,9 @@ def _cli_world(world: dict) -> Path:
 
 
 def _train_cmd(world: dict, out: Path) -> list[str]:
-    return [str(BIN / "cca-pipe"), "--params", str(_cli_world(world)), "train", "--tokens", str(world["tokens"]),
+    # `cca-pipe` from PATH: forked from the session's zygote (tests/zygote.py); kill_and_wait also waits for the
+    # forked process to be gone
+    return ["cca-pipe", "--params", str(_cli_world(world)), "train", "--tokens", str(world["tokens"]),
             "--cache", str(world["cache"]), "--init", str(world["gpt"]), "--out", str(out)]
 
 
@@ -242,8 +243,7 @@ def test_a_killed_and_resumed_train_leaves_one_step_axis(world: dict):
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.005)
     finished = proc.poll() is not None
-    os.kill(proc.pid, signal.SIGKILL) if not finished else None
-    proc.wait()
+    kill_and_wait(proc)
     assert not finished and not out.exists(), "the run finished before it could be killed"
     killed_at = len(tsv(loss_file))
     resumed = subprocess.run(_train_cmd(world, out), capture_output=True, text=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,12 +16,13 @@ import torch
 import yaml
 from test_live import live_steps
 from test_negatives_stage import make_world
+from zygote import kill_and_wait
 
 from pipeline.formats import read_ref_cache
 
 BIN = Path(sys.executable).parent
 # `cca-pipe` from PATH: the session's, forked with its ranks from a process that has imported torch (tests/zygote.py);
-# the run the test kills is started by its path, a process of its own
+# kill_and_wait also waits for the forked process of the run it kills to be gone
 CCA_PIPE = "cca-pipe"
 
 
@@ -31,8 +31,8 @@ def environment() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60"}
 
 
-def command(root: Path, out: Path, nproc: int = 1, cca_pipe: str = CCA_PIPE) -> list[str]:
-    return [cca_pipe, "--params", str(root / "params.yaml"), "--device", "cpu", "--nproc-per-node", str(nproc),
+def command(root: Path, out: Path, nproc: int = 1) -> list[str]:
+    return [CCA_PIPE, "--params", str(root / "params.yaml"), "--device", "cpu", "--nproc-per-node", str(nproc),
             "negatives", "--tokens", str(root / "real.zarr"), "--ref", str(root / "gpt.pt"), "--vq", str(root / "vq.pt"),
             "--out", str(out)]
 
@@ -92,7 +92,7 @@ def test_a_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path: Pat
     subprocess.run(command(root, root / "whole.zarr"), check=True, capture_output=True, env=environment(), timeout=300)
     out = root / "killed.zarr"
     progress_file = root / "killed.zarr.partial" / "progress.json"
-    proc = subprocess.Popen(command(root, out, cca_pipe=str(BIN / "cca-pipe")), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment())
+    proc = subprocess.Popen(command(root, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment())
     done: list[int] = []
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not done:
@@ -101,8 +101,7 @@ def test_a_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path: Pat
         except (OSError, ValueError, KeyError):
             pass
         time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_and_wait(proc)
     assert 0 < len(done) < 30, f"could not kill mid-run (done chunks: {done})"
     assert not out.exists() and progress_file.is_file()
     rerun = subprocess.run(command(root, out), capture_output=True, text=True, env=environment(), timeout=300)

@@ -4,8 +4,6 @@ run: bitwise-equal cached log-probs, and on CPU the same final weights."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from zygote import kill_and_wait
 
 from pipeline.checkpoint import file_sha256, save_checkpoint
 from pipeline.formats import read_ref_cache
@@ -46,7 +45,9 @@ def world(tmp_path_factory) -> Path:
 
 
 def _cli(world: Path, *args: str) -> list[str]:
-    return [str(BIN / "cca-pipe"), "--params", str(world / "params.yaml"), *args]
+    # `cca-pipe` from PATH: forked from the session's zygote (tests/zygote.py); killed with kill_and_wait, which also
+    # waits for the forked process to be gone
+    return ["cca-pipe", "--params", str(world / "params.yaml"), *args]
 
 
 def _reflogp(world: Path, out: Path) -> list[str]:
@@ -65,8 +66,7 @@ def _kill_when(cmd: list[str], ready, timeout: float = 120) -> None:
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.005)
     finished_early = proc.poll() is not None
-    os.kill(proc.pid, signal.SIGKILL) if not finished_early else None
-    proc.wait()
+    kill_and_wait(proc)
     assert not finished_early, "the process finished before it could be killed"
 
 
@@ -136,7 +136,9 @@ def test_second_writer_fails_at_once_and_the_first_equals_a_solo_run(world: Path
     solo = world / "train_solo"
     subprocess.run(_train(world, cache, solo), check=True, capture_output=True, timeout=300)
     out = world / "train_shared"
-    first = subprocess.Popen(_train(world, cache, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # by its path, a process of its own: its pid is the one the second must name
+    first = subprocess.Popen([str(BIN / "cca-pipe"), *_train(world, cache, out)[1:]], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: (world / ".train_shared.lock").is_file() and (world / "train_shared.partial").is_dir(), first)
         second = subprocess.run(_train(world, cache, out), capture_output=True, text=True, timeout=120)
@@ -163,8 +165,7 @@ def test_a_killed_writer_never_blocks_the_next_run(world: Path):
     lock = world / ".train_sigkill.lock"
     proc = subprocess.Popen(_train(world, cache, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for(lock.is_file, proc)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_and_wait(proc)
     assert lock.is_file()  # left behind by the kill, but no longer locked: the kernel released it
     result = subprocess.run(_train(world, cache, out), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from zygote import kill_and_wait
 
 from pipeline.formats import FormatError
 from pipeline.tokenizers.vq import VQConfig, VQModel
@@ -46,7 +47,9 @@ def setup(tmp_path_factory) -> Path:
 
 
 def _tokenize_cmd(root: Path, out: Path, images: Path | None = None) -> list[str]:
-    return [str(BIN / "cca-pipe"), "--params", str(root / "params.yaml"), "tokenize", "--images", str(images or root / "images"),
+    # `cca-pipe` from PATH: forked from the session's zygote (tests/zygote.py); killed with kill_and_wait, which also
+    # waits for the forked process to be gone
+    return ["cca-pipe", "--params", str(root / "params.yaml"), "tokenize", "--images", str(images or root / "images"),
             "--vq", str(root / "vq.pt"), "--vq-model", str(root / "vq.json"), "--out", str(out)]
 
 
@@ -65,8 +68,7 @@ def _kill_after_a_chunk(cmd: list[str], out: Path) -> list[int]:
             if done:
                 break
         time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_and_wait(proc)
     assert 0 < len(done) < 12, f"could not kill mid-run (done chunks: {done})"
     return done
 
@@ -122,7 +124,8 @@ def test_dask_cluster_gives_the_same_tokens(setup: Path):
 def test_ctrl_c_during_a_dask_tokenize_is_one_line_and_keeps_the_finished_chunks(setup: Path, tmp_path: Path):
     """Issue 21 item 15: SIGINT to the whole process group (what a terminal's Ctrl-C sends) mid-run."""
     out = tmp_path / "dask.zarr"
-    cmd = _tokenize_cmd(setup, out)
+    # by its path, a process of its own: the Ctrl-C reaches its whole process group, the dask workers too
+    cmd = [str(BIN / "cca-pipe"), *_tokenize_cmd(setup, out)[1:]]
     cmd[3:3] = ["--set", "tokenize.dask_workers=2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -29,12 +29,14 @@ import gc
 import io
 import json
 import os
+import re
 import selectors
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,9 +46,11 @@ REAL_ENV = "CCA_PIPE_TEST_REAL"  # the venv's own `cca-pipe`, which the client r
 FRESH_ENV = "CCA_PIPE_TEST_FRESH"  # "1": no zygote, every stage a fresh process
 
 # what the stages import that costs most to import (torch 2.2 s, torch._dynamo 1.3 s, torch-fidelity's torchvision):
-# third-party only, and none of them starts a thread at import (checked at start: a fork keeps only the forking one)
+# third-party only, and none of them starts a thread at import (checked at start: a fork keeps only the forking one).
+# scikit-learn (the embedded default's digits) sets KMP_DUPLICATE_LIB_OK and KMP_INIT_AT_FORK in the environment as it
+# is imported: imported here, so that they are the zygote's own, as they are a session's once a test has imported it
 PRELOADED = ("torch", "torch._dynamo", "torch.distributed", "torch_fidelity", "torchvision", "numpy", "zarr", "yaml",
-             "click", "PIL.Image", "tqdm")
+             "click", "PIL.Image", "tqdm", "sklearn")
 # environment variables a library may read as it is imported (OpenMP/BLAS threads, glibc's allocator, PyTorch's
 # allocator, the linker, Python, the locale, torch's, zarr's and tqdm's settings): a child whose environment differs
 # from the zygote's in one of them is refused, and runs fresh
@@ -58,7 +62,7 @@ IMPORT_TIME_PREFIXES = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "MALLOC_",
 # TORCHELASTIC_* (run id, restarts, error file) and TORCH_NCCL_ASYNC_ERROR_HANDLING, which torch.distributed reads as
 # it starts a job and NCCL as it makes a process group, never at import
 READ_WHEN_USED = ("TORCHINDUCTOR_CACHE_DIR", "TORCHELASTIC_", "TORCH_NCCL_")
-# a request: its length, then JSON {"argv", "script", "env", "cwd"}; the streams ride along
+# a request: its length, then JSON {"argv", "script", "env", "cwd", "client": its pid}; the streams ride along
 FRAME = struct.Struct("!I")
 
 
@@ -100,7 +104,9 @@ def serve(path: str) -> tuple[dict, list[int]]:
     selector.register(sys.stdin, selectors.EVENT_READ, ("session",))
     print("ready", flush=True)
     while True:
-        for key, _events in selector.select():
+        # a client gone (killed) before a new one is served: its child is killed before the next is forked, as a
+        # fresh process is gone once its killer's wait returns (a rerun then never meets the killed run still going)
+        for key, _events in sorted(selector.select(), key=lambda ready: ready[0].data[0] == "accept"):
             kind = key.data[0]
             if kind == "session":
                 if not sys.stdin.buffer.read1(1 << 10):  # the session ended: so do the children left (none, normally)
@@ -138,7 +144,8 @@ def serve(path: str) -> tuple[dict, list[int]]:
                     return request, fds
                 for fd in fds:
                     os.close(fd)
-                print(f"zygote: forked {pid} for {request['argv'][1:3]}", file=sys.stderr, flush=True)
+                print(f"zygote: forked {pid} for client {request['client']} {request['argv'][1:3]}", file=sys.stderr,
+                      flush=True)
                 pidfd = os.pidfd_open(pid)
                 conn.sendall(f"pid {pid}\n".encode())
                 selector.register(pidfd, selectors.EVENT_READ, ("child", pid, conn))
@@ -193,6 +200,27 @@ def become(request: dict, fds: list[int]) -> None:
     import numpy
 
     numpy.random.seed()  # the legacy global generator, seeded from the OS as in a fresh process (random reseeds itself)
+
+
+def kill_and_wait(proc: subprocess.Popen, environ: dict[str, str] | None = None, timeout_s: float = 30) -> None:
+    """SIGKILL a `cca-pipe` a test started, and wait until it is gone: where it was a client of the zygote named in
+    `environ` (default: this session's), the process forked for it too (the zygote kills that one as it sees its
+    client go, moments later), so that what the test looks at next is what a killed fresh process leaves, and
+    nothing it left is still being written."""
+    proc.kill()
+    proc.wait()
+    log = Path((os.environ if environ is None else environ).get(SOCKET_ENV, "/nonexistent")).with_name("zygote.log")
+    found = re.findall(rf"forked (\d+) for client {proc.pid} ", log.read_text(encoding="utf-8")) if log.is_file() else []
+    if not found:
+        return  # a fresh process
+    stat, deadline = Path(f"/proc/{found[-1]}/stat"), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):  # gone, or ended and not yet reaped (Z): its files are closed
+            if stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                time.sleep(0.002)
+                continue
+        return
+    raise AssertionError(f"process {found[-1]}, forked for the killed client {proc.pid}, still runs {timeout_s} s later")
 
 
 @contextlib.contextmanager

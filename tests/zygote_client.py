@@ -20,7 +20,8 @@ def main() -> None:
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(os.environ[SOCKET_ENV])
-        request = json.dumps({"argv": sys.argv, "script": real, "env": dict(os.environ), "cwd": os.getcwd()}).encode()
+        request = json.dumps({"argv": sys.argv, "script": real, "env": dict(os.environ), "cwd": os.getcwd(),
+                              "client": os.getpid()}).encode()
         socket.send_fds(sock, [FRAME.pack(len(request)) + request], [0, 1, 2])
         lines = sock.makefile("r", encoding="utf-8")
         reply = lines.readline()
