@@ -15,8 +15,12 @@ stages/) is imported by the child, so a setting read at import still comes from 
 environment differs in a variable that an imported library may have read already (threads, allocator, locale,
 Python's own, torch's: IMPORT_TIME_PREFIXES), the zygote refuses and the client runs the real `cca-pipe` instead;
 so does it when the zygote is not there (CCA_PIPE_TEST_FRESH=1 makes every stage a fresh process, as the suite
-ran before). Tests that start `cca-pipe` by its path (the kill, resume and torchrun tests) always get fresh
-processes; tests/test_zygote.py checks the child against a fresh process.
+ran before). The child's argv[0] is the client's path, so that under `cca-pipe --nproc-per-node N` torchrun's ranks
+(which run the script the job was started with, stages/cli/launch.py rank_entry) are clients too, forked alike.
+A test that kills a forked `cca-pipe` waits for it with kill_and_wait. Tests that start `cca-pipe` by its path get
+fresh processes: those that kill or signal a torchrun job (its ranks die with their parent, the launcher), a
+Ctrl-C to a process group, a writer whose pid is named, the processes whose memory is measured;
+tests/test_zygote.py checks the child against a fresh process.
 
 Written here rather than with multiprocessing's forkserver: that one runs a Python function in the child, and
 has no way to hand over a command's standard streams, environment and exit status to another process.
