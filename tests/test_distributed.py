@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from worlds import write_reference_images
+from worlds import job_environment, write_reference_images
+from zygote import process_state
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.formats import read_ref_cache
@@ -30,7 +31,7 @@ from pipeline.tokenstore import write_token_store
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60", "PYTHONPATH": str(ROOT)}
+ENV = job_environment(PYTHONPATH=str(ROOT))
 GPT_CFG = GPTConfig(dim=32, n_layer=2, n_head=2, vocab_size=32, num_classes=3, block_size=16, multiple_of=16)
 VQ_CFG = VQConfig(codebook_size=32, codebook_embed_dim=4, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=16,
                   norm_groups=8, codebook_used_size=32)
@@ -66,8 +67,7 @@ def cca(world: Path, *args, nproc: int = 1, timeout: float = 300, check: bool = 
     # `cca-pipe` from PATH: forked from the session's zygote, which has imported torch (tests/zygote.py; where it
     # refuses, the real one); the tests that kill a job's process group start it by its path, as a process of its own
     cmd = ["cca-pipe", "--params", str(world / "params.yaml"), "--nproc-per-node", str(nproc), *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=job_environment(), timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -282,13 +282,6 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_signal_to_the_launcher_stops_every_rank_uncommitted_and_resumable(caches: Path, signum: int):
@@ -309,7 +302,7 @@ def test_a_stop_signal_to_the_launcher_stops_every_rank_uncommitted_and_resumabl
         assert proc.poll() is None and len(job) >= 2, "the job ended before it could be stopped"
         os.kill(proc.pid, signum)  # the launcher only, as `kill -TERM <pid>` or scancel's SIGTERM
         returncode = proc.wait(timeout=90)
-        survivors = [pid for pid in job if running(pid)]
+        survivors = [pid for pid in job if process_state(pid) not in ("", "Z")]
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # only if the test failed: nothing may outlive it

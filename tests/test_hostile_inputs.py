@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from worlds import invoke
+from worlds import invoke, job_environment
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.metrics import ClassifierConfig, ImageClassifier, save_classifier
@@ -1097,7 +1097,7 @@ def torchrun_cca(argv: list, nproc: int, timeout: float = 240, env: dict | None 
     cca_pipe = shutil.which("cca-pipe")
     cmd = torchrun_command(LaunchConfig(nproc_per_node=nproc), list(map(str, argv)), argv0=cca_pipe) if direct else \
         [cca_pipe, *map(str, argv[:2]), "--nproc-per-node", str(nproc), *map(str, argv[2:])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60", **(env or {})}
+    env = job_environment(**(env or {}))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -1161,7 +1161,7 @@ def test_sigterm_during_fsdp_checkpoints_ends_the_job_quietly(world: Path, tmp_p
                                                                          repeat_visits=True))  # a long run on the one-visit cache
     resume = tmp_path / "train.partial" / "checkpoints" / "resume.json"
     cmd = [str(Path(sys.executable).parent / "cca-pipe"), *map(str, argv[:2]), "--nproc-per-node", "2", *map(str, argv[2:])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60", "PYTHONPATH": str(ROOT)}
+    env = job_environment(PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     try:
         deadline = time.time() + 180
@@ -1205,7 +1205,7 @@ def _signal_rank_1(world: Path, tmp_path: Path, signum: int, dist_timeout_s: int
 
     argv, out = train(world, tmp_path, edit=lambda p: p["train"].update(epochs=2000, repeat_visits=True))
     cmd = [str(Path(sys.executable).parent / "cca-pipe"), *map(str, argv[:2]), "--nproc-per-node", "2", *map(str, argv[2:])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": str(dist_timeout_s), "PYTHONPATH": str(ROOT)}
+    env = job_environment(dist_timeout_s, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     ranks: dict[int, int] = {}
     try:

@@ -5,7 +5,6 @@ rank or run). Slow (tests/conftest.py SLOW_MODULES): it starts processes."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import torch
 import yaml
 from test_live import live_steps
 from test_negatives_stage import make_world
+from worlds import job_environment
 from zygote import kill_and_wait
 
 from pipeline.formats import read_ref_cache
@@ -25,10 +25,6 @@ BIN = Path(sys.executable).parent
 # kill_and_wait also waits for the forked process of the run it kills to be gone
 CCA_PIPE = "cca-pipe"
 
-
-def environment() -> dict[str, str]:
-    """The session's environment as it is now (its PATH: set by conftest.py's session fixture), one thread per rank."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": "60"}
 
 
 def command(root: Path, out: Path, nproc: int = 1) -> list[str]:
@@ -45,7 +41,7 @@ def store_bytes(store: Path) -> dict[str, bytes]:
 def test_two_processes_write_the_bytes_of_one(tmp_path: Path):
     root = make_world(tmp_path, rows=9, ratio=2)  # 18 fakes, chunks of 4: the last chunk's 2 rows, one per rank
     for nproc in (1, 2):
-        proc = subprocess.run(command(root, root / f"fakes{nproc}.zarr", nproc), capture_output=True, text=True, env=environment(),
+        proc = subprocess.run(command(root, root / f"fakes{nproc}.zarr", nproc), capture_output=True, text=True, env=job_environment(),
                               timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = store_bytes(root / "fakes1.zarr"), store_bytes(root / "fakes2.zarr")
@@ -60,7 +56,7 @@ def test_two_processes_write_the_bytes_of_one(tmp_path: Path):
         cmd = [CCA_PIPE, "--params", str(root / "params.yaml"), "--device", "cpu", "--nproc-per-node",
                str(nproc), "reflogp", "--tokens", str(root / "real.zarr"), "--ref", str(root / "gpt.pt"), "--negatives",
                str(root / "fakes1.zarr"), "--out", str(root / f"ddo{nproc}.parquet")]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=environment(), timeout=300)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=job_environment(), timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     (a, meta), (b, _) = (read_ref_cache(root / f"ddo{n}.parquet") for n in (1, 2))
     assert "ref_logp_fake" in a and meta["fakes_fingerprint"] and a.keys() == b.keys()
@@ -76,7 +72,7 @@ def test_two_processes_write_the_bytes_of_one(tmp_path: Path):
                *[x for o in sets for x in ("--set", o)], "train", "--tokens", str(root / "real.zarr"), "--cache",
                str(root / "ddo1.parquet"), "--init", str(root / "gpt.pt"), "--negatives", str(root / "fakes1.zarr"),
                "--out", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=environment(), timeout=300)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=job_environment(), timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         logs.append([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
         weights.append(torch.load(out / "policy.pt", weights_only=True)["model"])
@@ -89,10 +85,10 @@ def test_two_processes_write_the_bytes_of_one(tmp_path: Path):
 
 def test_a_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path: Path):
     root = make_world(tmp_path, rows=120)  # 30 chunks of 4 fakes
-    subprocess.run(command(root, root / "whole.zarr"), check=True, capture_output=True, env=environment(), timeout=300)
+    subprocess.run(command(root, root / "whole.zarr"), check=True, capture_output=True, env=job_environment(), timeout=300)
     out = root / "killed.zarr"
     progress_file = root / "killed.zarr.partial" / "progress.json"
-    proc = subprocess.Popen(command(root, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment())
+    proc = subprocess.Popen(command(root, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=job_environment())
     done: list[int] = []
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not done:
@@ -104,7 +100,7 @@ def test_a_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path: Pat
     kill_and_wait(proc)
     assert 0 < len(done) < 30, f"could not kill mid-run (done chunks: {done})"
     assert not out.exists() and progress_file.is_file()
-    rerun = subprocess.run(command(root, out), capture_output=True, text=True, env=environment(), timeout=300)
+    rerun = subprocess.run(command(root, out), capture_output=True, text=True, env=job_environment(), timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming" in rerun.stderr
     assert store_bytes(out) == store_bytes(root / "whole.zarr")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from zygote import kill_and_wait, zygote_on_path
+from zygote import kill_and_wait, process_state, zygote_on_path
 
 from pipeline.host import HUGE_PAGES_ENV, THP_SYSFS
 
@@ -96,20 +96,12 @@ def _stopped(command: str, env: dict, log: Log) -> tuple[subprocess.Popen, int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(runner, signal.SIGSTOP)
         stopping = time.monotonic() + 10
-        while _state(runner) not in ("T", "Z", "") and time.monotonic() < stopping:
+        while process_state(runner) not in ("T", "Z", "") and time.monotonic() < stopping:
             time.sleep(0.005)
-        if _state(runner) == "T":  # stopped; not one that had ended, unreaped (Z), or gone
+        if process_state(runner) == "T":  # stopped; not one that had ended, unreaped (Z), or gone
             return proc, runner
         proc.communicate(timeout=60)
     raise AssertionError("the forked process ended five times before it could be stopped")
-
-
-def _state(pid: int) -> str:
-    """The process's state letter in /proc (T: stopped, Z: ended, not yet reaped), "" if it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return ""
 
 
 def _gone(pid: int, timeout_s: float = 30) -> bool:
@@ -148,4 +140,4 @@ def test_a_killed_client_takes_its_forked_process_with_it(zygote):
     assert _gone(runner)
     client, runner = _stopped("cca-pipe", env, log)
     kill_and_wait(client, env)
-    assert _state(runner) in ("", "Z")
+    assert process_state(runner) in ("", "Z")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,13 @@ def write_reference_images(folder: Path, rng: np.random.Generator, classes: int 
         for i in range(per_class):
             Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / str(c) / f"{i}.png")
     return folder
+
+
+def job_environment(dist_timeout_s: int = 60, **more: str) -> dict[str, str]:
+    """The environment of a `cca-pipe` job a test starts, from the session's as it is now (its PATH: conftest.py's
+    session fixture puts the zygote's client first): one thread per rank, and a rank waiting for a peer that stopped
+    answering gives up after `dist_timeout_s` (CCA_PIPE_DIST_TIMEOUT_S), so a failing rank never hangs the suite."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CCA_PIPE_DIST_TIMEOUT_S": str(dist_timeout_s), **more}
 
 
 def invoke(argv: list, monkeypatch, capsys) -> tuple[int, str]:

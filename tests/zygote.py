@@ -206,6 +206,14 @@ def become(request: dict, fds: list[int]) -> None:
     numpy.random.seed()  # the legacy global generator, seeded from the OS as in a fresh process (random reseeds itself)
 
 
+def process_state(pid: int) -> str:
+    """The process's state letter in /proc (T: stopped, Z: ended, not yet reaped), "" if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
 def kill_and_wait(proc: subprocess.Popen, environ: dict[str, str] | None = None, timeout_s: float = 30) -> None:
     """SIGKILL a `cca-pipe` a test started, and wait until it is gone: where it was a client of the zygote named in
     `environ` (default: this session's), the process forked for it too (the zygote kills that one as it sees its
@@ -217,14 +225,11 @@ def kill_and_wait(proc: subprocess.Popen, environ: dict[str, str] | None = None,
     found = re.findall(rf"forked (\d+) for client {proc.pid} ", log.read_text(encoding="utf-8")) if log.is_file() else []
     if not found:
         return  # a fresh process
-    stat, deadline = Path(f"/proc/{found[-1]}/stat"), time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):  # gone, or ended and not yet reaped (Z): its files are closed
-            if stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                time.sleep(0.002)
-                continue
-        return
-    raise AssertionError(f"process {found[-1]}, forked for the killed client {proc.pid}, still runs {timeout_s} s later")
+    deadline = time.monotonic() + timeout_s
+    while process_state(int(found[-1])) not in ("", "Z"):  # gone, or ended and not yet reaped: its files are closed
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {found[-1]}, forked for the killed client {proc.pid}, still runs {timeout_s} s later")
+        time.sleep(0.002)
 
 
 @contextlib.contextmanager

@@ -188,14 +188,12 @@ def torchrun_main(args: list[str]) -> int:
     for s in FORWARDED:
         signal.signal(s, stop)
     try:
-        if verbose:
-            run(parse_args(args))
-            return 0
-        os.environ[QUIET_PEERS] = "1"  # the ranks inherit it
-        for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
-            if name.startswith(("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")):
-                logging.getLogger(name).setLevel(logging.CRITICAL)  # those made before LOGLEVEL was set, too
-        wake_stopped_ranks_when_closing()
+        if not verbose:
+            os.environ[QUIET_PEERS] = "1"  # the ranks inherit it
+            for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
+                if name.startswith(("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")):
+                    logging.getLogger(name).setLevel(logging.CRITICAL)  # those made before LOGLEVEL was set, too
+            wake_stopped_ranks_when_closing()
         run(parse_args(args))
     except ChildFailedError as e:
         if verbose:
